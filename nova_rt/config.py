@@ -1,0 +1,377 @@
+"""Typed configuration: one small dataclass per component, loaded from YAML with `--set a.b=c` overrides.
+
+A config file is a mapping of sections. The core sections (run, model, data, packing, optim, train, checkpoint,
+logging, parallel) are defined here; a stage adds its own section (`grpo`, `dpo`, `pas`, ...) by decorating a
+dataclass with `@register_section("<name>")` in `nova_rt/stages/<name>.py` (section name == module name, so the
+loader can import it on demand). Defaults live only in the dataclasses; YAML files hold overrides.
+
+Unknown keys and values of the wrong type are errors that name the key and the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the file and the key."""
+
+
+_SECTIONS: dict[str, type] = {}
+
+
+def register_section(name: str):
+    """Register a dataclass as the config section `name` (used by stage modules)."""
+
+    def deco(cls):
+        if not dataclasses.is_dataclass(cls):
+            raise TypeError(f"config section {name!r} must be a dataclass")
+        _SECTIONS[name] = cls
+        return cls
+
+    return deco
+
+
+# ----------------------------------------------------------------------------------------------- core sections
+@register_section("run")
+@dataclass(kw_only=True)
+class RunConfig:
+    stage: str = "sft"
+    """Which stage runs: sft, rm, dpo, grpo, pas, merge, pipeline."""
+    dir: str = "runs/default"
+    """Run directory: checkpoints, metrics.jsonl, TensorBoard events, final/ model."""
+    seed: int = 0
+    """Seeds python, numpy and torch (and the data order)."""
+
+
+@register_section("model")
+@dataclass(kw_only=True)
+class ModelConfig:
+    path: str = "builtin:smollm2-135m-instruct"
+    """A local HF causal-LM directory, `builtin:smollm2-135m-instruct` (converted from the bundled GGUF once and
+    cached), or `tiny:llama` / `tiny:qwen2` (random tiny model built from `tiny`)."""
+    dtype: str = "float32"
+    """Parameter dtype: float32, bfloat16 or float16 (mixed precision is `train.precision`)."""
+    attn_impl: str = "auto"
+    """auto (nova packed attention), nova, sdpa, eager or flash_attention_2."""
+    tiny: dict = field(default_factory=dict)
+    """Overrides for tiny models: hidden, layers, heads, kv_heads, intermediate, vocab_size, tie."""
+    tokenizer: str = ""
+    """Tokenizer directory when it differs from `path`."""
+
+
+@register_section("data")
+@dataclass(kw_only=True)
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)
+    """jsonl / json / parquet files or `datasets` directories saved with save_to_disk; relative to the config."""
+    eval_files: list[str] = field(default_factory=list)
+    on_error: str = "error"
+    """error: a bad row stops the run naming file, row and field; skip: drop it and count it."""
+    max_seq_len: int = 2048
+    """Longest sample in tokens."""
+    overlong: str = "truncate"
+    """truncate or drop samples longer than max_seq_len."""
+    system_prompt: str = ""
+    """Prepended as a system message when a row has none (empty: none)."""
+    shuffle: bool = True
+
+
+@register_section("packing")
+@dataclass(kw_only=True)
+class PackingConfig:
+    enabled: bool = True
+    max_tokens: int = 4096
+    """Token slots per packed row."""
+
+
+@register_section("optim")
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    fused: str = "auto"
+    """auto: fused AdamW on CUDA, foreach on CPU."""
+    scheduler: str = "cosine"
+    """cosine, linear or constant, after warmup."""
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    """Max global grad norm; 0 disables clipping."""
+
+
+@register_section("train")
+@dataclass(kw_only=True)
+class TrainConfig:
+    max_steps: int = 100
+    """Optimizer steps; the data loader cycles epochs as needed."""
+    global_batch: int = 8
+    """Packed rows (or samples when packing is off) per optimizer step, over all DP ranks."""
+    micro_batch: int = 1
+    """Packed rows per forward/backward on one rank."""
+    loss_reduction: str = "token"
+    """token: sum over supervised tokens / their count in the global batch; sequence: mean of per-sample means."""
+    precision: str = "auto"
+    """auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16."""
+    activation_checkpointing: int = 0
+    """Checkpoint every k-th decoder layer group of k layers (the report's multi-layer checkpointing); 0 off."""
+    num_threads: int = 0
+    """torch CPU threads; 0 keeps torch's default."""
+    eval_every: int = 0
+
+
+@register_section("checkpoint")
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    every: int = 0
+    """Save every N optimizer steps (0: only at the end)."""
+    keep_last: int = 2
+    resume: bool = True
+    """Resume from the newest complete checkpoint in run.dir."""
+    save_final: bool = True
+    """Write the trained model as an HF directory to run.dir/final."""
+
+
+@register_section("logging")
+@dataclass(kw_only=True)
+class LoggingConfig:
+    tensorboard: bool = True
+    progress_bar: bool = True
+    plot: bool = True
+    """PNG of the loss curve at the end."""
+
+
+@register_section("parallel")
+@dataclass(kw_only=True)
+class ParallelConfig:
+    backend: str = "hf"
+    """hf (torch DDP/FSDP2 over HF models) or megatron."""
+    data_parallel: str = "ddp"
+    """ddp or fsdp2 (hf backend)."""
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    virtual_pipeline_parallel: int = 0
+    sequence_parallel: bool = False
+    context_parallel: int = 1
+    distributed_optimizer: bool = False
+
+
+CORE_SECTIONS = ("run", "model", "data", "packing", "optim", "train", "checkpoint", "logging", "parallel")
+
+
+# ----------------------------------------------------------------------------------------------- root object
+class Config:
+    """All sections of one run. Core sections are always present; stage sections appear on first access."""
+
+    def __init__(self, sections: dict[str, Any], source: str = "<defaults>"):
+        self._sections = sections
+        self.source = source
+        self.config_dir: str | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        sections = self.__dict__["_sections"]
+        if name not in sections:
+            cls = _section_class(name, self.__dict__.get("source", "<config>"))
+            sections[name] = cls()
+        return sections[name]
+
+    def to_dict(self) -> dict:
+        return {k: dataclasses.asdict(v) for k, v in self._sections.items()}
+
+    def copy(self) -> "Config":
+        out = Config({k: dataclasses.replace(v) for k, v in self._sections.items()}, self.source)
+        out.config_dir = self.config_dir
+        return out
+
+    def with_overrides(self, overrides: dict[str, Any] | list[str]) -> "Config":
+        """A copy with `{"a.b": value}` (or ["a.b=c", ...]) applied and type-checked."""
+        raw = self.to_dict()
+        items = overrides.items() if isinstance(overrides, dict) else [_split_override(s) for s in overrides]
+        for key, value in items:
+            _set_dotted(raw, key, value, "override")
+        out = build_config(raw, self.source)
+        out.config_dir = self.config_dir
+        return out
+
+
+def _section_class(name: str, source: str) -> type:
+    if name not in _SECTIONS:
+        try:  # a stage's section lives in nova_rt/stages/<name>.py
+            importlib.import_module(f"nova_rt.stages.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"nova_rt.stages.{name}":
+                raise
+    if name not in _SECTIONS:
+        known = sorted(set(_SECTIONS) | set(CORE_SECTIONS))
+        raise ConfigError(f"{source}: unknown section '{name}' (known: {', '.join(known)})")
+    return _SECTIONS[name]
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted for floats. Raise ConfigError naming `where`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif dataclasses.is_dataclass(tp):
+        if isinstance(value, dict):
+            return _build_section(tp, value, where)
+    else:
+        return value
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _build_section(cls: type, values: dict, where: str) -> Any:
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key '{where.split(': ')[-1]}.{unknown[0]}' "
+                          f"(valid keys: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in values.items()}
+    obj = cls(**kwargs)
+    check = getattr(obj, "validate", None)
+    if check is not None:
+        try:
+            check()
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    return obj
+
+
+def build_config(raw: dict, source: str = "<dict>") -> Config:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: top level must be a mapping of sections")
+    sections = {}
+    for name in CORE_SECTIONS:
+        sections[name] = _build_section(_SECTIONS[name], raw.get(name) or {}, f"{source}: {name}")
+    for name, values in raw.items():
+        if name in CORE_SECTIONS:
+            continue
+        cls = _section_class(name, source)
+        sections[name] = _build_section(cls, values or {}, f"{source}: {name}")
+    return Config(sections, source)
+
+
+def _split_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.max_steps=10")
+    key, text = item.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        value = text
+    return key.strip(), value
+
+
+def _set_dotted(raw: dict, key: str, value: Any, source: str) -> None:
+    parts = key.split(".")
+    if len(parts) < 2:
+        raise ConfigError(f"{source}: key '{key}' must be section.field (e.g. train.max_steps)")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{source}: '{key}' goes through a non-mapping value")
+    node[parts[-1]] = value
+
+
+def load_raw(path: str | Path) -> dict:
+    """Read a YAML config; `include: other.yaml` (relative) is merged underneath this file's values."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    base = raw.pop("include", None)
+    if base:
+        merged = load_raw(path.parent / base)
+        _deep_update(merged, raw)
+        raw = merged
+    return raw
+
+
+def _deep_update(dst: dict, src: dict) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _deep_update(dst[k], v)
+        else:
+            dst[k] = v
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Load a YAML file and apply `a.b=c` overrides; errors name the file (or `--set`) and the key."""
+    raw = load_raw(path)
+    for item in overrides or []:
+        key, value = _split_override(item)
+        _set_dotted(raw, key, value, f"{path} (--set {item})")
+    cfg = build_config(raw, str(path))
+    cfg.config_dir = str(Path(path).resolve().parent)
+    return cfg
+
+
+def resolve_path(cfg: Config, p: str) -> str:
+    """Resolve a data/model path relative to the config file's directory (absolute paths pass through).
+
+    A relative path is first tried against the current directory, then the config's directory."""
+    if not p or ":" in p.split("/")[0] or Path(p).is_absolute() or Path(p).exists():
+        return p
+    base = getattr(cfg, "config_dir", None) or "."
+    cand = Path(base) / p
+    return str(cand) if cand.exists() else p

@@ -1,0 +1,43 @@
+"""A causal LM wrapped so that its forward returns per-token log-probs of given targets (never the logits).
+
+The wrapper is what DDP/FSDP wrap: the whole loss path (decoder, LM head, fused log-prob op) runs inside
+forward, so gradient synchronisation hooks see it. The decoder is called with packed-sequence keywords, so each
+document of a packed row attends only to itself.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nova_rt.models.attention import packed_forward_kwargs
+
+
+class CausalLMLogprobs(nn.Module):
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def hidden_states(self, input_ids, position_ids, cu_seqlens, max_seqlen) -> torch.Tensor:
+        """(T, D) final hidden states of one flat packed row."""
+        decoder = self.lm.get_decoder()
+        out = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                      **packed_forward_kwargs(cu_seqlens, max_seqlen))
+        return out.last_hidden_state[0]
+
+    def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen, targets, *, temperature: float = 1.0,
+                return_entropy: bool = False, topk_ids=None) -> dict:
+        from nova_rt.kernels.fused_linear_logprobs import fused_linear_logprobs
+
+        hidden_TD = self.hidden_states(input_ids, position_ids, cu_seqlens, max_seqlen)
+        weight_VD = self.lm.get_output_embeddings().weight
+        if weight_VD.dtype != hidden_TD.dtype:  # bf16 autocast on GPU: fp32 master weights
+            weight_VD = weight_VD.to(hidden_TD.dtype)
+        return fused_linear_logprobs(hidden_TD, weight_VD, targets, temperature=temperature,
+                                     return_entropy=return_entropy, topk_ids=topk_ids)
+
+
+def batch_logprobs(model: nn.Module, batch: dict, **kwargs) -> dict:
+    """Run a (possibly DDP-wrapped) CausalLMLogprobs on a collated micro-batch."""
+    return model(batch["input_ids"], batch["position_ids"], batch["cu_seqlens"], batch["max_seqlen"],
+                 batch["targets"], **kwargs)

@@ -1,0 +1,78 @@
+"""Pieces every trainable stage shares: process setup, model loading, the step loop and the final save."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from nova_rt.config import Config, resolve_path
+from nova_rt.distributed import DistInfo, barrier, init_distributed
+from nova_rt.telemetry import Telemetry
+
+log = logging.getLogger("nova_rt")
+
+
+def setup(cfg: Config) -> tuple[DistInfo, Path]:
+    """Init the process group, seeds, threads and logging; create the run dir and record the resolved config."""
+    info = init_distributed()
+    logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if cfg.train.num_threads > 0:
+        torch.set_num_threads(cfg.train.num_threads)
+    seed_everything(cfg.run.seed + info.rank)
+    run_dir = Path(cfg.run.dir)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = run_dir / "config.json.tmp"
+        tmp.write_text(json.dumps(cfg.to_dict(), indent=2))
+        tmp.replace(run_dir / "config.json")
+    barrier()
+    return info, run_dir
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def load_policy(cfg: Config, path: str | None = None):
+    """(hf_model, tokenizer) for cfg.model (or `path`), with attention and activation checkpointing applied."""
+    from nova_rt.models.checkpointing import apply_group_checkpointing
+    from nova_rt.models.loading import load_causal_lm
+
+    m = cfg.model
+    model, tok = load_causal_lm(resolve_path(cfg, path or m.path), dtype=m.dtype, attn_impl=m.attn_impl,
+                                tiny=m.tiny, tokenizer_path=resolve_path(cfg, m.tokenizer), seed=cfg.run.seed)
+    model.config.use_cache = False
+    if cfg.train.activation_checkpointing > 0:
+        apply_group_checkpointing(model.get_decoder().layers, cfg.train.activation_checkpointing)
+    return model, tok
+
+
+def data_files(cfg: Config, files: list[str]) -> list[str]:
+    return [resolve_path(cfg, f) for f in files]
+
+
+def run_steps(cfg: Config, info: DistInfo, trainer, telemetry: Telemetry,
+              micro_batches_for: Callable[[int], list[dict]], loss_fn: Callable,
+              extra_metrics: Callable[[int, dict], dict] | None = None, checkpoint_extra: Callable | None = None):
+    """The step loop of supervised stages: train, log, checkpoint every N steps."""
+    while trainer.step < cfg.train.max_steps:
+        step = trainer.step
+        t0 = time.perf_counter()
+        mbs = micro_batches_for(step)
+        metrics = trainer.train_step(mbs, loss_fn)
+        if extra_metrics is not None:
+            metrics.update(extra_metrics(step, metrics))
+        metrics["step_time_s"] = time.perf_counter() - t0
+        telemetry.log(trainer.step, metrics)
+        if trainer.due(cfg.checkpoint.every) and trainer.step < cfg.train.max_steps:
+            trainer.save_checkpoint(checkpoint_extra() if checkpoint_extra else None)

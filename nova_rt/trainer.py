@@ -1,0 +1,219 @@
+"""The optimisation loop shared by every trainable stage: data parallelism, mixed precision, gradient accumulation,
+clipping, AdamW with warmup + decay, checkpoints and exact resume.
+
+A stage supplies the module (whose forward computes what its loss needs, so DDP/FSDP see the whole graph) and a
+`loss_fn(module, micro_batch) -> (loss, stats)`. Losses are written as sums with per-token/per-sample weights
+already normalised by the *global* batch (see nova_rt.data.packing.loss_weights), so the gradient is identical
+whether a global batch is one micro-batch, k micro-batches or spread over DP ranks: DDP averages gradients over
+ranks, so each rank's loss is multiplied by the world size before backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from nova_rt.checkpoint import CheckpointManager
+from nova_rt.config import Config
+from nova_rt.distributed import DistInfo, all_reduce_sum
+from nova_rt.telemetry import nvtx_range
+
+log = logging.getLogger(__name__)
+
+
+def lr_lambda(step: int, *, warmup: int, total: int, kind: str, min_ratio: float) -> float:
+    """Multiplier of the base lr at optimizer step `step` (0-based): linear warmup, then cosine/linear/constant."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if kind == "cosine":
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    if kind == "linear":
+        return min_ratio + (1 - min_ratio) * (1 - progress)
+    raise ValueError(f"optim.scheduler must be cosine, linear or constant, got {kind!r}")
+
+
+def build_optimizer(params: list[nn.Parameter] | list[tuple[str, nn.Parameter]], cfg: Config, device: torch.device):
+    """AdamW (fused on CUDA, foreach on CPU); no weight decay on biases and norm weights (1-D params)."""
+    o = cfg.optim
+    named = [p if isinstance(p, tuple) else ("", p) for p in params]
+    decay = [p for _, p in named if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for _, p in named if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kwargs = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    fused = o.fused == "true" or (o.fused == "auto" and device.type == "cuda")
+    if fused:
+        kwargs["fused"] = True
+    else:
+        kwargs["foreach"] = True
+    return torch.optim.AdamW([g for g in groups if g["params"]], **kwargs)
+
+
+def wrap_data_parallel(module: nn.Module, cfg: Config, info: DistInfo) -> nn.Module:
+    if not info.distributed:
+        return module
+    if cfg.parallel.data_parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(module, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+    if cfg.parallel.data_parallel == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in module.lm.get_decoder().layers:
+            fully_shard(layer)
+        fully_shard(module)
+        return module
+    raise ValueError(f"parallel.data_parallel must be ddp or fsdp2, got {cfg.parallel.data_parallel!r}")
+
+
+class Trainer:
+    def __init__(self, cfg: Config, info: DistInfo, module: nn.Module, *, run_dir: str | Path,
+                 params: list | None = None):
+        self.cfg, self.info = cfg, info
+        self.run_dir = Path(run_dir)
+        self.raw = module.to(info.device)
+        self.model = wrap_data_parallel(self.raw, cfg, info)
+        self.fsdp = info.distributed and cfg.parallel.data_parallel == "fsdp2"
+        self.optimizer = build_optimizer(params or list(self.model.named_parameters()), cfg, info.device)
+        o, t = cfg.optim, cfg.train
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_lambda(
+            s, warmup=o.warmup_steps, total=t.max_steps, kind=o.scheduler, min_ratio=o.min_lr_ratio))
+        self.ckpt = CheckpointManager(self.run_dir, info, cfg.checkpoint.keep_last)
+        self.step = 0
+        prec = t.precision
+        self.autocast_dtype = torch.bfloat16 if prec == "bf16" or (prec == "auto" and info.device.type == "cuda") \
+            else None
+        if prec not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"train.precision must be auto, fp32 or bf16, got {prec!r}")
+
+    # ------------------------------------------------------------------------------------------- one step
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.info.device.type, dtype=self.autocast_dtype)
+
+    def train_step(self, micro_batches: list[dict], loss_fn: Callable) -> dict:
+        """Forward/backward every micro-batch of this rank, then one optimizer step. Returns summed stats."""
+        t0 = time.perf_counter()
+        self.model.train()
+        totals: dict[str, float] = {}
+        n = len(micro_batches)
+        for i, mb in enumerate(micro_batches):
+            mb = {k: v.to(self.info.device) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}
+            sync = contextlib.nullcontext() if (i == n - 1 or not hasattr(self.model, "no_sync")) \
+                else self.model.no_sync()
+            with sync:
+                with nvtx_range("forward"), self.autocast():
+                    loss, stats = loss_fn(self.model, mb)
+                with nvtx_range("backward"):
+                    (loss * self.info.world_size).backward()
+            totals["loss"] = totals.get("loss", 0.0) + loss.detach().float().item()
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + (v.item() if isinstance(v, torch.Tensor) else float(v))
+        with nvtx_range("optimizer"):
+            grad_norm = self._clip()
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        totals = self._reduce(totals)
+        totals["grad_norm"] = grad_norm
+        totals["lr"] = self.scheduler.get_last_lr()[0]
+        totals["step_time_s"] = time.perf_counter() - t0
+        return totals
+
+    def _clip(self) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        clip = self.cfg.optim.grad_clip
+        if not params:
+            return 0.0
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
+            norm = norm.full_tensor()
+        return float(norm)
+
+    def _reduce(self, totals: dict) -> dict:
+        if not self.info.distributed:
+            return totals
+        keys = sorted(totals)
+        t = torch.tensor([totals[k] for k in keys], dtype=torch.float64, device=self.info.device)
+        all_reduce_sum(t)
+        return dict(zip(keys, t.tolist()))
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+    def model_state(self) -> dict | None:
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            return sd if self.info.is_main else None
+        return {k: v.detach().cpu() for k, v in self.raw.state_dict().items()}
+
+    def optim_state(self) -> dict | None:
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            sd = get_optimizer_state_dict(self.model, self.optimizer,
+                                          options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            return sd if self.info.is_main else None
+        return self.optimizer.state_dict()
+
+    def save_checkpoint(self, extra: dict | None = None) -> Path:
+        state = {"scheduler": self.scheduler.state_dict(), "trainer_step": self.step, **(extra or {})}
+        return self.ckpt.save(self.step, self.model_state(), self.optim_state(), state)
+
+    def maybe_resume(self) -> dict | None:
+        """Load the newest complete checkpoint if resuming is enabled; returns its extra state (or None)."""
+        if not self.cfg.checkpoint.resume:
+            return None
+        path = self.ckpt.latest()
+        if path is None:
+            return None
+        model_sd, optim_sd, state = self.ckpt.load(path)
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            set_state_dict(self.model, self.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                           options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        else:
+            self.raw.load_state_dict(model_sd)
+            self.optimizer.load_state_dict(optim_sd)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = state["trainer_step"]
+        if self.info.is_main:
+            log.info("resumed from %s (step %d)", path, self.step)
+        return state
+
+    def due(self, every: int) -> bool:
+        return every > 0 and self.step % every == 0
+
+
+def save_hf_atomic(hf_model, tokenizer, out_dir: str | Path, state_dict: dict | None = None) -> Path:
+    """Write an HF directory to a temporary sibling and rename it into place (an old one is replaced)."""
+    out = Path(out_dir)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    kwargs = {"state_dict": state_dict} if state_dict is not None else {}
+    hf_model.save_pretrained(tmp, safe_serialization=True, **kwargs)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+    return out
