@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ class ConfigError(ValueError):
 
 
 _SECTIONS: dict[str, type] = {}
+_FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
 def register_section(name: str):
@@ -258,6 +260,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _FLOAT_RE.match(value.strip()):  # YAML 1.1 reads `5e-5` as a string
+            return float(value)
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -358,10 +362,18 @@ def _deep_update(dst: dict, src: dict) -> None:
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Load a YAML file and apply `a.b=c` overrides; errors name the file (or `--set`) and the key."""
     raw = load_raw(path)
+    keys = {}
     for item in overrides or []:
         key, value = _split_override(item)
         _set_dotted(raw, key, value, f"{path} (--set {item})")
-    cfg = build_config(raw, str(path))
+        keys[key] = item
+    try:
+        cfg = build_config(raw, str(path))
+    except ConfigError as exc:
+        hit = [item for key, item in keys.items() if f"{key}:" in str(exc) or f"{key}[" in str(exc)]
+        if hit:
+            raise ConfigError(f"{exc} (from --set {hit[0]})") from None
+        raise
     cfg.config_dir = str(Path(path).resolve().parent)
     return cfg
 
