@@ -1,0 +1,45 @@
+"""The `merge` stage: the same streaming engine as `nova-rt merge`, driven from a nova_rt config.
+
+    run: {stage: merge, dir: runs/merged}
+    merge:
+      spec: configs/merge_model_stock.yaml    # a mergekit-style YAML file, or put the mapping inline under `inline`
+      out: ""                                 # default: <run.dir>/merged
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nova_rt.config import Config, register_section, resolve_path
+from nova_rt.stages import register_stage
+
+
+@register_section("merge")
+@dataclass(kw_only=True)
+class MergeStageConfig:
+    spec: str = ""
+    """Path of a mergekit-style YAML (merge_method, base_model, models, parameters, dtype, tokenizer_source)."""
+    inline: dict = field(default_factory=dict)
+    """The same mapping inline (used when `spec` is empty)."""
+    out: str = ""
+    """Output HF directory; default <run.dir>/merged."""
+    device: str = "cpu"
+    force: bool = False
+    """Replace an existing output directory."""
+    max_shard_size: str = "2GB"
+
+    def validate(self) -> None:
+        if bool(self.spec) == bool(self.inline):
+            raise ValueError("set exactly one of merge.spec (a YAML path) or merge.inline (a mapping)")
+
+
+@register_stage("merge")
+def run(cfg: Config) -> dict:
+    from nova_rt.merge import run_merge
+
+    m = cfg.merge
+    out = Path(m.out or Path(cfg.run.dir) / "merged")
+    spec = resolve_path(cfg, m.spec) if m.spec else dict(m.inline)
+    path = run_merge(spec, out, device=m.device, force=m.force, max_shard_size=m.max_shard_size)
+    return {"merged": str(path)}
