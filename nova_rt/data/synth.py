@@ -70,11 +70,14 @@ def _multi_turn(r: random.Random):
 TASKS = [_arith, _sort, _count, _convert, _enumerate, _spell, _multi_turn]
 
 
-def sft_rows(n: int, seed: int = 0) -> list[dict]:
+SLICES = {"math": [_arith, _convert, _multi_turn], "text": [_sort, _count, _spell, _enumerate]}
+
+
+def sft_rows(n: int, seed: int = 0, tasks: list | None = None) -> list[dict]:
     r = random.Random(seed)
     rows = []
     for i in range(n):
-        turns = r.choice(TASKS)(r)
+        turns = r.choice(tasks or TASKS)(r)
         msgs = [{"role": role, "content": text} for role, text in turns]
         if i % 3 == 0:  # a third in prompt/response form, to exercise both formats
             if len(msgs) == 2:
@@ -107,6 +110,8 @@ def main(out_dir: str) -> None:
     (out / "preference").mkdir(parents=True, exist_ok=True)
     for path, rows in [(out / "sft" / "chat_mix.jsonl", sft_rows(400, seed=0)),
                        (out / "sft" / "chat_mix_eval.jsonl", sft_rows(40, seed=99)),
+                       (out / "sft" / "slice_math.jsonl", sft_rows(160, seed=11, tasks=SLICES["math"])),
+                       (out / "sft" / "slice_text.jsonl", sft_rows(160, seed=12, tasks=SLICES["text"])),
                        (out / "preference" / "arith_pairs.jsonl", preference_rows(240, seed=1)),
                        (out / "preference" / "arith_pairs_eval.jsonl", preference_rows(40, seed=7))]:
         path.write_text("".join(json.dumps(row) + "\n" for row in rows))

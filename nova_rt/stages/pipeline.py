@@ -1,0 +1,245 @@
+"""The whole Baichuan pipeline from one config: PAS -> SFT (one run per domain slice) -> merge (Model Stock) -> RM ->
+GRPO on the merged model with the RM plus verifiers, then `<run.dir>/report.md`.
+
+Each stage runs in its own directory `<run.dir>/<stage>` (SFT slices in `<run.dir>/sft/<slice>`) with the same
+config plus its overrides (`pipeline.stage_overrides.<stage>`: dotted keys), and reads the artifacts of the stages
+before it. A finished stage writes `STAGE_DONE.json` (its outputs) atomically; a rerun skips it. A stage that
+was killed resumes from its own checkpoints, because its run dir is the same on rerun.
+
+    pipeline:
+      stages: [pas, sft, merge, rm, grpo]
+      sft_slices: [{name: math, train_files: [...]}, {name: chat, train_files: [...]}]
+      merge_method: model_stock
+      stage_overrides: {sft: {train.max_steps: 20}, rm: {data.train_files: [prefs.jsonl]}}
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nova_rt.config import Config, register_section, resolve_path
+from nova_rt.distributed import DistInfo, barrier, broadcast_object
+from nova_rt.stages import get_stage, register_stage
+from nova_rt.stages.common import setup
+
+log = logging.getLogger("nova_rt.pipeline")
+STAGES = ("pas", "sft", "merge", "rm", "grpo")
+MERGE_METHODS = ("model_stock", "linear", "task_arithmetic", "ties")
+
+
+@register_section("pipeline")
+@dataclass(kw_only=True)
+class PipelineConfig:
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    """Stages to run, in pipeline order (a subset of pas, sft, merge, rm, grpo)."""
+    sft_slices: list[dict] = field(default_factory=list)
+    """Domain slices: [{name, train_files}]; one SFT run each, then merged. Empty: one slice of data.train_files."""
+    merge_method: str = "model_stock"
+    """How the SFT slices are merged: model_stock (the report's best), linear, task_arithmetic or ties."""
+    merge_parameters: dict = field(default_factory=dict)
+    """Global mergekit parameters (e.g. {lambda: 1.0} or {density: 0.5} for ties)."""
+    pas_augment_sft: bool = True
+    """With the pas stage: append PAS complements to the first user turn of the SFT rows."""
+    pas_augment_rl: bool = True
+    """With the pas stage: GRPO prompts go through the PAS model (grpo.pas_model)."""
+    rm_reward_weight: float = 1.0
+    """With the rm stage: weight of the trained RM's score among GRPO's reward sources."""
+    stage_overrides: dict = field(default_factory=dict)
+    """{stage: {dotted.key: value}} applied to that stage's config."""
+    report: bool = True
+
+    def validate(self) -> None:
+        bad = [s for s in self.stages if s not in STAGES]
+        if bad:
+            raise ValueError(f"unknown pipeline stage {bad[0]!r} (stages: {', '.join(STAGES)})")
+        order = [STAGES.index(s) for s in self.stages]
+        if order != sorted(order) or len(set(order)) != len(order):
+            raise ValueError(f"pipeline.stages must follow the order {list(STAGES)} without repeats")
+        if self.merge_method not in MERGE_METHODS:
+            raise ValueError(f"merge_method must be one of {MERGE_METHODS}, got {self.merge_method!r}")
+        for i, s in enumerate(self.sft_slices):
+            if not isinstance(s, dict) or not isinstance(s.get("name"), str) or not isinstance(
+                    s.get("train_files"), list):
+                raise ValueError(f"sft_slices[{i}] must be {{name: str, train_files: [paths]}}")
+        for stage, ovr in self.stage_overrides.items():
+            if stage not in STAGES or not isinstance(ovr, dict):
+                raise ValueError(f"stage_overrides.{stage}: must name a stage and map dotted keys to values")
+
+
+def _done_path(stage_dir: Path) -> Path:
+    return stage_dir / "STAGE_DONE.json"
+
+
+def _read_done(stage_dir: Path) -> dict | None:
+    p = _done_path(stage_dir)
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def _mark_done(info: DistInfo, stage_dir: Path, outputs: dict) -> None:
+    if info.is_main:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        tmp = stage_dir / "STAGE_DONE.json.tmp"
+        tmp.write_text(json.dumps(outputs, indent=2))
+        os.replace(tmp, _done_path(stage_dir))
+    barrier()
+
+
+def _sub_config(cfg: Config, stage: str, run_dir: Path, extra: dict) -> Config:
+    ovr = {"run.stage": stage, "run.dir": str(run_dir)}
+    ovr.update(extra)
+    ovr.update(cfg.pipeline.stage_overrides.get(stage, {}))
+    return cfg.with_overrides(ovr)
+
+
+def _run_sub(stage: str, sub: Config) -> dict:
+    out = get_stage(stage)(sub) or {}
+    gc.collect()
+    return out
+
+
+class Pipeline:
+    def __init__(self, cfg: Config, info: DistInfo, run_dir: Path):
+        from nova_rt.models.loading import resolve_model_path
+
+        self.cfg, self.info, self.dir = cfg, info, run_dir
+        self.base = str(Path(resolve_model_path(resolve_path(cfg, cfg.model.path))).resolve())
+        self.artifacts: dict[str, dict] = {}
+
+    def run(self) -> dict:
+        for stage in self.cfg.pipeline.stages:
+            stage_dir = self.dir / stage
+            done = _read_done(stage_dir)
+            if done is not None:
+                log.info("pipeline: %s already done, skipping", stage)
+            else:
+                log.info("pipeline: running %s", stage)
+                done = getattr(self, f"_{stage}")(stage_dir)
+                _mark_done(self.info, stage_dir, done)
+            self.artifacts[stage] = done
+        return self.artifacts
+
+    # ----------------------------------------------------------------------------------------------- stages
+    def _pas(self, d: Path) -> dict:
+        _run_sub("pas", _sub_config(self.cfg, "pas", d, {}))
+        return {"pas_model": str(d / "pas_model" / "final")}
+
+    def _slices(self) -> list[dict]:
+        p = self.cfg.pipeline
+        slices = p.sft_slices or [{"name": "all", "train_files": list(self.cfg.data.train_files)}]
+        return [{"name": s["name"], "train_files": [resolve_path(self.cfg, f) for f in s["train_files"]]}
+                for s in slices]
+
+    def _sft(self, d: Path) -> dict:
+        models = {}
+        for s in self._slices():
+            files = s["train_files"]
+            if "pas" in self.artifacts and self.cfg.pipeline.pas_augment_sft:
+                files = self._augmented(files, d / "data" / f"{s['name']}.jsonl")
+            slice_dir = d / s["name"]
+            done = _read_done(slice_dir)
+            if done is None:
+                _run_sub("sft", _sub_config(self.cfg, "sft", slice_dir,
+                                            {"data.train_files": files, "model.path": self.base}))
+                done = {"model": str(slice_dir / "final")}
+                _mark_done(self.info, slice_dir, done)
+            models[s["name"]] = done["model"]
+        return {"models": models}
+
+    def _augmented(self, files: list[str], out: Path) -> list[str]:
+        """SFT rows whose first user turn carries the PAS complement (written once, by rank 0)."""
+        if self.info.is_main and not out.exists():
+            augment_sft_files(files, out, self.artifacts["pas"]["pas_model"])
+        barrier()
+        return [str(out)]
+
+    def _merge(self, d: Path) -> dict:
+        models = list(self.artifacts.get("sft", {}).get("models", {}).values())
+        if len(models) < 2:
+            log.info("pipeline: %d SFT model(s), nothing to merge", len(models))
+            return {"merged": models[0] if models else self.base}
+        p = self.cfg.pipeline
+        spec = {"merge_method": p.merge_method, "base_model": self.base, "dtype": "float32",
+                "models": [{"model": m, "parameters": {"weight": 1.0 / len(models)}
+                            if p.merge_method != "model_stock" else {}} for m in models]}
+        if p.merge_method == "ties":
+            for m in spec["models"]:
+                m["parameters"]["density"] = p.merge_parameters.get("density", 0.5)
+        params = {k: v for k, v in p.merge_parameters.items() if k != "density"}
+        if params:
+            spec["parameters"] = params
+        out = d / "merged"
+        if self.info.is_main:
+            sub = _sub_config(self.cfg, "merge", d, {"merge.inline": spec, "merge.spec": "", "merge.out": str(out),
+                                                      "merge.force": True})
+            _run_sub("merge", sub)
+        barrier()
+        return {"merged": str(out)}
+
+    def _policy_init(self) -> str:
+        return self.artifacts.get("merge", {}).get("merged") or next(
+            iter(self.artifacts.get("sft", {}).get("models", {}).values()), self.base)
+
+    def _rm(self, d: Path) -> dict:
+        _run_sub("rm", _sub_config(self.cfg, "rm", d, {"model.path": self._policy_init()}))
+        return {"rm": str(d / "final")}
+
+    def _grpo(self, d: Path) -> dict:
+        extra: dict = {"model.path": self._policy_init()}
+        if "rm" in self.artifacts and self.cfg.pipeline.rm_reward_weight > 0:
+            extra["grpo.rewards"] = list(self.cfg.grpo.rewards) + [
+                {"type": "reward_model", "path": self.artifacts["rm"]["rm"],
+                 "weight": self.cfg.pipeline.rm_reward_weight}]
+        if "pas" in self.artifacts and self.cfg.pipeline.pas_augment_rl:
+            extra["grpo.pas_model"] = self.artifacts["pas"]["pas_model"]
+        _run_sub("grpo", _sub_config(self.cfg, "grpo", d, extra))
+        return {"final": str(d / "final")}
+
+
+def augment_sft_files(files: list[str], out: Path, pas_model: str) -> None:
+    """Rewrite SFT rows so the first user message is `prompt + complement` (the prompt itself is unchanged)."""
+    from nova_rt.data.io import read_rows, write_jsonl
+    from nova_rt.pas.augment import PromptAugmenter
+
+    rows = [r.data for f in files for r in read_rows(f)]
+    slots = []  # (row index, message index or None for prompt/response rows)
+    prompts = []
+    for i, row in enumerate(rows):
+        if isinstance(row, dict) and isinstance(row.get("messages"), list):
+            j = next((k for k, m in enumerate(row["messages"]) if isinstance(m, dict) and m.get("role") == "user"),
+                     None)
+            if j is not None:
+                slots.append((i, j))
+                prompts.append(row["messages"][j]["content"])
+        elif isinstance(row, dict) and isinstance(row.get("prompt"), str):
+            slots.append((i, None))
+            prompts.append(row["prompt"])
+    augmented = PromptAugmenter(pas_model).augment(prompts)
+    for (i, j), text in zip(slots, augmented):
+        if j is None:
+            rows[i] = {**rows[i], "prompt": text}
+        else:
+            msgs = [dict(m) for m in rows[i]["messages"]]
+            msgs[j]["content"] = text
+            rows[i] = {**rows[i], "messages": msgs}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".jsonl.tmp")
+    write_jsonl(tmp, rows)
+    os.replace(tmp, out)
+
+
+@register_stage("pipeline")
+def run(cfg: Config) -> dict:
+    info, run_dir = setup(cfg)
+    artifacts = Pipeline(cfg, info, run_dir).run()
+    report = None
+    if cfg.pipeline.report and info.is_main:
+        from nova_rt.report import write_report
+
+        report = write_report(run_dir, cfg, artifacts)
+    report = broadcast_object(str(report) if report else None)
+    return {"artifacts": artifacts, "report": report}
