@@ -108,3 +108,40 @@ def test_micro_batch_invariance(reduction):
         assert abs(total - base_loss) <= 1e-5 * abs(base_loss), (SEED, total, base_loss)
         for n in base_g:
             assert _rel(g[n], base_g[n]) <= 1e-5, (SEED, reduction, n, _rel(g[n], base_g[n]))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_group_checkpointing_same_gradients(k):
+    from nova_rt.models.checkpointing import apply_group_checkpointing
+
+    rng = np.random.default_rng(SEED)
+    docs = _docs(rng, rng.integers(1, 40, size=8).tolist(), 320)
+    rows, _ = pack_samples(docs, max_tokens=128)
+    mb = collate(rows, loss_weights(rows, "token"))
+    results = []
+    for ckpt in (0, k):
+        model = build_tiny_model("qwen2", seed=SEED % 991, hidden=48, layers=4, heads=4, kv_heads=2,
+                                 intermediate=64)
+        set_attention(model, "nova")
+        if ckpt:
+            assert apply_group_checkpointing(model.get_decoder().layers, ckpt) == -(-4 // ckpt)
+        loss = -(batch_logprobs(CausalLMLogprobs(model), mb)["logprobs"] * mb["weights"]).sum()
+        loss.backward()
+        results.append((loss.item(), _grads(model), set(model.state_dict())))
+    (l0, g0, keys0), (l1, g1, keys1) = results
+    assert keys0 == keys1  # parameter names (and so checkpoints and HF saves) are unchanged
+    assert l0 == pytest.approx(l1, rel=1e-6)
+    for n in g0:
+        assert _rel(g1[n], g0[n]) <= 1e-5, (SEED, k, n)
+
+
+def test_lr_schedule_shapes():
+    from nova_rt.trainer import lr_lambda
+
+    f = lambda s, kind: lr_lambda(s, warmup=4, total=20, kind=kind, min_ratio=0.1)
+    assert [f(s, "cosine") for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4, "cosine") == pytest.approx(1.0) and f(20, "cosine") == pytest.approx(0.1)
+    assert f(12, "linear") == pytest.approx(0.1 + 0.9 * 0.5) and f(12, "cosine") == pytest.approx(0.55)
+    assert f(15, "constant") == 1.0
+    with pytest.raises(ValueError, match="scheduler"):
+        lr_lambda(5, warmup=0, total=10, kind="exp", min_ratio=0.0)
