@@ -1,0 +1,469 @@
+"""Token log-probs (plus entropy and top-k log-probs) straight from the LM head, never materialising (T, V) logits.
+
+Legend: T tokens, D model dim, V vocab, K top-k ids per token, Vc vocab columns of one chunk.
+
+Math, with z_TV = hidden_TD @ weight_VD.T / tau and lse_T = logsumexp_v z_TV:
+    logprobs_T[t]      = z[t, y_t] - lse[t]                 (0.0 and no gradient where y_t == -100)
+    entropy_T[t]       = -sum_v p[t, v] log p[t, v]         (p = softmax(z); never as lse - sum p z, which cancels)
+    topk_logprobs_TK   = z[t, ids[t, k]] - lse[t]
+Gradient w.r.t. z for upstream grads gl_T, ge_T, gk_TK (G = gl * valid + sum_k gk), with log p = z - lse:
+    dz[t, v] = -p[t, v] * (ge[t] * (log p[t, v] + H[t]) + G[t]) + gl[t] * 1[v == y_t] + sum_k gk[t, k] 1[v == ids[t, k]]
+    d hidden = dz @ weight / tau,   d weight = dz.T @ hidden / tau.
+
+Why it is chunked: the SFT, DPO and GRPO losses need only a few numbers per token, but eager
+`log_softmax(hidden @ W.T)` keeps T x V fp32 logits (SmolLM2, T=4096: 805 MB; Qwen, T=16k: 10 GB) plus as much again
+for their gradient. Here both passes walk the vocab in chunks of Vc columns against all T tokens (T x D stays hot in
+cache, W is read once per pass), with an online softmax: running max m, s = sum exp(z - m) and, for the entropy,
+B = sum exp(z - m) (z - m), so H = log s - B / s sums same-sign terms only.
+
+Saved for backward: hidden, weight, labels, topk_ids, lse_T, and the entropy H_T when it was requested (fp32, or
+fp64 for fp64 inputs). The backward recomputes each logits chunk (one extra GEMM: 4 GEMM-equivalents instead of
+eager's 3) and writes d weight for the chunk's rows directly (one GEMM with the full-T reduction, no accumulation
+error), while d hidden accumulates over chunks in fp32. Extra memory: one T x Vc chunk (~16 MB on CPU, ~128 MB on
+GPU) and a T x D fp32 buffer, instead of 2 x T x V.
+
+Backends ("auto" picks Triton for CUDA tensors, PyTorch otherwise):
+- torch: the loop above in PyTorch ops; GEMMs run in the input dtype (bf16 uses AMX on CPU) with fp32 accumulation,
+  softmax math in fp32 (fp64 for fp64 inputs).
+- triton: the forward is one fused kernel: per (token block, vocab split) program it does the tl.dot of hidden and
+  weight tiles, keeps the running (m, s, B) above and picks out the label logit; vocab splits are merged in PyTorch.
+  Top-k logits come from a gather-dot kernel (K rows of W per token). The backward is the chunk loop with cuBLAS GEMMs
+  and a Triton kernel for the dz math of each chunk (the top-k one-hot terms are a torch scatter_add on the chunk).
+`reference_topk` is PyTorch on both backends (chunked GEMM + streaming torch.topk merge); it runs under no_grad.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from nova_rt.kernels import resolve_backend
+
+IGNORE_INDEX = -100
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ----------------------------------------------------------------------------------------------- Triton kernels
+@triton.jit
+def _fused_linear_logprobs_fwd_kernel(
+    H, W, LABELS, M_OUT, S_OUT, A_OUT, ZL_OUT, T, V, D, stride_h, stride_w, inv_tau, cols_per_split,
+    HAS_ENT: tl.constexpr, CAST_F32: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Program (token block, vocab split): online max m, sum-exp s, B = sum e (z - m) and label logit."""
+    pid_t, pid_s = tl.program_id(0), tl.program_id(1)
+    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    rmask = rows < T
+    labels = tl.load(LABELS + rows, mask=rmask, other=-100)
+    m = tl.full((BLOCK_T,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_T,), tl.float32)
+    a = tl.zeros((BLOCK_T,), tl.float32)
+    zl = tl.zeros((BLOCK_T,), tl.float32)
+    v_start = pid_s * cols_per_split
+    v_end = tl.minimum(v_start + cols_per_split, V)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        cmask = cols < v_end
+        acc = tl.zeros((BLOCK_T, BLOCK_V), tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            dmask = dd < D
+            h = tl.load(H + rows[:, None] * stride_h + dd[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+            w = tl.load(W + cols[None, :] * stride_w + dd[:, None], mask=dmask[:, None] & cmask[None, :], other=0.0)
+            if CAST_F32:  # fp32 inputs, and always under the interpreter (its bf16/fp16 math is wrong or low-precision)
+                acc = tl.dot(h.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(h, w, acc)
+        z = tl.where(cmask[None, :], acc * inv_tau, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        e = tl.exp(z - m_new[:, None])
+        scale = tl.exp(m - m_new)
+        s_old = s
+        s = s * scale + tl.sum(e, axis=1)
+        if HAS_ENT:  # rebase B from m to m_new: sum e' (z - m_new) = scale * (B + (m - m_new) * s_old)
+            shift = (tl.where(m == float("-inf"), m_new, m) - m_new) * s_old  # 0 on the first tile, never inf*0
+            a = scale * (a + shift) + tl.sum(e * tl.where(cmask[None, :], z - m_new[:, None], 0.0), axis=1)
+        zl += tl.sum(tl.where((cols[None, :] == labels[:, None]) & cmask[None, :], z, 0.0), axis=1)
+        m = m_new
+    out = pid_s * T + rows
+    tl.store(M_OUT + out, m, mask=rmask)
+    tl.store(S_OUT + out, s, mask=rmask)
+    tl.store(ZL_OUT + out, zl, mask=rmask)
+    if HAS_ENT:
+        tl.store(A_OUT + out, a, mask=rmask)
+
+
+@triton.jit
+def _fused_linear_logprobs_gather_kernel(H, W, IDS, OUT, K, D, stride_h, stride_w, BLOCK_K: tl.constexpr,
+                                         BLOCK_D: tl.constexpr):
+    """OUT[t, k] = hidden[t] . weight[ids[t, k]] (fp32 accumulate): the logits of the given top-k ids."""
+    t, pid_k = tl.program_id(0), tl.program_id(1)
+    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    kmask = ks < K
+    ids = tl.load(IDS + t * K + ks, mask=kmask, other=0)
+    acc = tl.zeros((BLOCK_K,), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        dmask = dd < D
+        h = tl.load(H + t * stride_h + dd, mask=dmask, other=0.0).to(tl.float32)
+        w = tl.load(W + ids[:, None] * stride_w + dd[None, :], mask=kmask[:, None] & dmask[None, :], other=0.0)
+        acc += tl.sum(w.to(tl.float32) * h[None, :], axis=1)
+    tl.store(OUT + t * K + ks, acc, mask=kmask)
+
+
+@triton.jit
+def _fused_linear_logprobs_bwd_kernel(Z, DZ, LSE, C1, GE, GL, LABELS, T, VC, v0, inv_tau,
+                                      HAS_ENT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr):
+    """dz = p * (c1 - ge * log p) + gl * onehot(label) on one (T, Vc) chunk of unscaled logits; row coefs pre-scaled."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    rmask, cmask = rows < T, cols < VC
+    mask = rmask[:, None] & cmask[None, :]
+    offs = rows[:, None] * VC + cols[None, :]
+    z = tl.load(Z + offs, mask=mask, other=0.0).to(tl.float32) * inv_tau
+    lse = tl.load(LSE + rows, mask=rmask, other=0.0)
+    c1 = tl.load(C1 + rows, mask=rmask, other=0.0)
+    logp = z - lse[:, None]
+    p = tl.exp(logp)
+    if HAS_ENT:
+        ge = tl.load(GE + rows, mask=rmask, other=0.0)
+        dz = p * (c1[:, None] - ge[:, None] * logp)
+    else:
+        dz = p * c1[:, None]
+    labels = tl.load(LABELS + rows, mask=rmask, other=-100)
+    gl = tl.load(GL + rows, mask=rmask, other=0.0)
+    dz += tl.where((cols[None, :] + v0) == labels[:, None], gl[:, None], 0.0)
+    tl.store(DZ + offs, dz.to(DZ.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------- launchers
+def _chunk_cols(T: int, V: int, device: torch.device) -> int:
+    """Vocab columns per chunk so one T x Vc fp32 chunk is ~16 MB on CPU, ~128 MB on GPU.
+
+    On CPU smaller chunks fit cache better (softmax passes over V at T=1024, 1 thread: 0.08 s with 8 MB chunks,
+    0.16 s with 32 MB) but cost more OpenMP regions, and on a 2-core machine shared with other jobs each region can
+    wait a time slice (T=1024, V=49152, fp32, 2 threads at load ~20: fwd+bwd 5.2 s CPU time with 8 MB chunks,
+    3.5 s with 32 MB, eager 2.5 s). The GEMMs are indifferent (0.71 vs 0.77 s per pass). Single-threaded, fwd+bwd
+    costs 1.0x eager CPU time in bf16 and ~1.1x in fp32 (the extra GEMM); with 2 threads on the loaded machine it
+    measured 1.4x (fp32) to 1.9x (bf16) of eager wall time.
+    """
+    budget = 2**25 if device.type == "cuda" else 2**22
+    return int(min(V, max(64, budget // max(T, 1))))
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _online_update(state, z_TVc, inv_tau: float, cdt: torch.dtype, want_entropy: bool):
+    """Fold one chunk into the running (m, s, B) per token, the same recurrence as the Triton kernel.
+
+    m: running max, s = sum exp(z - m), B = sum exp(z - m) (z - m) <= 0. Sums of same-sign terms keep fp32 accurate:
+    lse = m + log s and H = log s - B / s are formed once at the end (merging per-chunk lse/H instead loses ~1 ulp of
+    lse per chunk into H). z_TVc is the raw GEMM output (input dtype): the 1/tau scale, the shift and the upcast are
+    one op, because on a shared CPU every extra pass over the chunk is another OpenMP region to wait on.
+    """
+    m, s, b = state
+    m_c = z_TVc.amax(dim=1).to(cdt) * inv_tau
+    m_new = m_c if m is None else torch.maximum(m, m_c)
+    d = torch.add(-m_new[:, None], z_TVc, alpha=inv_tau)  # z / tau - m_new, promoted to cdt
+    if want_entropy:
+        e = torch.exp(d)
+        b_c = torch.linalg.vecdot(e, d)
+    else:
+        e = d.exp_()
+    s_c = e.sum(dim=1)
+    if m is None:
+        return m_new, s_c, (b_c if want_entropy else None)
+    scale = torch.exp(m - m_new)
+    if want_entropy:
+        b = scale * (b + (m - m_new) * s) + b_c
+    return m_new, s * scale + s_c, b
+
+
+def _gather_chunk(z_TVc, idx, v0, v1):
+    """z[t, idx[t, j]] for ids inside [v0, v1), else 0. idx: (T, J) int64."""
+    inside = (idx >= v0) & (idx < v1)
+    vals = z_TVc.gather(1, (idx - v0).clamp_(0, v1 - v0 - 1))
+    return torch.where(inside, vals, 0.0)
+
+
+def torch_fwd(hidden_TD, weight_VD, labels_T, topk_ids_TK, inv_tau: float, want_entropy: bool):
+    """Chunked PyTorch forward -> (logprobs_T, entropy_T or None, topk_logits_TK or None, lse_T); all in cdt."""
+    T, V = hidden_TD.shape[0], weight_VD.shape[0]
+    cdt = _compute_dtype(hidden_TD.dtype)
+    state = (None, None, None)
+    zl = torch.zeros((T, 1), dtype=cdt, device=hidden_TD.device)
+    zk = None if topk_ids_TK is None else torch.zeros(topk_ids_TK.shape, dtype=cdt, device=hidden_TD.device)
+    vc = _chunk_cols(T, V, hidden_TD.device)
+    for v0 in range(0, V, vc):
+        v1 = min(V, v0 + vc)
+        z = hidden_TD @ weight_VD[v0:v1].T
+        state = _online_update(state, z, inv_tau, cdt, want_entropy)
+        zl += _gather_chunk(z, labels_T[:, None], v0, v1).to(cdt) * inv_tau
+        if zk is not None:
+            zk += _gather_chunk(z, topk_ids_TK, v0, v1).to(cdt) * inv_tau
+    m, s, b = state
+    lse = m + torch.log(s)
+    ent = torch.log(s) - b / s if want_entropy else None
+    logp = torch.where(labels_T != IGNORE_INDEX, zl[:, 0] - lse, 0.0)
+    return logp, ent, zk, lse
+
+
+def triton_fwd(hidden_TD, weight_VD, labels_T, topk_ids_TK, inv_tau: float, want_entropy: bool, v_splits=None):
+    """Fused Triton forward; same return convention as `torch_fwd` (fp32). v_splits: vocab splits per token block."""
+    T, D = hidden_TD.shape
+    V = weight_VD.shape[0]
+    h, w, labels_T = hidden_TD.contiguous(), weight_VD.contiguous(), labels_T.contiguous()
+    if T == 0:
+        return torch_fwd(h, w, labels_T, topk_ids_TK, inv_tau, want_entropy)
+    block_t, block_v, block_d = (16, 32, 32) if _INTERPRET else (128, 128, 64)
+    n_tblk = triton.cdiv(T, block_t)
+    if v_splits is None:
+        sms = torch.cuda.get_device_properties(h.device).multi_processor_count if h.is_cuda else 1
+        v_splits = max(1, min(triton.cdiv(2 * sms, n_tblk), triton.cdiv(V, 4 * block_v)))
+    cols = triton.cdiv(triton.cdiv(V, v_splits), block_v) * block_v
+    v_splits = triton.cdiv(V, cols)
+    part = torch.empty((4, v_splits, T), dtype=torch.float32, device=h.device)
+    cast = _INTERPRET or h.dtype == torch.float32
+    _fused_linear_logprobs_fwd_kernel[(n_tblk, v_splits)](
+        h, w, labels_T, part[0], part[1], part[2], part[3], T, V, D, h.stride(0), w.stride(0), inv_tau, cols,
+        HAS_ENT=want_entropy, CAST_F32=cast, BLOCK_T=block_t, BLOCK_V=block_v, BLOCK_D=block_d,
+        num_warps=8, num_stages=2 if h.dtype == torch.float32 else 3)  # fp32 tiles: 3 stages overflow SMEM
+    m_s, s_s, b_s, zl_s = part.unbind(0)
+    m = m_s.amax(0)
+    wgt = torch.exp(m_s - m)
+    s = (s_s * wgt).sum(0)
+    lse = m + torch.log(s)
+    ent = None
+    if want_entropy:  # rebase each split's B from its own max to the global one, then H = log s - B / s
+        b = (wgt * (b_s + (m_s - m) * s_s)).sum(0)
+        ent = torch.log(s) - b / s
+    logp = torch.where(labels_T != IGNORE_INDEX, zl_s.sum(0) - lse, 0.0)
+    zk = None
+    if topk_ids_TK is not None:
+        K = topk_ids_TK.shape[1]
+        zk = torch.empty((T, K), dtype=torch.float32, device=h.device)
+        if K > 0:
+            block_k = 64 if _INTERPRET else 32
+            _fused_linear_logprobs_gather_kernel[(T, triton.cdiv(K, block_k))](
+                h, w, topk_ids_TK.contiguous(), zk, K, D, h.stride(0), w.stride(0), BLOCK_K=block_k,
+                BLOCK_D=block_d if _INTERPRET else 128)
+        zk *= inv_tau
+    return logp, ent, zk, lse
+
+
+def _dz_chunk(z, v0, v1, lse, c1, ge, gl, labels_T, topk_ids_TK, gk, inv_tau, use_triton, out_dtype):
+    """dz (already divided by tau) for the logits chunk z = hidden @ weight[v0:v1].T (unscaled, input dtype)."""
+    if use_triton:
+        dz = torch.empty(z.shape, dtype=out_dtype if topk_ids_TK is None else torch.float32, device=z.device)
+        bt, bv = (32, 64) if _INTERPRET else (32, 256)
+        _fused_linear_logprobs_bwd_kernel[(triton.cdiv(z.shape[0], bt), triton.cdiv(z.shape[1], bv))](
+            z, dz, lse, c1, ge if ge is not None else c1, gl, labels_T, z.shape[0], z.shape[1], v0, inv_tau,
+            HAS_ENT=ge is not None, BLOCK_T=bt, BLOCK_V=bv)
+    else:
+        logp = torch.add(-lse[:, None], z, alpha=inv_tau)  # scale, shift and upcast in one pass
+        coef = None if ge is None else logp.mul(-ge[:, None]).add_(c1[:, None])
+        dz = logp.exp_()
+        dz.mul_(c1[:, None] if coef is None else coef)
+        _scatter_chunk(dz, labels_T[:, None], gl[:, None], v0, v1)
+    if topk_ids_TK is not None:
+        _scatter_chunk(dz, topk_ids_TK, gk, v0, v1)
+    return dz.to(out_dtype)
+
+
+def _scatter_chunk(dz, idx, src, v0, v1):
+    inside = (idx >= v0) & (idx < v1)
+    dz.scatter_add_(1, (idx - v0).clamp(0, v1 - v0 - 1), torch.where(inside, src, 0.0).to(dz.dtype))
+
+
+def fused_linear_logprobs_bwd(hidden_TD, weight_VD, labels_T, topk_ids_TK, lse_T, ent_T, g_logp, g_ent, g_topk,
+                              inv_tau: float, need_h: bool, need_w: bool, use_triton: bool):
+    """(d hidden or None, d weight or None): vocab-chunked recompute; d weight rows written chunk by chunk."""
+    T, V = hidden_TD.shape[0], weight_VD.shape[0]
+    cdt = lse_T.dtype
+    labels_T = labels_T.contiguous()
+    valid = labels_T != IGNORE_INDEX
+    gl = torch.where(valid, g_logp.to(cdt), 0.0) * inv_tau
+    big_g = gl.clone()
+    gk = None
+    if topk_ids_TK is not None:
+        gk = g_topk.to(cdt) * inv_tau
+        big_g += gk.sum(1)
+    ge = None if g_ent is None else g_ent.to(cdt) * inv_tau
+    c1 = -big_g if ge is None else -(ge * ent_T + big_g)
+    dh = torch.zeros(hidden_TD.shape, dtype=cdt, device=hidden_TD.device) if need_h else None
+    dw = torch.empty_like(weight_VD) if need_w else None
+    vc = _chunk_cols(T, V, hidden_TD.device)
+    for v0 in range(0, V, vc):
+        v1 = min(V, v0 + vc)
+        w_c = weight_VD[v0:v1]
+        z = hidden_TD @ w_c.T
+        dz = _dz_chunk(z, v0, v1, lse_T, c1, ge, gl, labels_T, topk_ids_TK, gk, inv_tau, use_triton,
+                       hidden_TD.dtype)
+        if need_w:
+            torch.mm(dz.T, hidden_TD, out=dw[v0:v1])
+        if need_h:
+            if dh.dtype == dz.dtype:
+                dh.addmm_(dz, w_c)
+            else:
+                dh += dz @ w_c
+    return (None if dh is None else dh.to(hidden_TD.dtype)), dw
+
+
+# ----------------------------------------------------------------------------------------------- binding
+@torch.library.custom_op("nova_rt::fused_linear_logprobs", mutates_args=())
+def _fll_op(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, topk_ids: torch.Tensor | None,
+            inv_tau: float, want_entropy: bool, use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                           torch.Tensor, torch.Tensor]:
+    _check_values(labels, topk_ids, weight.shape[0])
+    fwd = triton_fwd if use_triton else torch_fwd
+    logp, ent, zk, lse = fwd(hidden, weight, labels, topk_ids, inv_tau, want_entropy)
+    T = hidden.shape[0]
+    ent = ent if want_entropy else lse.new_empty((0,))
+    topk = (zk - lse[:, None]).float() if zk is not None else hidden.new_empty((T, 0), dtype=torch.float32)
+    return logp.float(), ent.to(torch.float32, copy=True), topk, lse, ent  # the last two: saved for backward
+
+
+@_fll_op.register_fake
+def _(hidden, weight, labels, topk_ids, inv_tau, want_entropy, use_triton):
+    T = hidden.shape[0]
+    cdt = _compute_dtype(hidden.dtype)
+    f32 = dict(dtype=torch.float32)
+    return (hidden.new_empty((T,), **f32), hidden.new_empty((T if want_entropy else 0,), **f32),
+            hidden.new_empty((T, 0 if topk_ids is None else topk_ids.shape[1]), **f32),
+            hidden.new_empty((T,), dtype=cdt), hidden.new_empty((T if want_entropy else 0,), dtype=cdt))
+
+
+@torch.library.custom_op("nova_rt::fused_linear_logprobs_bwd", mutates_args=())
+def _fll_bwd_op(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, topk_ids: torch.Tensor | None,
+                lse: torch.Tensor, ent_saved: torch.Tensor, g_logp: torch.Tensor, g_ent: torch.Tensor | None,
+                g_topk: torch.Tensor | None, inv_tau: float, need_h: bool, need_w: bool,
+                use_triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    dh, dw = fused_linear_logprobs_bwd(hidden, weight, labels, topk_ids, lse, ent_saved, g_logp, g_ent, g_topk,
+                                       inv_tau, need_h, need_w, use_triton)
+    return (dh if dh is not None else hidden.new_empty((0,)), dw if dw is not None else weight.new_empty((0,)))
+
+
+@_fll_bwd_op.register_fake
+def _(hidden, weight, labels, topk_ids, lse, ent_saved, g_logp, g_ent, g_topk, inv_tau, need_h, need_w, use_triton):
+    return (torch.empty_like(hidden) if need_h else hidden.new_empty((0,)),
+            torch.empty_like(weight) if need_w else weight.new_empty((0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, labels, topk_ids, ctx.inv_tau, ctx.want_entropy, ctx.use_triton = inputs
+    ctx.has_topk = topk_ids is not None
+    ctx.save_for_backward(hidden, weight, labels, topk_ids if ctx.has_topk else None, output[3], output[4])
+
+
+def _backward(ctx, g_logp, g_ent, g_topk, _g_lse, _g_ent_saved):
+    hidden, weight, labels, topk_ids, lse, ent_saved = ctx.saved_tensors
+    need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (need_h or need_w):
+        return None, None, None, None, None, None, None
+    if g_logp is None:
+        g_logp = torch.zeros_like(lse, dtype=torch.float32)
+    g_ent = g_ent if ctx.want_entropy else None
+    if ctx.has_topk and g_topk is None:
+        g_topk = torch.zeros(topk_ids.shape, dtype=torch.float32, device=topk_ids.device)
+    dh, dw = _fll_bwd_op(hidden, weight, labels, topk_ids, lse, ent_saved, g_logp, g_ent,
+                         g_topk if ctx.has_topk else None, ctx.inv_tau, need_h, need_w, ctx.use_triton)
+    return (dh if need_h else None), (dw if need_w else None), None, None, None, None, None
+
+
+_fll_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------- public API
+def _check_values(labels, topk_ids, V: int) -> None:
+    """Range checks on ids. Run inside the custom op, where data-dependent control flow does not break
+    torch.compile; on CUDA they are device-side asserts (no host sync)."""
+    bad_labels = ((labels >= V) | ((labels < 0) & (labels != IGNORE_INDEX))).any()
+    bad_ids = ((topk_ids < 0) | (topk_ids >= V)).any() if topk_ids is not None else None
+    if labels.is_cuda:
+        torch._assert_async(~bad_labels, f"labels must lie in [0, {V}) or equal {IGNORE_INDEX}")
+        if bad_ids is not None:
+            torch._assert_async(~bad_ids, f"topk_ids must lie in [0, {V})")
+        return
+    if bool(bad_labels):
+        raise ValueError(f"labels must lie in [0, {V}) or equal {IGNORE_INDEX}")
+    if bad_ids is not None and bool(bad_ids):
+        raise ValueError(f"topk_ids must lie in [0, {V})")
+
+
+def _check_inputs(hidden, weight, labels, topk_ids, temperature, backend):
+    """Shapes, dtypes, devices and temperature (static facts, checked before the op)."""
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden must be (T, D) and weight (V, D); got hidden {tuple(hidden.shape)}, "
+                         f"weight {tuple(weight.shape)}")
+    allowed = (torch.float16, torch.bfloat16, torch.float32) + ((torch.float64,) if backend == "torch" else ())
+    if hidden.dtype != weight.dtype or hidden.dtype not in allowed:
+        raise TypeError(f"hidden and weight must share a dtype in {allowed}; got {hidden.dtype}, {weight.dtype}")
+    if hidden.device != weight.device:
+        raise ValueError(f"hidden ({hidden.device}) and weight ({weight.device}) must be on one device")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if labels is not None:
+        if labels.shape != (hidden.shape[0],) or labels.dtype != torch.int64:
+            raise ValueError(f"labels must be int64 of shape ({hidden.shape[0]},); got {labels.dtype} "
+                             f"{tuple(labels.shape)}")
+    if topk_ids is not None:
+        if topk_ids.dim() != 2 or topk_ids.shape[0] != hidden.shape[0] or topk_ids.dtype != torch.int64:
+            raise ValueError(f"topk_ids must be int64 of shape (T={hidden.shape[0]}, K); got {topk_ids.dtype} "
+                             f"{tuple(topk_ids.shape)}")
+
+
+def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                          temperature: float = 1.0, return_entropy: bool = False,
+                          topk_ids: torch.Tensor | None = None, backend: str = "auto") -> dict:
+    """Log-probs of `labels` under softmax(hidden @ weight.T / temperature), without (T, V) logits.
+
+    hidden: (T, D), weight: (V, D), same dtype (fp32/fp16/bf16; fp64 on the torch backend); labels: (T,) int64 with
+    -100 = ignore (logprob 0.0, no gradient). Returns {"logprobs": (T,) fp32} plus "entropy": (T,) fp32 when
+    return_entropy, and "topk_logprobs": (T, K) fp32 (full-vocab log-softmax at topk_ids (T, K) int64) when given.
+    Differentiable w.r.t. hidden and weight through every output.
+    """
+    backend = resolve_backend(backend, hidden, weight)
+    _check_inputs(hidden, weight, labels, topk_ids, temperature, backend)
+    logp, ent, topk, _, _ = _fll_op(hidden, weight, labels, topk_ids, 1.0 / float(temperature),
+                                    bool(return_entropy), backend == "triton")
+    out = {"logprobs": logp}
+    if return_entropy:
+        out["entropy"] = ent
+    if topk_ids is not None:
+        out["topk_logprobs"] = topk
+    return out
+
+
+@torch.no_grad()
+def reference_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int, *, temperature: float = 1.0,
+                   backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (T, k) int64, logprobs (T, k) fp32) of the k largest logits per token, sorted descending.
+
+    Streams the vocab in chunks: each chunk's logits are merged with the running top-k (torch.topk over k + Vc
+    candidates) and folded into an online logsumexp, so no (T, V) tensor exists. Both backends run this PyTorch
+    loop (on the GPU it is cuBLAS GEMMs plus torch.topk); `backend` is validated for API symmetry.
+    """
+    backend = resolve_backend(backend, hidden, weight)
+    _check_inputs(hidden, weight, None, None, temperature, backend)
+    T, V = hidden.shape[0], weight.shape[0]
+    if not 1 <= k <= V:
+        raise ValueError(f"k must be in [1, V={V}], got {k}")
+    cdt = _compute_dtype(hidden.dtype)
+    inv_tau = 1.0 / float(temperature)
+    lse = torch.full((T,), float("-inf"), dtype=cdt, device=hidden.device)
+    vals = torch.empty((T, 0), dtype=cdt, device=hidden.device)
+    ids = torch.empty((T, 0), dtype=torch.int64, device=hidden.device)
+    vc = max(_chunk_cols(T, V, hidden.device), 4 * k)
+    for v0 in range(0, V, vc):
+        v1 = min(V, v0 + vc)
+        z = (hidden @ weight[v0:v1].T).to(cdt).mul_(inv_tau)
+        lse = torch.logaddexp(lse, torch.logsumexp(z, dim=1))
+        cand_ids = torch.arange(v0, v1, device=hidden.device).expand(T, -1)
+        vals, pos = torch.topk(torch.cat([vals, z], dim=1), min(k, vals.shape[1] + v1 - v0), dim=1)
+        ids = torch.cat([ids, cand_ids], dim=1).gather(1, pos)
+    return ids, (vals - lse[:, None]).float()
