@@ -1,0 +1,266 @@
+"""HF safetensors straight into megatron TP/PP shards, and the shards back into an HF directory (bit-exact).
+
+Loading: each rank opens the checkpoint's safetensors files with `safe_open` and reads only the rows/columns its
+parameters own (`get_slice`), so no rank ever holds the whole model and no offline conversion step exists.
+Saving: every rank of data-parallel rank 0 sends its CPU shards to global rank 0 (`gather_object`), which
+reassembles full HF tensors and writes config + safetensors; non-weight files (config.json, tokenizer files,
+generation_config.json, chat template) are copied verbatim from the source directory.
+
+Layouts (TP size t, rank r; legend: V vocab, Vp padded vocab, D model dim, F ffn dim, G kv groups, Q = N/G):
+    replicated   norms                         same tensor on every rank
+    vocab        embed_tokens, lm_head (V, D)  rows [r*Vp/t, (r+1)*Vp/t) of the table zero-padded to Vp rows
+    column       -                             rows split evenly
+    row          o_proj (D, N*H), down_proj     columns split evenly
+    fc1          gate_proj, up_proj (F, D)      rank r holds [gate rows of r; up rows of r] (SwiGLU chunks in two)
+    qkv          q/k/v_proj (+bias)             rank r holds groups [r*G/t, (r+1)*G/t), each group laid out as
+                                                [Q query heads; 1 key head; 1 value head] x H rows (megatron's
+                                                interleaved per-group layout)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+_LAYER_MAP = {
+    "input_layernorm.weight": ("replicated", ("input_layernorm.weight",)),
+    "self_attention.linear_qkv.layer_norm_weight": ("replicated", ("input_layernorm.weight",)),
+    "self_attention.linear_qkv.weight": ("qkv", ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                                  "self_attn.v_proj.weight")),
+    "self_attention.linear_qkv.bias": ("qkv", ("self_attn.q_proj.bias", "self_attn.k_proj.bias",
+                                                "self_attn.v_proj.bias")),
+    "self_attention.linear_proj.weight": ("row", ("self_attn.o_proj.weight",)),
+    "pre_mlp_layernorm.weight": ("replicated", ("post_attention_layernorm.weight",)),
+    "mlp.linear_fc1.layer_norm_weight": ("replicated", ("post_attention_layernorm.weight",)),
+    "mlp.linear_fc1.weight": ("fc1", ("mlp.gate_proj.weight", "mlp.up_proj.weight")),
+    "mlp.linear_fc2.weight": ("row", ("mlp.down_proj.weight",)),
+}
+_LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+
+def hf_names(chunk, name: str, tied: bool) -> tuple[str, tuple[str, ...]]:
+    """(layout kind, HF tensor names) of megatron parameter `name` in model chunk `chunk`."""
+    if name == "embedding.word_embeddings.weight":
+        return "vocab", ("model.embed_tokens.weight",)
+    if name == "output_layer.weight":
+        return "vocab", ("model.embed_tokens.weight" if tied else "lm_head.weight",)
+    if name == "decoder.final_layernorm.weight":
+        return "replicated", ("model.norm.weight",)
+    m = _LAYER_RE.match(name)
+    if m and m.group(2) in _LAYER_MAP:
+        layer = chunk.decoder.layers[int(m.group(1))].layer_number - 1  # global 0-based layer index
+        kind, suffixes = _LAYER_MAP[m.group(2)]
+        return kind, tuple(f"model.layers.{layer}.{s}" for s in suffixes)
+    raise KeyError(f"megatron parameter {name!r} has no HF counterpart in nova_rt.parallel.hf_convert")
+
+
+class SafetensorsReader:
+    """Lazy, slice-wise access to the tensors of an HF safetensors checkpoint (single file or sharded)."""
+
+    def __init__(self, model_dir: str | os.PathLike):
+        self.dir = Path(model_dir)
+        index = self.dir / "model.safetensors.index.json"
+        if index.exists():
+            self.weight_map = json.loads(index.read_text())["weight_map"]
+        elif (self.dir / "model.safetensors").exists():
+            from safetensors import safe_open
+
+            with safe_open(self.dir / "model.safetensors", "pt") as f:
+                self.weight_map = {k: "model.safetensors" for k in f.keys()}
+        else:
+            raise FileNotFoundError(f"{self.dir}: no model.safetensors or model.safetensors.index.json "
+                                    "(the megatron backend reads safetensors checkpoints only)")
+        self._handles = {}
+
+    def _slice(self, name: str):
+        from safetensors import safe_open
+
+        if name not in self.weight_map:
+            raise KeyError(f"tensor {name!r} is missing from the checkpoint in {self.dir}")
+        file = self.weight_map[name]
+        if file not in self._handles:
+            self._handles[file] = safe_open(self.dir / file, "pt")
+        return self._handles[file].get_slice(name)
+
+    def shape(self, name: str) -> list[int]:
+        return list(self._slice(name).get_shape())
+
+    def rows(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        sl = self._slice(name)
+        return sl[start:stop] if sl.get_shape() else sl[:]
+
+    def cols(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._slice(name)[:, start:stop]
+
+
+# ----------------------------------------------------------------------------------------------- load
+def _load_qkv(reader, names, arch, tp, rank):
+    groups = arch.kv_heads // tp
+    q_per_group, h = arch.heads // arch.kv_heads, arch.head_dim
+    g0 = rank * groups
+    q = reader.rows(names[0], g0 * q_per_group * h, (g0 + groups) * q_per_group * h)
+    k = reader.rows(names[1], g0 * h, (g0 + groups) * h)
+    v = reader.rows(names[2], g0 * h, (g0 + groups) * h)
+    tail = q.shape[1:]
+    parts = [q.reshape(groups, q_per_group * h, *tail), k.reshape(groups, h, *tail), v.reshape(groups, h, *tail)]
+    return torch.cat(parts, dim=1).reshape(-1, *tail)
+
+
+def _load_vocab(reader, name, arch, local_rows, rank):
+    start = rank * local_rows
+    out = None
+    if start < arch.vocab:
+        part = reader.rows(name, start, min(start + local_rows, arch.vocab))
+        out = torch.zeros(local_rows, *part.shape[1:], dtype=part.dtype)
+        out[: part.shape[0]] = part
+    return out
+
+
+def load_shard(reader, kind, names, arch, param_shape, tp, rank) -> torch.Tensor:
+    """The slice of HF tensors `names` that TP rank `rank` holds for a parameter of local shape `param_shape`."""
+    if kind == "replicated":
+        return reader.rows(names[0])
+    if kind == "vocab":
+        out = _load_vocab(reader, names[0], arch, param_shape[0], rank)
+        return out if out is not None else torch.zeros(param_shape)
+    if kind == "row":
+        n = param_shape[1]
+        return reader.cols(names[0], rank * n, (rank + 1) * n)
+    if kind == "fc1":
+        n = param_shape[0] // 2
+        return torch.cat([reader.rows(nm, rank * n, (rank + 1) * n) for nm in names], dim=0)
+    if kind == "qkv":
+        return _load_qkv(reader, names, arch, tp, rank)
+    raise ValueError(f"unknown layout kind {kind!r}")
+
+
+@torch.no_grad()
+def load_hf_into_chunks(chunks: list, model_dir: str | os.PathLike, arch) -> int:
+    """Copy the HF checkpoint in `model_dir` into this rank's model chunks; returns the number of tensors set."""
+    from megatron.core import parallel_state as ps
+
+    reader = SafetensorsReader(model_dir)
+    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    count = 0
+    for chunk in chunks:
+        for name, param in _unwrap(chunk).named_parameters():
+            kind, names = hf_names(_unwrap(chunk), name, arch.tied)
+            shard = load_shard(reader, kind, names, arch, tuple(param.shape), tp, rank)
+            if tuple(shard.shape) != tuple(param.shape):
+                raise ValueError(f"{model_dir}: {', '.join(names)} give a shard of shape {tuple(shard.shape)} for "
+                                 f"megatron parameter {name} of shape {tuple(param.shape)} (TP rank {rank}/{tp})")
+            param.data.copy_(shard.to(param.dtype))
+            count += 1
+    return count
+
+
+def _unwrap(module):
+    while hasattr(module, "module") and not hasattr(module, "decoder"):
+        module = module.module
+    return module
+
+
+# ----------------------------------------------------------------------------------------------- save
+def local_pieces(chunks: list, arch) -> list[tuple[str, tuple[str, ...], int, torch.Tensor]]:
+    """(kind, HF names, TP rank, CPU tensor) for every parameter this rank holds (tied lm_head skipped)."""
+    from megatron.core import parallel_state as ps
+
+    rank = ps.get_tensor_model_parallel_rank()
+    out = []
+    for chunk in chunks:
+        for name, param in _unwrap(chunk).named_parameters():
+            if arch.tied and name == "output_layer.weight":
+                continue  # the copy of the embedding held by the last stage
+            kind, names = hf_names(_unwrap(chunk), name, arch.tied)
+            out.append((kind, names, rank, param.detach().to("cpu", copy=True)))
+    return out
+
+
+def _split_qkv(piece, arch, tp):
+    groups, q_per_group, h = arch.kv_heads // tp, arch.heads // arch.kv_heads, arch.head_dim
+    tail = piece.shape[1:]
+    grouped = piece.reshape(groups, (q_per_group + 2) * h, *tail)
+    q, k, v = grouped.split([q_per_group * h, h, h], dim=1)
+    return [x.reshape(-1, *tail) for x in (q, k, v)]
+
+
+def assemble(pieces: list, arch, tp: int) -> dict[str, torch.Tensor]:
+    """Full HF tensors from the pieces of all ranks (inverse of `load_shard`)."""
+    by_key: dict[tuple, dict[int, torch.Tensor]] = {}
+    for kind, names, rank, tensor in pieces:
+        by_key.setdefault((kind, names), {})[rank] = tensor
+    out = {}
+    for (kind, names), ranks in by_key.items():
+        if kind == "replicated":
+            out[names[0]] = ranks[0]
+            continue
+        if sorted(ranks) != list(range(tp)):
+            raise RuntimeError(f"pieces of {names} came from TP ranks {sorted(ranks)}, expected 0..{tp - 1}")
+        ordered = [ranks[r] for r in range(tp)]
+        if kind == "vocab":
+            out[names[0]] = torch.cat(ordered, dim=0)[: arch.vocab]
+        elif kind == "row":
+            out[names[0]] = torch.cat(ordered, dim=1)
+        elif kind == "fc1":
+            halves = [p.chunk(2, dim=0) for p in ordered]
+            for i, nm in enumerate(names):
+                out[nm] = torch.cat([h[i] for h in halves], dim=0)
+        elif kind == "qkv":
+            split = [_split_qkv(p, arch, tp) for p in ordered]
+            for i, nm in enumerate(names):
+                out[nm] = torch.cat([s[i] for s in split], dim=0)
+    return {k: v.contiguous().clone() for k, v in out.items()}
+
+
+def write_hf_dir(tensors: dict[str, torch.Tensor], src_dir, out_dir, max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Write tensors as (possibly sharded) safetensors plus every non-weight file of `src_dir`."""
+    from safetensors.torch import save_file
+
+    src, out = Path(src_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and f.name not in INDEX_FILES:
+            shutil.copy2(f, out / f.name)
+    shards, current, size = [], {}, 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].numel() * tensors[name].element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name], size = tensors[name], size + nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], out / "model.safetensors", metadata={"format": "pt"})
+        return out
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, out / fname, metadata={"format": "pt"})
+        weight_map.update({k: fname for k in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return out
+
+
+def save_chunks_as_hf(chunks: list, arch, src_dir, out_dir) -> Path | None:
+    """Collective over all ranks: gather shards of data-parallel rank 0 on global rank 0, which writes `out_dir`."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    mine = local_pieces(chunks, arch) if ps.get_data_parallel_rank() == 0 else []
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(mine, gathered, dst=0)
+    if dist.get_rank() != 0:
+        return None
+    pieces = [p for rank_pieces in gathered for p in rank_pieces]
+    tensors = assemble(pieces, arch, ps.get_tensor_model_parallel_world_size())
+    return write_hf_dir(tensors, src_dir, out_dir)

@@ -1,0 +1,262 @@
+"""MegatronBackend: train an HF Llama/Qwen2 checkpoint with megatron-core TP / PP (1F1B, interleaved) / SP / DP.
+
+The trainer drives it like this (one process per GPU, launched by torchrun):
+
+    backend = MegatronBackend(model_dir, cfg.parallel, dtype=torch.bfloat16, lr=1e-5, weight_decay=0.0,
+                              grad_clip=1.0, seed=0)
+    rows = my_rows[backend.dp_rank :: backend.dp_size]          # every TP/PP rank of a DP replica: same rows
+    stats = backend.train_step(rows)    # {"loss": float, "grad_norm": float, "tokens": int}
+    logp_T = backend.logprobs(row)      # (T,) fp32, for DPO / GRPO
+    backend.set_lr(lr)                  # the trainer's schedule
+    backend.save_hf(out_dir)            # collective; global rank 0 writes an HF directory
+
+`train_step(micro_batches)`: the micro-batches (dicts, see nova_rt.parallel.packed) of this data-parallel rank for
+one optimizer step; all ranks of one model-parallel group must pass the same list. The loss is
+sum over supervised tokens of -log p / number of supervised tokens in the global batch (all micro-batches, all DP
+ranks): per-micro-batch sums go through megatron's schedule with `calculate_per_token_loss`, and
+`finalize_model_grads` divides the gradients by the all-reduced token count. `loss` and `tokens` are global, and
+identical on every rank. Per-token losses use `tensor_parallel.vocab_parallel_cross_entropy` on vocab-parallel
+logits (vocab padding columns masked to -inf-like values, so padding never changes the softmax).
+
+`logprobs(micro_batch)`: out[t] = log p(input_ids[t] | earlier tokens of its document), 0 at each document's first
+token; same value on every rank.
+
+Parallelism from `ParallelConfig` (nova_rt/config.py): tensor_parallel, pipeline_parallel,
+virtual_pipeline_parallel (interleaved 1F1B; needs PP > 2 and layers divisible by PP * VPP),
+sequence_parallel (needs TP > 1), distributed_optimizer (GPU only; megatron's distributed optimizer insists on
+CUDA tensors). context_parallel > 1 is rejected: TE's thd attention could run it, but the per-document CP split of
+packed rows is not implemented. Data parallelism is world / (TP * PP * CP).
+On CPU (gloo) megatron-core needs test-only shims (tests/parallel/megatron_cpu_shims.py); fp32 only.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from nova_rt.parallel import hf_convert, packed
+from nova_rt.parallel.megatron_model import build_model_chunks, hf_arch, transformer_config
+
+
+def _init_distributed(pcfg) -> None:
+    from megatron.core import parallel_state as ps
+
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    world = dist.get_world_size()
+    model_parallel = pcfg.tensor_parallel * pcfg.pipeline_parallel * pcfg.context_parallel
+    if world % model_parallel:
+        raise ValueError(f"parallel: world size {world} is not divisible by tensor_parallel * pipeline_parallel * "
+                         f"context_parallel = {model_parallel}")
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=pcfg.tensor_parallel, pipeline_model_parallel_size=pcfg.pipeline_parallel,
+            virtual_pipeline_model_parallel_size=pcfg.virtual_pipeline_parallel or None,
+            context_parallel_size=pcfg.context_parallel)
+
+
+def _check_parallel(arch, pcfg, cuda: bool) -> None:
+    tp, pp, vpp = pcfg.tensor_parallel, pcfg.pipeline_parallel, pcfg.virtual_pipeline_parallel or 1
+    if pcfg.backend != "megatron":
+        raise ValueError(f"parallel.backend={pcfg.backend!r}; MegatronBackend needs 'megatron'")
+    if arch.kv_heads % tp or arch.heads % tp:
+        raise ValueError(f"parallel.tensor_parallel={tp} must divide num_attention_heads={arch.heads} and "
+                         f"num_key_value_heads={arch.kv_heads}")
+    if arch.ffn % tp:
+        raise ValueError(f"parallel.tensor_parallel={tp} must divide intermediate_size={arch.ffn}")
+    if arch.layers % (pp * vpp):
+        raise ValueError(f"num_hidden_layers={arch.layers} must be divisible by pipeline_parallel * "
+                         f"virtual_pipeline_parallel = {pp * vpp}")
+    if pcfg.virtual_pipeline_parallel and pp <= 2:
+        # With 2 stages the next and previous stage are the same peer, and the interleaved schedule's batched
+        # send/recv pairs activations with gradients (measured: wrong losses on gloo; Megatron-LM used to assert this).
+        raise ValueError("parallel.virtual_pipeline_parallel needs pipeline_parallel > 2")
+    if pcfg.sequence_parallel and tp < 2:
+        raise ValueError("parallel.sequence_parallel needs tensor_parallel >= 2")
+    if pcfg.context_parallel > 1:
+        # TE's thd attention supports CP, but each packed row would first have to be split into 2*CP load-balanced
+        # chunks per document (cu_seqlens_padded, per-rank token slices, CP-aware loss); that sharding is not written.
+        raise NotImplementedError("parallel.context_parallel > 1 is not implemented by the megatron backend")
+    if not cuda and pcfg.distributed_optimizer:
+        raise ValueError("parallel.distributed_optimizer needs CUDA (megatron's distributed optimizer checks for "
+                         "torch.cuda tensor types)")
+
+
+class MegatronBackend:
+    """HF checkpoint in, megatron-core model chunks + DDP + optimizer, HF checkpoint out. See the module docstring."""
+
+    def __init__(self, model_dir, parallel_cfg, *, dtype: torch.dtype = torch.float32, lr: float = 1e-5,
+                 weight_decay: float = 0.0, grad_clip: float = 1.0, seed: int = 0,
+                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, vocab_multiple: int = 1,
+                 use_te: bool | None = None, load_weights: bool = True):
+        from megatron.core import tensor_parallel
+        from transformers import AutoConfig
+
+        self.model_dir, self.pcfg, self.dtype = str(model_dir), parallel_cfg, dtype
+        self.cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
+        self.arch = hf_arch(AutoConfig.from_pretrained(self.model_dir))
+        _check_parallel(self.arch, parallel_cfg, self.cuda)
+        _init_distributed(parallel_cfg)
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+        self.config = transformer_config(self.arch, parallel_cfg, dtype=dtype, cpu=not self.cuda,
+                                         init=not load_weights)
+        chunks = build_model_chunks(self.arch, self.config, vocab_multiple=vocab_multiple, use_te=use_te)
+        chunks = [c.to(self.device) for c in chunks]
+        if load_weights:
+            hf_convert.load_hf_into_chunks(chunks, self.model_dir, self.arch)
+        self.model = self._wrap_ddp(chunks)
+        self.weight_decay = weight_decay
+        self.optimizer = self._build_optimizer(lr, weight_decay, grad_clip, betas, eps)
+        self.set_lr(lr)
+
+    # ------------------------------------------------------------------------------------------- setup
+    def _wrap_ddp(self, chunks: list) -> list:
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
+
+        ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                use_distributed_optimizer=self.pcfg.distributed_optimizer)
+        model = [DistributedDataParallel(config=self.config, ddp_config=ddp_cfg, module=c, disable_bucketing=i > 0)
+                 for i, c in enumerate(chunks)]
+        self.config.finalize_model_grads_func = finalize_model_grads
+        self.config.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
+        return model
+
+    def _build_optimizer(self, lr, weight_decay, grad_clip, betas, eps):
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer, get_standard_config_overrides
+
+        ocfg = OptimizerConfig(optimizer="adam", lr=lr, min_lr=0.0, weight_decay=weight_decay, adam_beta1=betas[0],
+                               adam_beta2=betas[1], adam_eps=eps, clip_grad=grad_clip, params_dtype=self.dtype,
+                               bf16=self.dtype == torch.bfloat16, fp16=self.dtype == torch.float16,
+                               use_distributed_optimizer=self.pcfg.distributed_optimizer)
+        # standard overrides: no weight decay on 1-D parameters (norm weights) and biases
+        return get_megatron_optimizer(ocfg, self.model, config_overrides=get_standard_config_overrides(ocfg))
+
+    # ------------------------------------------------------------------------------------------- groups
+    @property
+    def dp_rank(self) -> int:
+        from megatron.core import parallel_state as ps
+
+        return ps.get_data_parallel_rank()
+
+    @property
+    def dp_size(self) -> int:
+        from megatron.core import parallel_state as ps
+
+        return ps.get_data_parallel_world_size()
+
+    def set_lr(self, lr: float) -> None:
+        """Set the learning rate; also applies megatron's per-group multipliers (weight decay off for norms and
+        biases), which megatron itself only applies inside its OptimizerParamScheduler."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+            group["weight_decay"] = self.weight_decay * group.get("wd_mult", 1.0)
+
+    # ------------------------------------------------------------------------------------------- steps
+    def _rows(self, micro_batches: list[dict]) -> list[packed.PackedRow]:
+        multiple = self.pcfg.tensor_parallel if self.config.sequence_parallel else 1
+        return packed.prepare(micro_batches, multiple=multiple, device=self.device)
+
+    def _token_loss(self, targets_T: torch.Tensor, logits_BTV: torch.Tensor) -> torch.Tensor:
+        """-log p(target) per position, (T,) fp32, over vocab-parallel logits with padded columns masked."""
+        from megatron.core import parallel_state as ps
+        from megatron.core import tensor_parallel
+
+        logits_TV = logits_BTV[0].float()
+        local = logits_TV.shape[-1]
+        start = ps.get_tensor_model_parallel_rank() * local
+        if start + local > self.arch.vocab:
+            pad = torch.arange(start, start + local, device=logits_TV.device) >= self.arch.vocab
+            logits_TV = logits_TV.masked_fill(pad, torch.finfo(torch.float32).min)
+        target = targets_T.clamp(min=0)
+        return tensor_parallel.vocab_parallel_cross_entropy(logits_TV.unsqueeze(1), target.unsqueeze(1)).squeeze(1)
+
+    def _loss_func(self, row, logits_BTV, non_loss_data: bool = False):
+        loss_T = self._token_loss(row.targets, logits_BTV)
+        mask = (row.targets != packed.IGNORE_INDEX).float()
+        loss_sum = (loss_T * mask).sum()
+        tokens = mask.sum().to(torch.int)
+        return loss_sum, tokens, {"loss_sum": loss_sum.detach(), "tokens": tokens.detach()}
+
+    def _logprob_func(self, row, logits_BTV, non_loss_data: bool = True):
+        next_ids_T = torch.roll(row.input_ids, -1)  # the last position's target is unused
+        nll_T = self._token_loss(next_ids_T, logits_BTV)
+        logp_T = torch.zeros(row.length, dtype=torch.float32, device=nll_T.device)
+        logp_T[1:] = -nll_T[: row.length - 1]
+        starts = row.cu_seqlens[:-1].long()
+        logp_T[starts[starts < row.length]] = 0.0  # document starts have no prediction (padding excluded)
+        return logp_T
+
+    def _forward_step(self, reduce_fn, data_iterator, model):
+        row = next(data_iterator)
+        logits = model(input_ids=row.input_ids.unsqueeze(0), position_ids=row.position_ids.unsqueeze(0),
+                       attention_mask=None, packed_seq_params=row.packed_seq_params())
+        return logits, partial(reduce_fn, row)
+
+    def _run(self, rows, reduce_fn, forward_only: bool):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        return get_forward_backward_func()(
+            forward_step_func=partial(self._forward_step, reduce_fn), data_iterator=[iter(rows) for _ in self.model],
+            model=self.model, num_microbatches=len(rows), seq_length=rows[0].input_ids.numel(),
+            micro_batch_size=1, forward_only=forward_only, collect_non_loss_data=forward_only)
+
+    def _from_last_stage(self, tensor: torch.Tensor) -> torch.Tensor:
+        from megatron.core import parallel_state as ps
+
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            dist.broadcast(tensor, src=ps.get_pipeline_model_parallel_last_rank(),
+                           group=ps.get_pipeline_model_parallel_group())
+        return tensor
+
+    def train_step(self, micro_batches: list[dict]) -> dict:
+        """One optimizer step over this DP rank's micro-batches; returns global loss, grad_norm and tokens."""
+        from megatron.core import parallel_state as ps
+
+        rows = self._rows(micro_batches)
+        if self.pcfg.virtual_pipeline_parallel and len(rows) < self.pcfg.pipeline_parallel:
+            raise ValueError(f"train_step got {len(rows)} micro-batches; the interleaved pipeline schedule needs at "
+                             f"least pipeline_parallel={self.pcfg.pipeline_parallel} per step")
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        outputs = self._run(rows, self._loss_func, forward_only=False)
+        _, grad_norm, _ = self.optimizer.step()
+        stats = torch.zeros(2, dtype=torch.float64, device=self.device)
+        if outputs:  # last pipeline stage
+            stats[0] = sum(float(o["loss_sum"]) for o in outputs)
+            stats[1] = sum(int(o["tokens"]) for o in outputs)
+        stats = self._from_last_stage(stats)
+        dist.all_reduce(stats, group=ps.get_data_parallel_group())
+        tokens = int(stats[1].item())
+        return {"loss": float(stats[0] / max(tokens, 1)), "grad_norm": float(grad_norm), "tokens": tokens}
+
+    @torch.no_grad()
+    def logprobs(self, micro_batch: dict) -> torch.Tensor:
+        """(T,) fp32 log p(input_ids[t] | earlier tokens of its document); 0 at document starts. No update."""
+        rows = self._rows([micro_batch])
+        if self.pcfg.virtual_pipeline_parallel:  # the interleaved schedule needs >= PP micro-batches: repeat it
+            rows = rows * self.pcfg.pipeline_parallel
+        for chunk in self.model:
+            chunk.eval()
+        try:
+            outputs = self._run(rows, self._logprob_func, forward_only=True)
+        finally:
+            for chunk in self.model:
+                chunk.train()
+        out = outputs[0] if outputs else torch.zeros(rows[0].length, dtype=torch.float32, device=self.device)
+        return self._from_last_stage(out.contiguous()).cpu()
+
+    def save_hf(self, out_dir) -> None:
+        """Collective: write the current weights as an HF directory (global rank 0 writes)."""
+        hf_convert.save_chunks_as_hf(self.model, self.arch, self.model_dir, out_dir)
+        dist.barrier()

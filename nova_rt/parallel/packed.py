@@ -1,0 +1,119 @@
+"""Packed micro-batches for the megatron backend: validation, next-token targets, padding, PackedSeqParams.
+
+A micro-batch is one packed row of S documents:
+    input_ids    LongTensor (T,)
+    labels       LongTensor (T,)   aligned with input_ids (HF convention); -100 where no loss is taken
+    position_ids LongTensor (T,)   0, 1, ... restarting at every document (RoPE per document)
+    cu_seqlens   int32 (S+1,)      0 = cu[0] <= cu[1] <= ... <= cu[S] = T; empty documents are dropped
+
+Targets: the token at position t is trained to predict labels[t+1], exactly like HF causal-LM losses, except that
+the last token of every document gets no target, so no prediction crosses a document boundary even if the packer
+left the next document's first label unmasked.
+
+All micro-batches of one step are padded to a common length (pipeline stages exchange fixed-shape activations),
+rounded up to a multiple of TP when sequence parallelism splits the sequence. The padding is one extra document
+of token `pad_id` with labels -100: it attends only to itself and contributes no loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+IGNORE_INDEX = -100
+_KEYS = ("input_ids", "labels", "position_ids", "cu_seqlens")
+
+
+@dataclass
+class PackedRow:
+    """One validated, padded micro-batch on the training device."""
+
+    input_ids: torch.Tensor  # (Tp,) int64
+    targets: torch.Tensor  # (Tp,) int64, -100 = no loss
+    position_ids: torch.Tensor  # (Tp,) int64
+    cu_seqlens: torch.Tensor  # (S'+1,) int32 on device, padding document included
+    max_seqlen: int
+    length: int  # T before padding
+
+    def packed_seq_params(self):
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        return PackedSeqParams(qkv_format="thd", cu_seqlens_q=self.cu_seqlens, cu_seqlens_kv=self.cu_seqlens,
+                               max_seqlen_q=self.max_seqlen, max_seqlen_kv=self.max_seqlen)
+
+
+def _fail(index: int, field: str, msg: str):
+    raise ValueError(f"micro-batch {index}: field {field!r} {msg}")
+
+
+def validate(mb: dict, index: int = 0) -> torch.Tensor:
+    """Check one micro-batch dict; returns its cu_seqlens (int64, CPU) with empty documents removed."""
+    for key in _KEYS:
+        if key not in mb:
+            _fail(index, key, "is missing")
+        if not isinstance(mb[key], torch.Tensor) or mb[key].dim() != 1:
+            _fail(index, key, "must be a 1-D tensor")
+    T = mb["input_ids"].numel()
+    if T == 0:
+        _fail(index, "input_ids", "is empty")
+    for key in ("labels", "position_ids"):
+        if mb[key].numel() != T:
+            _fail(index, key, f"has {mb[key].numel()} entries, input_ids has {T}")
+    if mb["cu_seqlens"].dtype not in (torch.int32, torch.int64):
+        _fail(index, "cu_seqlens", f"must be int32 (or int64), got {mb['cu_seqlens'].dtype}")
+    cu = mb["cu_seqlens"].to("cpu", torch.int64)
+    if cu.numel() < 2 or cu[0] != 0 or cu[-1] != T:
+        _fail(index, "cu_seqlens", f"must start at 0 and end at T={T}, got {cu.tolist()}")
+    if bool((cu[1:] < cu[:-1]).any()):
+        _fail(index, "cu_seqlens", f"must be non-decreasing, got {cu.tolist()}")
+    cu = torch.unique_consecutive(cu)
+    expected = document_positions(cu)
+    if not torch.equal(mb["position_ids"].to("cpu", torch.int64), expected):
+        _fail(index, "position_ids", "must restart at 0 at every cu_seqlens boundary (RoPE is per document)")
+    return cu
+
+
+def document_positions(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """0..len-1 for every document of cu_seqlens, concatenated: (T,) int64."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
+    starts = torch.repeat_interleave(cu_seqlens[:-1].to(torch.int64), lengths)
+    return torch.arange(int(cu_seqlens[-1]), dtype=torch.int64) - starts
+
+
+def next_token_targets(labels: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """targets[t] = labels[t+1], and -100 at the last token of every document."""
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    targets[:-1] = labels[1:]
+    targets[cu_seqlens[1:].to(torch.int64) - 1] = IGNORE_INDEX
+    return targets
+
+
+def common_length(lengths: list[int], multiple: int = 1) -> int:
+    """The padded length for a step: the longest row, rounded up to `multiple`."""
+    longest = max(lengths)
+    return -(-longest // multiple) * multiple
+
+
+def prepare(micro_batches: list[dict], *, multiple: int, device, pad_id: int = 0) -> list[PackedRow]:
+    """Validate, build targets and pad every micro-batch to the step's common length; move to `device`."""
+    if not micro_batches:
+        raise ValueError("micro_batches is empty")
+    cus = [validate(mb, i) for i, mb in enumerate(micro_batches)]
+    length = common_length([int(cu[-1]) for cu in cus], multiple)
+    rows = []
+    for mb, cu in zip(micro_batches, cus):
+        T = int(cu[-1])
+        ids = mb["input_ids"].to("cpu", torch.int64)
+        targets = next_token_targets(mb["labels"].to("cpu", torch.int64), cu)
+        if length > T:
+            pad = length - T
+            ids = torch.cat([ids, torch.full((pad,), pad_id, dtype=torch.int64)])
+            targets = torch.cat([targets, torch.full((pad,), IGNORE_INDEX, dtype=torch.int64)])
+            cu = torch.cat([cu, torch.tensor([length])])
+        rows.append(PackedRow(
+            input_ids=ids.to(device), targets=targets.to(device), position_ids=document_positions(cu).to(device),
+            cu_seqlens=cu.to(device=device, dtype=torch.int32), max_seqlen=int((cu[1:] - cu[:-1]).max()),
+            length=T,
+        ))
+    return rows
