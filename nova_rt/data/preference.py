@@ -1,0 +1,281 @@
+"""Preference pairs for the reward model and DPO: validation, chat-template tokenization, and packing of pairs.
+
+Rows: {"prompt": str (optional "system": str) | "messages": [...], "chosen", "rejected", optional "chosen_score",
+"rejected_score"}. `chosen`/`rejected` are strings (one assistant reply) or lists of messages (assistant turns,
+optionally with tool turns between them). Scores are both present or both absent (finite numbers).
+
+A prompt may carry a partial solution: when `messages` ends with an assistant message, that message is the start of
+the assistant's reply and chosen/rejected (strings) continue it. This is SuperCorrect's step-level DPO as a data
+format: context = problem + the correct steps s_1..s_{k-1}, chosen = the teacher's correction of step k,
+rejected = the student's own step k. Only the continuation is supervised.
+
+Each side is one `Sample` (prompt + completion, targets shifted, loss only on completion tokens). Pairs are packed
+best-fit-decreasing on len(chosen) + len(rejected), chosen and rejected of a pair side by side in the same packed
+row, so one forward yields both sequence sums of every pair: a row holds sequences [c_a, r_a, c_b, r_b, ...] and
+`pair_ids` says which pairs, in order.
+
+Legend: P pairs, S sequences (2P), T packed tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nova_rt.data.chat import IGNORE, ROLES, Sample, assistant_spans
+from nova_rt.data.io import DataError, Row, read_rows
+from nova_rt.data.packing import PackedRow, best_fit_decreasing, collate, make_row
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreferencePair:
+    chosen: Sample
+    rejected: Sample
+    chosen_score: float | None = None
+    rejected_score: float | None = None
+
+    def __len__(self) -> int:
+        return len(self.chosen) + len(self.rejected)
+
+
+@dataclass
+class PairRow:
+    row: PackedRow
+    """Sequences [chosen, rejected] of each pair in `pair_ids` order."""
+    pair_ids: np.ndarray  # (P,) int64 indices into the pair list
+
+
+# ----------------------------------------------------------------------------------------------- validation
+def _check_messages(msgs, row: Row, field: str, roles=ROLES) -> list[dict]:
+    if not isinstance(msgs, list) or not msgs:
+        raise DataError(f"{row.where(field)}: must be a non-empty list of messages")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise DataError(f"{row.where(f'{field}[{i}]')}: must be an object with role and content")
+        if m.get("role") not in roles:
+            raise DataError(f"{row.where(f'{field}[{i}].role')}: must be one of {roles}, got {m.get('role')!r}")
+        if not isinstance(m.get("content"), str):
+            raise DataError(f"{row.where(f'{field}[{i}].content')}: must be a string")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def _prompt_messages(data: dict, row: Row, system_prompt: str) -> list[dict]:
+    if ("prompt" in data) == ("messages" in data):
+        raise DataError(f"{row.where()}: give exactly one of 'prompt' (a string) or 'messages' (a list) "
+                        f"(got keys {sorted(data)})")
+    if "prompt" in data:
+        if not isinstance(data["prompt"], str):
+            raise DataError(f"{row.where('prompt')}: must be a string")
+        msgs = [{"role": "user", "content": data["prompt"]}]
+        if "system" in data:
+            if not isinstance(data["system"], str):
+                raise DataError(f"{row.where('system')}: must be a string")
+            msgs.insert(0, {"role": "system", "content": data["system"]})
+    else:
+        msgs = _check_messages(data["messages"], row, "messages")
+        if not any(m["role"] == "user" for m in msgs):
+            raise DataError(f"{row.where('messages')}: needs at least one user message")
+    if system_prompt and msgs[0]["role"] != "system":
+        msgs.insert(0, {"role": "system", "content": system_prompt})
+    return msgs
+
+
+def _completion(data: dict, row: Row, key: str, partial: bool):
+    if key not in data:
+        raise DataError(f"{row.where(key)}: missing")
+    value = data[key]
+    if isinstance(value, str):
+        return value
+    if partial:
+        raise DataError(f"{row.where(key)}: must be a string when 'messages' ends with a partial assistant turn")
+    if isinstance(value, list):
+        msgs = _check_messages(value, row, key, roles=("assistant", "tool"))
+        if msgs[0]["role"] != "assistant":
+            raise DataError(f"{row.where(f'{key}[0].role')}: the completion must start with an assistant message")
+        return msgs
+    raise DataError(f"{row.where(key)}: must be a string or a list of assistant messages, got {type(value).__name__}")
+
+
+def _scores(data: dict, row: Row) -> tuple[float | None, float | None]:
+    present = [k for k in ("chosen_score", "rejected_score") if data.get(k) is not None]
+    if not present:
+        return None, None
+    if len(present) == 1:
+        other = "rejected_score" if present[0] == "chosen_score" else "chosen_score"
+        raise DataError(f"{row.where(other)}: missing while '{present[0]}' is given (give both or neither)")
+    out = []
+    for k in ("chosen_score", "rejected_score"):
+        v = data[k]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise DataError(f"{row.where(k)}: must be a finite number, got {v!r}")
+        out.append(float(v))
+    return out[0], out[1]
+
+
+def parse_preference_row(row: Row, system_prompt: str = "") -> dict:
+    """Validate a row: {"prompt_messages", "partial", "chosen", "rejected", "chosen_score", "rejected_score"}."""
+    data = row.data
+    if isinstance(data, Exception):
+        raise data
+    if not isinstance(data, dict):
+        raise DataError(f"{row.where()}: expected an object, got {type(data).__name__}")
+    msgs = _prompt_messages(data, row, system_prompt)
+    partial = msgs[-1]["role"] == "assistant"
+    cs, rs = _scores(data, row)
+    return {"prompt_messages": msgs, "partial": partial, "chosen": _completion(data, row, "chosen", partial),
+            "rejected": _completion(data, row, "rejected", partial), "chosen_score": cs, "rejected_score": rs}
+
+
+# ----------------------------------------------------------------------------------------------- tokenization
+def encode_completion(tokenizer, prompt_messages: list[dict], partial: bool, completion, where: str) -> Sample:
+    """Prompt + completion as one Sample, supervised only on the completion's characters (the template's
+    end-of-turn marker included). With `partial`, the last prompt message is the start of the assistant turn."""
+    if partial:
+        prefix = prompt_messages[-1]["content"]
+        full = prompt_messages[:-1] + [{"role": "assistant", "content": prefix + completion}]
+    else:
+        prefix = ""
+        extra = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else completion
+        full = prompt_messages + extra
+    text, spans = assistant_spans(tokenizer, full, where)
+    n_prompt_turns = sum(m["role"] == "assistant" for m in prompt_messages) - int(partial)
+    spans = spans[n_prompt_turns:]
+    if prefix:
+        a, b = spans[0]
+        if text[a:a + len(prefix)] != prefix:
+            raise DataError(f"{where}: the chat template changes the partial assistant text; cannot locate the "
+                            "continuation")
+        spans[0] = (a + len(prefix), b)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = np.asarray(enc["input_ids"], dtype=np.int64)
+    starts = np.asarray([s for s, _ in enc["offset_mapping"]], dtype=np.int64)
+    supervised = np.zeros(len(ids), dtype=bool)
+    for a, b in spans:
+        supervised |= (starts >= a) & (starts < b)
+    targets = np.full(len(ids), IGNORE, dtype=np.int64)
+    targets[:-1] = np.where(supervised[1:], ids[1:], IGNORE)
+    return Sample(ids, targets, where)
+
+
+def _fit(sample: Sample, max_seq_len: int) -> Sample:
+    out = Sample(sample.input_ids[:max_seq_len], sample.targets[:max_seq_len].copy(), sample.source)
+    out.targets[-1] = IGNORE  # its target was the first token past the cut
+    return out
+
+
+def load_preference_pairs(files: list[str], tokenizer, *, max_seq_len: int, overlong: str = "truncate",
+                          on_error: str = "error", system_prompt: str = "") -> tuple[list[PreferencePair], Counter]:
+    """Tokenized pairs from every file, in file order, plus counts (rows, skipped, truncated, dropped, scored)."""
+    if on_error not in ("error", "skip"):
+        raise ValueError(f"data.on_error must be 'error' or 'skip', got {on_error!r}")
+    if overlong not in ("truncate", "drop"):
+        raise ValueError(f"data.overlong must be 'truncate' or 'drop', got {overlong!r}")
+    if not files:
+        raise ValueError("no preference data files given (data.train_files / data.eval_files)")
+    pairs: list[PreferencePair] = []
+    counts: Counter = Counter()
+    for path in files:
+        for row in read_rows(Path(path)):
+            counts["rows"] += 1
+            try:
+                p = parse_preference_row(row, system_prompt)
+                sides = [encode_completion(tokenizer, p["prompt_messages"], p["partial"], p[k], row.where(k))
+                         for k in ("chosen", "rejected")]
+            except DataError as exc:
+                if on_error == "error":
+                    raise
+                counts["skipped_bad_rows"] += 1
+                log.warning("skipping bad row: %s", exc)
+                continue
+            if any(len(s) > max_seq_len for s in sides):
+                if overlong == "drop":
+                    counts["dropped_overlong"] += 1
+                    continue
+                counts["truncated"] += 1
+                sides = [_fit(s, max_seq_len) if len(s) > max_seq_len else s for s in sides]
+            if any(s.n_supervised == 0 for s in sides):
+                counts["dropped_no_target"] += 1
+                continue
+            pairs.append(PreferencePair(sides[0], sides[1], p["chosen_score"], p["rejected_score"]))
+            counts["scored"] += p["chosen_score"] is not None
+    counts["pairs"] = len(pairs)
+    counts["tokens"] = sum(len(p) for p in pairs)
+    if not pairs:
+        raise DataError(f"no usable preference pairs in {files} (counts: {dict(counts)})")
+    return pairs, counts
+
+
+def pairs_digest(pairs: list[PreferencePair]) -> str:
+    """sha256 of every pair's token ids and targets (keys caches of per-pair reference log-probs)."""
+    h = hashlib.sha256()
+    for p in pairs:
+        for s in (p.chosen, p.rejected):
+            h.update(np.int64(len(s)).tobytes())
+            h.update(s.input_ids.astype(np.int64).tobytes())
+            h.update(s.targets.astype(np.int64).tobytes())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------- packing
+def pack_pairs(pairs: list[PreferencePair], max_tokens: int, enabled: bool = True) -> tuple[list[PairRow], float]:
+    """Pack pairs (both sides together) best-fit-decreasing; returns rows and token utilization."""
+    lens = [len(p) for p in pairs]
+    if enabled:
+        too_long = [i for i, n in enumerate(lens) if n > max_tokens]
+        if too_long:
+            i = too_long[0]
+            raise ValueError(f"pair {i} ({pairs[i].chosen.source}) has {lens[i]} tokens (chosen + rejected), more "
+                             f"than packing.max_tokens={max_tokens}; set packing.max_tokens >= 2 * data.max_seq_len")
+        bins = [sorted(b) for b in best_fit_decreasing(lens, max_tokens)]
+        slots = len(bins) * max_tokens
+    else:
+        bins = [[i] for i in range(len(pairs))]
+        slots = len(bins) * max(lens)
+    rows = [PairRow(make_row([s for i in b for s in (pairs[i].chosen, pairs[i].rejected)]),
+                    np.asarray(b, dtype=np.int64)) for b in bins]
+    return rows, sum(lens) / slots
+
+
+def collate_pairs(rows: list[PairRow], pairs: list[PreferencePair], pair_weight: float) -> dict:
+    """One flat micro-batch (see packing.collate) plus pair_ids (P,), scores (P, 2) (NaN where absent),
+    has_score (P,) and pair_weight = 1 / (pairs in the global batch)."""
+    batch = collate([r.row for r in rows])
+    ids = np.concatenate([r.pair_ids for r in rows])
+    scores = np.full((len(ids), 2), np.nan, dtype=np.float32)
+    for j, i in enumerate(ids):
+        if pairs[i].chosen_score is not None:
+            scores[j] = (pairs[i].chosen_score, pairs[i].rejected_score)
+    batch["pair_ids"] = torch.from_numpy(ids)
+    batch["scores"] = torch.from_numpy(scores)
+    batch["has_score"] = ~torch.isnan(batch["scores"][:, 0])
+    batch["pair_weight"] = float(pair_weight)
+    return batch
+
+
+def step_micro_batches(rows: list[PairRow], pairs: list[PreferencePair], global_rows: np.ndarray, micro_batch: int,
+                       rank: int, world_size: int) -> list[dict]:
+    """This rank's micro-batches of one global batch (row indices `global_rows`), weighted by 1 / global pairs."""
+    chosen = [rows[i] for i in global_rows]
+    weight = 1.0 / sum(len(r.pair_ids) for r in chosen)
+    per_rank = len(chosen) // world_size
+    mine = chosen[rank * per_rank:(rank + 1) * per_rank]
+    return [collate_pairs(mine[i:i + micro_batch], pairs, weight) for i in range(0, per_rank, micro_batch)]
+
+
+def eval_micro_batches(rows: list[PairRow], pairs: list[PreferencePair], micro_batch: int, rank: int,
+                       world_size: int) -> list[dict]:
+    """Every row once, rows dealt round-robin to ranks; weights 1 / (all pairs), so summed stats are means."""
+    weight = 1.0 / sum(len(r.pair_ids) for r in rows)
+    mine = rows[rank::world_size]
+    return [collate_pairs(mine[i:i + micro_batch], pairs, weight) for i in range(0, len(mine), micro_batch)]
