@@ -49,6 +49,7 @@ def ensure_builtin(name: str) -> Path:
         raise ValueError(f"unknown builtin model {name!r} (known: {', '.join(BUILTIN_MODELS)})")
     out = cache_dir() / name
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
+        _strip_quantization(out)  # caches written before this fix
         return out
     package, filename = BUILTIN_MODELS[name]
     gguf = _gguf_file(package, filename)
@@ -68,6 +69,7 @@ def ensure_builtin(name: str) -> Path:
         model.config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        _strip_quantization(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -75,6 +77,20 @@ def ensure_builtin(name: str) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _strip_quantization(model_dir: Path) -> None:
+    """The weights are dequantized fp32; a leftover GGUF `quantization_config` would make transformers (and TRL,
+    HF Trainer) treat the model as quantized and refuse to fine-tune it."""
+    import json
+
+    cfg_path = model_dir / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    if "quantization_config" in cfg:
+        cfg.pop("quantization_config")
+        tmp = cfg_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(cfg, indent=2))
+        os.replace(tmp, cfg_path)
 
 
 def resolve_model_path(path: str) -> str:
