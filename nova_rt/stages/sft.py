@@ -43,6 +43,10 @@ def build_sft_batches(cfg: Config, tokenizer, world_size: int, files: list[str] 
 @register_stage("sft")
 def run(cfg: Config) -> dict:
     info, run_dir = setup(cfg)
+    if cfg.parallel.backend == "megatron":
+        return _run_megatron(cfg, info, run_dir)
+    if cfg.parallel.backend != "hf":
+        raise ValueError(f"parallel.backend must be hf or megatron, got {cfg.parallel.backend!r}")
     hf_model, tok = load_policy(cfg)
     rows, sched, counts, util = build_sft_batches(cfg, tok, info.world_size)
     if info.is_main:
@@ -89,3 +93,22 @@ def run(cfg: Config) -> dict:
     if info.distributed:
         torch.distributed.barrier()
     return {"final": str(final) if final else None, "data": dict(counts), "pack_utilization": util}
+
+
+def _run_megatron(cfg: Config, info, run_dir) -> dict:
+    from transformers import AutoTokenizer
+
+    from nova_rt.config import resolve_path
+    from nova_rt.models.loading import resolve_model_path
+    from nova_rt.stages.sft_megatron import run_megatron_sft
+
+    tok = AutoTokenizer.from_pretrained(resolve_path(cfg, cfg.model.tokenizer) or
+                                        resolve_model_path(resolve_path(cfg, cfg.model.path)))
+    d = cfg.data
+    samples, counts = load_sft_samples(data_files(cfg, d.train_files), tok, max_seq_len=d.max_seq_len,
+                                       overlong=d.overlong, on_error=d.on_error, system_prompt=d.system_prompt)
+    rows, util = pack_samples(samples, cfg.packing.max_tokens, cfg.packing.enabled)
+    if info.is_main:
+        log.info("data: %s; %d packed rows, utilization %.2f%%", dict(counts), len(rows), 100 * util)
+    out = run_megatron_sft(cfg, info, run_dir, rows, tok)
+    return {**out, "data": dict(counts), "pack_utilization": util}

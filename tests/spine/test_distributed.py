@@ -40,7 +40,7 @@ def test_data_parallel_matches_single_process(tmp_path, dp):
     single, multi = tmp_path / "single", tmp_path / "multi"
     subprocess.run([sys.executable, *_args(single)], check=True, cwd=ROOT, env=_env(), capture_output=True,
                    timeout=600)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                         *_args(multi, ["--set", f"parallel.data_parallel={dp}"])],
                        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
