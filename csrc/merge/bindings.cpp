@@ -1,0 +1,133 @@
+// The only module block of nova_rt._C: input checks (TORCH_CHECK) and CPU/CUDA routing for the merge ops.
+// Python callers go through nova_rt/merge/ops.py, which picks this extension or the PyTorch reference.
+#include "merge.h"
+
+namespace nova_rt {
+namespace {
+
+bool is_float_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
+}
+
+// All inputs: same shape, dtype and device as the first; contiguous; floating point.
+void check_inputs(const char* op, const std::vector<torch::Tensor>& xs, at::ScalarType out_dtype) {
+  TORCH_CHECK(!xs.empty(), op, ": needs at least one input tensor");
+  const auto& x0 = xs[0];
+  TORCH_CHECK(is_float_dtype(x0.scalar_type()), op, ": inputs must be fp32/fp16/bf16/fp64, got ", x0.scalar_type());
+  TORCH_CHECK(is_float_dtype(out_dtype), op, ": out_dtype must be fp32/fp16/bf16/fp64, got ", out_dtype);
+  TORCH_CHECK(x0.is_cpu() || x0.is_cuda(), op, ": tensors must be on CPU or CUDA, got ", x0.device());
+  for (size_t i = 0; i < xs.size(); ++i) {
+    const auto& x = xs[i];
+    TORCH_CHECK(x.sizes() == x0.sizes(), op, ": input ", i, " has shape ", x.sizes(), ", input 0 has ", x0.sizes());
+    TORCH_CHECK(x.scalar_type() == x0.scalar_type(), op, ": input ", i, " is ", x.scalar_type(), ", input 0 is ",
+                x0.scalar_type());
+    TORCH_CHECK(x.device() == x0.device(), op, ": input ", i, " is on ", x.device(), ", input 0 on ", x0.device());
+    TORCH_CHECK(x.is_contiguous(), op, ": input ", i, " must be contiguous");
+  }
+  if (x0.is_cuda()) {
+#ifdef NOVA_RT_WITH_CUDA
+    TORCH_CHECK(static_cast<int>(xs.size()) <= kMaxModels + 1, op, ": at most ", kMaxModels, " models per call on CUDA");
+#else
+    TORCH_CHECK(false, op, ": nova_rt._C was built without CUDA; use the PyTorch reference for CUDA tensors");
+#endif
+  }
+}
+
+std::vector<torch::Tensor> with_base(const torch::Tensor& base, const std::vector<torch::Tensor>& xs) {
+  std::vector<torch::Tensor> all{base};
+  all.insert(all.end(), xs.begin(), xs.end());
+  return all;
+}
+
+torch::Tensor weighted_sum(const std::vector<torch::Tensor>& xs, const std::vector<double>& weights, double scale,
+                           at::ScalarType out_dtype) {
+  check_inputs("weighted_sum", xs, out_dtype);
+  TORCH_CHECK(weights.size() == xs.size(), "weighted_sum: ", xs.size(), " tensors but ", weights.size(), " weights");
+#ifdef NOVA_RT_WITH_CUDA
+  if (xs[0].is_cuda()) return weighted_sum_cuda(xs, weights, scale, out_dtype);
+#endif
+  return weighted_sum_cpu(xs, weights, scale, out_dtype);
+}
+
+torch::Tensor gta(const torch::Tensor& base, const std::vector<torch::Tensor>& xs, const std::vector<double>& weights,
+                  const std::vector<double>& densities, int64_t sparsify, bool consensus, bool normalize,
+                  double lambda, bool rescale, int64_t seed, int64_t tensor_id, at::ScalarType out_dtype) {
+  check_inputs("gta", with_base(base, xs), out_dtype);
+  TORCH_CHECK(!xs.empty(), "gta: needs at least one model besides the base");
+  TORCH_CHECK(weights.size() == xs.size(), "gta: ", xs.size(), " models but ", weights.size(), " weights");
+  TORCH_CHECK(densities.size() == xs.size(), "gta: ", xs.size(), " models but ", densities.size(), " densities");
+  TORCH_CHECK(sparsify >= 0 && sparsify <= 2, "gta: sparsify must be 0 (none), 1 (magnitude) or 2 (random)");
+  GtaArgs args{weights, densities, static_cast<Sparsify>(sparsify), consensus, normalize, lambda, rescale, seed,
+               tensor_id};
+#ifdef NOVA_RT_WITH_CUDA
+  if (base.is_cuda()) return gta_cuda(base, xs, args, out_dtype);
+#endif
+  return gta_cpu(base, xs, args, out_dtype);
+}
+
+torch::Tensor slerp(const torch::Tensor& a, const torch::Tensor& b, double t, double dot_threshold, double eps,
+                    at::ScalarType out_dtype) {
+  check_inputs("slerp", {a, b}, out_dtype);
+#ifdef NOVA_RT_WITH_CUDA
+  if (a.is_cuda()) return slerp_cuda(a, b, t, dot_threshold, eps, out_dtype);
+#endif
+  return slerp_cpu(a, b, t, dot_threshold, eps, out_dtype);
+}
+
+torch::Tensor model_stock(const torch::Tensor& base, const std::vector<torch::Tensor>& xs, int64_t row_len,
+                          at::ScalarType out_dtype) {
+  check_inputs("model_stock", with_base(base, xs), out_dtype);
+  TORCH_CHECK(xs.size() >= 2, "model_stock: needs at least 2 models besides the base, got ", xs.size());
+  TORCH_CHECK(row_len >= 0, "model_stock: row_len must be >= 0 (0 = whole tensor)");
+  TORCH_CHECK(row_len == 0 || base.numel() % row_len == 0, "model_stock: row_len ", row_len, " does not divide ",
+              base.numel(), " elements");
+#ifdef NOVA_RT_WITH_CUDA
+  if (base.is_cuda()) return model_stock_cuda(base, xs, row_len, out_dtype);
+#endif
+  return model_stock_cpu(base, xs, row_len, out_dtype);
+}
+
+// (thresholds, cutoffs) of the magnitude sparsifier, for tests against a stable-sort reference.
+std::pair<std::vector<double>, std::vector<int64_t>> magnitude_params(const torch::Tensor& base,
+                                                                      const std::vector<torch::Tensor>& xs,
+                                                                      const std::vector<double>& densities) {
+  check_inputs("magnitude_params", with_base(base, xs), base.scalar_type());
+  TORCH_CHECK(base.is_cpu(), "magnitude_params: CPU tensors only");
+  TORCH_CHECK(densities.size() == xs.size(), "magnitude_params: one density per model");
+  std::pair<std::vector<double>, std::vector<int64_t>> out;
+  for (const auto& p : magnitude_params_cpu(base, xs, densities)) {
+    out.first.push_back(p.thr);
+    out.second.push_back(p.cutoff);
+  }
+  return out;
+}
+
+bool has_cuda() {
+#ifdef NOVA_RT_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+}  // namespace nova_rt
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using namespace pybind11::literals;
+  m.doc() = "nova_rt weight-space merge ops (CPU OpenMP; CUDA when built with NOVA_RT_WITH_CUDA)";
+  // The ops release the GIL so the streaming merge can read the next tensor while this one is computed.
+  const auto nogil = pybind11::call_guard<pybind11::gil_scoped_release>();
+  m.def("weighted_sum", &nova_rt::weighted_sum, "scale * sum_i w_i x_i", nogil, "xs"_a, "weights"_a, "scale"_a,
+        "out_dtype"_a);
+  m.def("gta", &nova_rt::gta, "generalized task arithmetic: task arithmetic, TIES, DARE", nogil, "base"_a, "xs"_a,
+        "weights"_a, "densities"_a, "sparsify"_a, "consensus"_a, "normalize"_a, "lam"_a, "rescale"_a, "seed"_a,
+        "tensor_id"_a, "out_dtype"_a);
+  m.def("slerp", &nova_rt::slerp, "spherical interpolation of two tensors", nogil, "a"_a, "b"_a, "t"_a,
+        "dot_threshold"_a, "eps"_a, "out_dtype"_a);
+  m.def("model_stock", &nova_rt::model_stock, "Model Stock (row_len 0: whole tensor)", nogil, "base"_a, "xs"_a,
+        "row_len"_a, "out_dtype"_a);
+  m.def("magnitude_params", &nova_rt::magnitude_params, "TIES top-k thresholds and tie cutoffs", nogil, "base"_a,
+        "xs"_a, "densities"_a);
+  m.def("has_cuda", &nova_rt::has_cuda, "whether CUDA kernels were compiled in");
+}

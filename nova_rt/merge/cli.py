@@ -1,0 +1,45 @@
+"""`nova-rt merge CONFIG.yaml OUT_DIR`: merge local HF checkpoints as a mergekit-style YAML describes.
+
+nova_rt's top-level CLI forwards `nova-rt merge ...` here; `python -m nova_rt.merge.cli ...` works too.
+Exit status: 0 merged, 2 bad config / inputs / existing output (message on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from nova_rt.merge.config import MergeConfigError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nova-rt merge", description=__doc__.splitlines()[0])
+    p.add_argument("config", help="mergekit-style YAML (merge_method, base_model, models, parameters, dtype, ...)")
+    p.add_argument("out_dir", help="output HF directory (created atomically)")
+    p.add_argument("--device", default="cpu", help="where the merge math runs: cpu or cuda[:i] (default: cpu)")
+    p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    p.add_argument("--max-shard-size", default="5GB", help="output shard size, e.g. 2GB, 500MB (default: 5GB)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--random-seed", type=int, default=0, help="seed of the DARE drop masks (default: 0)")
+    p.add_argument("--backend", choices=("auto", "ext", "torch"), default="auto",
+                   help="merge kernels: the C++/CUDA extension, the PyTorch reference, or auto (default)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from nova_rt.merge.engine import run_merge
+
+    try:
+        out = run_merge(args.config, args.out_dir, device=args.device, force=args.force,
+                        max_shard_size=args.max_shard_size, progress=not args.no_progress, seed=args.random_seed,
+                        backend=args.backend)
+    except (MergeConfigError, FileExistsError, FileNotFoundError, ValueError) as exc:
+        print(f"nova-rt merge: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"merged model written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""Streaming merge of local HF checkpoints: `run_merge(config, out_dir)` behind `nova-rt merge` and the merge stage.
+
+Flow: validate the config; index every input's safetensors headers; plan the output (names, shapes, dtypes) and
+check that all inputs agree; then for each output tensor read it from every model, merge it on `device`, and append
+it to the current output shard. Background threads read tensor k+1 and write tensor k-1 while tensor k is merged,
+within a byte budget that keeps the peak near (models + 1) x the largest tensor, never the model size. Everything is
+written into a hidden temporary directory beside OUT_DIR, which is renamed into place only once complete (an error
+or interruption leaves no partial output).
+
+Tied embeddings: the output config is the base's (else the first model's). If it ties word embeddings and that
+model has no `lm_head.weight`, lm_head is not written (the loader ties it to the merged embedding). Otherwise a
+model without `lm_head.weight` whose config ties embeddings contributes its input embedding in its place.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from nova_rt.merge.config import MergeConfig, load_config
+from nova_rt.merge.registry import TensorMerge
+from nova_rt.merge.st_io import ModelReader, OutTensor, ShardedWriter, parse_size
+
+log = logging.getLogger(__name__)
+
+
+def _malloc_trim() -> Callable[[], None]:
+    """glibc's malloc_trim(0), else a no-op. glibc keeps freed multi-MB blocks resident once its dynamic mmap
+    threshold has risen, so without a trim per large tensor the RSS drifts to ~2-3x the bytes in flight
+    (measured: 90 MiB instead of 35 MiB for 8 MiB tensors x 3 models)."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    return lambda: trim(0) and None
+
+
+_TRIM = _malloc_trim()
+_TRIM_MIN_BYTES = 1 << 20
+
+_TIED = {"lm_head.weight": ("model.embed_tokens.weight", "transformer.wte.weight", "model.embed_in.weight")}
+_COPY_FILES = ("config.json", "generation_config.json")
+_TOKENIZER_GLOBS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
+                    "chat_template*", "*.tiktoken", "spiece.model")
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    out: OutTensor
+    sources: tuple[str, ...]  # tensor name to read in each reader (base first when the method has one)
+    mergeable: bool  # floating point: merged; otherwise copied from the first reader
+    in_nbytes: int  # bytes read for it over all inputs
+
+
+def _ties(reader: ModelReader) -> bool:
+    return bool(reader.config.get("tie_word_embeddings", reader.config.get("text_config", {}).get(
+        "tie_word_embeddings", False)))
+
+
+def _source_name(reader: ModelReader, name: str) -> str | None:
+    if name in reader.tensors:
+        return name
+    if name in _TIED and _ties(reader):
+        return next((alt for alt in _TIED[name] if alt in reader.tensors), None)
+    return None
+
+
+def _plan_one(name: str, readers: list[ModelReader], cfg: MergeConfig) -> PlannedTensor | None:
+    if name in _TIED and _ties(readers[0]) and name not in readers[0].tensors:
+        log.warning("dropping %s: the output config ties it to the merged input embedding", name)
+        return None
+    sources = [_source_name(r, name) for r in readers]
+    missing = [r.label for r, s in zip(readers, sources) if s is None]
+    if missing:
+        have = [r.label for r, s in zip(readers, sources) if s is not None]
+        raise ValueError(f"tensor {name!r} is missing in {', '.join(missing)} (present in {', '.join(have)})")
+    infos = [r.tensors[s] for r, s in zip(readers, sources)]
+    first = infos[0]
+    for r, info in zip(readers, infos):
+        if info.shape != first.shape:
+            raise ValueError(f"tensor {name!r}: shape {list(first.shape)} in {readers[0].label} but "
+                             f"{list(info.shape)} in {r.label}")
+        if info.dtype != first.dtype and cfg.dtype is None:
+            raise ValueError(f"tensor {name!r}: dtype {first.dtype} in {readers[0].label} but {info.dtype} in "
+                             f"{r.label} (set `dtype:` in the config to cast all inputs to one dtype)")
+    mergeable = first.dtype.is_floating_point
+    dtype = (cfg.out_dtype or cfg.dtype or first.dtype) if mergeable else first.dtype
+    return PlannedTensor(OutTensor(name, dtype, first.shape), tuple(sources), mergeable, sum(i.nbytes for i in infos))
+
+
+def plan_merge(readers: list[ModelReader], cfg: MergeConfig) -> list[PlannedTensor]:
+    """Output tensors in the first reader's file order (sequential reads), then names only other models have."""
+    order = sorted(readers[0].tensors.values(), key=lambda i: (str(i.file), i.offset))
+    names = [i.name for i in order]
+    known = set(names)
+    for r in readers[1:]:
+        names += [n for n in r.tensors if n not in known and not known.add(n)]
+    plan = [p for p in (_plan_one(n, readers, cfg) for n in names) if p is not None]
+    if not plan:
+        raise ValueError("the input models contain no tensors")
+    return plan
+
+
+def _merge_tensor(p: PlannedTensor, inputs: list[torch.Tensor], cfg: MergeConfig, opts: dict[str, Any]) -> torch.Tensor:
+    if not p.mergeable:
+        return inputs[0]
+    device = opts["device"]
+    xs = [x.to(device, non_blocking=True) for x in inputs]
+    # mergekit casts inputs to `dtype` before merging. Widening bf16/fp16 to fp32 is exact and every op already
+    # computes in fp32, so that cast is skipped (it would only double the memory of each tensor).
+    widening = cfg.dtype == torch.float32 and xs[0].dtype in (torch.bfloat16, torch.float16)
+    if cfg.dtype is not None and not widening:
+        xs = [x.to(cfg.dtype) for x in xs]
+    glob, per_model = cfg.resolve(p.out.name)
+    base, others = (xs[0], xs[1:]) if cfg.base is not None else (None, xs)
+    merge = TensorMerge(name=p.out.name, base=base, tensors=others, model_params=per_model, params=glob,
+                        out_dtype=p.out.dtype, backend=opts["backend"], seed=opts["seed"])
+    out = cfg.method(merge)
+    return out.cpu() if out.device.type != "cpu" else out
+
+
+def _stream(plan: list[PlannedTensor], readers: list[ModelReader], writer: ShardedWriter, cfg: MergeConfig,
+            opts: dict[str, Any]) -> None:
+    """Merge tensor by tensor. Reading tensor k+1 and writing tensor k-1 overlap the merge of tensor k only while
+    the bytes in flight stay under 1.5 x the largest (inputs + output) of one tensor, so the peak stays near
+    (models + 1) x the largest tensor: big tensors (embeddings) run alone, the many small ones overlap."""
+    budget = 1.5 * max(p.in_nbytes + p.out.nbytes for p in plan)
+    bar = tqdm(total=sum(p.out.nbytes for p in plan), unit="B", unit_scale=True, desc=f"merge ({cfg.method.name})",
+               disable=not opts["progress"])
+    read = lambda p: [r.read(s) for r, s in zip(readers, p.sources)]  # noqa: E731
+    with ThreadPoolExecutor(1, thread_name_prefix="merge-read") as rpool, \
+            ThreadPoolExecutor(1, thread_name_prefix="merge-write") as wpool:
+        pending_read: Future | None = None
+        pending_write: Future | None = None
+        prev_out = 0
+        for k, p in enumerate(plan):
+            inputs = pending_read.result() if pending_read is not None else read(p)
+            pending_read = None
+            live = p.in_nbytes + p.out.nbytes
+            if pending_write is not None and live + prev_out > budget:
+                pending_write.result()
+                pending_write = None
+            writing = prev_out if pending_write is not None else 0
+            if k + 1 < len(plan) and live + writing + plan[k + 1].in_nbytes <= budget:
+                pending_read = rpool.submit(read, plan[k + 1])
+            out = _merge_tensor(p, inputs, cfg, opts)
+            del inputs
+            if pending_write is not None:
+                pending_write.result()
+            pending_write = wpool.submit(writer.write, p.out.name, out)
+            prev_out = p.out.nbytes
+            del out
+            if p.in_nbytes >= _TRIM_MIN_BYTES:
+                _TRIM()
+            bar.update(p.out.nbytes)
+        if pending_write is not None:
+            pending_write.result()
+    bar.close()
+
+
+def _copy_side_files(cfg: MergeConfig, ref: ModelReader, tmp: Path) -> None:
+    import json
+
+    conf = dict(ref.config)
+    if conf:
+        dtype = cfg.out_dtype or cfg.dtype
+        if dtype is not None:
+            name = str(dtype).removeprefix("torch.")
+            conf["torch_dtype" if "torch_dtype" in conf and "dtype" not in conf else "dtype"] = name
+        (tmp / "config.json").write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
+    for fname in _COPY_FILES[1:]:
+        if (ref.path / fname).is_file():
+            shutil.copy2(ref.path / fname, tmp / fname)
+    tok_dir = cfg.tokenizer_source or ref.path
+    for pattern in _TOKENIZER_GLOBS:
+        for f in tok_dir.glob(pattern):
+            if f.is_file():
+                shutil.copy2(f, tmp / f.name)
+    if cfg.source_text:
+        (tmp / "nova_rt_merge.yaml").write_text(cfg.source_text)
+
+
+def _publish(tmp: Path, out_dir: Path, force: bool) -> None:
+    """Rename the finished temporary directory to out_dir (replacing an existing one only with force)."""
+    if out_dir.exists():
+        if not force:
+            raise FileExistsError(f"output directory {out_dir} exists; pass --force (force=True) to replace it")
+        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+
+
+def run_merge(config: str | Path | dict | MergeConfig, out_dir: str | Path, *, device: str = "cpu",
+              force: bool = False, max_shard_size: str | int = "5GB", progress: bool = True, seed: int = 0,
+              backend: str = "auto") -> Path:
+    """Merge the models of a mergekit-style config into out_dir (an HF directory); returns out_dir.
+
+    device: "cpu" or "cuda[:i]" (where the merge math runs; I/O is always via host memory). seed: DARE's mask seed.
+    backend: "auto" (extension when available), "ext" or "torch" (pure-PyTorch reference).
+    """
+    cfg = config if isinstance(config, MergeConfig) else load_config(config)
+    out_dir = Path(out_dir).resolve()
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    if out_dir.exists() and not force:
+        raise FileExistsError(f"output directory {out_dir} exists; pass --force (force=True) to replace it")
+    entries = ([cfg.base] if cfg.base is not None else []) + cfg.models
+    if any(out_dir == e.path for e in entries) or (cfg.tokenizer_source == out_dir):
+        raise ValueError(f"output directory {out_dir} is one of the inputs")
+    readers = [ModelReader(e.path, e.label) for e in entries]
+    plan = plan_merge(readers, cfg)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    writer = ShardedWriter(tmp, [p.out for p in plan], parse_size(max_shard_size))
+    opts = {"device": torch.device(device), "backend": backend, "seed": seed, "progress": progress}
+    try:
+        _stream(plan, readers, writer, cfg, opts)
+        writer.finish()
+        _copy_side_files(cfg, readers[0], tmp)
+        _publish(tmp, out_dir, force)
+    except BaseException:
+        writer.abort()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        for r in readers:
+            r.close()
+    return out_dir

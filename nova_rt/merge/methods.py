@@ -1,0 +1,97 @@
+"""The merge methods nova-rt supports, in mergekit's names and parameter conventions (mergekit 0.1.5).
+
+Each function merges one tensor (a TensorMerge) through nova_rt.merge.ops. Parameters and defaults follow mergekit:
+linear normalises by default; task_arithmetic does not; ties normalises; dare_* rescale kept deltas. Options that
+mergekit has but nova-rt does not implement are declared with the single value we support, so a config asking for
+anything else fails instead of being silently ignored (int8_mask only changes mergekit's mask dtype, so only false
+is accepted; rescale on ties/task_arithmetic means L1-norm matching in mergekit, which is not implemented).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from nova_rt.merge import ops
+from nova_rt.merge.reference import (
+    SPARSIFY_MAGNITUDE,
+    SPARSIFY_NONE,
+    SPARSIFY_RANDOM,
+    GtaParams,
+    model_stock_rows,
+)
+from nova_rt.merge.registry import REQUIRED, ParamSpec, TensorMerge, register_merge
+
+_INT8_MASK = ParamSpec(bool, False, choices=(False,), why="int8_mask only changes mergekit's mask dtype; use false")
+_NO_RESCALE = ParamSpec(bool, False, choices=(False,), why="L1-norm rescaling of pruned deltas is not implemented")
+
+
+def tensor_id(name: str) -> int:
+    """Stable 63-bit id of a tensor name (DARE's RNG counter space), independent of tensor order and process."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little") & ((1 << 63) - 1)
+
+
+@register_merge("linear", needs_base=False, min_models=1,
+                global_params={"normalize": ParamSpec(bool, True)},
+                model_params={"weight": ParamSpec(float, REQUIRED)},
+                reference_url="https://arxiv.org/abs/2203.05482")
+def linear(m: TensorMerge) -> torch.Tensor:
+    weights = [p["weight"] for p in m.model_params]
+    scale = 1.0
+    if m.params["normalize"]:
+        total = sum(weights)
+        if total == 0:
+            raise ValueError(f"linear merge of {m.name!r}: weights sum to 0, cannot normalize")
+        scale = 1.0 / total
+    return ops.weighted_sum(m.tensors, weights, scale, out_dtype=m.out_dtype, backend=m.backend)
+
+
+def _gta_method(name: str, *, sparsify: int, consensus: bool, normalize: bool, rescale: bool, url: str) -> None:
+    model_params = {"weight": ParamSpec(float, REQUIRED)}
+    if sparsify != SPARSIFY_NONE:
+        model_params["density"] = ParamSpec(float, 1.0)
+    global_params = {
+        "normalize": ParamSpec(bool, normalize),
+        "lambda": ParamSpec(float, 1.0),
+        "int8_mask": _INT8_MASK,
+        "rescale": ParamSpec(bool, rescale) if sparsify == SPARSIFY_RANDOM else _NO_RESCALE,
+    }
+
+    def merge(m: TensorMerge) -> torch.Tensor:
+        params = GtaParams(
+            weights=tuple(p["weight"] for p in m.model_params),
+            densities=tuple(p.get("density", 1.0) for p in m.model_params),
+            sparsify=sparsify, consensus=consensus, normalize=m.params["normalize"], lam=m.params["lambda"],
+            rescale=m.params["rescale"], seed=m.seed, tensor_id=tensor_id(m.name),
+        )
+        return ops.gta(m.base, m.tensors, params, out_dtype=m.out_dtype, backend=m.backend)
+
+    merge.__name__ = merge.__qualname__ = name
+    register_merge(name, needs_base=True, min_models=1, global_params=global_params, model_params=model_params,
+                   reference_url=url)(merge)
+
+
+_gta_method("task_arithmetic", sparsify=SPARSIFY_NONE, consensus=False, normalize=False, rescale=False,
+            url="https://arxiv.org/abs/2212.04089")
+_gta_method("ties", sparsify=SPARSIFY_MAGNITUDE, consensus=True, normalize=True, rescale=False,
+            url="https://arxiv.org/abs/2306.01708")
+_gta_method("dare_linear", sparsify=SPARSIFY_RANDOM, consensus=False, normalize=False, rescale=True,
+            url="https://arxiv.org/abs/2311.03099")
+_gta_method("dare_ties", sparsify=SPARSIFY_RANDOM, consensus=True, normalize=False, rescale=True,
+            url="https://arxiv.org/abs/2311.03099")
+
+
+@register_merge("slerp", needs_base=True, min_models=1, max_models=1,
+                global_params={"t": ParamSpec(float, REQUIRED)},
+                reference_url="https://en.wikipedia.org/wiki/Slerp")
+def slerp(m: TensorMerge) -> torch.Tensor:
+    return ops.slerp(m.base, m.tensors[0], m.params["t"], out_dtype=m.out_dtype, backend=m.backend)
+
+
+@register_merge("model_stock", needs_base=True, min_models=2,
+                global_params={"filter_wise": ParamSpec(bool, False)},
+                reference_url="https://arxiv.org/abs/2403.19522")
+def model_stock(m: TensorMerge) -> torch.Tensor:
+    row_len = model_stock_rows(m.base.shape, m.params["filter_wise"])
+    return ops.model_stock(m.base, m.tensors, row_len, out_dtype=m.out_dtype, backend=m.backend)

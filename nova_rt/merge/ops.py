@@ -1,0 +1,93 @@
+"""Per-tensor merge ops with one signature for both backends: the C++/CUDA extension (nova_rt._C) or PyTorch.
+
+backend="auto" uses the extension when it loads (see nova_rt/_C_loader.py) and supports the tensors (CPU always;
+CUDA only when it was built with CUDA), else the reference in reference.py; "ext" insists on the extension and
+"torch" forces the reference. The math of every op is in reference.py's docstring.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nova_rt._C_loader import ExtensionUnavailable, load_extension
+from nova_rt.merge.reference import (
+    GtaParams,
+    gta_ref,
+    model_stock_ref,
+    slerp_ref,
+    weighted_sum_ref,
+)
+
+BACKENDS = ("auto", "ext", "torch")
+_MAX_CUDA_INPUTS = 33  # base + kMaxModels (csrc/merge/merge.h)
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _contiguous(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [x.contiguous() for x in xs]
+
+
+def _extension_for(backend: str, tensors: list[torch.Tensor]):
+    """The extension module when it should run these tensors, else None (reference)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return None
+    try:
+        ext = load_extension()
+    except ExtensionUnavailable:
+        if backend == "ext":
+            raise
+        return None
+    supported = all(t.dtype in _FLOAT_DTYPES for t in tensors)
+    if tensors[0].is_cuda:
+        supported = supported and ext.has_cuda() and len(tensors) <= _MAX_CUDA_INPUTS
+    if not supported and backend == "ext":
+        raise ExtensionUnavailable(
+            f"nova_rt._C cannot merge {tensors[0].dtype} tensors on {tensors[0].device} "
+            f"(CUDA support compiled in: {ext.has_cuda()})"
+        )
+    return ext if supported else None
+
+
+def weighted_sum(xs: list[torch.Tensor], weights: list[float], scale: float = 1.0, *,
+                 out_dtype: torch.dtype | None = None, backend: str = "auto") -> torch.Tensor:
+    """scale * sum_i weights[i] * xs[i], accumulated in fp32, returned in out_dtype (default: the inputs' dtype)."""
+    out_dtype = out_dtype or xs[0].dtype
+    ext = _extension_for(backend, xs)
+    if ext is None:
+        return weighted_sum_ref(xs, list(weights), scale, out_dtype)
+    return ext.weighted_sum(_contiguous(xs), [float(w) for w in weights], float(scale), out_dtype)
+
+
+def gta(base: torch.Tensor, xs: list[torch.Tensor], params: GtaParams, *, out_dtype: torch.dtype | None = None,
+        backend: str = "auto") -> torch.Tensor:
+    """Generalized task arithmetic (task arithmetic, TIES, DARE): see reference.gta_ref."""
+    out_dtype = out_dtype or base.dtype
+    ext = _extension_for(backend, [base, *xs])
+    if ext is None:
+        return gta_ref(base, xs, params, out_dtype)
+    p = params
+    return ext.gta(base.contiguous(), _contiguous(xs), [float(w) for w in p.weights], [float(d) for d in p.densities],
+                   int(p.sparsify), bool(p.consensus), bool(p.normalize), float(p.lam), bool(p.rescale), int(p.seed),
+                   int(p.tensor_id), out_dtype)
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float, *, out_dtype: torch.dtype | None = None,
+          dot_threshold: float = 0.9995, eps: float = 1e-8, backend: str = "auto") -> torch.Tensor:
+    """Spherical interpolation from a (t = 0) to b (t = 1); lerp when the tensors are nearly colinear."""
+    out_dtype = out_dtype or a.dtype
+    ext = _extension_for(backend, [a, b])
+    if ext is None:
+        return slerp_ref(a, b, t, out_dtype, dot_threshold, eps)
+    return ext.slerp(a.contiguous(), b.contiguous(), float(t), float(dot_threshold), float(eps), out_dtype)
+
+
+def model_stock(base: torch.Tensor, xs: list[torch.Tensor], row_len: int = 0, *,
+                out_dtype: torch.dtype | None = None, backend: str = "auto") -> torch.Tensor:
+    """Model Stock with statistics per row of row_len elements (0: the whole tensor)."""
+    out_dtype = out_dtype or base.dtype
+    ext = _extension_for(backend, [base, *xs])
+    if ext is None:
+        return model_stock_ref(base, xs, row_len, out_dtype)
+    return ext.model_stock(base.contiguous(), _contiguous(xs), int(row_len), out_dtype)

@@ -1,0 +1,190 @@
+"""Pure-PyTorch merge ops: the fallback when nova_rt._C is unavailable, and the oracle the extension is tested against.
+
+Same semantics as csrc/merge/ (and mergekit 0.1.5 where mergekit defines them), written with whole-tensor torch ops
+so they share no code with the kernels. Compute dtype is fp32 (fp64 for fp64 inputs); outputs are cast to out_dtype.
+Legend: N models (besides the base), tau_i = x_i - base (task vector), w_i weight, rho_i density.
+
+- weighted_sum:  scale * sum_i w_i x_i                                               (linear merge)
+- gta:           base + lambda * mix / div                 (task arithmetic, TIES, DARE-linear, DARE-TIES)
+    tau'_i = w_i * sparsify(tau_i); magnitude keeps the k = max(1, int(rho * numel)) largest |tau_i| (ties broken
+    by flat index, i.e. a stable descending sort); random keeps each element with probability rho from a
+    counter-based hash and multiplies kept ones by 1/rho when rescale is on (the DARE paper's rescale; mergekit 0.1.5
+    matches L1 norms instead, and its masks come from torch's global RNG, so DARE outputs never match it bit-wise).
+    consensus: maj = +1 where sum_i tau'_i >= 0 else -1; mix = sum of the tau'_i whose sign equals maj,
+    div = sum of their w_i (0 -> 1). No consensus: mix = sum_i tau'_i, div = sum_i w_i (|.| < 1e-8 -> 1).
+    div is 1 when normalize is off.
+- slerp:         spherical interpolation a -> b by t over the flattened tensors; lerp when |cos| > dot_threshold.
+- model_stock:   per row (the whole tensor, or each last-dim row when filter_wise): c = mean pairwise cos(tau_i,
+    tau_j), t = N c / (1 + (N - 1) c) (0 when |denominator| < 1e-6), out = t * mean_i x_i + (1 - t) * base.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+SPARSIFY_NONE, SPARSIFY_MAGNITUDE, SPARSIFY_RANDOM = 0, 1, 2
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class GtaParams:
+    """Arguments of the generalized task-arithmetic op (one value per model for weights and densities)."""
+
+    weights: tuple[float, ...]
+    densities: tuple[float, ...]
+    sparsify: int = SPARSIFY_NONE
+    consensus: bool = False
+    normalize: bool = False
+    lam: float = 1.0
+    rescale: bool = False
+    seed: int = 0
+    tensor_id: int = 0
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def weighted_sum_ref(xs: list[torch.Tensor], weights: list[float], scale: float,
+                     out_dtype: torch.dtype) -> torch.Tensor:
+    acc = compute_dtype(xs[0].dtype)
+    total = torch.zeros(xs[0].shape, dtype=acc, device=xs[0].device)
+    for x, w in zip(xs, weights):
+        total += torch.tensor(w, dtype=acc) * x.to(acc)
+    return (total * torch.tensor(scale, dtype=acc)).to(out_dtype)
+
+
+def magnitude_k(density: float, numel: int) -> int:
+    """mergekit's kept count: all for density >= 1, none for <= 0, else max(1, int(density * numel))."""
+    if density >= 1:
+        return numel
+    if density <= 0 or numel == 0:
+        return 0
+    return max(1, int(density * numel))
+
+
+def magnitude_mask_ref(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Boolean mask of the k largest |delta| (stable descending sort: equal magnitudes kept in index order)."""
+    k = magnitude_k(density, delta.numel())
+    mask = torch.zeros(delta.numel(), dtype=torch.bool, device=delta.device)
+    if k > 0:
+        order = torch.sort(delta.abs().reshape(-1), descending=True, stable=True).indices
+        mask[order[:k]] = True
+    return mask.reshape(delta.shape)
+
+
+def _splitmix64_int(z: int) -> int:
+    z = (z + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def dare_stream(seed: int, tensor_id: int, model: int) -> int:
+    """The 64-bit stream key of (seed, tensor, model), as csrc/merge/merge.h dare_stream."""
+    return _splitmix64_int(_splitmix64_int(_splitmix64_int(seed & _MASK64) ^ (tensor_id & _MASK64)) ^ model)
+
+
+def _signed(c: int) -> int:
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+def _shr(z: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns (torch's >> is arithmetic)."""
+    return (z >> s) & ((1 << (64 - s)) - 1)
+
+
+def _splitmix64_tensor(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64 on int64 tensors holding uint64 bit patterns (add/mul wrap modulo 2^64)."""
+    z = z + _signed(0x9E3779B97F4A7C15)
+    z = (z ^ _shr(z, 30)) * _signed(0xBF58476D1CE4E5B9)
+    z = (z ^ _shr(z, 27)) * _signed(0x94D049BB133111EB)
+    return z ^ _shr(z, 31)
+
+
+def dare_mask_ref(shape: torch.Size, density: float, seed: int, tensor_id: int, model: int,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """Keep mask of DARE: element e kept iff (splitmix64(stream + e) >> 40) < density * 2^24."""
+    numel = math.prod(shape)
+    stream = _signed(dare_stream(seed, tensor_id, model))
+    counters = torch.arange(numel, dtype=torch.int64, device=device) + stream
+    u24 = _shr(_splitmix64_tensor(counters), 40)
+    return (u24.to(torch.float64) < density * 16777216.0).reshape(shape)
+
+
+def _sparsify(delta: torch.Tensor, i: int, p: GtaParams) -> torch.Tensor:
+    density = p.densities[i]
+    if p.sparsify == SPARSIFY_MAGNITUDE:
+        return torch.where(magnitude_mask_ref(delta, density), delta, torch.zeros_like(delta))
+    if p.sparsify == SPARSIFY_RANDOM:
+        mask = dare_mask_ref(delta.shape, density, p.seed, p.tensor_id, i, delta.device)
+        scale = 1.0 / density if (p.rescale and 0 < density < 1) else 1.0
+        return torch.where(mask, delta * torch.tensor(scale, dtype=torch.float32).to(delta.dtype), 0)
+    return delta
+
+
+def gta_ref(base: torch.Tensor, xs: list[torch.Tensor], p: GtaParams, out_dtype: torch.dtype) -> torch.Tensor:
+    acc = compute_dtype(base.dtype)
+    b = base.to(acc)
+    weights = torch.tensor(p.weights, dtype=acc, device=base.device).reshape(-1, *([1] * base.dim()))
+    deltas = torch.stack([_sparsify(x.to(acc) - b, i, p) for i, x in enumerate(xs)]) * weights
+    if p.consensus:
+        majority = torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0).to(acc)
+        agree = deltas.sign() == majority
+        mix = torch.where(agree, deltas, 0).sum(dim=0)
+        div = torch.where(agree, weights, 0).sum(dim=0)
+        div = torch.where(div == 0, torch.ones_like(div), div)
+    else:
+        mix = deltas.sum(dim=0)
+        wsum = sum(p.weights)
+        div = torch.tensor(1.0 if abs(wsum) < 1e-8 else wsum, dtype=acc)
+    if p.normalize:
+        mix = mix / div
+    return (b + mix * torch.tensor(p.lam, dtype=acc)).to(out_dtype)
+
+
+def slerp_ref(a: torch.Tensor, b: torch.Tensor, t: float, out_dtype: torch.dtype, dot_threshold: float = 0.9995,
+              eps: float = 1e-8) -> torch.Tensor:
+    acc = compute_dtype(a.dtype)
+    x, y = a.to(acc).reshape(-1), b.to(acc).reshape(-1)
+    na, nb = torch.linalg.vector_norm(x).item(), torch.linalg.vector_norm(y).item()
+    na, nb = (na if na > eps else 1.0), (nb if nb > eps else 1.0)
+    dot = min(1.0, max(-1.0, torch.dot(x / na, y / nb).item()))
+    if abs(dot) > dot_threshold:
+        ca, cb = 1.0 - t, t
+    else:
+        theta = math.acos(dot)
+        ca, cb = math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+    return (ca * x + cb * y).reshape(a.shape).to(out_dtype)
+
+
+def model_stock_rows(shape: torch.Size, filter_wise: bool) -> int:
+    """Row length of the Model Stock statistics: last dim when filter_wise on a >= 2-D tensor, else all elements."""
+    numel = math.prod(shape)
+    return shape[-1] if (filter_wise and len(shape) >= 2) else numel
+
+
+def model_stock_ref(base: torch.Tensor, xs: list[torch.Tensor], row_len: int, out_dtype: torch.dtype) -> torch.Tensor:
+    if len(xs) < 2:
+        raise ValueError(f"model_stock needs at least 2 models besides the base, got {len(xs)}")
+    acc = compute_dtype(base.dtype)
+    cols = row_len if row_len > 0 else max(base.numel(), 1)
+    b = base.to(acc).reshape(-1, cols)
+    ws = [x.to(acc).reshape(-1, cols) for x in xs]
+    offsets = [w - b for w in ws]
+    cosines = []
+    for i in range(len(offsets)):
+        for j in range(i + 1, len(offsets)):
+            norms = torch.linalg.vector_norm(offsets[i], dim=-1) * torch.linalg.vector_norm(offsets[j], dim=-1)
+            dots = (offsets[i] * offsets[j]).sum(dim=-1)
+            cosines.append((dots / norms.clamp(min=1e-6)).clamp(-1, 1))
+    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+    n = len(ws)
+    den = 1 + (n - 1) * cos
+    singular = den.abs() < 1e-6
+    t = torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, torch.ones_like(den), den))
+    mean = torch.stack(ws).sum(dim=0) / n
+    return (t * mean + (1 - t) * b).reshape(base.shape).to(out_dtype)
