@@ -53,7 +53,8 @@ def _jit_build() -> ModuleType:
         )
     cu = sorted(glob.glob(str(CSRC_DIR / "*.cu")))
     with_cuda = bool(cu) and torch.version.cuda is not None and CUDA_HOME is not None
-    cflags = ["-O3", "-fopenmp"] + (["-march=x86-64-v2"] if os.uname().machine == "x86_64" else [])
+    march = os.environ.get("NOVA_RT_MARCH", "x86-64-v3")  # same as setup.py
+    cflags = ["-O3", "-fopenmp"] + ([f"-march={march}"] if os.uname().machine == "x86_64" else [])
     kwargs = {}
     if with_cuda:
         kwargs = dict(extra_cuda_cflags=["-O3", "-lineinfo"], extra_cflags=cflags + ["-DNOVA_RT_WITH_CUDA=1"])
