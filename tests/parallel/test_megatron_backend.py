@@ -143,8 +143,13 @@ def _check_layout(name: str, out: Path, ref: dict, base: dict, tied: bool) -> No
         for other, label in ((ref["state"][key], "transformers"), (base.get(key), "tp1pp1")):
             if other is None:
                 continue
+            # Adam normalises each coordinate's update, so a coordinate whose gradient is ~0 can move by up to lr
+            # on float noise alone: bound the worst coordinate by a tenth of one step (lr = 1e-3) and the tensor
+            # as a whole tightly.
             diff = (w - other).abs().max().item()
-            assert diff < 2e-5, f"seed={SEED}: {name}: {key} differs from {label} after {STEPS} steps by {diff:.3e}"
+            rel = ((w - other).norm() / other.norm().clamp_min(1e-12)).item()
+            assert diff < 1e-4 and rel < 1e-5, \
+                f"seed={SEED}: {name}: {key} differs from {label} after {STEPS} steps by {diff:.3e} (rel {rel:.2e})"
 
 
 def _round_trip_exact(src: Path, out: Path) -> None:
