@@ -107,7 +107,15 @@ class Pipeline:
         from nova_rt.models.loading import resolve_model_path
 
         self.cfg, self.info, self.dir = cfg, info, run_dir
-        self.base = str(Path(resolve_model_path(resolve_path(cfg, cfg.model.path))).resolve())
+        path = resolve_path(cfg, cfg.model.path)
+        if path.startswith("tiny:"):  # merging needs the base as a directory: materialise the tiny model once
+            path = str(run_dir / "base_model")
+            if info.is_main and not (Path(path) / "config.json").exists():
+                from nova_rt.models.tiny import save_tiny_model
+
+                save_tiny_model(Path(path), cfg.model.path.split(":", 1)[1], seed=cfg.run.seed, **cfg.model.tiny)
+            barrier()
+        self.base = str(Path(resolve_model_path(path)).resolve())
         self.artifacts: dict[str, dict] = {}
 
     def run(self) -> dict:

@@ -148,7 +148,9 @@ def _check_layout(name: str, out: Path, ref: dict, base: dict, tied: bool) -> No
             # as a whole tightly.
             diff = (w - other).abs().max().item()
             rel = ((w - other).norm() / other.norm().clamp_min(1e-12)).item()
-            assert diff < 1e-4 and rel < 1e-5, \
+            # near-zero tensors (biases after two steps): a floor of 1e-6 per coordinate (a thousandth of lr)
+            ok_norm = (w - other).norm().item() <= 1e-5 * other.norm().item() + 1e-6 * other.numel() ** 0.5
+            assert diff < 1e-4 and ok_norm, \
                 f"seed={SEED}: {name}: {key} differs from {label} after {STEPS} steps by {diff:.3e} (rel {rel:.2e})"
 
 

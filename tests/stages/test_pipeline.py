@@ -1,0 +1,93 @@
+"""The whole pipeline (PAS -> SFT slices -> Model Stock merge -> RM -> GRPO) end to end on a tiny random model,
+killed with SIGKILL in the middle of the RM stage and rerun: finished stages are not redone, the killed stage
+resumes from its checkpoint, and report.md's numbers match the stages' metrics.jsonl."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from nova_rt.pas.template import CRITIQUE_SYSTEM, GENERATION_SYSTEM
+from nova_rt.telemetry import read_metrics
+from tests.pas.chat_server import ChatServer
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def responder(messages, max_tokens):
+    if messages[0]["content"] == GENERATION_SYSTEM:
+        return "Complement: Show each step of the work and state the final result clearly."
+    if messages[0]["content"] == CRITIQUE_SYSTEM:
+        comp = messages[-1]["content"].split("\nComplement: ", 1)[1]
+        return json.dumps({"reason": "fine", "is_correct": "yes", "final": comp})
+    raise AssertionError(messages[0]["content"][:80])
+
+
+def _cmd(run_dir, url):
+    return [sys.executable, "-m", "nova_rt.train", "--config", str(ROOT / "configs" / "tiny_pipeline.yaml"),
+            "--set", f"run.dir={run_dir}", "--set", f"pas.generator.base_url={url}", "--set", "train.num_threads=1"]
+
+
+def _env():
+    env = dict(os.environ)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(k, None)
+    return env
+
+
+def _fmt(v):
+    return f"{v:.4g}"
+
+
+@pytest.mark.slow
+def test_pipeline_kill_rerun_and_report(tmp_path):
+    run = tmp_path / "pipe"
+    with ChatServer(responder) as srv:
+        proc = subprocess.Popen(_cmd(run, srv.base_url), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 900
+        while not (run / "rm" / "checkpoints" / "step_00000001").exists():
+            assert proc.poll() is None, f"pipeline exited early: {proc.stderr.read()[-3000:]}"
+            assert time.time() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert not (run / "rm" / "STAGE_DONE.json").exists() and not (run / "report.md").exists()
+        done_before = {s: (run / s / "STAGE_DONE.json").stat().st_mtime_ns for s in ("pas", "sft", "merge")}
+        sft_metrics = (run / "sft" / "math" / "metrics.jsonl").read_text()
+        served = len(srv.requests)
+        r = subprocess.run(_cmd(run, srv.base_url), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                           timeout=900)
+        assert r.returncode == 0, r.stderr[-4000:]
+        assert len(srv.requests) == served, "the PAS stage was redone"
+    assert {s: (run / s / "STAGE_DONE.json").stat().st_mtime_ns for s in done_before} == done_before
+    assert (run / "sft" / "math" / "metrics.jsonl").read_text() == sft_metrics
+    rm_steps = [r["step"] for r in read_metrics(run / "rm" / "metrics.jsonl") if "loss" in r]
+    assert rm_steps == sorted(set(rm_steps)) and rm_steps[-1] == 2
+    for stage in ("pas", "sft", "merge", "rm", "grpo"):
+        assert (run / stage / "STAGE_DONE.json").exists(), stage
+    merged = json.loads((run / "merge" / "STAGE_DONE.json").read_text())["merged"]
+    assert (Path(merged) / "config.json").exists()
+    assert (run / "grpo" / "final" / "config.json").exists()
+    # report.md: every table cell equals metrics.jsonl's first / last / mean
+    report = (run / "report.md").read_text()
+    for label, d in [("sft/math", run / "sft" / "math"), ("sft/text", run / "sft" / "text"), ("rm", run / "rm"),
+                     ("grpo", run / "grpo")]:
+        section = report.split(f"### {label}\n", 1)[1].split("###", 1)[0]
+        rows = read_metrics(d / "metrics.jsonl")
+        for key, name in [("loss", "loss"), ("reward_mean", "reward")]:
+            vals = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+            if not vals:
+                continue
+            m = re.search(rf"^\| {name} \| (\S+) \| (\S+) \| (\S+) \|$", section, re.M)
+            assert m, (label, name, section)
+            assert m.groups() == (_fmt(vals[0]), _fmt(vals[-1]), _fmt(sum(vals) / len(vals))), (label, key)
+    for png in ("loss.png", "reward_mean.png"):
+        assert (run / "plots" / png).stat().st_size > 1000
+    assert "## Per-category eval" in report and "add_sub" in report
