@@ -87,7 +87,8 @@ def write_report(run_dir: str | Path, cfg, artifacts: dict) -> Path:
     for label, d in stage_dirs(run_dir, artifacts):
         rows = read_metrics(d / "metrics.jsonl")
         summ = summarize(rows)
-        lines += [f"### {label}", "", f"{len(rows)} steps; metrics: `{d / 'metrics.jsonl'}`", "",
+        n_steps = len({r["step"] for r in rows if r.get("step", 0) > 0})
+        lines += [f"### {label}", "", f"{n_steps} steps; metrics: `{d / 'metrics.jsonl'}`", "",
                   "| metric | first | last | mean |", "|---|---|---|---|"]
         for key, name in COLUMNS:
             if key in summ:

@@ -1,0 +1,336 @@
+"""The GRPO stage's integration of the loss (the kernel itself is tested in tests/kernels/test_grpo_loss.py).
+
+Oracle: the HF model run on each prompt+response separately (no packing, transformers' own attention), float64
+log-softmax over the full vocabulary, the group advantage, the top-k / k3 KL, the KL return-to-go in the token
+reward, the clipped surrogate with kept old log-probs, the aggregation weights and the PTX penalty written out
+directly; gradients by autograd. The stage's path packs the batch, runs nova's packed attention, the fused log-prob
+op, reference_topk and grpo_loss, and splits the batch into micro-batches. Then the whole loop runs in a subprocess,
+and a run killed with SIGKILL after a checkpoint resumes to the same final weights as an uninterrupted one.
+
+Legend: T tokens, V vocab, K top-k ids, B responses, G group size.
+"""
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from nova_rt.data.chat import Sample
+from nova_rt.distributed import DistInfo
+from nova_rt.models.loading import set_attention
+from nova_rt.models.tiny import build_tiny_model
+from nova_rt.stages.grpo import GRPOConfig, GRPORun, PolicyLogprobs, make_loss_fn
+from tests.helpers import assert_close_verbose
+
+ROOT = Path(__file__).resolve().parents[2]
+V = 48
+
+
+def _seed() -> int:
+    return int.from_bytes(os.urandom(4), "little")
+
+
+def _model(seed: int):
+    m = build_tiny_model("llama", seed=seed, dtype=torch.float64, vocab_size=V, hidden=32, layers=2, heads=4,
+                         kv_heads=2, intermediate=48)
+    set_attention(m, "nova")
+    return m
+
+
+def _groups(gen, n_groups: int, G: int, equal_group: bool = True) -> list[dict]:
+    groups = []
+    for j in range(n_groups):
+        prompt = torch.randint(0, V, (int(torch.randint(1, 7, (1,), generator=gen)),), generator=gen).tolist()
+        resp = [torch.randint(0, V, (int(torch.randint(1, 8, (1,), generator=gen)),), generator=gen).tolist()
+                for _ in range(G)]
+        rewards = torch.randn(G, generator=gen).tolist()
+        if equal_group and j == 0:
+            rewards = [rewards[0]] * G
+        groups.append({"prompt": prompt, "responses": resp, "rewards": rewards})
+    return groups
+
+
+def _fake_run(g: GRPOConfig, policy, ref, ptx=None) -> GRPORun:
+    """A GRPORun with only what micro_batches / ptx_micro_batches need (no model loading, no data)."""
+    run = GRPORun.__new__(GRPORun)
+    run.g, run.ref, run.ptx, run.info = g, ref, ptx, DistInfo()
+    run.cfg = SimpleNamespace(run=SimpleNamespace(seed=3))
+    run.trainer = SimpleNamespace(autocast=contextlib.nullcontext, raw=policy)
+    return run
+
+
+def _unpacked(model, ids: list[int], temperature: float) -> torch.Tensor:
+    """(L-1, V) float64 log-softmax of next-token logits of one sequence, HF's own attention, no packing."""
+    logits = model(input_ids=torch.tensor([ids[:-1]]), use_cache=False).logits[0].double()
+    return torch.log_softmax(logits / temperature, dim=-1)
+
+
+def _topk_kl(lp_pol, lp_ref, k):
+    ids = torch.topk(lp_ref, k, dim=-1).indices
+    p, q = torch.log_softmax(lp_pol.gather(-1, ids), -1), torch.log_softmax(lp_ref.gather(-1, ids), -1)
+    return (p.exp() * (p - q)).sum(-1)
+
+
+def _oracle_response_terms(g, groups, pol, ref, old_pol):
+    """Per response: (logprobs with grad, old logprobs, KL_t for the loss (grad), KL_t of the old policy)."""
+    out = []
+    for grp in groups:
+        for r in grp["responses"]:
+            ids, n = grp["prompt"] + r, len(r)
+            lp_full = _unpacked(pol, ids, g.temperature)[-n:]
+            lp_old_full = _unpacked(old_pol, ids, g.temperature)[-n:].detach()
+            lp_ref_full = _unpacked(ref, ids, g.temperature)[-n:].detach()
+            tgt = torch.tensor(r)[:, None]
+            lp, old, lref = (x.gather(1, tgt)[:, 0] for x in (lp_full, lp_old_full, lp_ref_full))
+            if g.kl == "topk":
+                kl, kl_old = _topk_kl(lp_full, lp_ref_full, min(g.topk, V)), _topk_kl(lp_old_full, lp_ref_full,
+                                                                                         min(g.topk, V))
+            else:  # k3
+                d, d_old = lref - lp, lref - old
+                kl, kl_old = (d.exp() - d - 1).clamp(max=10), (d_old.exp() - d_old - 1).clamp(max=10)
+            out.append((lp, old, kl, kl_old))
+    return out
+
+
+def oracle_loss(g: GRPOConfig, groups, pol, ref, old_pol) -> torch.Tensor:
+    """The GRPO objective written out: group advantage + KL return-to-go (reward placement) or + beta KL (loss
+    placement), clipped ratio against the old policy, global aggregation weights."""
+    terms = _oracle_response_terms(g, groups, pol, ref, old_pol)
+    lens = [len(r) for grp in groups for r in grp["responses"]]
+    T, B, n_ne, lmax = sum(lens), len(lens), sum(x > 0 for x in lens), max(lens)
+    loss, i = 0.0, 0
+    for grp in groups:
+        R = torch.tensor(grp["rewards"], dtype=torch.float64)
+        dev = R - R.mean()
+        std = (dev.square().sum() / max(len(R) - 1, 1)).sqrt()
+        A = dev / (std + 1e-4) if g.adv_norm == "std" else dev
+        if bool((R == R[0]).all()):
+            A = torch.zeros_like(R)
+        for a in A:
+            lp, old, kl, kl_old = terms[i]
+            n = lp.shape[0]
+            w = {"token-mean": 1 / T, "seq-mean-token-mean": 1 / (n_ne * n),
+                 "seq-mean-token-sum-norm": 1 / (B * lmax)}[g.agg]
+            adv = a.expand(n).clone()
+            if g.beta > 0 and g.kl_placement == "reward":
+                adv = adv - g.beta * torch.flip(torch.cumsum(torch.flip(kl_old, [0]), 0), [0])
+            ratio = torch.exp(lp - old)
+            pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - g.eps_low, 1 + g.eps_high))
+            if g.beta > 0 and g.kl_placement == "loss":
+                pg = pg + g.beta * kl
+            loss = loss + w * pg.sum()
+            i += 1
+    return loss
+
+
+CASES = [  # (kl, placement, agg, adv_norm, beta, ppo_epochs, micro_prompts)
+    ("topk", "reward", "token-mean", "std", 0.3, 1, 0),
+    ("topk", "reward", "seq-mean-token-mean", "std", 0.3, 2, 1),
+    ("topk", "loss", "seq-mean-token-sum-norm", "none", 0.2, 1, 2),
+    ("topk", "loss", "token-mean", "std", 0.2, 2, 1),
+    ("k3", "loss", "token-mean", "std", 0.1, 2, 2),
+    ("k3", "reward", "seq-mean-token-mean", "none", 0.5, 1, 1),
+    ("k3", "loss", "seq-mean-token-sum-norm", "std", 0.0, 1, 0),
+]
+
+
+@pytest.mark.parametrize("kl, placement, agg, adv_norm, beta, ppo_epochs, micro", CASES)
+def test_stage_loss_equals_independent_formula(kl, placement, agg, adv_norm, beta, ppo_epochs, micro):
+    seed = _seed()
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    G = int(torch.randint(1, 4, (1,), generator=gen)) if micro != 2 else 3
+    topk = int(torch.randint(1, V + 8, (1,), generator=gen))  # > V is capped at V
+    g = GRPOConfig(group_size=G, gym_tasks=[{"name": "x"}], kl=kl, kl_placement=placement, agg=agg,
+                   adv_norm=adv_norm, beta=beta, ppo_epochs=ppo_epochs, micro_prompts=micro, topk=topk,
+                   temperature=0.7 if ppo_epochs == 1 else 1.0, eps_low=0.2, eps_high=0.28)
+    pol_hf, ref_hf = _model(seed % 1000), _model(seed % 1000 + 1)
+    old_hf = _model(seed % 1000)
+    policy, ref = PolicyLogprobs(pol_hf), PolicyLogprobs(ref_hf)
+    groups = _groups(gen, 4, G)
+    mbs = _fake_run(g, policy, ref).micro_batches(groups)
+    assert len(mbs) == (1 if micro == 0 else -(-4 // micro)), f"seed {seed}"
+    if ppo_epochs > 1:  # old log-probs were kept from the rollout policy; move the policy so the ratio is not 1
+        with torch.no_grad():
+            for p in pol_hf.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    loss_fn = make_loss_fn(g, g.temperature)
+    got = sum(loss_fn(policy, mb)[0] for mb in mbs)
+    got.backward()
+    pol_ref_hf = _model(seed % 1000)  # an independent copy of the moved policy for the oracle's autograd
+    pol_ref_hf.load_state_dict(pol_hf.state_dict())
+    expect = oracle_loss(g, groups, pol_ref_hf, ref_hf, old_hf)
+    expect.backward()
+    msg = f"seed {seed} case {kl, placement, agg, adv_norm, beta, ppo_epochs, micro} G={G} k={topk}"
+    # the stage computes log-probs and the loss in fp32, the oracle in fp64
+    assert_close_verbose(got.detach().reshape(1), expect.detach().reshape(1), rtol=2e-5, atol=1e-7, name=msg)
+    for (name, p), p_ref in zip(pol_hf.named_parameters(), pol_ref_hf.parameters()):
+        assert_close_verbose(p.grad, p_ref.grad, rtol=1e-4, atol=1e-7, name=f"d {name} {msg}")
+
+
+def test_ptx_term_equals_independent_formula():
+    """+gamma * mean over SFT supervised tokens of the exact top-k KL to the reference (value and gradient)."""
+    seed = _seed()
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    g = GRPOConfig(gym_tasks=[{"name": "x"}], ptx_coef=0.7, ptx_batch=4, ptx_files=["x"],
+                   topk=int(torch.randint(1, V + 1, (1,), generator=gen)))
+    pol_hf, ref_hf = _model(seed % 1000), _model(seed % 1000 + 1)
+    samples = []
+    for n in [1, 5, 9, 3]:  # a length-1 sample has no target and must be harmless
+        ids = torch.randint(0, V, (n,), generator=gen)
+        tg = torch.full((n,), -100, dtype=torch.int64)
+        if n > 1:
+            tg[:-1] = torch.where(torch.rand(n - 1, generator=gen) < 0.6, ids[1:], -100)
+            tg[n - 2] = ids[n - 1]
+        samples.append(Sample(ids.numpy(), tg.numpy()))
+    run = _fake_run(g, PolicyLogprobs(pol_hf), PolicyLogprobs(ref_hf), ptx=samples)
+    (mb,) = run.ptx_micro_batches(int(torch.randint(0, 5, (1,), generator=gen)))
+    got, stats = make_loss_fn(g, 1.0)(PolicyLogprobs(pol_hf), mb)
+    got.backward()
+    pol2 = _model(seed % 1000)
+    total, kl_sum = 0, 0.0
+    for s in samples:  # ptx_batch = all samples: each step uses every one of them (in some order)
+        sup = torch.from_numpy(s.targets) != -100
+        if not sup.any():
+            continue
+        ids = torch.from_numpy(s.input_ids)[None]
+        lp_pol = torch.log_softmax(pol2(input_ids=ids).logits[0].double(), -1)
+        lp_ref = torch.log_softmax(ref_hf(input_ids=ids).logits[0].double(), -1).detach()
+        kl_sum = kl_sum + _topk_kl(lp_pol[sup], lp_ref[sup], min(g.topk, V)).sum()
+        total += int(sup.sum())
+    expect = g.ptx_coef * kl_sum / total
+    expect.backward()
+    assert stats["ptx_tokens"] == total, f"seed {seed}"
+    assert_close_verbose(got.detach().reshape(1), expect.detach().reshape(1), rtol=2e-5, atol=1e-8,
+                         name=f"ptx seed {seed}")
+    for (name, p), p2 in zip(pol_hf.named_parameters(), pol2.parameters()):
+        assert_close_verbose(p.grad, p2.grad, rtol=1e-4, atol=1e-8, name=f"ptx d {name} seed {seed}")
+
+
+def test_equal_rewards_give_zero_advantage_and_no_nan():
+    seed = _seed()
+    gen = torch.Generator().manual_seed(seed)
+    pol_hf = _model(seed % 1000)
+    for G in (1, 2, 5):
+        groups = _groups(gen, 3, G)
+        for grp in groups:
+            grp["rewards"] = [grp["rewards"][0]] * G  # every group: identical rewards
+        g = GRPOConfig(group_size=G, gym_tasks=[{"name": "x"}], beta=0.0)
+        (mb,) = _fake_run(g, PolicyLogprobs(pol_hf), None).micro_batches(groups)
+        loss, _ = make_loss_fn(g, 1.0)(PolicyLogprobs(pol_hf), mb)
+        loss.backward()
+        assert loss.item() == 0.0, f"seed {seed} G={G}: loss {loss.item()}"
+        for name, p in pol_hf.named_parameters():
+            assert torch.isfinite(p.grad).all() and p.grad.abs().max() == 0, f"seed {seed} G={G}: d {name}"
+            p.grad = None
+
+
+def test_rollout_logprobs_equal_training_logprobs_and_rng_state():
+    """Left-padded batched generation (sdpa, KV cache) and the packed training forward score the same tokens
+    identically (positions restart per prompt in both), and the sampler's RNG state makes sampling resumable."""
+    from nova_rt.models.tiny import byte_tokenizer
+    from nova_rt.rollout.generate import RolloutGenerator
+    from nova_rt.stages.grpo import pack_responses
+
+    seed = _seed()
+    gen = torch.Generator().manual_seed(seed)
+    hf = _model(seed % 1000)
+    tok = byte_tokenizer()
+    prompts = [torch.randint(3, V, (n,), generator=gen).tolist() for n in (1, 6, 3, 9)]
+    rg = RolloutGenerator(hf, tok, max_new_tokens=5, temperature=1.0, seed=seed)
+    rg.generate(prompts, 1)
+    assert hf.config._attn_implementation == "nova_packed", "generation must leave the training attention in place"
+    ids, mask = rg._pad_left(prompts)
+    cfg = rg._generation_config(True)
+    cfg.output_logits, cfg.return_dict_in_generate = True, True
+    set_attention(hf, "sdpa")  # what RolloutGenerator.generate does around its generate call
+    out = hf.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)
+    set_attention(hf, "nova")
+    resp = [rg._cut(r)[0] for r in out.sequences[:, ids.shape[1]:].tolist()]
+    gen_lp = torch.stack(out.logits, 1).double().log_softmax(-1)  # (N, steps, V)
+    mb = pack_responses(prompts, resp)
+    with torch.no_grad():
+        train_lp = PolicyLogprobs(hf)(mb["input_ids"], mb["position_ids"], mb["cu_seqlens"], mb["max_seqlen"],
+                                      mb["targets"])["logprobs"]
+    expect = torch.cat([gen_lp[i, :len(r)].gather(1, torch.tensor(r)[:, None])[:, 0] for i, r in enumerate(resp)])
+    assert_close_verbose(train_lp, expect, rtol=1e-5, atol=1e-6, name=f"rollout vs training log-probs seed {seed}")
+    a = rg.generate(prompts, 2)
+    state = rg.state_dict()
+    b = rg.generate(prompts, 2)
+    rg.load_state_dict(state)
+    torch.manual_seed(seed + 1)  # the global RNG does not matter
+    assert rg.generate(prompts, 2).response_ids == b.response_ids, f"seed {seed}"
+    assert a.prompt_ids == [p for p in prompts for _ in range(2)]
+    assert all(len(r) <= 5 and (f == (r[-1] in rg.eos)) for r, f in zip(b.response_ids, b.finished))
+
+
+# ----------------------------------------------------------------------------------------------- the whole loop
+def _train(run_dir: Path, *overrides: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "nova_rt.train", "--config", str(ROOT / "configs" / "tiny_grpo.yaml"),
+           "--set", f"run.dir={run_dir}", "--set", "train.num_threads=1", "--set", "logging.tensorboard=false",
+           *[x for o in overrides for x in ("--set", o)]]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(p: subprocess.Popen, timeout: float = 600) -> str:
+    out, _ = p.communicate(timeout=timeout)
+    assert p.returncode == 0, out[-4000:]
+    return out
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_grpo_steps_on_a_tiny_model(tmp_path):
+    _finish(_train(tmp_path, "train.max_steps=2", "checkpoint.every=0"))
+    rows = _metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2]
+    for key in ("reward_mean", "reward_std", "accuracy", "kl", "entropy", "clip_frac", "response_len",
+                "rollout_time_s", "train_time_s", "ptx_kl", "loss", "eval_accuracy/add_sub", "weight/mul"):
+        assert key in rows[0] and rows[0][key] == rows[0][key], f"{key} missing or NaN in {rows[0]}"
+    assert rows[1]["kl"] > 0, "after one update the policy differs from the reference"
+    final = json.loads((tmp_path / "eval_final.json").read_text())
+    assert set(final) >= {"step", "eval_accuracy", "eval_accuracy/add_sub", "eval_accuracy/mul"}
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "final").config.vocab_size == 320
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    steps = ["train.max_steps=6", "checkpoint.every=2"]
+    full = _train(tmp_path / "full", *steps)
+    killed = _train(tmp_path / "killed", *steps)
+    ckpt = tmp_path / "killed" / "checkpoints" / "step_00000002"
+    t0 = time.time()
+    while not ckpt.exists() and killed.poll() is None and time.time() - t0 < 600:
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate()
+    assert killed.returncode == -signal.SIGKILL, "the run ended before it could be killed after its checkpoint"
+    assert not (tmp_path / "killed" / "final").exists()
+    out = _finish(_train(tmp_path / "killed", *steps))
+    assert "resumed from" in out, out[-3000:]
+    _finish(full)
+    a, b = _metrics(tmp_path / "full"), _metrics(tmp_path / "killed")
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    for ra, rb in zip(a, b):  # same rollouts, rewards and eval after the resume
+        for key in ("reward_mean", "response_len", "kl", "loss", "ptx_kl"):
+            assert ra[key] == rb[key], f"step {ra['step']} {key}: {ra[key]} vs {rb[key]}"
+    wa = load_file(tmp_path / "full" / "final" / "model.safetensors")
+    wb = load_file(tmp_path / "killed" / "final" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), f"{k} differs after resume"
