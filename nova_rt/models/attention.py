@@ -39,9 +39,10 @@ def nova_packed_attention(module, query_BNTH, key_BNTH, value_BNTH, attention_ma
     max_len = kwargs.get("max_length_q")
     if max_len is None:
         max_len = int((cu[1:] - cu[:-1]).max())
+    # Under CPU autocast the projections can come out in different dtypes; attention runs in the query's.
     q_TNH = query_BNTH[0].transpose(0, 1)
-    k_TNH = key_BNTH[0].transpose(0, 1)
-    v_TNH = value_BNTH[0].transpose(0, 1)
+    k_TNH = key_BNTH[0].transpose(0, 1).to(q_TNH.dtype)
+    v_TNH = value_BNTH[0].transpose(0, 1).to(q_TNH.dtype)
     out_TNH = packed_attention(q_TNH, k_TNH, v_TNH, cu.to(torch.int32), int(max_len), causal=True,
                                softmax_scale=scaling)
     return out_TNH.unsqueeze(0), None
