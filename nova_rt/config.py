@@ -192,12 +192,12 @@ class Config:
     def to_dict(self) -> dict:
         return {k: dataclasses.asdict(v) for k, v in self._sections.items()}
 
-    def copy(self) -> "Config":
+    def copy(self) -> Config:
         out = Config({k: dataclasses.replace(v) for k, v in self._sections.items()}, self.source)
         out.config_dir = self.config_dir
         return out
 
-    def with_overrides(self, overrides: dict[str, Any] | list[str]) -> "Config":
+    def with_overrides(self, overrides: dict[str, Any] | list[str]) -> Config:
         """A copy with `{"a.b": value}` (or ["a.b=c", ...]) applied and type-checked."""
         raw = self.to_dict()
         items = overrides.items() if isinstance(overrides, dict) else [_split_override(s) for s in overrides]

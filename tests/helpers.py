@@ -15,7 +15,8 @@ def assert_no_worse_than_eager(out, eager, oracle, factor: float = 2.0, name: st
     err_eager = (eager_d - oracle_d).abs().max().item() if out_d.numel() else 0.0
     scale = oracle_d.abs().max().item() if out_d.numel() else 0.0
     floor = 4 * torch.finfo(out.dtype).eps * max(scale, 1.0) if out.dtype.is_floating_point else 0.0
-    assert err <= factor * err_eager + floor, f"{name}: kernel err {err:.3e} vs eager err {err_eager:.3e} (floor {floor:.1e})"
+    assert err <= factor * err_eager + floor, \
+        f"{name}: kernel err {err:.3e} vs eager err {err_eager:.3e} (floor {floor:.1e})"
 
 
 def assert_close_verbose(actual, expected, *, rtol: float, atol: float, name: str = "tensor") -> None:

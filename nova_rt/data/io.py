@@ -6,9 +6,10 @@ Every row comes with its source and 1-based row number, so validation errors can
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 
 class DataError(ValueError):

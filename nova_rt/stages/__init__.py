@@ -5,7 +5,7 @@ cheap and no two stage modules import each other at import time."""
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from collections.abc import Callable
 
 _STAGES: dict[str, Callable] = {}
 KNOWN_STAGES = ("sft", "rm", "dpo", "grpo", "pas", "merge", "pipeline")
