@@ -82,8 +82,8 @@ def write_report(run_dir: str | Path, cfg, artifacts: dict) -> Path:
     plots_dir.mkdir(exist_ok=True)
     lines = ["# nova_rt pipeline report", "", f"Config: `{cfg.source}`; stages: {', '.join(artifacts)}.", ""]
     series: dict[str, dict[str, list]] = {"loss": {}, "reward_mean": {}, "kl": {}, "pack_utilization": {}}
-    lines += ["## Metrics per stage", "", "Columns: the first, last and mean value over the stage's optimizer steps, from its "
-              "metrics.jsonl.", ""]
+    lines += ["## Metrics per stage", "",
+              "Columns: the first, last and mean value over the stage's optimizer steps, from its metrics.jsonl.", ""]
     for label, d in stage_dirs(run_dir, artifacts):
         rows = read_metrics(d / "metrics.jsonl")
         summ = summarize(rows)
