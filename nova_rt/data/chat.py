@@ -96,6 +96,11 @@ def assistant_spans(tokenizer, messages: list[dict], where: str) -> tuple[str, l
 def encode_chat(tokenizer, messages: list[dict], where: str) -> Sample:
     """Tokenize a conversation; supervise only tokens inside assistant spans."""
     text, spans = assistant_spans(tokenizer, messages, where)
+    return tokenize_spans(tokenizer, text, spans, where)
+
+
+def tokenize_spans(tokenizer, text: str, spans: list[tuple[int, int]], where: str) -> Sample:
+    """Tokenize `text`; supervise tokens whose first character lies in one of the [start, end) `spans`."""
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = np.asarray(enc["input_ids"], dtype=np.int64)
     starts = np.asarray([s for s, _ in enc["offset_mapping"]], dtype=np.int64)

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nova_rt.data.chat import IGNORE, ROLES, Sample, assistant_spans
+from nova_rt.data.chat import IGNORE, ROLES, Sample, assistant_spans, tokenize_spans
 from nova_rt.data.io import DataError, Row, read_rows
 from nova_rt.data.packing import PackedRow, best_fit_decreasing, collate, make_row
 
@@ -157,15 +157,7 @@ def encode_completion(tokenizer, prompt_messages: list[dict], partial: bool, com
             raise DataError(f"{where}: the chat template changes the partial assistant text; cannot locate the "
                             "continuation")
         spans[0] = (a + len(prefix), b)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = np.asarray(enc["input_ids"], dtype=np.int64)
-    starts = np.asarray([s for s, _ in enc["offset_mapping"]], dtype=np.int64)
-    supervised = np.zeros(len(ids), dtype=bool)
-    for a, b in spans:
-        supervised |= (starts >= a) & (starts < b)
-    targets = np.full(len(ids), IGNORE, dtype=np.int64)
-    targets[:-1] = np.where(supervised[1:], ids[1:], IGNORE)
-    return Sample(ids, targets, where)
+    return tokenize_spans(tokenizer, text, spans, where)
 
 
 def _fit(sample: Sample, max_seq_len: int) -> Sample:
