@@ -36,6 +36,20 @@ class Sample:
     def n_supervised(self) -> int:
         return int((self.targets != IGNORE).sum())
 
+    def truncated(self, max_len: int) -> Sample:
+        """The first max_len tokens; the last one loses its target (the first token past the cut)."""
+        out = Sample(self.input_ids[:max_len], self.targets[:max_len].copy(), self.source)
+        out.targets[-1] = IGNORE
+        return out
+
+
+def check_data_policy(on_error: str, overlong: str) -> None:
+    """Validate data.on_error and data.overlong (shared by every loader)."""
+    if on_error not in ("error", "skip"):
+        raise ValueError(f"data.on_error must be 'error' or 'skip', got {on_error!r}")
+    if overlong not in ("truncate", "drop"):
+        raise ValueError(f"data.overlong must be 'truncate' or 'drop', got {overlong!r}")
+
 
 def row_to_messages(row: Row, system_prompt: str = "") -> list[dict]:
     """Validate a row and return its messages (a system prompt is prepended when configured and absent)."""

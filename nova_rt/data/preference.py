@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nova_rt.data.chat import IGNORE, ROLES, Sample, assistant_spans, tokenize_spans
+from nova_rt.data.chat import ROLES, Sample, assistant_spans, check_data_policy, tokenize_spans
 from nova_rt.data.io import DataError, Row, read_rows
 from nova_rt.data.packing import PackedRow, best_fit_decreasing, collate, make_row
 
@@ -160,19 +160,10 @@ def encode_completion(tokenizer, prompt_messages: list[dict], partial: bool, com
     return tokenize_spans(tokenizer, text, spans, where)
 
 
-def _fit(sample: Sample, max_seq_len: int) -> Sample:
-    out = Sample(sample.input_ids[:max_seq_len], sample.targets[:max_seq_len].copy(), sample.source)
-    out.targets[-1] = IGNORE  # its target was the first token past the cut
-    return out
-
-
 def load_preference_pairs(files: list[str], tokenizer, *, max_seq_len: int, overlong: str = "truncate",
                           on_error: str = "error", system_prompt: str = "") -> tuple[list[PreferencePair], Counter]:
     """Tokenized pairs from every file, in file order, plus counts (rows, skipped, truncated, dropped, scored)."""
-    if on_error not in ("error", "skip"):
-        raise ValueError(f"data.on_error must be 'error' or 'skip', got {on_error!r}")
-    if overlong not in ("truncate", "drop"):
-        raise ValueError(f"data.overlong must be 'truncate' or 'drop', got {overlong!r}")
+    check_data_policy(on_error, overlong)
     if not files:
         raise ValueError("no preference data files given (data.train_files / data.eval_files)")
     pairs: list[PreferencePair] = []
@@ -195,7 +186,7 @@ def load_preference_pairs(files: list[str], tokenizer, *, max_seq_len: int, over
                     counts["dropped_overlong"] += 1
                     continue
                 counts["truncated"] += 1
-                sides = [_fit(s, max_seq_len) if len(s) > max_seq_len else s for s in sides]
+                sides = [s.truncated(max_seq_len) if len(s) > max_seq_len else s for s in sides]
             if any(s.n_supervised == 0 for s in sides):
                 counts["dropped_no_target"] += 1
                 continue

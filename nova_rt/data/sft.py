@@ -6,7 +6,7 @@ import logging
 from collections import Counter
 from pathlib import Path
 
-from nova_rt.data.chat import Sample, encode_chat, row_to_messages
+from nova_rt.data.chat import Sample, check_data_policy, encode_chat, row_to_messages
 from nova_rt.data.io import DataError, read_rows
 
 log = logging.getLogger(__name__)
@@ -15,10 +15,7 @@ log = logging.getLogger(__name__)
 def load_sft_samples(files: list[str], tokenizer, *, max_seq_len: int, overlong: str = "truncate",
                      on_error: str = "error", system_prompt: str = "") -> tuple[list[Sample], Counter]:
     """Tokenized samples from every file, in file order, plus counts: rows, skipped, truncated, dropped."""
-    if on_error not in ("error", "skip"):
-        raise ValueError(f"data.on_error must be 'error' or 'skip', got {on_error!r}")
-    if overlong not in ("truncate", "drop"):
-        raise ValueError(f"data.overlong must be 'truncate' or 'drop', got {overlong!r}")
+    check_data_policy(on_error, overlong)
     if not files:
         raise ValueError("data.train_files is empty: give at least one jsonl/json/parquet file or datasets dir")
     samples: list[Sample] = []
@@ -40,8 +37,7 @@ def load_sft_samples(files: list[str], tokenizer, *, max_seq_len: int, overlong:
                     counts["dropped_overlong"] += 1
                     continue
                 counts["truncated"] += 1
-                sample = Sample(sample.input_ids[:max_seq_len], sample.targets[:max_seq_len].copy(), sample.source)
-                sample.targets[-1] = -100  # its target was the first token past the cut
+                sample = sample.truncated(max_seq_len)
             if sample.n_supervised == 0:
                 counts["dropped_no_target"] += 1
                 continue

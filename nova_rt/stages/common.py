@@ -76,3 +76,18 @@ def run_steps(cfg: Config, info: DistInfo, trainer, telemetry: Telemetry,
         telemetry.log(trainer.step, metrics)
         if trainer.due(cfg.checkpoint.every) and trainer.step < cfg.train.max_steps:
             trainer.save_checkpoint(checkpoint_extra() if checkpoint_extra else None)
+
+
+def save_final_policy(cfg: Config, info: DistInfo, trainer, hf_model, tokenizer, run_dir: Path) -> str | None:
+    """Write the trained model (the trainer module's `lm.` submodule) as an HF directory in run_dir/final.
+    Collective: every rank gathers (FSDP2), rank 0 writes; returns the path on rank 0, else None."""
+    from nova_rt.trainer import save_hf_atomic
+
+    final = None
+    if cfg.checkpoint.save_final:
+        state = trainer.model_state()
+        if info.is_main:
+            final = save_hf_atomic(hf_model, tokenizer, run_dir / "final",
+                                   state_dict={k[len("lm."):]: v for k, v in state.items()})
+    barrier()
+    return str(final) if final else None

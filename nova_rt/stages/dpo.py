@@ -37,10 +37,10 @@ from nova_rt.distributed import DistInfo, all_reduce_sum, barrier
 from nova_rt.losses.preference import DPOLoss, pair_stats, sequence_sums
 from nova_rt.models.causal import CausalLMLogprobs, batch_logprobs
 from nova_rt.stages import register_stage
-from nova_rt.stages.common import load_policy, run_steps, setup
+from nova_rt.stages.common import load_policy, run_steps, save_final_policy, setup
 from nova_rt.stages.rm import build_pair_data, eval_hook, evaluate_pairs
 from nova_rt.telemetry import Telemetry
-from nova_rt.trainer import Trainer, save_hf_atomic
+from nova_rt.trainer import Trainer
 
 log = logging.getLogger("nova_rt.dpo")
 
@@ -215,12 +215,5 @@ def run(cfg: Config) -> dict:
     run_steps(cfg, info, trainer, telemetry, micro_batches_for, loss_fn,
               eval_hook(cfg, telemetry, evaluate, trainer.step))
     telemetry.close(plot=cfg.logging.plot, keys=("loss", "margin", "eval_margin"))
-    final = None
-    if cfg.checkpoint.save_final:
-        state = trainer.model_state()
-        if info.is_main:
-            final = save_hf_atomic(hf_model, tok, run_dir / "final",
-                                   state_dict={k[len("lm."):]: v for k, v in state.items()})
-    if info.distributed:
-        torch.distributed.barrier()
-    return {"final": str(final) if final else None, "data": dict(counts), "pack_utilization": util}
+    final = save_final_policy(cfg, info, trainer, hf_model, tok, run_dir)
+    return {"final": final, "data": dict(counts), "pack_utilization": util}

@@ -47,9 +47,9 @@ from nova_rt.kernels.grpo_loss import grpo_loss
 from nova_rt.losses.kl import KL_ESTIMATORS, kl_penalty_token_adv, sampled_kl, topk_kl
 from nova_rt.models.causal import CausalLMLogprobs
 from nova_rt.stages import register_stage
-from nova_rt.stages.common import data_files, load_policy, setup
+from nova_rt.stages.common import data_files, load_policy, save_final_policy, setup
 from nova_rt.telemetry import Telemetry
-from nova_rt.trainer import Trainer, save_hf_atomic
+from nova_rt.trainer import Trainer
 
 log = logging.getLogger("nova_rt.grpo")
 
@@ -507,15 +507,7 @@ class GRPORun:
         return {"final": self.save_final(), "eval": final_eval}
 
     def save_final(self) -> str | None:
-        final = None
-        if self.cfg.checkpoint.save_final:
-            state = self.trainer.model_state()
-            if self.info.is_main:
-                final = save_hf_atomic(self.hf, self.tok, self.run_dir / "final",
-                                       state_dict={k[len("lm."):]: v for k, v in state.items()})
-        if self.info.distributed:
-            torch.distributed.barrier()
-        return str(final) if final else None
+        return save_final_policy(self.cfg, self.info, self.trainer, self.hf, self.tok, self.run_dir)
 
 
 @register_stage("grpo")

@@ -24,9 +24,9 @@ from nova_rt.distributed import all_reduce_sum
 from nova_rt.losses.preference import RewardLoss, pair_stats
 from nova_rt.models.reward import RewardModel, batch_scores, check_last_tokens
 from nova_rt.stages import register_stage
-from nova_rt.stages.common import data_files, load_policy, run_steps, setup
+from nova_rt.stages.common import data_files, load_policy, run_steps, save_final_policy, setup
 from nova_rt.telemetry import Telemetry
-from nova_rt.trainer import Trainer, save_hf_atomic
+from nova_rt.trainer import Trainer
 
 log = logging.getLogger("nova_rt.rm")
 
@@ -138,12 +138,5 @@ def run(cfg: Config) -> dict:
     run_steps(cfg, info, trainer, telemetry, micro_batches_for, loss_fn,
               eval_hook(cfg, telemetry, evaluate, trainer.step))
     telemetry.close(plot=cfg.logging.plot, keys=("loss", "accuracy", "eval_accuracy"))
-    final = None
-    if cfg.checkpoint.save_final:
-        state = trainer.model_state()
-        if info.is_main:
-            final = save_hf_atomic(module.lm, tok, run_dir / "final",
-                                   state_dict={k[len("lm."):]: v for k, v in state.items()})
-    if info.distributed:
-        torch.distributed.barrier()
-    return {"final": str(final) if final else None, "data": dict(counts), "pack_utilization": util}
+    final = save_final_policy(cfg, info, trainer, module.lm, tok, run_dir)
+    return {"final": final, "data": dict(counts), "pack_utilization": util}

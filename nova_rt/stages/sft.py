@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 from nova_rt.config import Config
 from nova_rt.data.packing import BatchSchedule, collate, loss_weights, pack_samples
 from nova_rt.data.sft import load_sft_samples
 from nova_rt.models.causal import CausalLMLogprobs, batch_logprobs
 from nova_rt.stages import register_stage
-from nova_rt.stages.common import data_files, load_policy, run_steps, setup
+from nova_rt.stages.common import data_files, load_policy, run_steps, save_final_policy, setup
 from nova_rt.telemetry import Telemetry, flops_per_token
-from nova_rt.trainer import Trainer, save_hf_atomic
+from nova_rt.trainer import Trainer
 
 log = logging.getLogger("nova_rt.sft")
 
@@ -26,8 +24,8 @@ def sft_loss(model, mb: dict):
     return loss, {"tokens": float(mb["input_ids"].numel()), "supervised_tokens": float((mb["targets"] >= 0).sum())}
 
 
-def build_sft_batches(cfg: Config, tokenizer, world_size: int, files: list[str] | None = None):
-    """Samples -> packed rows -> schedule. Returns (rows, schedule, counts, utilization)."""
+def build_sft_rows(cfg: Config, tokenizer, files: list[str] | None = None):
+    """Samples -> packed rows. Returns (rows, counts, utilization)."""
     d = cfg.data
     if cfg.packing.enabled and d.max_seq_len > cfg.packing.max_tokens:
         raise ValueError(f"data.max_seq_len={d.max_seq_len} exceeds packing.max_tokens={cfg.packing.max_tokens}")
@@ -35,8 +33,14 @@ def build_sft_batches(cfg: Config, tokenizer, world_size: int, files: list[str] 
                                        max_seq_len=d.max_seq_len, overlong=d.overlong, on_error=d.on_error,
                                        system_prompt=d.system_prompt)
     rows, util = pack_samples(samples, cfg.packing.max_tokens, cfg.packing.enabled)
+    return rows, counts, util
+
+
+def build_sft_batches(cfg: Config, tokenizer, world_size: int, files: list[str] | None = None):
+    """Samples -> packed rows -> schedule. Returns (rows, schedule, counts, utilization)."""
+    rows, counts, util = build_sft_rows(cfg, tokenizer, files)
     sched = BatchSchedule(len(rows), cfg.train.global_batch, cfg.train.micro_batch, world_size, cfg.run.seed,
-                          shuffle=d.shuffle)
+                          shuffle=cfg.data.shuffle)
     return rows, sched, counts, util
 
 
@@ -84,15 +88,8 @@ def run(cfg: Config) -> dict:
 
     run_steps(cfg, info, trainer, telemetry, micro_batches_for, sft_loss, extra_metrics)
     telemetry.close(plot=cfg.logging.plot)
-    final = None
-    if cfg.checkpoint.save_final:
-        state = trainer.model_state()
-        if info.is_main:
-            final = save_hf_atomic(hf_model, tok, run_dir / "final",
-                                   state_dict={k[len("lm."):]: v for k, v in state.items()})
-    if info.distributed:
-        torch.distributed.barrier()
-    return {"final": str(final) if final else None, "data": dict(counts), "pack_utilization": util}
+    final = save_final_policy(cfg, info, trainer, hf_model, tok, run_dir)
+    return {"final": final, "data": dict(counts), "pack_utilization": util}
 
 
 def _run_megatron(cfg: Config, info, run_dir) -> dict:
@@ -104,10 +101,7 @@ def _run_megatron(cfg: Config, info, run_dir) -> dict:
 
     tok = AutoTokenizer.from_pretrained(resolve_path(cfg, cfg.model.tokenizer) or
                                         resolve_model_path(resolve_path(cfg, cfg.model.path)))
-    d = cfg.data
-    samples, counts = load_sft_samples(data_files(cfg, d.train_files), tok, max_seq_len=d.max_seq_len,
-                                       overlong=d.overlong, on_error=d.on_error, system_prompt=d.system_prompt)
-    rows, util = pack_samples(samples, cfg.packing.max_tokens, cfg.packing.enabled)
+    rows, counts, util = build_sft_rows(cfg, tok)
     if info.is_main:
         log.info("data: %s; %d packed rows, utilization %.2f%%", dict(counts), len(rows), 100 * util)
     out = run_megatron_sft(cfg, info, run_dir, rows, tok)
