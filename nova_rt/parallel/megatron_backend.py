@@ -93,7 +93,7 @@ class MegatronBackend:
     def __init__(self, model_dir, parallel_cfg, *, dtype: torch.dtype = torch.float32, lr: float = 1e-5,
                  weight_decay: float = 0.0, grad_clip: float = 1.0, seed: int = 0,
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, vocab_multiple: int = 1,
-                 use_te: bool | None = None, load_weights: bool = True):
+                 use_te: bool | None = None, load_weights: bool = True, trainable: bool = True):
         from megatron.core import tensor_parallel
         from transformers import AutoConfig
 
@@ -110,8 +110,12 @@ class MegatronBackend:
         chunks = [c.to(self.device) for c in chunks]
         if load_weights:
             hf_convert.load_hf_into_chunks(chunks, self.model_dir, self.arch)
-        self.model = self._wrap_ddp(chunks)
+        self._divide_by_tokens = True
         self.weight_decay = weight_decay
+        if not trainable:  # a frozen model (DPO/GRPO reference): forward only, no DDP buffers, no optimizer
+            self.model, self.optimizer = [c.requires_grad_(False).eval() for c in chunks], None
+            return
+        self.model = self._wrap_ddp(chunks)
         self.optimizer = self._build_optimizer(lr, weight_decay, grad_clip, betas, eps)
         self.set_lr(lr)
 
@@ -127,9 +131,15 @@ class MegatronBackend:
                                                 use_distributed_optimizer=self.pcfg.distributed_optimizer)
         model = [DistributedDataParallel(config=self.config, ddp_config=ddp_cfg, module=c, disable_bucketing=i > 0)
                  for i, c in enumerate(chunks)]
-        self.config.finalize_model_grads_func = finalize_model_grads
+        self.config.finalize_model_grads_func = partial(self._finalize_grads, finalize_model_grads)
         self.config.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
         return model
+
+    def _finalize_grads(self, finalize, model, num_tokens=None, **kwargs):
+        """megatron's finalize_model_grads; the division by the global token count applies to the built-in token-mean
+        loss only. Stage losses (train_step's loss_fn) arrive already normalised by their global batch, and megatron
+        DDP sums gradients over DP ranks under calculate_per_token_loss, which is exactly their objective."""
+        return finalize(model, num_tokens if self._divide_by_tokens else None, **kwargs)
 
     def _build_optimizer(self, lr, weight_decay, grad_clip, betas, eps):
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer, get_standard_config_overrides
@@ -166,17 +176,61 @@ class MegatronBackend:
         multiple = self.pcfg.tensor_parallel if self.config.sequence_parallel else 1
         return packed.prepare(micro_batches, multiple=multiple, device=self.device)
 
-    def _token_loss(self, targets_T: torch.Tensor, logits_BTV: torch.Tensor) -> torch.Tensor:
-        """-log p(target) per position, (T,) fp32, over vocab-parallel logits with padded columns masked."""
+    def _local_logits(self, logits_BTV: torch.Tensor, temperature: float) -> torch.Tensor:
+        """(T, V/tp) fp32 logits / temperature, vocab padding columns masked. Note: megatron's vocab-parallel cross
+        entropy subtracts the row max from its input in place, so anything else read from these logits comes first."""
         from megatron.core import parallel_state as ps
-        from megatron.core import tensor_parallel
 
         logits_TV = logits_BTV[0].float()
+        if temperature != 1.0:
+            logits_TV = logits_TV / temperature
         local = logits_TV.shape[-1]
         start = ps.get_tensor_model_parallel_rank() * local
         if start + local > self.arch.vocab:
             pad = torch.arange(start, start + local, device=logits_TV.device) >= self.arch.vocab
             logits_TV = logits_TV.masked_fill(pad, torch.finfo(torch.float32).min)
+        return logits_TV
+
+    @torch.no_grad()
+    def _entropy(self, logits_TV: torch.Tensor) -> torch.Tensor:
+        """(T,) entropy of softmax over the vocab-parallel logits (no gradient: a statistic)."""
+        from megatron.core import parallel_state as ps
+
+        group = ps.get_tensor_model_parallel_group()
+        m_T = logits_TV.max(-1).values
+        dist.all_reduce(m_T, op=dist.ReduceOp.MAX, group=group)
+        e_TV = torch.exp(logits_TV - m_T[:, None])
+        sums = torch.stack([e_TV.sum(-1), (e_TV * logits_TV).sum(-1)])
+        dist.all_reduce(sums, group=group)
+        return m_T + torch.log(sums[0]) - sums[1] / sums[0]
+
+    def _token_outputs(self, row, logits_BTV, temperature: float, entropy: bool) -> dict:
+        """{"logprobs": (T,) fp32 log p(targets[t]) at temperature, 0 where targets[t] = -100 (with grad);
+        "entropy": (T,) when asked}; T = the row's length before padding."""
+        from megatron.core import tensor_parallel
+
+        logits_TV = self._local_logits(logits_BTV, temperature)
+        out = {"entropy": self._entropy(logits_TV)[: row.length]} if entropy else {}
+        mask_T = row.targets != packed.IGNORE_INDEX
+        nll_T = tensor_parallel.vocab_parallel_cross_entropy(logits_TV.unsqueeze(1),
+                                                             row.targets.clamp(min=0).unsqueeze(1)).squeeze(1)
+        out["logprobs"] = torch.where(mask_T, -nll_T, 0.0)[: row.length]
+        return out
+
+    def _stage_loss_func(self, loss_fn, temperature, entropy, row, logits_BTV, non_loss_data: bool = False):
+        loss, stats = loss_fn(self._token_outputs(row, logits_BTV, temperature, entropy), row.source)
+        reduced = {k: float(v) for k, v in stats.items()}
+        reduced["loss"] = float(loss.detach())
+        return loss, torch.ones((), dtype=torch.int), reduced
+
+    def _stage_forward_func(self, fn, temperature, entropy, row, logits_BTV, non_loss_data: bool = True):
+        return fn(self._token_outputs(row, logits_BTV, temperature, entropy), row.source)
+
+    def _token_loss(self, targets_T: torch.Tensor, logits_BTV: torch.Tensor) -> torch.Tensor:
+        """-log p(target) per position, (T,) fp32, over vocab-parallel logits with padded columns masked."""
+        from megatron.core import tensor_parallel
+
+        logits_TV = self._local_logits(logits_BTV, 1.0)
         target = targets_T.clamp(min=0)
         return tensor_parallel.vocab_parallel_cross_entropy(logits_TV.unsqueeze(1), target.unsqueeze(1)).squeeze(1)
 
@@ -218,10 +272,32 @@ class MegatronBackend:
                            group=ps.get_pipeline_model_parallel_group())
         return tensor
 
-    def train_step(self, micro_batches: list[dict]) -> dict:
-        """One optimizer step over this DP rank's micro-batches; returns global loss, grad_norm and tokens."""
+    def _broadcast_object(self, obj):
+        """`obj` of the last pipeline stage on every rank of the pipeline group."""
         from megatron.core import parallel_state as ps
 
+        if ps.get_pipeline_model_parallel_world_size() == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
+                                   group=ps.get_pipeline_model_parallel_group())
+        return box[0]
+
+    def train_step(self, micro_batches: list[dict], loss_fn=None, *, temperature: float = 1.0,
+                   entropy: bool = False) -> dict:
+        """One optimizer step over this DP rank's micro-batches.
+
+        Without `loss_fn`: the token-mean next-token loss (SFT); returns global loss, grad_norm and tokens.
+        With `loss_fn(out, mb) -> (loss, stats)`: `out` holds the per-token outputs of micro-batch `mb` (the dict as
+        passed in) computed on the last pipeline stage (see `_token_outputs`; logits divided by `temperature`,
+        "entropy" when asked), and `loss` is that micro-batch's share of the global objective, already normalised by
+        the global batch (nova_rt.trainer's convention): gradients are summed over micro-batches and DP ranks.
+        Returns {"loss", "grad_norm", *stats}, each summed over micro-batches and DP ranks, on every rank.
+        """
+        from megatron.core import parallel_state as ps
+
+        if self.optimizer is None:
+            raise RuntimeError("train_step on a frozen MegatronBackend (trainable=False)")
         rows = self._rows(micro_batches)
         if self.pcfg.virtual_pipeline_parallel and len(rows) < self.pcfg.pipeline_parallel:
             raise ValueError(f"train_step got {len(rows)} micro-batches; the interleaved pipeline schedule needs at "
@@ -229,16 +305,42 @@ class MegatronBackend:
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        outputs = self._run(rows, self._loss_func, forward_only=False)
+        self._divide_by_tokens = loss_fn is None
+        reduce_fn = self._loss_func if loss_fn is None else partial(self._stage_loss_func, loss_fn, temperature,
+                                                                    entropy)
+        outputs = self._run(rows, reduce_fn, forward_only=False)
         _, grad_norm, _ = self.optimizer.step()
-        stats = torch.zeros(2, dtype=torch.float64, device=self.device)
-        if outputs:  # last pipeline stage
-            stats[0] = sum(float(o["loss_sum"]) for o in outputs)
-            stats[1] = sum(int(o["tokens"]) for o in outputs)
+        totals: dict[str, float] = {}
+        for o in outputs or []:  # last pipeline stage
+            for k, v in o.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+        keys = sorted(self._broadcast_object(sorted(totals)))
+        stats = torch.tensor([totals.get(k, 0.0) for k in keys], dtype=torch.float64, device=self.device)
         stats = self._from_last_stage(stats)
         dist.all_reduce(stats, group=ps.get_data_parallel_group())
-        tokens = int(stats[1].item())
-        return {"loss": float(stats[0] / max(tokens, 1)), "grad_norm": float(grad_norm), "tokens": tokens}
+        totals = dict(zip(keys, stats.tolist()))
+        if loss_fn is None:
+            tokens = int(totals["tokens"])
+            return {"loss": totals["loss_sum"] / max(tokens, 1), "grad_norm": float(grad_norm), "tokens": tokens}
+        return {**totals, "grad_norm": float(grad_norm)}
+
+    @torch.no_grad()
+    def forward(self, micro_batches: list[dict], fn, *, temperature: float = 1.0, entropy: bool = False) -> list:
+        """[fn(out, mb) for each micro-batch] without an update (eval mode); `out` as in `train_step`. The results
+        (any picklable value) come from the last pipeline stage and are returned on every rank."""
+        rows = self._rows(micro_batches)
+        n = len(rows)
+        if self.pcfg.virtual_pipeline_parallel and n < self.pcfg.pipeline_parallel:  # the interleaved schedule
+            rows = rows + [rows[-1]] * (self.pcfg.pipeline_parallel - n)  # needs >= PP micro-batches: repeat one
+        was_training = [c.training for c in self.model]
+        for chunk in self.model:
+            chunk.eval()
+        try:
+            outputs = self._run(rows, partial(self._stage_forward_func, fn, temperature, entropy), forward_only=True)
+        finally:
+            for chunk, mode in zip(self.model, was_training):
+                chunk.train(mode)
+        return self._broadcast_object(list(outputs[:n]) if outputs else None)
 
     @torch.no_grad()
     def logprobs(self, micro_batch: dict) -> torch.Tensor:
@@ -255,6 +357,48 @@ class MegatronBackend:
                 chunk.train()
         out = outputs[0] if outputs else torch.zeros(rows[0].length, dtype=torch.float32, device=self.device)
         return self._from_last_stage(out.contiguous()).cpu()
+
+    # ------------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        """This rank's model shards, optimizer state and RNG states (python, numpy, torch, CUDA and megatron's
+        tracker): with the stage's data position, everything an exact resume needs (nova_rt.parallel.checkpoint)."""
+        from megatron.core import tensor_parallel
+
+        from nova_rt.checkpoint import rng_state
+
+        if self.pcfg.distributed_optimizer:
+            # its state is sharded over DP in flat buffers (save_parameter_state); that path needs CUDA to test
+            raise NotImplementedError("checkpoints of parallel.distributed_optimizer=true are not implemented "
+                                      "(set checkpoint.every=0 or parallel.distributed_optimizer=false)")
+        return {"model": [getattr(c, "module", c).state_dict() for c in self.model],
+                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+                "rng": {**rng_state(), "megatron": tensor_parallel.get_cuda_rng_tracker().get_states()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned (same parallel layout)."""
+        from megatron.core import tensor_parallel
+
+        from nova_rt.checkpoint import set_rng_state
+
+        if len(state["model"]) != len(self.model):
+            raise ValueError(f"checkpoint holds {len(state['model'])} model chunks, this rank has {len(self.model)}")
+        for chunk, sd in zip(self.model, state["model"]):
+            getattr(chunk, "module", chunk).load_state_dict(sd)
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        tensor_parallel.get_cuda_rng_tracker().set_states(state["rng"]["megatron"])
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """Collective: the full HF state dict (CPU tensors) on every rank, e.g. to sync an HF generation model.
+        Gathers every shard of data-parallel replica 0 to every rank: one full copy of the model per rank."""
+        from megatron.core import parallel_state as ps
+
+        mine = hf_convert.local_pieces(self.model, self.arch) if ps.get_data_parallel_rank() == 0 else []
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, mine)
+        pieces = [p for rank_pieces in gathered for p in rank_pieces]
+        return hf_convert.assemble(pieces, self.arch, ps.get_tensor_model_parallel_world_size())
 
     def save_hf(self, out_dir) -> None:
         """Collective: write the current weights as an HF directory (global rank 0 writes)."""

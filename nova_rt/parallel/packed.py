@@ -3,6 +3,9 @@
 A micro-batch is one packed row of S documents:
     input_ids    LongTensor (T,)
     labels       LongTensor (T,)   aligned with input_ids (HF convention); -100 where no loss is taken
+      or
+    targets      LongTensor (T,)   already shifted (nova_rt convention, see `from_shifted`): targets[t] is the token
+                                   position t predicts, -100 where none; used as given
     position_ids LongTensor (T,)   0, 1, ... restarting at every document (RoPE per document)
     cu_seqlens   int32 (S+1,)      0 = cu[0] <= cu[1] <= ... <= cu[S] = T; empty documents are dropped
 
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 IGNORE_INDEX = -100
-_KEYS = ("input_ids", "labels", "position_ids", "cu_seqlens")
+_KEYS = ("input_ids", "position_ids", "cu_seqlens")
 
 
 @dataclass
@@ -35,6 +38,7 @@ class PackedRow:
     cu_seqlens: torch.Tensor  # (S'+1,) int32 on device, padding document included
     max_seqlen: int
     length: int  # T before padding
+    source: dict | None = None  # the micro-batch dict this row came from (stage metadata for loss functions)
 
     def packed_seq_params(self):
         from megatron.core.packed_seq_params import PackedSeqParams
@@ -49,7 +53,10 @@ def _fail(index: int, field: str, msg: str):
 
 def validate(mb: dict, index: int = 0) -> torch.Tensor:
     """Check one micro-batch dict; returns its cu_seqlens (int64, CPU) with empty documents removed."""
-    for key in _KEYS:
+    if ("labels" in mb) == ("targets" in mb):
+        _fail(index, "labels", "or 'targets' (exactly one of them) is required")
+    label_key = "labels" if "labels" in mb else "targets"
+    for key in (*_KEYS, label_key):
         if key not in mb:
             _fail(index, key, "is missing")
         if not isinstance(mb[key], torch.Tensor) or mb[key].dim() != 1:
@@ -57,7 +64,7 @@ def validate(mb: dict, index: int = 0) -> torch.Tensor:
     T = mb["input_ids"].numel()
     if T == 0:
         _fail(index, "input_ids", "is empty")
-    for key in ("labels", "position_ids"):
+    for key in (label_key, "position_ids"):
         if mb[key].numel() != T:
             _fail(index, key, f"has {mb[key].numel()} entries, input_ids has {T}")
     if mb["cu_seqlens"].dtype not in (torch.int32, torch.int64):
@@ -105,7 +112,8 @@ def prepare(micro_batches: list[dict], *, multiple: int, device, pad_id: int = 0
     for mb, cu in zip(micro_batches, cus):
         T = int(cu[-1])
         ids = mb["input_ids"].to("cpu", torch.int64)
-        targets = next_token_targets(mb["labels"].to("cpu", torch.int64), cu)
+        targets = mb["targets"].to("cpu", torch.int64) if "targets" in mb else \
+            next_token_targets(mb["labels"].to("cpu", torch.int64), cu)
         if length > T:
             pad = length - T
             ids = torch.cat([ids, torch.full((pad,), pad_id, dtype=torch.int64)])
@@ -114,6 +122,15 @@ def prepare(micro_batches: list[dict], *, multiple: int, device, pad_id: int = 0
         rows.append(PackedRow(
             input_ids=ids.to(device), targets=targets.to(device), position_ids=document_positions(cu).to(device),
             cu_seqlens=cu.to(device=device, dtype=torch.int32), max_seqlen=int((cu[1:] - cu[:-1]).max()),
-            length=T,
+            length=T, source=mb,
         ))
     return rows
+
+
+def from_shifted(mb: dict) -> dict:
+    """A nova_rt collated micro-batch (nova_rt.data.packing.collate: input_ids/position_ids (1, T), `targets` shifted)
+    as a megatron micro-batch of 1-D tensors. The shifted targets are used as given, which keeps a target at a
+    document's last position (GRPO rows end with the input before the last response token, whose target is that
+    token). Every other key (pair ids, reference log-probs, rewards, ...) is kept for the stage's loss function."""
+    return {**mb, "input_ids": mb["input_ids"].reshape(-1), "position_ids": mb["position_ids"].reshape(-1),
+            "targets": mb["targets"].reshape(-1).to(torch.int64)}

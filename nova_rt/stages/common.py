@@ -91,3 +91,88 @@ def save_final_policy(cfg: Config, info: DistInfo, trainer, hf_model, tokenizer,
                                    state_dict={k[len("lm."):]: v for k, v in state.items()})
     barrier()
     return str(final) if final else None
+
+
+# ----------------------------------------------------------------------------------------------- megatron backend
+def megatron_backend(cfg: Config, path: str | None = None, *, trainable: bool = True):
+    """MegatronBackend for cfg.model (or `path`) with cfg.optim and cfg.parallel; trainable=False: frozen reference."""
+    from nova_rt.models.loading import resolve_model_path, to_dtype
+    from nova_rt.parallel import MegatronBackend
+
+    if cfg.train.loss_reduction != "token":
+        raise ValueError("parallel.backend=megatron supports train.loss_reduction=token only")
+    o = cfg.optim
+    return MegatronBackend(resolve_model_path(resolve_path(cfg, path or cfg.model.path)), cfg.parallel,
+                           dtype=to_dtype(cfg.model.dtype), lr=o.lr, weight_decay=o.weight_decay, grad_clip=o.grad_clip,
+                           seed=cfg.run.seed, betas=tuple(o.betas), eps=o.eps, trainable=trainable)
+
+
+def megatron_tokenizer(cfg: Config):
+    """The tokenizer of cfg.model.tokenizer, else of the model directory (the megatron stages load no HF model)."""
+    from transformers import AutoTokenizer
+
+    from nova_rt.models.loading import resolve_model_path
+
+    return AutoTokenizer.from_pretrained(resolve_path(cfg, cfg.model.tokenizer) or
+                                         resolve_model_path(resolve_path(cfg, cfg.model.path)))
+
+
+def megatron_resume(cfg: Config, backend, run_dir: Path) -> tuple[int, dict | None]:
+    """(step, this rank's extra state) of the newest complete megatron checkpoint, loaded into `backend`;
+    (0, None) for a fresh run."""
+    from nova_rt.parallel import checkpoint as mckpt
+
+    path = mckpt.latest(run_dir / "checkpoints") if cfg.checkpoint.resume else None
+    if path is None:
+        return 0, None
+    step, extra = mckpt.load(backend, path)
+    log.info("resumed from %s (step %d)", path, step)
+    return step, extra
+
+
+def run_megatron_steps(cfg: Config, backend, telemetry: Telemetry, run_dir: Path, start: int,
+                       micro_batches_for: Callable[[int], list[dict]], loss_fn: Callable | None = None,
+                       extra_metrics: Callable[[int, dict], dict] | None = None) -> None:
+    """The step loop of supervised stages on the megatron backend: the trainer's lr schedule, backend.train_step
+    (loss_fn None: token-mean SFT loss; else a stage loss over per-token log-probs), metrics, and exact-resume
+    checkpoints every checkpoint.every steps (the data position is the step: batches are a function of it)."""
+    from nova_rt.parallel import checkpoint as mckpt
+    from nova_rt.trainer import lr_lambda
+
+    o, every = cfg.optim, cfg.checkpoint.every
+    for step in range(start, cfg.train.max_steps):
+        t0 = time.perf_counter()
+        backend.set_lr(o.lr * lr_lambda(step, warmup=o.warmup_steps, total=cfg.train.max_steps, kind=o.scheduler,
+                                        min_ratio=o.min_lr_ratio))
+        metrics = backend.train_step(micro_batches_for(step), loss_fn)
+        metrics["step_time_s"] = time.perf_counter() - t0
+        metrics["lr"] = backend.optimizer.param_groups[0]["lr"]
+        if extra_metrics is not None:
+            metrics.update(extra_metrics(step, metrics))
+        telemetry.log(step + 1, metrics)
+        if every > 0 and (step + 1) % every == 0 and step + 1 < cfg.train.max_steps:
+            mckpt.save(backend, run_dir / "checkpoints", step + 1, keep_last=cfg.checkpoint.keep_last)
+
+
+def save_megatron_final(cfg: Config, info: DistInfo, backend, tokenizer, run_dir: Path) -> str | None:
+    """Collective: write the trained weights (and tokenizer) as an HF directory run_dir/final, atomically."""
+    import os
+    import shutil
+
+    if not cfg.checkpoint.save_final:
+        return None
+    final = run_dir / "final"
+    tmp = final.with_name(f".{final.name}.tmp")
+    if info.is_main:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+    barrier()
+    backend.save_hf(tmp)
+    if info.is_main:
+        tokenizer.save_pretrained(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    barrier()
+    return str(final) if info.is_main else None

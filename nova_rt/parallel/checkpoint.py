@@ -1,0 +1,103 @@
+"""Exact-resume checkpoints for MegatronBackend: per-rank shards, optimizer and RNG states, step and data position.
+
+Layout: <run dir>/checkpoints/step_00000010/{rank_00000.pt, rank_00001.pt, ..., meta.json, DONE}. Every rank writes
+its own file (`MegatronBackend.state_dict()`: its model shards, its optimizer state, its RNG states, plus the stage's
+`extra` state of that rank, e.g. a sampler position) into `step_N.tmp`; after a barrier global rank 0 writes
+meta.json (step, world size, parallel layout), fsyncs, writes DONE and renames the directory into place. A directory
+is complete only with DONE under its final name, so a run killed at any point (SIGKILL included) resumes from the
+newest complete one and leftover `*.tmp` directories are ignored and later removed. Resuming needs the same world
+size and TP/PP/VPP layout (shards are not resharded); the run dir must be on a filesystem every rank sees.
+
+The final model is still written as an HF directory (MegatronBackend.save_hf); these directories are for resuming.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+_STEP_RE = re.compile(r"^step_(\d{8})$")
+
+
+def _layout(backend) -> dict:
+    p = backend.pcfg
+    return {"world_size": dist.get_world_size(), "tensor_parallel": p.tensor_parallel,
+            "pipeline_parallel": p.pipeline_parallel, "virtual_pipeline_parallel": p.virtual_pipeline_parallel or 0}
+
+
+def complete(root: Path) -> list[tuple[int, Path]]:
+    """(step, dir) of every complete checkpoint under `root`, oldest first."""
+    if not root.exists():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _STEP_RE.match(p.name)) and (p / "DONE").exists()]
+    return sorted(found)
+
+
+def latest(root: Path) -> Path | None:
+    """Collective: the newest complete checkpoint as global rank 0 sees it (every rank gets the same answer)."""
+    found = complete(root) if dist.get_rank() == 0 else []
+    box = [str(found[-1][1]) if found else None]
+    dist.broadcast_object_list(box, src=0)
+    return Path(box[0]) if box[0] else None
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(backend, root: Path, step: int, extra: dict | None = None, keep_last: int = 2) -> Path:
+    """Collective: write checkpoint `step` under `root` (see the module docstring); returns its directory."""
+    final, tmp = root / f"step_{step:08d}", root / f"step_{step:08d}.tmp"
+    rank = dist.get_rank()
+    if rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    path = tmp / f"rank_{rank:05d}.pt"
+    torch.save({**backend.state_dict(), "extra": extra, "step": step}, path)
+    _fsync(path)
+    dist.barrier()
+    if rank == 0:
+        (tmp / "meta.json").write_text(json.dumps({"step": step, **_layout(backend)}, indent=1))
+        _fsync(tmp / "meta.json")
+        (tmp / "DONE").write_text("")
+        _fsync(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync(root)
+        _prune(root, keep_last)
+    dist.barrier()
+    return final
+
+
+def load(backend, path: Path) -> tuple[int, dict | None]:
+    """Restore this rank's part of checkpoint `path` into `backend`; returns (step, this rank's extra state)."""
+    meta = json.loads((path / "meta.json").read_text())
+    want = _layout(backend)
+    got = {k: meta.get(k) for k in want}
+    if got != want:
+        raise RuntimeError(f"{path} was written with {got}; this run has {want} (resume with the same layout)")
+    state = torch.load(path / f"rank_{dist.get_rank():05d}.pt", weights_only=False)
+    backend.load_state_dict(state)
+    return int(state["step"]), state["extra"]
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    for p in root.glob("step_*.tmp"):
+        shutil.rmtree(p, ignore_errors=True)
+    if keep_last > 0:
+        for _, p in complete(root)[:-keep_last]:
+            shutil.rmtree(p, ignore_errors=True)
