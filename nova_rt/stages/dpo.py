@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +89,19 @@ def dpo_loss(model, mb: dict, loss: DPOLoss, ref_model=None):
     else:
         with torch.no_grad():
             ref_c, ref_r = pair_logps(ref_model, mb)
+    return pair_objective(pol_c, pol_r, ref_c, ref_r, mb, loss)
+
+
+def dpo_loss_from_logprobs(out: dict, mb: dict, loss: DPOLoss):
+    """dpo_loss over per-token log-probs computed elsewhere (the megatron backend's last pipeline stage):
+    out["logprobs"] (T,) aligned with mb["targets"]; reference log-probs from mb["ref_logps"] (P, 2)."""
+    seq_S = sequence_sums(out["logprobs"], mb["cu_seqlens"])
+    ref = mb["ref_logps"].to(seq_S.device)
+    return pair_objective(seq_S[0::2], seq_S[1::2], ref[:, 0], ref[:, 1], mb, loss)
+
+
+def pair_objective(pol_c, pol_r, ref_c, ref_r, mb: dict, loss: DPOLoss):
+    """(global-batch-weighted loss, stats) from policy and reference sequence log-prob sums (P,) of chosen/rejected."""
     losses_P, rew_c, rew_r = loss(pol_c, pol_r, ref_c, ref_r)
     w = mb["pair_weight"]
     stats = pair_stats(rew_c, rew_r, w)
@@ -132,8 +146,10 @@ def reference_identity(cfg: Config) -> str:
     return json.dumps(ident, sort_keys=True, default=str)
 
 
-def cached_reference_logps(cfg: Config, info: DistInfo, run_dir: Path, split: str, ref_model, rows, pairs):
-    """Load run_dir/ref_logps_<split>_<key>.pt if its key matches, else compute it and write it atomically."""
+def cached_reference_logps(cfg: Config, info: DistInfo, run_dir: Path, split: str, compute: Callable[[], torch.Tensor],
+                           pairs: list[PreferencePair]) -> torch.Tensor:
+    """Load run_dir/ref_logps_<split>_<key>.pt if its key matches, else run `compute()` (every rank; returns the
+    (N_pairs, 2) table) and write the result atomically."""
     key = hashlib.sha256((pairs_digest(pairs) + reference_identity(cfg)).encode()).hexdigest()
     path = run_dir / f"ref_logps_{split}_{key[:16]}.pt"
     if path.exists():
@@ -142,7 +158,7 @@ def cached_reference_logps(cfg: Config, info: DistInfo, run_dir: Path, split: st
             if info.is_main:
                 log.info("reference log-probs (%s) from cache %s", split, path)
             return cached["logps"]
-    logps = compute_reference_logps(ref_model, rows, pairs, info, cfg.train.micro_batch)
+    logps = compute()
     if info.is_main:
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         torch.save({"key": key, "logps": logps}, tmp)
@@ -179,6 +195,10 @@ def build_reference(cfg: Config, info: DistInfo, hf_model):
 @register_stage("dpo")
 def run(cfg: Config) -> dict:
     info, run_dir = setup(cfg)
+    if cfg.parallel.backend == "megatron":
+        from nova_rt.stages.dpo_megatron import run_megatron_dpo
+
+        return run_megatron_dpo(cfg, info, run_dir)
     hf_model, tok = load_policy(cfg)
     pairs, rows, counts, util = build_pair_data(cfg, tok, cfg.data.train_files)
     eval_data = build_pair_data(cfg, tok, cfg.data.eval_files) if cfg.data.eval_files else None
@@ -189,9 +209,13 @@ def run(cfg: Config) -> dict:
     ref = build_reference(cfg, info, hf_model)
     ref_train = ref_eval = None
     if cfg.dpo.reference_logprobs == "precompute":  # before resume: the policy still holds its initial weights
-        ref_train = cached_reference_logps(cfg, info, run_dir, "train", ref, rows, pairs)
+        mb = cfg.train.micro_batch
+        ref_train = cached_reference_logps(cfg, info, run_dir, "train",
+                                           lambda: compute_reference_logps(ref, rows, pairs, info, mb), pairs)
         if eval_data is not None:
-            ref_eval = cached_reference_logps(cfg, info, run_dir, "eval", ref, eval_data[1], eval_data[0])
+            ref_eval = cached_reference_logps(
+                cfg, info, run_dir, "eval", lambda: compute_reference_logps(ref, eval_data[1], eval_data[0], info, mb),
+                eval_data[0])
         ref = None
     trainer = Trainer(cfg, info, CausalLMLogprobs(hf_model), run_dir=run_dir)
     trainer.maybe_resume()
