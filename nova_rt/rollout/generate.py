@@ -1,24 +1,32 @@
-"""Rollouts from the current policy: batched HF `generate` with a KV cache, G samples per prompt.
+"""Rollouts from the current policy: our own batched decode loop on the HF model's KV cache, G samples per prompt.
+
+Why not HF `generate`: for GRPO it does two kinds of wasted work. (1) Each prompt is repeated G times before the
+prefill, so the prompt is encoded G times; here each distinct prompt is prefilled once and its KV cache is copied
+to its G samples (`DynamicCache.batch_repeat_interleave`). (2) A finished sequence stays in the batch until the
+longest one ends, so a batch whose responses average 15 tokens but reach max_new_tokens=48 once costs 48 full
+decode steps; here finished rows leave the batch (`batch_select_indices` on the cache, the mask and positions),
+so the decode cost follows the sum of the response lengths. On CPU with SmolLM2-135M, 8 prompts x G=4 (prompts of
+~40 tokens) the prefill alone was a third of generate's time.
+
+Sampling: logits in fp32, divided by the temperature, then top-k (keeps ties with the k-th value), then top-p (the
+smallest set of most likely tokens whose mass reaches top_p; the most likely token always stays), then one
+multinomial draw from a private `torch.Generator`. `state_dict()` holds that generator's state, so sampling is
+reproducible and resumable independently of the global RNG. Greedy decoding takes the argmax.
 
 Why the attention switch: training runs nova's packed attention (one flat row, cu_seqlens, no mask), but batched
-generation needs left padding and therefore a padding mask, which the packed path does not take. Each call switches
-the model to "sdpa", generates, and switches back to the implementation it found.
-
-Why a private RNG: sampling should be reproducible and resumable independently of whatever else draws from torch's
-global generator (dropout, data order). HF `generate` samples from the global generator, so each call forks the
-global RNG, loads this object's state into it, generates, and stores the advanced state back; the global stream is
-left untouched. `state_dict()` holds that state for checkpoints.
+decoding needs left padding and therefore a padding mask, which the packed path does not take. Each call switches
+the model to "sdpa", decodes, and switches back to the implementation it found.
 
 Responses are cut after the first end-of-sequence token (which is kept: the policy must learn to stop); a response
-that hit max_new_tokens has finished=False. Prompts are repeated G times, so a prompt's samples are adjacent
-(what grpo_loss expects of a group).
+that hit max_new_tokens has finished=False. A prompt's G responses are adjacent (what grpo_loss expects of a
+group). `Rollout.logprobs` has, per response token, its log-probability under the policy at the sampling
+temperature (before top-k / top-p), as computed by the decode loop.
 
-Legend: N sequences in a generate call, P padded prompt length.
+Legend: N sequences in a decode batch, U distinct prompts, P padded prompt length, V vocab.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -37,8 +45,33 @@ class Rollout:
     """Decoded responses without special tokens."""
     finished: list[bool]
     """True when the response ended with an EOS token (False: truncated at max_new_tokens)."""
+    logprobs: list[list[float]] = field(default_factory=list)
+    """Per response token: log p(token) under the policy at the sampling temperature (no top-k / top-p)."""
     time_s: float = 0.0
     extra: dict = field(default_factory=dict)
+
+
+def filter_logits(logits_NV: torch.Tensor, *, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Top-k then top-p filtering of (already temperature-scaled) fp32 logits; removed entries become -inf.
+
+    top_k > 0 keeps every logit >= the k-th largest (ties included); top_p < 1 keeps the most likely tokens until
+    their probability mass reaches top_p (the token that crosses it stays; the first token always stays; among equal
+    logits the lower token id counts as more likely).
+    """
+    out = logits_NV
+    V = out.shape[-1]
+    if 0 < top_k < V:
+        kth = torch.topk(out, top_k, dim=-1).values[..., -1:]
+        out = out.masked_fill(out < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_NV, order_NV = torch.sort(out, dim=-1, descending=True, stable=True)  # ties: lower id first
+        probs = sorted_NV.softmax(-1)
+        mass_before = probs.cumsum(-1) - probs
+        drop_sorted = mass_before >= top_p
+        drop_sorted[..., 0] = False
+        drop = torch.zeros_like(drop_sorted).scatter_(-1, order_NV, drop_sorted)
+        out = out.masked_fill(drop, float("-inf"))
+    return out
 
 
 class RolloutGenerator:
@@ -61,52 +94,74 @@ class RolloutGenerator:
         self.eos = sorted(eos)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos[0]
         self.device = next(model.parameters()).device
-        with self._forked():
-            if self.device.type == "cuda":
-                torch.cuda.manual_seed(seed)
-            else:
-                torch.manual_seed(seed)
-            self._state = self._get_global()
-
-    # ------------------------------------------------------------------------------------------- RNG
-    def _forked(self):
-        devices = [self.device] if self.device.type == "cuda" else []
-        return torch.random.fork_rng(devices=devices)
-
-    def _get_global(self) -> torch.Tensor:
-        return torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else torch.get_rng_state()
-
-    def _set_global(self, state: torch.Tensor) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.set_rng_state(state, self.device)
-        else:
-            torch.set_rng_state(state)
+        self.rng = torch.Generator(device=self.device)
+        self.rng.manual_seed(seed)
 
     def state_dict(self) -> dict:
-        return {"rng": self._state.clone()}
+        return {"rng": self.rng.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self._state = state["rng"].clone()
+        self.rng.set_state(state["rng"])
 
-    # ------------------------------------------------------------------------------------------- generation
-    def _generation_config(self, greedy: bool):
-        from transformers import GenerationConfig
-
-        sample = not greedy
-        return GenerationConfig(max_new_tokens=self.max_new_tokens, do_sample=sample,
-                                temperature=self.temperature if sample else None,
-                                top_p=self.top_p if sample else None, top_k=self.top_k if sample else None,
-                                eos_token_id=self.eos, pad_token_id=self.pad_id, use_cache=True)
-
+    # ------------------------------------------------------------------------------------------- decoding
     def _pad_left(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         P = max(len(p) for p in prompts)
         ids_NP = torch.full((len(prompts), P), self.pad_id, dtype=torch.long)
         mask_NP = torch.zeros((len(prompts), P), dtype=torch.long)
         for i, p in enumerate(prompts):
-            if p:
-                ids_NP[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
-                mask_NP[i, P - len(p):] = 1
+            ids_NP[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask_NP[i, P - len(p):] = 1
         return ids_NP.to(self.device), mask_NP.to(self.device)
+
+    def _next(self, logits_NV: torch.Tensor, greedy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(next token ids (N,), their log-probs at the sampling temperature (N,))."""
+        scaled = logits_NV.float() / (1.0 if greedy else self.temperature)
+        if greedy:
+            tok_N = scaled.argmax(-1)
+        else:
+            probs = filter_logits(scaled, top_k=self.top_k, top_p=self.top_p).softmax(-1)
+            tok_N = torch.multinomial(probs, 1, generator=self.rng)[:, 0]
+        lp_N = scaled.log_softmax(-1).gather(1, tok_N[:, None])[:, 0]
+        return tok_N, lp_N
+
+    def _decode(self, prompts: list[list[int]], G: int, greedy: bool) -> tuple[list[list[int]], list[list[float]]]:
+        """G responses for each of the U distinct prompts (U * G rows, a prompt's rows adjacent)."""
+        from transformers import DynamicCache
+
+        model = self.model
+        ids_UP, mask_UP = self._pad_left(prompts)
+        pos_UP = (mask_UP.cumsum(1) - 1).clamp_min(0)
+        cache = DynamicCache(config=model.config)
+        out = model(input_ids=ids_UP, attention_mask=mask_UP, position_ids=pos_UP, past_key_values=cache,
+                    use_cache=True, logits_to_keep=1)
+        logits_NV = out.logits[:, -1].repeat_interleave(G, 0)
+        if G > 1:
+            cache.batch_repeat_interleave(G)
+        N = len(prompts) * G
+        mask_NL = mask_UP.repeat_interleave(G, 0)
+        pos_N = pos_UP[:, -1].repeat_interleave(G, 0)
+        rows = torch.arange(N, device=self.device)  # which sequence each live batch row is
+        eos = torch.tensor(self.eos, device=self.device)
+        tokens: list[list[int]] = [[] for _ in range(N)]
+        logps: list[list[float]] = [[] for _ in range(N)]
+        for step in range(self.max_new_tokens):
+            tok_N, lp_N = self._next(logits_NV, greedy)
+            for r, t, lp in zip(rows.tolist(), tok_N.tolist(), lp_N.tolist()):
+                tokens[r].append(t)
+                logps[r].append(lp)
+            live = ~torch.isin(tok_N, eos)
+            if step + 1 == self.max_new_tokens or not live.any():
+                break
+            if not live.all():  # finished rows leave the batch
+                keep = live.nonzero()[:, 0]
+                cache.batch_select_indices(keep)
+                rows, tok_N, mask_NL, pos_N = rows[keep], tok_N[keep], mask_NL[keep], pos_N[keep]
+            mask_NL = torch.cat([mask_NL, mask_NL.new_ones((mask_NL.shape[0], 1))], 1)
+            pos_N = pos_N + 1
+            out = model(input_ids=tok_N[:, None], attention_mask=mask_NL, position_ids=pos_N[:, None],
+                        past_key_values=cache, use_cache=True)
+            logits_NV = out.logits[:, -1]
+        return tokens, logps
 
     def _cut(self, row: list[int]) -> tuple[list[int], bool]:
         eos = set(self.eos)
@@ -117,37 +172,31 @@ class RolloutGenerator:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], group_size: int = 1, *, greedy: bool = False) -> Rollout:
-        """G responses per prompt (adjacent). Greedy decoding ignores group_size's randomness but repeats."""
+        """G responses per prompt (adjacent). Greedy decoding gives G copies of the argmax continuation."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
         t0 = time.perf_counter()
-        seqs = [p for p in prompts for _ in range(group_size)]
-        gen_cfg = self._generation_config(greedy)
+        G = group_size
         was_training, impl = self.model.training, self.model.config._attn_implementation
-        use_cache = self.model.config.use_cache
         self.model.eval()
         set_attention(self.model, "sdpa")
-        self.model.config.use_cache = True
         responses: list[list[int]] = []
+        logprobs: list[list[float]] = []
         try:
-            rng_ctx = contextlib.nullcontext() if greedy else self._forked()
-            with rng_ctx:
-                if not greedy:
-                    self._set_global(self._state)
-                step = self.batch_size if self.batch_size > 0 else len(seqs)
-                for i in range(0, len(seqs), step):
-                    ids_NP, mask_NP = self._pad_left(seqs[i:i + step])
-                    out = self.model.generate(input_ids=ids_NP, attention_mask=mask_NP, generation_config=gen_cfg)
-                    responses += out[:, ids_NP.shape[1]:].tolist()
-                if not greedy:
-                    self._state = self._get_global()
+            per_call = max(1, self.batch_size // G) if self.batch_size > 0 else len(prompts)
+            for i in range(0, len(prompts), per_call):
+                toks, lps = self._decode(prompts[i:i + per_call], G, greedy)
+                responses += toks
+                logprobs += lps
         finally:
-            self.model.config.use_cache = use_cache
             set_attention(self.model, impl)
             self.model.train(was_training)
         cut = [self._cut(r) for r in responses]
         texts = self.tok.batch_decode([c[0] for c in cut], skip_special_tokens=True)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return Rollout(prompt_ids=seqs, response_ids=[c[0] for c in cut], texts=texts,
-                       finished=[c[1] for c in cut], time_s=time.perf_counter() - t0)
+        return Rollout(prompt_ids=[p for p in prompts for _ in range(G)], response_ids=[c[0] for c in cut],
+                       texts=texts, finished=[c[1] for c in cut],
+                       logprobs=[lp[:len(c[0])] for lp, c in zip(logprobs, cut)], time_s=time.perf_counter() - t0)
