@@ -1,8 +1,16 @@
 """Generator backends: a local HF causal LM (batched `generate`) and an OpenAI-compatible chat-completions endpoint.
 
-Both expose `stream(conversations, max_new_tokens=, temperature=)`, which yields `(index, text_or_exception)` as
-each conversation finishes, so the caller can write every finished row at once: one failed request costs one row,
-and a crash costs only rows still in flight. `chat(...)` collects the same results into a list.
+Both expose `stream(conversations, max_new_tokens=, temperature=, reply_prefix=, json_reply=)`, which yields
+`(index, text_or_exception)` as each conversation finishes, so the caller can write every finished row at once: one
+failed request costs one row, and a crash costs only rows still in flight. `chat(...)` collects the same results
+into a list.
+
+Structured replies (the critique's JSON): the HF backend forces `reply_prefix` as the start of the assistant turn
+(it is appended to the rendered prompt, and the returned text starts with it), so a small model continues inside the
+JSON object instead of inventing another format. Chat-completions has no standard assistant prefill, so the HTTP
+backend ignores `reply_prefix`; with `json_mode=True` (config `pas.generator.json_mode`) it sends
+`response_format: {"type": "json_object"}` on the requests marked `json_reply` (OpenAI, vLLM, SGLang and llama.cpp
+servers accept it).
 
 The HTTP backend uses only the standard library (urllib). It retries connection errors, timeouts, HTTP 408/429/5xx
 and malformed replies (body not JSON, or no `choices[0].message.content`) with exponential backoff
@@ -38,14 +46,15 @@ class _Retryable(Exception):
 class ChatBackend:
     """Base class: subclasses implement `stream`."""
 
-    def stream(self, conversations: Sequence[Conversation], *, max_new_tokens: int,
-               temperature: float = 0.0) -> Iterator[tuple[int, str | BaseException]]:
+    def stream(self, conversations: Sequence[Conversation], *, max_new_tokens: int, temperature: float = 0.0,
+               reply_prefix: str = "", json_reply: bool = False) -> Iterator[tuple[int, str | BaseException]]:
         raise NotImplementedError
 
-    def chat(self, conversations: Sequence[Conversation], *, max_new_tokens: int,
-             temperature: float = 0.0) -> list[str | BaseException]:
+    def chat(self, conversations: Sequence[Conversation], *, max_new_tokens: int, temperature: float = 0.0,
+             reply_prefix: str = "", json_reply: bool = False) -> list[str | BaseException]:
         out: list[str | BaseException] = [BackendError("no result")] * len(conversations)
-        for i, res in self.stream(conversations, max_new_tokens=max_new_tokens, temperature=temperature):
+        for i, res in self.stream(conversations, max_new_tokens=max_new_tokens, temperature=temperature,
+                                  reply_prefix=reply_prefix, json_reply=json_reply):
             out[i] = res
         return out
 
@@ -69,10 +78,12 @@ class HFBackend(ChatBackend):
         self.batch_size, self.top_p, self.rep = batch_size, top_p, repetition_penalty
         self._gen = torch.Generator().manual_seed(seed)
 
-    def _generate(self, convs: Sequence[Conversation], max_new_tokens: int, temperature: float) -> list[str]:
+    def _generate(self, convs: Sequence[Conversation], max_new_tokens: int, temperature: float,
+                  reply_prefix: str = "") -> list[str]:
         import torch
 
-        texts = [self.tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in convs]
+        texts = [self.tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False) + reply_prefix
+                 for c in convs]
         enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=self.tok.pad_token_id,
                       repetition_penalty=self.rep)
@@ -84,13 +95,15 @@ class HFBackend(ChatBackend):
         with torch.no_grad():
             out_BT = self.model.generate(**enc, **kwargs)
         new_BT = out_BT[:, enc["input_ids"].shape[1]:]
+        if reply_prefix:  # keep the generated text exactly as it continues the prefix
+            return [reply_prefix + t.rstrip() for t in self.tok.batch_decode(new_BT, skip_special_tokens=True)]
         return [t.strip() for t in self.tok.batch_decode(new_BT, skip_special_tokens=True)]
 
-    def stream(self, conversations, *, max_new_tokens, temperature=0.0):
+    def stream(self, conversations, *, max_new_tokens, temperature=0.0, reply_prefix="", json_reply=False):
         for start in range(0, len(conversations), self.batch_size):
             chunk = conversations[start:start + self.batch_size]
             try:
-                results: list = self._generate(chunk, max_new_tokens, temperature)
+                results: list = self._generate(chunk, max_new_tokens, temperature, reply_prefix)
             except (RuntimeError, ValueError) as exc:  # e.g. an over-long prompt: fail this batch, keep going
                 log.warning("HF generation failed for items %d..%d: %s", start, start + len(chunk) - 1, exc)
                 results = [BackendError(f"generation failed: {exc}")] * len(chunk)
@@ -101,7 +114,8 @@ class OpenAIBackend(ChatBackend):
     """POST {base_url}/chat/completions with `concurrency` requests in flight; see the module docstring."""
 
     def __init__(self, base_url: str, model: str, *, api_key_env: str = "OPENAI_API_KEY", concurrency: int = 4,
-                 retries: int = 3, backoff_s: float = 1.0, max_backoff_s: float = 30.0, timeout_s: float = 60.0):
+                 retries: int = 3, backoff_s: float = 1.0, max_backoff_s: float = 30.0, timeout_s: float = 60.0,
+                 json_mode: bool = False):
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"pas.generator.base_url must start with http:// or https://, got {base_url!r}")
         if concurrency < 1 or retries < 0 or timeout_s <= 0:
@@ -111,6 +125,7 @@ class OpenAIBackend(ChatBackend):
         self.api_key = os.environ.get(api_key_env, "") if api_key_env else ""
         self.concurrency, self.retries = concurrency, retries
         self.backoff_s, self.max_backoff_s, self.timeout_s = backoff_s, max_backoff_s, timeout_s
+        self.json_mode = json_mode
 
     def _post_once(self, payload: bytes) -> str:
         headers = {"Content-Type": "application/json"}
@@ -138,10 +153,13 @@ class OpenAIBackend(ChatBackend):
             raise _Retryable(f"malformed reply: content is {type(content).__name__}")
         return content
 
-    def complete(self, messages: Conversation, *, max_new_tokens: int, temperature: float = 0.0) -> str:
+    def complete(self, messages: Conversation, *, max_new_tokens: int, temperature: float = 0.0,
+                 json_reply: bool = False) -> str:
         """One chat completion with retries; raises BackendError when every attempt failed."""
-        payload = json.dumps({"model": self.model, "messages": messages, "max_tokens": max_new_tokens,
-                              "temperature": temperature}).encode("utf-8")
+        body = {"model": self.model, "messages": messages, "max_tokens": max_new_tokens, "temperature": temperature}
+        if json_reply and self.json_mode:
+            body["response_format"] = {"type": "json_object"}
+        payload = json.dumps(body).encode("utf-8")
         last = ""
         for attempt in range(self.retries + 1):
             try:
@@ -158,10 +176,11 @@ class OpenAIBackend(ChatBackend):
                 time.sleep(delay)
         raise BackendError(f"{self.url}: failed after {self.retries + 1} attempts: {last}")
 
-    def stream(self, conversations, *, max_new_tokens, temperature=0.0):
+    def stream(self, conversations, *, max_new_tokens, temperature=0.0, reply_prefix="", json_reply=False):
         pool = cf.ThreadPoolExecutor(max_workers=self.concurrency)
         try:
-            futures = {pool.submit(self.complete, c, max_new_tokens=max_new_tokens, temperature=temperature): i
+            futures = {pool.submit(self.complete, c, max_new_tokens=max_new_tokens, temperature=temperature,
+                                   json_reply=json_reply): i
                        for i, c in enumerate(conversations)}
             for fut in cf.as_completed(futures):
                 exc = fut.exception()
@@ -176,12 +195,13 @@ class LazyBackend(ChatBackend):
     def __init__(self, factory):
         self._factory, self._backend = factory, None
 
-    def stream(self, conversations, *, max_new_tokens, temperature=0.0):
+    def stream(self, conversations, *, max_new_tokens, temperature=0.0, reply_prefix="", json_reply=False):
         if not conversations:
             return
         if self._backend is None:
             self._backend = self._factory()
-        yield from self._backend.stream(conversations, max_new_tokens=max_new_tokens, temperature=temperature)
+        yield from self._backend.stream(conversations, max_new_tokens=max_new_tokens, temperature=temperature,
+                                        reply_prefix=reply_prefix, json_reply=json_reply)
 
 
 def build_backend(gen, hf_model_path: str, seed: int = 0, tiny: dict | None = None) -> ChatBackend:
@@ -194,5 +214,6 @@ def build_backend(gen, hf_model_path: str, seed: int = 0, tiny: dict | None = No
         if not gen.model:
             raise ValueError("pas.generator.model: the model name is required for the openai backend")
         return OpenAIBackend(gen.base_url, gen.model, api_key_env=gen.api_key_env, concurrency=gen.concurrency,
-                             retries=gen.retries, backoff_s=gen.backoff_s, timeout_s=gen.timeout_s)
+                             retries=gen.retries, backoff_s=gen.backoff_s, timeout_s=gen.timeout_s,
+                             json_mode=gen.json_mode)
     raise ValueError(f"pas.generator.backend must be 'hf' or 'openai', got {gen.backend!r}")

@@ -8,6 +8,9 @@ Critique (method-spec §2, "Filtering and regeneration"): the critic answers JSO
 is_correct is "no" the complement is replaced by `final`. The code rules (rules.py) then check the chosen text; if it
 fails and the other candidate (the original, or the rewrite) passes, that one is kept, otherwise the row is
 rejected. A critic reply that is not valid JSON leaves the original complement to the code rules alone.
+The critic's reply is started with CRITIQUE_PREFIX (HF backend: forced; see backends.py), and a reply that is not
+one complete JSON object (a small critic stops mid-object, or adds a stray quote) is read field by field: the verdict
+must be present; a `final` string that never closes is not used.
 """
 
 from __future__ import annotations
@@ -36,10 +39,35 @@ class Critique:
     final: str
 
 
+CRITIQUE_PREFIX = '{"reason": "'
+_FIELD_STR = r'"{key}"\s*:\s*"((?:[^"\\]|\\.)*)"'
+_VERDICT = re.compile(r'"is_correct"\s*:\s*"?\s*(yes|no|true|false)\b', re.IGNORECASE)
+
+
+def _json_str(raw: str) -> str:
+    try:
+        return json.loads(f'"{raw}"')
+    except json.JSONDecodeError:
+        return raw
+
+
+def _parse_fields(text: str) -> Critique | None:
+    """Field-by-field reading of a reply that is not one complete JSON object."""
+    verdict = _VERDICT.search(text)
+    if verdict is None:
+        return None
+    reason = re.search(_FIELD_STR.format(key="reason"), text, re.IGNORECASE)
+    final = re.search(_FIELD_STR.format(key="final(?:ape)?"), text, re.IGNORECASE)
+    return Critique(_json_str(reason.group(1)) if reason else "", verdict.group(1).lower() in ("yes", "true"),
+                    _json_str(final.group(1)).strip() if final else "")
+
+
 def parse_critique(text: str) -> Critique | None:
     """The first JSON object in `text` with keys reason / is_correct / final (case-insensitive; the PAS scripts'
-    Reason / Is_correct / FinalAPE spellings too); None when there is none."""
+    Reason / Is_correct / FinalAPE spellings too); when no complete object carries a verdict, the fields read one
+    by one (`final` may then be empty); None when no verdict is found."""
     dec = json.JSONDecoder()
+    complete_verdict = False
     for start in (m.start() for m in re.finditer(r"\{", text)):
         try:
             obj, _ = dec.raw_decode(text, start)
@@ -50,11 +78,12 @@ def parse_critique(text: str) -> Critique | None:
         low = {str(k).lower(): v for k, v in obj.items()}
         verdict = low.get("is_correct")
         final = low.get("final", low.get("finalape"))
+        complete_verdict |= verdict is not None
         if verdict is None or not isinstance(final, str):
             continue
         ok = verdict if isinstance(verdict, bool) else str(verdict).strip().lower() in ("yes", "true", "correct")
         return Critique(str(low.get("reason", "")), ok, final.strip())
-    return None
+    return None if complete_verdict else _parse_fields(text)  # a complete but invalid object stays invalid
 
 
 def clean_complement(text: str) -> str:
@@ -142,7 +171,8 @@ def run_critique(rows: Sequence[dict], backend, seeds: dict[str, list[GoldenExam
     else:
         convs = [critique_messages(r["prompt"], r["complement"], pick_shots(seeds, r["category"], 1)[0])
                  for r in todo]
-        replies = backend.stream(convs, max_new_tokens=max_new_tokens, temperature=0.0)
+        replies = backend.stream(convs, max_new_tokens=max_new_tokens, temperature=0.0, reply_prefix=CRITIQUE_PREFIX,
+                                 json_reply=True)
     with JsonlAppender(out_path) as out:
         for i, reply in replies:
             if isinstance(reply, BaseException):

@@ -91,6 +91,9 @@ class PASGeneratorConfig:
     """Retries after the first attempt (errors, timeouts, 429/5xx, malformed replies), with exponential backoff."""
     backoff_s: float = 1.0
     timeout_s: float = 60.0
+    json_mode: bool = False
+    """openai: send response_format {"type": "json_object"} with the critique requests (the hf backend instead
+    starts the critic's reply with '{"reason": "')."""
 
     def validate(self) -> None:
         if self.backend not in ("hf", "openai"):

@@ -24,6 +24,7 @@ class ChatServer:
         self.responder, self.sleep_s = responder, sleep_s
         self.faults: dict[str, list[str]] = defaultdict(list)
         self.requests: list[str] = []
+        self.bodies: list[dict] = []  # every request body, parsed
         self.hits = 0
         self._release = threading.Event()  # set on exit: sleeping handlers end at once
         self._lock = threading.Lock()
@@ -74,6 +75,8 @@ class ChatServer:
         if h.path != "/v1/chat/completions":
             return self._send(h, 404, b'{"error": "not found"}')
         req = json.loads(h.rfile.read(int(h.headers["Content-Length"])))
+        with self._lock:
+            self.bodies.append(req)
         messages = req["messages"]
         fault = self._next_fault(messages[-1]["content"])
         if fault == "500":

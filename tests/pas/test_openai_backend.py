@@ -97,3 +97,14 @@ def test_generation_resumes_after_faults(generate, tmp_path):
         msgs = generation_messages(by_id[row["id"]]["prompt"], seeds[by_id[row["id"]]["category"]][:1])
         assert row["raw"] == generate(msgs, 8).strip(), (SEED, row["id"])
         assert row["prompt"] == by_id[row["id"]]["prompt"]
+
+
+@pytest.mark.parametrize("json_mode", [False, True])
+def test_json_mode_sends_response_format_only_on_json_requests(generate, json_mode):
+    msgs = [{"role": "user", "content": "judge this"}]
+    with ChatServer(generate) as srv:
+        backend = _backend(srv.base_url, json_mode=json_mode)
+        backend.chat([msgs], max_new_tokens=4, json_reply=True, reply_prefix='{"reason": "')
+        backend.chat([msgs], max_new_tokens=4)
+        formats = [b.get("response_format") for b in srv.bodies]
+    assert formats == ([{"type": "json_object"}, None] if json_mode else [None, None]), formats

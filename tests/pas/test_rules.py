@@ -137,13 +137,18 @@ def test_drift_caught_and_golden_pairs_kept(drift_checker):
     ('Verdict:\n{"Reason": "answers", "Is_correct": "No", "FinalAPE": "Be clear."} done', (False, "Be clear.")),
     ('{"reason": "x", "is_correct": false, "final": "Add an example."}', (False, "Add an example.")),
     ('{"broken": 1} then {"reason": "r", "is_correct": "yes", "final": "Be brief."}', (True, "Be brief.")),
+    # no complete object: read field by field (a small critic stopping mid-object, stray quotes, escapes)
+    ('{"reason": "adds \\"detail\\"", "is_correct": "No", "final": "Be \\u00e9 brief."', (False, "Be \u00e9 brief.")),
+    ('"{"reason": "ok", "is_correct": "yes", "final": "Use bullet po', (True, "")),
+    ('{"reason": "r", "is_correct": true, "final": "Add steps."} "', (True, "Add steps.")),
 ])
 def test_parse_critique(reply, expect):
     c = parse_critique(reply)
     assert c is not None and (c.is_correct, c.final) == expect
 
 
-@pytest.mark.parametrize("reply", ["no json here", '{"reason": "x"}', '{"is_correct": "no", "final": 3}', "{"])
+@pytest.mark.parametrize("reply", ["no json here", '{"reason": "x"}', '{"is_correct": "no", "final": 3}', "{",
+                                   '{"reason": "truncated before the verd'])
 def test_parse_critique_rejects_malformed(reply):
     assert parse_critique(reply) is None
 
