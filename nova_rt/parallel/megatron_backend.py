@@ -6,9 +6,13 @@ The trainer drives it like this (one process per GPU, launched by torchrun):
                               grad_clip=1.0, seed=0)
     rows = my_rows[backend.dp_rank :: backend.dp_size]          # every TP/PP rank of a DP replica: same rows
     stats = backend.train_step(rows)    # {"loss": float, "grad_norm": float, "tokens": int}
-    logp_T = backend.logprobs(row)      # (T,) fp32, for DPO / GRPO
+    stats = backend.train_step(rows, loss_fn, temperature=1.0)   # a stage's loss over per-token log-probs
+    sums = backend.forward(rows, fn)    # [fn(out, row) per row], forward only (reference / old log-probs)
+    logp_T = backend.logprobs(row)      # (T,) fp32 log p(input_ids[t] | earlier tokens)
     backend.set_lr(lr)                  # the trainer's schedule
     backend.save_hf(out_dir)            # collective; global rank 0 writes an HF directory
+    state = backend.state_dict()        # this rank's shards + optimizer + RNG (nova_rt.parallel.checkpoint)
+    hf = backend.hf_state_dict()        # collective; full HF tensors on every rank (GRPO's generation model)
 
 `train_step(micro_batches)`: the micro-batches (dicts, see nova_rt.parallel.packed) of this data-parallel rank for
 one optimizer step; all ranks of one model-parallel group must pass the same list. The loss is
@@ -17,6 +21,15 @@ ranks): per-micro-batch sums go through megatron's schedule with `calculate_per_
 `finalize_model_grads` divides the gradients by the all-reduced token count. `loss` and `tokens` are global, and
 identical on every rank. Per-token losses use `tensor_parallel.vocab_parallel_cross_entropy` on vocab-parallel
 logits (vocab padding columns masked to -inf-like values, so padding never changes the softmax).
+
+`train_step(micro_batches, loss_fn)`: stage losses (DPO, GRPO). The last pipeline stage computes, per micro-batch,
+out = {"logprobs": (T,) log p(targets[t]) at the given temperature (0 where no target), "entropy": (T,) when asked}
+from the same vocab-parallel cross entropy, and calls loss_fn(out, micro_batch) -> (loss, stats) with the micro-batch
+dict as passed (so metadata such as pair ids, reference log-probs or rewards rides along). The loss must already be
+normalised by the global batch (nova_rt.trainer's convention): gradients are summed over micro-batches and DP ranks
+(the token-count division of `finalize_model_grads` is skipped). Micro-batches may carry nova_rt's shifted `targets`
+instead of aligned `labels` (nova_rt.parallel.packed.from_shifted). `trainable=False` builds a frozen model (no DDP,
+no optimizer) for `forward` only: a DPO/GRPO reference.
 
 `logprobs(micro_batch)`: out[t] = log p(input_ids[t] | earlier tokens of its document), 0 at each document's first
 token; same value on every rank.

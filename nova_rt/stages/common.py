@@ -99,8 +99,6 @@ def megatron_backend(cfg: Config, path: str | None = None, *, trainable: bool = 
     from nova_rt.models.loading import resolve_model_path, to_dtype
     from nova_rt.parallel import MegatronBackend
 
-    if cfg.train.loss_reduction != "token":
-        raise ValueError("parallel.backend=megatron supports train.loss_reduction=token only")
     o = cfg.optim
     return MegatronBackend(resolve_model_path(resolve_path(cfg, path or cfg.model.path)), cfg.parallel,
                            dtype=to_dtype(cfg.model.dtype), lr=o.lr, weight_decay=o.weight_decay, grad_clip=o.grad_clip,

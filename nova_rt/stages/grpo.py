@@ -188,13 +188,14 @@ def pack_responses(prompts: list[list[int]], responses: list[list[int]]) -> dict
     return mb
 
 
-def agg_totals(lens: list[int]) -> torch.Tensor:
-    """[tokens, non-empty responses, responses, longest] of this rank's part; summed / maxed over ranks."""
+def agg_totals(lens: list[int], group=None) -> torch.Tensor:
+    """[tokens, non-empty responses, responses, longest] of this rank's part; summed / maxed over the ranks of
+    `group` (default: all; the megatron backend passes its data-parallel group)."""
     t = torch.tensor([float(sum(lens)), float(sum(x > 0 for x in lens)), float(len(lens))], dtype=torch.float64)
     longest = torch.tensor([float(max(lens, default=0))], dtype=torch.float64)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        all_reduce_sum(t)
-        torch.distributed.all_reduce(longest, op=torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_reduce(t, group=group)
+        torch.distributed.all_reduce(longest, op=torch.distributed.ReduceOp.MAX, group=group)
     return torch.cat([t, longest])
 
 
@@ -218,6 +219,12 @@ def rl_loss(model, mb: dict, g: GRPOConfig, temperature: float):
     topk = g.kl == "topk" and "ref_topk_ids" in mb
     out = _forward(model, mb, temperature=temperature, return_entropy=True,
                    topk_ids=mb["ref_topk_ids"] if topk else None)
+    return rl_loss_from_outputs(out, mb, g)
+
+
+def rl_loss_from_outputs(out: dict, mb: dict, g: GRPOConfig):
+    """rl_loss given the policy's outputs on the response tokens: logprobs, entropy (and topk_logprobs)."""
+    topk = g.kl == "topk" and "ref_topk_ids" in mb
     lp = out["logprobs"]
     old = mb["old_lp"] if "old_lp" in mb else lp.detach()
     kl_T = None
@@ -264,6 +271,9 @@ def make_loss_fn(g: GRPOConfig, temperature: float):
 class GRPORun:
     """State of one GRPO run: policy + trainer, reference, rollout generator, rewards, prompt sampler, PTX data."""
 
+    dp_group = None
+    """Process group of the data-parallel ranks for token totals (None: all ranks; the megatron backend's DP group)."""
+
     def __init__(self, cfg: Config):
         from nova_rt.rewards import build_reward
         from nova_rt.rollout.generate import RolloutGenerator
@@ -278,7 +288,9 @@ class GRPORun:
                              f"train.max_steps={cfg.train.max_steps} by ppo_epochs x minibatches="
                              f"{g.steps_per_rollout}")
         self.hf, self.tok = load_policy(cfg)
-        self.trainer = Trainer(cfg, self.info, PolicyLogprobs(self.hf), run_dir=self.run_dir)
+        # the data-parallel view (the megatron backend narrows it to its DP group in build_trainer)
+        self.dp_rank, self.dp_size, self.dp_sum = self.info.rank, world, all_reduce_sum
+        self.trainer = self.build_trainer()
         self.ref = self._load_ref() if g.needs_ref else None
         self.generator = RolloutGenerator(self.hf, self.tok, max_new_tokens=g.max_new_tokens,
                                           temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
@@ -288,6 +300,9 @@ class GRPORun:
         self.ptx = self._load_ptx() if g.ptx_coef > 0 else None
         self.prompt_ids = PromptEncoder(self.tok, g.pas_model)
         self.loss_fn = make_loss_fn(g, g.temperature)
+
+    def build_trainer(self):
+        return Trainer(self.cfg, self.info, PolicyLogprobs(self.hf), run_dir=self.run_dir)
 
     def _load_ref(self):
         ref_hf, _ = load_policy(self.cfg, self.g.ref_model or None)
@@ -323,7 +338,7 @@ class GRPORun:
     # ------------------------------------------------------------------------------------------- rollouts
     def collect(self) -> tuple[list[dict], dict]:
         """This rank's groups for one step ({prompt, responses, rewards}) and global rollout metrics."""
-        g, rank, world = self.g, self.info.rank, self.info.world_size
+        g, rank, world = self.g, self.dp_rank, self.dp_size
         per_rank, G = g.prompts_per_step // world, g.group_size
         kept, dropped, sums = [], [], torch.zeros(7, dtype=torch.float64)
         for _ in range(1 + (g.dynamic_max_rounds if g.dynamic_sampling else 0)):
@@ -343,13 +358,13 @@ class GRPORun:
             kept = kept[:per_rank]
             if not g.dynamic_sampling:
                 break
-            n = all_reduce_sum(torch.tensor([float(len(kept))], dtype=torch.float64))
+            n = self.dp_sum(torch.tensor([float(len(kept))], dtype=torch.float64))
             if n.item() >= g.prompts_per_step:
                 break
         if len(kept) < g.minibatches:  # every rank must take part in every optimizer step
             kept += dropped[:g.minibatches - len(kept)]
-        n_kept = all_reduce_sum(torch.tensor([float(len(kept))], dtype=torch.float64)).item()
-        all_reduce_sum(sums)
+        n_kept = self.dp_sum(torch.tensor([float(len(kept))], dtype=torch.float64)).item()
+        self.dp_sum(sums)
         n, mean = sums[0].item(), sums[1].item() / sums[0].item()
         metrics = {"reward_mean": mean, "reward_std": max(sums[2].item() / n - mean * mean, 0.0) ** 0.5,
                    "response_len": sums[4].item() / n, "truncated_frac": sums[5].item() / n,
@@ -392,7 +407,7 @@ class GRPORun:
 
     def micro_batches(self, groups: list[dict]) -> list[dict]:
         g = self.g
-        totals = agg_totals([len(r) for grp in groups for r in grp["responses"]])
+        totals = agg_totals([len(r) for grp in groups for r in grp["responses"]], self.dp_group)
         step = g.micro_prompts or max(len(groups), 1)
         mbs = []
         for i in range(0, len(groups), step):
@@ -437,8 +452,8 @@ class GRPORun:
                 for k, v in st.items():
                     sums[k] = sums.get(k, 0.0) + v
         steps, tok = g.steps_per_rollout, max(sums["resp_tokens"], 1.0)
-        out = {"loss": sums["loss"] / steps, "grad_norm": sums["grad_norm"] / steps,
-               "lr": self.trainer.scheduler.get_last_lr()[0], "clip_frac": sums["clip_tokens"] / tok,
+        out = {"loss": sums["loss"] / steps, "grad_norm": sums["grad_norm"] / steps, "lr": st["lr"],
+               "clip_frac": sums["clip_tokens"] / tok,
                "entropy": sums["entropy_sum"] / tok, "ratio_mean": sums["ratio_sum"] / tok}
         if "kl_sum" in sums:
             out["kl"] = sums["kl_sum"] / tok
@@ -455,8 +470,8 @@ class GRPORun:
 
         return evaluate_categories(
             self.eval_pools, lambda chunk: self.generator.generate(self.prompt_ids(chunk), 1, greedy=True).texts,
-            score, self.g.eval_batch, self.info.rank, self.info.world_size,
-            lambda xs: all_reduce_sum(torch.tensor(xs, dtype=torch.float64)).tolist())
+            score, self.g.eval_batch, self.dp_rank, self.dp_size,
+            lambda xs: self.dp_sum(torch.tensor(xs, dtype=torch.float64)).tolist())
 
     def eval_metrics(self, reweight_after: bool) -> dict:
         res = self.evaluate()
@@ -512,4 +527,8 @@ class GRPORun:
 
 @register_stage("grpo")
 def run(cfg: Config) -> dict:
+    if cfg.parallel.backend == "megatron":
+        from nova_rt.stages.grpo_megatron import MegatronGRPORun
+
+        return MegatronGRPORun(cfg).run()
     return GRPORun(cfg).run()

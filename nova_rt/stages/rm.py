@@ -107,6 +107,9 @@ def eval_hook(cfg: Config, telemetry: Telemetry, evaluate: Callable[[], dict] | 
 
 @register_stage("rm")
 def run(cfg: Config) -> dict:
+    if cfg.parallel.backend != "hf":
+        raise NotImplementedError(f"run.stage=rm supports parallel.backend=hf only, got parallel.backend="
+                                  f"{cfg.parallel.backend!r} (the scalar reward head is not built on megatron-core)")
     info, run_dir = setup(cfg)
     hf_model, tok = load_policy(cfg)
     module = RewardModel.from_causal_lm(hf_model, tok.pad_token_id, seed=cfg.run.seed)

@@ -32,6 +32,8 @@ def to_megatron_batch(row: PackedRow) -> dict:
 
 
 def run_megatron_sft(cfg: Config, info, run_dir: Path, rows: list[PackedRow], tokenizer) -> dict:
+    if cfg.train.loss_reduction != "token":
+        raise ValueError("parallel.backend=megatron supports train.loss_reduction=token only")
     backend = megatron_backend(cfg)
     start, _ = megatron_resume(cfg, backend, run_dir)
     sched = BatchSchedule(len(rows), cfg.train.global_batch, cfg.train.micro_batch, backend.dp_size, cfg.run.seed,

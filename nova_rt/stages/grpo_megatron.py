@@ -1,0 +1,159 @@
+"""GRPO with `parallel.backend: megatron`: the HF stage's loop (GRPORun: rollouts, rewards, dynamic sampling, eval
+and re-weighting, grpo_loss via rl_loss_from_outputs, exact resume) with the policy trained by MegatronBackend.
+
+What changes against the HF backend:
+  - policy log-probs (and entropy, a statistic) come from the vocab-parallel cross entropy on the last pipeline stage
+    at the sampling temperature, selected at the response tokens, and go to the same loss; gradients are summed over
+    micro-batches and DP ranks of the globally normalised loss (nova_rt.parallel.megatron_backend.train_step);
+  - old log-probs (ppo_epochs x minibatches > 1) come from the policy backend in forward-only mode, reference
+    log-probs (beta > 0) from a frozen second backend of grpo.ref_model (default: the initial policy);
+  - rollouts still run HF generate: before every rollout and eval, the HF model is loaded with the current weights
+    gathered from the megatron shards (hf_convert's mapping; a full copy on every rank). Only the first rank of each
+    model-parallel group (TP x PP) generates and scores; it broadcasts the groups to the other ranks of its group,
+    so every rank of a replica trains on identical rollouts even where generation is not bitwise reproducible.
+    Prompts are split over data-parallel ranks (grpo.prompts_per_step must still divide by the world size);
+  - checkpoints: nova_rt.parallel.checkpoint, with the sampler and rollout RNG state as each rank's extra state.
+Not supported here (rejected at start): the top-k KL (grpo.kl=topk with beta > 0) and the PTX term, which need the
+full-vocab log-softmax at the reference's top-k ids across TP ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+
+from nova_rt.config import Config
+from nova_rt.data.chat import IGNORE
+from nova_rt.losses.kl import sampled_kl
+from nova_rt.parallel import checkpoint as mckpt
+from nova_rt.parallel.packed import from_shifted
+from nova_rt.stages.common import megatron_backend, megatron_resume, save_megatron_final
+from nova_rt.stages.grpo import GRPORun, rl_loss_from_outputs
+from nova_rt.trainer import lr_lambda
+
+
+def _responses(out: dict, mb: dict) -> dict:
+    """The outputs at response tokens only (the layout of the HF stage's PolicyLogprobs), on the CPU."""
+    mask = (mb["targets"] != IGNORE).to(out["logprobs"].device)
+    return {k: v[mask].cpu() for k, v in out.items()}
+
+
+def _dp_sum(t: torch.Tensor) -> torch.Tensor:
+    from megatron.core import parallel_state as ps
+
+    dist.all_reduce(t, group=ps.get_data_parallel_group())
+    return t
+
+
+class MegatronPolicy:
+    """What GRPORun drives of nova_rt.trainer.Trainer (train_step, step, maybe_resume, save_checkpoint, autocast),
+    over a MegatronBackend with the trainer's lr schedule."""
+
+    def __init__(self, cfg: Config, backend, run_dir, temperature: float):
+        self.cfg, self.backend, self.run_dir, self.temperature = cfg, backend, run_dir, temperature
+        self.step = 0
+
+    def _lr(self, step: int) -> float:
+        o = self.cfg.optim
+        return o.lr * lr_lambda(step, warmup=o.warmup_steps, total=self.cfg.train.max_steps, kind=o.scheduler,
+                                min_ratio=o.min_lr_ratio)
+
+    def autocast(self):
+        return contextlib.nullcontext()  # precision is model.dtype on this backend
+
+    def train_step(self, micro_batches: list[dict], loss_fn) -> dict:
+        self.backend.set_lr(self._lr(self.step))
+        stats = self.backend.train_step([from_shifted(mb) for mb in micro_batches], loss_fn,
+                                        temperature=self.temperature, entropy=True)
+        self.step += 1
+        return {**stats, "lr": self._lr(self.step)}  # the next step's, as Trainer reports it
+
+    def maybe_resume(self) -> dict | None:
+        self.step, extra = megatron_resume(self.cfg, self.backend, self.run_dir)
+        return extra
+
+    def save_checkpoint(self, extra: dict | None = None):
+        return mckpt.save(self.backend, self.run_dir / "checkpoints", self.step, extra,
+                          keep_last=self.cfg.checkpoint.keep_last)
+
+
+class MegatronGRPORun(GRPORun):
+    """GRPORun with the policy (and reference) on megatron-core; see the module docstring."""
+
+    def __init__(self, cfg: Config):
+        g = cfg.grpo
+        if g.ptx_coef > 0:
+            raise NotImplementedError("grpo.ptx_coef > 0 (PTX top-k KL) is not supported with parallel.backend="
+                                      "megatron")
+        if g.beta > 0 and g.kl == "topk":
+            raise NotImplementedError("grpo.kl=topk with grpo.beta > 0 is not supported with parallel.backend="
+                                      "megatron; use grpo.kl=k1, k2 or k3")
+        super().__init__(cfg)
+        self.loss_fn = self._loss
+        self._synced_step = 0  # the policy step whose weights the HF generation model holds
+
+    def build_trainer(self) -> MegatronPolicy:
+        backend = megatron_backend(self.cfg)
+        from megatron.core import parallel_state as ps
+
+        self.dp_rank, self.dp_size, self.dp_sum = backend.dp_rank, backend.dp_size, _dp_sum
+        self.dp_group = ps.get_data_parallel_group()
+        return MegatronPolicy(self.cfg, backend, self.run_dir, self.g.temperature)
+
+    def _load_ref(self):
+        return megatron_backend(self.cfg, self.g.ref_model or None, trainable=False)
+
+    # ------------------------------------------------------------------------------------------- rollouts
+    def _sync_generation_model(self) -> None:
+        """Collective: load the policy's current weights into the HF model that generates."""
+        if self._synced_step == self.trainer.step:
+            return
+        state = self.trainer.backend.hf_state_dict()
+        missing, unexpected = self.hf.load_state_dict(state, strict=False)
+        allowed = {"lm_head.weight"} if self.trainer.backend.arch.tied else set()
+        if unexpected or set(missing) - allowed:
+            raise RuntimeError(f"megatron -> HF weight sync: missing {missing}, unexpected {unexpected}")
+        self._synced_step = self.trainer.step
+
+    def _on_first_model_parallel_rank(self, fn):
+        """fn() on the first rank of this model-parallel group, its result broadcast to the others."""
+        from megatron.core import parallel_state as ps
+
+        group = ps.get_model_parallel_group()
+        box = [fn() if dist.get_rank(group) == 0 else None]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+        return box[0]
+
+    def collect(self) -> tuple[list[dict], dict]:
+        self._sync_generation_model()
+        return self._on_first_model_parallel_rank(super().collect)
+
+    def evaluate(self) -> dict[str, dict[str, float]]:
+        self._sync_generation_model()
+        return self._on_first_model_parallel_rank(super().evaluate)
+
+    # ------------------------------------------------------------------------------------------- training
+    @torch.no_grad()
+    def precompute(self, mb: dict) -> dict:
+        """Reference log-probs (beta > 0) and, for batches that serve several steps, the rollout policy's."""
+        g, T = self.g, self.g.temperature
+        mb = from_shifted(mb)
+        if self.ref is not None and g.beta > 0:
+            mb["ref_lp"] = self.ref.forward([mb], _responses, temperature=T)[0]["logprobs"]
+        if g.steps_per_rollout > 1:
+            mb["old_lp"] = self.trainer.backend.forward([mb], _responses, temperature=T)[0]["logprobs"]
+            if g.beta > 0 and g.kl_placement == "reward":
+                mb["old_kl"] = sampled_kl(mb["old_lp"], mb["ref_lp"], g.kl)
+        return mb
+
+    def _loss(self, out: dict, mb: dict):
+        device = out["logprobs"].device
+        mask = (mb["targets"] != IGNORE).to(device)
+        mb = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}
+        return rl_loss_from_outputs({k: v[mask] for k, v in out.items()}, mb, self.g)
+
+    def save_final(self) -> str | None:
+        return save_megatron_final(self.cfg, self.info, self.trainer.backend, self.tok, self.run_dir)
+
