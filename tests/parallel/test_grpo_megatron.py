@@ -6,15 +6,19 @@ Rollouts are sampled by HF generate in both runs from the same seed; the megatro
 weights gathered from the TP shards before each rollout, so the second rollout (and the evals) only match if that
 sync is right: HF and megatron policies differ by float noise (~1e-7), far too little to flip a sampled token in a
 few hundred draws. Compared: every logged metric (loss, grad norm, rewards, KL, entropy, clip fraction, response
-lengths, eval accuracy) and the final weights. A fresh random tiny Llama each run (seed printed)."""
+lengths, eval accuracy) and the final weights. Then the megatron run dir is cut back to its checkpoint after the
+first rollout and rerun: the resumed run (prompt sampler, rollout RNG, category weights, optimizer, shards) must end
+bit-identical to the uninterrupted one. A fresh random tiny Llama each run (seed printed)."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,11 +58,14 @@ def test_megatron_grpo_matches_hf_backend(tmp_path):
     r = subprocess.run([sys.executable, "-m", "nova_rt.train", *_common(hf_dir, model_dir)], cwd=ROOT, env=_env(),
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-                        str(ROOT / "tests" / "parallel" / "sft_megatron_worker.py"), *_common(mg_dir, model_dir),
-                        "--set", "parallel.backend=megatron", "--set", "parallel.tensor_parallel=2"],
-                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-4000:]
+    def megatron(run_dir):
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                            str(ROOT / "tests" / "parallel" / "sft_megatron_worker.py"), *_common(run_dir, model_dir),
+                            "--set", "parallel.backend=megatron", "--set", "parallel.tensor_parallel=2", "--set",
+                            "checkpoint.every=2"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-4000:]
+
+    megatron(mg_dir)
     mh, mm = ([json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines()] for d in (hf_dir, mg_dir))
     assert [m["step"] for m in mh] == [m["step"] for m in mm] == [2, 4]
     skip = {"step", "rollout_time_s", "train_time_s", "step_time_s"}
@@ -74,3 +81,16 @@ def test_megatron_grpo_matches_hf_backend(tmp_path):
     for k in wh:
         rel = ((wh[k] - wm[k]).norm() / wh[k].norm().clamp_min(1e-12)).item()
         assert rel <= 1e-4, (f"seed={SEED}", k, rel)
+    cut = tmp_path / "cut"
+    shutil.copytree(mg_dir, cut)
+    shutil.rmtree(cut / "final")
+    (cut / "eval_final.json").unlink()
+    assert [p.name for p in (cut / "checkpoints").iterdir()] == ["step_00000002"]
+    megatron(cut)
+    assert (cut / "metrics.jsonl").read_text().count("\n") == 2
+    a, b = ([json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines()][1] for d in (mg_dir, cut))
+    assert {k: v for k, v in a.items() if k not in skip} == {k: v for k, v in b.items() if k not in skip}
+    assert json.loads((cut / "eval_final.json").read_text()) == em
+    wc = _weights(cut / "final")
+    for k in wm:
+        assert torch.equal(wm[k], wc[k]), k
