@@ -9,7 +9,8 @@ the rest of the step (packing / padding, forward, backward, optimizer). The firs
 
     python benchmarks/bench_grpo_step.py [--steps 3] [--threads 2] [--max-new-tokens 48] [--providers nova_rt,trl]
 
-On a CPU machine shared with other jobs the wall times are noisy; the rows also give process CPU seconds.
+On a CPU machine shared with other jobs the wall times are noisy; the rows also give process CPU seconds. Response
+lengths come from sampling and differ between the two runs, so the rows also give rollout CPU ms per generated token.
 """
 
 from __future__ import annotations
@@ -140,6 +141,7 @@ def summarise(provider: str, rows: list[dict], args) -> dict:
             "step_s": med["rollout_s"] + med["train_s"], "cpu_step_s": med["cpu_rollout_s"] + med["cpu_train_s"],
             "cpu_rollout_s": med["cpu_rollout_s"], "cpu_train_s": med["cpu_train_s"],
             "response_len": med["response_len"], "prompts": args.prompts, "group": args.group,
+            "cpu_rollout_ms_per_token": 1e3 * med["cpu_rollout_s"] / (args.prompts * args.group * med["response_len"]),
             "max_new_tokens": args.max_new_tokens, "threads": args.threads,
             "loadavg_1m": os.getloadavg()[0]}
 
@@ -170,7 +172,8 @@ def main(argv=None) -> None:
             r["speedup_step"] = base["step_s"] / r["step_s"]
             r["speedup_cpu"] = base["cpu_step_s"] / r["cpu_step_s"]
     report("grpo_step", results, ["provider", "steps", "rollout_s", "train_s", "step_s", "cpu_step_s",
-                                  "response_len", "speedup_step", "speedup_cpu", "loadavg_1m"], out=args.out)
+                                  "response_len", "cpu_rollout_ms_per_token", "speedup_step", "speedup_cpu",
+                                  "loadavg_1m"], out=args.out)
 
 
 if __name__ == "__main__":
