@@ -8,8 +8,9 @@ What changes against the HF backend:
   - old log-probs (ppo_epochs x minibatches > 1) come from the policy backend in forward-only mode, reference
     log-probs (beta > 0) from a frozen second backend of grpo.ref_model (default: the initial policy);
   - rollouts still run on the HF model (nova_rt.rollout): before every rollout and eval, the HF model is loaded with
-    the current weights gathered from the megatron shards (hf_convert's mapping; a full copy on every rank). Only the first rank of each
-    model-parallel group (TP x PP) generates and scores; it broadcasts the groups to the other ranks of its group,
+    the current weights gathered from the megatron shards (hf_convert's mapping; a full copy on every rank). Only
+    the first rank of each model-parallel group (TP x PP) generates and scores; it broadcasts the groups to the
+    other ranks of its group,
     so every rank of a replica trains on identical rollouts even where generation is not bitwise reproducible.
     Prompts are split over data-parallel ranks (grpo.prompts_per_step must still divide by the world size);
   - checkpoints: nova_rt.parallel.checkpoint, with the sampler and rollout RNG state as each rank's extra state.
