@@ -33,6 +33,32 @@ void check_inputs(const char* op, const std::vector<torch::Tensor>& xs, at::Scal
   }
 }
 
+// `out` must match the inputs: shape, device, out_dtype, contiguous.
+void check_out(const char* op, const torch::Tensor& like, at::ScalarType out_dtype, const torch::Tensor& o) {
+  TORCH_CHECK(o.sizes() == like.sizes(), op, ": out has shape ", o.sizes(), ", inputs have ", like.sizes());
+  TORCH_CHECK(o.scalar_type() == out_dtype, op, ": out is ", o.scalar_type(), " but out_dtype is ", out_dtype);
+  TORCH_CHECK(o.device() == like.device(), op, ": out is on ", o.device(), ", inputs on ", like.device());
+  TORCH_CHECK(o.is_contiguous(), op, ": out must be contiguous");
+}
+
+// The output: `out` when given (checked against the inputs), else a fresh tensor of out_dtype.
+torch::Tensor output_for(const char* op, const torch::Tensor& like, at::ScalarType out_dtype,
+                         const c10::optional<torch::Tensor>& out) {
+  if (!out.has_value()) return torch::empty(like.sizes(), like.options().dtype(out_dtype));
+  check_out(op, like, out_dtype, *out);
+  return *out;
+}
+
+#ifdef NOVA_RT_WITH_CUDA
+// The CUDA ops allocate their result (from the caching allocator); copy it into `out` when one was given.
+torch::Tensor into(const char* op, torch::Tensor result, const c10::optional<torch::Tensor>& out) {
+  if (!out.has_value()) return result;
+  check_out(op, result, result.scalar_type(), *out);
+  out->copy_(result);
+  return *out;
+}
+#endif
+
 std::vector<torch::Tensor> with_base(const torch::Tensor& base, const std::vector<torch::Tensor>& xs) {
   std::vector<torch::Tensor> all{base};
   all.insert(all.end(), xs.begin(), xs.end());
@@ -40,18 +66,21 @@ std::vector<torch::Tensor> with_base(const torch::Tensor& base, const std::vecto
 }
 
 torch::Tensor weighted_sum(const std::vector<torch::Tensor>& xs, const std::vector<double>& weights, double scale,
-                           at::ScalarType out_dtype) {
+                           at::ScalarType out_dtype, const c10::optional<torch::Tensor>& out) {
   check_inputs("weighted_sum", xs, out_dtype);
   TORCH_CHECK(weights.size() == xs.size(), "weighted_sum: ", xs.size(), " tensors but ", weights.size(), " weights");
 #ifdef NOVA_RT_WITH_CUDA
-  if (xs[0].is_cuda()) return weighted_sum_cuda(xs, weights, scale, out_dtype);
+  if (xs[0].is_cuda()) return into("weighted_sum", weighted_sum_cuda(xs, weights, scale, out_dtype), out);
 #endif
-  return weighted_sum_cpu(xs, weights, scale, out_dtype);
+  auto result = output_for("weighted_sum", xs[0], out_dtype, out);
+  weighted_sum_cpu(xs, weights, scale, result);
+  return result;
 }
 
 torch::Tensor gta(const torch::Tensor& base, const std::vector<torch::Tensor>& xs, const std::vector<double>& weights,
                   const std::vector<double>& densities, int64_t sparsify, bool consensus, bool normalize,
-                  double lambda, bool rescale, int64_t seed, int64_t tensor_id, at::ScalarType out_dtype) {
+                  double lambda, bool rescale, int64_t seed, int64_t tensor_id, at::ScalarType out_dtype,
+                  const c10::optional<torch::Tensor>& out) {
   check_inputs("gta", with_base(base, xs), out_dtype);
   TORCH_CHECK(!xs.empty(), "gta: needs at least one model besides the base");
   TORCH_CHECK(weights.size() == xs.size(), "gta: ", xs.size(), " models but ", weights.size(), " weights");
@@ -60,42 +89,50 @@ torch::Tensor gta(const torch::Tensor& base, const std::vector<torch::Tensor>& x
   GtaArgs args{weights, densities, static_cast<Sparsify>(sparsify), consensus, normalize, lambda, rescale, seed,
                tensor_id};
 #ifdef NOVA_RT_WITH_CUDA
-  if (base.is_cuda()) return gta_cuda(base, xs, args, out_dtype);
+  if (base.is_cuda()) return into("gta", gta_cuda(base, xs, args, out_dtype), out);
 #endif
-  return gta_cpu(base, xs, args, out_dtype);
+  auto result = output_for("gta", base, out_dtype, out);
+  gta_cpu(base, xs, args, result);
+  return result;
 }
 
 torch::Tensor slerp(const torch::Tensor& a, const torch::Tensor& b, double t, double dot_threshold, double eps,
-                    at::ScalarType out_dtype) {
+                    at::ScalarType out_dtype, const c10::optional<torch::Tensor>& out) {
   check_inputs("slerp", {a, b}, out_dtype);
 #ifdef NOVA_RT_WITH_CUDA
-  if (a.is_cuda()) return slerp_cuda(a, b, t, dot_threshold, eps, out_dtype);
+  if (a.is_cuda()) return into("slerp", slerp_cuda(a, b, t, dot_threshold, eps, out_dtype), out);
 #endif
-  return slerp_cpu(a, b, t, dot_threshold, eps, out_dtype);
+  auto result = output_for("slerp", a, out_dtype, out);
+  slerp_cpu(a, b, t, dot_threshold, eps, result);
+  return result;
 }
 
 torch::Tensor model_stock(const torch::Tensor& base, const std::vector<torch::Tensor>& xs, int64_t row_len,
-                          at::ScalarType out_dtype) {
+                          at::ScalarType out_dtype, const c10::optional<torch::Tensor>& out) {
   check_inputs("model_stock", with_base(base, xs), out_dtype);
   TORCH_CHECK(xs.size() >= 2, "model_stock: needs at least 2 models besides the base, got ", xs.size());
   TORCH_CHECK(row_len >= 0, "model_stock: row_len must be >= 0 (0 = whole tensor)");
   TORCH_CHECK(row_len == 0 || base.numel() % row_len == 0, "model_stock: row_len ", row_len, " does not divide ",
               base.numel(), " elements");
 #ifdef NOVA_RT_WITH_CUDA
-  if (base.is_cuda()) return model_stock_cuda(base, xs, row_len, out_dtype);
+  if (base.is_cuda()) return into("model_stock", model_stock_cuda(base, xs, row_len, out_dtype), out);
 #endif
-  return model_stock_cpu(base, xs, row_len, out_dtype);
+  auto result = output_for("model_stock", base, out_dtype, out);
+  model_stock_cpu(base, xs, row_len, result);
+  return result;
 }
 
-// (thresholds, cutoffs) of the magnitude sparsifier, for tests against a stable-sort reference.
+// (thresholds, cutoffs) of the magnitude sparsifier by either selection, for tests against a stable-sort reference.
 std::pair<std::vector<double>, std::vector<int64_t>> magnitude_params(const torch::Tensor& base,
                                                                       const std::vector<torch::Tensor>& xs,
-                                                                      const std::vector<double>& densities) {
+                                                                      const std::vector<double>& densities,
+                                                                      const std::string& method) {
   check_inputs("magnitude_params", with_base(base, xs), base.scalar_type());
   TORCH_CHECK(base.is_cpu(), "magnitude_params: CPU tensors only");
   TORCH_CHECK(densities.size() == xs.size(), "magnitude_params: one density per model");
+  TORCH_CHECK(method == "sampled" || method == "radix", "magnitude_params: method must be sampled or radix");
   std::pair<std::vector<double>, std::vector<int64_t>> out;
-  for (const auto& p : magnitude_params_cpu(base, xs, densities)) {
+  for (const auto& p : magnitude_params_cpu(base, xs, densities, method == "sampled")) {
     out.first.push_back(p.thr);
     out.second.push_back(p.cutoff);
   }
@@ -118,16 +155,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "nova_rt weight-space merge ops (CPU OpenMP; CUDA when built with NOVA_RT_WITH_CUDA)";
   // The ops release the GIL so the streaming merge can read the next tensor while this one is computed.
   const auto nogil = pybind11::call_guard<pybind11::gil_scoped_release>();
+  // `out` (optional): a preallocated output to write into (e.g. a view of the output file's mapping).
+  const auto out = "out"_a = pybind11::none();
   m.def("weighted_sum", &nova_rt::weighted_sum, "scale * sum_i w_i x_i", nogil, "xs"_a, "weights"_a, "scale"_a,
-        "out_dtype"_a);
+        "out_dtype"_a, out);
   m.def("gta", &nova_rt::gta, "generalized task arithmetic: task arithmetic, TIES, DARE", nogil, "base"_a, "xs"_a,
         "weights"_a, "densities"_a, "sparsify"_a, "consensus"_a, "normalize"_a, "lam"_a, "rescale"_a, "seed"_a,
-        "tensor_id"_a, "out_dtype"_a);
+        "tensor_id"_a, "out_dtype"_a, out);
   m.def("slerp", &nova_rt::slerp, "spherical interpolation of two tensors", nogil, "a"_a, "b"_a, "t"_a,
-        "dot_threshold"_a, "eps"_a, "out_dtype"_a);
+        "dot_threshold"_a, "eps"_a, "out_dtype"_a, out);
   m.def("model_stock", &nova_rt::model_stock, "Model Stock (row_len 0: whole tensor)", nogil, "base"_a, "xs"_a,
-        "row_len"_a, "out_dtype"_a);
+        "row_len"_a, "out_dtype"_a, out);
   m.def("magnitude_params", &nova_rt::magnitude_params, "TIES top-k thresholds and tie cutoffs", nogil, "base"_a,
-        "xs"_a, "densities"_a);
+        "xs"_a, "densities"_a, "method"_a = "sampled");
   m.def("has_cuda", &nova_rt::has_cuda, "whether CUDA kernels were compiled in");
 }

@@ -79,17 +79,19 @@ struct GtaArgs {
 };
 
 // ---- CPU (merge_cpu.cpp) ----
-torch::Tensor weighted_sum_cpu(const std::vector<torch::Tensor>& xs, const std::vector<double>& weights, double scale,
-                               at::ScalarType out_dtype);
-torch::Tensor gta_cpu(const torch::Tensor& base, const std::vector<torch::Tensor>& xs, const GtaArgs& args,
-                      at::ScalarType out_dtype);
-torch::Tensor slerp_cpu(const torch::Tensor& a, const torch::Tensor& b, double t, double dot_threshold, double eps,
-                        at::ScalarType out_dtype);
-torch::Tensor model_stock_cpu(const torch::Tensor& base, const std::vector<torch::Tensor>& xs, int64_t row_len,
-                              at::ScalarType out_dtype);
-// Per-model (threshold, tie cutoff) of the magnitude sparsifier (top-k of |x_i - base| by nth_element).
+// Each writes into `out` (same shape as the inputs, contiguous, CPU; its dtype is the output dtype), which the
+// caller allocates: the streaming merge passes a view of the output file's mapping.
+void weighted_sum_cpu(const std::vector<torch::Tensor>& xs, const std::vector<double>& weights, double scale,
+                      torch::Tensor& out);
+void gta_cpu(const torch::Tensor& base, const std::vector<torch::Tensor>& xs, const GtaArgs& args, torch::Tensor& out);
+void slerp_cpu(const torch::Tensor& a, const torch::Tensor& b, double t, double dot_threshold, double eps,
+               torch::Tensor& out);
+void model_stock_cpu(const torch::Tensor& base, const std::vector<torch::Tensor>& xs, int64_t row_len,
+                     torch::Tensor& out);
+// Per-model (threshold, tie cutoff) of the magnitude sparsifier (top-k of |x_i - base|, topk_cpu.cpp); sampled
+// selects from a sampled bracket, else radix select. thr -1 keeps all, +inf none.
 std::vector<SparsifyParam> magnitude_params_cpu(const torch::Tensor& base, const std::vector<torch::Tensor>& xs,
-                                                const std::vector<double>& densities);
+                                                const std::vector<double>& densities, bool sampled = true);
 
 #ifdef NOVA_RT_WITH_CUDA
 // ---- CUDA (merge_cuda.cu) ----

@@ -2,7 +2,9 @@
 
 backend="auto" uses the extension when it loads (see nova_rt/_C_loader.py) and supports the tensors (CPU always;
 CUDA only when it was built with CUDA), else the reference in reference.py; "ext" insists on the extension and
-"torch" forces the reference. The math of every op is in reference.py's docstring.
+"torch" forces the reference. The math of every op is in reference.py's docstring. `out` (optional): a contiguous
+tensor of the inputs' shape and out_dtype to write the result into (the extension writes it directly; the reference
+copies), returned.
 """
 
 from __future__ import annotations
@@ -25,6 +27,12 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 def _contiguous(xs: list[torch.Tensor]) -> list[torch.Tensor]:
     return [x.contiguous() for x in xs]
+
+
+def _into(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    if out is None:
+        return result
+    return out.copy_(result)
 
 
 def _extension_for(backend: str, tensors: list[torch.Tensor]):
@@ -51,43 +59,46 @@ def _extension_for(backend: str, tensors: list[torch.Tensor]):
 
 
 def weighted_sum(xs: list[torch.Tensor], weights: list[float], scale: float = 1.0, *,
-                 out_dtype: torch.dtype | None = None, backend: str = "auto") -> torch.Tensor:
+                 out_dtype: torch.dtype | None = None, backend: str = "auto",
+                 out: torch.Tensor | None = None) -> torch.Tensor:
     """scale * sum_i weights[i] * xs[i], accumulated in fp32, returned in out_dtype (default: the inputs' dtype)."""
     out_dtype = out_dtype or xs[0].dtype
     ext = _extension_for(backend, xs)
     if ext is None:
-        return weighted_sum_ref(xs, list(weights), scale, out_dtype)
-    return ext.weighted_sum(_contiguous(xs), [float(w) for w in weights], float(scale), out_dtype)
+        return _into(weighted_sum_ref(xs, list(weights), scale, out_dtype), out)
+    return ext.weighted_sum(_contiguous(xs), [float(w) for w in weights], float(scale), out_dtype, out=out)
 
 
 def gta(base: torch.Tensor, xs: list[torch.Tensor], params: GtaParams, *, out_dtype: torch.dtype | None = None,
-        backend: str = "auto") -> torch.Tensor:
+        backend: str = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
     """Generalized task arithmetic (task arithmetic, TIES, DARE): see reference.gta_ref."""
     out_dtype = out_dtype or base.dtype
     ext = _extension_for(backend, [base, *xs])
     if ext is None:
-        return gta_ref(base, xs, params, out_dtype)
+        return _into(gta_ref(base, xs, params, out_dtype), out)
     p = params
     return ext.gta(base.contiguous(), _contiguous(xs), [float(w) for w in p.weights], [float(d) for d in p.densities],
                    int(p.sparsify), bool(p.consensus), bool(p.normalize), float(p.lam), bool(p.rescale), int(p.seed),
-                   int(p.tensor_id), out_dtype)
+                   int(p.tensor_id), out_dtype, out=out)
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float, *, out_dtype: torch.dtype | None = None,
-          dot_threshold: float = 0.9995, eps: float = 1e-8, backend: str = "auto") -> torch.Tensor:
+          dot_threshold: float = 0.9995, eps: float = 1e-8, backend: str = "auto",
+          out: torch.Tensor | None = None) -> torch.Tensor:
     """Spherical interpolation from a (t = 0) to b (t = 1); lerp when the tensors are nearly colinear."""
     out_dtype = out_dtype or a.dtype
     ext = _extension_for(backend, [a, b])
     if ext is None:
-        return slerp_ref(a, b, t, out_dtype, dot_threshold, eps)
-    return ext.slerp(a.contiguous(), b.contiguous(), float(t), float(dot_threshold), float(eps), out_dtype)
+        return _into(slerp_ref(a, b, t, out_dtype, dot_threshold, eps), out)
+    return ext.slerp(a.contiguous(), b.contiguous(), float(t), float(dot_threshold), float(eps), out_dtype, out=out)
 
 
 def model_stock(base: torch.Tensor, xs: list[torch.Tensor], row_len: int = 0, *,
-                out_dtype: torch.dtype | None = None, backend: str = "auto") -> torch.Tensor:
+                out_dtype: torch.dtype | None = None, backend: str = "auto",
+                out: torch.Tensor | None = None) -> torch.Tensor:
     """Model Stock with statistics per row of row_len elements (0: the whole tensor)."""
     out_dtype = out_dtype or base.dtype
     ext = _extension_for(backend, [base, *xs])
     if ext is None:
-        return model_stock_ref(base, xs, row_len, out_dtype)
-    return ext.model_stock(base.contiguous(), _contiguous(xs), int(row_len), out_dtype)
+        return _into(model_stock_ref(base, xs, row_len, out_dtype), out)
+    return ext.model_stock(base.contiguous(), _contiguous(xs), int(row_len), out_dtype, out=out)

@@ -43,7 +43,8 @@ class TensorMerge:
     """The inputs of one output tensor, already on the merge device, with parameters resolved for this tensor.
 
     `tensors` are the non-base models in config order (for methods without a base: all models); `model_params[i]`
-    holds the per-model parameters of tensors[i]; `params` the global ones.
+    holds the per-model parameters of tensors[i]; `params` the global ones. `out`, when set, is where the result
+    must be written (out_dtype, the inputs' shape; the streaming merge passes the tensor's place in the output file).
     """
 
     name: str
@@ -54,6 +55,7 @@ class TensorMerge:
     out_dtype: torch.dtype
     backend: str = "auto"
     seed: int = 0
+    out: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

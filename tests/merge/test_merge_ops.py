@@ -280,20 +280,74 @@ def test_extension_output_dtype_and_fp64_oracle(out_dtype):
         assert_no_worse_than_eager(out, run("torch"), oracle, name=f"{name}->{out_dtype} seed={seed}")
 
 
+def _magnitude_inputs(kind: str, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "small_bf16":  # bf16 deltas: many equal magnitudes
+        return _inputs((37, 29), torch.bfloat16, 2, seed)
+    if kind == "large_bf16":  # > 2^18 elements: sampled bracket; ~2% of elements share the threshold's value
+        base = (torch.randn(600, 1000, generator=g) * 0.02).bfloat16()
+        return base, [(base.float() + 0.002 * torch.randn(600, 1000, generator=g)).bfloat16() for _ in range(2)]
+    if kind == "large_fp32":  # distinct magnitudes, a 1-D tensor with a ragged last block
+        base = torch.randn(400_003, generator=g)
+        return base, [base + torch.randn(400_003, generator=g) for _ in range(2)]
+    # large_levels: task vectors on 5 levels, so the threshold's value holds ~20% of all elements
+    base = torch.zeros(300_000)
+    return base, [torch.randint(-2, 3, (300_000,), generator=g).float() * 0.5 for _ in range(2)]
+
+
 @needs_ext
-def test_extension_magnitude_threshold_matches_stable_sort():
+@pytest.mark.parametrize("method", ["sampled", "radix"])
+@pytest.mark.parametrize("kind", ["small_bf16", "large_bf16", "large_fp32", "large_levels"])
+def test_extension_magnitude_threshold_matches_stable_sort(kind, method):
+    """Both selections (sampled bracket, radix) keep exactly the first k of a stable descending sort."""
     from nova_rt._C_loader import load_extension
 
     seed = _seed()
-    base, xs = _inputs((37, 29), torch.bfloat16, 2, seed)  # bf16 deltas: many equal magnitudes
-    thr, cutoff = load_extension().magnitude_params(base, xs, [0.3, 0.01])
+    base, xs = _magnitude_inputs(kind, seed)
+    densities = [0.3, 0.01] if kind != "large_levels" else [0.5, 0.9]
+    thr, cutoff = load_extension().magnitude_params(base, xs, densities, method=method)
     for i, x in enumerate(xs):
         d = (x.float() - base.float()).abs().reshape(-1)
-        k = max(1, int([0.3, 0.01][i] * d.numel()))
+        k = max(1, int(densities[i] * d.numel()))
         order = torch.sort(d, descending=True, stable=True).indices[:k]
-        assert d[order[-1]].item() == thr[i], f"model {i}: threshold (seed={seed})"
+        assert d[order[-1]].item() == thr[i], f"{kind}/{method} model {i}: threshold (seed={seed})"
         kept = (d > thr[i]) | ((d == thr[i]) & (torch.arange(d.numel()) < cutoff[i]))
-        assert int(kept.sum()) == k and bool(kept[order].all()), f"model {i}: kept set (seed={seed})"
+        assert int(kept.sum()) == k and bool(kept[order].all()), f"{kind}/{method} model {i}: kept set (seed={seed})"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_argument_is_written_and_returned(backend):
+    """out= (the streaming merge's slot in the output file): same values as a fresh result, written in place."""
+    seed = _seed()
+    base, xs = _inputs((65, 33), torch.bfloat16, 2, seed)
+    p = GtaParams(weights=(0.5, 0.8), densities=(0.4, 0.6), sparsify=SPARSIFY_MAGNITUDE, consensus=True,
+                  normalize=True)
+    runs = {
+        "weighted_sum": lambda **kw: ops.weighted_sum([base, *xs], [0.2, 0.3, 0.5], 1.0, backend=backend, **kw),
+        "gta": lambda **kw: ops.gta(base, xs, p, backend=backend, **kw),
+        "slerp": lambda **kw: ops.slerp(xs[0], xs[1], 0.3, backend=backend, **kw),
+        "model_stock": lambda **kw: ops.model_stock(base, xs, 0, backend=backend, **kw),
+    }
+    for name, run in runs.items():
+        want = run(out_dtype=torch.float32)
+        out = torch.full((65, 33), float("nan"))
+        got = run(out_dtype=torch.float32, out=out)
+        assert got.data_ptr() == out.data_ptr(), f"{name}: result not written into out"
+        assert torch.equal(out, want), f"{name} (seed={seed})"
+
+
+@needs_ext
+def test_extension_rejects_bad_out():
+    from nova_rt._C_loader import load_extension
+
+    ext, a = load_extension(), torch.randn(4, 5)
+    with pytest.raises(RuntimeError, match="weighted_sum: out has shape"):
+        ext.weighted_sum([a], [1.0], 1.0, torch.float32, out=torch.empty(5, 4))
+    with pytest.raises(RuntimeError, match="gta: out is BFloat16 but out_dtype is Float"):
+        ext.gta(a, [a], [1.0], [1.0], 0, False, False, 1.0, False, 0, 0, torch.float32,
+                out=torch.empty(4, 5, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="model_stock: out must be contiguous"):
+        ext.model_stock(a, [a, a], 0, torch.float32, out=torch.empty(5, 4).t())
 
 
 @needs_ext
