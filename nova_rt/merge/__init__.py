@@ -4,11 +4,23 @@
   `nova-rt merge` (cli.py) and nova_rt's merge stage call it.
 - `ops`: per-tensor ops on the C++/CUDA extension nova_rt._C with a pure-PyTorch fallback (reference.py).
 - `register_merge` / `get_merge`: the method registry (registry.py; methods.py registers the built-in ones).
+
+Names are imported on first use (PEP 562), so `python -m nova_rt.merge.cli` can tune the process (OpenMP wait
+policy, garbage collector) before torch loads.
 """
 
-from nova_rt.merge.config import MergeConfig, MergeConfigError, load_config
-from nova_rt.merge.engine import run_merge
-from nova_rt.merge.registry import ParamSpec, TensorMerge, available_merges, get_merge, register_merge
+import importlib
 
-__all__ = ["MergeConfig", "MergeConfigError", "ParamSpec", "TensorMerge", "available_merges", "get_merge",
-           "load_config", "register_merge", "run_merge"]
+_EXPORTS = {"MergeConfig": "config", "MergeConfigError": "config", "load_config": "config", "run_merge": "engine",
+            "ParamSpec": "registry", "TensorMerge": "registry", "available_merges": "registry",
+            "get_merge": "registry", "register_merge": "registry"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'nova_rt.merge' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"nova_rt.merge.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value

@@ -1,11 +1,12 @@
 """Streaming merge of local HF checkpoints: `run_merge(config, out_dir)` behind `nova-rt merge` and the merge stage.
 
 Flow: validate the config; index every input's safetensors headers; plan the output (names, shapes, dtypes) and
-check that all inputs agree; then for each output tensor read it from every model, merge it on `device`, and append
-it to the current output shard. Background threads read tensor k+1 and write tensor k-1 while tensor k is merged,
-within a byte budget that keeps the peak near (models + 1) x the largest tensor, never the model size. Everything is
-written into a hidden temporary directory beside OUT_DIR, which is renamed into place only once complete (an error
-or interruption leaves no partial output).
+check that all inputs agree; then for each output tensor take zero-copy views of it in every (memory-mapped) input,
+merge it on `device` straight into its slot in the output staging arena, which is written to the shard with O_DIRECT
+in the background (st_io.py, st_writer.py). Another thread faults in tensor k+1's input pages while tensor k is
+merged, within a byte budget that keeps the peak near (models + 1) x the largest tensor, never the model size.
+Everything is written into a hidden temporary directory beside OUT_DIR, which is renamed into place only once
+complete (an error or interruption leaves no partial output).
 
 Tied embeddings: the output config is the base's (else the first model's). If it ties word embeddings and that
 model has no `lm_head.weight`, lm_head is not written (the loader ties it to the merged embedding). Otherwise a
@@ -30,7 +31,8 @@ from tqdm.auto import tqdm
 
 from nova_rt.merge.config import MergeConfig, load_config
 from nova_rt.merge.registry import TensorMerge
-from nova_rt.merge.st_io import ModelReader, OutTensor, ShardedWriter, parse_size
+from nova_rt.merge.st_io import ModelReader, OutTensor, parse_size
+from nova_rt.merge.st_writer import ShardedWriter
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +114,9 @@ def plan_merge(readers: list[ModelReader], cfg: MergeConfig) -> list[PlannedTens
     return plan
 
 
-def _merge_tensor(p: PlannedTensor, inputs: list[torch.Tensor], cfg: MergeConfig, opts: dict[str, Any]) -> torch.Tensor:
+def _merge_tensor(p: PlannedTensor, inputs: list[torch.Tensor], cfg: MergeConfig, opts: dict[str, Any],
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """The merged tensor: written into `out` (its slot in the output file) when given and the math runs on CPU."""
     if not p.mergeable:
         return inputs[0]
     device = opts["device"]
@@ -125,47 +129,44 @@ def _merge_tensor(p: PlannedTensor, inputs: list[torch.Tensor], cfg: MergeConfig
     glob, per_model = cfg.resolve(p.out.name)
     base, others = (xs[0], xs[1:]) if cfg.base is not None else (None, xs)
     merge = TensorMerge(name=p.out.name, base=base, tensors=others, model_params=per_model, params=glob,
-                        out_dtype=p.out.dtype, backend=opts["backend"], seed=opts["seed"])
-    out = cfg.method(merge)
-    return out.cpu() if out.device.type != "cpu" else out
+                        out_dtype=p.out.dtype, backend=opts["backend"], seed=opts["seed"],
+                        out=out if device.type == "cpu" else None)
+    return cfg.method(merge)
 
 
 def _stream(plan: list[PlannedTensor], readers: list[ModelReader], writer: ShardedWriter, cfg: MergeConfig,
             opts: dict[str, Any]) -> None:
-    """Merge tensor by tensor. Reading tensor k+1 and writing tensor k-1 overlap the merge of tensor k only while
-    the bytes in flight stay under 1.5 x the largest (inputs + output) of one tensor, so the peak stays near
+    """Merge tensor by tensor. Faulting in tensor k+1's inputs overlaps the merge of tensor k only while the bytes
+    in flight stay under 1.5 x the largest (inputs + output) of one tensor, so the peak stays near
     (models + 1) x the largest tensor: big tensors (embeddings) run alone, the many small ones overlap."""
     budget = 1.5 * max(p.in_nbytes + p.out.nbytes for p in plan)
     bar = tqdm(total=sum(p.out.nbytes for p in plan), unit="B", unit_scale=True, desc=f"merge ({cfg.method.name})",
                disable=not opts["progress"])
-    read = lambda p: [r.read(s) for r, s in zip(readers, p.sources)]  # noqa: E731
-    with ThreadPoolExecutor(1, thread_name_prefix="merge-read") as rpool, \
-            ThreadPoolExecutor(1, thread_name_prefix="merge-write") as wpool:
-        pending_read: Future | None = None
-        pending_write: Future | None = None
-        prev_out = 0
+
+    def prefetch(p: PlannedTensor) -> None:
+        for r, s in zip(readers, p.sources):
+            r.prefetch(s)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="merge-prefetch") as pool:
+        pending: Future | None = None
         for k, p in enumerate(plan):
-            inputs = pending_read.result() if pending_read is not None else read(p)
-            pending_read = None
+            if pending is not None:
+                pending.result()
+                pending = None
             live = p.in_nbytes + p.out.nbytes
-            if pending_write is not None and live + prev_out > budget:
-                pending_write.result()
-                pending_write = None
-            writing = prev_out if pending_write is not None else 0
-            if k + 1 < len(plan) and live + writing + plan[k + 1].in_nbytes <= budget:
-                pending_read = rpool.submit(read, plan[k + 1])
-            out = _merge_tensor(p, inputs, cfg, opts)
-            del inputs
-            if pending_write is not None:
-                pending_write.result()
-            pending_write = wpool.submit(writer.write, p.out.name, out)
-            prev_out = p.out.nbytes
-            del out
-            if p.in_nbytes >= _TRIM_MIN_BYTES:
+            if k + 1 < len(plan) and live + plan[k + 1].in_nbytes <= budget:
+                pending = pool.submit(prefetch, plan[k + 1])
+            inputs = [r.view(s) for r, s in zip(readers, p.sources)]
+            out = _merge_tensor(p, inputs, cfg, opts, writer.slot(p.out.name))
+            writer.write(p.out.name, out)
+            del inputs, out  # views of the mapped files: the output shard cannot be unmapped while they live
+            for r, s in zip(readers, p.sources):
+                r.release(s)
+            if p.in_nbytes >= _TRIM_MIN_BYTES:  # casts, the torch backend and CUDA copies allocate per tensor
                 _TRIM()
             bar.update(p.out.nbytes)
-        if pending_write is not None:
-            pending_write.result()
+        if pending is not None:
+            pending.result()
     bar.close()
 
 

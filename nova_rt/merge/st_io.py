@@ -1,17 +1,22 @@
-"""Streaming safetensors I/O for the merge engine: one tensor at a time in, one tensor at a time out.
+"""Input side of the streaming merge: safetensors headers, zero-copy tensor views, and planned output tensors.
 
-Reading parses each file's header (8-byte little-endian length + JSON) and preads a single tensor's bytes into a
-fresh buffer. It deliberately does not use safetensors.safe_open: safe_open memory-maps the whole file, and every
-mapped page a merge touches stays resident (and counted in RSS) until the file is closed, so a streaming merge of a
-7B model would still show ~all of its inputs as resident memory. pread keeps the footprint at the tensors in flight.
-Writing lays out each shard's header from the planned names/shapes/dtypes first and then streams tensor bytes in
-order, so no shard is ever assembled in memory. The layout is the standard one (8-byte header size, JSON header with
-data_offsets, header padded with spaces to 8 bytes), readable by safetensors / transformers.
+Reading parses each file's header (8-byte little-endian length + JSON) itself and memory-maps the file: `view(name)`
+is a tensor over the mapped bytes, so no input byte is copied (the merge ops read the page cache directly). Mapped
+pages count in the process's RSS while mapped, so once a tensor is merged `release(name)` drops its page-table
+entries (MADV_DONTNEED: the page cache keeps the data) and the footprint stays at the tensors in flight; safe_open
+would keep every touched page of a file resident until the file is closed. `prefetch(name)` faults a tensor's pages
+in ahead of use (MADV_POPULATE_READ, Linux >= 5.14, else MADV_WILLNEED), from a background thread: ctypes calls
+release the GIL. A tensor whose offset is not a multiple of its element size is read with pread instead.
+Why maps: on the benchmark VM (2026-11-21) memory touched for the first time costs 1.3-2.6 s/GB (see st_writer.py),
+so the former pread into a fresh buffer per tensor spent seconds in page faults; mapping 3 GB of cached input pages
+takes ~0.1 s. The output side is st_writer.py.
 """
-
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -26,6 +31,41 @@ ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
+_MADV_WILLNEED, _MADV_DONTNEED, _MADV_POPULATE_READ = 3, 4, 22
+
+
+def _libc_madvise():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return fn
+
+
+_madvise = _libc_madvise()
+_populate = [_MADV_POPULATE_READ]  # falls back to WILLNEED once the kernel rejects POPULATE_READ
+
+
+def _advise(addr: int, length: int, advice: int) -> bool:
+    """madvise over the pages covering [addr, addr + length); False when unsupported or refused."""
+    if _madvise is None or length <= 0:
+        return False
+    start = addr & ~(mmap.PAGESIZE - 1)
+    end = -(-(addr + length) // mmap.PAGESIZE) * mmap.PAGESIZE
+    return _madvise(start, end - start, advice) == 0
+
+
+def _prefetch_pages(addr: int, length: int) -> None:
+    if not _advise(addr, length, _populate[0]) and _populate[0] == _MADV_POPULATE_READ:
+        if ctypes.get_errno() == errno.EINVAL:  # kernel < 5.14
+            _populate[0] = _MADV_WILLNEED
+            _advise(addr, length, _MADV_WILLNEED)
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
 
 @dataclass(frozen=True)
 class TensorInfo:
@@ -39,10 +79,13 @@ class TensorInfo:
 
 def _read_header(path: Path) -> dict[str, TensorInfo]:
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
         raw = f.read(8)
         if len(raw) != 8:
             raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
         (n,) = struct.unpack("<Q", raw)
+        if 8 + n > size:
+            raise ValueError(f"{path}: corrupt safetensors file (header of {n} bytes, file of {size} bytes)")
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -53,13 +96,50 @@ def _read_header(path: Path) -> dict[str, TensorInfo]:
             continue
         if meta["dtype"] not in ST_DTYPES:
             raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {meta['dtype']}")
+        dtype, shape = ST_DTYPES[meta["dtype"]], tuple(meta["shape"])
         begin, end = meta["data_offsets"]
-        out[name] = TensorInfo(name, path, ST_DTYPES[meta["dtype"]], tuple(meta["shape"]), 8 + n + begin, end - begin)
+        numel = 1
+        for d in shape:
+            numel *= d
+        if end - begin != numel * _element_size(dtype) or begin < 0:
+            raise ValueError(f"{path}: tensor {name!r} has data_offsets {[begin, end]} but shape {list(shape)} "
+                             f"{meta['dtype']} needs {numel * _element_size(dtype)} bytes")
+        if 8 + n + end > size:
+            raise ValueError(f"{path}: tensor {name!r} ends at byte {8 + n + end} but the file has {size} bytes "
+                             "(truncated or corrupt)")
+        out[name] = TensorInfo(name, path, dtype, shape, 8 + n + begin, end - begin)
     return out
 
 
+class _MappedFile:
+    """One input file mapped whole, copy-on-write (never written: writable only so torch.frombuffer wraps it without
+    a warning), as a uint8 tensor plus its address for madvise."""
+
+    def __init__(self, path: Path, size: int):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            self.mm = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
+        finally:
+            os.close(fd)
+        self.u8 = torch.frombuffer(self.mm, dtype=torch.uint8)
+        self.addr = self.u8.data_ptr()
+
+    def tensor(self, offset: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor | None:
+        """View of [offset, offset + nbytes) as dtype/shape, or None when the offset is misaligned for dtype."""
+        if nbytes == 0 or offset % _element_size(dtype):
+            return None
+        return self.u8[offset: offset + nbytes].view(dtype).reshape(shape)
+
+    def close(self) -> None:
+        del self.u8
+        try:
+            self.mm.close()
+        except BufferError:  # a caller still holds a view: the mapping goes when the last view is freed
+            pass
+
+
 class ModelReader:
-    """Tensor metadata of a local HF directory (sharded or not) and single-tensor reads."""
+    """Tensor metadata of a local HF directory (sharded or not) and zero-copy single-tensor views."""
 
     def __init__(self, path: Path, label: str | None = None):
         self.path = Path(path)
@@ -79,30 +159,47 @@ class ModelReader:
                 if name in self.tensors:
                     raise ValueError(f"{self.label}: tensor {name!r} appears in two shards")
                 self.tensors[name] = info
-        self._fds: dict[Path, int] = {}
+        self._maps = {f: _MappedFile(self.path / f, (self.path / f).stat().st_size) for f in files}
         cfg = self.path / "config.json"
         self.config = json.loads(cfg.read_text()) if cfg.is_file() else {}
+
+    def view(self, name: str) -> torch.Tensor:
+        """The tensor `name` over the file's mapped bytes (read-only use), or a pread copy when misaligned."""
+        info = self.tensors[name]
+        t = self._maps[info.file.name].tensor(info.offset, info.nbytes, info.dtype, info.shape)
+        return t if t is not None else self.read(name)
+
+    def prefetch(self, name: str) -> None:
+        """Fault the tensor's pages in now (reads them from disk if they are not cached); GIL released."""
+        info = self.tensors[name]
+        _prefetch_pages(self._maps[info.file.name].addr + info.offset, info.nbytes)
+
+    def release(self, name: str) -> None:
+        """Drop the tensor's pages from this process's RSS (the page cache keeps them)."""
+        info = self.tensors[name]
+        _advise(self._maps[info.file.name].addr + info.offset, info.nbytes, _MADV_DONTNEED)
 
     def read(self, name: str) -> torch.Tensor:
         """The tensor `name` as a fresh CPU tensor (bytes pread straight into its storage)."""
         info = self.tensors[name]
-        fd = self._fds.get(info.file)
-        if fd is None:
-            fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
         buf = torch.empty(info.nbytes, dtype=torch.uint8)
         view = memoryview(buf.numpy()) if info.nbytes else memoryview(b"")
-        done = 0
-        while done < info.nbytes:
-            got = os.preadv(fd, [view[done:]], info.offset + done)
-            if got <= 0:
-                raise OSError(f"{info.file}: unexpected end of file reading tensor {name!r}")
-            done += got
+        fd = os.open(info.file, os.O_RDONLY)
+        try:
+            done = 0
+            while done < info.nbytes:
+                got = os.preadv(fd, [view[done:]], info.offset + done)
+                if got <= 0:
+                    raise OSError(f"{info.file}: unexpected end of file reading tensor {name!r}")
+                done += got
+        finally:
+            os.close(fd)
         return buf.view(info.dtype).reshape(info.shape)
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        for m in self._maps.values():
+            m.close()
+        self._maps.clear()
 
 
 @dataclass(frozen=True)
@@ -136,70 +233,3 @@ def parse_size(size: str | int) -> int:
         return int(s)
     except ValueError:
         raise ValueError(f"max shard size {size!r} is not a size like '2GB', '500MB' or '1GiB'") from None
-
-
-class ShardedWriter:
-    """Writes planned tensors, in plan order, into model.safetensors or model-0000i-of-0000n shards plus index."""
-
-    def __init__(self, out_dir: Path, plan: list[OutTensor], max_shard_bytes: int):
-        if max_shard_bytes <= 0:
-            raise ValueError(f"max shard size must be positive, got {max_shard_bytes}")
-        self.out_dir = Path(out_dir)
-        shards: list[list[OutTensor]] = [[]]
-        size = 0
-        for t in plan:
-            if shards[-1] and size + t.nbytes > max_shard_bytes:
-                shards.append([])
-                size = 0
-            shards[-1].append(t)
-            size += t.nbytes
-        self.shards = shards
-        n = len(shards)
-        self.names = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        self._order = [(si, t) for si, shard in enumerate(shards) for t in shard]
-        self._pos = 0
-        self._file = None
-        self._shard = -1
-
-    def _open_shard(self, si: int) -> None:
-        if self._file is not None:
-            self._file.close()
-        header, offset = {}, 0
-        for t in self.shards[si]:
-            header[t.name] = {"dtype": ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset,
-                                                                                                    offset + t.nbytes]}
-            offset += t.nbytes
-        header["__metadata__"] = {"format": "pt"}
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)
-        self._file = open(self.out_dir / self.names[si], "wb")
-        self._file.write(struct.pack("<Q", len(blob)) + blob)
-        self._shard = si
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        si, planned = self._order[self._pos]
-        if name != planned.name or tuple(tensor.shape) != planned.shape or tensor.dtype != planned.dtype:
-            raise RuntimeError(f"writer expected {planned} next, got {name!r} {tuple(tensor.shape)} {tensor.dtype}")
-        if si != self._shard:
-            self._open_shard(si)
-        if planned.nbytes:
-            self._file.write(memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy()))
-        self._pos += 1
-
-    def finish(self) -> None:
-        """Close the last shard and write the index (sharded output only)."""
-        if self._pos != len(self._order):
-            raise RuntimeError(f"writer finished after {self._pos} of {len(self._order)} tensors")
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        if len(self.shards) > 1:
-            weight_map = {t.name: self.names[si] for si, t in self._order}
-            total = sum(t.nbytes for _, t in self._order)
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-    def abort(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None

@@ -5,6 +5,7 @@ and bounded peak memory measured in a subprocess."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -214,6 +215,49 @@ def test_failure_mid_merge_leaves_no_partial_output(tiny_models, tmp_path, monke
     with pytest.raises(RuntimeError, match="injected failure"):
         run_merge(cfg_path, tmp_path / "out", force=True, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (tmp_path / "out" / "keep.txt").exists()
+
+
+def _save_in_order(path, tensors: dict[str, torch.Tensor]) -> None:
+    """A safetensors file with the tensors in this order (safetensors' save_file sorts them, which keeps every
+    tensor aligned to its element size; this does not)."""
+    header, blobs, offset = {}, [], 0
+    names = {torch.float32: "F32", torch.bfloat16: "BF16", torch.uint8: "U8"}
+    for name, t in tensors.items():
+        raw = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    path.write_bytes(len(head).to_bytes(8, "little") + head + b"".join(blobs))
+
+
+def test_misaligned_tensors_and_truncated_files(tmp_path):
+    """Tensors at offsets that are not a multiple of their element size (read by pread, written by copy) merge
+    like aligned ones; a truncated input fails before merging, naming the file and the tensor."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    g = torch.Generator().manual_seed(seed)
+    models = []
+    for m in range(2):
+        d = tmp_path / f"m{m}"
+        d.mkdir()
+        ts = {"mask": torch.randint(0, 255, (7,), generator=g, dtype=torch.uint8),  # odd size: misaligns the rest
+              "w.bf16": torch.randn(5, 3, generator=g).bfloat16(), "w.f32": torch.randn(33, 65, generator=g)}
+        _save_in_order(d / "model.safetensors", ts)
+        (d / "config.json").write_text("{}")
+        models.append(ts)
+    cfg = {"merge_method": "linear", "models": [{"model": str(tmp_path / f"m{m}"), "parameters": {"weight": w}}
+                                                 for m, w in ((0, 0.3), (1, 0.7))]}
+    out = load_weights(run_merge(cfg, tmp_path / "out", progress=False))
+    assert torch.equal(out["mask"], models[0]["mask"])
+    for name in ("w.bf16", "w.f32"):
+        want = weighted_sum_ref([models[0][name], models[1][name]], [0.3, 0.7], 1.0, models[0][name].dtype)
+        assert_close_verbose(out[name], want, rtol=1e-6, atol=1e-6, name=f"{name} (seed {seed})")
+    data = (tmp_path / "m1" / "model.safetensors").read_bytes()
+    (tmp_path / "m1" / "model.safetensors").write_bytes(data[:-100])
+    with pytest.raises(ValueError, match=r"m1/model\.safetensors: tensor 'w\.f32' ends at byte \d+ but the file has"):
+        run_merge(cfg, tmp_path / "out2", progress=False)
+    assert not (tmp_path / "out2").exists()
 
 
 _CHILD = textwrap.dedent("""
