@@ -5,7 +5,8 @@ same packed length, lr, batch (1 packed row per optimizer step, no accumulation)
 activation checkpointing on either side (TRL's SFTConfig defaults it on; we switch it off to compare like with
 like). The two run in one process in alternating blocks (nova, TRL, nova, TRL, ...) so that drifting load on a
 shared machine hits both; each block starts with untimed warmup steps. Throughput = real (non-pad) tokens of the
-timed steps / their wall time, where a step is forward + backward + optimizer step.
+timed steps / their wall time, where a step is forward + backward + optimizer step; tokens_per_cpu_s divides by the
+process CPU time instead (with 1 thread it is the compute alone, less sensitive to other jobs on a shared machine).
 
     python benchmarks/bench_sft.py [--steps 8] [--rounds 2] [--warmup 2] [--threads 2]
 """
@@ -13,6 +14,7 @@ timed steps / their wall time, where a step is forward + backward + optimizer st
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -59,9 +61,9 @@ def nova_block(model_dir: str, args, run_dir: str):
         for _ in range(n):
             batch_rows = [rows[i] for i in sched.global_rows(trainer.step)]
             mb = collate(batch_rows, loss_weights(batch_rows, "token"))
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             trainer.train_step([mb], sft_loss)
-            out.append((int(mb["input_ids"].numel()), time.perf_counter() - t0))
+            out.append((int(mb["input_ids"].numel()), time.perf_counter() - t0, time.process_time() - c0))
         return out
 
     return run
@@ -90,10 +92,11 @@ def trl_block(model_dir: str, args, run_dir: str):
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, *a, **k):
-            log.append([0, time.perf_counter()])
+            log.append([0, time.perf_counter(), time.process_time()])
 
         def on_step_end(self, *a, **k):
             log[-1][1] = time.perf_counter() - log[-1][1]
+            log[-1][2] = time.process_time() - log[-1][2]
 
     class CountingTrainer(SFTTrainer):
         def training_step(self, model, inputs, num_items_in_batch=None):
@@ -112,15 +115,16 @@ def trl_block(model_dir: str, args, run_dir: str):
                                   callbacks=[StepTimer()])
         start = len(log)
         trainer.train()
-        return [(int(t), float(s)) for t, s in log[start:]]
+        return [(int(t), float(s), float(c)) for t, s, c in log[start:]]
 
     return run
 
 
-def summarize(provider: str, steps: list[tuple[int, float]]) -> dict:
-    tokens, secs = sum(t for t, _ in steps), sum(s for _, s in steps)
+def summarize(provider: str, steps: list[tuple[int, float, float]]) -> dict:
+    tokens, secs, cpu = sum(t for t, _, _ in steps), sum(s for _, s, _ in steps), sum(c for _, _, c in steps)
     return {"provider": provider, "steps": len(steps), "tokens_per_step": tokens / len(steps),
-            "ms_per_step": 1e3 * statistics.median(s for _, s in steps), "tokens_per_s": tokens / secs}
+            "ms_per_step": 1e3 * statistics.median(s for _, s, _ in steps), "tokens_per_s": tokens / secs,
+            "tokens_per_cpu_s": tokens / cpu}
 
 
 def main() -> None:
@@ -146,14 +150,16 @@ def main() -> None:
                 steps = run(args.warmup + args.steps)[args.warmup:]
                 timed[name].extend(steps)
                 s = summarize(name, steps)
-                print(f"round {r} {name}: {s['tokens_per_s']:.1f} tok/s ({s['tokens_per_step']:.0f} tok/step)",
-                      flush=True)
+                print(f"round {r} {name}: {s['tokens_per_s']:.1f} tok/s, {s['tokens_per_cpu_s']:.1f} tok/CPU-s "
+                      f"({s['tokens_per_step']:.0f} tok/step)", flush=True)
     rows = [summarize(name, steps) for name, steps in timed.items()]
     for row in rows:
         row.update(max_length=args.max_length, threads=args.threads, dtype="fp32")
-    speedup = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
-    rows.append({"provider": "speedup nova_rt / trl", "tokens_per_s": speedup})
-    report("sft", rows, ["provider", "steps", "tokens_per_step", "ms_per_step", "tokens_per_s"], out=args.out)
+    rows.append({"provider": "speedup nova_rt / trl", "tokens_per_s": rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"],
+                 "tokens_per_cpu_s": rows[0]["tokens_per_cpu_s"] / rows[1]["tokens_per_cpu_s"],
+                 "loadavg_1m": os.getloadavg()[0]})
+    report("sft", rows, ["provider", "steps", "tokens_per_step", "ms_per_step", "tokens_per_s", "tokens_per_cpu_s",
+                         "loadavg_1m"], out=args.out)
 
 
 if __name__ == "__main__":
