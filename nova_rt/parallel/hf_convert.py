@@ -7,7 +7,7 @@ reassembles full HF tensors and writes config + safetensors; non-weight files (c
 generation_config.json, chat template) are copied verbatim from the source directory.
 
 Layouts (TP size t, rank r; legend: V vocab, Vp padded vocab, D model dim, F ffn dim, G kv groups, Q = N/G):
-    replicated   norms                         same tensor on every rank
+    replicated   norms, score (1, D)           same tensor on every rank (score: a reward model's ScoreHead)
     vocab        embed_tokens, lm_head (V, D)  rows [r*Vp/t, (r+1)*Vp/t) of the table zero-padded to Vp rows
     column       -                             rows split evenly
     row          o_proj (D, N*H), down_proj     columns split evenly
@@ -44,6 +44,13 @@ _LAYER_MAP = {
     "mlp.linear_fc2.weight": ("row", ("mlp.down_proj.weight",)),
 }
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+SCORE_HEAD = "score.weight"  # transformers' *ForSequenceClassification head
+
+
+def _is_score_head(chunk) -> bool:
+    from nova_rt.parallel.megatron_model import ScoreHead
+
+    return isinstance(getattr(chunk, "output_layer", None), ScoreHead)
 
 
 def hf_names(chunk, name: str, tied: bool) -> tuple[str, tuple[str, ...]]:
@@ -51,6 +58,8 @@ def hf_names(chunk, name: str, tied: bool) -> tuple[str, tuple[str, ...]]:
     if name == "embedding.word_embeddings.weight":
         return "vocab", ("model.embed_tokens.weight",)
     if name == "output_layer.weight":
+        if _is_score_head(chunk):
+            return "replicated", (SCORE_HEAD,)
         return "vocab", ("model.embed_tokens.weight" if tied else "lm_head.weight",)
     if name == "decoder.final_layernorm.weight":
         return "replicated", ("model.norm.weight",)
@@ -143,8 +152,10 @@ def load_shard(reader, kind, names, arch, param_shape, tp, rank) -> torch.Tensor
 
 
 @torch.no_grad()
-def load_hf_into_chunks(chunks: list, model_dir: str | os.PathLike, arch) -> int:
-    """Copy the HF checkpoint in `model_dir` into this rank's model chunks; returns the number of tensors set."""
+def load_hf_into_chunks(chunks: list, model_dir: str | os.PathLike, arch, missing_ok: tuple[str, ...] = ()) -> int:
+    """Copy the HF checkpoint in `model_dir` into this rank's model chunks; returns the number of tensors set.
+    Parameters whose HF tensor is in `missing_ok` and absent from the checkpoint are left as they are (a reward
+    head on a causal-LM checkpoint)."""
     from megatron.core import parallel_state as ps
 
     reader = SafetensorsReader(model_dir)
@@ -153,6 +164,8 @@ def load_hf_into_chunks(chunks: list, model_dir: str | os.PathLike, arch) -> int
     for chunk in chunks:
         for name, param in _unwrap(chunk).named_parameters():
             kind, names = hf_names(_unwrap(chunk), name, arch.tied)
+            if names[0] in missing_ok and names[0] not in reader.weight_map:
+                continue
             shard = load_shard(reader, kind, names, arch, tuple(param.shape), tp, rank)
             if tuple(shard.shape) != tuple(param.shape):
                 raise ValueError(f"{model_dir}: {', '.join(names)} give a shard of shape {tuple(shard.shape)} for "
@@ -177,7 +190,7 @@ def local_pieces(chunks: list, arch) -> list[tuple[str, tuple[str, ...], int, to
     out = []
     for chunk in chunks:
         for name, param in _unwrap(chunk).named_parameters():
-            if arch.tied and name == "output_layer.weight":
+            if arch.tied and name == "output_layer.weight" and not _is_score_head(_unwrap(chunk)):
                 continue  # the copy of the embedding held by the last stage
             kind, names = hf_names(_unwrap(chunk), name, arch.tied)
             out.append((kind, names, rank, param.detach().to("cpu", copy=True)))

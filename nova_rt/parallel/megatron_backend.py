@@ -31,6 +31,12 @@ normalised by the global batch (nova_rt.trainer's convention): gradients are sum
 instead of aligned `labels` (nova_rt.parallel.packed.from_shifted). `trainable=False` builds a frozen model (no DDP,
 no optimizer) for `forward` only: a DPO/GRPO reference.
 
+`head="score"` (the reward-model stage): the last stage's output layer is a scalar head (megatron_model.ScoreHead,
+HF name `score.weight`, replicated over TP; from the checkpoint when it has one, else `score_init`), and loss_fn /
+forward's fn get out = {"scores": (S,) fp32 the head at the last token of each document of the micro-batch}, the
+pooling of transformers' *ForSequenceClassification. save_hf then writes `model.*` + `score.weight` (and
+`backend.save_config`, when set, as config.json: the stage's *ForSequenceClassification config).
+
 `logprobs(micro_batch)`: out[t] = log p(input_ids[t] | earlier tokens of its document), 0 at each document's first
 token; same value on every rank.
 
@@ -106,7 +112,8 @@ class MegatronBackend:
     def __init__(self, model_dir, parallel_cfg, *, dtype: torch.dtype = torch.float32, lr: float = 1e-5,
                  weight_decay: float = 0.0, grad_clip: float = 1.0, seed: int = 0,
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, vocab_multiple: int = 1,
-                 use_te: bool | None = None, load_weights: bool = True, trainable: bool = True):
+                 use_te: bool | None = None, load_weights: bool = True, trainable: bool = True, head: str = "lm",
+                 score_init: torch.Tensor | None = None):
         from megatron.core import tensor_parallel
         from transformers import AutoConfig
 
@@ -119,10 +126,12 @@ class MegatronBackend:
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
         self.config = transformer_config(self.arch, parallel_cfg, dtype=dtype, cpu=not self.cuda,
                                          init=not load_weights)
-        chunks = build_model_chunks(self.arch, self.config, vocab_multiple=vocab_multiple, use_te=use_te)
+        self.head = head
+        self.save_config = None  # an HF config save_hf writes instead of the source's config.json (reward model)
+        chunks = build_model_chunks(self.arch, self.config, vocab_multiple=vocab_multiple, use_te=use_te, head=head)
         chunks = [c.to(self.device) for c in chunks]
         if load_weights:
-            hf_convert.load_hf_into_chunks(chunks, self.model_dir, self.arch)
+            self._load(chunks, score_init)
         self._divide_by_tokens = True
         self.weight_decay = weight_decay
         if not trainable:  # a frozen model (DPO/GRPO reference): forward only, no DDP buffers, no optimizer
@@ -133,6 +142,20 @@ class MegatronBackend:
         self.set_lr(lr)
 
     # ------------------------------------------------------------------------------------------- setup
+    @torch.no_grad()
+    def _load(self, chunks: list, score_init: torch.Tensor | None) -> None:
+        """HF weights into the shards; a score head absent from the checkpoint starts from `score_init` (1, D)."""
+        score = hf_convert.SCORE_HEAD
+        missing_ok = (score,) if self.head == "score" else ()
+        hf_convert.load_hf_into_chunks(chunks, self.model_dir, self.arch, missing_ok=missing_ok)
+        if self.head != "score" or score in hf_convert.SafetensorsReader(self.model_dir).weight_map:
+            return
+        if score_init is None:
+            raise ValueError(f"{self.model_dir} has no {score} and no score_init was given for the score head")
+        for chunk in chunks:
+            if chunk.post_process:
+                chunk.output_layer.weight.copy_(score_init.reshape(1, -1))
+
     def _wrap_ddp(self, chunks: list) -> list:
         from megatron.core.distributed import (
             DistributedDataParallel,
@@ -230,14 +253,27 @@ class MegatronBackend:
         out["logprobs"] = torch.where(mask_T, -nll_T, 0.0)[: row.length]
         return out
 
+    @staticmethod
+    def _score_outputs(row, scores_BT1) -> dict:
+        """{"scores": (S,) fp32 head output at the last token of each document}; the step's padding document (which
+        starts at the row's true length) is left out."""
+        ends_S = row.cu_seqlens[1:].long()
+        ends_S = ends_S[ends_S <= row.length]
+        return {"scores": scores_BT1[0, ends_S - 1, 0].float()}
+
+    def _outputs(self, row, output_BTX, temperature: float, entropy: bool) -> dict:
+        if self.head == "score":
+            return self._score_outputs(row, output_BTX)
+        return self._token_outputs(row, output_BTX, temperature, entropy)
+
     def _stage_loss_func(self, loss_fn, temperature, entropy, row, logits_BTV, non_loss_data: bool = False):
-        loss, stats = loss_fn(self._token_outputs(row, logits_BTV, temperature, entropy), row.source)
+        loss, stats = loss_fn(self._outputs(row, logits_BTV, temperature, entropy), row.source)
         reduced = {k: float(v) for k, v in stats.items()}
         reduced["loss"] = float(loss.detach())
         return loss, torch.ones((), dtype=torch.int), reduced
 
     def _stage_forward_func(self, fn, temperature, entropy, row, logits_BTV, non_loss_data: bool = True):
-        return fn(self._token_outputs(row, logits_BTV, temperature, entropy), row.source)
+        return fn(self._outputs(row, logits_BTV, temperature, entropy), row.source)
 
     def _token_loss(self, targets_T: torch.Tensor, logits_BTV: torch.Tensor) -> torch.Tensor:
         """-log p(target) per position, (T,) fp32, over vocab-parallel logits with padded columns masked."""
@@ -311,6 +347,8 @@ class MegatronBackend:
 
         if self.optimizer is None:
             raise RuntimeError("train_step on a frozen MegatronBackend (trainable=False)")
+        if loss_fn is None and self.head != "lm":
+            raise ValueError(f"train_step without loss_fn is the next-token loss; this backend has head={self.head!r}")
         rows = self._rows(micro_batches)
         if self.pcfg.virtual_pipeline_parallel and len(rows) < self.pcfg.pipeline_parallel:
             raise ValueError(f"train_step got {len(rows)} micro-batches; the interleaved pipeline schedule needs at "
@@ -358,6 +396,8 @@ class MegatronBackend:
     @torch.no_grad()
     def logprobs(self, micro_batch: dict) -> torch.Tensor:
         """(T,) fp32 log p(input_ids[t] | earlier tokens of its document); 0 at document starts. No update."""
+        if self.head != "lm":
+            raise ValueError(f"logprobs needs the LM head; this backend has head={self.head!r}")
         rows = self._rows([micro_batch])
         if self.pcfg.virtual_pipeline_parallel:  # the interleaved schedule needs >= PP micro-batches: repeat it
             rows = rows * self.pcfg.pipeline_parallel
@@ -415,5 +455,7 @@ class MegatronBackend:
 
     def save_hf(self, out_dir) -> None:
         """Collective: write the current weights as an HF directory (global rank 0 writes)."""
-        hf_convert.save_chunks_as_hf(self.model, self.arch, self.model_dir, out_dir)
+        written = hf_convert.save_chunks_as_hf(self.model, self.arch, self.model_dir, out_dir)
+        if written is not None and self.save_config is not None:
+            self.save_config.save_pretrained(written)
         dist.barrier()

@@ -197,6 +197,33 @@ class RMSNorm(torch.nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+class ScoreHead(torch.nn.Module):
+    """A scalar reward head in GPTModel's `output_layer` slot: score[t] = w . h[t] for every token, (T, b, 1).
+
+    GPTModel calls `output_layer(hidden, weight=None, runtime_gather_output=...)` and expects (logits, bias); with this
+    head its "logits" are one score per token (the stage picks each sequence's last token; T dot products of length D
+    cost nothing next to the decoder). The weight (1, D) is replicated on every TP rank, not split: the final norm's
+    output is replicated too, so every TP rank computes the same scores, the same loss and the same full gradients,
+    and neither the weight's gradient nor the hidden state's needs a TP reduction (megatron's grad norm counts a
+    replicated parameter once). Under sequence parallelism each rank holds T/tp tokens, so the head first all-gathers
+    the sequence, and its backward keeps this rank's slice of the (already full, identical) gradient instead of
+    reduce-scattering it, which would count it tp times.
+    """
+
+    def __init__(self, config, hidden_size: int):
+        super().__init__()
+        self.sequence_parallel = config.sequence_parallel
+        self.weight = torch.nn.Parameter(torch.zeros(1, hidden_size, dtype=config.params_dtype))
+
+    def forward(self, hidden_TBD, weight=None, runtime_gather_output=None):
+        del weight, runtime_gather_output
+        if self.sequence_parallel:
+            from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+            hidden_TBD = gather_from_sequence_parallel_region(hidden_TBD, tensor_parallel_output_grad=False)
+        return F.linear(hidden_TBD, self.weight), None
+
+
 # ----------------------------------------------------------------------------------------------- specs and model
 def layer_spec(use_te: bool | None = None):
     """The decoder layer spec: TE's when `use_te` (default: TE importable with CUDA), else local + packed attention."""
@@ -292,8 +319,14 @@ def _mark_tensor_parallel_weights(model) -> None:
                 set_tensor_model_parallel_attributes(weight, True, dim, 1)
 
 
-def build_model_chunks(arch: HFArch, config, *, vocab_multiple: int = 1, use_te: bool | None = None) -> list:
-    """One GPTModel per virtual pipeline stage held by this rank (a list of length 1 without VPP)."""
+def build_model_chunks(arch: HFArch, config, *, vocab_multiple: int = 1, use_te: bool | None = None,
+                       head: str = "lm") -> list:
+    """One GPTModel per virtual pipeline stage held by this rank (a list of length 1 without VPP).
+
+    head="lm": the vocab-parallel output layer (logits). head="score": a `ScoreHead` (one scalar per token) in its
+    place on the last stage, nothing tied to the embedding (a reward model has no LM head)."""
+    if head not in ("lm", "score"):
+        raise ValueError(f"head must be 'lm' or 'score', got {head!r}")
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
@@ -309,10 +342,12 @@ def build_model_chunks(arch: HFArch, config, *, vocab_multiple: int = 1, use_te:
             max_sequence_length=arch.max_positions,
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-            share_embeddings_and_output_weights=arch.tied, position_embedding_type="rope",
+            share_embeddings_and_output_weights=arch.tied and head == "lm", position_embedding_type="rope",
             rotary_base=arch.rope_theta, rope_scaling=arch.rope_scaling_factor is not None,
             rope_scaling_factor=arch.rope_scaling_factor or 8.0, parallel_output=True, vp_stage=vp_stage,
         )
+        if head == "score" and model.post_process:
+            model.output_layer = ScoreHead(config, arch.hidden)  # frees the (Vp/tp, D) output layer GPTModel built
         _mark_tensor_parallel_weights(model)
         if model.pre_process and arch.pad_token_id is not None:
             model.embedding.word_embeddings.register_forward_hook(_no_grad_through_padding(arch.pad_token_id))

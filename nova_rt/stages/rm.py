@@ -5,7 +5,8 @@ in the same packed row, so one forward gives both scores. The loss is the mean o
 (each micro-batch sums its pairs' losses times 1 / global pairs; see nova_rt.trainer). Eval on data.eval_files
 runs before training (logged at step 0), every train.eval_every steps and after the last step, writing
 eval_loss / eval_accuracy / eval_margin / eval_reward_* to metrics.jsonl. The final model is an HF
-`*ForSequenceClassification` directory (num_labels=1) in run.dir/final.
+`*ForSequenceClassification` directory (num_labels=1) in run.dir/final. With parallel.backend=megatron the same data
+and objective run on megatron-core (nova_rt.stages.rm_megatron).
 """
 
 from __future__ import annotations
@@ -57,7 +58,12 @@ def build_pair_data(cfg: Config, tokenizer, files: list[str]):
 
 def rm_loss(model, mb: dict, loss: RewardLoss):
     """Global-batch-weighted RM loss of one micro-batch and its stats."""
-    scores_S = batch_scores(model, mb)
+    return rm_objective(batch_scores(model, mb), mb, loss)
+
+
+def rm_objective(scores_S: torch.Tensor, mb: dict, loss: RewardLoss):
+    """(global-batch-weighted loss, stats) from the (S,) scores of a micro-batch (chosen, rejected interleaved);
+    shared by both backends (the megatron one computes the scores on its last pipeline stage)."""
     r_chosen_P, r_rejected_P = scores_S[0::2], scores_S[1::2]
     losses_P = loss(r_chosen_P, r_rejected_P, mb["scores"], mb["has_score"])
     w = mb["pair_weight"]
@@ -107,10 +113,11 @@ def eval_hook(cfg: Config, telemetry: Telemetry, evaluate: Callable[[], dict] | 
 
 @register_stage("rm")
 def run(cfg: Config) -> dict:
-    if cfg.parallel.backend != "hf":
-        raise NotImplementedError(f"run.stage=rm supports parallel.backend=hf only, got parallel.backend="
-                                  f"{cfg.parallel.backend!r} (the scalar reward head is not built on megatron-core)")
     info, run_dir = setup(cfg)
+    if cfg.parallel.backend == "megatron":
+        from nova_rt.stages.rm_megatron import run_megatron_rm
+
+        return run_megatron_rm(cfg, info, run_dir)
     hf_model, tok = load_policy(cfg)
     module = RewardModel.from_causal_lm(hf_model, tok.pad_token_id, seed=cfg.run.seed)
     del hf_model
