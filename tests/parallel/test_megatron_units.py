@@ -241,7 +241,6 @@ def test_bad_parallel_config_is_rejected_before_any_process_group(fields, match)
 
 # ----------------------------------------------------------------------------------------------- stage guards
 @pytest.mark.parametrize("stage, overrides, key", [
-    ("rm", [], "parallel.backend"),
     ("grpo", ["grpo.beta=0.05", "grpo.kl=topk", "grpo.ptx_coef=0"], "grpo.kl=topk"),
     ("grpo", ["grpo.beta=0", "grpo.ptx_coef=0.1"], "grpo.ptx_coef"),
 ])
