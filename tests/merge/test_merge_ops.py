@@ -258,6 +258,25 @@ def test_extension_matches_reference(shape, dtype):
 
 
 @needs_ext
+@pytest.mark.parametrize("in_dtype, out_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                 (torch.bfloat16, torch.float32)])
+def test_extension_bit_identical_to_reference(in_dtype, out_dtype):
+    """Linear, task arithmetic and TIES round every product and sum like PyTorch's eager ops (no FMA contraction),
+    so the extension equals the reference (and mergekit) bit for bit."""
+    seed = _seed()
+    base, xs = _inputs((129, 257), in_dtype, 3, seed)
+    w = [0.5, 1.25, -0.3]
+    assert torch.equal(ops.weighted_sum(xs, w, 0.7, out_dtype=out_dtype, backend="ext"),
+                       weighted_sum_ref(xs, w, 0.7, out_dtype)), f"weighted_sum seed={seed}"
+    for sparsify, consensus, normalize in [(SPARSIFY_NONE, False, False), (SPARSIFY_NONE, False, True),
+                                           (SPARSIFY_NONE, True, True), (SPARSIFY_MAGNITUDE, True, True)]:
+        p = GtaParams(weights=tuple(w), densities=(0.4, 0.75, 0.1), sparsify=sparsify, consensus=consensus,
+                      normalize=normalize, lam=0.9)
+        assert torch.equal(ops.gta(base, xs, p, out_dtype=out_dtype, backend="ext"),
+                           gta_ref(base, xs, p, out_dtype)), f"gta {sparsify} {consensus} {normalize} seed={seed}"
+
+
+@needs_ext
 @pytest.mark.parametrize("out_dtype", DTYPES)
 def test_extension_output_dtype_and_fp64_oracle(out_dtype):
     """fp32 inputs merged straight into another dtype: no worse than the reference against an fp64 oracle."""
