@@ -4,10 +4,13 @@ Inputs: a random Qwen2-shaped base model saved in bf16 plus two "fine-tunes" (ba
 once into --cache-dir. --size 0.5b is Qwen2-0.5B's shape (24 layers, hidden 896, vocab 151936, ~0.49B params,
 ~1 GB per model); --size small is a ~30M-parameter model for a quick run. Each tool runs as a child process
 (`python -m nova_rt.merge.cli` / `mergekit-yaml`, HF_HUB_OFFLINE=1), forked by a small launcher that reports its
-ru_maxrss (peak RSS) from os.wait4.
-GB/s = (bytes of all input tensors read + bytes written) / wall time; the "copy" row reads every input file and
-writes one output of the merged size, i.e. the I/O floor on this machine. A first copy pass warms the page cache,
-so every row reads from memory. The YAML's dtype defaults to float32 (mergekit upcasts and computes in fp32;
+ru_maxrss (peak RSS) from os.wait4. With --reps N the tools alternate (nova_rt, mergekit, nova_rt, ...) so both see
+the same load on a shared machine; wall_s is the fastest run, wall_all all of them, load1 the mean 1-minute load
+average when the runs started, and output directories are removed before each run, outside the timing.
+GB/s = (bytes of all input tensors read + bytes written) / wall time. Two "plain copy" rows bound the I/O: read every
+input file and write one output of the merged size, through the page cache ("copy buffered") or with O_DIRECT
+("copy O_DIRECT"); neither fsyncs (nor does either tool). A first pass warms the page cache, so every row reads from
+memory. The YAML's dtype defaults to float32 (mergekit upcasts and computes in fp32;
 nova_rt computes in fp32 from the bf16 inputs directly) with bf16 output. Outputs are compared tensor by tensor with
 mergekit's: max |diff| and frac_gt_1ulp, the fraction of elements whose difference exceeds 2^-8 of their magnitude
 (1 to 2 bf16 ulps). Model Stock differs most on the 136M-element embedding: mergekit's fp32 torch reductions give
@@ -121,9 +124,10 @@ print(json.dumps({"rc": os.waitstatus_to_exitcode(status), "maxrss_kb": usage.ru
 """
 
 
-def run_child(cmd: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS MiB) of one child process."""
+def run_child(cmd: list[str]) -> tuple[float, float, float]:
+    """(wall seconds, peak RSS MiB, 1-minute load average at the start) of one child process."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    load1 = os.getloadavg()[0]
     t0 = time.perf_counter()
     res = subprocess.run([sys.executable, "-c", _LAUNCHER, *cmd], env=env, stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True)
@@ -131,27 +135,36 @@ def run_child(cmd: list[str]) -> tuple[float, float]:
     stats = json.loads(res.stderr.strip().splitlines()[-1])
     if stats["rc"] != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({stats['rc']}):\n{res.stderr[-3000:]}")
-    return wall, stats["maxrss_kb"] / 1024
+    return wall, stats["maxrss_kb"] / 1024, load1
 
 
-def plain_copy(dirs: list[Path], out_bytes: int, dst: Path) -> float:
-    """Read every input file, write out_bytes to one file: the I/O floor. Returns seconds."""
-    buf = bytearray(64 << 20)
+def plain_copy(dirs: list[Path], out_bytes: int, dst: Path, direct: bool) -> float:
+    """Read every input file, write out_bytes to one file (page cache or O_DIRECT, no fsync). Returns seconds."""
+    import mmap
+
+    chunk = 64 << 20
+    buf = mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT needs
     view = memoryview(buf)
+    dst.unlink(missing_ok=True)
     t0 = time.perf_counter()
     for d in dirs:
         with open(d / "model.safetensors", "rb", buffering=0) as f:
             while f.readinto(buf):
                 pass
-    with open(dirs[0] / "model.safetensors", "rb", buffering=0) as src, open(dst, "wb") as out:
-        left = out_bytes
-        while left > 0:
-            n = src.readinto(view[: min(len(buf), left)])
-            out.write(view[:n])
-            left -= n
-        out.flush()
-        os.fsync(out.fileno())
-    return time.perf_counter() - t0
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if direct else 0)
+    fd = os.open(dst, flags, 0o644)
+    with open(dirs[0] / "model.safetensors", "rb", buffering=0) as src:
+        done = 0
+        while done < out_bytes:
+            n = src.readinto(view)
+            n = -(-n // 4096) * 4096 if direct else n  # O_DIRECT writes whole blocks
+            done += os.pwrite(fd, view[:n], done)
+    os.ftruncate(fd, out_bytes)
+    os.close(fd)
+    wall = time.perf_counter() - t0
+    view.release()
+    buf.close()
+    return wall
 
 
 def compare(ours: Path, theirs: Path) -> dict:
@@ -185,27 +198,34 @@ def compare(ours: Path, theirs: Path) -> dict:
 def bench_method(method: str, dirs: list[Path], work: Path, args) -> list[dict]:
     cfg = write_yaml(method, dirs, work / f"{method}.yaml", args.dtype)
     in_bytes = sum((d / "model.safetensors").stat().st_size for d in dirs)  # every config reads all three
-    rows = []
-    tools = {"nova_rt": [sys.executable, "-m", "nova_rt.merge.cli", str(cfg), str(work / f"nova_{method}"),
-                         "--force", "--no-progress"]}
+    tools = {"nova_rt": ([sys.executable, "-m", "nova_rt.merge.cli", str(cfg), str(work / f"nova_{method}"),
+                          "--no-progress"], work / f"nova_{method}")}
     if not args.skip_mergekit:
-        tools["mergekit"] = [str(MERGEKIT), str(cfg), str(work / f"mk_{method}"), "--quiet", "--no-copy-tokenizer",
-                             "--no-write-model-card"]
-    for tool, cmd in tools.items():
-        runs = []
-        try:
-            for _ in range(args.reps):
-                shutil.rmtree(work / f"mk_{method}", ignore_errors=True)
-                runs.append(run_child(cmd))
-        except RuntimeError as exc:  # e.g. killed for memory on a shared machine: record it, keep going
-            rows.append({"method": method, "tool": tool, "error": str(exc).splitlines()[0][-200:]})
-            print(f"{method}/{tool} failed: {exc}", flush=True)
+        tools["mergekit"] = ([str(MERGEKIT), str(cfg), str(work / f"mk_{method}"), "--quiet", "--no-copy-tokenizer",
+                              "--no-write-model-card"], work / f"mk_{method}")
+    runs: dict[str, list] = {t: [] for t in tools}
+    errors: dict[str, str] = {}
+    for _ in range(args.reps):  # alternate the tools, so that both see the same load
+        for tool, (cmd, out_dir) in tools.items():
+            if tool in errors:
+                continue
+            shutil.rmtree(out_dir, ignore_errors=True)
+            try:
+                runs[tool].append(run_child(cmd))
+            except RuntimeError as exc:  # e.g. killed for memory on a shared machine: record it, keep going
+                errors[tool] = str(exc).splitlines()[0][-200:]
+                print(f"{method}/{tool} failed: {exc}", flush=True)
+    rows = []
+    for tool, (_, out_dir) in tools.items():
+        if tool in errors:
+            rows.append({"method": method, "tool": tool, "error": errors[tool]})
             continue
-        wall, rss = min(r[0] for r in runs), max(r[1] for r in runs)
-        out_dir = work / (f"nova_{method}" if tool == "nova_rt" else f"mk_{method}")
+        walls = [r[0] for r in runs[tool]]
         out_bytes = sum(p.stat().st_size for p in out_dir.glob("*.safetensors"))
-        rows.append({"method": method, "tool": tool, "wall_s": wall, "peak_rss_mb": rss,
-                     "gb_per_s": (in_bytes + out_bytes) / wall / 1e9})
+        rows.append({"method": method, "tool": tool, "wall_s": min(walls), "wall_all": [round(w, 2) for w in walls],
+                     "peak_rss_mb": max(r[1] for r in runs[tool]),
+                     "load1": round(sum(r[2] for r in runs[tool]) / len(walls), 2),
+                     "gb_per_s": (in_bytes + out_bytes) / min(walls) / 1e9})
         print(json.dumps(rows[-1]), flush=True)
     if len(rows) == 2 and all("error" not in r for r in rows):
         nova, mk = rows
@@ -231,19 +251,23 @@ def main() -> None:
     work = cache / f"work_{args.size}"
     work.mkdir(parents=True, exist_ok=True)
     model_bytes = (dirs[0] / "model.safetensors").stat().st_size
-    plain_copy(dirs, model_bytes, work / "copy.bin")  # warm the page cache
-    copy_s = min(plain_copy(dirs, model_bytes, work / "copy.bin") for _ in range(max(1, args.reps)))
-    rows = [{"method": "-", "tool": "plain copy", "wall_s": copy_s, "gb_per_s": 4 * model_bytes / copy_s / 1e9}]
+    plain_copy(dirs, model_bytes, work / "copy.bin", direct=False)  # warm the page cache
+    rows = []
+    for direct in (False, True):
+        copy_s = min(plain_copy(dirs, model_bytes, work / "copy.bin", direct) for _ in range(max(1, args.reps)))
+        rows.append({"method": "-", "tool": "copy O_DIRECT" if direct else "copy buffered", "wall_s": copy_s,
+                     "gb_per_s": 4 * model_bytes / copy_s / 1e9, "load1": round(os.getloadavg()[0], 2)})
+    (work / "copy.bin").unlink(missing_ok=True)
     for method in args.methods.split(","):
         rows += bench_method(method, dirs, work, args)
     for r in rows:
         r["size"] = args.size
         r["dtype"] = args.dtype
         r["model_gb"] = model_bytes / 1e9
-    cols = ["size", "dtype", "method", "tool", "wall_s", "peak_rss_mb", "gb_per_s", "speedup", "rss_ratio",
-            "max_abs_diff", "frac_gt_1ulp", "error"]
+    cols = ["size", "dtype", "method", "tool", "wall_s", "wall_all", "load1", "peak_rss_mb", "gb_per_s", "speedup",
+            "rss_ratio", "max_abs_diff", "frac_gt_1ulp", "error"]
     report(f"merge_{args.size}", rows, cols, out=args.out)
-    print(json.dumps({"copy_gb_per_s": rows[0]["gb_per_s"]}))
+    print(json.dumps({r["tool"]: round(r["gb_per_s"], 3) for r in rows if r["method"] == "-"}))
 
 
 if __name__ == "__main__":
