@@ -13,7 +13,8 @@
 // Radix select (fallback). 16-bit digits of the magnitude bits, most significant first: a histogram pass per digit,
 // then a counting pass for the cutoff (3 passes for fp32 accumulation, 5 for fp64).
 // Measured (1 thread, 2026-11-21): a 4.36M-element bf16 tensor (the 0.5B benchmark's MLP weights), 2 models, density
-// 0.4: sampled 7.8 ms, radix 20.9 ms. With the former branchy element loop, TIES on it took 183 ms; now 14 ms.
+// 0.4: sampled 5-7 ms, radix 20-21 ms. With the former radix-only selection and branchy element loop, TIES on it took
+// 183 ms; now 13 ms.
 #include "merge_cpu.h"
 
 #include <ATen/OpMathType.h>
@@ -31,7 +32,7 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kMaxSample = 1 << 16;
-constexpr int64_t kAllCandidates = 4 * kMaxSample;  // up to this many elements every magnitude is a candidate
+constexpr int64_t kAllCandidates = 1 << 18;  // up to this many elements every magnitude is a candidate
 
 template <typename in_t, typename acc_t>
 inline typename MagBits<acc_t>::S mag_at(const in_t* x, const in_t* base, int64_t e) {
@@ -113,7 +114,8 @@ std::pair<typename MagBits<acc_t>::S, typename MagBits<acc_t>::S> sample_bracket
   std::vector<S> sample(s);
   for (int64_t j = 0; j < s; ++j) {
     const int64_t lo = n * j / s, width = n * (j + 1) / s - lo;
-    const int64_t e = lo + static_cast<int64_t>(splitmix64(static_cast<uint64_t>(j)) % static_cast<uint64_t>(width));
+    const auto draw = static_cast<unsigned __int128>(splitmix64(static_cast<uint64_t>(j))) * static_cast<uint64_t>(width);
+    const int64_t e = lo + static_cast<int64_t>(draw >> 64);  // uniform in [0, width) without a division
     sample[j] = mag_at<in_t, acc_t>(x, base, e);
   }
   const double p = static_cast<double>(k) / static_cast<double>(n);
@@ -163,7 +165,7 @@ void tally_bracket(const in_t* base, const std::vector<const in_t*>& xs, int64_t
         const in_t* x = xs[a] + s;
         for (int64_t e = 0; e < len; ++e) u[e] = mag_bits<acc_t>(static_cast<acc_t>(x[e]) - b[e]);
         const S h = hi[a], l = lo[a];
-        int64_t above = 0, eq_hi = 0, eq_lo = 0, inside = 0;
+        int32_t above = 0, eq_hi = 0, eq_lo = 0, inside = 0;  // per block (<= 1024): 32-bit lanes vectorise wider
         for (int64_t e = 0; e < len; ++e) {
           above += u[e] > h;
           eq_hi += u[e] == h;
