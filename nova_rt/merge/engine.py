@@ -159,7 +159,7 @@ def _stream(plan: list[PlannedTensor], readers: list[ModelReader], writer: Shard
             inputs = [r.view(s) for r, s in zip(readers, p.sources)]
             out = _merge_tensor(p, inputs, cfg, opts, writer.slot(p.out.name))
             writer.write(p.out.name, out)
-            del inputs, out  # views of the mapped files: the output shard cannot be unmapped while they live
+            del inputs, out  # views of the input maps and of the output arena (unmapped at the end)
             for r, s in zip(readers, p.sources):
                 r.release(s)
             if p.in_nbytes >= _TRIM_MIN_BYTES:  # casts, the torch backend and CUDA copies allocate per tensor
