@@ -3,17 +3,12 @@ metrics and final weights as the HF backend on the same pairs: the stage loss (n
 over per-token log-probs from the vocab-parallel cross entropy, reference log-probs from the backend's forward-only
 pass, and sum-over-DP gradients of a globally normalised loss. A fresh random tiny Llama each run (seed printed)."""
 
-import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[2]
-SEED = int(os.environ.get("NOVA_RT_TEST_SEED") or int.from_bytes(os.urandom(2), "little"))
+from tests.parallel.run_helpers import ROOT, SEED, clean_env, read_metrics, read_weights
 
 
 def _common(run_dir, model_dir):
@@ -22,24 +17,6 @@ def _common(run_dir, model_dir):
             "--set", "train.micro_batch=1", "--set", "train.eval_every=2", "--set", "logging.tensorboard=false",
             "--set", "logging.plot=false", "--set", "checkpoint.every=0", "--set", "optim.grad_clip=1.0",
             "--set", "train.num_threads=1", "--set", "dpo.beta=0.5"]
-
-
-def _env():
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
-
-
-def _metrics(d):
-    return [json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines()]
-
-
-def _weights(d):
-    out = {}
-    for f in d.glob("*.safetensors"):
-        out.update(load_file(f))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +29,7 @@ def hf_run(tmp_path_factory):
     model_dir = save_tiny_model(tmp / "tiny", "llama", seed=SEED, hidden=64, layers=2, heads=4, kv_heads=2,
                                 intermediate=128)
     r = subprocess.run([sys.executable, "-m", "nova_rt.train", *_common(tmp / "hf", model_dir)], cwd=ROOT,
-                       env=_env(), capture_output=True, text=True, timeout=600)
+                       env=clean_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     return model_dir, tmp / "hf"
 
@@ -69,9 +46,9 @@ def test_megatron_dpo_matches_hf_backend(tmp_path, hf_run, layout):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                         str(ROOT / "tests" / "parallel" / "sft_megatron_worker.py"), *_common(mg_dir, model_dir),
                         "--set", "parallel.backend=megatron", *parallel[layout]],
-                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+                       cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
-    mh, mm = _metrics(hf_dir), _metrics(mg_dir)
+    mh, mm = read_metrics(hf_dir), read_metrics(mg_dir)
     assert [m["step"] for m in mh] == [m["step"] for m in mm] == [0, 1, 2]  # eval at 0, train steps 1-2
     keys = ["loss", "reward_chosen", "reward_rejected", "margin", "accuracy", "logps_chosen", "logps_rejected",
             "pairs", "grad_norm", "eval_loss", "eval_margin", "eval_accuracy"]
@@ -85,7 +62,7 @@ def test_megatron_dpo_matches_hf_backend(tmp_path, hf_run, layout):
             if k in a:
                 assert abs(a[k] - b[k]) <= 1e-4 * abs(a[k]) + floor, (f"seed={SEED}", a["step"], k, a[k], b[k])
     assert mm[1]["loss"] != mm[2]["loss"]  # the policy moved
-    wh, wm = _weights(hf_dir / "final"), _weights(mg_dir / "final")
+    wh, wm = read_weights(hf_dir / "final"), read_weights(mg_dir / "final")
     assert wh.keys() <= wm.keys() | {"lm_head.weight"}
     for k in wh:
         rel = ((wh[k] - wm[k]).norm() / wh[k].norm().clamp_min(1e-12)).item()

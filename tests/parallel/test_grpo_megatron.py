@@ -11,18 +11,14 @@ first rollout and rerun: the resumed run (prompt sampler, rollout RNG, category 
 bit-identical to the uninterrupted one. A fresh random tiny Llama each run (seed printed)."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[2]
-SEED = int(os.environ.get("NOVA_RT_TEST_SEED") or int.from_bytes(os.urandom(2), "little"))
+from tests.parallel.run_helpers import ROOT, SEED, clean_env, read_metrics, read_weights
 
 
 def _common(run_dir, model_dir):
@@ -33,20 +29,6 @@ def _common(run_dir, model_dir):
     return ["--config", str(ROOT / "configs" / "tiny_grpo.yaml"), *[x for kv in sets for x in ("--set", kv)]]
 
 
-def _env():
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
-
-
-def _weights(d):
-    out = {}
-    for f in d.glob("*.safetensors"):
-        out.update(load_file(f))
-    return out
-
-
 @pytest.mark.distributed
 def test_megatron_grpo_matches_hf_backend(tmp_path):
     from nova_rt.models.tiny import save_tiny_model
@@ -55,18 +37,19 @@ def test_megatron_grpo_matches_hf_backend(tmp_path):
     model_dir = save_tiny_model(tmp_path / "tiny", "llama", seed=SEED, hidden=64, layers=2, heads=4, kv_heads=2,
                                 intermediate=128)
     hf_dir, mg_dir = tmp_path / "hf", tmp_path / "mg"
-    r = subprocess.run([sys.executable, "-m", "nova_rt.train", *_common(hf_dir, model_dir)], cwd=ROOT, env=_env(),
+    r = subprocess.run([sys.executable, "-m", "nova_rt.train", *_common(hf_dir, model_dir)], cwd=ROOT, env=clean_env(),
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     def megatron(run_dir):
         r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                             str(ROOT / "tests" / "parallel" / "sft_megatron_worker.py"), *_common(run_dir, model_dir),
                             "--set", "parallel.backend=megatron", "--set", "parallel.tensor_parallel=2", "--set",
-                            "checkpoint.every=2"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+                            "checkpoint.every=2"],
+                           cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-4000:]
 
     megatron(mg_dir)
-    mh, mm = ([json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines()] for d in (hf_dir, mg_dir))
+    mh, mm = (read_metrics(d) for d in (hf_dir, mg_dir))
     assert [m["step"] for m in mh] == [m["step"] for m in mm] == [2, 4]
     skip = {"step", "rollout_time_s", "train_time_s", "step_time_s"}
     for a, b in zip(mh, mm):
@@ -76,7 +59,7 @@ def test_megatron_grpo_matches_hf_backend(tmp_path):
     assert mm[1]["kl"] > 0 and mm[1]["grad_norm"] > 0  # the second rollout trains (not all groups equal)
     eh, em = (json.loads((d / "eval_final.json").read_text()) for d in (hf_dir, mg_dir))
     assert eh == em
-    wh, wm = _weights(hf_dir / "final"), _weights(mg_dir / "final")
+    wh, wm = read_weights(hf_dir / "final"), read_weights(mg_dir / "final")
     assert wh.keys() <= wm.keys() | {"lm_head.weight"}
     for k in wh:
         rel = ((wh[k] - wm[k]).norm() / wh[k].norm().clamp_min(1e-12)).item()
@@ -88,9 +71,9 @@ def test_megatron_grpo_matches_hf_backend(tmp_path):
     assert [p.name for p in (cut / "checkpoints").iterdir()] == ["step_00000002"]
     megatron(cut)
     assert (cut / "metrics.jsonl").read_text().count("\n") == 2
-    a, b = ([json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines()][1] for d in (mg_dir, cut))
+    a, b = (read_metrics(d)[1] for d in (mg_dir, cut))
     assert {k: v for k, v in a.items() if k not in skip} == {k: v for k, v in b.items() if k not in skip}
     assert json.loads((cut / "eval_final.json").read_text()) == em
-    wc = _weights(cut / "final")
+    wc = read_weights(cut / "final")
     for k in wm:
         assert torch.equal(wm[k], wc[k]), k

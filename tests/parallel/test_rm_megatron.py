@@ -6,18 +6,15 @@ checkpoint and must end bit-identical to it. One torchrun launch runs all four; 
 (seed printed)."""
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.parallel.run_helpers import ROOT, SEED, clean_env, read_metrics, read_weights
+
 CONFIG = ROOT / "configs" / "tiny_rm.yaml"
-SEED = int(os.environ.get("NOVA_RT_TEST_SEED") or int.from_bytes(os.urandom(2), "little"))
 LAYOUTS = {"tp2": ["parallel.tensor_parallel=2", "checkpoint.every=1"],
            "tp2_sp": ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true"],
            "pp2": ["parallel.pipeline_parallel=2"]}
@@ -27,24 +24,6 @@ def _overrides(run_dir, model_dir) -> list[str]:
     return [f"run.dir={run_dir}", f"model.path={model_dir}", "train.max_steps=2", "train.global_batch=2",
             "train.micro_batch=1", "train.eval_every=2", "logging.tensorboard=false", "logging.plot=false",
             "checkpoint.every=0", "optim.grad_clip=1.0", "train.num_threads=1", "rm.alpha=0.1"]
-
-
-def _env():
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
-
-
-def _metrics(d):
-    return [json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines()]
-
-
-def _weights(d):
-    out = {}
-    for f in d.glob("*.safetensors"):
-        out.update(load_file(f))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +37,7 @@ def runs(tmp_path_factory):
                                 intermediate=128)
     sets = [a for o in _overrides(tmp / "hf", model_dir) for a in ("--set", o)]
     r = subprocess.run([sys.executable, "-m", "nova_rt.train", "--config", str(CONFIG), *sets], cwd=ROOT,
-                       env=_env(), capture_output=True, text=True, timeout=600)
+                       env=clean_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     mg = {name: tmp / name for name in [*LAYOUTS, "tp2_resumed"]}
     # tp2_resumed sees tp2's checkpoints (step 1 only: none is written after the last step) and resumes from there
@@ -71,7 +50,7 @@ def runs(tmp_path_factory):
     (tmp / "spec.json").write_text(json.dumps(spec))
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                         str(ROOT / "tests" / "parallel" / "rm_megatron_worker.py"), str(tmp / "spec.json")],
-                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+                       cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     return model_dir, tmp / "hf", mg
 
@@ -98,7 +77,7 @@ def _eval_rewards(final_dir, model_dir, run_dir) -> tuple[float, float]:
 def test_megatron_rm_matches_hf_backend(runs, layout):
     model_dir, hf_dir, mg_dirs = runs
     mg_dir = mg_dirs[layout]
-    mh, mm = _metrics(hf_dir), _metrics(mg_dir)
+    mh, mm = read_metrics(hf_dir), read_metrics(mg_dir)
     assert [m["step"] for m in mh] == [m["step"] for m in mm] == [0, 1, 2]  # eval at 0, train steps 1-2
     keys = ["loss", "reward_chosen", "reward_rejected", "margin", "accuracy", "pairs", "grad_norm", "eval_loss",
             "eval_reward_chosen", "eval_reward_rejected", "eval_margin", "eval_accuracy"]
@@ -107,7 +86,7 @@ def test_megatron_rm_matches_hf_backend(runs, layout):
             if k in a:  # rewards are O(0.1-1); fp32 noise of two implementations is ~1e-7 relative
                 assert abs(a[k] - b[k]) <= 1e-4 * abs(a[k]) + 1e-6, (f"seed={SEED}", layout, a["step"], k, a[k], b[k])
     assert mm[1]["loss"] != mm[2]["loss"]  # the model moved
-    wh, wm = _weights(hf_dir / "final"), _weights(mg_dir / "final")
+    wh, wm = read_weights(hf_dir / "final"), read_weights(mg_dir / "final")
     assert wh.keys() == wm.keys() and "score.weight" in wh
     for k in wh:
         rel = ((wh[k] - wm[k]).norm() / wh[k].norm().clamp_min(1e-12)).item()
@@ -123,11 +102,11 @@ def test_megatron_rm_matches_hf_backend(runs, layout):
 @pytest.mark.distributed
 def test_megatron_rm_resume_is_exact(runs):
     _, _, mg_dirs = runs
-    full, resumed = _metrics(mg_dirs["tp2"]), _metrics(mg_dirs["tp2_resumed"])
+    full, resumed = read_metrics(mg_dirs["tp2"]), read_metrics(mg_dirs["tp2_resumed"])
     assert [m["step"] for m in resumed] == [2]  # started at step 1: no step-0 eval, no step 1
     for k in ("loss", "grad_norm", "reward_chosen", "margin", "eval_loss", "eval_reward_chosen"):
         assert resumed[0][k] == full[2][k], (f"seed={SEED}", k, resumed[0][k], full[2][k])
-    wf, wr = _weights(mg_dirs["tp2"] / "final"), _weights(mg_dirs["tp2_resumed"] / "final")
+    wf, wr = read_weights(mg_dirs["tp2"] / "final"), read_weights(mg_dirs["tp2_resumed"] / "final")
     assert wf.keys() == wr.keys()
     for k in wf:
         assert torch.equal(wf[k], wr[k]), (f"seed={SEED}", k)
