@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nova_rt.data.chat import IGNORE
 from nova_rt.models.attention import packed_forward_kwargs
 
 
@@ -25,21 +26,24 @@ class CausalLMLogprobs(nn.Module):
                       **packed_forward_kwargs(cu_seqlens, max_seqlen))
         return out.last_hidden_state[0]
 
+    def head_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """(V, D) LM-head weight in the hidden states' dtype (bf16 autocast on GPU: fp32 master weights)."""
+        weight_VD = self.lm.get_output_embeddings().weight
+        return weight_VD if weight_VD.dtype == dtype else weight_VD.to(dtype)
+
     def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen, targets, *, temperature: float = 1.0,
                 return_entropy: bool = False, topk_ids=None) -> dict:
         from nova_rt.kernels.fused_linear_logprobs import fused_linear_logprobs
 
         hidden_TD = self.hidden_states(input_ids, position_ids, cu_seqlens, max_seqlen)
-        weight_VD = self.lm.get_output_embeddings().weight
-        if weight_VD.dtype != hidden_TD.dtype:  # bf16 autocast on GPU: fp32 master weights
-            weight_VD = weight_VD.to(hidden_TD.dtype)
+        weight_VD = self.head_weight(hidden_TD.dtype)
         if return_entropy or topk_ids is not None:  # per-token outputs wanted on every row
             return fused_linear_logprobs(hidden_TD, weight_VD, targets, temperature=temperature,
                                          return_entropy=return_entropy, topk_ids=topk_ids)
         # log-probs only: the LM head runs on rows with a target alone (SFT: prompt tokens and the last token of
         # each document have none; that is ~20-25% of the model's FLOPs on them for a 50k vocab), and the (T,)
         # result is 0 elsewhere, as the op's contract says for ignored rows
-        keep_T = targets != -100
+        keep_T = targets != IGNORE
         sel = fused_linear_logprobs(hidden_TD[keep_T], weight_VD, targets[keep_T], temperature=temperature)
         logp_T = sel["logprobs"].new_zeros(targets.shape).masked_scatter(keep_T, sel["logprobs"])
         return {"logprobs": logp_T}

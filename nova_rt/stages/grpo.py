@@ -164,9 +164,7 @@ class PolicyLogprobs(CausalLMLogprobs):
         from nova_rt.kernels.fused_linear_logprobs import fused_linear_logprobs
 
         hidden_TD = self.selected_hidden(input_ids, position_ids, cu_seqlens, max_seqlen, targets)
-        weight_VD = self.lm.get_output_embeddings().weight
-        if weight_VD.dtype != hidden_TD.dtype:
-            weight_VD = weight_VD.to(hidden_TD.dtype)
+        weight_VD = self.head_weight(hidden_TD.dtype)
         return fused_linear_logprobs(hidden_TD, weight_VD, targets[targets != IGNORE], temperature=temperature,
                                      return_entropy=return_entropy, topk_ids=topk_ids)
 
@@ -382,9 +380,8 @@ class GRPORun:
 
         hidden = self.ref.selected_hidden(mb["input_ids"], mb["position_ids"], mb["cu_seqlens"], mb["max_seqlen"],
                                           mb["targets"])
-        weight = self.ref.lm.get_output_embeddings().weight
-        k = min(self.g.topk, weight.shape[0])
-        return reference_topk(hidden, weight.to(hidden.dtype), k, temperature=temperature)
+        weight = self.ref.head_weight(hidden.dtype)
+        return reference_topk(hidden, weight, min(self.g.topk, weight.shape[0]), temperature=temperature)
 
     @torch.no_grad()
     def precompute(self, mb: dict) -> dict:
