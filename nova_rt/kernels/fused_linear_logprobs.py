@@ -29,7 +29,8 @@ Backends ("auto" picks Triton for CUDA tensors, PyTorch otherwise):
   weight tiles, keeps the running (m, s, B) above and picks out the label logit; vocab splits are merged in PyTorch.
   Top-k logits come from a gather-dot kernel (K rows of W per token). The backward is the chunk loop with cuBLAS GEMMs
   and a Triton kernel for the dz math of each chunk (the top-k one-hot terms are a torch scatter_add on the chunk).
-`reference_topk` is PyTorch on both backends (chunked GEMM + streaming torch.topk merge); it runs under no_grad.
+`reference_topk` is PyTorch on both backends (chunked GEMM + streaming torch.topk merge, equal logits ranked by
+lowest id); it runs under no_grad.
 """
 
 from __future__ import annotations
@@ -439,10 +440,39 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     return out
 
 
+def topk_lowest_ids(vals_TN: torch.Tensor, k: int, ids_TN: torch.Tensor | None = None) -> tuple[torch.Tensor,
+                                                                                                 torch.Tensor]:
+    """(values (T, k), ids (T, k)): the k largest of each row, sorted descending, equal values ordered by id (lowest
+    first) and, where the k-th value ties with values left out, the lowest ids kept. ids_TN: the candidates' ids
+    (distinct per row; default: the column index). Deterministic, unlike torch.topk, whose choice among ties depends
+    on the device and the kernel; so a sharded (vocab-parallel) top-k picks the same ids as a single-device one.
+
+    Cost: torch.topk, one comparison pass over the rows, and a sort of the k winners; rows with a tie at the k-th
+    value are re-ranked by a full stable sort (only those rows).
+    """
+    top_Tk, pos_Tk = torch.topk(vals_TN, k, dim=1)
+    if k:
+        tied_T = (vals_TN >= top_Tk[:, -1:]).sum(dim=1) > k  # the k-th value also occurs outside the selection
+        if bool(tied_T.any()):
+            rows = tied_T.nonzero()[:, 0]
+            sub_TN = vals_TN[rows]
+            order_TN = torch.arange(sub_TN.shape[1], device=sub_TN.device).expand_as(sub_TN) if ids_TN is None \
+                else ids_TN[rows].argsort(dim=1)
+            by_val_TN = torch.sort(sub_TN.gather(1, order_TN), dim=1, descending=True, stable=True).indices
+            pos_Tk[rows] = order_TN.gather(1, by_val_TN[:, :k])
+            top_Tk[rows] = sub_TN.gather(1, pos_Tk[rows])
+    ids_Tk = pos_Tk if ids_TN is None else ids_TN.gather(1, pos_Tk)
+    ids_Tk, order_Tk = ids_Tk.sort(dim=1)  # canonical order within the winners: by id, then stably by value
+    top_Tk = top_Tk.gather(1, order_Tk)
+    top_Tk, order_Tk = torch.sort(top_Tk, dim=1, descending=True, stable=True)
+    return top_Tk, ids_Tk.gather(1, order_Tk)
+
+
 @torch.no_grad()
 def reference_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int, *, temperature: float = 1.0,
                    backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids (T, k) int64, logprobs (T, k) fp32) of the k largest logits per token, sorted descending.
+    """(ids (T, k) int64, logprobs (T, k) fp32) of the k largest logits per token, sorted descending; ties by lowest
+    id (`topk_lowest_ids`).
 
     Streams the vocab in chunks: each chunk's logits are merged with the running top-k (torch.topk over k + Vc
     candidates) and folded into an online logsumexp, so no (T, V) tensor exists. Both backends run this PyTorch
@@ -464,6 +494,6 @@ def reference_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int, *, temper
         z = (hidden @ weight[v0:v1].T).to(cdt).mul_(inv_tau)
         lse = torch.logaddexp(lse, torch.logsumexp(z, dim=1))
         cand_ids = torch.arange(v0, v1, device=hidden.device).expand(T, -1)
-        vals, pos = torch.topk(torch.cat([vals, z], dim=1), min(k, vals.shape[1] + v1 - v0), dim=1)
-        ids = torch.cat([ids, cand_ids], dim=1).gather(1, pos)
+        vals, ids = topk_lowest_ids(torch.cat([vals, z], dim=1), min(k, vals.shape[1] + v1 - v0),
+                                    torch.cat([ids, cand_ids], dim=1))
     return ids, (vals - lse[:, None]).float()
