@@ -7,6 +7,9 @@ like). The two run in one process in alternating blocks (nova, TRL, nova, TRL, .
 shared machine hits both; each block starts with untimed warmup steps. Throughput = real (non-pad) tokens of the
 timed steps / their wall time, where a step is forward + backward + optimizer step; tokens_per_cpu_s divides by the
 process CPU time instead (with 1 thread it is the compute alone, less sensitive to other jobs on a shared machine).
+Each side runs under its own process settings: nova_rt's blocks with its `train.cpu_allocator` (cached: glibc keeps
+freed large blocks, as `nova_rt.train` sets it up), TRL's blocks with glibc's defaults (restored and trimmed before
+each TRL block), i.e. as each is launched on its own.
 
     python benchmarks/bench_sft.py [--steps 8] [--rounds 2] [--warmup 2] [--threads 2]
 """
@@ -34,6 +37,7 @@ DATA = REPO / "data" / "sft" / "chat_mix.jsonl"
 def nova_block(model_dir: str, args, run_dir: str):
     """A closure running `n` nova_rt SFT steps and returning [(tokens, seconds)] per step; state persists."""
     from nova_rt.config import build_config
+    from nova_rt.cpu_runtime import cpu_allocator
     from nova_rt.data.packing import collate, loss_weights
     from nova_rt.distributed import DistInfo
     from nova_rt.models.causal import CausalLMLogprobs
@@ -57,6 +61,7 @@ def nova_block(model_dir: str, args, run_dir: str):
     trainer = Trainer(cfg, DistInfo(), CausalLMLogprobs(hf_model), run_dir=run_dir)
 
     def run(n: int) -> list[tuple[int, float]]:
+        cpu_allocator(cfg.train.cpu_allocator)
         out = []
         for _ in range(n):
             batch_rows = [rows[i] for i in sched.global_rows(trainer.step)]
@@ -74,6 +79,8 @@ def trl_block(model_dir: str, args, run_dir: str):
     from datasets import Dataset
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
+
+    from nova_rt.cpu_runtime import cpu_allocator
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     # The cached dir's config.json keeps the GGUF `quantization_config` although its weights are dequantized fp32;
@@ -106,6 +113,7 @@ def trl_block(model_dir: str, args, run_dir: str):
             return super().training_step(model, inputs, num_items_in_batch)
 
     def run(n: int) -> list[tuple[int, float]]:
+        cpu_allocator("system")
         conf = SFTConfig(output_dir=run_dir, max_length=args.max_length, packing=True, packing_strategy="bfd",
                          padding_free=True, per_device_train_batch_size=1, gradient_accumulation_steps=1,
                          learning_rate=args.lr, lr_scheduler_type="constant", max_steps=n, logging_steps=10**6,

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from nova_rt.config import Config, resolve_path
+from nova_rt.cpu_runtime import cpu_allocator
 from nova_rt.distributed import DistInfo, barrier, init_distributed
 from nova_rt.telemetry import Telemetry
 
@@ -26,6 +27,8 @@ def setup(cfg: Config) -> tuple[DistInfo, Path]:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
+    if info.device.type == "cpu":
+        cpu_allocator(cfg.train.cpu_allocator)
     seed_everything(cfg.run.seed + info.rank)
     run_dir = Path(cfg.run.dir)
     if info.is_main:
