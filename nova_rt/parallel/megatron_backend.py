@@ -42,9 +42,9 @@ token; same value on every rank.
 
 Parallelism from `ParallelConfig` (nova_rt/config.py): tensor_parallel, pipeline_parallel,
 virtual_pipeline_parallel (interleaved 1F1B; needs PP > 2 and layers divisible by PP * VPP),
-sequence_parallel (needs TP > 1), distributed_optimizer (GPU only; megatron's distributed optimizer insists on
-CUDA tensors). context_parallel > 1 is rejected: TE's thd attention could run it, but the per-document CP split of
-packed rows is not implemented. Data parallelism is world / (TP * PP * CP).
+sequence_parallel (needs TP > 1), distributed_optimizer (megatron's DistributedOptimizer: main params and Adam
+moments sharded over DP). context_parallel > 1 is rejected: TE's thd attention could run it, but the per-document
+CP split of packed rows is not implemented. Data parallelism is world / (TP * PP * CP).
 On CPU (gloo) megatron-core needs test-only shims (tests/parallel/megatron_cpu_shims.py); fp32 only.
 """
 
@@ -79,7 +79,7 @@ def _init_distributed(pcfg) -> None:
             context_parallel_size=pcfg.context_parallel)
 
 
-def _check_parallel(arch, pcfg, cuda: bool) -> None:
+def _check_parallel(arch, pcfg) -> None:
     tp, pp, vpp = pcfg.tensor_parallel, pcfg.pipeline_parallel, pcfg.virtual_pipeline_parallel or 1
     if pcfg.backend != "megatron":
         raise ValueError(f"parallel.backend={pcfg.backend!r}; MegatronBackend needs 'megatron'")
@@ -101,9 +101,6 @@ def _check_parallel(arch, pcfg, cuda: bool) -> None:
         # TE's thd attention supports CP, but each packed row would first have to be split into 2*CP load-balanced
         # chunks per document (cu_seqlens_padded, per-rank token slices, CP-aware loss); that sharding is not written.
         raise NotImplementedError("parallel.context_parallel > 1 is not implemented by the megatron backend")
-    if not cuda and pcfg.distributed_optimizer:
-        raise ValueError("parallel.distributed_optimizer needs CUDA (megatron's distributed optimizer checks for "
-                         "torch.cuda tensor types)")
 
 
 class MegatronBackend:
@@ -121,7 +118,7 @@ class MegatronBackend:
         self.cuda = torch.cuda.is_available()
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
         self.arch = hf_arch(AutoConfig.from_pretrained(self.model_dir))
-        _check_parallel(self.arch, parallel_cfg, self.cuda)
+        _check_parallel(self.arch, parallel_cfg)
         _init_distributed(parallel_cfg)
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
         self.config = transformer_config(self.arch, parallel_cfg, dtype=dtype, cpu=not self.cuda,

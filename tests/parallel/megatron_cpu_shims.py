@@ -21,7 +21,8 @@ The shims, one by one (all verified against megatron-core 0.16.1, which pyprojec
    the current CUDA device); utils.GlobalMemoryBuffer.get_tensor and local_multi_tensor_l2_norm; tensor_parallel
    mappings/layers (sequence-parallel all-gather / reduce-scatter buffers); random (RNG tracker);
    param_and_grad_buffer / distributed_data_parallel (grad buffers, communication streams); clip_grads and
-   optimizer (norm and overflow buffers on 'cuda'); finalize_model_grads; rope_utils (CP index tensor).
+   optimizer (norm and overflow buffers on 'cuda'); finalize_model_grads; rope_utils (CP index tensor);
+   distrib_optimizer (load_state_dict allocates its state placeholders on `torch.cuda.current_device()`).
 2. `tensor_parallel.random._get_cuda_rng_state` / `_set_cuda_rng_state`: read/write the CPU generator state,
    because the originals index `torch.cuda.default_generators`.
 3. `optimizer.optimizer.clip_grad_by_total_norm_fp32`: the original asserts
@@ -30,10 +31,19 @@ The shims, one by one (all verified against megatron-core 0.16.1, which pyprojec
 4. `LanguageModule.setup_embeddings_and_output_layer`: with tied embeddings and PP > 1 it runs
    `weight.data = weight.data.cuda()`; the wrapper makes `torch.Tensor.cuda` return `self` only for the duration
    of that call (the only place torch itself is touched, and it is restored before returning).
+5. `DistributedOptimizer._build_model_and_main_param_groups` (a classmethod) sorts parameters by
+   `model_param.type()` and raises "Wrapped parameters must be one of torch.cuda.FloatTensor, ... Received
+   torch.FloatTensor" for CPU tensors. That string check is what stops megatron's distributed optimizer on CPU;
+   the rest of it (fp32, DDP overlap off) runs on gloo as is: grad reduce-scatter, param all-gather, and the
+   dp-zero gather/scatter of its state over megatron's own gloo DP group; the one CUDA allocation left, in its
+   load_state_dict, is covered by shim 1. The wrapper
+   gives each fp32 parameter passed to that one call an instance attribute `type` answering
+   "torch.cuda.FloatTensor", and deletes it before returning (torch.Tensor itself is untouched).
 
-Not shimmed (documented limitations on CPU): the distributed optimizer ("Wrapped parameters must be one of
-torch.cuda.FloatTensor...") and bf16/fp16 mixed-precision optimizers (both check `param.type()` for CUDA types);
-context parallelism (needs Transformer Engine). CPU tests therefore run fp32 with the plain DDP + Adam path.
+Not shimmed (documented limitations on CPU): bf16/fp16 mixed-precision optimizers, with or without the distributed
+optimizer (Float16OptimizerWithFloat16Params and the fp16 branch of shim 5's method check `param.type()` for CUDA
+types, and the fp32 main-param copies would need testing of their own); context parallelism (needs Transformer
+Engine). CPU tests therefore run fp32: the plain DDP + Adam path, and DDP + DistributedOptimizer.
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import inspect
 import types
 
 import torch
@@ -61,6 +72,7 @@ PROXIED_MODULES = (
     "megatron.core.distributed.finalize_model_grads",
     "megatron.core.optimizer.clip_grads",
     "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.distrib_optimizer",
 )
 
 _FACTORIES = ("zeros", "empty", "ones", "tensor", "full", "arange", "randn", "rand", "randint", "empty_like",
@@ -199,6 +211,35 @@ def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decouple
             g.mul_(clip_coeff)
 
 
+def _cuda_type_name(param):
+    """param.type() as megatron expects it on CUDA: only fp32 CPU tensors are claimed (the bf16/fp16 paths of the
+    distributed optimizer also need the mixed-precision machinery, which is not shimmed or tested)."""
+    name = torch.Tensor.type(param)
+    return "torch.cuda.FloatTensor" if name == "torch.FloatTensor" else name
+
+
+def _wrap_build_main_param_groups(orig):
+    """DistributedOptimizer._build_model_and_main_param_groups dispatches on `model_param.type()` and raises
+    TypeError for anything but torch.cuda.{Float,Half,BFloat16}Tensor. For the duration of that one call, each model
+    parameter it is given answers `type()` with the CUDA name (an instance attribute, removed before returning):
+    no torch class or other tensor is touched."""
+    func = orig.__func__
+
+    @functools.wraps(func)
+    def wrapper(cls, gbuf_ranges, param_gbuf_map, *args, **kwargs):
+        params = [p for p in param_gbuf_map if "type" not in vars(p)]
+        for p in params:
+            p.type = functools.partial(_cuda_type_name, p)
+        try:
+            return func(cls, gbuf_ranges, param_gbuf_map, *args, **kwargs)
+        finally:
+            for p in params:
+                del p.type
+
+    wrapper._nova_rt_shim = True
+    return classmethod(wrapper)
+
+
 def _wrap_setup_embeddings(orig):
     @functools.wraps(orig)
     def wrapper(self, *args, **kwargs):
@@ -244,6 +285,17 @@ def apply() -> None:
     if not getattr(orig, "_nova_rt_shim", False):
         cls.setup_embeddings_and_output_layer = _wrap_setup_embeddings(orig)
     _APPLIED["language_module.setup"] = cls
+    dopt = importlib.import_module("megatron.core.optimizer.distrib_optimizer")
+    dcls = _require(dopt, "DistributedOptimizer")
+    build = inspect.getattr_static(dcls, "_build_model_and_main_param_groups", None)
+    if not isinstance(build, classmethod) or list(inspect.signature(build.__func__).parameters)[:3] != [
+            "cls", "gbuf_ranges", "param_gbuf_map"]:
+        raise ShimError("megatron-core changed: DistributedOptimizer._build_model_and_main_param_groups is no longer "
+                        "a classmethod (cls, gbuf_ranges, param_gbuf_map, ...); the CPU shims were written for "
+                        f"megatron-core {MEGATRON_VERSION}")
+    if not getattr(build.__func__, "_nova_rt_shim", False):
+        dcls._build_model_and_main_param_groups = _wrap_build_main_param_groups(build)
+    _APPLIED["distrib_optimizer.param_types"] = dcls
 
 
 def check() -> list[str]:
@@ -263,6 +315,10 @@ def check() -> list[str]:
     lm = importlib.import_module("megatron.core.models.common.language_module.language_module")
     if not getattr(lm.LanguageModule.setup_embeddings_and_output_layer, "_nova_rt_shim", False):
         problems.append("LanguageModule.setup_embeddings_and_output_layer")
+    dopt = importlib.import_module("megatron.core.optimizer.distrib_optimizer")
+    build = inspect.getattr_static(dopt.DistributedOptimizer, "_build_model_and_main_param_groups")
+    if not getattr(getattr(build, "__func__", None), "_nova_rt_shim", False):
+        problems.append("DistributedOptimizer._build_model_and_main_param_groups")
     if torch.Tensor.cuda is not _TENSOR_CUDA:
         problems.append("torch.Tensor.cuda was left patched")
     if problems:

@@ -6,9 +6,10 @@ SPEC.json: {"out": dir, "data": file.pt (list over steps of lists of micro-batch
             "scenarios": [{"name", "kind": "train"|"roundtrip", "model", "parallel": {...ParallelConfig fields},
                            "steps", "lr", "weight_decay", "grad_clip", "eps",
                            "save_initial"}]}
-Writes, per scenario, <out>/<name>/stats.json (rank 0: losses, grad norms, tokens, and every rank's copy to check
-that all ranks agree), <out>/<name>/logprobs.pt (row 0 at the loaded weights), <out>/<name>/hf/ (save_hf after
-training) and, with save_initial, <out>/<name>/hf_initial/ (save_hf right after loading).
+Writes, per scenario, <out>/<name>/stats.json (rank 0: losses, grad norms, tokens, the megatron optimizer classes,
+and every rank's copy to check that all ranks agree), <out>/<name>/logprobs.pt (row 0 at the loaded weights),
+<out>/<name>/hf/ (save_hf after training) and, with save_initial, <out>/<name>/hf_initial/ (save_hf right after
+loading).
 On CPU the megatron shims (tests/parallel/megatron_cpu_shims.py) are applied first; a missing shim target raises.
 """
 
@@ -51,7 +52,8 @@ def _run(sc: dict, data: list, out: Path) -> None:
                          weight_decay=sc.get("weight_decay", 0.0), grad_clip=sc.get("grad_clip", 1.0), seed=1234,
                          eps=sc.get("eps", 1e-8))
     target = out / sc["name"]
-    stats = {"steps": []}
+    chained = getattr(be.optimizer, "chained_optimizers", [be.optimizer])
+    stats = {"steps": [], "optimizers": sorted({type(o).__name__ for o in chained})}
     if sc.get("save_initial"):  # HF round trip of the freshly loaded shards
         be.save_hf(target / "hf_initial")
     if sc["kind"] == "train":

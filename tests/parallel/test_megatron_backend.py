@@ -42,7 +42,9 @@ LAYOUTS = {  # world of 4 processes; data parallelism fills the rest
     "tp2pp2": {"tensor_parallel": 2, "pipeline_parallel": 2},  # also saved right after loading: HF round trip
 }
 VPP_LAYOUT = {"pp4_vpp2": {"pipeline_parallel": 4, "virtual_pipeline_parallel": 2}}  # interleaved needs PP > 2
-GPU_LAYOUTS = {**LAYOUTS, **VPP_LAYOUT, "tp2_distopt_dp2": {"tensor_parallel": 2, "distributed_optimizer": True}}
+TP_DISTOPT_LAYOUT = {"tp2_distopt_dp2": {"tensor_parallel": 2, "distributed_optimizer": True}}
+GPU_LAYOUTS = {**LAYOUTS, **VPP_LAYOUT, **TP_DISTOPT_LAYOUT}
+DP2_LAYOUTS = {"tp1pp1_dp2": {}, "dp2_distopt": {"distributed_optimizer": True}}  # world of 2 processes
 
 
 def _row(gen: torch.Generator, vocab: int) -> dict:
@@ -164,22 +166,27 @@ def _round_trip_exact(src: Path, out: Path) -> None:
             assert (out / f.name).read_bytes() == f.read_bytes(), f"{f.name} not copied verbatim"
 
 
-def _run_suite(arch: str, tmp: Path, layouts: dict, nproc: int) -> None:
+def _run_suite(arch: str, tmp: Path, layouts: dict, nproc: int, unclipped: dict | None = None) -> Path:
+    """Every layout against the transformers reference and against the first layout (pure DP). `unclipped`: more
+    layouts run with grad_clip=0, checked by the caller only (the reference clips). Returns the output dir."""
     print(f"seed={SEED} arch={arch}")
     gen = torch.Generator().manual_seed(SEED)
     model_dir = save_tiny_model(tmp / arch, arch, seed=SEED % 10_000, **MODELS[arch])
     data = [[_row(gen, MODELS[arch]["vocab_size"]) for _ in range(ROWS)] for _ in range(STEPS)]
     torch.save(data, tmp / "data.pt")
     out = tmp / "out"
+    runs = [(n, p, CLIP) for n, p in layouts.items()] + [(n, p, 0.0) for n, p in (unclipped or {}).items()]
     scenarios = [{"name": n, "kind": "train", "model": str(model_dir), "parallel": p, "steps": STEPS, "lr": LR,
-                  "weight_decay": WD, "grad_clip": CLIP, "eps": EPS, "save_initial": n == "tp2pp2"}
-                 for n, p in layouts.items()]
+                  "weight_decay": WD, "grad_clip": clip, "eps": EPS, "save_initial": n == "tp2pp2"}
+                 for n, p, clip in runs]
     _launch(nproc, {"out": str(out), "data": str(tmp / "data.pt"), "scenarios": scenarios}, tmp)
-    _round_trip_exact(model_dir, out / "tp2pp2" / "hf_initial")
+    if "tp2pp2" in layouts:
+        _round_trip_exact(model_dir, out / "tp2pp2" / "hf_initial")
     ref = hf_reference(model_dir, data)
-    base = _load_dir(out / "tp1pp1_dp4" / "hf")
+    base = _load_dir(out / next(iter(layouts)) / "hf")
     for name in layouts:
         _check_layout(name, out, ref, base, MODELS[arch]["tie"])
+    return out
 
 
 @pytest.mark.distributed
@@ -190,7 +197,27 @@ def test_llama_layouts_match_reference_and_round_trip(tmp_path):
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_qwen2_tied_layouts_and_interleaved_pipeline_match_reference(tmp_path):
-    _run_suite("qwen2", tmp_path, {**LAYOUTS, **VPP_LAYOUT}, nproc=4)
+    _run_suite("qwen2", tmp_path, {**LAYOUTS, **VPP_LAYOUT, **TP_DISTOPT_LAYOUT}, nproc=4)
+
+
+@pytest.mark.distributed
+def test_distributed_optimizer_dp2_matches_plain_dp2_and_reference(tmp_path):
+    """megatron's DistributedOptimizer (main params and Adam moments sharded over DP=2, grads reduce-scattered,
+    params all-gathered; on CPU through shim 5 of megatron_cpu_shims) against the plain DP optimizer and the
+    transformers reference. With clipping, the two DP runs differ by rounding only (the grad norm is summed over
+    shards in a different order, so the clip factor moves in its last bits). Without clipping nothing is computed in
+    a different order on 2 ranks (a + b either way), so losses and weights must be bit-identical."""
+    unclipped = {f"{n}_noclip": p for n, p in DP2_LAYOUTS.items()}
+    out = _run_suite("llama", tmp_path, DP2_LAYOUTS, nproc=2, unclipped=unclipped)
+    for name in (*DP2_LAYOUTS, *unclipped):
+        want = ["DistributedOptimizer"] if "distopt" in name else ["FP32Optimizer"]
+        assert json.loads((out / name / "stats.json").read_text())["rank0"]["optimizers"] == want, name
+    plain, dopt = (json.loads((out / n / "stats.json").read_text())["rank0"]["steps"] for n in unclipped)
+    assert [s["loss"] for s in plain] == [s["loss"] for s in dopt], f"seed={SEED}: {plain} vs {dopt}"
+    a, b = (_load_dir(out / n / "hf") for n in unclipped)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"seed={SEED}: {key} differs without clipping"
 
 
 @pytest.mark.gpu

@@ -225,7 +225,6 @@ def test_core_attention_uses_nova_kernel_when_importable():
     ({"tensor_parallel": 3}, "tensor_parallel=3"),
     ({"pipeline_parallel": 3}, "divisible"),  # 8 layers
     ({"sequence_parallel": True}, "sequence_parallel"),
-    ({"distributed_optimizer": True}, "distributed_optimizer"),
     ({"context_parallel": 2}, "context_parallel"),
     ({"backend": "hf"}, "backend"),
 ])
@@ -236,7 +235,7 @@ def test_bad_parallel_config_is_rejected_before_any_process_group(fields, match)
     arch = dataclasses.replace(_arch(4, 2, vocab=301), layers=8)
     pcfg = ParallelConfig(**{"backend": "megatron", **fields})
     with pytest.raises((ValueError, NotImplementedError), match=match):
-        _check_parallel(arch, pcfg, cuda=False)
+        _check_parallel(arch, pcfg)
 
 
 # ----------------------------------------------------------------------------------------------- stage guards
