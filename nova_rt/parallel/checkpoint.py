@@ -2,7 +2,9 @@
 
 Layout: <run dir>/checkpoints/step_00000010/{rank_00000.pt, rank_00001.pt, ..., meta.json, DONE}. Every rank writes
 its own file (`MegatronBackend.state_dict()`: its model shards, its optimizer state, its RNG states, plus the stage's
-`extra` state of that rank, e.g. a sampler position) into `step_N.tmp`; after a barrier global rank 0 writes
+`extra` state of that rank, e.g. a sampler position) into `step_N.tmp` (with parallel.distributed_optimizer the
+optimizer state is sharded over DP: state_dict gathers it into the file of DP rank 0 of each model-parallel group,
+megatron's dp-zero format, and loading scatters it back; both are collectives); after a barrier global rank 0 writes
 meta.json (step, world size, parallel layout), fsyncs, writes DONE and renames the directory into place. A directory
 is complete only with DONE under its final name, so a run killed at any point (SIGKILL included) resumes from the
 newest complete one and leftover `*.tmp` directories are ignored and later removed. Resuming needs the same world

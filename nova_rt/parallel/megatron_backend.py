@@ -411,30 +411,67 @@ class MegatronBackend:
     # ------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
         """This rank's model shards, optimizer state and RNG states (python, numpy, torch, CUDA and megatron's
-        tracker): with the stage's data position, everything an exact resume needs (nova_rt.parallel.checkpoint)."""
+        tracker): with the stage's data position, everything an exact resume needs (nova_rt.parallel.checkpoint).
+        With parallel.distributed_optimizer a collective over DP (see `_optimizer_state`)."""
         from megatron.core import tensor_parallel
 
         from nova_rt.checkpoint import rng_state
 
-        if self.pcfg.distributed_optimizer:
-            # its state is sharded over DP in flat buffers (save_parameter_state); that path needs CUDA to test
-            raise NotImplementedError("checkpoints of parallel.distributed_optimizer=true are not implemented "
-                                      "(set checkpoint.every=0 or parallel.distributed_optimizer=false)")
         return {"model": [getattr(c, "module", c).state_dict() for c in self.model],
-                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+                "optimizer": self._optimizer_state(),
                 "rng": {**rng_state(), "megatron": tensor_parallel.get_cuda_rng_tracker().get_states()}}
 
+    def _optimizer_state(self):
+        """The optimizer's state; with the distributed optimizer a collective over DP (gloo): per megatron optimizer,
+        its unsharded part (param groups, Adam step) and megatron's dp-zero parameter state: the DP shards of the
+        main params and Adam moments gathered on DP rank 0 in grad-buffer order (None on the other DP ranks)."""
+        if self.optimizer is None or not self.pcfg.distributed_optimizer:
+            return self.optimizer.state_dict() if self.optimizer is not None else None
+        return {"distributed": [{"common": o.state_dict(), "param_state": o.get_parameter_state_dp_zero()}
+                                for o in self._megatron_optimizers()]}
+
+    def _megatron_optimizers(self) -> list:
+        """The DistributedOptimizers inside get_megatron_optimizer's ChainedOptimizer (one per param dtype/group)."""
+        return list(getattr(self.optimizer, "chained_optimizers", [self.optimizer]))
+
+    @torch.no_grad()  # the dp-zero load copies into fp32 main params, which are views of the model's parameters
+    def _load_distributed_optimizer(self, states: list[dict]) -> None:
+        """Inverse of `_optimizer_state` (collective over DP). Two fixes for megatron-core 0.16.1 with torch's own
+        Adam (no Apex/TE, which keep no per-parameter step): DistributedOptimizer.load_state_dict gives every
+        parameter the *same* `step` tensor, which Adam then increments in place once per parameter (tiny test
+        model: step 30 instead of 4 two steps after a resume at step 2), and load_parameter_state_from_dp_zero
+        copies every state key, `step` included, which the dp-zero state lacks (KeyError). So the steps are set
+        aside for that load, and each parameter gets its own copy back."""
+        opts = self._megatron_optimizers()
+        if len(states) != len(opts):
+            raise ValueError(f"checkpoint holds {len(states)} distributed optimizers, this rank has {len(opts)}")
+        for opt, state in zip(opts, states):
+            opt.load_state_dict(state["common"])
+            inner = opt.optimizer.state
+            steps = {p: s.pop("step") for p, s in inner.items() if "step" in s}
+            try:
+                opt.load_parameter_state_from_dp_zero(state["param_state"])
+            finally:
+                for p, step in steps.items():
+                    inner[p]["step"] = step.clone()
+
     def load_state_dict(self, state: dict) -> None:
-        """Restore what `state_dict` returned (same parallel layout)."""
+        """Restore what `state_dict` returned (same parallel layout); collective with the distributed optimizer."""
         from megatron.core import tensor_parallel
 
         from nova_rt.checkpoint import set_rng_state
 
         if len(state["model"]) != len(self.model):
             raise ValueError(f"checkpoint holds {len(state['model'])} model chunks, this rank has {len(self.model)}")
+        sharded = isinstance(state["optimizer"], dict) and "distributed" in state["optimizer"]
+        if self.optimizer is not None and sharded != self.pcfg.distributed_optimizer:
+            raise ValueError(f"checkpoint was written with parallel.distributed_optimizer={sharded}; this run has "
+                             f"{self.pcfg.distributed_optimizer} (resume with the same setting)")
         for chunk, sd in zip(self.model, state["model"]):
             getattr(chunk, "module", chunk).load_state_dict(sd)
-        if self.optimizer is not None:
+        if self.optimizer is not None and self.pcfg.distributed_optimizer:
+            self._load_distributed_optimizer(state["optimizer"]["distributed"])
+        elif self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
         tensor_parallel.get_cuda_rng_tracker().set_states(state["rng"]["megatron"])
