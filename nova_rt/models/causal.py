@@ -19,11 +19,11 @@ class CausalLMLogprobs(nn.Module):
         super().__init__()
         self.lm = lm
 
-    def hidden_states(self, input_ids, position_ids, cu_seqlens, max_seqlen) -> torch.Tensor:
-        """(T, D) final hidden states of one flat packed row."""
+    def hidden_states(self, input_ids, position_ids, cu_seqlens, max_seqlen, shared_prefix=None) -> torch.Tensor:
+        """(T, D) final hidden states of one flat packed row (optionally in the shared-prefix layout)."""
         decoder = self.lm.get_decoder()
         out = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False,
-                      **packed_forward_kwargs(cu_seqlens, max_seqlen))
+                      **packed_forward_kwargs(cu_seqlens, max_seqlen, shared_prefix))
         return out.last_hidden_state[0]
 
     def head_weight(self, dtype: torch.dtype) -> torch.Tensor:

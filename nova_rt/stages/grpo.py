@@ -45,6 +45,7 @@ from nova_rt.data.rl import (
 from nova_rt.distributed import all_reduce_sum
 from nova_rt.kernels.grpo_loss import grpo_loss
 from nova_rt.losses.kl import KL_ESTIMATORS, kl_penalty_token_adv, sampled_kl, topk_kl
+from nova_rt.models.attention import SharedPrefixLayout, supports_shared_prefix
 from nova_rt.models.causal import CausalLMLogprobs
 from nova_rt.stages import register_stage
 from nova_rt.stages.common import data_files, load_policy, save_final_policy, setup
@@ -63,6 +64,10 @@ class GRPOConfig:
     """Prompts per rollout batch over all DP ranks (each gets group_size samples)."""
     micro_prompts: int = 0
     """Groups per micro-batch (forward/backward); 0: all of a rank's groups at once."""
+    shared_prefix: bool = True
+    """Training forwards put each prompt once in front of its G responses (which attend to it but not to each
+    other) instead of repeating it G times; same log-probs and gradients, fewer tokens. Used where the model runs
+    nova_rt's attention (model.attn_impl auto/nova, parallel.backend hf); other setups repeat the prompt."""
     max_new_tokens: int = 256
     temperature: float = 1.0
     """Sampling temperature; log-probs for the loss use the same temperature."""
@@ -156,34 +161,67 @@ class PolicyLogprobs(CausalLMLogprobs):
     """CausalLMLogprobs that runs the LM head only on rows with a target (response / supervised tokens): on
     RL batches most tokens are prompt, whose logits nothing needs. Outputs are (n_targets,) / (n_targets, K)."""
 
-    def selected_hidden(self, input_ids, position_ids, cu_seqlens, max_seqlen, targets) -> torch.Tensor:
-        return self.hidden_states(input_ids, position_ids, cu_seqlens, max_seqlen)[targets != IGNORE]
+    def selected_hidden(self, input_ids, position_ids, cu_seqlens, max_seqlen, targets,
+                        shared_prefix=None) -> torch.Tensor:
+        return self.hidden_states(input_ids, position_ids, cu_seqlens, max_seqlen, shared_prefix)[targets != IGNORE]
 
     def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen, targets, *, temperature: float = 1.0,
-                return_entropy: bool = False, topk_ids=None) -> dict:
+                return_entropy: bool = False, topk_ids=None, shared_prefix=None) -> dict:
         from nova_rt.kernels.fused_linear_logprobs import fused_linear_logprobs
 
-        hidden_TD = self.selected_hidden(input_ids, position_ids, cu_seqlens, max_seqlen, targets)
+        hidden_TD = self.selected_hidden(input_ids, position_ids, cu_seqlens, max_seqlen, targets, shared_prefix)
         weight_VD = self.head_weight(hidden_TD.dtype)
         return fused_linear_logprobs(hidden_TD, weight_VD, targets[targets != IGNORE], temperature=temperature,
                                      return_entropy=return_entropy, topk_ids=topk_ids)
 
 
 def _forward(model, mb: dict, **kw) -> dict:
+    if mb.get("shared_prefix") is not None:
+        kw["shared_prefix"] = mb["shared_prefix"]
     return model(mb["input_ids"], mb["position_ids"], mb["cu_seqlens"], mb["max_seqlen"], mb["targets"], **kw)
 
 
 # ----------------------------------------------------------------------------------------------- batches
-def pack_responses(prompts: list[list[int]], responses: list[list[int]]) -> dict:
-    """One flat micro-batch of prompt+response sequences; targets only on response tokens. Adds resp_cu (B+1,)."""
-    samples = []
-    for p, r in zip(prompts, responses):
-        ids = np.asarray((p + r)[:-1] if r else p, dtype=np.int64)  # the last token is never an input
-        tg = np.asarray([IGNORE] * (len(p) - 1) + r if r else [IGNORE] * len(p), dtype=np.int64)
-        samples.append(Sample(ids, tg))
-    mb = collate([make_row(samples)])
-    mb["resp_cu"] = torch.tensor(np.concatenate([[0], np.cumsum([len(r) for r in responses])]), dtype=torch.int64)
-    return mb
+def pack_responses(prompts: list[list[int]], responses: list[list[int]], shared_prefix: bool = False) -> dict:
+    """One flat micro-batch of prompt+response sequences; targets only on response tokens. Adds resp_cu (B+1,).
+
+    shared_prefix: adjacent responses to the same prompt form a group laid out as [prompt[:-1]] then, per non-empty
+    response r, [prompt[-1]] + r[:-1] at positions len(prompt)-1 ...; each response segment attends to the prompt
+    part and causally to itself (SharedPrefixLayout), so every target token sees exactly the context it has in its
+    own prompt+response sequence. The last prompt token is repeated per response because its hidden state predicts
+    each response's first token. cu_seqlens then marks the groups."""
+    resp_cu = torch.tensor(np.concatenate([[0], np.cumsum([len(r) for r in responses])]), dtype=torch.int64)
+    if not shared_prefix:
+        samples = []
+        for p, r in zip(prompts, responses):
+            ids = np.asarray((p + r)[:-1] if r else p, dtype=np.int64)  # the last token is never an input
+            tg = np.asarray([IGNORE] * (len(p) - 1) + r if r else [IGNORE] * len(p), dtype=np.int64)
+            samples.append(Sample(ids, tg))
+        mb = collate([make_row(samples)])
+        mb["resp_cu"] = resp_cu
+        return mb
+    ids, tgs, pos, groups = [], [], [], []
+    i = 0
+    while i < len(prompts):
+        p, j = prompts[i], i
+        while j < len(prompts) and prompts[j] == p:
+            j += 1
+        if not p:
+            raise ValueError("pack_responses: empty prompt")
+        a = len(p) - 1
+        ids.append(p[:-1]), tgs.append([IGNORE] * a), pos.append(list(range(a)))
+        segs = []
+        for r in responses[i:j]:
+            if r:
+                ids.append([p[-1]] + r[:-1]), tgs.append(r), pos.append(list(range(a, a + len(r))))
+                segs.append(len(r))
+        groups.append((a, segs))
+        i = j
+    flat = lambda xs: torch.tensor([x for part in xs for x in part], dtype=torch.int64)  # noqa: E731
+    cu = torch.tensor(np.concatenate([[0], np.cumsum([a + sum(segs) for a, segs in groups])]), dtype=torch.int32)
+    return {"input_ids": flat(ids).unsqueeze(0), "targets": flat(tgs), "position_ids": flat(pos).unsqueeze(0),
+            "cu_seqlens": cu, "max_seqlen": int((cu[1:] - cu[:-1]).max()), "resp_cu": resp_cu,
+            "shared_prefix": SharedPrefixLayout.build(groups)}
 
 
 def agg_totals(lens: list[int], group=None) -> torch.Tensor:
@@ -269,6 +307,8 @@ def make_loss_fn(g: GRPOConfig, temperature: float):
 class GRPORun:
     """State of one GRPO run: policy + trainer, reference, rollout generator, rewards, prompt sampler, PTX data."""
 
+    shared_prefix = False
+    """Whether micro_batches use the shared-prefix layout (set in __init__ from grpo.shared_prefix and the model)."""
     dp_group = None
     """Process group of the data-parallel ranks for token totals (None: all ranks; the megatron backend's DP group)."""
 
@@ -290,6 +330,8 @@ class GRPORun:
         self.dp_rank, self.dp_size, self.dp_sum = self.info.rank, world, all_reduce_sum
         self.trainer = self.build_trainer()
         self.ref = self._load_ref() if g.needs_ref else None
+        self.shared_prefix = (g.shared_prefix and cfg.parallel.backend == "hf" and supports_shared_prefix(self.hf)
+                              and (self.ref is None or supports_shared_prefix(self.ref.lm)))
         self.generator = RolloutGenerator(self.hf, self.tok, max_new_tokens=g.max_new_tokens,
                                           temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
                                           seed=cfg.run.seed * 1000 + self.info.rank, batch_size=g.rollout_batch)
@@ -373,13 +415,14 @@ class GRPORun:
 
     # ------------------------------------------------------------------------------------------- micro-batches
     def _to_dev(self, mb: dict) -> dict:
-        return {k: v.to(self.info.device) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}
+        return {k: v.to(self.info.device) if isinstance(v, (torch.Tensor, SharedPrefixLayout)) else v
+                for k, v in mb.items()}
 
     def _ref_topk(self, mb: dict, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
         from nova_rt.kernels.fused_linear_logprobs import reference_topk
 
         hidden = self.ref.selected_hidden(mb["input_ids"], mb["position_ids"], mb["cu_seqlens"], mb["max_seqlen"],
-                                          mb["targets"])
+                                          mb["targets"], mb.get("shared_prefix"))
         weight = self.ref.head_weight(hidden.dtype)
         return reference_topk(hidden, weight, min(self.g.topk, weight.shape[0]), temperature=temperature)
 
@@ -410,7 +453,8 @@ class GRPORun:
         for i in range(0, len(groups), step):
             part = groups[i:i + step]
             responses = [r for grp in part for r in grp["responses"]]
-            mb = pack_responses([grp["prompt"] for grp in part for _ in grp["responses"]], responses)
+            mb = pack_responses([grp["prompt"] for grp in part for _ in grp["responses"]], responses,
+                                shared_prefix=self.shared_prefix)
             scale, tok_w = agg_scale_and_weights(g.agg, [len(r) for r in responses], totals)
             mb.update(kind="rl", agg_scale=scale, tok_w=tok_w,
                       rewards=torch.tensor([x for grp in part for x in grp["rewards"]], dtype=torch.float32))

@@ -58,9 +58,10 @@ def _groups(gen, n_groups: int, G: int, equal_group: bool = True) -> list[dict]:
     return groups
 
 
-def _fake_run(g: GRPOConfig, policy, ref, ptx=None) -> GRPORun:
+def _fake_run(g: GRPOConfig, policy, ref, ptx=None, shared: bool = False) -> GRPORun:
     """A GRPORun with only what micro_batches / ptx_micro_batches need (no model loading, no data)."""
     run = GRPORun.__new__(GRPORun)
+    run.shared_prefix = shared
     run.g, run.ref, run.ptx, run.info = g, ref, ptx, DistInfo()
     run.cfg = SimpleNamespace(run=SimpleNamespace(seed=3))
     run.trainer = SimpleNamespace(autocast=contextlib.nullcontext, raw=policy)
@@ -131,19 +132,19 @@ def oracle_loss(g: GRPOConfig, groups, pol, ref, old_pol) -> torch.Tensor:
     return loss
 
 
-CASES = [  # (kl, placement, agg, adv_norm, beta, ppo_epochs, micro_prompts)
-    ("topk", "reward", "token-mean", "std", 0.3, 1, 0),
-    ("topk", "reward", "seq-mean-token-mean", "std", 0.3, 2, 1),
-    ("topk", "loss", "seq-mean-token-sum-norm", "none", 0.2, 1, 2),
-    ("topk", "loss", "token-mean", "std", 0.2, 2, 1),
-    ("k3", "loss", "token-mean", "std", 0.1, 2, 2),
-    ("k3", "reward", "seq-mean-token-mean", "none", 0.5, 1, 1),
-    ("k3", "loss", "seq-mean-token-sum-norm", "std", 0.0, 1, 0),
+CASES = [  # (kl, placement, agg, adv_norm, beta, ppo_epochs, micro_prompts, shared-prefix layout)
+    ("topk", "reward", "token-mean", "std", 0.3, 1, 0, True),
+    ("topk", "reward", "seq-mean-token-mean", "std", 0.3, 2, 1, False),
+    ("topk", "loss", "seq-mean-token-sum-norm", "none", 0.2, 1, 2, True),
+    ("topk", "loss", "token-mean", "std", 0.2, 2, 1, False),
+    ("k3", "loss", "token-mean", "std", 0.1, 2, 2, True),
+    ("k3", "reward", "seq-mean-token-mean", "none", 0.5, 1, 1, False),
+    ("k3", "loss", "seq-mean-token-sum-norm", "std", 0.0, 1, 0, True),
 ]
 
 
-@pytest.mark.parametrize("kl, placement, agg, adv_norm, beta, ppo_epochs, micro", CASES)
-def test_stage_loss_equals_independent_formula(kl, placement, agg, adv_norm, beta, ppo_epochs, micro):
+@pytest.mark.parametrize("kl, placement, agg, adv_norm, beta, ppo_epochs, micro, shared", CASES)
+def test_stage_loss_equals_independent_formula(kl, placement, agg, adv_norm, beta, ppo_epochs, micro, shared):
     seed = _seed()
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -156,7 +157,7 @@ def test_stage_loss_equals_independent_formula(kl, placement, agg, adv_norm, bet
     old_hf = _model(seed % 1000)
     policy, ref = PolicyLogprobs(pol_hf), PolicyLogprobs(ref_hf)
     groups = _groups(gen, 4, G)
-    mbs = _fake_run(g, policy, ref).micro_batches(groups)
+    mbs = _fake_run(g, policy, ref, shared=shared).micro_batches(groups)
     assert len(mbs) == (1 if micro == 0 else -(-4 // micro)), f"seed {seed}"
     if ppo_epochs > 1:  # old log-probs were kept from the rollout policy; move the policy so the ratio is not 1
         with torch.no_grad():
