@@ -13,7 +13,7 @@ rows. Batched generation with padding must use attn_impl="sdpa" (the rollout cod
 A row may also carry a `shared_prefix` layout (SharedPrefixLayout, built by nova_rt.stages.grpo.pack_responses):
 groups of one prompt followed by several responses that each attend to the whole prompt and causally to themselves,
 but not to each other, so a prompt shared by G sampled responses goes through the model once instead of G times.
-Each group is then one masked SDPA call (the mask is built once per micro-batch, not per layer).
+Each group is then one masked SDPA call.
 
 Legend: B batch rows, N heads, T tokens, H head dim, L tokens of one group.
 """
@@ -31,40 +31,41 @@ _registered = False
 
 @dataclass
 class SharedPrefixLayout:
-    """Groups of a flat packed row: `spans[g] = (start, end)` token offsets, `masks[g]` the (L, L) boolean mask
-    (True = may attend) of group g. Token t of a group sees: every earlier prefix token if t is in the prefix;
-    the whole prefix and the earlier tokens of its own segment if t is in a response segment."""
+    """Groups of a flat packed row: `spans[g] = (start, end)` token offsets and `segments[g]` (L,) the segment of
+    each token of group g (0 = the shared prefix, 1.. = the responses). Token t of a group may attend to every
+    earlier prefix token and to the earlier tokens of its own segment; mask(g) builds that (L, L) boolean mask
+    (True = may attend) when a layer needs it, so only one group's mask is alive at a time."""
 
     spans: list[tuple[int, int]]
-    masks: list[torch.Tensor]
+    segments: list[torch.Tensor]
 
     @staticmethod
     def build(groups: list[tuple[int, list[int]]]) -> "SharedPrefixLayout":
         """From [(prefix_len, [segment lens])] in row order."""
-        spans, masks, off = [], [], 0
+        spans, segments, off = [], [], 0
         for a, segs in groups:
             L = a + sum(segs)
-            seg_id = torch.repeat_interleave(torch.arange(len(segs) + 1), torch.tensor([a, *segs]))
-            idx = torch.arange(L)
-            causal = idx[:, None] >= idx[None, :]
-            same = seg_id[:, None] == seg_id[None, :]
-            to_prefix = (seg_id[None, :] == 0).expand(L, L)
-            masks.append(causal & (same | to_prefix))
+            segments.append(torch.repeat_interleave(torch.arange(len(segs) + 1), torch.tensor([a, *segs])))
             spans.append((off, off + L))
             off += L
-        return SharedPrefixLayout(spans, masks)
+        return SharedPrefixLayout(spans, segments)
+
+    def mask(self, g: int) -> torch.Tensor:
+        seg = self.segments[g]
+        idx = torch.arange(seg.shape[0], device=seg.device)
+        return (idx[:, None] >= idx[None, :]) & ((seg[:, None] == seg[None, :]) | (seg[None, :] == 0))
 
     def to(self, device) -> "SharedPrefixLayout":
-        return SharedPrefixLayout(self.spans, [m.to(device) for m in self.masks])
+        return SharedPrefixLayout(self.spans, [s.to(device) for s in self.segments])
 
 
 def shared_prefix_attention(q_BNTH, k_BNTH, v_BNTH, layout: SharedPrefixLayout, scaling) -> torch.Tensor:
     """(1, T, N, H) attention of a row in the shared-prefix layout: one masked SDPA per group (GQA in SDPA)."""
     outs = []
-    for (s, e), mask in zip(layout.spans, layout.masks):
+    for g, (s, e) in enumerate(layout.spans):
         outs.append(F.scaled_dot_product_attention(
             q_BNTH[:, :, s:e], k_BNTH[:, :, s:e].to(q_BNTH.dtype), v_BNTH[:, :, s:e].to(q_BNTH.dtype),
-            attn_mask=mask, scale=scaling, enable_gqa=k_BNTH.shape[1] != q_BNTH.shape[1]))
+            attn_mask=layout.mask(g), scale=scaling, enable_gqa=k_BNTH.shape[1] != q_BNTH.shape[1]))
     return torch.cat(outs, dim=2).transpose(1, 2)
 
 

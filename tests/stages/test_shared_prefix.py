@@ -35,8 +35,8 @@ def test_layout_mask_by_hand():
                          [1, 1, 0, 1, 0, 0],
                          [1, 1, 0, 1, 1, 0],
                          [1, 1, 0, 1, 1, 1]], dtype=torch.bool)
-    assert torch.equal(lay.masks[0], want)
-    assert torch.equal(lay.masks[1], torch.tensor([[1, 0], [1, 1]], dtype=torch.bool))
+    assert torch.equal(lay.mask(0), want)
+    assert torch.equal(lay.mask(1), torch.tensor([[1, 0], [1, 1]], dtype=torch.bool))
 
 
 def _groups(gen) -> tuple[list[list[int]], list[list[int]]]:
