@@ -6,6 +6,8 @@ same prompt text for both), same group size, prompts per step, max new tokens, s
 top-p), lr, beta = 0 (no reference model in either), token-mean / DAPO aggregation, one optimizer step per rollout
 batch, no gradient accumulation. Rollout = generation + rewards (TRL: `_generate_and_score_completions`); train =
 the rest of the step (packing / padding, forward, backward, optimizer). The first `--warmup` steps are not timed.
+Each runs with its own process settings: nova_rt with what its setup applies (train.cpu_allocator=cached), TRL with
+glibc's allocator defaults.
 
     python benchmarks/bench_grpo_step.py [--steps 3] [--threads 2] [--max-new-tokens 48] [--providers nova_rt,trl]
 
@@ -83,9 +85,11 @@ def bench_trl(args, model_dir: str) -> list[dict]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
+    from nova_rt.cpu_runtime import cpu_allocator
     from nova_rt.data.rl import gym_prompts
     from nova_rt.rewards.math import answers_match, extract_answer
 
+    cpu_allocator("system")  # TRL as launched on its own: glibc's defaults (nova_rt's setup switched them)
     tok = AutoTokenizer.from_pretrained(model_dir)
     recs = gym_prompts(TASK, "train", SYSTEM)
     texts = [tok.apply_chat_template(r["messages"], tokenize=False, add_generation_prompt=True) + r["prefill"]
