@@ -124,13 +124,14 @@ class Trainer:
                 totals[k] = totals.get(k, 0.0) + (v.item() if isinstance(v, torch.Tensor) else float(v))
         with nvtx_range("optimizer"):
             grad_norm = self._clip()
+            lr = self.scheduler.get_last_lr()[0]  # the lr this step applies; scheduler.step() moves to the next
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         totals = self._reduce(totals)
         totals["grad_norm"] = grad_norm
-        totals["lr"] = self.scheduler.get_last_lr()[0]
+        totals["lr"] = lr
         totals["step_time_s"] = time.perf_counter() - t0
         return totals
 

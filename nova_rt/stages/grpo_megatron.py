@@ -65,11 +65,12 @@ class MegatronPolicy:
         return contextlib.nullcontext()  # precision is model.dtype on this backend
 
     def train_step(self, micro_batches: list[dict], loss_fn) -> dict:
-        self.backend.set_lr(self._lr(self.step))
+        lr = self._lr(self.step)
+        self.backend.set_lr(lr)
         stats = self.backend.train_step([from_shifted(mb) for mb in micro_batches], loss_fn,
                                         temperature=self.temperature, entropy=True)
         self.step += 1
-        return {**stats, "lr": self._lr(self.step)}  # the next step's, as Trainer reports it
+        return {**stats, "lr": lr}  # the lr this step applied, as Trainer reports it
 
     def maybe_resume(self) -> dict | None:
         self.step, extra = megatron_resume(self.cfg, self.backend, self.run_dir)
