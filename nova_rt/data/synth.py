@@ -104,6 +104,50 @@ def preference_rows(n: int, seed: int = 1) -> list[dict]:
     return rows
 
 
+REFUSALS = ["I'm sorry, but I can't help with that.", "As an AI, I cannot answer this question.",
+            "I don't know.", "Please ask someone else."]
+
+
+def _damage(r: random.Random, turns: list, other: list) -> tuple[str, str]:
+    """(kind, rejected reply) for a chosen single-turn task: a failure mode a reward model should rank lower."""
+    answer = turns[-1][1]
+    kind = r.choice(["refusal", "off_topic", "truncated", "wrong"])
+    if kind == "refusal":
+        return kind, r.choice(REFUSALS)
+    if kind == "off_topic":
+        return kind, other[-1][1]
+    if kind == "truncated":
+        words = answer.split()
+        return kind, " ".join(words[:max(1, len(words) // 3)])
+    digits = [i for i, ch in enumerate(answer) if ch.isdigit()]
+    if not digits:  # spelling / sorting without numbers: a scrambled reply
+        chars = list(answer)
+        r.shuffle(chars)
+        return kind, "".join(chars)
+    i = digits[-1]
+    return kind, answer[:i] + str((int(answer[i]) + r.randint(1, 9)) % 10) + answer[i + 1:]
+
+
+def helpful_rows(n: int, seed: int = 3) -> list[dict]:
+    """Helpfulness pairs for reward modelling: the chosen reply solves one of the SFT tasks; the rejected reply is a
+    refusal, an answer to another question, a reply cut off after a third of its words, or the answer with a wrong
+    last digit (a scrambled reply where it has none). The first three are learnable by a 135M model in a few dozen
+    steps, the last is hard; absolute scores (1.0 / 0.0) on every other row."""
+    r = random.Random(seed)
+    tasks = [_arith, _sort, _count, _convert, _spell]
+    rows = []
+    for i in range(n):
+        task = r.choice(tasks)
+        turns = task(r)
+        other = r.choice([t for t in tasks if t is not task])(r)
+        kind, rejected = _damage(r, turns, other)
+        row = {"prompt": turns[0][1], "chosen": turns[-1][1], "rejected": rejected, "kind": kind}
+        if i % 2 == 0:
+            row["chosen_score"], row["rejected_score"] = 1.0, 0.0
+        rows.append(row)
+    return rows
+
+
 def main(out_dir: str) -> None:
     out = Path(out_dir)
     (out / "sft").mkdir(parents=True, exist_ok=True)
@@ -113,7 +157,9 @@ def main(out_dir: str) -> None:
                        (out / "sft" / "slice_math.jsonl", sft_rows(160, seed=11, tasks=SLICES["math"])),
                        (out / "sft" / "slice_text.jsonl", sft_rows(160, seed=12, tasks=SLICES["text"])),
                        (out / "preference" / "arith_pairs.jsonl", preference_rows(240, seed=1)),
-                       (out / "preference" / "arith_pairs_eval.jsonl", preference_rows(40, seed=7))]:
+                       (out / "preference" / "arith_pairs_eval.jsonl", preference_rows(40, seed=7)),
+                       (out / "preference" / "helpful_pairs.jsonl", helpful_rows(240, seed=3)),
+                       (out / "preference" / "helpful_pairs_eval.jsonl", helpful_rows(60, seed=8))]:
         path.write_text("".join(json.dumps(row) + "\n" for row in rows))
         print(f"wrote {len(rows)} rows to {path}")
 
