@@ -122,7 +122,8 @@ def _damage(r: random.Random, turns: list, other: list) -> tuple[str, str]:
     digits = [i for i, ch in enumerate(answer) if ch.isdigit()]
     if not digits:  # spelling / sorting without numbers: a scrambled reply
         chars = list(answer)
-        r.shuffle(chars)
+        while "".join(chars) == answer:
+            r.shuffle(chars)
         return kind, "".join(chars)
     i = digits[-1]
     return kind, answer[:i] + str((int(answer[i]) + r.randint(1, 9)) % 10) + answer[i + 1:]
