@@ -29,7 +29,10 @@ dict as passed (so metadata such as pair ids, reference log-probs or rewards rid
 normalised by the global batch (nova_rt.trainer's convention): gradients are summed over micro-batches and DP ranks
 (the token-count division of `finalize_model_grads` is skipped). Micro-batches may carry nova_rt's shifted `targets`
 instead of aligned `labels` (nova_rt.parallel.packed.from_shifted). `trainable=False` builds a frozen model (no DDP,
-no optimizer) for `forward` only: a DPO/GRPO reference.
+no optimizer) for `forward` only: a DPO/GRPO reference. GRPO's top-k KL (nova_rt.parallel.vocab_parallel):
+`train_step(..., topk_ids=key)` adds out["topk_logprobs"] (N, K), the full-vocab log-softmax at the ids a micro-batch
+holds under `key` for its N target positions, and `forward(..., topk=k)` gives the reference's k most likely ids
+("topk_ids", "topk_logprobs"); a micro-batch's "temperature" key overrides the call's (GRPO's PTX rows use 1.0).
 
 `head="score"` (the reward-model stage): the last stage's output layer is a scalar head (megatron_model.ScoreHead,
 HF name `score.weight`, replicated over TP; from the checkpoint when it has one, else `score_init`), and loss_fn /
@@ -237,18 +240,43 @@ class MegatronBackend:
         dist.all_reduce(sums, group=group)
         return m_T + torch.log(sums[0]) - sums[1] / sums[0]
 
-    def _token_outputs(self, row, logits_BTV, temperature: float, entropy: bool) -> dict:
+    def _token_outputs(self, row, logits_BTV, temperature: float, entropy: bool, topk_ids: str | None = None,
+                       topk: int = 0) -> dict:
         """{"logprobs": (T,) fp32 log p(targets[t]) at temperature, 0 where targets[t] = -100 (with grad);
-        "entropy": (T,) when asked}; T = the row's length before padding."""
+        "entropy": (T,) when asked}; T = the row's length before padding. A micro-batch's own "temperature" key
+        overrides `temperature`. At the N target positions (targets != -100, in order), see `_topk_outputs`:
+        "topk_logprobs" (N, K) at the ids the micro-batch holds under the key `topk_ids` (with grad), or with
+        topk > 0 "topk_ids" and "topk_logprobs" (N, topk) of the topk most likely ids (no grad)."""
         from megatron.core import tensor_parallel
 
-        logits_TV = self._local_logits(logits_BTV, temperature)
+        source = row.source or {}
+        logits_TV = self._local_logits(logits_BTV, source.get("temperature", temperature))
         out = {"entropy": self._entropy(logits_TV)[: row.length]} if entropy else {}
         mask_T = row.targets != packed.IGNORE_INDEX
+        if topk or (topk_ids is not None and topk_ids in source):  # before the cross entropy shifts logits_TV
+            out.update(self._topk_outputs(logits_TV[mask_T], source.get(topk_ids), topk))
         nll_T = tensor_parallel.vocab_parallel_cross_entropy(logits_TV.unsqueeze(1),
                                                              row.targets.clamp(min=0).unsqueeze(1)).squeeze(1)
         out["logprobs"] = torch.where(mask_T, -nll_T, 0.0)[: row.length]
         return out
+
+    def _topk_outputs(self, logits_NV: torch.Tensor, ids_NK: torch.Tensor | None, topk: int) -> dict:
+        """The GRPO top-k KL's inputs over vocab-parallel logits (nova_rt.parallel.vocab_parallel), the same numbers
+        as the HF path's fused_linear_logprobs(topk_ids=...) / reference_topk: full-vocab log-softmax at given ids,
+        or the topk best ids (capped at the vocabulary size; ties by lowest id) and their log-probs. logits_NV: this
+        rank's columns at the target rows, a copy (megatron's cross entropy later shifts the full logits in place)."""
+        from megatron.core import parallel_state as ps
+
+        from nova_rt.parallel.vocab_parallel import vocab_parallel_logprobs_at, vocab_parallel_topk
+
+        group = ps.get_tensor_model_parallel_group()
+        start = ps.get_tensor_model_parallel_rank() * logits_NV.shape[-1]
+        if topk:
+            ids_NK, lp_NK = vocab_parallel_topk(logits_NV.detach(), min(topk, self.arch.vocab), vocab_start=start,
+                                                vocab_size=self.arch.vocab, group=group)
+            return {"topk_ids": ids_NK, "topk_logprobs": lp_NK}
+        return {"topk_logprobs": vocab_parallel_logprobs_at(logits_NV, ids_NK.to(logits_NV.device),
+                                                            vocab_start=start, group=group)}
 
     @staticmethod
     def _score_outputs(row, scores_BT1) -> dict:
@@ -258,19 +286,20 @@ class MegatronBackend:
         ends_S = ends_S[ends_S <= row.length]
         return {"scores": scores_BT1[0, ends_S - 1, 0].float()}
 
-    def _outputs(self, row, output_BTX, temperature: float, entropy: bool) -> dict:
+    def _outputs(self, row, output_BTX, opts: dict) -> dict:
+        """opts: `_token_outputs`'s keyword arguments (temperature, entropy, topk_ids, topk)."""
         if self.head == "score":
             return self._score_outputs(row, output_BTX)
-        return self._token_outputs(row, output_BTX, temperature, entropy)
+        return self._token_outputs(row, output_BTX, **opts)
 
-    def _stage_loss_func(self, loss_fn, temperature, entropy, row, logits_BTV, non_loss_data: bool = False):
-        loss, stats = loss_fn(self._outputs(row, logits_BTV, temperature, entropy), row.source)
+    def _stage_loss_func(self, loss_fn, opts, row, logits_BTV, non_loss_data: bool = False):
+        loss, stats = loss_fn(self._outputs(row, logits_BTV, opts), row.source)
         reduced = {k: float(v) for k, v in stats.items()}
         reduced["loss"] = float(loss.detach())
         return loss, torch.ones((), dtype=torch.int), reduced
 
-    def _stage_forward_func(self, fn, temperature, entropy, row, logits_BTV, non_loss_data: bool = True):
-        return fn(self._outputs(row, logits_BTV, temperature, entropy), row.source)
+    def _stage_forward_func(self, fn, opts, row, logits_BTV, non_loss_data: bool = True):
+        return fn(self._outputs(row, logits_BTV, opts), row.source)
 
     def _token_loss(self, targets_T: torch.Tensor, logits_BTV: torch.Tensor) -> torch.Tensor:
         """-log p(target) per position, (T,) fp32, over vocab-parallel logits with padded columns masked."""
@@ -330,14 +359,15 @@ class MegatronBackend:
         return box[0]
 
     def train_step(self, micro_batches: list[dict], loss_fn=None, *, temperature: float = 1.0,
-                   entropy: bool = False) -> dict:
+                   entropy: bool = False, topk_ids: str | None = None) -> dict:
         """One optimizer step over this DP rank's micro-batches.
 
         Without `loss_fn`: the token-mean next-token loss (SFT); returns global loss, grad_norm and tokens.
         With `loss_fn(out, mb) -> (loss, stats)`: `out` holds the per-token outputs of micro-batch `mb` (the dict as
         passed in) computed on the last pipeline stage (see `_token_outputs`; logits divided by `temperature`,
-        "entropy" when asked), and `loss` is that micro-batch's share of the global objective, already normalised by
-        the global batch (nova_rt.trainer's convention): gradients are summed over micro-batches and DP ranks.
+        "entropy" when asked, "topk_logprobs" at the ids under the micro-batch key `topk_ids` where present), and
+        `loss` is that micro-batch's share of the global objective, already normalised by the global batch
+        (nova_rt.trainer's convention): gradients are summed over micro-batches and DP ranks.
         Returns {"loss", "grad_norm", *stats}, each summed over micro-batches and DP ranks, on every rank.
         """
         from megatron.core import parallel_state as ps
@@ -354,8 +384,8 @@ class MegatronBackend:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         self._divide_by_tokens = loss_fn is None
-        reduce_fn = self._loss_func if loss_fn is None else partial(self._stage_loss_func, loss_fn, temperature,
-                                                                    entropy)
+        opts = dict(temperature=temperature, entropy=entropy, topk_ids=topk_ids)
+        reduce_fn = self._loss_func if loss_fn is None else partial(self._stage_loss_func, loss_fn, opts)
         outputs = self._run(rows, reduce_fn, forward_only=False)
         _, grad_norm, _ = self.optimizer.step()
         totals: dict[str, float] = {}
@@ -373,9 +403,14 @@ class MegatronBackend:
         return {**totals, "grad_norm": float(grad_norm)}
 
     @torch.no_grad()
-    def forward(self, micro_batches: list[dict], fn, *, temperature: float = 1.0, entropy: bool = False) -> list:
-        """[fn(out, mb) for each micro-batch] without an update (eval mode); `out` as in `train_step`. The results
-        (any picklable value) come from the last pipeline stage and are returned on every rank."""
+    def forward(self, micro_batches: list[dict], fn, *, temperature: float = 1.0, entropy: bool = False,
+                topk_ids: str | None = None, topk: int = 0) -> list:
+        """[fn(out, mb) for each micro-batch] without an update (eval mode); `out` as in `train_step`, plus, with
+        topk > 0, the reference side of the top-k KL: "topk_ids" / "topk_logprobs" (N, topk) at the N target
+        positions. The results (any picklable value) come from the last pipeline stage and are returned on every
+        rank."""
+        if topk and topk_ids is not None:
+            raise ValueError("forward: pass topk (the best ids) or topk_ids (given ids), not both")
         rows = self._rows(micro_batches)
         n = len(rows)
         if self.pcfg.virtual_pipeline_parallel and n < self.pcfg.pipeline_parallel:  # the interleaved schedule
@@ -384,7 +419,8 @@ class MegatronBackend:
         for chunk in self.model:
             chunk.eval()
         try:
-            outputs = self._run(rows, partial(self._stage_forward_func, fn, temperature, entropy), forward_only=True)
+            opts = dict(temperature=temperature, entropy=entropy, topk_ids=topk_ids, topk=topk)
+            outputs = self._run(rows, partial(self._stage_forward_func, fn, opts), forward_only=True)
         finally:
             for chunk, mode in zip(self.model, was_training):
                 chunk.train(mode)
