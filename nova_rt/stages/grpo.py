@@ -290,7 +290,11 @@ def rl_loss_from_outputs(out: dict, mb: dict, g: GRPOConfig):
 
 def ptx_loss(model, mb: dict, g: GRPOConfig):
     """gamma * sum_t w_t KL_topk(pi_theta || pi_ref)_t over SFT supervised tokens, w_t = 1 / (tokens, global)."""
-    out = _forward(model, mb, topk_ids=mb["ref_topk_ids"])
+    return ptx_loss_from_outputs(_forward(model, mb, topk_ids=mb["ref_topk_ids"]), mb, g)
+
+
+def ptx_loss_from_outputs(out: dict, mb: dict, g: GRPOConfig):
+    """ptx_loss given the policy's top-k log-probs (temperature 1) at the reference's ids of the supervised tokens."""
     kl_T = topk_kl(out["topk_logprobs"], mb["ref_topk_lp"])
     return g.ptx_coef * (kl_T * mb["w"]).sum(), {"ptx_kl_sum": kl_T.detach().sum(),
                                                  "ptx_tokens": float(kl_T.shape[0])}
@@ -366,9 +370,9 @@ class GRPORun:
 
         samples, _ = load_sft_samples(data_files(self.cfg, self.g.ptx_files), self.tok,
                                       max_seq_len=self.g.ptx_max_len, system_prompt=self.cfg.data.system_prompt)
-        if len(samples) < self.g.ptx_batch or self.g.ptx_batch % self.info.world_size:
+        if len(samples) < self.g.ptx_batch or self.g.ptx_batch % self.dp_size:
             raise ValueError(f"grpo.ptx_batch={self.g.ptx_batch} must be <= the {len(samples)} PTX samples and "
-                             f"divide by world_size={self.info.world_size}")
+                             f"divide by the data-parallel size {self.dp_size}")
         return samples
 
     def score(self, texts: list[str], samples: list[dict]) -> tuple[list[float], dict, list[float] | None]:
@@ -463,8 +467,8 @@ class GRPORun:
 
     @torch.no_grad()
     def ptx_micro_batches(self, r: int) -> list[dict]:
-        """This rank's share of the PTX rows of rollout step r (a pure function of r: resumable)."""
-        n, B, world = len(self.ptx), self.g.ptx_batch, self.info.world_size
+        """This data-parallel rank's share of the PTX rows of rollout step r (a pure function of r: resumable)."""
+        n, B, world, rank = len(self.ptx), self.g.ptx_batch, self.dp_size, self.dp_rank
         idx = []
         for j in range(r * B, (r + 1) * B):
             epoch, pos = divmod(j, n)
@@ -472,7 +476,7 @@ class GRPORun:
         rows = [self.ptx[i] for i in idx]
         total = sum(s.n_supervised for s in rows)
         per = B // world
-        mb = self._to_dev(collate([make_row(rows[self.info.rank * per:(self.info.rank + 1) * per])]))
+        mb = self._to_dev(collate([make_row(rows[rank * per:(rank + 1) * per])]))
         n_sup = int((mb["targets"] != IGNORE).sum())
         mb.update(kind="ptx", w=torch.full((n_sup,), 1.0 / max(total, 1), device=self.info.device))
         with self.trainer.autocast():

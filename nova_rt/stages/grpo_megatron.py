@@ -6,7 +6,12 @@ What changes against the HF backend:
     at the sampling temperature, selected at the response tokens, and go to the same loss; gradients are summed over
     micro-batches and DP ranks of the globally normalised loss (nova_rt.parallel.megatron_backend.train_step);
   - old log-probs (ppo_epochs x minibatches > 1) come from the policy backend in forward-only mode, reference
-    log-probs (beta > 0) from a frozen second backend of grpo.ref_model (default: the initial policy);
+    log-probs (beta > 0 or ptx_coef > 0) from a frozen second backend of grpo.ref_model (default: the initial policy);
+  - the report's top-k KL (grpo.kl=topk, in the reward or the loss) and the PTX term: the reference backend's top-k
+    ids and log-probs and the policy's log-probs at those ids come from the vocab-parallel logits across TP ranks
+    (nova_rt.parallel.vocab_parallel: global logsumexp by all-reduce, per-shard top-k merged over the TP group with
+    ties by lowest id as in the HF path, an autograd Function for the policy side), on the last pipeline stage;
+    then the HF stage's topk_kl, rl_loss_from_outputs and ptx_loss_from_outputs. PTX rows use temperature 1;
   - rollouts still run on the HF model (nova_rt.rollout): before every rollout and eval, the HF model is loaded with
     the current weights gathered from the megatron shards (hf_convert's mapping; a full copy on every rank). Only
     the first rank of each model-parallel group (TP x PP) generates and scores; it broadcasts the groups to the
@@ -14,8 +19,6 @@ What changes against the HF backend:
     so every rank of a replica trains on identical rollouts even where generation is not bitwise reproducible.
     Prompts are split over data-parallel ranks (grpo.prompts_per_step must still divide by the world size);
   - checkpoints: nova_rt.parallel.checkpoint, with the sampler and rollout RNG state as each rank's extra state.
-Not supported here (rejected at start): the top-k KL (grpo.kl=topk with beta > 0) and the PTX term, which need the
-full-vocab log-softmax at the reference's top-k ids across TP ranks.
 """
 
 from __future__ import annotations
@@ -27,18 +30,27 @@ import torch.distributed as dist
 
 from nova_rt.config import Config
 from nova_rt.data.chat import IGNORE
-from nova_rt.losses.kl import sampled_kl
+from nova_rt.losses.kl import sampled_kl, topk_kl
 from nova_rt.parallel import checkpoint as mckpt
 from nova_rt.parallel.packed import from_shifted
 from nova_rt.stages.common import megatron_backend, megatron_resume, save_megatron_final
-from nova_rt.stages.grpo import GRPORun, rl_loss_from_outputs
+from nova_rt.stages.grpo import GRPORun, ptx_loss_from_outputs, rl_loss_from_outputs
 from nova_rt.trainer import lr_lambda
 
 
+def _at_targets(out: dict, targets: torch.Tensor) -> dict:
+    """The backend's outputs at the target (response / supervised) tokens only, the layout of the HF stage's
+    PolicyLogprobs: per-token ones are selected, the top-k ones already are."""
+    mask = (targets != IGNORE).to(out["logprobs"].device)
+    return {k: v[mask] if k in ("logprobs", "entropy") else v for k, v in out.items()}
+
+
 def _responses(out: dict, mb: dict) -> dict:
-    """The outputs at response tokens only (the layout of the HF stage's PolicyLogprobs), on the CPU."""
-    mask = (mb["targets"] != IGNORE).to(out["logprobs"].device)
-    return {k: v[mask].cpu() for k, v in out.items()}
+    return {k: v.cpu() for k, v in _at_targets(out, mb["targets"]).items()}
+
+
+def _topk(out: dict, mb: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    return out["topk_ids"].cpu(), out["topk_logprobs"].cpu()
 
 
 def _dp_sum(t: torch.Tensor) -> torch.Tensor:
@@ -68,7 +80,7 @@ class MegatronPolicy:
         lr = self._lr(self.step)
         self.backend.set_lr(lr)
         stats = self.backend.train_step([from_shifted(mb) for mb in micro_batches], loss_fn,
-                                        temperature=self.temperature, entropy=True)
+                                        temperature=self.temperature, entropy=True, topk_ids="ref_topk_ids")
         self.step += 1
         return {**stats, "lr": lr}  # the lr this step applied, as Trainer reports it
 
@@ -85,13 +97,6 @@ class MegatronGRPORun(GRPORun):
     """GRPORun with the policy (and reference) on megatron-core; see the module docstring."""
 
     def __init__(self, cfg: Config):
-        g = cfg.grpo
-        if g.ptx_coef > 0:
-            raise NotImplementedError("grpo.ptx_coef > 0 (PTX top-k KL) is not supported with parallel.backend="
-                                      "megatron")
-        if g.beta > 0 and g.kl == "topk":
-            raise NotImplementedError("grpo.kl=topk with grpo.beta > 0 is not supported with parallel.backend="
-                                      "megatron; use grpo.kl=k1, k2 or k3")
         super().__init__(cfg)
         self.loss_fn = self._loss
         self._synced_step = 0  # the policy step whose weights the HF generation model holds
@@ -137,24 +142,38 @@ class MegatronGRPORun(GRPORun):
         return self._on_first_model_parallel_rank(super().evaluate)
 
     # ------------------------------------------------------------------------------------------- training
+    def _ref_topk(self, mb: dict, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference's top-k ids and log-probs at the target tokens (the HF stage's `_ref_topk`), vocab-parallel."""
+        return self.ref.forward([from_shifted(mb)], _topk, temperature=temperature, topk=self.g.topk)[0]
+
     @torch.no_grad()
     def precompute(self, mb: dict) -> dict:
-        """Reference log-probs (beta > 0) and, for batches that serve several steps, the rollout policy's."""
+        """Reference top-k ids / log-probs or sampled-token log-probs (beta > 0) and, for batches that serve several
+        steps, the rollout policy's log-probs (at the reference's top-k ids too, for the top-k KL in the reward)."""
         g, T = self.g, self.g.temperature
         mb = from_shifted(mb)
+        topk = g.kl == "topk"
         if self.ref is not None and g.beta > 0:
-            mb["ref_lp"] = self.ref.forward([mb], _responses, temperature=T)[0]["logprobs"]
+            if topk:
+                mb["ref_topk_ids"], mb["ref_topk_lp"] = self._ref_topk(mb, T)
+            else:
+                mb["ref_lp"] = self.ref.forward([mb], _responses, temperature=T)[0]["logprobs"]
         if g.steps_per_rollout > 1:
-            mb["old_lp"] = self.trainer.backend.forward([mb], _responses, temperature=T)[0]["logprobs"]
+            out = self.trainer.backend.forward([mb], _responses, temperature=T, topk_ids="ref_topk_ids")[0]
+            mb["old_lp"] = out["logprobs"]
             if g.beta > 0 and g.kl_placement == "reward":
-                mb["old_kl"] = sampled_kl(mb["old_lp"], mb["ref_lp"], g.kl)
+                mb["old_kl"] = topk_kl(out["topk_logprobs"], mb["ref_topk_lp"]) if topk \
+                    else sampled_kl(mb["old_lp"], mb["ref_lp"], g.kl)
         return mb
+
+    def ptx_micro_batches(self, r: int) -> list[dict]:
+        return [{**mb, "temperature": 1.0} for mb in super().ptx_micro_batches(r)]  # RL rows: grpo.temperature
 
     def _loss(self, out: dict, mb: dict):
         device = out["logprobs"].device
-        mask = (mb["targets"] != IGNORE).to(device)
         mb = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}
-        return rl_loss_from_outputs({k: v[mask] for k, v in out.items()}, mb, self.g)
+        out = _at_targets(out, mb["targets"])
+        return ptx_loss_from_outputs(out, mb, self.g) if mb["kind"] == "ptx" else rl_loss_from_outputs(out, mb, self.g)
 
     def save_final(self) -> str | None:
         return save_megatron_final(self.cfg, self.info, self.trainer.backend, self.tok, self.run_dir)

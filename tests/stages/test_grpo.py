@@ -63,6 +63,7 @@ def _fake_run(g: GRPOConfig, policy, ref, ptx=None, shared: bool = False) -> GRP
     run = GRPORun.__new__(GRPORun)
     run.shared_prefix = shared
     run.g, run.ref, run.ptx, run.info = g, ref, ptx, DistInfo()
+    run.dp_rank, run.dp_size = run.info.rank, run.info.world_size
     run.cfg = SimpleNamespace(run=SimpleNamespace(seed=3))
     run.trainer = SimpleNamespace(autocast=contextlib.nullcontext, raw=policy)
     return run
