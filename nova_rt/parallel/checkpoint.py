@@ -7,8 +7,10 @@ optimizer state is sharded over DP: state_dict gathers it into the file of DP ra
 megatron's dp-zero format, and loading scatters it back; both are collectives); after a barrier global rank 0 writes
 meta.json (step, world size, parallel layout), fsyncs, writes DONE and renames the directory into place. A directory
 is complete only with DONE under its final name, so a run killed at any point (SIGKILL included) resumes from the
-newest complete one and leftover `*.tmp` directories are ignored and later removed. Resuming needs the same world
-size and TP/PP/VPP layout (shards are not resharded); the run dir must be on a filesystem every rank sees.
+newest complete one and leftover `*.tmp` directories are ignored and later removed. Resuming with the same world
+size, TP/PP/VPP layout and optimizer kind restores every rank's own file; any other layout goes through
+nova_rt.parallel.reshard (fp32, no per-rank stage state; RNG states are not carried). The run dir must be on a
+filesystem every rank sees.
 
 The final model is still written as an HF directory (MegatronBackend.save_hf); these directories are for resuming.
 """
@@ -24,13 +26,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from nova_rt.parallel import reshard
+
 _STEP_RE = re.compile(r"^step_(\d{8})$")
 
 
 def _layout(backend) -> dict:
     p = backend.pcfg
     return {"world_size": dist.get_world_size(), "tensor_parallel": p.tensor_parallel,
-            "pipeline_parallel": p.pipeline_parallel, "virtual_pipeline_parallel": p.virtual_pipeline_parallel or 0}
+            "pipeline_parallel": p.pipeline_parallel, "virtual_pipeline_parallel": p.virtual_pipeline_parallel or 0,
+            "distributed_optimizer": bool(p.distributed_optimizer)}
 
 
 def complete(root: Path) -> list[tuple[int, Path]]:
@@ -68,7 +73,7 @@ def save(backend, root: Path, step: int, extra: dict | None = None, keep_last: i
         tmp.mkdir(parents=True)
     dist.barrier()
     path = tmp / f"rank_{rank:05d}.pt"
-    torch.save({**backend.state_dict(), "extra": extra, "step": step}, path)
+    torch.save({**backend.state_dict(), "reshard": reshard.describe(backend), "extra": extra, "step": step}, path)
     _fsync(path)
     dist.barrier()
     if rank == 0:
@@ -89,9 +94,9 @@ def load(backend, path: Path) -> tuple[int, dict | None]:
     """Restore this rank's part of checkpoint `path` into `backend`; returns (step, this rank's extra state)."""
     meta = json.loads((path / "meta.json").read_text())
     want = _layout(backend)
-    got = {k: meta.get(k) for k in want}
+    got = {k: meta.get(k, False if k == "distributed_optimizer" else None) for k in want}  # older meta: no key
     if got != want:
-        raise RuntimeError(f"{path} was written with {got}; this run has {want} (resume with the same layout)")
+        return reshard.load_resharded(backend, path, meta)
     state = torch.load(path / f"rank_{dist.get_rank():05d}.pt", weights_only=False)
     backend.load_state_dict(state)
     return int(state["step"]), state["extra"]

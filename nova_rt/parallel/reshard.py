@@ -1,0 +1,225 @@
+"""Resume a megatron checkpoint in another parallel layout: TP, PP, VPP, DP, distributed optimizer on or off.
+
+Each rank's checkpoint file (nova_rt.parallel.checkpoint) carries `describe(backend)`: the HF name and TP layout
+kind (hf_convert) of every parameter of every model chunk, and where each parameter's Adam state sits in that
+rank's optimizer state (torch's parameter index, or the offset in megatron's dp-zero buffers for the distributed
+optimizer). `load_resharded` then, on every rank of the new layout:
+  1. reads the files of the old DP rank 0 of every TP/PP position (memory-mapped: one copy of the model),
+  2. turns the weights and both Adam moments into full HF-named tensors with `hf_convert.assemble` (the moments have
+     their parameters' shapes, so fused QKV, gate/up and vocab padding are undone the same way as for weights; the
+     copy of a tied embedding held by the last pipeline stage is skipped, as in save_hf),
+  3. cuts its own shards out of them (`hf_convert.load_shard`) and writes them in its own optimizer's format, which
+     `MegatronBackend.load_state_dict` then loads as if this layout had saved it.
+The conversion only moves numbers (bit-exact). Whether the continued run matches an uninterrupted run bit for bit
+depends on the layouts summing the same numbers in the same order: changing PP, or DP when each rank has the same
+micro-batch split, does with clipping off; TP does not (row-parallel partial sums), nor does clipping across PP
+stages (the grad norm is summed per stage first), so those agree to rounding only.
+
+Not carried across layouts: RNG states (the new ranks keep their seeded ones; SFT, DPO and RM steps in fp32 draw no
+random numbers) and per-rank stage state (`extra`, e.g. GRPO's sampler: refused). fp32 parameters only: with bf16
+or fp16 the optimizer's fp32 master weights would have to be carried instead of the model's (refused). Memory: each
+rank holds the full weights and both moments in fp32 while converting.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from nova_rt.parallel import hf_convert
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+log = logging.getLogger(__name__)
+
+
+class _DictReader:
+    """hf_convert.load_shard's reader interface over full in-memory HF tensors."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def rows(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        t = self.tensors[name]
+        return t[start:stop] if t.dim() else t
+
+    def cols(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self.tensors[name][:, start:stop]
+
+
+def _optimizers(backend) -> list:
+    """The megatron optimizers inside get_megatron_optimizer's ChainedOptimizer; none for a frozen backend."""
+    if backend.optimizer is None:
+        return []
+    return list(getattr(backend.optimizer, "chained_optimizers", [backend.optimizer]))
+
+
+def _chunks(backend) -> list:
+    return [getattr(c, "module", c) for c in backend.model]
+
+
+def _param_ids(backend) -> dict[int, tuple[int, str]]:
+    return {id(p): (i, n) for i, c in enumerate(_chunks(backend)) for n, p in c.named_parameters()}
+
+
+def _dp_zero_offsets(opt, ids: dict) -> list[tuple[int, int, str, int, int]]:
+    """(buffer index, chunk, name, start, numel) of each parameter in the world tensors of
+    DistributedOptimizer.get_parameter_state_dp_zero: per buffer, its buckets back to back, each cut to its
+    unpadded length, so a parameter at buffer index `start` of bucket b sits at
+    start - b.offset + (unpadded lengths of the buckets before b)."""
+    out = []
+    for gbuf, buf in enumerate(opt.buffers):
+        before = [0]
+        for bucket in buf.buckets:
+            before.append(before[-1] + bucket.numel_unpadded)
+        for p, (start, end, b) in buf.param_index_map.items():
+            out.append((gbuf, *ids[id(p)], before[b] + start - buf.buckets[b].offset, end - start))
+    return out
+
+
+def _is_dp_zero(opt) -> bool:
+    return hasattr(opt, "get_parameter_state_dp_zero")
+
+
+def describe(backend) -> dict:
+    """What `load_resharded` needs to read this rank's file under another layout (stored in the file)."""
+    from megatron.core import parallel_state as ps
+
+    ids = _param_ids(backend)
+    optimizers = []
+    for opt in _optimizers(backend):
+        if _is_dp_zero(opt):
+            optimizers.append({"dp_zero": _dp_zero_offsets(opt, ids)})
+        else:  # torch's state_dict numbers parameters in param-group order
+            optimizers.append({"torch": [ids[id(p)] for g in opt.optimizer.param_groups for p in g["params"]]})
+    return {"tp_rank": ps.get_tensor_model_parallel_rank(), "dp_rank": ps.get_data_parallel_rank(),
+            "params": [{n: hf_convert.hf_names(c, n, backend.arch.tied) for n, _ in c.named_parameters()}
+                       for c in _chunks(backend)],
+            "optimizers": optimizers}
+
+
+def _optimizer_list(state):
+    """A saved backend optimizer state as one entry per megatron optimizer (see MegatronBackend.state_dict)."""
+    if isinstance(state, dict) and "distributed" in state:
+        return state["distributed"]
+    return state if isinstance(state, list) else [state]
+
+
+def _moments(desc: dict, saved, shapes: dict) -> tuple[dict, float | None]:
+    """({(chunk, name): {moment: tensor}}, Adam step) of one saved megatron optimizer."""
+    out = {}
+    if "torch" in desc:
+        step = None
+        for index, key in enumerate(desc["torch"]):
+            if index in saved["state"]:
+                st = saved["state"][index]
+                out[key] = {m: st[m] for m in MOMENTS}
+                step = float(st["step"])
+        return out, step
+    world = saved["param_state"]
+    for gbuf, chunk, name, start, numel in desc["dp_zero"]:
+        (tensors,) = world[gbuf].values()  # one (param dtype, grad dtype) per buffer
+        out[(chunk, name)] = {m: tensors[m][start:start + numel].view(shapes[(chunk, name)]) for m in MOMENTS}
+    return out, float(saved["common"]["optimizer"]["param_groups"][0]["step"])
+
+
+def _full_tensors(files: list[dict], arch, old_tp: int) -> tuple[dict, float]:
+    """{"weight" | moment: {HF name: full tensor}} and the Adam step from the old DP-rank-0 files."""
+    pieces = {k: [] for k in ("weight", *MOMENTS)}
+    step = None
+    for f in files:
+        d = f["reshard"]
+        layout = {(c, n): kh for c, names in enumerate(d["params"]) for n, kh in names.items()}
+        shapes = {(c, n): f["model"][c][n].shape for c, n in layout}
+        moments = {}
+        for desc, saved in zip(d["optimizers"], _optimizer_list(f["optimizer"]), strict=True):
+            found, s = _moments(desc, saved, shapes)
+            moments.update(found)
+            step = s if s is not None else step
+        for (c, n), (kind, names) in layout.items():
+            if n == "output_layer.weight" and names == ("model.embed_tokens.weight",):
+                continue  # the last stage's copy of a tied embedding
+            if f["model"][c][n].dtype != torch.float32:
+                raise NotImplementedError(f"{n} was saved in {f['model'][c][n].dtype}: resharding needs fp32 "
+                                          "parameters (the optimizer's fp32 master weights are not carried)")
+            pieces["weight"].append((kind, names, d["tp_rank"], f["model"][c][n]))
+            zeros = torch.zeros_like(f["model"][c][n])  # a parameter Adam never stepped
+            for m in MOMENTS:
+                pieces[m].append((kind, names, d["tp_rank"], moments.get((c, n), {}).get(m, zeros)))
+    if step is None:
+        raise RuntimeError("the checkpoint holds no Adam step (saved before the first optimizer step?)")
+    return {k: hf_convert.assemble(v, arch, old_tp) for k, v in pieces.items()}, step
+
+
+def _new_optimizer_state(backend, shard, step: float):
+    """This rank's optimizer state in the format MegatronBackend.state_dict would have written."""
+    ids = _param_ids(backend)
+    states = []
+    for opt in _optimizers(backend):
+        groups = opt.optimizer.param_groups
+        if not _is_dp_zero(opt):
+            params = [ids[id(p)] for g in groups for p in g["params"]]
+            state = {i: {"step": torch.tensor(step), **{m: shard(m, key) for m in MOMENTS}}
+                     for i, key in enumerate(params)}
+            states.append({"state": state, "param_groups": opt.optimizer.state_dict()["param_groups"]})
+            continue
+        common = {"optimizer": {"param_groups": [{**{k: v for k, v in g.items() if k != "params"}, "step": step}
+                                                 for g in groups]}}
+        world = None
+        if opt.data_parallel_group.rank() == 0:  # dp-zero state lives on DP rank 0 and is scattered from there
+            world = {gbuf: {dtype: {**{k: torch.zeros(buf.numel_unpadded) for k in ("param", *MOMENTS)},
+                                    "numel_unpadded": buf.numel_unpadded}
+                            for dtype in opt.gbuf_ranges[gbuf]}
+                     for gbuf, buf in enumerate(opt.buffers)}
+            for gbuf, chunk, name, start, numel in _dp_zero_offsets(opt, ids):
+                (tensors,) = world[gbuf].values()
+                for k in ("param", *MOMENTS):
+                    tensors[k][start:start + numel] = shard("weight" if k == "param" else k, (chunk, name)).view(-1)
+        states.append({"common": common, "param_state": world})
+    if backend.pcfg.distributed_optimizer:
+        return {"distributed": states}
+    return states[0] if len(states) == 1 else states
+
+
+@torch.no_grad()
+def load_resharded(backend, path: Path, meta: dict) -> tuple[int, None]:
+    """Load checkpoint `path`, written with layout `meta` (its meta.json), into `backend`'s different layout;
+    returns (step, None). Collective with the distributed optimizer. See the module docstring."""
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    from nova_rt.checkpoint import rng_state
+
+    if backend.dtype != torch.float32:
+        raise NotImplementedError(f"{path}: resuming in another parallel layout needs fp32 parameters (with "
+                                  f"{backend.dtype} the fp32 master weights would have to be carried)")
+    files = [torch.load(f, weights_only=False, mmap=True) for f in sorted(path.glob("rank_*.pt"))]
+    if len(files) != meta["world_size"] or any("reshard" not in f for f in files):
+        raise RuntimeError(f"{path} cannot be resumed in another layout (it lacks rank files or their layout "
+                           f"description; written before resharding existed?); resume with {meta}")
+    if any(f["extra"] is not None for f in files):
+        raise NotImplementedError(f"{path} holds per-rank stage state (e.g. GRPO's sampler), which cannot be moved "
+                                  "to another layout; resume with the layout it was written with")
+    log.info("%s was written with %s: resharding it into this run's layout", path, meta)
+    full, step = _full_tensors([f for f in files if f["reshard"]["dp_rank"] == 0], backend.arch,
+                               meta["tensor_parallel"])
+    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    chunks = _chunks(backend)
+    params = {(i, n): p for i, c in enumerate(chunks) for n, p in c.named_parameters()}
+
+    def shard(kind_of_tensor: str, key: tuple[int, str]) -> torch.Tensor:
+        chunk, name = key
+        kind, names = hf_convert.hf_names(chunks[chunk], name, backend.arch.tied)
+        return hf_convert.load_shard(_DictReader(full[kind_of_tensor]), kind, names, backend.arch,
+                                     tuple(params[key].shape), tp, tp_rank).to(torch.float32)
+
+    model = []
+    for i, c in enumerate(chunks):
+        sd = c.state_dict()
+        sd.update({n: shard("weight", (i, n)) for n, _ in c.named_parameters()})
+        model.append(sd)
+    state = {"model": model, "optimizer": _new_optimizer_state(backend, shard, step),
+             "rng": {**rng_state(), "megatron": tensor_parallel.get_cuda_rng_tracker().get_states()}}
+    backend.load_state_dict(state)
+    return int(files[0]["step"]), None
