@@ -265,11 +265,13 @@ def write_hf_dir(tensors: dict[str, torch.Tensor], src_dir, out_dir, max_shard_b
 
 
 def save_chunks_as_hf(chunks: list, arch, src_dir, out_dir) -> Path | None:
-    """Collective over all ranks: gather shards of data-parallel rank 0 on global rank 0, which writes `out_dir`."""
+    """Collective over all ranks: gather shards of data-parallel (x context-parallel) rank 0 on global rank 0, which
+    writes `out_dir`."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    mine = local_pieces(chunks, arch) if ps.get_data_parallel_rank() == 0 else []
+    first_copy = ps.get_data_parallel_rank(with_context_parallel=True) == 0  # CP ranks hold copies too
+    mine = local_pieces(chunks, arch) if first_copy else []
     gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(mine, gathered, dst=0)
     if dist.get_rank() != 0:

@@ -46,8 +46,14 @@ token; same value on every rank.
 Parallelism from `ParallelConfig` (nova_rt/config.py): tensor_parallel, pipeline_parallel,
 virtual_pipeline_parallel (interleaved 1F1B; needs PP > 2 and layers divisible by PP * VPP),
 sequence_parallel (needs TP > 1), distributed_optimizer (megatron's DistributedOptimizer: main params and Adam
-moments sharded over DP). context_parallel > 1 is rejected: TE's thd attention could run it, but the per-document
-CP split of packed rows is not implemented. Data parallelism is world / (TP * PP * CP).
+moments sharded over DP), context_parallel (nova_rt.parallel.context_parallel: every document of a row padded to a
+multiple of 2*CP and split load-balanced over the CP ranks, K/V all-gathered in PackedCoreAttention, RoPE at global
+positions by megatron's thd path). Data parallelism is world / (TP * PP * CP); the CP ranks of one DP replica pass
+the same micro-batches (dp_rank / dp_size exclude CP). Under CP each rank's loss is the sum over the tokens it holds,
+megatron DDP sums gradients over DP x CP (calculate_per_token_loss: no pre-scaling) and `finalize_model_grads`
+all-reduces the token count over DP x CP, so the SFT loss stays the exact global token mean. CP > 1 supports
+`train_step` without loss_fn (SFT) and `logprobs` (gathered back to the original token order); stage losses
+(train_step with loss_fn, `forward`: DPO, GRPO) and the score head (RM) are rejected.
 On CPU (gloo) megatron-core needs test-only shims (tests/parallel/megatron_cpu_shims.py); fp32 only.
 """
 
@@ -100,10 +106,18 @@ def _check_parallel(arch, pcfg) -> None:
         raise ValueError("parallel.virtual_pipeline_parallel needs pipeline_parallel > 2")
     if pcfg.sequence_parallel and tp < 2:
         raise ValueError("parallel.sequence_parallel needs tensor_parallel >= 2")
+    if pcfg.context_parallel < 1:
+        raise ValueError(f"parallel.context_parallel={pcfg.context_parallel} must be >= 1")
+
+
+CP_SUPPORTED = "supported with context_parallel > 1: SFT (train_step without loss_fn) and logprobs"
+
+
+def _reject_context_parallel(pcfg, what: str) -> None:
     if pcfg.context_parallel > 1:
-        # TE's thd attention supports CP, but each packed row would first have to be split into 2*CP load-balanced
-        # chunks per document (cu_seqlens_padded, per-rank token slices, CP-aware loss); that sharding is not written.
-        raise NotImplementedError("parallel.context_parallel > 1 is not implemented by the megatron backend")
+        raise NotImplementedError(f"parallel.context_parallel={pcfg.context_parallel}: {what} is not supported by "
+                                  f"the megatron backend under context parallelism ({CP_SUPPORTED}; the stage "
+                                  "outputs of DPO, GRPO and RM are not gathered over CP ranks)")
 
 
 class MegatronBackend:
@@ -122,6 +136,8 @@ class MegatronBackend:
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
         self.arch = hf_arch(AutoConfig.from_pretrained(self.model_dir))
         _check_parallel(self.arch, parallel_cfg)
+        if head != "lm":
+            _reject_context_parallel(parallel_cfg, f"head={head!r} (reward model)")
         _init_distributed(parallel_cfg)
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
         self.config = transformer_config(self.arch, parallel_cfg, dtype=dtype, cpu=not self.cuda,
@@ -209,8 +225,12 @@ class MegatronBackend:
 
     # ------------------------------------------------------------------------------------------- steps
     def _rows(self, micro_batches: list[dict]) -> list[packed.PackedRow]:
+        from megatron.core import parallel_state as ps
+
         multiple = self.pcfg.tensor_parallel if self.config.sequence_parallel else 1
-        return packed.prepare(micro_batches, multiple=multiple, device=self.device)
+        cp = self.pcfg.context_parallel
+        return packed.prepare(micro_batches, multiple=multiple, device=self.device, cp=cp,
+                              cp_rank=ps.get_context_parallel_rank() if cp > 1 else 0)
 
     def _local_logits(self, logits_BTV: torch.Tensor, temperature: float) -> torch.Tensor:
         """(T, V/tp) fp32 logits / temperature, vocab padding columns masked. Note: megatron's vocab-parallel cross
@@ -317,6 +337,8 @@ class MegatronBackend:
         return loss_sum, tokens, {"loss_sum": loss_sum.detach(), "tokens": tokens.detach()}
 
     def _logprob_func(self, row, logits_BTV, non_loss_data: bool = True):
+        if row.cp_index is not None:
+            return self._logprob_func_cp(row, logits_BTV)
         next_ids_T = torch.roll(row.input_ids, -1)  # the last position's target is unused
         nll_T = self._token_loss(next_ids_T, logits_BTV)
         logp_T = torch.zeros(row.length, dtype=torch.float32, device=nll_T.device)
@@ -324,6 +346,30 @@ class MegatronBackend:
         starts = row.cu_seqlens[:-1].long()
         logp_T[starts[starts < row.length]] = 0.0  # document starts have no prediction (padding excluded)
         return logp_T
+
+    def _logprob_func_cp(self, row, logits_BTV) -> torch.Tensor:
+        """`_logprob_func` under context parallelism: each rank scores the next original token after each token it
+        holds (none after a document's last token or after padding), and the CP group's values are all-gathered and
+        placed at their original positions."""
+        from megatron.core import parallel_state as ps
+
+        T, idx_L = row.length, row.cp_index
+        ids_T = row.source["input_ids"].to(self.device, torch.int64)
+        starts = torch.zeros(T + 1, dtype=torch.bool, device=self.device)
+        starts[packed.validate(row.source)[:-1].to(self.device)] = True
+        starts[T] = True
+        nxt_L = idx_L + 1
+        valid_L = (idx_L >= 0) & ~starts[nxt_L.clamp(max=T)]
+        next_ids_L = torch.where(valid_L, ids_T[nxt_L.clamp(max=T - 1)], 0)
+        logp_L = torch.where(valid_L, -self._token_loss(next_ids_L, logits_BTV), 0.0)
+        group = ps.get_context_parallel_group()
+        logp_all = [torch.empty_like(logp_L) for _ in range(group.size())]
+        where_all = [torch.empty_like(nxt_L) for _ in range(group.size())]
+        dist.all_gather(logp_all, logp_L.contiguous(), group=group)
+        dist.all_gather(where_all, torch.where(valid_L, nxt_L, T).contiguous(), group=group)  # T: a scratch slot
+        logp_T = torch.zeros(T + 1, dtype=torch.float32, device=self.device)
+        logp_T[torch.cat(where_all)] = torch.cat(logp_all)
+        return logp_T[:T]
 
     def _forward_step(self, reduce_fn, data_iterator, model):
         row = next(data_iterator)
@@ -336,7 +382,8 @@ class MegatronBackend:
 
         return get_forward_backward_func()(
             forward_step_func=partial(self._forward_step, reduce_fn), data_iterator=[iter(rows) for _ in self.model],
-            model=self.model, num_microbatches=len(rows), seq_length=rows[0].input_ids.numel(),
+            model=self.model, num_microbatches=len(rows),
+            seq_length=rows[0].input_ids.numel() * self.pcfg.context_parallel,  # megatron divides it by CP
             micro_batch_size=1, forward_only=forward_only, collect_non_loss_data=forward_only)
 
     def _from_last_stage(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -376,6 +423,8 @@ class MegatronBackend:
             raise RuntimeError("train_step on a frozen MegatronBackend (trainable=False)")
         if loss_fn is None and self.head != "lm":
             raise ValueError(f"train_step without loss_fn is the next-token loss; this backend has head={self.head!r}")
+        if loss_fn is not None:
+            _reject_context_parallel(self.pcfg, "train_step with a stage loss_fn (DPO, GRPO)")
         rows = self._rows(micro_batches)
         if self.pcfg.virtual_pipeline_parallel and len(rows) < self.pcfg.pipeline_parallel:
             raise ValueError(f"train_step got {len(rows)} micro-batches; the interleaved pipeline schedule needs at "
@@ -395,7 +444,8 @@ class MegatronBackend:
         keys = sorted(self._broadcast_object(sorted(totals)))
         stats = torch.tensor([totals.get(k, 0.0) for k in keys], dtype=torch.float64, device=self.device)
         stats = self._from_last_stage(stats)
-        dist.all_reduce(stats, group=ps.get_data_parallel_group())
+        # SFT's sums cover this CP rank's tokens only: reduce them over DP x CP (the DP group when CP == 1)
+        dist.all_reduce(stats, group=ps.get_data_parallel_group(with_context_parallel=loss_fn is None))
         totals = dict(zip(keys, stats.tolist()))
         if loss_fn is None:
             tokens = int(totals["tokens"])
@@ -411,6 +461,7 @@ class MegatronBackend:
         rank."""
         if topk and topk_ids is not None:
             raise ValueError("forward: pass topk (the best ids) or topk_ids (given ids), not both")
+        _reject_context_parallel(self.pcfg, "forward (stage outputs: reference / old log-probs, scores)")
         rows = self._rows(micro_batches)
         n = len(rows)
         if self.pcfg.virtual_pipeline_parallel and n < self.pcfg.pipeline_parallel:  # the interleaved schedule
@@ -517,7 +568,8 @@ class MegatronBackend:
         Gathers every shard of data-parallel replica 0 to every rank: one full copy of the model per rank."""
         from megatron.core import parallel_state as ps
 
-        mine = hf_convert.local_pieces(self.model, self.arch) if ps.get_data_parallel_rank() == 0 else []
+        first_copy = ps.get_data_parallel_rank(with_context_parallel=True) == 0  # CP ranks hold copies too
+        mine = hf_convert.local_pieces(self.model, self.arch) if first_copy else []
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, mine)
         pieces = [p for rank_pieces in gathered for p in rank_pieces]

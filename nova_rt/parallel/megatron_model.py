@@ -15,8 +15,9 @@ Core attention. megatron's local `DotProductAttention` refuses packed (thd) batc
 in `PackedCoreAttention`, which calls nova_rt's varlen kernel `packed_attention(q_TNH, k_TNH, v_TNH, cu_seqlens,
 max_seqlen)` (imported lazily: it lives in nova_rt.kernels) and falls back to per-document SDPA when the kernel is
 not importable. With Transformer Engine installed and CUDA present, the TE spec is used instead: its
-`TEDotProductAttention` handles thd natively (and context parallelism). RoPE restarts at every document: megatron's
-thd RoPE path (`_apply_rotary_pos_emb_thd`) slices the frequency table per cu_seqlens segment.
+`TEDotProductAttention` handles thd natively (and context parallelism; unrun). RoPE restarts at every document:
+megatron's thd RoPE path (`_apply_rotary_pos_emb_thd`) slices the frequency table per cu_seqlens segment, and under
+context parallelism picks each local chunk's global positions (nova_rt.parallel.context_parallel).
 
 Legend: T packed tokens, N heads (local to this TP rank), H head dim, S documents in a pack.
 """
@@ -145,14 +146,15 @@ class PackedCoreAttention(MegatronModule):
     """Core attention for megatron's SelfAttention over packed rows: softmax(q k^T * scale) v inside each document.
 
     Accepts thd input (q (T, N, H) with PackedSeqParams) and megatron's default sbhd input (s, b, N, H; each row
-    is one document). Same constructor and forward signature as megatron's DotProductAttention.
+    is one document). Same constructor and forward signature as megatron's DotProductAttention. With context
+    parallelism (thd only) each rank holds its share of every document and K/V are all-gathered over the CP group
+    (nova_rt.parallel.context_parallel).
     """
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
                  softmax_scale=None, cp_comm_type=None, pg_collection=None):
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise NotImplementedError("context parallelism needs Transformer Engine's attention (TE spec)")
+        self.cp_group = getattr(pg_collection, "cp", None) if config.context_parallel_size > 1 else None
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         if dropout:
             raise NotImplementedError("attention dropout is not supported by PackedCoreAttention")
@@ -166,15 +168,33 @@ class PackedCoreAttention(MegatronModule):
         if packed_seq_params is not None:
             if packed_seq_params.qkv_format != "thd":
                 raise ValueError(f"PackedSeqParams.qkv_format={packed_seq_params.qkv_format!r}, expected 'thd'")
+            if self.config.context_parallel_size > 1:
+                return self._context_parallel(query, key, value, packed_seq_params)
             out_TNH = self.attention_fn(query, key, value, packed_seq_params.cu_seqlens_q,
                                         packed_seq_params.max_seqlen_q, causal=True,
                                         softmax_scale=self.softmax_scale)
             return out_TNH.reshape(out_TNH.shape[0], -1)
+        if self.config.context_parallel_size > 1:
+            raise NotImplementedError("context parallelism in PackedCoreAttention needs packed (thd) rows")
         s, b = query.shape[:2]
         flat = [x.transpose(0, 1).reshape(b * s, x.shape[2], x.shape[3]) for x in (query, key, value)]
         cu = torch.arange(0, b + 1, device=query.device, dtype=torch.int32) * s
         out_TNH = self.attention_fn(*flat, cu, s, causal=True, softmax_scale=self.softmax_scale)
         return out_TNH.reshape(b, s, -1).transpose(0, 1).contiguous()
+
+
+    def _context_parallel(self, query, key, value, packed_seq_params):
+        """This CP rank's tokens attend to their documents over the whole CP group (nova_rt.parallel.context_parallel);
+        cu_seqlens are the padded global row's."""
+        from megatron.core import parallel_state as ps
+
+        from nova_rt.parallel.context_parallel import context_parallel_attention
+
+        cu = packed_seq_params.cu_seqlens_q_padded
+        cu = packed_seq_params.cu_seqlens_q if cu is None else cu
+        group = self.cp_group if self.cp_group is not None else ps.get_context_parallel_group()
+        out_LNH = context_parallel_attention(query, key, value, cu, softmax_scale=self.softmax_scale, group=group)
+        return out_LNH.reshape(out_LNH.shape[0], -1)
 
 
 class RMSNorm(torch.nn.Module):

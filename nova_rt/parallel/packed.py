@@ -16,6 +16,10 @@ left the next document's first label unmasked.
 All micro-batches of one step are padded to a common length (pipeline stages exchange fixed-shape activations),
 rounded up to a multiple of TP when sequence parallelism splits the sequence. The padding is one extra document
 of token `pad_id` with labels -100: it attends only to itself and contributes no loss.
+
+With context parallelism (cp > 1, nova_rt.parallel.context_parallel) every document is first padded to a multiple of
+2*cp (ignored tokens at its end), the row to a multiple of 2*cp (times TP under SP), and each CP rank keeps only its
+T/cp tokens: chunks r and 2*cp-1-r of every document. `cp_index` then maps each local token to its original position.
 """
 
 from __future__ import annotations
@@ -39,11 +43,16 @@ class PackedRow:
     max_seqlen: int
     length: int  # T before padding
     source: dict | None = None  # the micro-batch dict this row came from (stage metadata for loss functions)
+    cp_index: torch.Tensor | None = None  # context parallel: (Tp/cp,) original position of each local token, -1 pad
 
     def packed_seq_params(self):
+        """thd params. Under CP, cu_seqlens describe the padded *global* row (megatron's RoPE and our attention
+        slice the local tokens by them); they go in the *_padded fields too, which megatron's RoPE reads first."""
         from megatron.core.packed_seq_params import PackedSeqParams
 
+        padded = self.cu_seqlens if self.cp_index is not None else None
         return PackedSeqParams(qkv_format="thd", cu_seqlens_q=self.cu_seqlens, cu_seqlens_kv=self.cu_seqlens,
+                               cu_seqlens_q_padded=padded, cu_seqlens_kv_padded=padded,
                                max_seqlen_q=self.max_seqlen, max_seqlen_kv=self.max_seqlen)
 
 
@@ -102,27 +111,39 @@ def common_length(lengths: list[int], multiple: int = 1) -> int:
     return -(-longest // multiple) * multiple
 
 
-def prepare(micro_batches: list[dict], *, multiple: int, device, pad_id: int = 0) -> list[PackedRow]:
-    """Validate, build targets and pad every micro-batch to the step's common length; move to `device`."""
+def prepare(micro_batches: list[dict], *, multiple: int, device, pad_id: int = 0, cp: int = 1,
+            cp_rank: int = 0) -> list[PackedRow]:
+    """Validate, build targets and pad every micro-batch to the step's common length; move to `device`. With
+    cp > 1: documents padded to multiples of 2*cp and each row cut down to CP rank `cp_rank`'s tokens (see the
+    module docstring); `multiple` then applies to the local length."""
     if not micro_batches:
         raise ValueError("micro_batches is empty")
+    from nova_rt.parallel import context_parallel
+
     cus = [validate(mb, i) for i, mb in enumerate(micro_batches)]
-    length = common_length([int(cu[-1]) for cu in cus], multiple)
+    layouts = [context_parallel.pad_documents(cu, cp) if cp > 1 else (cu, torch.arange(int(cu[-1]))) for cu in cus]
+    length = common_length([int(cu[-1]) for cu, _ in layouts], multiple * (2 * cp if cp > 1 else 1))
     rows = []
-    for mb, cu in zip(micro_batches, cus):
-        T = int(cu[-1])
+    for mb, cu_orig, (cu, index) in zip(micro_batches, cus, layouts):
+        T = int(cu_orig[-1])
         ids = mb["input_ids"].to("cpu", torch.int64)
         targets = mb["targets"].to("cpu", torch.int64) if "targets" in mb else \
-            next_token_targets(mb["labels"].to("cpu", torch.int64), cu)
-        if length > T:
-            pad = length - T
-            ids = torch.cat([ids, torch.full((pad,), pad_id, dtype=torch.int64)])
-            targets = torch.cat([targets, torch.full((pad,), IGNORE_INDEX, dtype=torch.int64)])
+            next_token_targets(mb["labels"].to("cpu", torch.int64), cu_orig)
+        if length > int(cu[-1]):
+            index = torch.cat([index, torch.full((length - int(cu[-1]),), -1, dtype=torch.int64)])
             cu = torch.cat([cu, torch.tensor([length])])
+        real = index >= 0
+        ids = torch.where(real, ids[index.clamp(min=0)], pad_id)
+        targets = torch.where(real, targets[index.clamp(min=0)], IGNORE_INDEX)
+        positions = document_positions(cu)
+        cp_index = None
+        if cp > 1:
+            local = context_parallel.local_positions(cu, cp, cp_rank)
+            ids, targets, positions, cp_index = ids[local], targets[local], positions[local], index[local].to(device)
         rows.append(PackedRow(
-            input_ids=ids.to(device), targets=targets.to(device), position_ids=document_positions(cu).to(device),
+            input_ids=ids.to(device), targets=targets.to(device), position_ids=positions.to(device),
             cu_seqlens=cu.to(device=device, dtype=torch.int32), max_seqlen=int((cu[1:] - cu[:-1]).max()),
-            length=T, source=mb,
+            length=T, source=mb, cp_index=cp_index,
         ))
     return rows
 

@@ -42,8 +42,9 @@ The shims, one by one (all verified against megatron-core 0.16.1, which pyprojec
 
 Not shimmed (documented limitations on CPU): bf16/fp16 mixed-precision optimizers, with or without the distributed
 optimizer (Float16OptimizerWithFloat16Params and the fp16 branch of shim 5's method check `param.type()` for CUDA
-types, and the fp32 main-param copies would need testing of their own); context parallelism (needs Transformer
-Engine). CPU tests therefore run fp32: the plain DDP + Adam path, and DDP + DistributedOptimizer.
+types, and the fp32 main-param copies would need testing of their own). CPU tests therefore run fp32: the plain
+DDP + Adam path, and DDP + DistributedOptimizer. Context parallelism needs no shim: it runs in nova_rt's own core
+attention (nova_rt/parallel/context_parallel.py), not Transformer Engine's.
 """
 
 from __future__ import annotations

@@ -166,13 +166,14 @@ def _round_trip_exact(src: Path, out: Path) -> None:
             assert (out / f.name).read_bytes() == f.read_bytes(), f"{f.name} not copied verbatim"
 
 
-def _run_suite(arch: str, tmp: Path, layouts: dict, nproc: int, unclipped: dict | None = None) -> Path:
+def _run_suite(arch: str, tmp: Path, layouts: dict, nproc: int, unclipped: dict | None = None, row=_row) -> Path:
     """Every layout against the transformers reference and against the first layout (pure DP). `unclipped`: more
-    layouts run with grad_clip=0, checked by the caller only (the reference clips). Returns the output dir."""
+    layouts run with grad_clip=0, checked by the caller only (the reference clips). `row(gen, vocab)` draws one
+    packed row. Returns the output dir."""
     print(f"seed={SEED} arch={arch}")
     gen = torch.Generator().manual_seed(SEED)
     model_dir = save_tiny_model(tmp / arch, arch, seed=SEED % 10_000, **MODELS[arch])
-    data = [[_row(gen, MODELS[arch]["vocab_size"]) for _ in range(ROWS)] for _ in range(STEPS)]
+    data = [[row(gen, MODELS[arch]["vocab_size"]) for _ in range(ROWS)] for _ in range(STEPS)]
     torch.save(data, tmp / "data.pt")
     out = tmp / "out"
     runs = [(n, p, CLIP) for n, p in layouts.items()] + [(n, p, 0.0) for n, p in (unclipped or {}).items()]

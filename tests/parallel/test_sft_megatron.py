@@ -1,4 +1,4 @@
-"""The SFT stage on parallel.backend=megatron (TP=2, gloo, CPU shims) gives the same per-step losses and final
+"""The SFT stage on parallel.backend=megatron (TP=2 or CP=2, gloo, CPU shims) gives the same per-step losses and final
 weights as the HF backend on the same packed data, and a run resumed from a checkpoint ends bit-identical to an
 uninterrupted one."""
 
@@ -45,7 +45,8 @@ def _torchrun(args: list[str], nproc: int = 2):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_megatron_sft_matches_hf_backend(tmp_path):
+@pytest.mark.parametrize("layout", ["parallel.tensor_parallel=2", "parallel.context_parallel=2"], ids=["tp2", "cp2"])
+def test_megatron_sft_matches_hf_backend(tmp_path, layout):
     from nova_rt.models.tiny import save_tiny_model
 
     model_dir = save_tiny_model(tmp_path / "tiny", "llama", seed=int.from_bytes(os.urandom(2), "little"),
@@ -53,8 +54,7 @@ def test_megatron_sft_matches_hf_backend(tmp_path):
     hf_dir, mg_dir = tmp_path / "hf", tmp_path / "mg"
     subprocess.run([sys.executable, "-m", "nova_rt.train", *_common(hf_dir, model_dir)], check=True, cwd=ROOT,
                    env=_env(), capture_output=True, timeout=600)
-    _torchrun([*_common(mg_dir, model_dir), "--set", "parallel.backend=megatron", "--set",
-               "parallel.tensor_parallel=2"])
+    _torchrun([*_common(mg_dir, model_dir), "--set", "parallel.backend=megatron", "--set", layout])
     lh, lm = _losses(hf_dir), _losses(mg_dir)
     assert len(lh) == len(lm) == 2
     for a, b in zip(lh, lm):
