@@ -78,7 +78,8 @@ def test_vocab_parallel_topk_and_logprobs_match_float64_reference(tmp_path):
         bounds = case["bounds"]
         for rank in range(2):
             want = ref["dlogits"][:, bounds[rank]:bounds[rank + 1]]
-            assert_close_verbose(got[rank][i]["dlogits"], want, rtol=0, atol=tol / 10,
+            # dlogits of a row sum up to 9 upstream terms (|value| up to ~5): fp32 rounding scales with it
+            assert_close_verbose(got[rank][i]["dlogits"], want, rtol=tol / 10, atol=tol / 10,
                                  name=f"{name} d logits on rank {rank}")
 
 
