@@ -19,8 +19,10 @@ B = sum exp(z - m) (z - m), so H = log s - B / s sums same-sign terms only.
 Saved for backward: hidden, weight, labels, topk_ids, lse_T, and the entropy H_T when it was requested (fp32, or
 fp64 for fp64 inputs). The backward recomputes each logits chunk (one extra GEMM: 4 GEMM-equivalents instead of
 eager's 3) and writes d weight for the chunk's rows directly (one GEMM with the full-T reduction, no accumulation
-error), while d hidden accumulates over chunks in fp32. Extra memory: one T x Vc chunk (~16 MB on CPU, ~128 MB on
-GPU) and a T x D fp32 buffer, instead of 2 x T x V.
+error), while d hidden accumulates over chunks: in place in the returned fp32 gradient, or for 16-bit inputs as fp32
+rounded to 24 bits, whose top half is the returned gradient's storage and low byte a T x D uint8 buffer.
+Extra memory (beyond inputs, saved tensors and gradients) is sized in bytes, _EXTRA_BUDGET = 88 MiB: at T=16k,
+D=4096, V=152k it is 1.86% of the bf16 eager logits instead of 10.8% (numbers in `fused_linear_logprobs_bwd`).
 
 Backends ("auto" picks Triton for CUDA tensors, PyTorch otherwise):
 - torch: the loop above in PyTorch ops; GEMMs run in the input dtype (bf16 uses AMX on CPU) with fp32 accumulation,
@@ -28,7 +30,8 @@ Backends ("auto" picks Triton for CUDA tensors, PyTorch otherwise):
 - triton: the forward is one fused kernel: per (token block, vocab split) program it does the tl.dot of hidden and
   weight tiles, keeps the running (m, s, B) above and picks out the label logit; vocab splits are merged in PyTorch.
   Top-k logits come from a gather-dot kernel (K rows of W per token). The backward is the chunk loop with cuBLAS GEMMs
-  and a Triton kernel for the dz math of each chunk (the top-k one-hot terms are a torch scatter_add on the chunk).
+  for the logits and d weight, a Triton kernel for the dz math of each chunk (in place; the top-k one-hot terms are
+  a torch scatter_add on fp32 row blocks), and a Triton GEMM for d hidden that keeps the 24-bit running sum.
 `reference_topk` is PyTorch on both backends (chunked GEMM + streaming torch.topk merge, equal logits ranked by
 lowest id); it runs under no_grad.
 """
@@ -140,49 +143,140 @@ def _fused_linear_logprobs_bwd_kernel(Z, DZ, LSE, C1, GE, GL, LABELS, T, VC, v0,
     tl.store(DZ + offs, dz.to(DZ.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _fused_linear_logprobs_dh_kernel(DZ, W, HI, LO, DH, T, VC, D, stride_wv, stride_wd, FIRST: tl.constexpr,
+                                     LAST: tl.constexpr, CAST_F32: tl.constexpr, BLOCK_T: tl.constexpr,
+                                     BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr):
+    """d hidden tile += dz (T, Vc) @ w_c (Vc, D), summed in fp32 registers; between chunks the running sum is kept as
+    fp32 rounded to 24 bits: the top 16 in HI (the returned d hidden's storage as int16), the next 8 in LO (uint8).
+    FIRST: no running sum yet; LAST: write the rounded result in d hidden's dtype."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    dd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    rmask, dmask = rows < T, dd < D
+    acc = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
+    for v0 in range(0, VC, BLOCK_V):
+        vv = v0 + tl.arange(0, BLOCK_V)
+        vmask = vv < VC
+        a = tl.load(DZ + rows[:, None] * VC + vv[None, :], mask=rmask[:, None] & vmask[None, :], other=0.0)
+        b = tl.load(W + vv[:, None] * stride_wv + dd[None, :] * stride_wd, mask=vmask[:, None] & dmask[None, :],
+                    other=0.0)
+        if CAST_F32:  # under the interpreter (its 16-bit dot is wrong or low-precision)
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+    offs = rows[:, None] * D + dd[None, :]
+    mask = rmask[:, None] & dmask[None, :]
+    if not FIRST:
+        hi = tl.load(HI + offs, mask=mask, other=0).to(tl.int32)  # sign-extends: the shift below restores the bits
+        lo = tl.load(LO + offs, mask=mask, other=0).to(tl.int32)
+        acc += ((hi << 16) | (lo << 8)).to(tl.float32, bitcast=True)
+    if LAST:
+        tl.store(DH + offs, acc.to(DH.dtype.element_ty), mask=mask)
+    else:  # round to nearest at bit 8 (ties away from zero; a carry into the exponent is the correct rounding)
+        bits = acc.to(tl.int32, bitcast=True) + 0x80
+        tl.store(HI + offs, (bits >> 16).to(tl.int16), mask=mask)
+        tl.store(LO + offs, ((bits >> 8) & 0xFF).to(tl.uint8), mask=mask)
+
+
 # ----------------------------------------------------------------------------------------------- launchers
-def _chunk_cols(T: int, V: int, device: torch.device) -> int:
-    """Vocab columns per chunk so one T x Vc fp32 chunk is ~16 MB on CPU, ~128 MB on GPU.
+# "Extra" memory: what the op allocates beyond its inputs, the O(T) tensors saved for backward and the gradients it
+# returns. Chunks are sized in bytes from one budget; fused_linear_logprobs_bwd has the numbers at the target size.
+_EXTRA_BUDGET = 88 * 2**20  # d hidden low bits (16-bit inputs, T x D bytes) + chunk workspace
+_WORKSPACE_CAP = {"cuda": 64 * 2**20, "cpu": 16 * 2**20}  # chunk workspace at most this (CPU: see _chunk_cols)
+_WORKSPACE_FLOOR = 8 * 2**20
+_TOPK_ROW_BYTES = 32  # per top-k id in a row block: in-chunk mask, int64 column, gathered/scattered values
+_DH_ROW_BYTES = 8  # per d hidden element in a torch-path row block: the chunk's fp32 contribution + an int32 word
+
+
+def _device_kind(device: torch.device) -> str:
+    """'cuda' or 'cpu': which budget and code path apply. The meta-tensor memory measurement patches this."""
+    return "cuda" if device.type == "cuda" else "cpu"
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def _workspace_bytes(device: torch.device, reserved: int = 0) -> int:
+    """Bytes for chunk temporaries: the extra budget minus `reserved` (the d hidden low bits), capped, floored."""
+    return max(_WORKSPACE_FLOOR, min(_WORKSPACE_CAP[_device_kind(device)], _EXTRA_BUDGET - reserved))
+
+
+def _chunk_cols(T: int, V: int, workspace: int, bytes_per_elem: int) -> int:
+    """Vocab columns per chunk so that T x Vc elements of `bytes_per_elem` bytes fit `workspace` (at least 64).
 
     On CPU smaller chunks fit cache better (softmax passes over V at T=1024, 1 thread: 0.08 s with 8 MB chunks,
     0.16 s with 32 MB) but cost more OpenMP regions, and on a 2-core machine shared with other jobs each region can
     wait a time slice (T=1024, V=49152, fp32, 2 threads at load ~20: fwd+bwd 5.2 s CPU time with 8 MB chunks,
-    3.5 s with 32 MB, eager 2.5 s). The GEMMs are indifferent (0.71 vs 0.77 s per pass). Single-threaded, fwd+bwd
-    costs 1.0x eager CPU time in bf16 and ~1.1x in fp32 (the extra GEMM); with 2 threads on the loaded machine it
-    measured 1.4x (fp32) to 1.9x (bf16) of eager wall time.
+    3.5 s with 32 MB, eager 2.5 s). The GEMMs are indifferent (0.71 vs 0.77 s per pass). With byte budgets, a 16 MiB
+    CPU cap (fp32 temporaries <= 16 MB): at T=1024, D=576, V=49152, bf16, 1 thread, a 32 MiB cap (5461 columns, 22 MB
+    fp32 temporaries) took fwd 0.38 s + bwd 0.71 s CPU time against 0.21 + 0.54 s with 16 MiB (2730 columns).
     """
-    budget = 2**25 if device.type == "cuda" else 2**22
-    return int(min(V, max(64, budget // max(T, 1))))
+    return int(min(V, max(64, workspace // max(1, T * bytes_per_elem))))
+
+
+def _rows_per_block(T: int, budget: int, bytes_per_row: int) -> int:
+    """Token rows per block of row-blocked temporaries: as many as `budget` holds, at least 1, at most T."""
+    return max(1, T if bytes_per_row == 0 else min(T, budget // bytes_per_row))
+
+
+def _plan(T: int, V: int, ws: int, esz: int, tmp: int, per_row: int = 0) -> tuple[int, int, int]:
+    """(Vc, rows, left): vocab columns of the (T, Vc) chunk of esz-byte elements, token rows per block of the
+    temporaries (tmp bytes per chunk element plus per_row bytes per row), and the workspace left beside the chunk.
+    Temporaries for all T rows when they fit beside a chunk of >= 512 columns (or all of V); otherwise the chunk takes
+    half the workspace and the temporaries are made for row blocks of the other half."""
+    vc = _chunk_cols(T, V, ws - T * per_row, esz + tmp)
+    if (tmp or per_row) and (T * per_row >= ws or vc < min(V, 512)):
+        vc = _chunk_cols(T, V, ws // 2, esz)
+    left = ws - T * vc * esz
+    return vc, _rows_per_block(T, left, vc * tmp + per_row), left
+
+
+def _row_blocks(T: int, rows: int):
+    return (slice(r0, min(T, r0 + rows)) for r0 in range(0, T, rows))
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _online_update(state, z_TVc, inv_tau: float, cdt: torch.dtype, want_entropy: bool):
-    """Fold one chunk into the running (m, s, B) per token, the same recurrence as the Triton kernel.
+def _tmp_bytes(dtype: torch.dtype, want_entropy: bool) -> int:
+    """Bytes per chunk element of the torch path's temporaries: shifted logits (none when the chunk is already in the
+    compute dtype: shifted in place) and, with entropy, a second compute-dtype tensor."""
+    csz = _compute_dtype(dtype).itemsize
+    return (0 if dtype.itemsize == csz else csz) + (csz if want_entropy else 0)
 
-    m: running max, s = sum exp(z - m), B = sum exp(z - m) (z - m) <= 0. Sums of same-sign terms keep fp32 accurate:
-    lse = m + log s and H = log s - B / s are formed once at the end (merging per-chunk lse/H instead loses ~1 ulp of
-    lse per chunk into H). z_TVc is the raw GEMM output (input dtype): the 1/tau scale, the shift and the upcast are
-    one op, because on a shared CPU every extra pass over the chunk is another OpenMP region to wait on.
+
+def _online_update(m, s, b, z, inv_tau: float, first: bool) -> None:
+    """Fold chunk rows z (rows, Vc) into the running (m, s, B) of those rows, in place; the Triton kernel's recurrence.
+
+    m: running max, s = sum exp(z - m), B = sum exp(z - m) (z - m) <= 0 (b is None without entropy). Sums of same-sign
+    terms keep fp32 accurate: lse = m + log s and H = log s - B / s are formed once at the end (merging per-chunk
+    lse/H instead loses ~1 ulp of lse per chunk into H). z is the raw GEMM output (input dtype): the 1/tau scale, the
+    shift and the upcast are one op (on a shared CPU every extra pass is another OpenMP region to wait on), written
+    over z when z is already in the compute dtype.
     """
-    m, s, b = state
-    m_c = z_TVc.amax(dim=1).to(cdt) * inv_tau
-    m_new = m_c if m is None else torch.maximum(m, m_c)
-    d = torch.add(-m_new[:, None], z_TVc, alpha=inv_tau)  # z / tau - m_new, promoted to cdt
-    if want_entropy:
+    cdt = m.dtype
+    m_c = z.amax(dim=1).to(cdt) * inv_tau
+    m_new = m_c if first else torch.maximum(m, m_c)
+    d = torch.add(-m_new[:, None], z, alpha=inv_tau, out=z if z.dtype == cdt else None)  # z / tau - m_new
+    if b is not None:
         e = torch.exp(d)
-        b_c = torch.linalg.vecdot(e, d)
+        s_c = e.sum(dim=1)
+        b_c = d.mul_(e).sum(dim=1)  # in place: vecdot(e, d) would make one more (rows, Vc) temporary
     else:
-        e = d.exp_()
-    s_c = e.sum(dim=1)
-    if m is None:
-        return m_new, s_c, (b_c if want_entropy else None)
+        s_c = d.exp_().sum(dim=1)
+    if first:
+        m.copy_(m_new)
+        s.copy_(s_c)
+        if b is not None:
+            b.copy_(b_c)
+        return
     scale = torch.exp(m - m_new)
-    if want_entropy:
-        b = scale * (b + (m - m_new) * s) + b_c
-    return m_new, s * scale + s_c, b
+    if b is not None:
+        b.copy_(scale * (b + (m - m_new) * s) + b_c)
+    s.mul_(scale).add_(s_c)
+    m.copy_(m_new)
 
 
 def _gather_chunk(z_TVc, idx, v0, v1):
@@ -193,21 +287,30 @@ def _gather_chunk(z_TVc, idx, v0, v1):
 
 
 def torch_fwd(hidden_TD, weight_VD, labels_T, topk_ids_TK, inv_tau: float, want_entropy: bool):
-    """Chunked PyTorch forward -> (logprobs_T, entropy_T or None, topk_logits_TK or None, lse_T); all in cdt."""
+    """Chunked PyTorch forward -> (logprobs_T, entropy_T or None, topk_logits_TK or None, lse_T); all in cdt.
+
+    One (T, Vc) buffer takes every chunk's GEMM; the compute-dtype temporaries are made for row blocks of it, so
+    both fit the workspace (at T=16k, bf16 with entropy on CUDA: Vc=1024 and blocks of 4096 rows, 64 MiB in all).
+    """
     T, V = hidden_TD.shape[0], weight_VD.shape[0]
-    cdt = _compute_dtype(hidden_TD.dtype)
-    state = (None, None, None)
-    zl = torch.zeros((T, 1), dtype=cdt, device=hidden_TD.device)
-    zk = None if topk_ids_TK is None else torch.zeros(topk_ids_TK.shape, dtype=cdt, device=hidden_TD.device)
-    vc = _chunk_cols(T, V, hidden_TD.device)
+    dev, cdt = hidden_TD.device, _compute_dtype(hidden_TD.dtype)
+    K = 0 if topk_ids_TK is None else topk_ids_TK.shape[1]
+    esz, tmp = hidden_TD.dtype.itemsize, _tmp_bytes(hidden_TD.dtype, want_entropy)
+    ws = _workspace_bytes(dev)
+    vc, rows, _ = _plan(T, V, ws, esz, tmp, K * _TOPK_ROW_BYTES)
+    m, s = torch.empty(T, dtype=cdt, device=dev), torch.empty(T, dtype=cdt, device=dev)
+    b = torch.empty(T, dtype=cdt, device=dev) if want_entropy else None
+    zl = torch.zeros((T, 1), dtype=cdt, device=dev)
+    zk = None if topk_ids_TK is None else torch.zeros(topk_ids_TK.shape, dtype=cdt, device=dev)
+    zbuf = hidden_TD.new_empty(T * vc)
     for v0 in range(0, V, vc):
         v1 = min(V, v0 + vc)
-        z = hidden_TD @ weight_VD[v0:v1].T
-        state = _online_update(state, z, inv_tau, cdt, want_entropy)
-        zl += _gather_chunk(z, labels_T[:, None], v0, v1).to(cdt) * inv_tau
-        if zk is not None:
-            zk += _gather_chunk(z, topk_ids_TK, v0, v1).to(cdt) * inv_tau
-    m, s, b = state
+        z = torch.mm(hidden_TD, weight_VD[v0:v1].T, out=zbuf[: T * (v1 - v0)].view(T, v1 - v0))
+        for r in _row_blocks(T, rows):
+            zl[r] += _gather_chunk(z[r], labels_T[r, None], v0, v1).to(cdt) * inv_tau
+            if zk is not None:
+                zk[r] += _gather_chunk(z[r], topk_ids_TK[r], v0, v1).to(cdt) * inv_tau
+            _online_update(m[r], s[r], None if b is None else b[r], z[r], inv_tau, first=v0 == 0)
     lse = m + torch.log(s)
     ent = torch.log(s) - b / s if want_entropy else None
     logp = torch.where(labels_T != IGNORE_INDEX, zl[:, 0] - lse, 0.0)
@@ -215,7 +318,8 @@ def torch_fwd(hidden_TD, weight_VD, labels_T, topk_ids_TK, inv_tau: float, want_
 
 
 def triton_fwd(hidden_TD, weight_VD, labels_T, topk_ids_TK, inv_tau: float, want_entropy: bool, v_splits=None):
-    """Fused Triton forward; same return convention as `torch_fwd` (fp32). v_splits: vocab splits per token block."""
+    """Fused Triton forward; same return convention as `torch_fwd` (fp32). v_splits: vocab splits per token block.
+    Allocates O(T) partials (4 x splits x T fp32) and the (T, K) top-k logits only."""
     T, D = hidden_TD.shape
     V = weight_VD.shape[0]
     h, w, labels_T = hidden_TD.contiguous(), weight_VD.contiguous(), labels_T.contiguous()
@@ -224,8 +328,7 @@ def triton_fwd(hidden_TD, weight_VD, labels_T, topk_ids_TK, inv_tau: float, want
     block_t, block_v, block_d = (16, 32, 32) if _INTERPRET else (128, 128, 64)
     n_tblk = triton.cdiv(T, block_t)
     if v_splits is None:
-        sms = torch.cuda.get_device_properties(h.device).multi_processor_count if h.is_cuda else 1
-        v_splits = max(1, min(triton.cdiv(2 * sms, n_tblk), triton.cdiv(V, 4 * block_v)))
+        v_splits = max(1, min(triton.cdiv(2 * _sm_count(h.device), n_tblk), triton.cdiv(V, 4 * block_v)))
     cols = triton.cdiv(triton.cdiv(V, v_splits), block_v) * block_v
     v_splits = triton.cdiv(V, cols)
     part = torch.empty((4, v_splits, T), dtype=torch.float32, device=h.device)
@@ -257,62 +360,161 @@ def triton_fwd(hidden_TD, weight_VD, labels_T, topk_ids_TK, inv_tau: float, want
     return logp, ent, zk, lse
 
 
-def _dz_chunk(z, v0, v1, lse, c1, ge, gl, labels_T, topk_ids_TK, gk, inv_tau, use_triton, out_dtype):
-    """dz (already divided by tau) for the logits chunk z = hidden @ weight[v0:v1].T (unscaled, input dtype)."""
-    if use_triton:
-        dz = torch.empty(z.shape, dtype=out_dtype if topk_ids_TK is None else torch.float32, device=z.device)
-        bt, bv = (32, 64) if _INTERPRET else (32, 256)
-        _fused_linear_logprobs_bwd_kernel[(triton.cdiv(z.shape[0], bt), triton.cdiv(z.shape[1], bv))](
-            z, dz, lse, c1, ge if ge is not None else c1, gl, labels_T, z.shape[0], z.shape[1], v0, inv_tau,
-            HAS_ENT=ge is not None, BLOCK_T=bt, BLOCK_V=bv)
-    else:
-        logp = torch.add(-lse[:, None], z, alpha=inv_tau)  # scale, shift and upcast in one pass
-        coef = None if ge is None else logp.mul(-ge[:, None]).add_(c1[:, None])
-        dz = logp.exp_()
-        dz.mul_(c1[:, None] if coef is None else coef)
-        _scatter_chunk(dz, labels_T[:, None], gl[:, None], v0, v1)
-    if topk_ids_TK is not None:
-        _scatter_chunk(dz, topk_ids_TK, gk, v0, v1)
-    return dz.to(out_dtype)
+def _dz_torch(z, lse, c1, ge, gl, labels, v0, v1, inv_tau):
+    """dz / tau in the compute dtype for rows z (rows, Vc) of one raw logits chunk; written over z if z is in it."""
+    logp = torch.add(-lse[:, None], z, alpha=inv_tau, out=z if z.dtype == lse.dtype else None)
+    coef = c1[:, None] if ge is None else torch.addcmul(c1[:, None], logp, ge[:, None], value=-1.0)
+    dz = logp.exp_().mul_(coef)
+    _scatter_chunk(dz, labels[:, None], gl[:, None], v0, v1)
+    return dz
+
+
+def _dz_triton(z, dz, lse, c1, ge, gl, labels, v0, inv_tau):
+    bt, bv = (32, 64) if _INTERPRET else (32, 256)
+    _fused_linear_logprobs_bwd_kernel[(triton.cdiv(z.shape[0], bt), triton.cdiv(z.shape[1], bv))](
+        z, dz, lse, c1, ge if ge is not None else c1, gl, labels, z.shape[0], z.shape[1], v0, inv_tau,
+        HAS_ENT=ge is not None, BLOCK_T=bt, BLOCK_V=bv)
+
+
+def _dz_chunk(z, v0, v1, rows, rowvecs, topk_ids_TK, g_topk, inv_tau, use_triton):
+    """Overwrite the raw logits chunk z (T, Vc) with dz / tau in z's dtype, computed in fp32 row block by row block.
+
+    rowvecs: (lse, c1, ge or None, gl, labels), per-token vectors. The Triton kernel reads z and writes dz in place
+    when no top-k one-hots must be added first; otherwise a row block of fp32 dz takes them before the rounding.
+    """
+    if use_triton and topk_ids_TK is None:
+        _dz_triton(z, z, *rowvecs, v0, inv_tau)
+        return
+    for r in _row_blocks(z.shape[0], rows):
+        lse, c1, ge, gl, labels = (None if x is None else x[r] for x in rowvecs)
+        if use_triton:
+            dz = z[r] if z.dtype == torch.float32 else torch.empty(z[r].shape, dtype=torch.float32, device=z.device)
+            _dz_triton(z[r], dz, lse, c1, ge, gl, labels, v0, inv_tau)
+        else:
+            dz = _dz_torch(z[r], lse, c1, ge, gl, labels, v0, v1, inv_tau)
+        if topk_ids_TK is not None:
+            _scatter_chunk(dz, topk_ids_TK[r], g_topk[r].to(dz.dtype) * inv_tau, v0, v1)
+        if dz.dtype != z.dtype:
+            z[r].copy_(dz)
+        del dz  # before the next block allocates its own
 
 
 def _scatter_chunk(dz, idx, src, v0, v1):
     inside = (idx >= v0) & (idx < v1)
-    dz.scatter_add_(1, (idx - v0).clamp(0, v1 - v0 - 1), torch.where(inside, src, 0.0).to(dz.dtype))
+    dz.scatter_add_(1, (idx - v0).clamp_(0, v1 - v0 - 1), torch.where(inside, src, 0.0).to(dz.dtype))
+
+
+def _split24(acc, hi, lo) -> None:
+    """Store fp32 `acc` rounded to nearest at bit 8: bits 31..16 into hi (int16), 15..8 into lo (uint8); clobbers
+    acc. Ties round away from zero; a carry into the exponent is the correct rounding. No temporaries: the casts to
+    uint8 and int16 keep the low byte and the (in-range) shifted value."""
+    bits = acc.view(torch.int32).add_(0x80).bitwise_right_shift_(8)
+    lo.copy_(bits)
+    hi.copy_(bits.bitwise_right_shift_(8))
+
+
+def _join24(hi, lo):
+    """The fp32 value stored by `_split24` (low 8 bits zero): one int32 temporary."""
+    bits = hi.to(torch.int32).bitwise_left_shift_(16)
+    return bits.add_(lo, alpha=256).view(torch.float32)  # the low 16 bits of bits are zero: + is |
+
+
+def _dh_update(dh, lo, dz, w_c, first: bool, last: bool, rows: int, use_triton: bool) -> None:
+    """d hidden += dz @ w_c for one chunk: in place in the returned fp32/fp64 d hidden, else through the 24-bit
+    split (top 16 bits in d hidden itself, low 8 in lo) that the last chunk rounds to d hidden's dtype."""
+    if lo is None:
+        if first:
+            torch.mm(dz, w_c, out=dh)
+        else:
+            dh.addmm_(dz, w_c)
+        return
+    T, D = dh.shape
+    if use_triton:
+        bt, bd, bv = (16, 32, 32) if _INTERPRET else (128, 128, 64)
+        _fused_linear_logprobs_dh_kernel[(triton.cdiv(T, bt), triton.cdiv(D, bd))](
+            dz, w_c, dh.view(torch.int16), lo, dh, T, dz.shape[1], D, w_c.stride(0), w_c.stride(1), FIRST=first,
+            LAST=last, CAST_F32=_INTERPRET, BLOCK_T=bt, BLOCK_D=bd, BLOCK_V=bv, num_warps=8, num_stages=3)
+        return
+    hi = dh.view(torch.int16)
+    f32_out = _device_kind(dz.device) == "cuda"  # cuBLAS hands out the fp32 sums; CPU 16-bit GEMMs round them
+    for r in _row_blocks(T, rows):
+        part = torch.mm(dz[r], w_c, out_dtype=torch.float32) if f32_out else torch.mm(dz[r], w_c)
+        acc = part.float() if first else _join24(hi[r], lo[r]).add_(part)
+        if last:
+            dh[r].copy_(acc)
+        else:
+            _split24(acc, hi[r], lo[r])
+        del part, acc  # before the next block allocates its own
 
 
 def fused_linear_logprobs_bwd(hidden_TD, weight_VD, labels_T, topk_ids_TK, lse_T, ent_T, g_logp, g_ent, g_topk,
                               inv_tau: float, need_h: bool, need_w: bool, use_triton: bool):
-    """(d hidden or None, d weight or None): vocab-chunked recompute; d weight rows written chunk by chunk."""
-    T, V = hidden_TD.shape[0], weight_VD.shape[0]
-    cdt = lse_T.dtype
+    """(d hidden or None, d weight or None) by vocab chunks, within _EXTRA_BUDGET bytes beyond inputs and outputs.
+
+    Per chunk of Vc vocab rows, all T tokens: z = hidden @ w_c.T (GEMM, into one reused (T, Vc) buffer); dz written
+    over z (Triton kernel in place, or torch in row blocks of fp32 temporaries); d weight rows = dz.T @ hidden (GEMM
+    with the full-T reduction, written once into the returned gradient); d hidden += dz @ w_c (GEMM). GEMMs per
+    fwd+bwd: 1 forward + 3 backward (logits recompute, d weight, d hidden), 8 T D V FLOPs, as before this design.
+
+    The accumulator. d hidden sums over V and d weight over T; one of the sums is split over chunks and its partial
+    sums live between chunks. Splitting T (token-outer loop) would keep fp32 partials of all V x D weight rows
+    (2.5 GB at the target). Splitting V (vocab-outer, here) keeps T x D partials of d hidden until the last chunk, in
+    any order of the chunks; fp32 partials cost 4 bytes per element of which the returned 16-bit d hidden can hold
+    2, so the other 2 x T x D bytes (134 MB at the target, 2.7% of the bf16 logits) would exceed the budget by
+    themselves. With 16-bit inputs the partials are therefore fp32 rounded to 24 bits (16 mantissa bits): the top
+    16 bits in the returned d hidden's own storage, the low 8 in a T x D uint8 buffer (67 MB, 1.35%). Each chunk's
+    dz @ w_c is summed in fp32 (Triton: registers, the running sum decoded and re-encoded in the GEMM epilogue;
+    torch on CUDA: cuBLAS fp32 output; torch on CPU: rounded to the input dtype, as eager's one GEMM is), added in
+    fp32 and rounded at bit 8; the last chunk rounds to the input dtype. Per chunk the partial sum gains <= 2^-16
+    relative error (half an ulp at 16 significant bits; a bf16 accumulator: 2^-8): after 200 chunks a random walk of
+    ~ sqrt(200) 2^-16 / sqrt(3) = 1.2e-4 of the partial sums, 1/18 of the bf16 rounding (2^-8 / sqrt(3)) that
+    eager's result also takes. fp32/fp64 inputs accumulate in place in the returned d hidden.
+
+    Peak bytes beyond inputs, outputs and gradients over forward + backward at the target (T=16384, D=4096,
+    V=152064; bf16 logits 4.98 GB, 2% = 95.0 MiB), measured on meta tensors by `bench_fused_linear_logprobs.py --meta`:
+        Triton bf16: 64 MiB low bits + 24 MiB chunk (Vc=768) + O(T) = 88.2 MiB = 1.86% of bf16 logits (0.93% fp32)
+        Triton fp32: 64 MiB chunk (Vc=1024) + O(T) = 64.2 MiB = 1.35% (0.68%)
+        torch bf16: 88.2 MiB = 1.86% with the CUDA budget, 80.2 MiB = 1.69% with the CPU one (16 MiB workspace)
+        torch fp32: 64.7 MiB = 1.36% (CUDA), 16.7 MiB = 0.35% (CPU); with 500 top-k ids: at most 88.3 MiB anywhere
+    Before: 512 MiB (10.8%) Triton bf16, 384 MiB fp32: an fp32 T x D accumulator (256 MiB), z and dz chunks of 2^25
+    elements (64 + 64 MiB bf16) and the bf16 `dz @ w_c` (128 MiB); 576-704 MiB on the torch path (400 on CPU).
+    Cost: the d hidden pass reads and writes 3 bytes of state per T x D element per chunk; 198 chunks at the target
+    move 80 GB (~24 ms at 3.35 TB/s, against ~90 ms of backward GEMMs on an H100; the old fp32 buffer moved 60 GB
+    over 74 chunks). h is read by two GEMMs per chunk (53 GB). Not measured on a GPU here.
+    """
+    T, D = hidden_TD.shape
+    V = weight_VD.shape[0]
+    cdt, dev = lse_T.dtype, hidden_TD.device
     labels_T = labels_T.contiguous()
-    valid = labels_T != IGNORE_INDEX
-    gl = torch.where(valid, g_logp.to(cdt), 0.0) * inv_tau
-    big_g = gl.clone()
-    gk = None
-    if topk_ids_TK is not None:
-        gk = g_topk.to(cdt) * inv_tau
-        big_g += gk.sum(1)
+    gl = torch.where(labels_T != IGNORE_INDEX, g_logp.to(cdt), 0.0) * inv_tau
+    big_g = gl if topk_ids_TK is None else gl + g_topk.sum(1, dtype=cdt) * inv_tau
     ge = None if g_ent is None else g_ent.to(cdt) * inv_tau
     c1 = -big_g if ge is None else -(ge * ent_T + big_g)
-    dh = torch.zeros(hidden_TD.shape, dtype=cdt, device=hidden_TD.device) if need_h else None
-    dw = torch.empty_like(weight_VD) if need_w else None
-    vc = _chunk_cols(T, V, hidden_TD.device)
+    split = need_h and hidden_TD.dtype.itemsize == 2
+    dh = torch.empty(hidden_TD.shape, dtype=hidden_TD.dtype, device=dev) if need_h else None
+    lo = torch.empty(hidden_TD.shape, dtype=torch.uint8, device=dev) if split else None
+    dw = torch.empty(weight_VD.shape, dtype=weight_VD.dtype, device=dev) if need_w else None
+    if T == 0:
+        return dh, (None if dw is None else dw.zero_())
+    esz, K = hidden_TD.dtype.itemsize, 0 if topk_ids_TK is None else topk_ids_TK.shape[1]
+    if use_triton:  # fp32 row blocks only to add top-k one-hots to a 16-bit chunk
+        tmp = 0 if topk_ids_TK is None or esz == 4 else 4
+    else:
+        tmp = _tmp_bytes(hidden_TD.dtype, ge is not None)
+    ws = _workspace_bytes(dev, reserved=0 if lo is None else lo.numel())
+    vc, rows_dz, left = _plan(T, V, ws, esz, tmp, K * _TOPK_ROW_BYTES)
+    rows_dh = _rows_per_block(T, left, D * _DH_ROW_BYTES)
+    zbuf = hidden_TD.new_empty(T * vc)
     for v0 in range(0, V, vc):
         v1 = min(V, v0 + vc)
         w_c = weight_VD[v0:v1]
-        z = hidden_TD @ w_c.T
-        dz = _dz_chunk(z, v0, v1, lse_T, c1, ge, gl, labels_T, topk_ids_TK, gk, inv_tau, use_triton,
-                       hidden_TD.dtype)
+        z = torch.mm(hidden_TD, w_c.T, out=zbuf[: T * (v1 - v0)].view(T, v1 - v0))
+        _dz_chunk(z, v0, v1, rows_dz, (lse_T, c1, ge, gl, labels_T), topk_ids_TK, g_topk, inv_tau, use_triton)
         if need_w:
-            torch.mm(dz.T, hidden_TD, out=dw[v0:v1])
+            torch.mm(z.T, hidden_TD, out=dw[v0:v1])
         if need_h:
-            if dh.dtype == dz.dtype:
-                dh.addmm_(dz, w_c)
-            else:
-                dh += dz @ w_c
-    return (None if dh is None else dh.to(hidden_TD.dtype)), dw
+            _dh_update(dh, lo, z, w_c, v0 == 0, v1 == V, rows_dh, use_triton)
+    return dh, dw
 
 
 # ----------------------------------------------------------------------------------------------- binding
@@ -321,11 +523,16 @@ def _fll_op(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, to
             inv_tau: float, want_entropy: bool, use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                            torch.Tensor, torch.Tensor]:
     _check_values(labels, topk_ids, weight.shape[0])
+    return _forward(hidden, weight, labels, topk_ids, inv_tau, want_entropy, use_triton)
+
+
+def _forward(hidden, weight, labels, topk_ids, inv_tau: float, want_entropy: bool, use_triton: bool):
+    """The op's forward less the id checks: (logprobs, entropy, topk logprobs, lse, entropy saved for backward)."""
     fwd = triton_fwd if use_triton else torch_fwd
     logp, ent, zk, lse = fwd(hidden, weight, labels, topk_ids, inv_tau, want_entropy)
     T = hidden.shape[0]
     ent = ent if want_entropy else lse.new_empty((0,))
-    topk = (zk - lse[:, None]).float() if zk is not None else hidden.new_empty((T, 0), dtype=torch.float32)
+    topk = zk.sub_(lse[:, None]).float() if zk is not None else hidden.new_empty((T, 0), dtype=torch.float32)
     return logp.float(), ent.to(torch.float32, copy=True), topk, lse, ent  # the last two: saved for backward
 
 
@@ -488,7 +695,7 @@ def reference_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int, *, temper
     lse = torch.full((T,), float("-inf"), dtype=cdt, device=hidden.device)
     vals = torch.empty((T, 0), dtype=cdt, device=hidden.device)
     ids = torch.empty((T, 0), dtype=torch.int64, device=hidden.device)
-    vc = max(_chunk_cols(T, V, hidden.device), 4 * k)
+    vc = max(_chunk_cols(T, V, _workspace_bytes(hidden.device), 32), 4 * k)  # ~32 B per candidate
     for v0 in range(0, V, vc):
         v1 = min(V, v0 + vc)
         z = (hidden @ weight[v0:v1].T).to(cdt).mul_(inv_tau)

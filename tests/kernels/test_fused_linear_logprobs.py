@@ -98,11 +98,15 @@ def _torch_path(h, w, y, tau, ids, names):
     return {k: out[k] for k in names}
 
 
-@pytest.fixture(params=[None, 97], ids=["one-chunk", "chunk97"])
+@pytest.fixture(params=[None, 97, (97, 5)], ids=["one-chunk", "chunk97", "chunk97-rows5"])
 def chunk_cols(request, monkeypatch):
-    """Force a small non-power-of-two vocab chunk so the online logsumexp merge and chunked backward run."""
-    if request.param is not None:
-        monkeypatch.setattr(fll_mod, "_chunk_cols", lambda T, V, device: request.param)
+    """Force a small non-power-of-two vocab chunk so the online logsumexp merge and chunked backward run, and
+    row blocks of 5 tokens for the temporaries (the budget picks them at large T)."""
+    cols, rows = request.param if isinstance(request.param, tuple) else (request.param, None)
+    if cols is not None:
+        monkeypatch.setattr(fll_mod, "_chunk_cols", lambda *args: cols)
+    if rows is not None:
+        monkeypatch.setattr(fll_mod, "_rows_per_block", lambda T, *args: min(max(T, 1), rows))
     return request.param
 
 
@@ -125,7 +129,7 @@ def test_oracle_matches_naive_loop():
 
 
 # ----------------------------------------------------------------------------------------------- torch path
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("T, D, V, K", [(1, 8, 5, 0), (37, 48, 1000, 7), (64, 32, 643, 3)])
 @pytest.mark.parametrize("entropy", [False, True])
 def test_torch_path_matches_oracle(chunk_cols, dtype, T, D, V, K, entropy):
@@ -208,7 +212,8 @@ def test_torch_compile_fullgraph():
 @pytest.mark.parametrize("T, D, V, K, entropy", [(37, 48, 1000, 5, True), (5, 16, 130, 0, False),
                                                  (20, 40, 333, 2, False)])
 def test_triton_matches_oracle(dtype, T, D, V, K, entropy, monkeypatch):
-    monkeypatch.setattr(fll_mod, "_chunk_cols", lambda T_, V_, device: 211)
+    monkeypatch.setattr(fll_mod, "_chunk_cols", lambda *args: 211)
+    monkeypatch.setattr(fll_mod, "_rows_per_block", lambda T_, *args: min(max(T_, 1), 7))  # top-k row blocks
     _case(T, D, V, K, dtype, 0.9, entropy, "triton", _torch_path)
 
 
@@ -224,13 +229,52 @@ def test_triton_forward_vocab_splits(splits):
     _check_all(seed, got, eager, ref, OUTPUTS)
 
 
+# ----------------------------------------------------------------------------------------------- d hidden accumulator
+def test_split24_round_trip():
+    """_split24/_join24 keep fp32 rounded to nearest at 16 significant bits (ties away from zero)."""
+    seed = _seed()
+    x = torch.randn(4096) * torch.exp2(torch.randint(-60, 60, (4096,)).float())
+    edge = [0.0, -0.0, 1.0, 1 + 2**-16, -(1 + 2**-16), 1 + 3 * 2**-17, 2 - 2**-23, -(2 - 2**-23), 3e38]
+    x = torch.cat([x, torch.tensor(edge)])
+    hi, lo = torch.empty(x.shape, dtype=torch.int16), torch.empty(x.shape, dtype=torch.uint8)
+    fll_mod._split24(x.clone(), hi, lo)
+    y = fll_mod._join24(hi, lo)
+    err = (y.double() - x.double()).abs()
+    assert (err <= x.double().abs() * 2.0**-16).all(), f"more than half an ulp at 16 bits (seed {seed})"
+    assert ((y.view(torch.int32) & 0xFF) == 0).all()
+    exact = (x.view(torch.int32) & 0xFF) == 0
+    assert torch.equal(y[exact], x[exact])
+    assert y[-6].item() == 1 + 2**-15 and y[-5].item() == -(1 + 2**-15)  # ties away from zero
+    assert y[-3].item() == 2.0 and y[-2].item() == -2.0  # the carry into the exponent
+
+
+@pytest.mark.parametrize("use_triton", [True, False])
+@pytest.mark.parametrize("first, last", [(True, False), (False, False), (False, True), (True, True)])
+def test_dh_update_16bit(use_triton, first, last):
+    """One chunk's d hidden update with the 24-bit running sum: the Triton kernel (interpreter; fp32 sums) and the
+    torch path (CPU GEMM rounds the chunk's sum to fp16) against fp32 math; weight given as a strided view."""
+    seed = _seed()
+    T, Vc, D = 37, 50, 70
+    dz, w = torch.randn(T, Vc).half(), torch.randn(D, Vc).half().T  # w: (Vc, D), strides (1, Vc)
+    dh, lo = torch.empty(T, D, dtype=torch.float16), torch.empty(T, D, dtype=torch.uint8)
+    fll_mod._split24(torch.randn(T, D) * 3, dh.view(torch.int16), lo)  # the running sum of earlier chunks
+    want = (0.0 if first else fll_mod._join24(dh.view(torch.int16), lo)) + dz.float() @ w.float()
+    fll_mod._dh_update(dh, lo, dz, w, first, last, rows=16, use_triton=use_triton)
+    got = dh.float() if last else fll_mod._join24(dh.view(torch.int16), lo)
+    chunk_err = 0.0 if use_triton else 2.0**-11 * (dz.float() @ w.float()).abs()  # torch: fp16 GEMM output
+    sum_order = 2.0**-20 * (dz.float().abs() @ w.float().abs())  # fp32 sums in another order (cancellation)
+    # one ulp (fp16 output, or 16 significant bits): half for the rounding, half for a near-tie the other way
+    tol = want.abs() * (2.0**-10 if last else 2.0**-15) + chunk_err + sum_order
+    assert ((got - want).abs() <= tol).all(), f"max err {(got - want).abs().max():.3e} (seed {seed})"
+
+
 # ----------------------------------------------------------------------------------------------- reference_topk
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("T, D, V, k, cols", [(9, 32, 600, 500, None), (13, 24, 1531, 500, 613), (4, 8, 50, 1, 7),
                                               (3, 8, 40, 40, None)])
 def test_reference_topk_matches_oracle(backend, T, D, V, k, cols, monkeypatch):
     if cols is not None:
-        monkeypatch.setattr(fll_mod, "_chunk_cols", lambda T_, V_, device: cols)
+        monkeypatch.setattr(fll_mod, "_chunk_cols", lambda *args: cols)
     seed = _seed()
     h, w, _, _ = _inputs(T, D, V, 0, torch.float32)
     ids, lp = reference_topk(h, w, k, temperature=0.9, backend=backend)
