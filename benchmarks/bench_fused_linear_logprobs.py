@@ -3,11 +3,14 @@
 Work: 6 T D V FLOPs (forward GEMM, d hidden GEMM, d weight GEMM); the fused backward also recomputes the logits
 GEMM, which the "effective" TFLOP/s deliberately does not count. Memory: peak bytes above the inputs during one
 fwd+bwd, with the gradients of hidden and weight (which every provider must produce) reported apart, and the
-ratio of the rest to the eager logits tensor (T x V in the input dtype).
+ratio of the rest to the eager logits tensor (T x V in the input dtype). Every row also carries the peak extra
+memory of one fwd+bwd at the issue-3 target size (T=16384, D=4096, V=152064, the run's dtype), measured on meta
+tensors (`meta_peak_extra`: nothing is allocated, so CPU runs report it too) against the bf16 eager logits (4.98 GB).
 Legend: T tokens, D model dim, V vocab.
 
     python benchmarks/bench_fused_linear_logprobs.py                 # CUDA: T=16384 D=4096 V=152064; CPU: SmolLM2
     python benchmarks/bench_fused_linear_logprobs.py --T 512 --dtype float32 --providers torch,eager
+    python benchmarks/bench_fused_linear_logprobs.py --meta       # only the target-size memory table (any machine)
 Providers: triton (nova_rt, CUDA only), torch (nova_rt chunked PyTorch), eager (log_softmax of materialised
 logits), compiled (torch.compile of eager), liger (LigerFusedLinearCrossEntropyLoss, sum reduction, if installed).
 """
@@ -16,13 +19,21 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import ExitStack
 from pathlib import Path
+from unittest import mock
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import report, time_fn  # noqa: E402
+from benchmarks.memory import LiveBytes, NoLaunch  # noqa: E402
+from nova_rt.kernels import fused_linear_logprobs as fll_mod  # noqa: E402
 from nova_rt.kernels.fused_linear_logprobs import fused_linear_logprobs  # noqa: E402
+
+TARGET_TDV = (16384, 4096, 152064)  # issue 3: peak extra <= 2% of the bf16 eager logits (T V 2 bytes) here
+_KERNELS = ("_fused_linear_logprobs_fwd_kernel", "_fused_linear_logprobs_gather_kernel",
+            "_fused_linear_logprobs_bwd_kernel", "_fused_linear_logprobs_dh_kernel")
 
 
 def _eager_logprobs(h_TD, w_VD, labels_T):
@@ -80,6 +91,62 @@ def _step(fn, h, w, y, g):
     return torch.autograd.grad(loss, (h, w))
 
 
+def meta_peak_extra(T: int, D: int, V: int, dtype: torch.dtype, backend: str, kind: str = "cuda",
+                    entropy: bool = False, K: int = 0, device: str = "meta") -> int:
+    """Peak bytes fused_linear_logprobs allocates in one forward + backward beyond its inputs, its outputs (with the
+    O(T) tensors saved for backward) and the two gradients, on meta tensors: full size, nothing allocated.
+
+    Runs the op's own bodies (`_forward`, `fused_linear_logprobs_bwd`: on meta tensors the custom op would run its
+    fake kernel) under `LiveBytes`, with the Triton kernels replaced by `NoLaunch` stubs (they allocate nothing:
+    every buffer they touch is a torch tensor made by the launcher, so the launch structure allocates as on the GPU)
+    and the device-dependent choices (workspace cap, fp32 GEMM output, SM count) made as on `kind`, "cuda" or "cpu".
+    backend "eager": autograd through the materialised-logits baseline of this benchmark. device="cpu": the same
+    on real (random) CPU tensors, to check the meta run against (the triton backend needs TRITON_INTERPRET=1 then).
+    """
+    meta = dict(device=device)
+    h, w = torch.randn(T, D, dtype=dtype, **meta), torch.randn(V, D, dtype=dtype, **meta) * D ** -0.5
+    y = torch.randint(0, V, (T,), **meta)
+    if backend == "eager":
+        with LiveBytes() as mem:
+            grads = _step(_eager_logprobs, h.requires_grad_(), w.requires_grad_(), y, torch.randn(T, **meta))
+        return mem.peak_excluding(*grads)
+    ids = torch.randint(0, V, (T, K), **meta) if K else None
+    g_logp, g_ent = torch.randn(T, **meta), torch.randn(T, **meta) if entropy else None
+    g_topk = torch.randn(T, K, **meta) if K else None
+    use_triton = backend == "triton"
+    with ExitStack() as stack:
+        for name in _KERNELS if device == "meta" else ():
+            stack.enter_context(mock.patch.object(fll_mod, name, NoLaunch()))
+        stack.enter_context(mock.patch.object(fll_mod, "_device_kind", lambda device: kind))
+        stack.enter_context(mock.patch.object(fll_mod, "_sm_count", lambda device: 132 if kind == "cuda" else 1))
+        with LiveBytes() as mem:
+            outs = fll_mod._forward(h, w, y, ids, 1.0, entropy, use_triton)
+            grads = fll_mod.fused_linear_logprobs_bwd(h, w, y, ids, outs[3], outs[4], g_logp, g_ent, g_topk, 1.0,
+                                                      True, True, use_triton)
+    for t in grads:  # no scratch hidden in a gradient's storage
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), "gradient storage larger than it"
+    return mem.peak_excluding(*outs, *grads)
+
+
+def _target_memory(backend: str, dtype: torch.dtype, kind: str, entropy: bool = False, K: int = 0) -> dict:
+    T, D, V = TARGET_TDV
+    extra = meta_peak_extra(T, D, V, dtype, backend, kind, entropy, K)
+    return {"target_extra_mb": extra / 2**20, "target_vs_bf16_logits": extra / (T * V * 2)}
+
+
+def run_meta(args) -> None:
+    """Target-size peak extra memory of every backend/device/dtype/output combination (meta tensors)."""
+    rows = []
+    for dtype in (torch.bfloat16, torch.float32):
+        for backend, kind in (("triton", "cuda"), ("torch", "cuda"), ("torch", "cpu"), ("eager", "cpu")):
+            for entropy, K in ((False, 0), (True, 0), (True, 500)) if backend != "eager" else ((False, 0),):
+                res = _target_memory(backend, dtype, kind, entropy, K)
+                rows.append({"provider": backend, "device": kind, "dtype": str(dtype)[6:], "entropy": entropy,
+                             "K": K, "T": TARGET_TDV[0], "D": TARGET_TDV[1], "V": TARGET_TDV[2], **res})
+    columns = ["provider", "device", "dtype", "entropy", "K", "target_extra_mb", "target_vs_bf16_logits"]
+    report("fused_linear_logprobs_memory_meta", rows, columns, out=args.out)
+
+
 def run(args) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype)
@@ -112,11 +179,13 @@ def run(args) -> None:
         rows.append({"provider": name, "T": T, "D": D, "V": V, "dtype": args.dtype, **res,
                      "tflops": 6 * T * D * V / (res["ms"] * 1e-3) / 1e12, "grads_mb": grads_mb,
                      "extra_minus_grads_mb": extra, "extra_vs_logits": extra / logits_mb, "logits_mb": logits_mb})
+        if name in ("triton", "torch", "eager"):
+            rows[-1].update(_target_memory(name, dtype, "cuda" if name == "triton" else device))
     eager_ms = next((r["ms"] for r in rows if r["provider"] == "eager"), None)
     for r in rows:
         r["vs_eager"] = r["ms"] / eager_ms if eager_ms else float("nan")
     columns = ["provider", "dtype", "T", "D", "V", "ms", "ms_p20", "ms_p80", "tflops", "vs_eager", "peak_extra_mb",
-               "extra_minus_grads_mb", "extra_vs_logits"]
+               "extra_minus_grads_mb", "extra_vs_logits", "target_extra_mb", "target_vs_bf16_logits"]
     report(f"fused_linear_logprobs_{args.dtype}", rows, columns, out=args.out)
 
 
@@ -130,10 +199,11 @@ def main() -> None:
     p.add_argument("--providers", default="triton,torch,eager,compiled,liger" if cuda else "torch,eager,compiled")
     p.add_argument("--reps", type=int, default=20 if cuda else 5)
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/<name>_<device>_<date>.json)")
+    p.add_argument("--meta", action="store_true", help="only the target-size memory table, from meta tensors")
     args = p.parse_args()
     if not cuda:
         torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    run(args)
+    run_meta(args) if args.meta else run(args)
 
 
 if __name__ == "__main__":
