@@ -182,7 +182,8 @@ def _fused_linear_logprobs_dh_kernel(DZ, W, HI, LO, DH, T, VC, D, stride_wv, str
 # "Extra" memory: what the op allocates beyond its inputs, the O(T) tensors saved for backward and the gradients it
 # returns. Chunks are sized in bytes from one budget; fused_linear_logprobs_bwd has the numbers at the target size.
 _EXTRA_BUDGET = 88 * 2**20  # d hidden low bits (16-bit inputs, T x D bytes) + chunk workspace
-_WORKSPACE_CAP = {"cuda": 64 * 2**20, "cpu": 16 * 2**20}  # chunk workspace at most this (CPU: see _chunk_cols)
+_WORKSPACE_CAP = {"cuda": 64 * 2**20, "cpu": 24 * 2**20}  # chunk workspace at most this (CPU: see _chunk_cols)
+_FP32_ACC_MAX = _EXTRA_BUDGET // 4  # torch path, 16-bit inputs: a plain fp32 d hidden buffer while it costs this
 _WORKSPACE_FLOOR = 8 * 2**20
 _TOPK_ROW_BYTES = 32  # per top-k id in a row block: in-chunk mask, int64 column, gathered/scattered values
 _DH_ROW_BYTES = 8  # per d hidden element in a torch-path row block: the chunk's fp32 contribution + an int32 word
@@ -208,9 +209,10 @@ def _chunk_cols(T: int, V: int, workspace: int, bytes_per_elem: int) -> int:
     On CPU smaller chunks fit cache better (softmax passes over V at T=1024, 1 thread: 0.08 s with 8 MB chunks,
     0.16 s with 32 MB) but cost more OpenMP regions, and on a 2-core machine shared with other jobs each region can
     wait a time slice (T=1024, V=49152, fp32, 2 threads at load ~20: fwd+bwd 5.2 s CPU time with 8 MB chunks,
-    3.5 s with 32 MB, eager 2.5 s). The GEMMs are indifferent (0.71 vs 0.77 s per pass). With byte budgets, a 16 MiB
-    CPU cap (fp32 temporaries <= 16 MB): at T=1024, D=576, V=49152, bf16, 1 thread, a 32 MiB cap (5461 columns, 22 MB
-    fp32 temporaries) took fwd 0.38 s + bwd 0.71 s CPU time against 0.21 + 0.54 s with 16 MiB (2730 columns).
+    3.5 s with 32 MB, eager 2.5 s). The GEMMs are indifferent (0.71 vs 0.77 s per pass). With byte budgets: a 24 MiB
+    CPU cap keeps the 4096 columns of before at T=1024 in bf16 (6 bytes per element); at T=1024, D=576, V=49152,
+    bf16, 1 thread, a 32 MiB cap (5461 columns, 22 MB fp32 temporaries) took fwd 0.38 s + bwd 0.71 s CPU time
+    against 0.21 + 0.54 s with 2730 or 4096 columns.
     """
     return int(min(V, max(64, workspace // max(1, T * bytes_per_elem))))
 
@@ -420,13 +422,21 @@ def _join24(hi, lo):
 
 
 def _dh_update(dh, lo, dz, w_c, first: bool, last: bool, rows: int, use_triton: bool) -> None:
-    """d hidden += dz @ w_c for one chunk: in place in the returned fp32/fp64 d hidden, else through the 24-bit
-    split (top 16 bits in d hidden itself, low 8 in lo) that the last chunk rounds to d hidden's dtype."""
-    if lo is None:
+    """d hidden += dz @ w_c for one chunk: in place in the returned fp32/fp64 d hidden or in an fp32 buffer (lo is
+    None), else through the 24-bit split (top 16 bits in d hidden itself, low 8 in lo) that the last chunk rounds."""
+    if lo is None and dh.dtype == dz.dtype:
         if first:
             torch.mm(dz, w_c, out=dh)
         else:
             dh.addmm_(dz, w_c)
+        return
+    f32_out = _device_kind(dz.device) == "cuda"  # cuBLAS hands out the fp32 sums; CPU 16-bit GEMMs round them
+    if lo is None:  # an fp32 buffer for a 16-bit chunk (torch path, small T x D): two passes per chunk
+        part = torch.mm(dz, w_c, out_dtype=torch.float32) if f32_out else torch.mm(dz, w_c)
+        if first:
+            dh.copy_(part)
+        else:
+            dh.add_(part)
         return
     T, D = dh.shape
     if use_triton:
@@ -436,7 +446,6 @@ def _dh_update(dh, lo, dz, w_c, first: bool, last: bool, rows: int, use_triton: 
             LAST=last, CAST_F32=_INTERPRET, BLOCK_T=bt, BLOCK_D=bd, BLOCK_V=bv, num_warps=8, num_stages=3)
         return
     hi = dh.view(torch.int16)
-    f32_out = _device_kind(dz.device) == "cuda"  # cuBLAS hands out the fp32 sums; CPU 16-bit GEMMs round them
     for r in _row_blocks(T, rows):
         part = torch.mm(dz[r], w_c, out_dtype=torch.float32) if f32_out else torch.mm(dz[r], w_c)
         acc = part.float() if first else _join24(hi[r], lo[r]).add_(part)
@@ -462,7 +471,8 @@ def fused_linear_logprobs_bwd(hidden_TD, weight_VD, labels_T, topk_ids_TK, lse_T
     any order of the chunks; fp32 partials cost 4 bytes per element of which the returned 16-bit d hidden can hold
     2, so the other 2 x T x D bytes (134 MB at the target, 2.7% of the bf16 logits) would exceed the budget by
     themselves. With 16-bit inputs the partials are therefore fp32 rounded to 24 bits (16 mantissa bits): the top
-    16 bits in the returned d hidden's own storage, the low 8 in a T x D uint8 buffer (67 MB, 1.35%). Each chunk's
+    16 bits in the returned d hidden's own storage, the low 8 in a T x D uint8 buffer (67 MB, 1.35%); only the torch
+    path keeps a plain fp32 buffer while that costs <= _FP32_ACC_MAX (22 MiB: T x D <= 2.9M). Each chunk's
     dz @ w_c is summed in fp32 (Triton: registers, the running sum decoded and re-encoded in the GEMM epilogue;
     torch on CUDA: cuBLAS fp32 output; torch on CPU: rounded to the input dtype, as eager's one GEMM is), added in
     fp32 and rounded at bit 8; the last chunk rounds to the input dtype. Per chunk the partial sum gains <= 2^-16
@@ -474,8 +484,8 @@ def fused_linear_logprobs_bwd(hidden_TD, weight_VD, labels_T, topk_ids_TK, lse_T
     V=152064; bf16 logits 4.98 GB, 2% = 95.0 MiB), measured on meta tensors by `bench_fused_linear_logprobs.py --meta`:
         Triton bf16: 64 MiB low bits + 24 MiB chunk (Vc=768) + O(T) = 88.2 MiB = 1.86% of bf16 logits (0.93% fp32)
         Triton fp32: 64 MiB chunk (Vc=1024) + O(T) = 64.2 MiB = 1.35% (0.68%)
-        torch bf16: 88.2 MiB = 1.86% with the CUDA budget, 80.2 MiB = 1.69% with the CPU one (16 MiB workspace)
-        torch fp32: 64.7 MiB = 1.36% (CUDA), 16.7 MiB = 0.35% (CPU); with 500 top-k ids: at most 88.3 MiB anywhere
+        torch bf16: 88.2 MiB = 1.86% with the CUDA or the CPU budget (both leave 24 MiB beside the low bits)
+        torch fp32: 64.7 MiB = 1.36% (CUDA), 24.7 MiB = 0.52% (CPU); with 500 top-k ids: at most 88.3 MiB anywhere
     Before: 512 MiB (10.8%) Triton bf16, 384 MiB fp32: an fp32 T x D accumulator (256 MiB), z and dz chunks of 2^25
     elements (64 + 64 MiB bf16) and the bf16 `dz @ w_c` (128 MiB); 576-704 MiB on the torch path (400 on CPU).
     Cost: the d hidden pass reads and writes 3 bytes of state per T x D element per chunk; 198 chunks at the target
@@ -490,8 +500,12 @@ def fused_linear_logprobs_bwd(hidden_TD, weight_VD, labels_T, topk_ids_TK, lse_T
     big_g = gl if topk_ids_TK is None else gl + g_topk.sum(1, dtype=cdt) * inv_tau
     ge = None if g_ent is None else g_ent.to(cdt) * inv_tau
     c1 = -big_g if ge is None else -(ge * ent_T + big_g)
-    split = need_h and hidden_TD.dtype.itemsize == 2
-    dh = torch.empty(hidden_TD.shape, dtype=hidden_TD.dtype, device=dev) if need_h else None
+    # 16-bit d hidden: the 24-bit split, or on the torch path a plain fp32 buffer while it is cheap (fewer passes,
+    # which matters on a shared CPU where each pass is an OpenMP region to wait on)
+    acc32 = need_h and hidden_TD.dtype.itemsize == 2 and not use_triton and 0 < 8 * T * D <= _FP32_ACC_MAX
+    split = need_h and hidden_TD.dtype.itemsize == 2 and not acc32
+    dh_dtype = torch.float32 if acc32 else hidden_TD.dtype
+    dh = torch.empty(hidden_TD.shape, dtype=dh_dtype, device=dev) if need_h else None
     lo = torch.empty(hidden_TD.shape, dtype=torch.uint8, device=dev) if split else None
     dw = torch.empty(weight_VD.shape, dtype=weight_VD.dtype, device=dev) if need_w else None
     if T == 0:
@@ -501,7 +515,7 @@ def fused_linear_logprobs_bwd(hidden_TD, weight_VD, labels_T, topk_ids_TK, lse_T
         tmp = 0 if topk_ids_TK is None or esz == 4 else 4
     else:
         tmp = _tmp_bytes(hidden_TD.dtype, ge is not None)
-    ws = _workspace_bytes(dev, reserved=0 if lo is None else lo.numel())
+    ws = _workspace_bytes(dev, reserved=lo.numel() if split else 8 * T * D if acc32 else 0)  # acc32: + dz @ w_c
     vc, rows_dz, left = _plan(T, V, ws, esz, tmp, K * _TOPK_ROW_BYTES)
     rows_dh = _rows_per_block(T, left, D * _DH_ROW_BYTES)
     zbuf = hidden_TD.new_empty(T * vc)
@@ -514,6 +528,9 @@ def fused_linear_logprobs_bwd(hidden_TD, weight_VD, labels_T, topk_ids_TK, lse_T
             torch.mm(z.T, hidden_TD, out=dw[v0:v1])
         if need_h:
             _dh_update(dh, lo, z, w_c, v0 == 0, v1 == V, rows_dh, use_triton)
+    if acc32:
+        del zbuf, z
+        dh = dh.to(hidden_TD.dtype)
     return dh, dw
 
 

@@ -100,15 +100,17 @@ def _torch_path(h, w, y, tau, ids, names):
     return {k: out[k] for k in names}
 
 
-@pytest.fixture(params=[None, 97, (97, 5)], ids=["one-chunk", "chunk97", "chunk97-rows5"])
+@pytest.fixture(params=[None, 97, (97, 5)], ids=["one-chunk", "chunk97", "chunk97-rows5-split24"])
 def chunk_cols(request, monkeypatch):
     """Force a small non-power-of-two vocab chunk so the online logsumexp merge and chunked backward run, and
-    row blocks of 5 tokens for the temporaries (the budget picks them at large T)."""
+    row blocks of 5 tokens for the temporaries plus the 24-bit d hidden split for 16-bit inputs (what the budget
+    picks at large T; small T keeps an fp32 d hidden buffer on the torch path)."""
     cols, rows = request.param if isinstance(request.param, tuple) else (request.param, None)
     if cols is not None:
         monkeypatch.setattr(fll_mod, "_chunk_cols", lambda *args: cols)
     if rows is not None:
         monkeypatch.setattr(fll_mod, "_rows_per_block", lambda T, *args: min(max(T, 1), rows))
+        monkeypatch.setattr(fll_mod, "_FP32_ACC_MAX", 0)
     return request.param
 
 
