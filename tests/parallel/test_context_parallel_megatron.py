@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.parallel.test_megatron_backend import _run_suite
+from tests.parallel.test_megatron_backend import _run_suite, row_from_lengths
 
 LAYOUTS = {"tp1pp1_dp2": {}, "cp2": {"context_parallel": 2}}  # world of 2: the CP=1 run first (the comparison base)
 
@@ -21,15 +21,7 @@ def _cp_row(gen: torch.Generator, vocab: int) -> dict:
     """One packed row: a length-1 document, one of 2-3 tokens (< 2*CP) and 1-3 of 4-13, shuffled; prompts masked."""
     lengths = [1, int(torch.randint(2, 4, (1,), generator=gen))]
     lengths += torch.randint(4, 14, (int(torch.randint(1, 4, (1,), generator=gen)),), generator=gen).tolist()
-    lengths = [lengths[i] for i in torch.randperm(len(lengths), generator=gen).tolist()]
-    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
-    T = int(cu[-1])
-    ids = torch.randint(0, vocab, (T,), generator=gen)
-    labels = ids.clone()
-    labels[torch.rand(T, generator=gen) < 0.3] = -100
-    labels[cu[:-1].long()] = -100
-    pos = torch.cat([torch.arange(n) for n in lengths])
-    return {"input_ids": ids, "labels": labels, "position_ids": pos, "cu_seqlens": cu}
+    return row_from_lengths(gen, vocab, lengths)
 
 
 @pytest.mark.distributed

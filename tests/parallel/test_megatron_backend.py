@@ -50,6 +50,12 @@ DP2_LAYOUTS = {"tp1pp1_dp2": {}, "dp2_distopt": {"distributed_optimizer": True}}
 def _row(gen: torch.Generator, vocab: int) -> dict:
     """One packed row: 2-5 documents of random lengths, always one of length 1; prompt tokens masked."""
     lengths = [1] + torch.randint(2, 12, (int(torch.randint(1, 5, (1,), generator=gen)),), generator=gen).tolist()
+    return row_from_lengths(gen, vocab, lengths)
+
+
+def row_from_lengths(gen: torch.Generator, vocab: int, lengths: list[int]) -> dict:
+    """A packed row of documents with these lengths in a shuffled order; 30% of tokens and every document's first
+    token masked as prompt."""
     lengths = [lengths[i] for i in torch.randperm(len(lengths), generator=gen).tolist()]
     cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
     T = int(cu[-1])
