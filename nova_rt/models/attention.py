@@ -40,7 +40,7 @@ class SharedPrefixLayout:
     segments: list[torch.Tensor]
 
     @staticmethod
-    def build(groups: list[tuple[int, list[int]]]) -> "SharedPrefixLayout":
+    def build(groups: list[tuple[int, list[int]]]) -> SharedPrefixLayout:
         """From [(prefix_len, [segment lens])] in row order."""
         spans, segments, off = [], [], 0
         for a, segs in groups:
@@ -55,7 +55,7 @@ class SharedPrefixLayout:
         idx = torch.arange(seg.shape[0], device=seg.device)
         return (idx[:, None] >= idx[None, :]) & ((seg[:, None] == seg[None, :]) | (seg[None, :] == 0))
 
-    def to(self, device) -> "SharedPrefixLayout":
+    def to(self, device) -> SharedPrefixLayout:
         return SharedPrefixLayout(self.spans, [s.to(device) for s in self.segments])
 
 
