@@ -29,8 +29,12 @@ run: install
 test: install
 	bash .ci/pytest.sh $(PYTEST_ARGS)
 
-bench-deps: install
-	$(PIP) install -q $(CONSTR) "trl==1.16.0" "mergekit==0.1.5"
+# Peers for benchmarks (TRL, mergekit, Liger) live in their own environment, never in .venv: a package that only
+# the benchmark machines have would hide a missing dependency of `make run` (it did: accelerate came from TRL).
+BENCH_VENV ?= .venv-bench
+bench-deps:
+	$(MAKE) install VENV=$(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip --disable-pip-version-check install -q $(CONSTR) "trl==1.16.0" "mergekit==0.1.5" "liger-kernel"
 
 lint: install
 	$(BIN)/ruff check nova_rt tests benchmarks
