@@ -1,11 +1,15 @@
-"""`<run dir>/report.md` for a pipeline run: a metrics table per stage, PNG plots (loss, reward, KL, utilization)
-and the per-category eval before and after GRPO. Every number is read from the stages' metrics.jsonl (and GRPO's
-eval_final.json), so the report can be checked against them."""
+"""`<run dir>/report.md` for a pipeline run: first whether each stage made the model better on held-out items
+(before -> after, with the noise of the change), then a metrics table per stage, PNG plots (loss, reward, KL,
+utilization) and the per-category eval before and after GRPO. Every number is read from the stages' metrics.jsonl,
+GRPO's eval_final.json and the merge stage's heldout.json, so the report can be checked against them."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+
+import numpy as np
 
 from nova_rt.telemetry import read_metrics
 
@@ -76,11 +80,134 @@ def eval_before_after(grpo_dir: Path) -> tuple[dict, dict]:
     return before, after
 
 
+# ----------------------------------------------------------------------------------------------- held-out
+def paired_nll_change(before: list, after: list) -> tuple[float, float]:
+    """(change of NLL per token, its standard error) between two models scored on the same documents
+    ([summed NLL, tokens] each): a ratio estimate whose error comes from the per-document differences."""
+    a, b = np.asarray(before, dtype=np.float64), np.asarray(after, dtype=np.float64)
+    if a.shape != b.shape or not np.array_equal(a[:, 1], b[:, 1]):
+        raise ValueError("paired_nll_change: the two models were not scored on the same documents")
+    tokens, diff = a[:, 1], b[:, 0] - a[:, 0]
+    change = float(diff.sum() / tokens.sum())
+    n = len(diff)
+    resid = diff - change * tokens
+    se = float(math.sqrt(n / (n - 1) * (resid ** 2).sum()) / tokens.sum()) if n > 1 else float("nan")
+    return change, se
+
+
+def accuracy_change_se(p0: float, p1: float, n0: float, n1: float) -> float:
+    """Standard error of p1 - p0 for two accuracies over n0 and n1 items, taken as independent (conservative for
+    the same items scored twice)."""
+    return math.sqrt(p0 * (1 - p0) / max(n0, 1) + p1 * (1 - p1) / max(n1, 1))
+
+
+def verdict(change: float, se: float, higher_is_better: bool) -> str:
+    if not math.isfinite(se):
+        return "too few items to tell"
+    gain = change if higher_is_better else -change
+    if gain > 2 * se:
+        return "better (beyond noise)"
+    if gain < -2 * se:
+        return "**worse** (beyond noise)"
+    return "**no change beyond noise**"
+
+
+def _nll(docs: list) -> float:
+    a = np.asarray(docs, dtype=np.float64)
+    return float(a[:, 0].sum() / a[:, 1].sum())
+
+
+def heldout_rows(run_dir: Path, artifacts: dict) -> list[dict]:
+    """One dict per held-out comparison: stage, measure, items, before, after, change, se, verdict."""
+    rows: list[dict] = []
+    add = lambda stage, measure, items, before, after, se, hib: rows.append(  # noqa: E731
+        {"stage": stage, "measure": measure, "items": items, "before": before, "after": after,
+         "change": after - before, "se": se, "verdict": verdict(after - before, se, hib)})
+    held = run_dir / "merge" / "heldout.json"
+    table = json.loads(held.read_text()) if held.exists() else None
+    for name in artifacts.get("sft", {}).get("models", {}):
+        if table and name in table["eval_sets"]:  # paired: the same documents under both models
+            base, tuned = table["nll"]["base"][name], table["nll"][f"sft/{name}"][name]
+            change, se = paired_nll_change(base, tuned)
+            add(f"sft/{name}", f"NLL/token on held-out {name} rows (lower is better)", len(base),
+                _nll(base), _nll(base) + change, se, False)
+            continue
+        evals = [r for r in read_metrics(run_dir / "sft" / name / "metrics.jsonl") if "eval_loss" in r]
+        if len(evals) >= 2 and evals[0].get("step") == 0:
+            b, a = evals[0], evals[-1]
+            add(f"sft/{name}", f"NLL/token on held-out {name} rows (lower is better)", int(b["eval_docs"]),
+                b["eval_loss"], a["eval_loss"], math.hypot(b["eval_loss_se"], a["eval_loss_se"]), False)
+    if table and "merged" in table["nll"]:
+        nll = table["nll"]
+        for k in table["eval_sets"]:
+            change, se = paired_nll_change(nll["base"][k], nll["merged"][k])
+            add("merge", f"NLL/token on held-out {k} rows: base -> merged (lower is better)", len(nll["base"][k]),
+                _nll(nll["base"][k]), _nll(nll["base"][k]) + change, se, False)
+        inputs = [m for m in nll if m.startswith("sft/")]
+        if inputs:  # the merged model against its best input, on the mean over every slice's held-out rows
+            sets = list(table["eval_sets"])
+            mean = {m: sum(_nll(nll[m][k]) for k in sets) / len(sets) for m in [*inputs, "merged"]}
+            best = min(inputs, key=mean.get)
+            pairs = [paired_nll_change(nll[best][k], nll["merged"][k]) for k in sets]
+            se = math.sqrt(sum(s ** 2 for _, s in pairs)) / len(sets)
+            add("merge", f"mean NLL/token over {', '.join(sets)}: best input ({best}) -> merged (lower is better)",
+                sum(len(nll[best][k]) for k in sets), mean[best], mean[best] + sum(c for c, _ in pairs) / len(sets),
+                se, False)
+    rm = [r for r in read_metrics(run_dir / "rm" / "metrics.jsonl") if "eval_accuracy" in r]
+    if len(rm) >= 2 and rm[0].get("step") == 0:
+        b, a = rm[0], rm[-1]
+        n = int(round(b.get("eval_pairs", float("nan")))) if "eval_pairs" in b else 0
+        add("rm", "pair accuracy on held-out preference pairs (higher is better)", n or "?", b["eval_accuracy"],
+            a["eval_accuracy"], accuracy_change_se(b["eval_accuracy"], a["eval_accuracy"], n, n) if n else math.nan,
+            True)
+    first = next((r for r in read_metrics(run_dir / "grpo" / "metrics.jsonl") if "eval_accuracy" in r), None)
+    final_path = run_dir / "grpo" / "eval_final.json"
+    if first is not None and final_path.exists():
+        final = json.loads(final_path.read_text())
+        n0, n1 = first.get("eval_n", 0), final.get("eval_n", 0)
+        add("grpo", "greedy accuracy on held-out prompts (higher is better)", int(n0) or "?",
+            first["eval_accuracy"], final["eval_accuracy"],
+            accuracy_change_se(first["eval_accuracy"], final["eval_accuracy"], n0, n1) if n0 and n1 else math.nan,
+            True)
+    return rows
+
+
+def heldout_section(run_dir: Path, artifacts: dict) -> list[str]:
+    rows = heldout_rows(run_dir, artifacts)
+    lines = ["## Did the pipeline make the model better? (held-out)", ""]
+    if not rows:
+        return lines + ["No stage had a held-out set (sft_slices[].eval_files, rm/grpo eval sets).", ""]
+    lines += ["Each row scores items no stage trained on, before and after a stage. `± 2 s.e.` is twice the standard "
+              "error of the change (paired per document for losses; two binomial errors for accuracies); the "
+              "verdict says whether the change is larger than that.", "",
+              "| stage | measure | items | before | after | change ± 2 s.e. | verdict |",
+              "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['stage']} | {r['measure']} | {r['items']} | {r['before']:.4f} | {r['after']:.4f} | "
+                     f"{r['change']:+.4f} ± {2 * r['se']:.4f} | {r['verdict']} |")
+    bad = [r for r in rows if not r["verdict"].startswith("better")]
+    lines += ["", f"{len(rows) - len(bad)} of {len(rows)} held-out measures improved beyond noise." +
+              (f" Not improved: {'; '.join(r['stage'] + ' (' + r['measure'].split(' (')[0] + ')' for r in bad)}."
+               if bad else ""), ""]
+    held = run_dir / "merge" / "heldout.json"
+    if held.exists():
+        table = json.loads(held.read_text())
+        sets = list(table["eval_sets"])
+        lines += ["Held-out NLL per token of every model on every slice's eval rows (`merge/heldout.json`):", "",
+                  "| model | " + " | ".join(sets) + " | mean |", "|---|" + "---|" * (len(sets) + 1)]
+        for m, per in table["nll"].items():
+            vals = [_nll(per[k]) for k in sets]
+            lines.append(f"| {m} | " + " | ".join(f"{v:.4f}" for v in vals) + f" | {sum(vals) / len(vals):.4f} |")
+        lines.append("")
+    return lines
+
+
 def write_report(run_dir: str | Path, cfg, artifacts: dict) -> Path:
     run_dir = Path(run_dir)
     plots_dir = run_dir / "plots"
     plots_dir.mkdir(exist_ok=True)
     lines = ["# nova_rt pipeline report", "", f"Config: `{cfg.source}`; stages: {', '.join(artifacts)}.", ""]
+    lines += heldout_section(run_dir, artifacts)
     series: dict[str, dict[str, list]] = {"loss": {}, "reward_mean": {}, "kl": {}, "pack_utilization": {}}
     lines += ["## Metrics per stage", "",
               "Columns: the first, last and mean value over the stage's optimizer steps, from its metrics.jsonl.", ""]

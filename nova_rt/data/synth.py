@@ -73,18 +73,29 @@ TASKS = [_arith, _sort, _count, _convert, _enumerate, _spell, _multi_turn]
 SLICES = {"math": [_arith, _convert, _multi_turn], "text": [_sort, _count, _spell, _enumerate]}
 
 
-def sft_rows(n: int, seed: int = 0, tasks: list | None = None) -> list[dict]:
+def sft_rows(n: int, seed: int = 0, tasks: list | None = None, exclude: list[dict] = ()) -> list[dict]:
+    """n rows; with `exclude` (the rows of a training file) a held-out set: no first user prompt of theirs, and no
+    prompt twice."""
     r = random.Random(seed)
+    held_out = bool(exclude)
+    seen = {first_prompt(row) for row in exclude}
     rows = []
-    for i in range(n):
+    while len(rows) < n:
         turns = r.choice(tasks or TASKS)(r)
-        msgs = [{"role": role, "content": text} for role, text in turns]
-        if i % 3 == 0:  # a third in prompt/response form, to exercise both formats
-            if len(msgs) == 2:
-                rows.append({"prompt": msgs[0]["content"], "response": msgs[1]["content"]})
+        if held_out:
+            if turns[0][1] in seen:
                 continue
-        rows.append({"messages": msgs})
+            seen.add(turns[0][1])
+        msgs = [{"role": role, "content": text} for role, text in turns]
+        if len(rows) % 3 == 0 and len(msgs) == 2:  # a third in prompt/response form, to exercise both formats
+            rows.append({"prompt": msgs[0]["content"], "response": msgs[1]["content"]})
+        else:
+            rows.append({"messages": msgs})
     return rows
+
+
+def first_prompt(row: dict) -> str:
+    return row["prompt"] if "prompt" in row else row["messages"][0]["content"]
 
 
 def preference_rows(n: int, seed: int = 1) -> list[dict]:
@@ -157,6 +168,11 @@ def main(out_dir: str) -> None:
                        (out / "sft" / "chat_mix_eval.jsonl", sft_rows(40, seed=99)),
                        (out / "sft" / "slice_math.jsonl", sft_rows(160, seed=11, tasks=SLICES["math"])),
                        (out / "sft" / "slice_text.jsonl", sft_rows(160, seed=12, tasks=SLICES["text"])),
+                       # held out: no prompt of the slice files (so of quick_*, their first 24 rows) nor a repeat
+                       (out / "sft" / "slice_math_eval.jsonl",
+                        sft_rows(32, seed=21, tasks=SLICES["math"], exclude=sft_rows(160, 11, SLICES["math"]))),
+                       (out / "sft" / "slice_text_eval.jsonl",
+                        sft_rows(32, seed=22, tasks=SLICES["text"], exclude=sft_rows(160, 12, SLICES["text"]))),
                        (out / "preference" / "arith_pairs.jsonl", preference_rows(240, seed=1)),
                        (out / "preference" / "arith_pairs_eval.jsonl", preference_rows(40, seed=7)),
                        (out / "preference" / "helpful_pairs.jsonl", helpful_rows(240, seed=3)),

@@ -81,6 +81,25 @@ def run_steps(cfg: Config, info: DistInfo, trainer, telemetry: Telemetry,
             trainer.save_checkpoint(checkpoint_extra() if checkpoint_extra else None)
 
 
+def eval_hook(cfg: Config, telemetry: Telemetry, evaluate: Callable[[], dict] | None, start_step: int):
+    """Log the pre-training eval at step 0 (fresh runs) and return extra_metrics(step, m) for run_steps that adds
+    throughput and, every train.eval_every steps and at the last step, the eval metrics."""
+    if evaluate is not None and start_step == 0:
+        telemetry.log(0, evaluate())
+
+    def extra_metrics(step: int, m: dict) -> dict:
+        out = {"tokens_per_s": m["tokens"] / m["step_time_s"]}
+        done = step + 1
+        if evaluate is not None and ((cfg.train.eval_every > 0 and done % cfg.train.eval_every == 0)
+                                     or done == cfg.train.max_steps):
+            t0 = time.perf_counter()
+            out.update(evaluate())
+            out["eval_time_s"] = time.perf_counter() - t0
+        return out
+
+    return extra_metrics
+
+
 def save_final_policy(cfg: Config, info: DistInfo, trainer, hf_model, tokenizer, run_dir: Path) -> str | None:
     """Write the trained model (the trainer module's `lm.` submodule) as an HF directory in run_dir/final.
     Collective: every rank gathers (FSDP2), rank 0 writes; returns the path on rank 0, else None."""

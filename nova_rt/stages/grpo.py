@@ -523,9 +523,10 @@ class GRPORun:
         if not res:
             return {}
         n = sum(v["n"] for v in res.values())
-        m = {"eval_accuracy": sum(v["accuracy"] * v["n"] for v in res.values()) / n}
+        m = {"eval_accuracy": sum(v["accuracy"] * v["n"] for v in res.values()) / n, "eval_n": float(n)}
         for c, v in res.items():
             m[f"eval_accuracy/{c}"], m[f"eval_reward/{c}"] = v["accuracy"], v["reward"]
+            m[f"eval_n/{c}"] = float(v["n"])
         if reweight_after and self.g.reweight:
             self.sampler.weights = reweight(self.sampler.weights, self.base_weights,
                                             {c: v["accuracy"] for c, v in res.items()},

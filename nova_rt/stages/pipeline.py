@@ -6,9 +6,14 @@ config plus its overrides (`pipeline.stage_overrides.<stage>`: dotted keys), and
 before it. A finished stage writes `STAGE_DONE.json` (its outputs) atomically; a rerun skips it. A stage that
 was killed resumes from its own checkpoints, because its run dir is the same on rerun.
 
+Held-out measures (what `report.md` shows before -> after): a slice's `eval_files` give its SFT run a held-out loss
+(base at step 0, then the trained model); after the merge, the base, every slice model and the merged model are
+scored on every slice's eval documents (`merge/heldout.json`, per-document NLL, so comparisons are paired); the RM's
+and GRPO's own eval sets give pair accuracy and greedy accuracy.
+
     pipeline:
       stages: [pas, sft, merge, rm, grpo]
-      sft_slices: [{name: math, train_files: [...]}, {name: chat, train_files: [...]}]
+      sft_slices: [{name: math, train_files: [...], eval_files: [...]}, {name: chat, train_files: [...]}]
       merge_method: model_stock
       stage_overrides: {sft: {train.max_steps: 20}, rm: {data.train_files: [prefs.jsonl]}}
 """
@@ -19,6 +24,7 @@ import gc
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +44,8 @@ class PipelineConfig:
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     """Stages to run, in pipeline order (a subset of pas, sft, merge, rm, grpo)."""
     sft_slices: list[dict] = field(default_factory=list)
-    """Domain slices: [{name, train_files}]; one SFT run each, then merged. Empty: one slice of data.train_files."""
+    """Domain slices: [{name, train_files, eval_files (optional: held-out rows of the slice)}]; one SFT run each,
+    then merged. Empty: one slice of data.train_files (and data.eval_files)."""
     merge_method: str = "model_stock"
     """How the SFT slices are merged: model_stock (the report's best), linear, task_arithmetic or ties."""
     merge_parameters: dict = field(default_factory=dict)
@@ -51,6 +58,9 @@ class PipelineConfig:
     """With the rm stage: weight of the trained RM's score among GRPO's reward sources."""
     stage_overrides: dict = field(default_factory=dict)
     """{stage: {dotted.key: value}} applied to that stage's config."""
+    prune_checkpoints: bool = True
+    """Delete a stage's training checkpoints once it is done (its final model stays). A rerun skips finished stages,
+    so nothing would read them; a 135M model's checkpoint (weights + AdamW state, fp32) is ~1.6 GB."""
     report: bool = True
 
     def validate(self) -> None:
@@ -63,9 +73,11 @@ class PipelineConfig:
         if self.merge_method not in MERGE_METHODS:
             raise ValueError(f"merge_method must be one of {MERGE_METHODS}, got {self.merge_method!r}")
         for i, s in enumerate(self.sft_slices):
-            if not isinstance(s, dict) or not isinstance(s.get("name"), str) or not isinstance(
-                    s.get("train_files"), list):
-                raise ValueError(f"sft_slices[{i}] must be {{name: str, train_files: [paths]}}")
+            if (not isinstance(s, dict) or not isinstance(s.get("name"), str)
+                    or not isinstance(s.get("train_files"), list) or not isinstance(s.get("eval_files", []), list)
+                    or set(s) - {"name", "train_files", "eval_files"}):
+                raise ValueError(f"pipeline.sft_slices[{i}] must be {{name: str, train_files: [paths], "
+                                 f"eval_files: [paths] (optional)}}, got {s!r}")
         for stage, ovr in self.stage_overrides.items():
             if stage not in STAGES or not isinstance(ovr, dict):
                 raise ValueError(f"stage_overrides.{stage}: must name a stage and map dotted keys to values")
@@ -128,6 +140,10 @@ class Pipeline:
                 log.info("pipeline: running %s", stage)
                 done = getattr(self, f"_{stage}")(stage_dir)
                 _mark_done(self.info, stage_dir, done)
+                if self.cfg.pipeline.prune_checkpoints and self.info.is_main:
+                    for ckpts in sorted(stage_dir.rglob("checkpoints")):
+                        shutil.rmtree(ckpts, ignore_errors=True)
+                        log.info("pipeline: %s done, removed its checkpoints %s", stage, ckpts)
             self.artifacts[stage] = done
         return self.artifacts
 
@@ -138,9 +154,10 @@ class Pipeline:
 
     def _slices(self) -> list[dict]:
         p = self.cfg.pipeline
-        slices = p.sft_slices or [{"name": "all", "train_files": list(self.cfg.data.train_files)}]
-        return [{"name": s["name"], "train_files": [resolve_path(self.cfg, f) for f in s["train_files"]]}
-                for s in slices]
+        slices = p.sft_slices or [{"name": "all", "train_files": list(self.cfg.data.train_files),
+                                   "eval_files": list(self.cfg.data.eval_files)}]
+        return [{"name": s["name"], "train_files": [resolve_path(self.cfg, f) for f in s["train_files"]],
+                 "eval_files": [resolve_path(self.cfg, f) for f in s.get("eval_files", [])]} for s in slices]
 
     def _sft(self, d: Path) -> dict:
         models = {}
@@ -151,8 +168,8 @@ class Pipeline:
             slice_dir = d / s["name"]
             done = _read_done(slice_dir)
             if done is None:
-                _run_sub("sft", _sub_config(self.cfg, "sft", slice_dir,
-                                            {"data.train_files": files, "model.path": self.base}))
+                _run_sub("sft", _sub_config(self.cfg, "sft", slice_dir, {
+                    "data.train_files": files, "data.eval_files": s["eval_files"], "model.path": self.base}))
                 done = {"model": str(slice_dir / "final")}
                 _mark_done(self.info, slice_dir, done)
             models[s["name"]] = done["model"]
@@ -186,7 +203,20 @@ class Pipeline:
                                                       "merge.force": True})
             _run_sub("merge", sub)
         barrier()
-        return {"merged": str(out)}
+        done = {"merged": str(out)}
+        eval_sets = {s["name"]: s["eval_files"] for s in self._slices() if s["eval_files"]}
+        if eval_sets:
+            done["heldout"] = str(d / "heldout.json")
+            if self.info.is_main:  # the merged model against its inputs, on every slice's held-out documents
+                named = {"base": self.base, **{f"sft/{k}": v for k, v in self.artifacts["sft"]["models"].items()},
+                         "merged": str(out)}
+                sub = _sub_config(self.cfg, "sft", d, {"model.tokenizer": self.base})
+                table = heldout_nll(sub, named, eval_sets, self.info.device)
+                tmp = d / "heldout.json.tmp"
+                tmp.write_text(json.dumps({"models": named, "eval_sets": eval_sets, "nll": table}))
+                os.replace(tmp, d / "heldout.json")
+            barrier()
+        return done
 
     def _policy_init(self) -> str:
         return self.artifacts.get("merge", {}).get("merged") or next(
@@ -206,6 +236,26 @@ class Pipeline:
             extra["grpo.pas_model"] = self.artifacts["pas"]["pas_model"]
         _run_sub("grpo", _sub_config(self.cfg, "grpo", d, extra))
         return {"final": str(d / "final")}
+
+
+def heldout_nll(cfg: Config, models: dict[str, str], eval_sets: dict[str, list[str]], device) -> dict:
+    """{model name: {eval set: [[summed NLL, supervised tokens] per document]}}, one model in memory at a time; every
+    model sees the same documents in the same order (tokenized once, with cfg's tokenizer and packing)."""
+    from nova_rt.models.causal import CausalLMLogprobs
+    from nova_rt.stages.common import load_policy
+    from nova_rt.stages.sft import build_sft_rows, document_nll
+
+    out: dict[str, dict] = {}
+    rows = None
+    for name, path in models.items():
+        hf, tok = load_policy(cfg, path)
+        if rows is None:
+            rows = {k: build_sft_rows(cfg, tok, files)[0] for k, files in eval_sets.items()}
+        module = CausalLMLogprobs(hf).to(device)
+        out[name] = {k: document_nll(module, r, device).tolist() for k, r in rows.items()}
+        del module, hf
+        gc.collect()
+    return out
 
 
 def augment_sft_files(files: list[str], out: Path, pas_model: str) -> None:

@@ -12,7 +12,6 @@ and objective run on megatron-core (nova_rt.stages.rm_megatron).
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,7 +24,7 @@ from nova_rt.distributed import all_reduce_sum
 from nova_rt.losses.preference import RewardLoss, pair_stats
 from nova_rt.models.reward import RewardModel, batch_scores, check_last_tokens
 from nova_rt.stages import register_stage
-from nova_rt.stages.common import data_files, load_policy, run_steps, save_final_policy, setup
+from nova_rt.stages.common import data_files, eval_hook, load_policy, run_steps, save_final_policy, setup
 from nova_rt.telemetry import Telemetry
 from nova_rt.trainer import Trainer
 
@@ -84,31 +83,12 @@ def evaluate_pairs(model, batches: list[dict], loss_fn: Callable, device, distri
         loss, stats = loss_fn(model, mb)
         for k, v in {"loss": float(loss), **stats}.items():
             totals[k] = totals.get(k, 0.0) + float(v)
-    keys = ["loss", "reward_chosen", "reward_rejected", "margin", "accuracy"]
+    keys = ["loss", "reward_chosen", "reward_rejected", "margin", "accuracy", "pairs"]
     t = torch.tensor([totals.get(k, 0.0) for k in keys], dtype=torch.float64, device=device)
     if distributed:
         all_reduce_sum(t)
     model.train(was_training)
     return {f"eval_{k}": v for k, v in zip(keys, t.tolist())}
-
-
-def eval_hook(cfg: Config, telemetry: Telemetry, evaluate: Callable[[], dict] | None, start_step: int):
-    """Log the pre-training eval at step 0 (fresh runs) and return extra_metrics(step, m) for run_steps that adds
-    throughput and, every train.eval_every steps and at the last step, the eval metrics."""
-    if evaluate is not None and start_step == 0:
-        telemetry.log(0, evaluate())
-
-    def extra_metrics(step: int, m: dict) -> dict:
-        out = {"tokens_per_s": m["tokens"] / m["step_time_s"]}
-        done = step + 1
-        if evaluate is not None and ((cfg.train.eval_every > 0 and done % cfg.train.eval_every == 0)
-                                     or done == cfg.train.max_steps):
-            t0 = time.perf_counter()
-            out.update(evaluate())
-            out["eval_time_s"] = time.perf_counter() - t0
-        return out
-
-    return extra_metrics
 
 
 @register_stage("rm")

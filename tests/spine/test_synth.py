@@ -36,3 +36,15 @@ def test_helpful_pairs_rejects_are_what_they_claim():
                 assert sorted(x) == sorted(c)
     assert sum("chosen_score" in r for r in rows) == 200
     json.dumps(rows)
+
+
+def test_slice_eval_files_are_held_out():
+    """No prompt of a slice's eval file is a prompt of its training file (nor of the quickstart's quick_* files),
+    and no eval prompt repeats: the pipeline's held-out loss measures generalisation, not recall."""
+    data = REPO / "data" / "sft"
+    for name in ("math", "text"):
+        read = lambda f: [json.loads(line) for line in (data / f).read_text().splitlines()]  # noqa: E731
+        train = {synth.first_prompt(r) for f in (f"slice_{name}.jsonl", f"quick_{name}.jsonl") for r in read(f)}
+        held = [synth.first_prompt(r) for r in read(f"slice_{name}_eval.jsonl")]
+        assert len(held) == 32 and len(set(held)) == len(held)
+        assert not train & set(held), f"slice_{name}_eval.jsonl repeats training prompts"

@@ -91,3 +91,47 @@ def test_pipeline_kill_rerun_and_report(tmp_path):
     for png in ("loss.png", "reward_mean.png"):
         assert (run / "plots" / png).stat().st_size > 1000
     assert "## Per-category eval" in report and "add_sub" in report
+    _check_heldout(run, report)
+    for stage in ("pas", "sft", "rm", "grpo"):  # finished stages drop their checkpoints (pipeline.prune_checkpoints)
+        assert not list((run / stage).rglob("checkpoints")), stage
+
+
+def _check_heldout(run: Path, report: str):
+    """The held-out table: the SFT stage's own eval (step 0 = base, last = trained, through the trainer's module)
+    equals merge/heldout.json's scores of the saved base and slice models (reloaded from disk); every row of the
+    report's table is recomputed from heldout.json / metrics.jsonl."""
+    import numpy as np
+
+    held = json.loads((run / "merge" / "heldout.json").read_text())
+    assert set(held["nll"]) == {"base", "sft/math", "sft/text", "merged"}
+    nll = {m: {k: np.asarray(v) for k, v in per.items()} for m, per in held["nll"].items()}
+    mean = lambda a: a[:, 0].sum() / a[:, 1].sum()  # noqa: E731
+    for name in ("math", "text"):
+        docs = nll["base"][name]
+        assert len(docs) == 32 and (docs[:, 1] > 0).all()
+        for m in nll:
+            assert np.array_equal(nll[m][name][:, 1], docs[:, 1])  # same documents, same tokens
+        evals = [r for r in read_metrics(run / "sft" / name / "metrics.jsonl") if "eval_loss" in r]
+        assert [r["step"] for r in evals] == [0, 2] and evals[0]["eval_docs"] == 32
+        assert evals[0]["eval_loss"] == pytest.approx(mean(nll["base"][name]), rel=1e-5)
+        assert evals[-1]["eval_loss"] == pytest.approx(mean(nll[f"sft/{name}"][name]), rel=1e-5)
+    section = report.split("## Did the pipeline make the model better? (held-out)\n", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 7 and cells[0] in ("sft/math", "sft/text", "merge", "rm", "grpo"):
+            rows.setdefault(cells[0], []).append(cells)
+    assert len(rows["merge"]) == 3 and len(rows["rm"]) == 1 and len(rows["grpo"]) == 1
+    for name in ("math", "text"):
+        (cells,) = rows[f"sft/{name}"]
+        assert cells[2] == "32"
+        assert float(cells[3]) == pytest.approx(mean(nll["base"][name]), abs=1e-4)
+        assert float(cells[4]) == pytest.approx(mean(nll[f"sft/{name}"][name]), abs=1e-4)
+    rm = [r for r in read_metrics(run / "rm" / "metrics.jsonl") if "eval_accuracy" in r]
+    (cells,) = rows["rm"]
+    assert cells[2] == "40" and float(cells[3]) == pytest.approx(rm[0]["eval_accuracy"], abs=1e-4)
+    assert float(cells[4]) == pytest.approx(rm[-1]["eval_accuracy"], abs=1e-4)
+    (cells,) = rows["grpo"]
+    final = json.loads((run / "grpo" / "eval_final.json").read_text())
+    assert cells[2] == "3" and float(cells[4]) == pytest.approx(final["eval_accuracy"], abs=1e-4)
+    assert re.search(r"^\d+ of 7 held-out measures improved beyond noise\.", section, re.M)
