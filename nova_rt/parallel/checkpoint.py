@@ -5,12 +5,15 @@ its own file (`MegatronBackend.state_dict()`: its model shards, its optimizer st
 `extra` state of that rank, e.g. a sampler position) into `step_N.tmp` (with parallel.distributed_optimizer the
 optimizer state is sharded over DP: state_dict gathers it into the file of DP rank 0 of each model-parallel group,
 megatron's dp-zero format, and loading scatters it back; both are collectives); after a barrier global rank 0 writes
-meta.json (step, world size, parallel layout), fsyncs, writes DONE and renames the directory into place. A directory
-is complete only with DONE under its final name, so a run killed at any point (SIGKILL included) resumes from the
-newest complete one and leftover `*.tmp` directories are ignored and later removed. Resuming with the same world
-size, TP/PP/VPP layout and optimizer kind restores every rank's own file; any other layout goes through
-nova_rt.parallel.reshard (fp32, no per-rank stage state; RNG states are not carried). The run dir must be on a
-filesystem every rank sees.
+meta.json (step, world size, parallel layout) and manifest.json (size and sha256 of every file), fsyncs, writes DONE
+and renames the directory into place. A directory is complete only with DONE under its final name, so a run killed
+at any point (SIGKILL included) resumes from the newest complete one and leftover `*.tmp` directories are ignored and
+later removed. Resuming verifies the newest one's manifest first; one that fails (a file missing, truncated or
+altered) is moved aside to `step_N.corrupt` with a warning and the previous complete one is used. Rank files are
+read with weights_only=True (nova_rt.checkpoint.safe_load): a planted pickle is refused, never run. Resuming with
+the same world size, TP/PP/VPP layout and optimizer kind restores every rank's own file; any other layout goes
+through nova_rt.parallel.reshard (fp32, no per-rank stage state; RNG states are not carried). The run dir must be on
+a filesystem every rank sees.
 
 The final model is still written as an HF directory (MegatronBackend.save_hf); these directories are for resuming.
 """
@@ -18,6 +21,7 @@ The final model is still written as an HF directory (MegatronBackend.save_hf); t
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -26,7 +30,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from nova_rt.checkpoint import quarantine, safe_load, verify_manifest, write_manifest
+from nova_rt.errors import CheckpointError
 from nova_rt.parallel import reshard
+
+log = logging.getLogger(__name__)
 
 _STEP_RE = re.compile(r"^step_(\d{8})$")
 
@@ -47,10 +55,22 @@ def complete(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def verified_latest(root: Path) -> Path | None:
+    """The newest complete checkpoint whose files match its manifest; ones that do not are moved aside."""
+    for _, path in reversed(complete(root)):
+        reason = verify_manifest(path, "DONE")
+        if reason is None:
+            return path
+        moved = quarantine(path)
+        log.warning("checkpoint %s cannot be used (%s); moved it to %s and falling back to the previous complete "
+                    "checkpoint", path, reason, moved.name)
+    return None
+
+
 def latest(root: Path) -> Path | None:
-    """Collective: the newest complete checkpoint as global rank 0 sees it (every rank gets the same answer)."""
-    found = complete(root) if dist.get_rank() == 0 else []
-    box = [str(found[-1][1]) if found else None]
+    """Collective: the newest complete, verified checkpoint as global rank 0 sees it (every rank gets the same)."""
+    found = verified_latest(root) if dist.get_rank() == 0 else None
+    box = [str(found) if found else None]
     dist.broadcast_object_list(box, src=0)
     return Path(box[0]) if box[0] else None
 
@@ -79,6 +99,7 @@ def save(backend, root: Path, step: int, extra: dict | None = None, keep_last: i
     if rank == 0:
         (tmp / "meta.json").write_text(json.dumps({"step": step, **_layout(backend)}, indent=1))
         _fsync(tmp / "meta.json")
+        write_manifest(tmp)
         (tmp / "DONE").write_text("")
         _fsync(tmp)
         if final.exists():
@@ -95,10 +116,18 @@ def load(backend, path: Path) -> tuple[int, dict | None]:
     meta = json.loads((path / "meta.json").read_text())
     want = _layout(backend)
     got = {k: meta.get(k, False if k == "distributed_optimizer" else None) for k in want}  # older meta: no key
-    if got != want:
-        return reshard.load_resharded(backend, path, meta)
-    state = torch.load(path / f"rank_{dist.get_rank():05d}.pt", weights_only=False)
-    backend.load_state_dict(state)
+    try:
+        if got != want:
+            return reshard.load_resharded(backend, path, meta)
+        state = safe_load(path / f"rank_{dist.get_rank():05d}.pt", numpy_arrays=True)
+        backend.load_state_dict(state)
+    except RuntimeError as exc:
+        if "state_dict" not in str(exc) and "size mismatch" not in str(exc):
+            raise
+        detail = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc).splitlines()[0])
+        raise CheckpointError(f"{path}: written by a model of another shape or architecture ({detail}). Resume with "
+                              "the same model, or start fresh with another run.dir or checkpoint.resume=false"
+                              ) from None
     return int(state["step"]), state["extra"]
 
 

@@ -189,12 +189,12 @@ def load_resharded(backend, path: Path, meta: dict) -> tuple[int, None]:
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
-    from nova_rt.checkpoint import rng_state
+    from nova_rt.checkpoint import rng_state, safe_load
 
     if backend.dtype != torch.float32:
         raise NotImplementedError(f"{path}: resuming in another parallel layout needs fp32 parameters (with "
                                   f"{backend.dtype} the fp32 master weights would have to be carried)")
-    files = [torch.load(f, weights_only=False, mmap=True) for f in sorted(path.glob("rank_*.pt"))]
+    files = [safe_load(f, mmap=True, numpy_arrays=True) for f in sorted(path.glob("rank_*.pt"))]
     if len(files) != meta["world_size"] or any("reshard" not in f for f in files):
         raise RuntimeError(f"{path} cannot be resumed in another layout (it lacks rank files or their layout "
                            f"description; written before resharding existed?); resume with {meta}")

@@ -92,8 +92,8 @@ def test_megatron_sft_resumes_exactly(tmp_path, layout):
     _torchrun([*_common(full, model_dir), *args])
     ck = full / "checkpoints"
     assert sorted(p.name for p in ck.iterdir()) == ["step_00000001", "step_00000002"]
-    assert sorted(p.name for p in (ck / "step_00000001").iterdir()) == ["DONE", "meta.json", "rank_00000.pt",
-                                                                        "rank_00001.pt"]
+    assert sorted(p.name for p in (ck / "step_00000001").iterdir()) == ["DONE", "manifest.json", "meta.json",
+                                                                        "rank_00000.pt", "rank_00001.pt"]
     if "distributed_optimizer" in layout:
         ranks = [torch.load(ck / "step_00000001" / f"rank_0000{r}.pt", weights_only=False)["optimizer"]
                  for r in (0, 1)]

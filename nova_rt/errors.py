@@ -1,0 +1,27 @@
+"""Errors that are the user's to fix, not bugs: bad config, bad data, bad model or checkpoint files, a run that
+diverged. The CLI entry points print their message in one or two lines and exit 2; any other exception is a bug
+and keeps its traceback. `NOVA_RT_DEBUG=1` shows the traceback of user errors too.
+
+Every message names where the problem is: the file, the row and field, or the config key.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class UserError(ValueError):
+    """A mistake in the user's input; the message names the file / row / field or the config key."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint cannot be used: refused (not plain tensors and types), corrupt, or written by another model."""
+
+
+class NonFiniteError(UserError):
+    """Training stopped: too many consecutive steps with a non-finite loss or gradient norm."""
+
+
+def debug_enabled() -> bool:
+    """NOVA_RT_DEBUG=1 (or any value but 0/empty): user errors keep their tracebacks."""
+    return os.environ.get("NOVA_RT_DEBUG", "") not in ("", "0")
