@@ -188,6 +188,27 @@ _WORKSPACE_FLOOR = 8 * 2**20
 _TOPK_ROW_BYTES = 32  # per top-k id in a row block: in-chunk mask, int64 column, gathered/scattered values
 _DH_ROW_BYTES = 8  # per d hidden element in a torch-path row block: the chunk's fp32 contribution + an int32 word
 
+# Triton launch configurations: on CUDA, and under the interpreter (small, cheap blocks). Every CUDA entry is
+# compiled for sm_90a without a GPU by nova_rt/kernels/aot.py (tests/kernels/test_sm90_compile.py): no spills,
+# shared memory within 227 KB, wgmma in the 16-bit fwd and d hidden GEMMs. num_stages None = Triton's default (3).
+_CUDA_TILES = {
+    "fwd": dict(BLOCK_T=128, BLOCK_V=128, BLOCK_D=64, num_warps=8),  # num_stages by dtype: _fwd_stages
+    "gather": dict(BLOCK_K=32, BLOCK_D=128),
+    "dz": dict(BLOCK_T=32, BLOCK_V=256),
+    "dh": dict(BLOCK_T=128, BLOCK_D=128, BLOCK_V=64, num_warps=8, num_stages=3),
+}
+_INTERPRET_TILES = {
+    "fwd": dict(BLOCK_T=16, BLOCK_V=32, BLOCK_D=32, num_warps=8),
+    "gather": dict(BLOCK_K=64, BLOCK_D=32),
+    "dz": dict(BLOCK_T=32, BLOCK_V=64),
+    "dh": dict(BLOCK_T=16, BLOCK_D=32, BLOCK_V=32, num_warps=8, num_stages=3),
+}
+_TILES = _INTERPRET_TILES if _INTERPRET else _CUDA_TILES
+
+
+def _fwd_stages(dtype: torch.dtype) -> int:
+    return 2 if dtype == torch.float32 else 3  # fp32 tiles: 3 stages overflow SMEM
+
 
 def _device_kind(device: torch.device) -> str:
     """'cuda' or 'cpu': which budget and code path apply. The meta-tensor memory measurement patches this."""
@@ -327,7 +348,7 @@ def triton_fwd(hidden_TD, weight_VD, labels_T, topk_ids_TK, inv_tau: float, want
     h, w, labels_T = hidden_TD.contiguous(), weight_VD.contiguous(), labels_T.contiguous()
     if T == 0:
         return torch_fwd(h, w, labels_T, topk_ids_TK, inv_tau, want_entropy)
-    block_t, block_v, block_d = (16, 32, 32) if _INTERPRET else (128, 128, 64)
+    block_t, block_v, block_d = (_TILES["fwd"][k] for k in ("BLOCK_T", "BLOCK_V", "BLOCK_D"))
     n_tblk = triton.cdiv(T, block_t)
     if v_splits is None:
         v_splits = max(1, min(triton.cdiv(2 * _sm_count(h.device), n_tblk), triton.cdiv(V, 4 * block_v)))
@@ -338,7 +359,7 @@ def triton_fwd(hidden_TD, weight_VD, labels_T, topk_ids_TK, inv_tau: float, want
     _fused_linear_logprobs_fwd_kernel[(n_tblk, v_splits)](
         h, w, labels_T, part[0], part[1], part[2], part[3], T, V, D, h.stride(0), w.stride(0), inv_tau, cols,
         HAS_ENT=want_entropy, CAST_F32=cast, BLOCK_T=block_t, BLOCK_V=block_v, BLOCK_D=block_d,
-        num_warps=8, num_stages=2 if h.dtype == torch.float32 else 3)  # fp32 tiles: 3 stages overflow SMEM
+        num_warps=_TILES["fwd"]["num_warps"], num_stages=_fwd_stages(h.dtype))
     m_s, s_s, b_s, zl_s = part.unbind(0)
     m = m_s.amax(0)
     wgt = torch.exp(m_s - m)
@@ -354,10 +375,9 @@ def triton_fwd(hidden_TD, weight_VD, labels_T, topk_ids_TK, inv_tau: float, want
         K = topk_ids_TK.shape[1]
         zk = torch.empty((T, K), dtype=torch.float32, device=h.device)
         if K > 0:
-            block_k = 64 if _INTERPRET else 32
+            block_k = _TILES["gather"]["BLOCK_K"]
             _fused_linear_logprobs_gather_kernel[(T, triton.cdiv(K, block_k))](
-                h, w, topk_ids_TK.contiguous(), zk, K, D, h.stride(0), w.stride(0), BLOCK_K=block_k,
-                BLOCK_D=block_d if _INTERPRET else 128)
+                h, w, topk_ids_TK.contiguous(), zk, K, D, h.stride(0), w.stride(0), **_TILES["gather"])
         zk *= inv_tau
     return logp, ent, zk, lse
 
@@ -372,10 +392,10 @@ def _dz_torch(z, lse, c1, ge, gl, labels, v0, v1, inv_tau):
 
 
 def _dz_triton(z, dz, lse, c1, ge, gl, labels, v0, inv_tau):
-    bt, bv = (32, 64) if _INTERPRET else (32, 256)
+    bt, bv = _TILES["dz"]["BLOCK_T"], _TILES["dz"]["BLOCK_V"]
     _fused_linear_logprobs_bwd_kernel[(triton.cdiv(z.shape[0], bt), triton.cdiv(z.shape[1], bv))](
         z, dz, lse, c1, ge if ge is not None else c1, gl, labels, z.shape[0], z.shape[1], v0, inv_tau,
-        HAS_ENT=ge is not None, BLOCK_T=bt, BLOCK_V=bv)
+        HAS_ENT=ge is not None, **_TILES["dz"])
 
 
 def _dz_chunk(z, v0, v1, rows, rowvecs, topk_ids_TK, g_topk, inv_tau, use_triton):
@@ -440,10 +460,10 @@ def _dh_update(dh, lo, dz, w_c, first: bool, last: bool, rows: int, use_triton: 
         return
     T, D = dh.shape
     if use_triton:
-        bt, bd, bv = (16, 32, 32) if _INTERPRET else (128, 128, 64)
+        bt, bd = _TILES["dh"]["BLOCK_T"], _TILES["dh"]["BLOCK_D"]
         _fused_linear_logprobs_dh_kernel[(triton.cdiv(T, bt), triton.cdiv(D, bd))](
             dz, w_c, dh.view(torch.int16), lo, dh, T, dz.shape[1], D, w_c.stride(0), w_c.stride(1), FIRST=first,
-            LAST=last, CAST_F32=_INTERPRET, BLOCK_T=bt, BLOCK_D=bd, BLOCK_V=bv, num_warps=8, num_stages=3)
+            LAST=last, CAST_F32=_INTERPRET, **_TILES["dh"])
         return
     hi = dh.view(torch.int16)
     for r in _row_blocks(T, rows):

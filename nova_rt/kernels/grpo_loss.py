@@ -222,10 +222,21 @@ def _grpo_reduce_kernel(PART_4P, LOSS, STATS, P, inv_tokens, BLOCK_P: tl.constex
 
 
 # ----------------------------------------------------------------------------------------------- launcher
+# Launch configuration on CUDA. 1024 tokens per program: 8 fp32 per thread at 4 warps (two 16-B loads per array),
+# ~4 programs per SM at 0.5M tokens. BLOCK_B is the next power of two of B within the range; BLOCK_P the partials
+# tile. Every choice is compiled for sm_90a without a GPU by nova_rt/kernels/aot.py (tests/kernels/
+# test_sm90_compile.py): no spills, shared memory within 227 KB.
+_CUDA_BLOCK_T = 1024
+_CPU_BLOCK_T = 128
+_FWD_WARPS = 4
+_BLOCK_B_RANGE = (16, 1024)
+_BLOCK_P = 256
+
+
 def grpo_loss_fwd(logprobs_T, old_logprobs_T, ref_logprobs_T, rewards_B, cu_seqlens, token_adv_T, group_size: int,
                   eps_low: float, eps_high: float, beta: float, kl: str, agg: str, adv_norm: str,
                   write_grad: bool = True, block_t: int | None = None, block_b: int | None = None,
-                  block_p: int = 256):
+                  block_p: int = _BLOCK_P):
     """Launch the three forward kernels; no autograd. Returns (loss 0-d fp32, dlp (T,) or (0,), stats (5,) fp32).
 
     dlp is d loss / d logprobs in the logprobs dtype (empty when write_grad is False); stats follow STAT_NAMES.
@@ -234,9 +245,8 @@ def grpo_loss_fwd(logprobs_T, old_logprobs_T, ref_logprobs_T, rewards_B, cu_seql
     T, B = logprobs_T.numel(), rewards_B.numel()
     dev = logprobs_T.device
     on_gpu = logprobs_T.is_cuda
-    # 1024 tokens per program: 8 fp32 per thread at 4 warps (two 16-B loads per array), ~4 programs per SM at 0.5M.
-    block_t = block_t or min(1024 if on_gpu else 128, max(16, triton.next_power_of_2(max(T, 1))))
-    block_b = block_b or min(1024, max(16, triton.next_power_of_2(B)))
+    block_t = block_t or min(_CUDA_BLOCK_T if on_gpu else _CPU_BLOCK_T, max(16, triton.next_power_of_2(max(T, 1))))
+    block_b = block_b or min(_BLOCK_B_RANGE[1], max(_BLOCK_B_RANGE[0], triton.next_power_of_2(B)))
     n_blocks = triton.cdiv(T, block_t)
     adv_B = torch.empty(B, device=dev, dtype=torch.float32)
     w_B = torch.empty(B, device=dev, dtype=torch.float32)
@@ -254,7 +264,7 @@ def grpo_loss_fwd(logprobs_T, old_logprobs_T, ref_logprobs_T, rewards_B, cu_seql
             token_adv_T if has_tadv else logprobs_T, cu_seqlens, adv_B, w_B, dlp_T if write_grad else logprobs_T,
             part_4P, T, B, n_blocks, (B - 1).bit_length(), eps_low, eps_high, beta,
             HAS_REF=has_ref, HAS_TADV=has_tadv, KL=_KL_MODES[kl], WRITE_GRAD=write_grad, BLOCK_T=block_t,
-            num_warps=4)
+            num_warps=_FWD_WARPS)
     _grpo_reduce_kernel[(1,)](part_4P, loss, stats, n_blocks, inv_tokens, BLOCK_P=block_p)
     return loss, dlp_T, stats
 

@@ -373,6 +373,11 @@ _CUDA_CONFIGS_FP32 = {
     "dkdv": {64: (16, 32, 4, 2), 128: (32, 32, 8, 2), 256: (16, 32, 8, 2)},
     "dq": {64: (32, 32, 8, 2), 128: (32, 32, 4, 2), 256: (32, 16, 8, 2)},
 }
+# Checked by tests/kernels/test_sm90_compile.py (nova_rt/kernels/aot.py compiles every entry for sm_90a on CPU):
+# spill-store bytes ptxas may report for an entry, keyed (table, kind, HP); and entries whose 16-bit tiles are too
+# small for a warpgroup MMA (64 rows), so Triton emits Ampere-style mma.sync instead of wgmma (still tensor cores).
+_SPILL_ALLOWANCE: dict[tuple[str, str, int], int] = {}
+_MMA_V2_CONFIGS: set[tuple[str, str, int]] = set()
 
 
 def _config(kind: str, HP: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int, int]:
