@@ -3,11 +3,16 @@
     nova-rt train CONFIG [--set k=v ...]      any stage (run.stage), same as python -m nova_rt.train
     nova-rt merge CONFIG.yaml OUT_DIR [...]   mergekit-style YAML merge (streaming)
     nova-rt augment --model DIR "prompt" ...  PAS: append complementary prompts
+
+Exit status 2 for a user error (one or two lines on stderr naming the file / row / field or key; NOVA_RT_DEBUG=1
+shows the traceback); a traceback means a bug.
 """
 
 from __future__ import annotations
 
 import sys
+
+from nova_rt.errors import UserError, debug_enabled
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,6 +21,17 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
+    try:
+        return _dispatch(cmd, rest)
+    except UserError as exc:
+        if debug_enabled():
+            raise
+        from nova_rt.train import report_user_error
+
+        return report_user_error(exc, f"nova-rt {cmd}")
+
+
+def _dispatch(cmd: str, rest: list[str]) -> int:
     if cmd == "train":
         from nova_rt.train import main as train_main
 

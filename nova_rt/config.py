@@ -5,25 +5,40 @@ logging, parallel) are defined here; a stage adds its own section (`grpo`, `dpo`
 dataclass with `@register_section("<name>")` in `nova_rt/stages/<name>.py` (section name == module name, so the
 loader can import it on demand). Defaults live only in the dataclasses; YAML files hold overrides.
 
-Unknown keys and values of the wrong type are errors that name the key and the file.
+Unknown keys, values of the wrong type, choices outside a field's `Literal[...]` and out-of-range numbers are
+errors that name the key and the file, raised while loading, before any model or data loads.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
+from nova_rt.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A config file or override is invalid; the message names the file and the key."""
+
+
+def check_range(name: str, value: float, *, ge: float | None = None, gt: float | None = None,
+                le: float | None = None) -> None:
+    """ValueError `name: must be ...` unless value is finite and within the bounds (for `validate` methods)."""
+    ok = isinstance(value, (int, float)) and math.isfinite(value)
+    ok = ok and (ge is None or value >= ge) and (gt is None or value > gt) and (le is None or value <= le)
+    if not ok:
+        bounds = [f">= {ge}" if ge is not None else "", f"> {gt}" if gt is not None else "",
+                  f"<= {le}" if le is not None else ""]
+        raise ValueError(f"{name}: must be a finite number {' and '.join(b for b in bounds if b)}, got {value!r}")
 
 
 _SECTIONS: dict[str, type] = {}
@@ -46,7 +61,7 @@ def register_section(name: str):
 @register_section("run")
 @dataclass(kw_only=True)
 class RunConfig:
-    stage: str = "sft"
+    stage: Literal["sft", "rm", "dpo", "grpo", "pas", "merge", "pipeline"] = "sft"
     """Which stage runs: sft, rm, dpo, grpo, pas, merge, pipeline."""
     dir: str = "runs/default"
     """Run directory: checkpoints, metrics.jsonl, TensorBoard events, final/ model."""
@@ -60,9 +75,9 @@ class ModelConfig:
     path: str = "builtin:smollm2-135m-instruct"
     """A local HF causal-LM directory, `builtin:smollm2-135m-instruct` (converted from the bundled GGUF once and
     cached), or `tiny:llama` / `tiny:qwen2` (random tiny model built from `tiny`)."""
-    dtype: str = "float32"
+    dtype: Literal["float32", "fp32", "bfloat16", "bf16", "float16", "fp16"] = "float32"
     """Parameter dtype: float32, bfloat16 or float16 (mixed precision is `train.precision`)."""
-    attn_impl: str = "auto"
+    attn_impl: Literal["auto", "nova", "sdpa", "eager", "flash_attention_2"] = "auto"
     """auto (nova packed attention), nova, sdpa, eager or flash_attention_2."""
     tiny: dict = field(default_factory=dict)
     """Overrides for tiny models: hidden, layers, heads, kv_heads, intermediate, vocab_size, tie."""
@@ -76,15 +91,18 @@ class DataConfig:
     train_files: list[str] = field(default_factory=list)
     """jsonl / json / parquet files or `datasets` directories saved with save_to_disk; relative to the config."""
     eval_files: list[str] = field(default_factory=list)
-    on_error: str = "error"
+    on_error: Literal["error", "skip"] = "error"
     """error: a bad row stops the run naming file, row and field; skip: drop it and count it."""
     max_seq_len: int = 2048
     """Longest sample in tokens."""
-    overlong: str = "truncate"
+    overlong: Literal["truncate", "drop"] = "truncate"
     """truncate or drop samples longer than max_seq_len."""
     system_prompt: str = ""
     """Prepended as a system message when a row has none (empty: none)."""
     shuffle: bool = True
+
+    def validate(self) -> None:
+        check_range("data.max_seq_len", self.max_seq_len, ge=1)
 
 
 @register_section("packing")
@@ -94,6 +112,9 @@ class PackingConfig:
     max_tokens: int = 4096
     """Token slots per packed row."""
 
+    def validate(self) -> None:
+        check_range("packing.max_tokens", self.max_tokens, ge=1)
+
 
 @register_section("optim")
 @dataclass(kw_only=True)
@@ -102,14 +123,26 @@ class OptimConfig:
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
-    fused: str = "auto"
+    fused: Literal["auto", "true", "false"] = "auto"
     """auto: fused AdamW on CUDA and CPU (torch's fused kernels), foreach elsewhere; "false": foreach."""
-    scheduler: str = "cosine"
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     """cosine, linear or constant, after warmup."""
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     """Max global grad norm; 0 disables clipping."""
+
+    def validate(self) -> None:
+        check_range("optim.lr", self.lr, ge=0)
+        check_range("optim.weight_decay", self.weight_decay, ge=0)
+        check_range("optim.eps", self.eps, gt=0)
+        if len(self.betas) != 2:
+            raise ValueError(f"optim.betas: must be two numbers [beta1, beta2], got {self.betas!r}")
+        for i, b in enumerate(self.betas):
+            check_range(f"optim.betas[{i}]", b, ge=0, le=0.999999999)
+        check_range("optim.warmup_steps", self.warmup_steps, ge=0)
+        check_range("optim.min_lr_ratio", self.min_lr_ratio, ge=0, le=1)
+        check_range("optim.grad_clip", self.grad_clip, ge=0)
 
 
 @register_section("train")
@@ -121,22 +154,30 @@ class TrainConfig:
     """Packed rows (or samples when packing is off) per optimizer step, over all DP ranks."""
     micro_batch: int = 1
     """Packed rows per forward/backward on one rank."""
-    loss_reduction: str = "token"
+    loss_reduction: Literal["token", "sequence"] = "token"
     """token: sum over supervised tokens / their count in the global batch; sequence: mean of per-sample means."""
-    precision: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16."""
     activation_checkpointing: int = 0
     """Checkpoint every k-th decoder layer group of k layers (the report's multi-layer checkpointing); 0 off."""
     num_threads: int = 0
     """torch CPU threads; 0 keeps torch's default."""
-    cpu_allocator: str = "cached"
+    cpu_allocator: Literal["cached", "system"] = "cached"
     """Runs on CPU: cached (glibc keeps freed large blocks for reuse instead of unmapping them; fewer page faults,
     see nova_rt.cpu_runtime) or system (glibc's defaults)."""
+    eval_every: int = 0
+    max_nonfinite_steps: int = 3
+    """Steps with a non-finite loss or gradient norm are skipped (no update) and counted; this many in a row stop
+    the run with an error (see nova_rt.trainer)."""
 
     def validate(self) -> None:
-        if self.cpu_allocator not in ("cached", "system"):
-            raise ValueError(f"train.cpu_allocator must be cached or system, got {self.cpu_allocator!r}")
-    eval_every: int = 0
+        check_range("train.max_steps", self.max_steps, ge=1)  # 0 would write an untrained model as "final"
+        check_range("train.global_batch", self.global_batch, ge=1)
+        check_range("train.micro_batch", self.micro_batch, ge=1)
+        check_range("train.activation_checkpointing", self.activation_checkpointing, ge=0)
+        check_range("train.num_threads", self.num_threads, ge=0)
+        check_range("train.eval_every", self.eval_every, ge=0)
+        check_range("train.max_nonfinite_steps", self.max_nonfinite_steps, ge=1)
 
 
 @register_section("checkpoint")
@@ -149,6 +190,10 @@ class CheckpointConfig:
     """Resume from the newest complete checkpoint in run.dir."""
     save_final: bool = True
     """Write the trained model as an HF directory to run.dir/final."""
+
+    def validate(self) -> None:
+        check_range("checkpoint.every", self.every, ge=0)
+        check_range("checkpoint.keep_last", self.keep_last, ge=0)
 
 
 @register_section("logging")
@@ -163,9 +208,9 @@ class LoggingConfig:
 @register_section("parallel")
 @dataclass(kw_only=True)
 class ParallelConfig:
-    backend: str = "hf"
+    backend: Literal["hf", "megatron"] = "hf"
     """hf (torch DDP/FSDP2 over HF models) or megatron."""
-    data_parallel: str = "ddp"
+    data_parallel: Literal["ddp", "fsdp2"] = "ddp"
     """ddp or fsdp2 (hf backend)."""
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
@@ -173,6 +218,11 @@ class ParallelConfig:
     sequence_parallel: bool = False
     context_parallel: int = 1
     distributed_optimizer: bool = False
+
+    def validate(self) -> None:
+        for name in ("tensor_parallel", "pipeline_parallel", "context_parallel"):
+            check_range(f"parallel.{name}", getattr(self, name), ge=1)
+        check_range("parallel.virtual_pipeline_parallel", self.virtual_pipeline_parallel, ge=0)
 
 
 CORE_SECTIONS = ("run", "model", "data", "packing", "optim", "train", "checkpoint", "logging", "parallel")
@@ -235,6 +285,11 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check `value` against the annotation `tp`; ints are accepted for floats. Raise ConfigError naming `where`."""
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if any(value == c and type(value) is type(c) for c in choices):
+            return value
+        raise ConfigError(f"{where}: must be one of {', '.join(map(str, choices))}, got {value!r}")
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -298,7 +353,10 @@ def _build_section(cls: type, values: dict, where: str) -> Any:
         try:
             check()
         except ValueError as exc:
-            raise ConfigError(f"{where}: {exc}") from None
+            msg = str(exc)  # "section.key: ..." already names the key: prefix only the file
+            section = where.split(": ")[-1]
+            prefix = where.rsplit(": ", 1)[0] if msg.startswith(section + ".") and ": " in where else where
+            raise ConfigError(f"{prefix}: {msg}") from None
     return obj
 
 
@@ -339,20 +397,28 @@ def _set_dotted(raw: dict, key: str, value: Any, source: str) -> None:
     node[parts[-1]] = value
 
 
-def load_raw(path: str | Path) -> dict:
+def load_raw(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
     """Read a YAML config; `include: other.yaml` (relative) is merged underneath this file's values."""
     path = Path(path)
+    if path.resolve() in _chain:
+        cycle = " -> ".join(str(p) for p in (*_chain, path.resolve()))
+        raise ConfigError(f"{_chain[-1]}: include cycle: {cycle}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (FileNotFoundError, IsADirectoryError):
+        raise ConfigError(f"config file not found: {path}" +
+                          (f" (included from {_chain[-1]})" if _chain else "")) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     base = raw.pop("include", None)
     if base:
-        merged = load_raw(path.parent / base)
+        if not isinstance(base, str):
+            raise ConfigError(f"{path}: include: expected a file name, got {base!r}")
+        merged = load_raw(path.parent / base, (*_chain, path.resolve()))
         _deep_update(merged, raw)
         raw = merged
     return raw

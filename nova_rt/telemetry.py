@@ -1,8 +1,10 @@
 """Per-step metrics: <run dir>/metrics.jsonl, TensorBoard scalars, a progress bar, GPU stats through NVML,
 NVTX ranges for Nsight, and a PNG of the loss curve at the end.
 
-Only rank 0 writes. On resume, lines for steps after the checkpoint are dropped so metrics.jsonl has exactly one
-line per optimizer step. NVML is optional: a missing library (any CPU machine) just omits the GPU fields.
+Only rank 0 writes. metrics.jsonl is strict JSON: a NaN or infinite value is written as null (Python's json would
+write the non-JSON tokens NaN/Infinity), and the step's `nonfinite` field lists the keys that were. On resume, lines
+for steps after the checkpoint are dropped so metrics.jsonl has exactly one line per optimizer step. NVML is
+optional: a missing library (any CPU machine) just omits the GPU fields.
 """
 
 from __future__ import annotations
@@ -111,7 +113,7 @@ class Telemetry:
         if self.gpu is not None:
             rec.update(self.gpu.read())
         with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+            f.write(strict_json(rec) + "\n")
         if self.tb is not None:
             for k, v in rec.items():
                 if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
@@ -130,6 +132,14 @@ class Telemetry:
             self.tb.close()
         if plot:
             plot_metrics(self.path, self.run_dir / "loss.png", keys)
+
+
+def strict_json(rec: dict) -> str:
+    """json.dumps with NaN/inf values as null (their keys listed under "nonfinite"); never writes NaN tokens."""
+    bad = [k for k, v in rec.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        rec = {**{k: (None if k in bad else v) for k, v in rec.items()}, "nonfinite": bad}
+    return json.dumps(rec, allow_nan=False)
 
 
 def _py(v):
@@ -157,7 +167,7 @@ def plot_metrics(metrics_path: str | Path, out_png: str | Path, keys: tuple[str,
 
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)
     for ax, key in zip(axes[0], keys):
-        pts = [(r["step"], r[key]) for r in rows if key in r]
+        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]  # null: non-finite
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 60 else None)
         ax.set_xlabel("step")
         ax.set_title(key)

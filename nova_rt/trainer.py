@@ -1,5 +1,13 @@
 """The optimisation loop shared by every trainable stage: data parallelism, mixed precision, gradient accumulation,
-clipping, AdamW with warmup + decay, checkpoints and exact resume.
+clipping, AdamW with warmup + decay, checkpoints and exact resume, and the non-finite guard.
+
+Non-finite guard (the policy of Megatron's NaN check and torchtitan's skip, made explicit): a step whose loss or
+global gradient norm is NaN/inf applies no update (the optimizer does not step; the data position and the lr schedule
+move on, so the bad batch is skipped), is logged with a warning and counted (`nonfinite_skipped` in metrics.jsonl);
+`train.max_nonfinite_steps` such steps in a row stop the run with a NonFiniteError (exit 2) that names the steps and
+the last checkpoint. A checkpoint is never written during such a streak nor when a parameter is non-finite, so
+`checkpoint.keep_last` cannot push good checkpoints out with bad ones, and no final model is written from a run that
+stopped.
 
 A stage supplies the module (whose forward computes what its loss needs, so DDP/FSDP see the whole graph) and a
 `loss_fn(module, micro_batch) -> (loss, stats)`. Losses are written as sums with per-token/per-sample weights
@@ -25,6 +33,7 @@ from torch import nn
 from nova_rt.checkpoint import CheckpointManager
 from nova_rt.config import Config
 from nova_rt.distributed import DistInfo, all_reduce_sum
+from nova_rt.errors import CheckpointError, NonFiniteError
 from nova_rt.telemetry import nvtx_range
 
 log = logging.getLogger(__name__)
@@ -92,6 +101,8 @@ class Trainer:
             s, warmup=o.warmup_steps, total=t.max_steps, kind=o.scheduler, min_ratio=o.min_lr_ratio))
         self.ckpt = CheckpointManager(self.run_dir, info, cfg.checkpoint.keep_last)
         self.step = 0
+        self.nonfinite_streak = 0
+        self.nonfinite_total = 0
         prec = t.precision
         self.autocast_dtype = torch.bfloat16 if prec == "bf16" or (prec == "auto" and info.device.type == "cuda") \
             else None
@@ -122,18 +133,49 @@ class Trainer:
             totals["loss"] = totals.get("loss", 0.0) + loss.detach().float().item()
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + (v.item() if isinstance(v, torch.Tensor) else float(v))
+        totals = self._reduce(totals)
         with nvtx_range("optimizer"):
             grad_norm = self._clip()
             lr = self.scheduler.get_last_lr()[0]  # the lr this step applies; scheduler.step() moves to the next
-            self.optimizer.step()
+            finite = math.isfinite(totals["loss"]) and math.isfinite(grad_norm)  # the same on every rank
+            if finite:
+                self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        totals = self._reduce(totals)
+        self._count_nonfinite(finite, totals["loss"], grad_norm)
+        totals["nonfinite_skipped"] = self.nonfinite_total
         totals["grad_norm"] = grad_norm
         totals["lr"] = lr
         totals["step_time_s"] = time.perf_counter() - t0
         return totals
+
+    def _count_nonfinite(self, finite: bool, loss: float, grad_norm: float) -> None:
+        if finite:
+            self.nonfinite_streak = 0
+            return
+        self.nonfinite_streak += 1
+        self.nonfinite_total += 1
+        limit = self.cfg.train.max_nonfinite_steps
+        if self.info.is_main:
+            log.warning("step %d: non-finite loss %s / grad norm %s: step skipped (no update; %d in a row, %d in "
+                        "this run; the run stops after %d in a row)", self.step, loss, grad_norm,
+                        self.nonfinite_streak, self.nonfinite_total, limit)
+        if self.nonfinite_streak >= limit:
+            last = self.ckpt.latest()
+            raise NonFiniteError(
+                f"steps {self.step - self.nonfinite_streak + 1}-{self.step}: loss or gradient norm non-finite "
+                f"{self.nonfinite_streak} steps in a row (train.max_nonfinite_steps={limit}); stopped without saving. "
+                f"Last checkpoint: {last or 'none'}. Lower optim.lr or check the data, then rerun to resume.")
+
+    def params_finite(self) -> bool:
+        """Every parameter of this rank is finite (all ranks agree when distributed)."""
+        bad = torch.zeros((), dtype=torch.float64, device=self.info.device)
+        with torch.no_grad():
+            for p in self.model.parameters():
+                t = p.to_local() if hasattr(p, "to_local") else p
+                bad += (~torch.isfinite(t)).sum()
+        return all_reduce_sum(bad).item() == 0
 
     def _clip(self) -> float:
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -155,6 +197,16 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def model_state(self) -> dict | None:
+        """The full model state (rank 0 under FSDP2; collective). A NonFiniteError while the last step was skipped
+        as non-finite or a parameter is non-finite: neither a checkpoint nor the final model is written from it."""
+        if self.nonfinite_streak > 0:
+            raise NonFiniteError(f"step {self.step}: the run ended with {self.nonfinite_streak} non-finite step(s) in "
+                                 f"a row; no model written (last checkpoint: {self.ckpt.latest() or 'none'}). "
+                                 "Lower optim.lr or check the data, then rerun to resume.")
+        if not self.params_finite():
+            raise NonFiniteError(f"step {self.step}: a model parameter is non-finite; neither a checkpoint nor a "
+                                 f"model is written from it (last checkpoint: {self.ckpt.latest() or 'none'}). "
+                                 "Lower optim.lr.")
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -171,18 +223,27 @@ class Trainer:
             return sd if self.info.is_main else None
         return self.optimizer.state_dict()
 
-    def save_checkpoint(self, extra: dict | None = None) -> Path:
-        state = {"scheduler": self.scheduler.state_dict(), "trainer_step": self.step, **(extra or {})}
+    def save_checkpoint(self, extra: dict | None = None) -> Path | None:
+        """Write a checkpoint (collective); None, with a warning, while the last step was skipped as non-finite.
+        A non-finite parameter is a NonFiniteError (model_state): such a checkpoint must never replace a good one."""
+        if self.nonfinite_streak > 0:
+            if self.info.is_main:
+                log.warning("step %d: checkpoint not written (the last step was non-finite)", self.step)
+            return None
+        state = {"scheduler": self.scheduler.state_dict(), "trainer_step": self.step,
+                 "nonfinite_total": self.nonfinite_total, **(extra or {})}
         return self.ckpt.save(self.step, self.model_state(), self.optim_state(), state)
 
     def maybe_resume(self) -> dict | None:
         """Load the newest complete checkpoint if resuming is enabled; returns its extra state (or None)."""
         if not self.cfg.checkpoint.resume:
             return None
-        path = self.ckpt.latest()
-        if path is None:
+        found = self.ckpt.load_latest()
+        if found is None:
             return None
-        model_sd, optim_sd, state = self.ckpt.load(path)
+        path, model_sd, optim_sd, state = found
+        if not self.fsdp:
+            check_same_shapes(path, self.raw.state_dict(), model_sd)
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
@@ -193,12 +254,31 @@ class Trainer:
             self.optimizer.load_state_dict(optim_sd)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["trainer_step"]
+        self.nonfinite_total = state.get("nonfinite_total", 0)
         if self.info.is_main:
             log.info("resumed from %s (step %d)", path, self.step)
         return state
 
     def due(self, every: int) -> bool:
         return every > 0 and self.step % every == 0
+
+
+def check_same_shapes(path: Path, own: dict, saved: dict | None) -> None:
+    """CheckpointError naming the first tensor whose name or shape differs between the model and a checkpoint."""
+    if saved is None:
+        raise CheckpointError(f"{path}: no model.pt (was it written by another stage?)")
+    missing = sorted(set(own) - set(saved))
+    unexpected = sorted(set(saved) - set(own))
+    shapes = [k for k in own if k in saved and tuple(own[k].shape) != tuple(saved[k].shape)]
+    if not (missing or unexpected or shapes):
+        return
+    if shapes:
+        k = shapes[0]
+        what = f"{k} is {tuple(saved[k].shape)} there, {tuple(own[k].shape)} in this model ({len(shapes)} differ)"
+    else:
+        what = f"tensor {(missing or unexpected)[0]!r} is {'missing from' if missing else 'only in'} the checkpoint"
+    raise CheckpointError(f"{path}: written by a model of another shape or architecture: {what}. Resume with the "
+                          "same model, or start fresh with another run.dir or checkpoint.resume=false")
 
 
 def save_hf_atomic(hf_model, tokenizer, out_dir: str | Path, state_dict: dict | None = None) -> Path:

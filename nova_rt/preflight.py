@@ -1,0 +1,97 @@
+"""Checks of the user's files that run before any model or data loads, so a mistake is one clear line naming the
+file instead of a traceback from deep inside transformers or safetensors (which name no path).
+
+A local model directory needs config.json and weights; every *.safetensors file in it must have a readable header
+whose tensors exactly fill the file (a truncated copy or a file of garbage fails here). Data files of the supervised
+stages must exist. Configs that load models by other means (builtin:, tiny:) pass through.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+from nova_rt.config import Config, resolve_path
+from nova_rt.errors import UserError
+
+_DATA_STAGES = ("sft", "rm", "dpo")
+
+
+def check_safetensors(path: Path) -> None:
+    """UserError naming `path` unless it is a complete safetensors file (header parsed, sizes consistent)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise UserError(f"{path}: not a safetensors file ({size} bytes; truncated?)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise UserError(f"{path}: not a safetensors file (header length {n} exceeds the {size}-byte file; "
+                            "truncated or not safetensors)")
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError):
+            raise UserError(f"{path}: not a safetensors file (unreadable header)") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: not a safetensors file (unreadable header)")
+    ends = [v["data_offsets"][1] for k, v in header.items()
+            if k != "__metadata__" and isinstance(v, dict) and len(v.get("data_offsets", ())) == 2]
+    need = 8 + n + max(ends, default=0)
+    if need != size:
+        raise UserError(f"{path}: the header describes {need} bytes but the file has {size} "
+                        f"({'truncated' if size < need else 'trailing data'}); copy the file again")
+
+
+def check_model_dir(path: str, key: str = "model.path") -> None:
+    """A local HF model directory: config.json present, weights present and complete."""
+    if not path or ":" in path.split("/")[0]:
+        return
+    d = Path(path)
+    if not d.exists():
+        raise UserError(f"{key}: {path}: no such directory (give a local HF model directory, builtin:NAME or "
+                        "tiny:llama|qwen2)")
+    if not d.is_dir():
+        raise UserError(f"{key}: {path}: not a directory (give the HF model directory, not a file in it)")
+    if not (d / "config.json").is_file():
+        raise UserError(f"{key}: {path}: no config.json, so not an HF model directory (it must hold config.json "
+                        "and the *.safetensors weights, as save_pretrained writes them)")
+    shards = sorted(d.glob("*.safetensors"))
+    if not shards and not any(d.glob("pytorch_model*.bin")):
+        raise UserError(f"{key}: {path}: no *.safetensors (or pytorch_model*.bin) weights")
+    for f in shards:
+        try:
+            check_safetensors(f)
+        except UserError as exc:
+            raise UserError(f"{key}: {exc}") from None
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise UserError(f"{index}: unreadable index (no weight_map)") from None
+        missing = sorted(n for n in names if not (d / n).is_file())
+        if missing:
+            raise UserError(f"{index}: lists {missing[0]}, which is not in {path}")
+
+
+def check_inputs(cfg: Config) -> None:
+    """Everything above for cfg.model and the data files of the supervised stages; messages start with the
+    config file."""
+    try:
+        _check_inputs(cfg)
+    except UserError as exc:
+        raise UserError(f"{cfg.source}: {exc}") from None
+
+
+def _check_inputs(cfg: Config) -> None:
+    check_model_dir(resolve_path(cfg, cfg.model.path))
+    tok = resolve_path(cfg, cfg.model.tokenizer)
+    if tok and ":" not in tok.split("/")[0] and not Path(tok).is_dir():
+        raise UserError(f"model.tokenizer: {tok}: no such directory")
+    if cfg.run.stage in _DATA_STAGES:
+        for key in ("train_files", "eval_files"):
+            for i, f in enumerate(getattr(cfg.data, key)):
+                p = resolve_path(cfg, f)
+                if not Path(p).exists():
+                    raise UserError(f"data.{key}[{i}]: {p}: no such file or directory")
