@@ -1,6 +1,8 @@
 """Turn chat rows into token ids with a loss mask on assistant tokens only.
 
-Accepted rows: {"messages": [{"role", "content"}, ...]} or {"prompt", "response"} (optionally "system").
+Accepted rows: {"messages": [{"role", "content"}, ...]} or {"prompt", "response"} (optionally "system"). An assistant
+turn whose content is empty (or only whitespace) is a bad row (DataError, subject to data.on_error): it would
+train only on the end-of-turn marker.
 The chat template renders the conversation; the characters of each assistant turn are found by rendering the
 prefix up to that turn (with the generation prompt) and the prefix including it, so the span is exactly what the
 template adds for the assistant's reply (content and end-of-turn marker). Tokens whose characters start inside
@@ -44,11 +46,11 @@ class Sample:
 
 
 def check_data_policy(on_error: str, overlong: str) -> None:
-    """Validate data.on_error and data.overlong (shared by every loader)."""
+    """Validate data.on_error and data.overlong (shared by every loader; the config loader checks them first)."""
     if on_error not in ("error", "skip"):
-        raise ValueError(f"data.on_error must be 'error' or 'skip', got {on_error!r}")
+        raise DataError(f"data.on_error must be 'error' or 'skip', got {on_error!r}")
     if overlong not in ("truncate", "drop"):
-        raise ValueError(f"data.overlong must be 'truncate' or 'drop', got {overlong!r}")
+        raise DataError(f"data.overlong must be 'truncate' or 'drop', got {overlong!r}")
 
 
 def row_to_messages(row: Row, system_prompt: str = "") -> list[dict]:
@@ -71,11 +73,17 @@ def row_to_messages(row: Row, system_prompt: str = "") -> list[dict]:
                 raise DataError(f"{row.where(f'messages[{i}].content')}: must be a string")
         if not any(m["role"] == "assistant" for m in msgs):
             raise DataError(f"{row.where('messages')}: no assistant message to learn from")
+        for i, m in enumerate(msgs):
+            if m["role"] == "assistant" and not m["content"].strip():
+                raise DataError(f"{row.where(f'messages[{i}].content')}: empty assistant message (it would train "
+                                "only on the end-of-turn token)")
         msgs = [{"role": m["role"], "content": m["content"]} for m in msgs]
     elif "prompt" in data or "response" in data:
         for key in ("prompt", "response"):
             if not isinstance(data.get(key), str):
                 raise DataError(f"{row.where(key)}: missing or not a string")
+        if not data["response"].strip():
+            raise DataError(f"{row.where('response')}: empty response (it would train only on the end-of-turn token)")
         msgs = [{"role": "user", "content": data["prompt"]}, {"role": "assistant", "content": data["response"]}]
         if isinstance(data.get("system"), str):
             msgs.insert(0, {"role": "system", "content": data["system"]})

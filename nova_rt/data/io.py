@@ -1,6 +1,8 @@
 """Row readers for jsonl / json / parquet files and `datasets` directories saved with save_to_disk.
 
 Every row comes with its source and 1-based row number, so validation errors can say exactly where a bad row is.
+A jsonl line that is not UTF-8 or not JSON becomes a row holding its DataError, so `data.on_error: skip` skips it
+like any other bad row; a whole-file problem (missing, empty .json, unreadable parquet) is a DataError at once.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nova_rt.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError):
     """A data row is invalid; the message names the file, the row and the field."""
 
 
@@ -33,7 +37,7 @@ def read_rows(path: str | Path) -> Iterator[Row]:
         yield from _read_datasets_dir(path)
         return
     if not path.exists():
-        raise FileNotFoundError(f"data file not found: {path}")
+        raise DataError(f"data file not found: {path}")
     suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
     if suffix in (".jsonl", ".jsonl.gz"):
         yield from _read_jsonl(path)
@@ -49,8 +53,14 @@ def _read_jsonl(path: Path) -> Iterator[Row]:
     import gzip
 
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with opener(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield Row(str(path), lineno, DataError(f"{path}: row {lineno}: not UTF-8 (byte 0x{raw[exc.start]:02x} "
+                                                       f"at column {exc.start + 1})"))
+                continue
             if not line.strip():
                 continue
             try:
@@ -64,6 +74,8 @@ def _read_jsonl(path: Path) -> Iterator[Row]:
 def _read_json(path: Path) -> Iterator[Row]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 (byte offset {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -77,7 +89,10 @@ def _read_json(path: Path) -> Iterator[Row]:
 def _read_parquet(path: Path) -> Iterator[Row]:
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises ArrowInvalid / OSError for a damaged file, without path
+        raise DataError(f"{path}: not a readable parquet file ({str(exc).splitlines()[0]})") from None
     for i, row in enumerate(table.to_pylist(), 1):
         yield Row(str(path), i, row)
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from nova_rt.data.chat import IGNORE, Sample
+from nova_rt.errors import UserError
 
 
 def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -31,7 +32,7 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     for i in order:
         n = lengths[i]
         if n > capacity:
-            raise ValueError(f"sample {i} has {n} tokens, more than packing.max_tokens={capacity}")
+            raise UserError(f"sample {i} has {n} tokens, more than packing.max_tokens={capacity}")
         j = bisect.bisect_left(free, (n, -1))
         if j < len(free):
             rem, b = free.pop(j)
@@ -97,11 +98,11 @@ class BatchSchedule:
                  shuffle: bool = True):
         per_rank, rem = divmod(global_batch, world_size)
         if rem or per_rank % micro_batch:
-            raise ValueError(f"train.global_batch={global_batch} must be divisible by world_size={world_size} "
-                             f"x train.micro_batch={micro_batch}")
+            raise UserError(f"train.global_batch={global_batch} must be divisible by world_size={world_size} "
+                            f"x train.micro_batch={micro_batch}")
         if num_rows < global_batch:
-            raise ValueError(f"only {num_rows} packed rows but train.global_batch={global_batch}: "
-                             "add data or lower the batch")
+            raise UserError(f"only {num_rows} packed rows but train.global_batch={global_batch}: "
+                            "add data or lower the batch")
         self.num_rows, self.global_batch, self.micro_batch = num_rows, global_batch, micro_batch
         self.world_size, self.seed, self.shuffle = world_size, seed, shuffle
         self.steps_per_epoch = num_rows // global_batch
@@ -136,7 +137,7 @@ def loss_weights(rows: list[PackedRow], reduction: str) -> list[np.ndarray]:
                     n_seq += 1
             per_row.append(w)
         return [w / max(n_seq, 1) for w in per_row]
-    raise ValueError(f"train.loss_reduction must be 'token' or 'sequence', got {reduction!r}")
+    raise UserError(f"train.loss_reduction must be 'token' or 'sequence', got {reduction!r}")
 
 
 def collate(rows: list[PackedRow], weights: list[np.ndarray] | None = None) -> dict[str, torch.Tensor]:

@@ -2,7 +2,9 @@
 
 Rows: {"prompt": str (optional "system": str) | "messages": [...], "chosen", "rejected", optional "chosen_score",
 "rejected_score"}. `chosen`/`rejected` are strings (one assistant reply) or lists of messages (assistant turns,
-optionally with tool turns between them). Scores are both present or both absent (finite numbers).
+optionally with tool turns between them). Scores are both present or both absent (finite numbers). A pair whose
+chosen equals its rejected carries no preference (DPO's loss is the constant log 2, the RM margin is 0): it is
+dropped, counted (`dropped_identical`) and warned about with the first such row; an empty completion is a bad row.
 
 A prompt may carry a partial solution: when `messages` ends with an assistant message, that message is the start of
 the assistant's reply and chosen/rejected (strings) continue it. This is SuperCorrect's step-level DPO as a data
@@ -32,6 +34,7 @@ import torch
 from nova_rt.data.chat import ROLES, Sample, assistant_spans, check_data_policy, tokenize_spans
 from nova_rt.data.io import DataError, Row, read_rows
 from nova_rt.data.packing import PackedRow, best_fit_decreasing, collate, make_row
+from nova_rt.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +99,8 @@ def _completion(data: dict, row: Row, key: str, partial: bool):
         raise DataError(f"{row.where(key)}: missing")
     value = data[key]
     if isinstance(value, str):
+        if not value.strip():
+            raise DataError(f"{row.where(key)}: empty completion (it would train only on the end-of-turn token)")
         return value
     if partial:
         raise DataError(f"{row.where(key)}: must be a string when 'messages' ends with a partial assistant turn")
@@ -103,6 +108,9 @@ def _completion(data: dict, row: Row, key: str, partial: bool):
         msgs = _check_messages(value, row, key, roles=("assistant", "tool"))
         if msgs[0]["role"] != "assistant":
             raise DataError(f"{row.where(f'{key}[0].role')}: the completion must start with an assistant message")
+        for i, m in enumerate(msgs):
+            if m["role"] == "assistant" and not m["content"].strip():
+                raise DataError(f"{row.where(f'{key}[{i}].content')}: empty assistant message")
         return msgs
     raise DataError(f"{row.where(key)}: must be a string or a list of assistant messages, got {type(value).__name__}")
 
@@ -165,14 +173,19 @@ def load_preference_pairs(files: list[str], tokenizer, *, max_seq_len: int, over
     """Tokenized pairs from every file, in file order, plus counts (rows, skipped, truncated, dropped, scored)."""
     check_data_policy(on_error, overlong)
     if not files:
-        raise ValueError("no preference data files given (data.train_files / data.eval_files)")
+        raise UserError("no preference data files given (data.train_files / data.eval_files)")
     pairs: list[PreferencePair] = []
     counts: Counter = Counter()
+    first_identical = None
     for path in files:
         for row in read_rows(Path(path)):
             counts["rows"] += 1
             try:
                 p = parse_preference_row(row, system_prompt)
+                if p["chosen"] == p["rejected"]:
+                    counts["dropped_identical"] += 1
+                    first_identical = first_identical or row.where()
+                    continue
                 sides = [encode_completion(tokenizer, p["prompt_messages"], p["partial"], p[k], row.where(k))
                          for k in ("chosen", "rejected")]
             except DataError as exc:
@@ -192,6 +205,9 @@ def load_preference_pairs(files: list[str], tokenizer, *, max_seq_len: int, over
                 continue
             pairs.append(PreferencePair(sides[0], sides[1], p["chosen_score"], p["rejected_score"]))
             counts["scored"] += p["chosen_score"] is not None
+    if first_identical:
+        log.warning("dropped %d preference pair(s) whose chosen equals rejected (no preference to learn; first: %s)",
+                    counts["dropped_identical"], first_identical)
     counts["pairs"] = len(pairs)
     counts["tokens"] = sum(len(p) for p in pairs)
     if not pairs:
@@ -218,8 +234,8 @@ def pack_pairs(pairs: list[PreferencePair], max_tokens: int, enabled: bool = Tru
         too_long = [i for i, n in enumerate(lens) if n > max_tokens]
         if too_long:
             i = too_long[0]
-            raise ValueError(f"pair {i} ({pairs[i].chosen.source}) has {lens[i]} tokens (chosen + rejected), more "
-                             f"than packing.max_tokens={max_tokens}; set packing.max_tokens >= 2 * data.max_seq_len")
+            raise UserError(f"pair {i} ({pairs[i].chosen.source}) has {lens[i]} tokens (chosen + rejected), more "
+                            f"than packing.max_tokens={max_tokens}; set packing.max_tokens >= 2 * data.max_seq_len")
         bins = [sorted(b) for b in best_fit_decreasing(lens, max_tokens)]
         slots = len(bins) * max_tokens
     else:

@@ -31,6 +31,7 @@ import numpy as np
 
 from nova_rt.data.chat import encode_prompt
 from nova_rt.data.io import DataError, Row, read_rows
+from nova_rt.errors import UserError
 
 log = logging.getLogger(__name__)
 _EVAL_SEED_OFFSET = 7919
@@ -99,11 +100,11 @@ def gym_prompts(spec: dict, split: str, system_prompt: str = "") -> list[dict]:
     spec = dict(spec)
     name = spec.pop("name", None)
     if not name:
-        raise ValueError(f"gym task {spec}: missing 'name' (e.g. basic_arithmetic)")
+        raise UserError(f"gym task {spec}: missing 'name' (e.g. basic_arithmetic)")
     known = {"size", "seed", "config", "category", "eval_size", "prefill", "template", "weight"}
     unknown = set(spec) - known
     if unknown:
-        raise ValueError(f"gym task '{name}': unknown keys {sorted(unknown)} (known: {sorted(known)})")
+        raise UserError(f"gym task '{name}': unknown keys {sorted(unknown)} (known: {sorted(known)})")
     seed = int(spec.get("seed", 0)) + (_EVAL_SEED_OFFSET if split == "eval" else 0)
     size = int(spec.get("eval_size", 50) if split == "eval" else spec.get("size", 1000))
     if size <= 0:
@@ -111,7 +112,7 @@ def gym_prompts(spec: dict, split: str, system_prompt: str = "") -> list[dict]:
     try:
         ds = reasoning_gym.create_dataset(name, seed=seed, size=size, **spec.get("config", {}))
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"gym task '{name}': {exc}") from None
+        raise UserError(f"gym task '{name}': {exc}") from None
     category, template, prefill = spec.get("category", name), spec.get("template", "{question}"), spec.get(
         "prefill", "")
     out = []
@@ -188,7 +189,7 @@ class CategorySampler:
     def __init__(self, pools: dict[str, list[dict]], weights: dict[str, float] | None = None, seed: int = 0):
         self.pools = {c: p for c, p in pools.items() if p}
         if not self.pools:
-            raise ValueError("no RL prompts: give grpo.prompt_files or grpo.gym_tasks")
+            raise UserError("no RL prompts: give grpo.prompt_files or grpo.gym_tasks")
         self.categories = sorted(self.pools)
         self.rng = np.random.default_rng([seed, 0x5EED])
         self.perms = {c: self.rng.permutation(len(self.pools[c])) for c in self.categories}
@@ -213,8 +214,8 @@ class CategorySampler:
 
     def load_state_dict(self, state: dict) -> None:
         if sorted(state["perms"]) != self.categories:
-            raise ValueError(f"sampler state has categories {sorted(state['perms'])}, the data has "
-                             f"{self.categories}: the prompt data changed since the checkpoint")
+            raise UserError(f"sampler state has categories {sorted(state['perms'])}, the data has "
+                            f"{self.categories}: the prompt data changed since the checkpoint")
         self.rng.bit_generator.state = state["rng"]
         self.perms = {c: np.asarray(p, dtype=np.int64) for c, p in state["perms"].items()}
         self.cursors = dict(state["cursors"])
@@ -225,10 +226,10 @@ def normalise_weights(weights: dict[str, float], categories: list[str]) -> dict[
     """Weights for every category (missing ones get 1.0), summing to 1; unknown or negative ones are errors."""
     unknown = set(weights) - set(categories)
     if unknown:
-        raise ValueError(f"category weights name unknown categories {sorted(unknown)} (known: {categories})")
+        raise UserError(f"category weights name unknown categories {sorted(unknown)} (known: {categories})")
     w = {c: float(weights.get(c, 1.0)) for c in categories}
     if any(v < 0 for v in w.values()) or sum(w.values()) <= 0:
-        raise ValueError(f"category weights must be >= 0 with a positive sum, got {w}")
+        raise UserError(f"category weights must be >= 0 with a positive sum, got {w}")
     total = sum(w.values())
     return {c: v / total for c, v in w.items()}
 
@@ -237,7 +238,7 @@ def reweight(current: dict[str, float], base: dict[str, float], accuracy: dict[s
              max_ratio: float = 4.0, rate: float = 0.5) -> dict[str, float]:
     """One re-weighting update (the rule in the module docstring). Categories without an accuracy keep theirs."""
     if max_ratio < 1 or not 0 < rate <= 1:
-        raise ValueError(f"need max_ratio >= 1 and 0 < rate <= 1, got {max_ratio}, {rate}")
+        raise UserError(f"need max_ratio >= 1 and 0 < rate <= 1, got {max_ratio}, {rate}")
     cats = [c for c in base if c in accuracy]
     if not cats:
         return dict(current)

@@ -17,7 +17,7 @@ def load_sft_samples(files: list[str], tokenizer, *, max_seq_len: int, overlong:
     """Tokenized samples from every file, in file order, plus counts: rows, skipped, truncated, dropped."""
     check_data_policy(on_error, overlong)
     if not files:
-        raise ValueError("data.train_files is empty: give at least one jsonl/json/parquet file or datasets dir")
+        raise DataError("data.train_files is empty: give at least one jsonl/json/parquet file or datasets dir")
     samples: list[Sample] = []
     counts: Counter = Counter()
     for path in files:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import yaml
 
+from nova_rt.errors import UserError
 from nova_rt.merge.registry import REQUIRED, MergeMethod, ParamSpec, get_merge
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "float16": torch.float16,
@@ -28,7 +29,7 @@ _UNSUPPORTED = {"slices": "use `models:` (layer slicing is not supported)", "mod
                 "chat_template": "copy the template into the tokenizer source instead"}
 
 
-class MergeConfigError(ValueError):
+class MergeConfigError(UserError):
     """A merge config that cannot be run; the message names the offending field."""
 
 

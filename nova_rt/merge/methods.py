@@ -5,15 +5,23 @@ linear normalises by default; task_arithmetic does not; ties normalises; dare_* 
 mergekit has but nova-rt does not implement are declared with the single value we support, so a config asking for
 anything else fails instead of being silently ignored (int8_mask only changes mergekit's mask dtype, so only false
 is accepted; rescale on ties/task_arithmetic means L1-norm matching in mergekit, which is not implemented).
+
+Unlike mergekit, weights that nearly cancel under `normalize` are an error (MergeConfigError, exit 2): normalising
+divides by their sum, so 1 and -0.999 would scale the model x1000. The limit is MAX_NORMALIZE_GAIN: no weight may
+exceed that many times the |sum| it is divided by (for ties, any subset of the weights, since its divisor per
+element is the sum over the models that agree in sign).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
+from functools import lru_cache
 
 import torch
 
 from nova_rt.merge import ops
+from nova_rt.merge.config import MergeConfigError
 from nova_rt.merge.reference import (
     SPARSIFY_MAGNITUDE,
     SPARSIFY_NONE,
@@ -22,6 +30,25 @@ from nova_rt.merge.reference import (
     model_stock_rows,
 )
 from nova_rt.merge.registry import REQUIRED, ParamSpec, TensorMerge, register_merge
+
+MAX_NORMALIZE_GAIN = 10.0
+
+
+@lru_cache(maxsize=256)
+def check_normalizer(method: str, weights: tuple[float, ...], subsets: bool) -> None:
+    """MergeConfigError when normalising by a sum of `weights` (any subset if `subsets`) would amplify a weight
+    more than MAX_NORMALIZE_GAIN times (the weights nearly cancel)."""
+    sizes = range(1, len(weights) + 1) if subsets and len(weights) <= 12 else [len(weights)]
+    for k in sizes:
+        for group in itertools.combinations(weights, k):
+            total = sum(group)
+            biggest = max(abs(w) for w in group)
+            if total != 0 and biggest > MAX_NORMALIZE_GAIN * abs(total):
+                raise MergeConfigError(
+                    f"{method}: weights {list(group)} sum to {total:.6g}; normalize divides by it, which would scale "
+                    f"the merged tensors x{biggest / abs(total):.4g} (they nearly cancel). Fix the weights, or set "
+                    "`normalize: false` if you mean an unnormalised sum")
+
 
 _INT8_MASK = ParamSpec(bool, False, choices=(False,), why="int8_mask only changes mergekit's mask dtype; use false")
 _NO_RESCALE = ParamSpec(bool, False, choices=(False,), why="L1-norm rescaling of pruned deltas is not implemented")
@@ -43,6 +70,7 @@ def linear(m: TensorMerge) -> torch.Tensor:
         total = sum(weights)
         if total == 0:
             raise ValueError(f"linear merge of {m.name!r}: weights sum to 0, cannot normalize")
+        check_normalizer("linear", tuple(weights), False)
         scale = 1.0 / total
     return ops.weighted_sum(m.tensors, weights, scale, out_dtype=m.out_dtype, backend=m.backend, out=m.out)
 
@@ -59,6 +87,8 @@ def _gta_method(name: str, *, sparsify: int, consensus: bool, normalize: bool, r
     }
 
     def merge(m: TensorMerge) -> torch.Tensor:
+        if m.params["normalize"]:
+            check_normalizer(name, tuple(p["weight"] for p in m.model_params), True)
         params = GtaParams(
             weights=tuple(p["weight"] for p in m.model_params),
             densities=tuple(p.get("density", 1.0) for p in m.model_params),

@@ -129,7 +129,8 @@ class GRPOConfig:
     """A PAS model directory: prompts are augmented with its complement before rollouts."""
 
     def validate(self) -> None:
-        checks = [(self.group_size >= 1, "group_size must be >= 1"),
+        checks = [(self.group_size >= 2, f"group_size must be >= 2, got {self.group_size} (advantages are rewards "
+                   "minus their group's mean: a group of one always has advantage 0 and trains nothing)"),
                   (self.prompts_per_step >= 1, "prompts_per_step must be >= 1"),
                   (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
                   (self.kl in KL_ESTIMATORS, f"kl must be one of {KL_ESTIMATORS}, got {self.kl!r}"),

@@ -1,0 +1,288 @@
+"""Bad input and faults as a user meets them through the CLI: every user mistake is exit 2 with one or two lines
+naming the file / row / field or config key (no traceback), choice and range errors come before any model or data
+loads, a diverging run stops instead of exiting 0, metrics.jsonl stays strict JSON, and the silent-wrong-result cases
+(GRPO group of one, empty assistant turns, chosen == rejected, cancelling merge weights, max_steps 0) are errors or
+counted warnings. The README section "Bad input and faults" is the table of these classes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from nova_rt.config import build_config
+from nova_rt.distributed import DistInfo
+from nova_rt.errors import NonFiniteError
+from tests.reliability_helpers import ROOT, chat_rows, run_cli, tiny_config, write_jsonl
+
+
+def _strict_json(line: str) -> dict:
+    def refuse(token):
+        raise ValueError(f"non-JSON token {token}")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+# ----------------------------------------------------------------------------------------------- config
+@pytest.mark.parametrize("override, key", [
+    ("optim.scheduler=cosin", "optim.scheduler: must be one of cosine, linear, constant, got 'cosin'"),
+    ("parallel.backend=deepspeed", "parallel.backend: must be one of hf, megatron"),
+    ("train.precision=fp8", "train.precision: must be one of auto, fp32, bf16"),
+    ("data.overlong=cut", "data.overlong: must be one of truncate, drop"),
+    ("data.on_error=ignore", "data.on_error: must be one of error, skip"),
+    ("train.global_batch=0", "train.global_batch: must be a finite number >= 1, got 0"),
+    ("optim.lr=-1", "optim.lr: must be a finite number >= 0, got -1"),
+    ("train.max_steps=0", "train.max_steps: must be a finite number >= 1, got 0"),
+    ("train.max_step=3", "train: unknown key 'train.max_step'"),
+])
+def test_config_mistakes_exit_2_before_anything_loads(tmp_path, capsys, override, key):
+    cfg = tiny_config(tmp_path)
+    code, err = run_cli(capsys, "--config", str(cfg), "--set", override)
+    assert code == 2, err
+    assert f"{cfg}: {key}" in err and "Traceback" not in err and len(err.splitlines()) == 2
+    assert not (tmp_path / "run").exists()  # nothing ran: the run dir is created after loading
+
+
+def test_include_cycle_names_the_files(tmp_path, capsys):
+    (tmp_path / "a.yaml").write_text("include: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("include: a.yaml\ntrain: {max_steps: 1}\n")
+    code, err = run_cli(capsys, "--config", str(tmp_path / "a.yaml"))
+    assert code == 2 and "include cycle" in err and "a.yaml -> " in err and "b.yaml" in err, err
+
+
+def test_grpo_group_of_one_is_an_error(tmp_path, capsys):
+    code, err = run_cli(capsys, "--config", str(ROOT / "configs" / "tiny_grpo.yaml"), "--set",
+                        f"run.dir={tmp_path / 'run'}", "--set", "grpo.group_size=1")
+    assert code == 2 and "tiny_grpo.yaml: grpo: group_size must be >= 2, got 1" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_debug_env_keeps_the_traceback(tmp_path, monkeypatch):
+    from nova_rt.config import ConfigError
+    from nova_rt.train import main
+
+    monkeypatch.setenv("NOVA_RT_DEBUG", "1")
+    with pytest.raises(ConfigError, match="optim.scheduler"):
+        main(["--config", str(tiny_config(tmp_path)), "--set", "optim.scheduler=x"])
+
+
+def test_console_script_train_exits_2(tmp_path, capsys):
+    from nova_rt.cli import main
+
+    code = main(["train", str(tiny_config(tmp_path)), "--set", "train.micro_batch=0"])
+    assert code == 2 and "train.micro_batch: must be" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------- data
+GOOD = chat_rows(8)
+BAD_ROWS = {
+    "bad_json": ([GOOD[0], '{"messages": [', *GOOD[1:]], "chat.jsonl: row 2: invalid JSON"),
+    "missing_field": ([GOOD[0], {"prompt": "hi"}, *GOOD[1:]], "chat.jsonl: row 2: field 'response': missing"),
+    "wrong_role": ([{"messages": [{"role": "bot", "content": "x"}]}, *GOOD],
+                   "chat.jsonl: row 1: field 'messages[0].role': must be one of"),
+    "wrong_schema": ([*GOOD, {"text": "plain"}], "chat.jsonl: row 9: expected a 'messages' list"),
+    "empty_assistant": ([*GOOD[:2], {"messages": [{"role": "user", "content": "hi"},
+                                                  {"role": "assistant", "content": " "}]}, *GOOD[2:]],
+                        "chat.jsonl: row 3: field 'messages[1].content': empty assistant message"),
+    "empty_file": ([], "no usable samples in"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ROWS))
+def test_data_mistakes_exit_2_naming_file_row_field(tmp_path, capsys, case):
+    rows, want = BAD_ROWS[case]
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    code, err = run_cli(capsys, "--config", str(tiny_config(tmp_path, data)))
+    assert code == 2, err
+    assert want in err and "Traceback" not in err and len(err.splitlines()) == 2, err
+    if case == "empty_file":
+        assert str(data) in err
+
+
+def test_missing_data_path_exits_2_before_the_model_loads(tmp_path, capsys):
+    cfg = tiny_config(tmp_path, tmp_path / "nope.jsonl")
+    code, err = run_cli(capsys, "--config", str(cfg))
+    assert code == 2 and f"{cfg}: data.train_files[0]: {tmp_path / 'nope.jsonl'}: no such file" in err, err
+
+
+def _non_utf8_file(tmp_path: Path) -> Path:
+    lines = [json.dumps(r).encode() for r in GOOD]
+    lines.insert(2, b'{"prompt": "caf\xe9", "response": "ok"}')  # latin-1, not UTF-8
+    path = tmp_path / "chat.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def test_non_utf8_row_with_on_error_error_names_file_and_row(tmp_path, capsys):
+    data = _non_utf8_file(tmp_path)
+    code, err = run_cli(capsys, "--config", str(tiny_config(tmp_path, data)))
+    assert code == 2 and f"{data}: row 3: not UTF-8 (byte 0xe9 at column 16)" in err, err
+
+
+def test_non_utf8_row_with_on_error_skip_is_skipped_and_counted(tmp_path, capsys):
+    from nova_rt.data.sft import load_sft_samples
+    from nova_rt.models.tiny import byte_tokenizer
+
+    data = _non_utf8_file(tmp_path)
+    samples, counts = load_sft_samples([str(data)], byte_tokenizer(), max_seq_len=256, on_error="skip")
+    assert counts["rows"] == 9 and counts["skipped_bad_rows"] == 1 and len(samples) == 8
+    code, err = run_cli(capsys, "--config", str(tiny_config(tmp_path, data, data={"on_error": "skip"})),
+                        "--set", "train.max_steps=1")
+    assert code == 0, err
+    assert (tmp_path / "run" / "final").is_dir()
+
+
+def test_empty_assistant_row_is_skipped_and_counted_with_on_error_skip(tmp_path):
+    from nova_rt.data.sft import load_sft_samples
+    from nova_rt.models.tiny import byte_tokenizer
+
+    path = write_jsonl(tmp_path / "x.jsonl", [GOOD[0], {"prompt": "hi", "response": ""}, GOOD[1]])
+    samples, counts = load_sft_samples([str(path)], byte_tokenizer(), max_seq_len=256, on_error="skip")
+    assert len(samples) == 2 and counts["skipped_bad_rows"] == 1
+
+
+def test_identical_preference_pairs_are_dropped_counted_and_warned(tmp_path, caplog):
+    from nova_rt.data.preference import load_preference_pairs
+    from nova_rt.models.tiny import byte_tokenizer
+
+    rows = [{"prompt": "2+2?", "chosen": "4", "rejected": "5"}, {"prompt": "1+1?", "chosen": "2", "rejected": "2"},
+            {"prompt": "3+3?", "chosen": "6", "rejected": "6"}, {"prompt": "1+2?", "chosen": "3", "rejected": "4"}]
+    path = write_jsonl(tmp_path / "prefs.jsonl", rows)
+    with caplog.at_level(logging.WARNING):
+        pairs, counts = load_preference_pairs([str(path)], byte_tokenizer(), max_seq_len=128)
+    assert len(pairs) == 2 and counts["dropped_identical"] == 2 and counts["rows"] == 4
+    assert f"dropped 2 preference pair(s) whose chosen equals rejected (no preference to learn; first: {path}: row 2)" \
+        in caplog.text
+
+
+# ----------------------------------------------------------------------------------------------- model files
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from nova_rt.models.tiny import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("m") / "tiny", "llama", seed=0, hidden=32, layers=1, heads=2,
+                           kv_heads=1, intermediate=64)
+
+
+@pytest.mark.parametrize("damage, want", [
+    ("no_config", "no config.json, so not an HF model directory"),
+    ("truncated", "model.safetensors: the header describes"),
+    ("garbage", "model.safetensors: not a safetensors file"),
+])
+def test_damaged_model_dir_exits_2_naming_the_file(tmp_path, capsys, tiny_dir, damage, want):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    st = model / "model.safetensors"
+    if damage == "no_config":
+        (model / "config.json").unlink()
+    elif damage == "truncated":
+        st.write_bytes(st.read_bytes()[:-100])
+    else:
+        st.write_bytes(b"\x00garbage" * 50)
+    cfg = tiny_config(tmp_path, model={"path": str(model)})
+    code, err = run_cli(capsys, "--config", str(cfg))
+    assert code == 2 and want in err and "model.path" in err and str(model) in err and "Traceback" not in err, err
+
+
+def test_merge_weights_that_nearly_cancel_are_an_error(tmp_path, capsys, tiny_dir):
+    import shutil
+
+    from nova_rt.merge.cli import main
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_dir, other)
+    cfg = tmp_path / "merge.yaml"
+    cfg.write_text(json.dumps({"merge_method": "linear", "dtype": "float32", "models": [
+        {"model": str(tiny_dir), "parameters": {"weight": 1.0}},
+        {"model": str(other), "parameters": {"weight": -0.999}}]}))
+    capsys.readouterr()
+    assert main([str(cfg), str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "linear: weights [1.0, -0.999] sum to 0.001" in err and "x1000" in err and "normalize: false" in err, err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    cfg.write_text(cfg.read_text().replace('"models"', '"parameters": {"normalize": false}, "models"'))
+    assert main([str(cfg), str(tmp_path / "out"), "--no-progress"]) == 0  # meant it: the unnormalised sum
+
+
+# ----------------------------------------------------------------------------------------------- non-finite
+def _trainer(tmp_path, limit=3):
+    from nova_rt.trainer import Trainer
+
+    cfg = build_config({"train": {"max_steps": 20, "max_nonfinite_steps": limit},
+                        "optim": {"lr": 0.1, "scheduler": "constant"}, "checkpoint": {"keep_last": 0}})
+    torch.manual_seed(0)
+    return Trainer(cfg, DistInfo(), torch.nn.Linear(3, 1), run_dir=tmp_path)
+
+
+def _loss(model, mb):
+    return (model(mb["x"]).square().sum() * mb["scale"]), {}
+
+
+def _step(tr, scale):
+    return tr.train_step([{"x": torch.ones(2, 3), "scale": scale}], _loss)
+
+
+def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path):
+    tr = _trainer(tmp_path)
+    _step(tr, 1.0)
+    before = [p.detach().clone() for p in tr.raw.parameters()]
+    m = _step(tr, float("nan"))
+    assert math.isnan(m["loss"]) and m["nonfinite_skipped"] == 1 and tr.step == 2
+    assert all(torch.equal(a, b) for a, b in zip(before, tr.raw.parameters()))  # no update
+    assert tr.save_checkpoint() is None  # never during a non-finite streak
+    with pytest.raises(NonFiniteError, match="ended with 1 non-finite step"):
+        tr.model_state()  # so no final model either
+    m = _step(tr, 1.0)
+    assert m["nonfinite_skipped"] == 1 and not all(torch.equal(a, b) for a, b in zip(before, tr.raw.parameters()))
+    assert tr.save_checkpoint().name == "step_00000003"
+    _step(tr, float("inf")), _step(tr, float("nan"))
+    with pytest.raises(NonFiniteError, match=r"steps 4-6: loss or gradient norm non-finite 3 steps in a row "
+                                             r"\(train.max_nonfinite_steps=3\).*step_00000003"):
+        _step(tr, float("nan"))
+
+
+def test_nonfinite_parameter_is_never_saved(tmp_path):
+    tr = _trainer(tmp_path)
+    _step(tr, 1.0)
+    with torch.no_grad():
+        tr.raw.weight[0, 1] = float("inf")
+    with pytest.raises(NonFiniteError, match="parameter is non-finite"):
+        tr.save_checkpoint()
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_metrics_jsonl_is_strict_json(tmp_path):
+    from nova_rt.telemetry import Telemetry
+
+    t = Telemetry(tmp_path, enabled=True, tensorboard=False, progress_bar=False)
+    t.log(1, {"loss": float("nan"), "grad_norm": float("inf"), "lr": 0.1})
+    rec = _strict_json((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert rec == {"step": 1, "loss": None, "grad_norm": None, "lr": 0.1, "nonfinite": ["loss", "grad_norm"]}
+
+
+def test_diverging_run_stops_with_exit_2_and_keeps_only_finite_checkpoints(tmp_path, capsys):
+    """lr 1e30: parameters stay finite but the loss is NaN from step 2 -> skipped, counted, stopped at 3 in a row."""
+    cfg = tiny_config(tmp_path, optim={"lr": 1e30}, train={"max_steps": 8})
+    code, err = run_cli(capsys, "--config", str(cfg))
+    assert code == 2, err
+    assert "training stopped: steps 2-4: loss or gradient norm non-finite 3 steps in a row" in err, err
+    run = tmp_path / "run"
+    assert not (run / "final").exists()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000001"]
+    recs = [_strict_json(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2, 3] and [r["nonfinite_skipped"] for r in recs] == [0, 1, 2]
+    assert recs[1]["loss"] is None and "loss" in recs[1]["nonfinite"]
+
+
+def test_update_to_infinite_parameters_is_never_checkpointed(tmp_path, capsys):
+    """lr 1e38: the first update overflows the parameters; its checkpoint is refused and the run stops."""
+    cfg = tiny_config(tmp_path, optim={"lr": 1e38}, train={"max_steps": 8})
+    code, err = run_cli(capsys, "--config", str(cfg))
+    assert code == 2 and "training stopped: step 1: a model parameter is non-finite" in err, err
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "final").exists()
