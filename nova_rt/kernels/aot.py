@@ -15,7 +15,7 @@ signature, constants and divisibility hints are what a real launch would compile
 batch (tokens, documents, responses, grid slots) at odd values, i.e. the general-case binary. GQA ratio G = 4.
 
 Checks (`check_row`): compiles; shared memory <= 227 KB per block (SMEM_LIMIT_SM90); spill stores <= the
-allowance written next to the config (`_SPILL_ALLOWANCE` in packed_attention.py, 0 elsewhere); 16-bit kernels
+allowance written next to the config (`_SPILL_ALLOWANCE` in each kernel module; 0 where none); 16-bit kernels
 that do matmuls carry `wgmma` in their PTX, unless the config is listed in `_MMA_V2_CONFIGS` (tiles below a
 warpgroup's 64 rows use Ampere-style `mma.sync`, still tensor cores).
 
@@ -127,7 +127,7 @@ def _fused_logprobs_specs() -> list[LaunchSpec]:
                 f"{n} {fwd['BLOCK_T']}x{fwd['BLOCK_V']}x{fwd['BLOCK_D']} w{fwd['num_warps']} "
                 f"s{fl._fwd_stages(dt)}{' entropy' if ent else ''}", vals,
                 dict(fwd, HAS_ENT=ent, CAST_F32=dt == f32, num_stages=fl._fwd_stages(dt)),
-                tensor_cores=dt != f32))
+                tensor_cores=dt != f32, spill_allowance=fl._SPILL_ALLOWANCE.get(("fwd", n), 0), key=("fwd", n)))
         g = tiles["gather"]
         specs.append(LaunchSpec("fused_linear_logprobs", "_fused_linear_logprobs_gather_kernel",
                                 f"{n} K={K} {g['BLOCK_K']}x{g['BLOCK_D']}", vals, dict(g)))
@@ -174,7 +174,8 @@ def _grpo_specs() -> list[LaunchSpec]:
         specs.append(LaunchSpec(
             "grpo_loss", "_grpo_adv_kernel", f"{'cu64' if cu == torch.int64 else 'cu32'} BLOCK_B={bb} {agg} adv={norm}",
             {**base, "CU": cu, "B": bb * 3 // 4 + 1}, dict(AGG=gl._AGG_MODES[agg], NORM_STD=norm == "std",
-                                                         BLOCK_B=bb)))
+                                                         BLOCK_B=bb),
+            spill_allowance=gl._SPILL_ALLOWANCE.get(("adv", bb), 0), key=("adv", bb)))
     bt_max = gl._CUDA_BLOCK_T
     # (dtype, cu dtype, BLOCK_T, has_ref, kl, token_adv, write_grad)
     fwd = [(bf16, torch.int32, bt, True, "k3", False, True) for bt in pow2(16, bt_max)]
@@ -190,7 +191,9 @@ def _grpo_specs() -> list[LaunchSpec]:
                 "TADV_T": f32 if tadv else dt}
         specs.append(LaunchSpec("grpo_loss", "_grpo_loss_fwd_kernel", label, vals,
                                 dict(HAS_REF=has_ref, HAS_TADV=tadv, KL=gl._KL_MODES[kl], WRITE_GRAD=grad,
-                                     BLOCK_T=bt, num_warps=gl._FWD_WARPS)))
+                                     BLOCK_T=bt, num_warps=gl._FWD_WARPS),
+                                spill_allowance=gl._SPILL_ALLOWANCE.get(("fwd", _dtype_name(dt)), 0),
+                                key=("fwd", _dtype_name(dt))))
     specs.append(LaunchSpec("grpo_loss", "_grpo_reduce_kernel", f"BLOCK_P={gl._BLOCK_P}", base,
                             dict(BLOCK_P=gl._BLOCK_P)))
     return specs

@@ -204,6 +204,9 @@ _INTERPRET_TILES = {
     "dh": dict(BLOCK_T=16, BLOCK_D=32, BLOCK_V=32, num_warps=8, num_stages=3),
 }
 _TILES = _INTERPRET_TILES if _INTERPRET else _CUDA_TILES
+# Spill-store bytes ptxas 13 (triton 3.7.1, sm_90a) reports and the compile test allows, by (kind, dtype): the fp32
+# forward's 128 x 128 fp32 tile on FMA units runs at 255 registers (120 B without entropy, 256 B with it).
+_SPILL_ALLOWANCE = {("fwd", "fp32"): 256}
 
 
 def _fwd_stages(dtype: torch.dtype) -> int:
