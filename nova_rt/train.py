@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return _run(args)
-    except UserError as exc:
+    except (UserError, FileNotFoundError) as exc:  # FileNotFoundError: a path the user gave (its message names it)
         if debug_enabled():
             raise
         return report_user_error(exc)

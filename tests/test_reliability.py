@@ -286,3 +286,28 @@ def test_update_to_infinite_parameters_is_never_checkpointed(tmp_path, capsys):
     code, err = run_cli(capsys, "--config", str(cfg))
     assert code == 2 and "training stopped: step 1: a model parameter is non-finite" in err, err
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "final").exists()
+
+
+def test_stage_level_mistake_is_exit_2(tmp_path, capsys):
+    cfg = tiny_config(tmp_path, packing={"enabled": True, "max_tokens": 128})
+    code, err = run_cli(capsys, "--config", str(cfg))
+    assert code == 2 and "data.max_seq_len=256 exceeds packing.max_tokens=128" in err, err
+
+
+@pytest.mark.distributed
+def test_every_rank_exits_2_under_torchrun(tmp_path):
+    """A data error after the process group is up: both ranks print it and exit 2 (torchrun then exits 1)."""
+    import os
+    import subprocess
+    import sys
+
+    data = write_jsonl(tmp_path / "chat.jsonl", ['{"messages": ['])
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "nova_rt.train",
+                           "--config", str(tiny_config(tmp_path, data))], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode != 0
+    assert proc.stderr.count(f"nova_rt: data error: {data}: row 1: invalid JSON") == 2, proc.stderr[-3000:]
+    assert "exitcode  : 2" in proc.stderr  # torchrun may SIGTERM the second rank once the first has exited
+    assert str(ROOT / "nova_rt") not in proc.stderr  # no traceback through our code

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from nova_rt.checkpoint import quarantine, safe_load, verify_manifest, write_manifest
-from nova_rt.errors import CheckpointError
+from nova_rt.errors import CheckpointError, NonFiniteError
 from nova_rt.parallel import reshard
 
 log = logging.getLogger(__name__)
@@ -83,10 +83,28 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _all_finite(backend) -> bool:
+    """Collective: every rank's parameter shards are finite."""
+    params = [p for c in backend.model for p in c.parameters()]
+    bad = torch.zeros((), dtype=torch.float64, device=params[0].device if params else "cpu")
+    with torch.no_grad():
+        for p in params:
+            bad += (~torch.isfinite(p)).sum()
+    dist.all_reduce(bad)
+    return bad.item() == 0
+
+
 def save(backend, root: Path, step: int, extra: dict | None = None, keep_last: int = 2) -> Path:
-    """Collective: write checkpoint `step` under `root` (see the module docstring); returns its directory."""
+    """Collective: write checkpoint `step` under `root` (see the module docstring); returns its directory.
+    A non-finite parameter on any rank is a NonFiniteError on every rank, before anything is written: such a
+    checkpoint must never push a good one out."""
     final, tmp = root / f"step_{step:08d}", root / f"step_{step:08d}.tmp"
     rank = dist.get_rank()
+    if not _all_finite(backend):
+        found = complete(root)
+        last = found[-1][1] if found else None
+        raise NonFiniteError(f"step {step}: a model parameter is non-finite; checkpoint not written (last "
+                             f"checkpoint: {last or 'none'}). Lower optim.lr.")
     if rank == 0:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -21,6 +21,7 @@ from nova_rt.config import Config, register_section
 from nova_rt.data.packing import BatchSchedule
 from nova_rt.data.preference import eval_micro_batches, load_preference_pairs, pack_pairs, step_micro_batches
 from nova_rt.distributed import all_reduce_sum
+from nova_rt.errors import UserError
 from nova_rt.losses.preference import RewardLoss, pair_stats
 from nova_rt.models.reward import RewardModel, batch_scores, check_last_tokens
 from nova_rt.stages import register_stage
@@ -47,8 +48,8 @@ def build_pair_data(cfg: Config, tokenizer, files: list[str]):
     """(pairs, packed rows, counts, utilization) for data files, with the config's data and packing settings."""
     d, pk = cfg.data, cfg.packing
     if pk.enabled and 2 * d.max_seq_len > pk.max_tokens:
-        raise ValueError(f"packing.max_tokens={pk.max_tokens} must hold a whole pair: at least "
-                         f"2 * data.max_seq_len = {2 * d.max_seq_len}")
+        raise UserError(f"packing.max_tokens={pk.max_tokens} must hold a whole pair: at least "
+                        f"2 * data.max_seq_len = {2 * d.max_seq_len}")
     pairs, counts = load_preference_pairs(data_files(cfg, files), tokenizer, max_seq_len=d.max_seq_len,
                                           overlong=d.overlong, on_error=d.on_error, system_prompt=d.system_prompt)
     rows, util = pack_pairs(pairs, pk.max_tokens, pk.enabled)

@@ -17,6 +17,7 @@ from nova_rt.data.chat import IGNORE
 from nova_rt.data.packing import BatchSchedule, collate, loss_weights, pack_samples
 from nova_rt.data.sft import load_sft_samples
 from nova_rt.distributed import all_reduce_sum
+from nova_rt.errors import UserError
 from nova_rt.models.causal import CausalLMLogprobs, batch_logprobs
 from nova_rt.stages import register_stage
 from nova_rt.stages.common import data_files, eval_hook, load_policy, run_steps, save_final_policy, setup
@@ -37,7 +38,7 @@ def build_sft_rows(cfg: Config, tokenizer, files: list[str] | None = None):
     """Samples -> packed rows. Returns (rows, counts, utilization)."""
     d = cfg.data
     if cfg.packing.enabled and d.max_seq_len > cfg.packing.max_tokens:
-        raise ValueError(f"data.max_seq_len={d.max_seq_len} exceeds packing.max_tokens={cfg.packing.max_tokens}")
+        raise UserError(f"data.max_seq_len={d.max_seq_len} exceeds packing.max_tokens={cfg.packing.max_tokens}")
     samples, counts = load_sft_samples(data_files(cfg, files or d.train_files), tokenizer,
                                        max_seq_len=d.max_seq_len, overlong=d.overlong, on_error=d.on_error,
                                        system_prompt=d.system_prompt)
@@ -81,7 +82,7 @@ def heldout_evaluator(cfg: Config, info, module, tokenizer):
         return None
     rows, _, _ = build_sft_rows(cfg, tokenizer, cfg.data.eval_files)
     if not rows:
-        raise ValueError(f"data.eval_files {cfg.data.eval_files}: no usable eval sample")
+        raise UserError(f"data.eval_files {cfg.data.eval_files}: no usable eval sample")
     mine = rows[info.rank::info.world_size]
     pad = -(-len(rows) // info.world_size) - len(mine)  # 0 or 1 repeated row, so every rank forwards as often
 
