@@ -94,6 +94,9 @@ class GRPOConfig:
     """token-mean, seq-mean-token-mean or seq-mean-token-sum-norm."""
     adv_norm: str = "std"
     """std (GRPO) or none (Dr.GRPO)."""
+    sum_norm_len: int = 0
+    """L of seq-mean-token-sum-norm's per-token weight 1 / (B L): 0 = the rollout batch's longest response; Dr.GRPO,
+    TRL's loss_type="dr_grpo" and verl use a constant, the generation budget (set it to max_new_tokens)."""
     ppo_epochs: int = 1
     """Passes over each rollout batch; > 1 keeps the rollout policy's log-probs as old_logprobs."""
     minibatches: int = 1
@@ -138,6 +141,7 @@ class GRPOConfig:
                   (self.agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
                    f"agg {self.agg!r} unknown"),
                   (self.adv_norm in ("std", "none"), "adv_norm must be 'std' or 'none'"),
+                  (self.sum_norm_len >= 0, "sum_norm_len must be >= 0"),
                   (self.ppo_epochs >= 1 and self.minibatches >= 1, "ppo_epochs and minibatches must be >= 1"),
                   (self.beta >= 0 and self.ptx_coef >= 0, "beta and ptx_coef must be >= 0"),
                   (self.ptx_coef == 0 or self.ptx_files, "ptx_coef > 0 needs ptx_files"),
@@ -453,6 +457,8 @@ class GRPORun:
     def micro_batches(self, groups: list[dict]) -> list[dict]:
         g = self.g
         totals = agg_totals([len(r) for grp in groups for r in grp["responses"]], self.dp_group)
+        if g.agg == "seq-mean-token-sum-norm" and g.sum_norm_len > 0:
+            totals[3] = float(g.sum_norm_len)  # a constant L instead of the longest response
         step = g.micro_prompts or max(len(groups), 1)
         mbs = []
         for i in range(0, len(groups), step):

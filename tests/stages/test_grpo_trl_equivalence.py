@@ -1,0 +1,170 @@
+"""nova_rt's GRPO loss and its gradient equal TRL GRPOTrainer's on identical inputs, for every aggregation both have.
+
+Same inputs for both sides: a padded (B, L) batch of per-token log-probs of the current policy (a leaf tensor, so
+d loss / d logprobs is compared), the rollout policy's ("old") and the reference's log-probs, a completion mask, and
+the sequence rewards of B = prompts x G responses. The nova_rt side is the GRPO stage's own loss path
+(`rl_loss_from_outputs` on micro-batches built with the stage's aggregation factors, so splitting a rollout batch
+into micro-batches is part of what is checked); it computes the group advantages from the rewards itself.
+
+Two oracles:
+  * `trl_formula_loss`: TRL's documented GRPO math written out here (runs in CI, whose .venv has no TRL):
+        A_i  = (R_i - mean_g R) / (std_g R + 1e-4)      scale_rewards="group", std with Bessel's correction
+        r_t  = exp(lp_t - old_t)
+        l_t  = -min(r_t A_i, clip(r_t, 1 - eps_low, 1 + eps_high) A_i)  + beta (exp(ref_t - lp_t) - (ref_t - lp_t) - 1)
+        "grpo":    mean_i (sum_t l_t / |o_i|)
+        "bnpo":    sum_{i,t} l_t / sum_i |o_i|                     (the micro-batch's tokens)
+        "dapo":    sum_{i,t} l_t / sum_i |o_i|                     (the whole accumulated batch's tokens)
+        "dr_grpo": sum_{i,t} l_t / (B max_completion_length)
+  * TRL itself (`GRPOTrainer._compute_loss` of trl 1.16.0, only where trl imports, i.e. in .venv-bench): the same
+    tensors are fed through a GRPOTrainer whose log-prob function returns the given leaf.
+
+The aggregation names map as: grpo <-> seq-mean-token-mean; bnpo, dapo <-> token-mean (bnpo only for one
+micro-batch: TRL normalises it per micro-batch); dr_grpo <-> seq-mean-token-sum-norm with grpo.sum_norm_len =
+max_completion_length (the constant of Dr. GRPO; nova_rt's default 0 uses the batch's longest response instead).
+
+Legend: B responses, L padded completion length, T response tokens (flat), G group size.
+"""
+
+import os
+
+import pytest
+import torch
+
+from nova_rt.stages.grpo import GRPOConfig, agg_scale_and_weights, agg_totals, rl_loss_from_outputs
+from tests.helpers import assert_close_verbose
+
+LOSS_TYPES = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dapo": "token-mean",
+              "dr_grpo": "seq-mean-token-sum-norm"}
+MAX_COMPLETION = 12
+
+
+def _seed() -> int:
+    return int.from_bytes(os.urandom(4), "little")
+
+
+def _batch(gen, n_prompts: int, G: int) -> dict:
+    """Padded inputs: lengths 1..MAX_COMPLETION - 4 (TRL's completions hold at least the EOS token; none reaches the
+    budget, so dr_grpo's constant differs from the longest response), ratios in about [0.5, 2] so both clip sides
+    are active, one group with equal rewards, values kept off the clip edges."""
+    B = n_prompts * G
+    len_B = torch.randint(1, MAX_COMPLETION - 3, (B,), generator=gen)
+    L = int(len_B.max())
+    mask_BL = (torch.arange(L)[None, :] < len_B[:, None]).float()
+    lp_BL = -3 * torch.rand(B, L, generator=gen, dtype=torch.float64)
+    log_ratio = 1.4 * torch.rand(B, L, generator=gen, dtype=torch.float64) - 0.7
+    for edge in (0.8, 1.2, 1.28):  # keep r off the clip boundaries, where fp32 and fp64 may take different sides
+        near = (log_ratio.exp() - edge).abs() < 2e-3
+        log_ratio[near] += 5e-3
+    old_BL = lp_BL - log_ratio
+    ref_BL = lp_BL + 0.5 * torch.randn(B, L, generator=gen, dtype=torch.float64)
+    rewards_B = torch.randint(0, 3, (B,), generator=gen).double() / 2 + 0.1 * torch.rand(B, generator=gen)
+    rewards_B[:G] = rewards_B[0]  # a group with no signal: advantage 0
+    return {"len_B": len_B, "mask_BL": mask_BL, "lp_BL": lp_BL, "old_BL": old_BL, "ref_BL": ref_BL,
+            "rewards_B": rewards_B, "G": G}
+
+
+def trl_advantages(rewards_B: torch.Tensor, G: int) -> torch.Tensor:
+    r_PG = rewards_B.view(-1, G)
+    mean, std = r_PG.mean(1, keepdim=True), r_PG.std(1, keepdim=True)  # torch.std: Bessel's correction
+    return ((r_PG - mean) / (std + 1e-4)).reshape(-1)
+
+
+def trl_formula_loss(lp_BL, old_BL, ref_BL, mask_BL, adv_B, loss_type: str, *, eps_low: float, eps_high: float,
+                     beta: float, max_completion_length: int, accumulated_tokens: float | None = None):
+    """TRL's documented per-token GRPO loss and aggregation (module docstring), on one micro-batch."""
+    ratio = torch.exp(lp_BL - old_BL)
+    a = adv_B[:, None]
+    per_tok = -torch.minimum(ratio * a, ratio.clamp(1 - eps_low, 1 + eps_high) * a)
+    if beta != 0.0:
+        d = ref_BL - lp_BL
+        per_tok = per_tok + beta * (torch.exp(d) - d - 1)
+    masked = per_tok * mask_BL
+    if loss_type == "grpo":
+        return (masked.sum(1) / mask_BL.sum(1).clamp(min=1)).mean()
+    if loss_type == "bnpo":
+        return masked.sum() / mask_BL.sum().clamp(min=1)
+    if loss_type == "dapo":
+        return masked.sum() / (accumulated_tokens if accumulated_tokens is not None else mask_BL.sum())
+    if loss_type == "dr_grpo":
+        return masked.sum() / (mask_BL.shape[0] * max_completion_length)
+    raise ValueError(loss_type)
+
+
+def _flat(x_BL: torch.Tensor, mask_BL: torch.Tensor) -> torch.Tensor:
+    return x_BL[mask_BL.bool()]
+
+
+def nova_loss(batch: dict, lp_BL: torch.Tensor, g: GRPOConfig, n_micro: int) -> torch.Tensor:
+    """The GRPO stage's loss on the same tensors: whole groups per micro-batch, summed (what the trainer does)."""
+    G, len_B = g.group_size, batch["len_B"]
+    lens = len_B.tolist()
+    totals = agg_totals(lens)
+    if g.agg == "seq-mean-token-sum-norm" and g.sum_norm_len > 0:
+        totals[3] = float(g.sum_norm_len)
+    n_groups = len(lens) // G
+    bounds = torch.linspace(0, n_groups, n_micro + 1).round().long().tolist()
+    total = 0.0
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        rows = slice(a * G, b * G)
+        mask = batch["mask_BL"][rows]
+        part_lens = lens[a * G:b * G]
+        scale, tok_w = agg_scale_and_weights(g.agg, part_lens, totals)
+        cu = torch.zeros(len(part_lens) + 1, dtype=torch.int64)
+        cu[1:] = torch.tensor(part_lens).cumsum(0)
+        mb = {"old_lp": _flat(batch["old_BL"][rows], mask).float(),
+              "ref_lp": _flat(batch["ref_BL"][rows], mask).float(),
+              "rewards": batch["rewards_B"][rows].float(), "resp_cu": cu, "agg_scale": scale, "tok_w": tok_w}
+        lp = _flat(lp_BL[rows], mask).float()
+        out = {"logprobs": lp, "entropy": torch.zeros_like(lp)}
+        loss, _ = rl_loss_from_outputs(out, mb, g)
+        total = total + loss
+    return total
+
+
+def _config(loss_type: str, G: int, beta: float, eps_high: float) -> GRPOConfig:
+    return GRPOConfig(group_size=G, gym_tasks=[{"name": "x"}], agg=LOSS_TYPES[loss_type], adv_norm="std",
+                      beta=beta, kl="k3", kl_placement="loss", eps_low=0.2, eps_high=eps_high,
+                      sum_norm_len=MAX_COMPLETION if loss_type == "dr_grpo" else 0)
+
+
+@pytest.mark.parametrize("loss_type", sorted(LOSS_TYPES))
+@pytest.mark.parametrize("beta, eps_high", [(0.0, 0.28), (0.04, 0.2)])
+def test_stage_loss_equals_trl_formula(loss_type, beta, eps_high):
+    seed = _seed()
+    gen = torch.Generator().manual_seed(seed)
+    G = int(torch.randint(2, 6, (1,), generator=gen))
+    batch = _batch(gen, n_prompts=4, G=G)
+    g = _config(loss_type, G, beta, eps_high)
+    n_micro = 1 if loss_type == "bnpo" else 2  # TRL's bnpo normalises per micro-batch; the others globally
+    msg = f"seed {seed} {loss_type} beta={beta} eps_high={eps_high} G={G}"
+
+    lp_nova = batch["lp_BL"].float().requires_grad_()
+    got = nova_loss(batch, lp_nova, g, n_micro)
+    got.backward()
+
+    lp_ref = batch["lp_BL"].clone().requires_grad_()
+    adv_B = trl_advantages(batch["rewards_B"], G)
+    expect = trl_formula_loss(lp_ref, batch["old_BL"], batch["ref_BL"], batch["mask_BL"], adv_B, loss_type,
+                              eps_low=0.2, eps_high=eps_high, beta=beta, max_completion_length=MAX_COMPLETION)
+    expect.backward()
+    assert_close_verbose(got.detach().reshape(1), expect.detach().reshape(1), rtol=1e-5, atol=1e-7, name=msg)
+    mask = batch["mask_BL"].bool()
+    assert_close_verbose(lp_nova.grad[mask], lp_ref.grad[mask], rtol=1e-4, atol=1e-8, name=f"d logprobs {msg}")
+    assert not lp_nova.grad[~mask].any(), f"padding got a gradient: {msg}"
+
+
+def test_formula_oracle_spot_values():
+    """The oracle itself on a hand-computed case: one group of G = 2, rewards (1, 0), one token each."""
+    lp = torch.tensor([[-1.0], [-2.0]], dtype=torch.float64)
+    old = lp - torch.tensor([[0.5], [0.0]], dtype=torch.float64)  # ratios e^0.5 = 1.6487 and 1
+    mask = torch.ones(2, 1, dtype=torch.float64)
+    adv = trl_advantages(torch.tensor([1.0, 0.0], dtype=torch.float64), 2)
+    a = 0.5 / (2 ** -0.5 + 1e-4)  # deviations +-0.5, std = sqrt(0.5)
+    assert torch.allclose(adv, torch.tensor([a, -a], dtype=torch.float64))
+    got = trl_formula_loss(lp, old, lp, mask, adv, "grpo", eps_low=0.2, eps_high=0.28, beta=0.0,
+                           max_completion_length=4)
+    # response 1: min(1.6487 a, 1.28 a) = 1.28 a (clipped); response 2: ratio 1 -> -(-a) = a; mean of (-1.28 a, a)
+    assert abs(got.item() - (-1.28 * a + a) / 2) < 1e-12
+    got = trl_formula_loss(lp, old, lp, mask, adv, "dr_grpo", eps_low=0.2, eps_high=0.28, beta=0.0,
+                           max_completion_length=4)
+    assert abs(got.item() - (-1.28 * a + a) / (2 * 4)) < 1e-12
