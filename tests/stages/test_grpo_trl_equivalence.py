@@ -168,3 +168,74 @@ def test_formula_oracle_spot_values():
     got = trl_formula_loss(lp, old, lp, mask, adv, "dr_grpo", eps_low=0.2, eps_high=0.28, beta=0.0,
                            max_completion_length=4)
     assert abs(got.item() - (-1.28 * a + a) / (2 * 4)) < 1e-12
+
+
+# ----------------------------------------------------------------------------------------------- TRL itself
+def _trl_trainer(trl_grpo, loss_type: str, beta: float, eps_high: float, n_micro: int, lp_BL: torch.Tensor):
+    """A GRPOTrainer with just the state `_compute_loss` reads (no model, no data); its log-prob function returns
+    the rows of the given leaf that the micro-batch asks for (matched by the completion ids, which hold row numbers)."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    t = trl_grpo.GRPOTrainer.__new__(trl_grpo.GRPOTrainer)
+    t.loss_type, t.beta, t.epsilon_low, t.epsilon_high = loss_type, beta, 0.2, eps_high
+    t.max_completion_length, t.importance_sampling_level, t.top_entropy_quantile = MAX_COMPLETION, "token", 1.0
+    t.off_policy_mask_threshold, t.use_vllm, t.aux_loss_enabled, t._entropy_bonus_enabled = None, False, False, False
+    t.current_gradient_accumulation_steps = n_micro
+    t.args = SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=n_micro)
+    t.model = SimpleNamespace(training=True)
+    t.accelerator = SimpleNamespace(num_processes=1, gather=lambda x: x, reduce=lambda x, reduction: x)
+    t._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    def logps(model, input_ids, attention_mask, logits_to_keep, **_):
+        rows = input_ids[:, -logits_to_keep]  # completion_ids[:, 0] carries the row number (see below)
+        return lp_BL[rows], torch.zeros_like(lp_BL[rows]), None
+
+    t._get_per_token_logps_and_entropies = logps
+    return t
+
+
+@pytest.mark.parametrize("loss_type", sorted(LOSS_TYPES))
+@pytest.mark.parametrize("beta, eps_high", [(0.0, 0.28), (0.04, 0.2)])
+def test_stage_loss_equals_trl_grpo_trainer(loss_type, beta, eps_high):
+    """TRL 1.16's own GRPOTrainer._compute_loss on the same tensors (skipped where trl is not installed: CI's .venv)."""
+    trl_grpo = pytest.importorskip("trl.trainer.grpo_trainer",
+                                   reason="trl is not installed here (it lives in .venv-bench: make bench-deps)")
+    from trl.trainer.utils import nanstd
+
+    seed = _seed()
+    gen = torch.Generator().manual_seed(seed)
+    G = int(torch.randint(2, 6, (1,), generator=gen))
+    batch = _batch(gen, n_prompts=4, G=G)
+    n_micro = 1 if loss_type == "bnpo" else 2
+    msg = f"seed {seed} {loss_type} beta={beta} eps_high={eps_high} G={G}"
+    B, L = batch["lp_BL"].shape
+
+    # TRL's advantage lines (group mean, nanstd with Bessel's correction, + 1e-4), then its loss per micro-batch
+    r = batch["rewards_B"].float()
+    mean = r.view(-1, G).mean(1).repeat_interleave(G)
+    adv_B = (r - mean) / (nanstd(r.view(-1, G), dim=1).repeat_interleave(G) + 1e-4)
+    lp_trl = batch["lp_BL"].float().requires_grad_()
+    trainer = _trl_trainer(trl_grpo, loss_type, beta, eps_high, n_micro, lp_trl)
+    rows_B = torch.arange(B)
+    mask = batch["mask_BL"]
+    expect = 0.0
+    n_groups = B // G
+    bounds = torch.linspace(0, n_groups, n_micro + 1).round().long().tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        rows = slice(a * G, b * G)
+        n = (b - a) * G
+        inputs = {"prompt_ids": torch.zeros(n, 1, dtype=torch.long), "prompt_mask": torch.ones(n, 1, dtype=torch.long),
+                  "completion_ids": rows_B[rows, None].expand(n, L).contiguous(),
+                  "completion_mask": mask[rows].long(), "advantages": adv_B[rows],
+                  "old_per_token_logps": batch["old_BL"][rows].float(),
+                  "ref_per_token_logps": batch["ref_BL"][rows].float(), "num_items_in_batch": mask.sum()}
+        expect = expect + trainer._compute_loss(None, inputs)
+    expect.backward()
+
+    lp_nova = batch["lp_BL"].float().requires_grad_()
+    got = nova_loss(batch, lp_nova, _config(loss_type, G, beta, eps_high), n_micro)
+    got.backward()
+    assert_close_verbose(got.detach().reshape(1), expect.detach().reshape(1), rtol=1e-5, atol=1e-7, name=msg)
+    m = mask.bool()
+    assert_close_verbose(lp_nova.grad[m], lp_trl.grad[m], rtol=1e-4, atol=1e-8, name=f"d logprobs {msg}")
