@@ -137,13 +137,13 @@ class Trainer:
         with nvtx_range("optimizer"):
             grad_norm = self._clip()
             lr = self.scheduler.get_last_lr()[0]  # the lr this step applies; scheduler.step() moves to the next
-            finite = math.isfinite(totals["loss"]) and math.isfinite(grad_norm)  # the same on every rank
+            finite = math.isfinite(totals.get("loss", 0.0)) and math.isfinite(grad_norm)  # the same on every rank
             if finite:
                 self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self._count_nonfinite(finite, totals["loss"], grad_norm)
+        self._count_nonfinite(finite, totals.get("loss", 0.0), grad_norm)
         totals["nonfinite_skipped"] = self.nonfinite_total
         totals["grad_norm"] = grad_norm
         totals["lr"] = lr

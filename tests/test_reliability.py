@@ -136,6 +136,19 @@ def test_non_utf8_row_with_on_error_skip_is_skipped_and_counted(tmp_path, capsys
     assert (tmp_path / "run" / "final").is_dir()
 
 
+def test_damaged_gzip_names_the_file(tmp_path):
+    import gzip
+
+    from nova_rt.data.io import DataError, read_rows
+
+    path = tmp_path / "chat.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in chat_rows(500))
+    path.write_bytes(path.read_bytes()[:-40])
+    with pytest.raises(DataError, match=rf"{path}: damaged gzip file \(Compressed file ended"):
+        list(read_rows(path))
+
+
 def test_empty_assistant_row_is_skipped_and_counted_with_on_error_skip(tmp_path):
     from nova_rt.data.sft import load_sft_samples
     from nova_rt.models.tiny import byte_tokenizer

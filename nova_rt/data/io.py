@@ -53,6 +53,13 @@ def _read_jsonl(path: Path) -> Iterator[Row]:
     import gzip
 
     opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        yield from _jsonl_rows(path, opener)
+    except (EOFError, gzip.BadGzipFile) as exc:  # a cut or damaged .gz: the rows read so far were yielded
+        raise DataError(f"{path}: damaged gzip file ({exc})") from None
+
+
+def _jsonl_rows(path: Path, opener) -> Iterator[Row]:
     with opener(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
