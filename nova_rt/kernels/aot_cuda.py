@@ -41,7 +41,7 @@ def find_nvcc() -> str | None:
     return cand if cand and os.access(cand, os.X_OK) else shutil.which("nvcc")
 
 
-def nvcc_command(src: str, out: str, stub_dir: str, arch: int = 90) -> list[str]:
+def nvcc_command(src: str, out: str, stub_dir: str, arch: int = 90, extra: tuple[str, ...] = ()) -> list[str]:
     """The nvcc -c command for one .cu file, with torch's extension flags and include paths."""
     import torch
     from torch.utils.cpp_extension import COMMON_NVCC_FLAGS, include_paths
@@ -51,7 +51,7 @@ def nvcc_command(src: str, out: str, stub_dir: str, arch: int = 90) -> list[str]
                f"_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}"]
     return [find_nvcc() or "nvcc", "-c", src, "-o", out, "-std=c++20", "-O3", "-lineinfo",
             f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v", "-Xcompiler", "-fPIC",
-            *COMMON_NVCC_FLAGS, *(f"-D{d}" for d in defines), *(f"-I{i}" for i in incs), f"-I{stub_dir}"]
+            *COMMON_NVCC_FLAGS, *(f"-D{d}" for d in defines), *(f"-I{i}" for i in incs), f"-I{stub_dir}", *extra]
 
 
 def parse_ptxas(log: str) -> list[dict]:
@@ -68,12 +68,13 @@ def parse_ptxas(log: str) -> list[dict]:
     return rows
 
 
-def compile_merge_sources(arch: int = 90) -> dict:
-    """nvcc -c every csrc/merge/*.cu for sm_<arch>: {sources, returncode, seconds, kernels, errors, log}."""
+def compile_merge_sources(arch: int = 90, sources: list[str] | None = None, extra: tuple[str, ...] = ()) -> dict:
+    """nvcc -c every csrc/merge/*.cu (or `sources`) for sm_<arch>, with `extra` nvcc flags appended:
+    {sources, returncode, seconds, kernels, errors, log}."""
     import torch
     from torch.utils.cpp_extension import include_paths
 
-    sources = sorted(glob.glob(str(REPO / "csrc" / "merge" / "*.cu")))
+    sources = sources if sources is not None else sorted(glob.glob(str(REPO / "csrc" / "merge" / "*.cu")))
     result = dict(sources=[os.path.relpath(s, REPO) for s in sources], returncode=0, seconds=0.0, kernels=[],
                   errors=[], log="")
     with tempfile.TemporaryDirectory(prefix="nova_nvcc_") as tmp:
@@ -84,7 +85,7 @@ def compile_merge_sources(arch: int = 90) -> dict:
             Path(tmp, header).write_text(_STUB)
         result["stub_header"] = not has_header
         for src in sources:
-            cmd = nvcc_command(src, os.path.join(tmp, Path(src).stem + ".o"), tmp, arch)
+            cmd = nvcc_command(src, os.path.join(tmp, Path(src).stem + ".o"), tmp, arch, extra)
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
             result["seconds"] += time.perf_counter() - t0
@@ -118,11 +119,12 @@ def failures(result: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--extra", default="", help="more nvcc flags, space-separated (e.g. -maxrregcount=16)")
     args = ap.parse_args(argv)
     if find_nvcc() is None:
         print("nvcc not found (PATH, CUDA_HOME)", file=sys.stderr)
         return 2
-    res = compile_merge_sources(args.arch)
+    res = compile_merge_sources(args.arch, extra=tuple(args.extra.split()))
     for k in res["kernels"]:
         print(f"{k['arch']} regs={k['regs']:3d} stack={k['stack']} spills={k['spill_stores']}/{k['spill_loads']} "
               f"{k['kernel']}")
