@@ -3,7 +3,8 @@ file instead of a traceback from deep inside transformers or safetensors (which 
 
 A local model directory needs config.json and weights; every *.safetensors file in it must have a readable header
 whose tensors exactly fill the file (a truncated copy or a file of garbage fails here). Data files of the supervised
-stages must exist. Configs that load models by other means (builtin:, tiny:) pass through.
+stages must exist. `builtin:NAME` must name a bundled model, `tiny:ARCH` with `model.tiny` must build a config, and
+`model.attn_impl: flash_attention_2` needs flash-attn and a GPU.
 """
 
 from __future__ import annotations
@@ -75,6 +76,32 @@ def check_model_dir(path: str, key: str = "model.path") -> None:
             raise UserError(f"{index}: lists {missing[0]}, which is not in {path}")
 
 
+def check_model_spec(path: str, tiny: dict, attn_impl: str) -> None:
+    """builtin:/tiny: names and model.tiny sizes that transformers would reject with a traceback; attention."""
+    import importlib.util
+
+    if path.startswith("builtin:"):
+        from nova_rt.models.loading import BUILTIN_MODELS
+
+        if path.split(":", 1)[1] not in BUILTIN_MODELS:
+            raise UserError(f"model.path: unknown builtin model {path!r} (known: "
+                            f"{', '.join('builtin:' + n for n in BUILTIN_MODELS)})")
+    elif path.startswith("tiny:"):
+        from nova_rt.models.tiny import tiny_config
+
+        try:
+            tiny_config(path.split(":", 1)[1], **tiny)
+        except Exception as exc:  # noqa: BLE001 - TypeError / ValueError / transformers' validation errors
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+            raise UserError(f"model.path {path!r} with model.tiny {tiny}: {' '.join(lines[:2])}") from None
+    if attn_impl == "flash_attention_2":
+        import torch
+
+        if importlib.util.find_spec("flash_attn") is None or not torch.cuda.is_available():
+            raise UserError("model.attn_impl: flash_attention_2 needs the flash-attn package and a CUDA GPU "
+                            "(use auto: nova's packed attention)")
+
+
 def check_inputs(cfg: Config) -> None:
     """Everything above for cfg.model and the data files of the supervised stages; messages start with the
     config file."""
@@ -85,6 +112,7 @@ def check_inputs(cfg: Config) -> None:
 
 
 def _check_inputs(cfg: Config) -> None:
+    check_model_spec(cfg.model.path, cfg.model.tiny, cfg.model.attn_impl)
     check_model_dir(resolve_path(cfg, cfg.model.path))
     tok = resolve_path(cfg, cfg.model.tokenizer)
     if tok and ":" not in tok.split("/")[0] and not Path(tok).is_dir():

@@ -203,6 +203,19 @@ def test_damaged_model_dir_exits_2_naming_the_file(tmp_path, capsys, tiny_dir, d
     assert code == 2 and want in err and "model.path" in err and str(model) in err and "Traceback" not in err, err
 
 
+@pytest.mark.parametrize("override, want", [
+    ("model.path=tiny:gpt2", "tiny model arch must be 'llama' or 'qwen2', got 'gpt2'"),
+    ("model.path=builtin:nope", "model.path: unknown builtin model 'builtin:nope'"),
+    ("model.tiny={hidden: 63}", "The hidden size (63) is not a multiple of the number of attention heads (4)"),
+    ("model.tiny={hiden: 63}", "unexpected keyword argument 'hiden'"),
+])
+def test_model_spec_mistakes_exit_2_before_loading(tmp_path, capsys, override, want):
+    cfg = tiny_config(tmp_path)
+    code, err = run_cli(capsys, "--config", str(cfg), "--set", override)
+    assert code == 2 and f"{cfg}: model." in err and want in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_merge_weights_that_nearly_cancel_are_an_error(tmp_path, capsys, tiny_dir):
     import shutil
 
@@ -324,3 +337,11 @@ def test_every_rank_exits_2_under_torchrun(tmp_path):
     assert proc.stderr.count(f"nova_rt: data error: {data}: row 1: invalid JSON") == 2, proc.stderr[-3000:]
     assert "exitcode  : 2" in proc.stderr  # torchrun may SIGTERM the second rank once the first has exited
     assert str(ROOT / "nova_rt") not in proc.stderr  # no traceback through our code
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_passes_the_preflight(path):
+    from nova_rt.config import load_config
+    from nova_rt.preflight import check_inputs
+
+    check_inputs(load_config(path))
