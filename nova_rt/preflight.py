@@ -117,9 +117,13 @@ def _check_inputs(cfg: Config) -> None:
     tok = resolve_path(cfg, cfg.model.tokenizer)
     if tok and ":" not in tok.split("/")[0] and not Path(tok).is_dir():
         raise UserError(f"model.tokenizer: {tok}: no such directory")
+    files = {}
     if cfg.run.stage in _DATA_STAGES:
-        for key in ("train_files", "eval_files"):
-            for i, f in enumerate(getattr(cfg.data, key)):
-                p = resolve_path(cfg, f)
-                if not Path(p).exists():
-                    raise UserError(f"data.{key}[{i}]: {p}: no such file or directory")
+        files = {f"data.{k}": getattr(cfg.data, k) for k in ("train_files", "eval_files")}
+    elif cfg.run.stage == "grpo":
+        files = {f"grpo.{k}": getattr(cfg.grpo, k) for k in ("prompt_files", "eval_files", "ptx_files")}
+    for key, paths in files.items():
+        for i, f in enumerate(paths):
+            p = resolve_path(cfg, f)
+            if not Path(p).exists():
+                raise UserError(f"{key}[{i}]: {p}: no such file or directory")

@@ -61,6 +61,14 @@ def test_grpo_group_of_one_is_an_error(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_missing_grpo_prompt_file_is_named_before_loading(tmp_path, capsys):
+    cfg = ROOT / "configs" / "tiny_grpo.yaml"
+    code, err = run_cli(capsys, "--config", str(cfg), "--set", f"run.dir={tmp_path / 'run'}",
+                        "--set", f"grpo.prompt_files=[{tmp_path / 'nope.jsonl'}]")
+    assert code == 2 and f"grpo.prompt_files[0]: {tmp_path / 'nope.jsonl'}: no such file" in err, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_debug_env_keeps_the_traceback(tmp_path, monkeypatch):
     from nova_rt.config import ConfigError
     from nova_rt.train import main
