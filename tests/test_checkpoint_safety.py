@@ -158,3 +158,27 @@ def test_resume_with_a_model_of_another_shape_is_exit_2(tmp_path, capsys):
     assert "step_00000001: written by a model of another shape" in err
     assert "embed_tokens.weight is (320, 64) there, (320, 32) in this model" in err
     assert "Traceback" not in err
+
+
+def test_dpo_reference_cache_that_is_damaged_or_planted_is_recomputed(tmp_path):
+    from nova_rt.config import build_config
+    from nova_rt.data.preference import load_preference_pairs
+    from nova_rt.models.tiny import byte_tokenizer
+    from nova_rt.stages.dpo import cached_reference_logps
+    from tests.reliability_helpers import write_jsonl
+
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "1+1?", "chosen": "2", "rejected": "3"}])
+    pairs, _ = load_preference_pairs([str(data)], byte_tokenizer(), max_seq_len=64)
+    cfg = build_config({"run": {"stage": "dpo"}, "model": {"path": "tiny:llama"}})
+    first = cached_reference_logps(cfg, DistInfo(), tmp_path, "train", lambda: torch.ones(1, 2), pairs)
+    (cache,) = tmp_path.glob("ref_logps_train_*.pt")
+    assert cached_reference_logps(cfg, DistInfo(), tmp_path, "train", lambda: torch.zeros(1, 2), pairs).equal(first)
+    marker = tmp_path / "pwned"
+    for damage in (b"garbage", None):
+        if damage is None:
+            torch.save({"x": _Planted(marker)}, cache)
+        else:
+            cache.write_bytes(damage)
+        got = cached_reference_logps(cfg, DistInfo(), tmp_path, "train", lambda: torch.full((1, 2), 7.0), pairs)
+        assert got.tolist() == [[7.0, 7.0]] and safe_load(cache)["logps"].tolist() == [[7.0, 7.0]]
+    assert not marker.exists()

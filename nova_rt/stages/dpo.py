@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from nova_rt.checkpoint import LOAD_ERRORS
 from nova_rt.config import Config, register_section, resolve_path
 from nova_rt.data.packing import BatchSchedule
 from nova_rt.data.preference import (
@@ -153,8 +154,13 @@ def cached_reference_logps(cfg: Config, info: DistInfo, run_dir: Path, split: st
     key = hashlib.sha256((pairs_digest(pairs) + reference_identity(cfg)).encode()).hexdigest()
     path = run_dir / f"ref_logps_{split}_{key[:16]}.pt"
     if path.exists():
-        cached = torch.load(path, weights_only=True)
-        if cached.get("key") == key and tuple(cached["logps"].shape) == (len(pairs), 2):
+        try:
+            cached = torch.load(path, weights_only=True)
+        except LOAD_ERRORS as exc:  # damaged, or not plain tensors (refused, never run): recompute and overwrite
+            log.warning("reference log-prob cache %s unreadable (%s: %s); recomputing", path, type(exc).__name__,
+                        str(exc).splitlines()[0] if str(exc) else "")
+            cached = {}
+        if isinstance(cached, dict) and cached.get("key") == key and tuple(cached["logps"].shape) == (len(pairs), 2):
             if info.is_main:
                 log.info("reference log-probs (%s) from cache %s", split, path)
             return cached["logps"]
