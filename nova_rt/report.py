@@ -241,6 +241,11 @@ def write_report(run_dir: str | Path, cfg, artifacts: dict) -> Path:
         else:
             lines.append("No eval sets were configured (grpo.eval_every = 0).")
         lines.append("")
+    times = {k: v["wall_s"] for k, v in artifacts.items() if isinstance(v, dict) and "wall_s" in v}
+    if times:
+        lines += ["## Stage wall times", "", "Seconds each stage took in the run that finished it: " +
+                  ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + f" (total {sum(times.values()):.0f} s).",
+                  ""]
     lines += ["## Artifacts", "", "```json", json.dumps(artifacts, indent=2), "```", ""]
     out = run_dir / "report.md"
     tmp = run_dir / "report.md.tmp"

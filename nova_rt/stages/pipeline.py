@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,7 +50,8 @@ class PipelineConfig:
     merge_method: str = "model_stock"
     """How the SFT slices are merged: model_stock (the report's best), linear, task_arithmetic or ties."""
     merge_parameters: dict = field(default_factory=dict)
-    """Global mergekit parameters (e.g. {lambda: 1.0} or {density: 0.5} for ties)."""
+    """mergekit parameters: `weight` and `density` go to every slice model (weight defaults to 1/N, an average;
+    task_arithmetic usually wants 1.0, the sum of the task vectors), the rest are global (e.g. lambda, normalize)."""
     pas_augment_sft: bool = True
     """With the pas stage: append PAS complements to the first user turn of the SFT rows."""
     pas_augment_rl: bool = True
@@ -138,7 +140,10 @@ class Pipeline:
                 log.info("pipeline: %s already done, skipping", stage)
             else:
                 log.info("pipeline: running %s", stage)
+                t0 = time.perf_counter()
                 done = getattr(self, f"_{stage}")(stage_dir)
+                done["wall_s"] = round(time.perf_counter() - t0, 1)  # of the run that finished it (a resumed
+                # stage's earlier runs are not counted)
                 _mark_done(self.info, stage_dir, done)
                 if self.cfg.pipeline.prune_checkpoints and self.info.is_main:
                     for ckpts in sorted(stage_dir.rglob("checkpoints")):
@@ -188,15 +193,7 @@ class Pipeline:
             log.info("pipeline: %d SFT model(s), nothing to merge", len(models))
             return {"merged": models[0] if models else self.base}
         p = self.cfg.pipeline
-        spec = {"merge_method": p.merge_method, "base_model": self.base, "dtype": "float32",
-                "models": [{"model": m, "parameters": {"weight": 1.0 / len(models)}
-                            if p.merge_method != "model_stock" else {}} for m in models]}
-        if p.merge_method == "ties":
-            for m in spec["models"]:
-                m["parameters"]["density"] = p.merge_parameters.get("density", 0.5)
-        params = {k: v for k, v in p.merge_parameters.items() if k != "density"}
-        if params:
-            spec["parameters"] = params
+        spec = merge_spec(p.merge_method, p.merge_parameters, self.base, models)
         out = d / "merged"
         if self.info.is_main:
             sub = _sub_config(self.cfg, "merge", d, {"merge.inline": spec, "merge.spec": "", "merge.out": str(out),
@@ -236,6 +233,24 @@ class Pipeline:
             extra["grpo.pas_model"] = self.artifacts["pas"]["pas_model"]
         _run_sub("grpo", _sub_config(self.cfg, "grpo", d, extra))
         return {"final": str(d / "final")}
+
+
+def merge_spec(method: str, parameters: dict, base: str, models: list[str]) -> dict:
+    """The mergekit-style mapping that merges the slice models: `weight` and `density` in `parameters` go to every
+    model (weight defaults to 1/N), the other keys are global; every method but linear moves the base."""
+    per_model = {k: v for k, v in parameters.items() if k in ("weight", "density")}
+    if method != "model_stock":
+        per_model.setdefault("weight", 1.0 / len(models))
+    if method == "ties":
+        per_model.setdefault("density", 0.5)
+    spec = {"merge_method": method, "dtype": "float32",
+            "models": [{"model": m, "parameters": dict(per_model)} for m in models]}
+    if method != "linear":  # linear averages the slice models themselves
+        spec["base_model"] = base
+    rest = {k: v for k, v in parameters.items() if k not in per_model}
+    if rest:
+        spec["parameters"] = rest
+    return spec
 
 
 def heldout_nll(cfg: Config, models: dict[str, str], eval_sets: dict[str, list[str]], device) -> dict:
