@@ -8,8 +8,10 @@ CONSTR  := -c requirements-cpu.txt
 STAMP   := $(VENV)/.nova-install-stamp
 SOURCES := pyproject.toml setup.py requirements-cpu.txt $(wildcard csrc/merge/*)
 PYTEST_ARGS ?=
+QUICKSTART ?= configs/quickstart.yaml
+RUN_ARGS ?=
 
-.PHONY: install run test test-all bench-deps lint clean
+.PHONY: install run smoke test test-all bench-deps lint clean
 
 install: $(STAMP)
 
@@ -24,7 +26,12 @@ $(STAMP): $(SOURCES)
 	@touch $(STAMP)
 
 run: install
-	$(BIN)/python -m nova_rt.train --config configs/quickstart.yaml
+	$(BIN)/python -m nova_rt.train --config $(QUICKSTART) $(RUN_ARGS)
+
+# CI's front door: `make run` itself, cut down (configs/smoke.yaml), from an empty model cache, killed mid-GRPO and
+# rerun to check the resume (scripts/smoke.py). A few minutes on 2 cores.
+smoke: install
+	$(BIN)/python scripts/smoke.py
 
 test: install
 	bash .ci/pytest.sh $(PYTEST_ARGS)

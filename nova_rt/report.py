@@ -101,6 +101,17 @@ def accuracy_change_se(p0: float, p1: float, n0: float, n1: float) -> float:
     return math.sqrt(p0 * (1 - p0) / max(n0, 1) + p1 * (1 - p1) / max(n1, 1))
 
 
+def paired_accuracy_change(before: dict[str, list], after: dict[str, list]) -> tuple[float, float]:
+    """(change of accuracy, its standard error) from per-prompt correctness {category: [0/1 per prompt]} of the same
+    prompts before and after: the mean and s.e. of the per-prompt differences (only flipped prompts add noise)."""
+    if before.keys() != after.keys() or any(len(before[c]) != len(after[c]) for c in before):
+        raise ValueError("paired_accuracy_change: the two evals did not score the same prompts")
+    d = np.array([a - b for c in before for b, a in zip(before[c], after[c])], dtype=np.float64)
+    if len(d) < 2:
+        return (float(d.mean()) if len(d) else 0.0), float("nan")
+    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d)))
+
+
 def verdict(change: float, se: float, higher_is_better: bool) -> str:
     if not math.isfinite(se):
         return "too few items to tell"
@@ -161,14 +172,19 @@ def heldout_rows(run_dir: Path, artifacts: dict) -> list[dict]:
             a["eval_accuracy"], accuracy_change_se(b["eval_accuracy"], a["eval_accuracy"], n, n) if n else math.nan,
             True)
     first = next((r for r in read_metrics(run_dir / "grpo" / "metrics.jsonl") if "eval_accuracy" in r), None)
-    final_path = run_dir / "grpo" / "eval_final.json"
+    initial_path, final_path = run_dir / "grpo" / "eval_initial.json", run_dir / "grpo" / "eval_final.json"
+    if initial_path.exists():
+        first = json.loads(initial_path.read_text())
     if first is not None and final_path.exists():
         final = json.loads(final_path.read_text())
         n0, n1 = first.get("eval_n", 0), final.get("eval_n", 0)
+        if "correct" in first and "correct" in final:  # paired: the same prompts before and after
+            change, se = paired_accuracy_change(first["correct"], final["correct"])
+        else:
+            change = final["eval_accuracy"] - first["eval_accuracy"]
+            se = accuracy_change_se(first["eval_accuracy"], final["eval_accuracy"], n0, n1) if n0 and n1 else math.nan
         add("grpo", "greedy accuracy on held-out prompts (higher is better)", int(n0) or "?",
-            first["eval_accuracy"], final["eval_accuracy"],
-            accuracy_change_se(first["eval_accuracy"], final["eval_accuracy"], n0, n1) if n0 and n1 else math.nan,
-            True)
+            first["eval_accuracy"], first["eval_accuracy"] + change, se, True)
     return rows
 
 
@@ -178,7 +194,8 @@ def heldout_section(run_dir: Path, artifacts: dict) -> list[str]:
     if not rows:
         return lines + ["No stage had a held-out set (sft_slices[].eval_files, rm/grpo eval sets).", ""]
     lines += ["Each row scores items no stage trained on, before and after a stage. `± 2 s.e.` is twice the standard "
-              "error of the change (paired per document for losses; two binomial errors for accuracies); the "
+              "error of the change (paired per document or prompt where both scores are kept, else two binomial "
+              "errors); the "
               "verdict says whether the change is larger than that.", "",
               "| stage | measure | items | before | after | change ± 2 s.e. | verdict |",
               "|---|---|---|---|---|---|---|"]

@@ -259,20 +259,35 @@ def evaluate_categories(eval_pools: dict[str, list[dict]], generate_greedy: Call
                         score: Callable[[list[str], list[dict]], tuple[list[float], list[float] | None]],
                         batch: int = 32, rank: int = 0, world: int = 1,
                         reduce_sum: Callable[[list[float]], list[float]] | None = None) -> dict[str, dict[str, float]]:
-    """{category: {"accuracy", "reward", "n"}} from greedy responses to each category's eval prompts.
+    """{category: {"accuracy", "reward", "n", "correct"}} from greedy responses to each category's eval prompts;
+    "correct" is the per-prompt correctness in pool order (so two evals of the same pool compare item by item).
 
     `score(texts, samples)` returns (rewards, correctness or None); without a verifier, accuracy is the reward.
-    Data-parallel: each rank takes every world-th prompt and `reduce_sum` sums the per-category totals over ranks."""
-    sums = []
-    for cat in sorted(eval_pools):
-        samples, rewards, correct = eval_pools[cat][rank::world], [], []
+    Data-parallel: each rank takes every world-th prompt and `reduce_sum` sums the per-category totals over ranks
+    (and the per-prompt vectors, where each rank filled only its own positions)."""
+    cats = sorted(eval_pools)
+    sums, items = [], []
+    for cat in cats:
+        pool = eval_pools[cat]
+        samples, rewards, correct = pool[rank::world], [], []
         for i in range(0, len(samples), batch):
             chunk = samples[i:i + batch]
             r, c = score(generate_greedy(chunk), chunk)
             rewards += r
             correct += c if c is not None else r
         sums += [float(sum(correct)), float(sum(rewards)), float(len(samples))]
+        full = [0.0] * len(pool)
+        full[rank::world] = [float(x) for x in correct]
+        items += full
     if reduce_sum is not None:
-        sums = reduce_sum(sums)
-    return {cat: {"accuracy": sums[3 * i] / sums[3 * i + 2], "reward": sums[3 * i + 1] / sums[3 * i + 2],
-                  "n": int(sums[3 * i + 2])} for i, cat in enumerate(sorted(eval_pools)) if sums[3 * i + 2] > 0}
+        n_totals = len(sums)
+        both = reduce_sum(sums + items)
+        sums, items = both[:n_totals], both[n_totals:]
+    out, lo = {}, 0
+    for i, cat in enumerate(cats):
+        n_pool = len(eval_pools[cat])
+        if sums[3 * i + 2] > 0:
+            out[cat] = {"accuracy": sums[3 * i] / sums[3 * i + 2], "reward": sums[3 * i + 1] / sums[3 * i + 2],
+                        "n": int(sums[3 * i + 2]), "correct": list(items[lo:lo + n_pool])}
+        lo += n_pool
+    return out

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -527,6 +528,7 @@ class GRPORun:
 
     def eval_metrics(self, reweight_after: bool) -> dict:
         res = self.evaluate()
+        self.eval_items = {c: v.pop("correct") for c, v in res.items()}  # per prompt, for write_eval
         if not res:
             return {}
         n = sum(v["n"] for v in res.values())
@@ -559,6 +561,8 @@ class GRPORun:
         while tr.step < cfg.train.max_steps:
             r, t0 = tr.step // k, time.perf_counter()
             metrics = self.eval_metrics(True) if g.eval_every and r % g.eval_every == 0 else {}
+            if metrics and tr.step == 0:
+                self.write_eval("eval_initial.json", metrics)
             t1 = time.perf_counter()
             groups, rm = self.collect()
             t2 = time.perf_counter()
@@ -569,10 +573,19 @@ class GRPORun:
             if every > 0 and tr.step // every > (tr.step - k) // every and tr.step < cfg.train.max_steps:
                 tr.save_checkpoint(self.state())
         final_eval = self.eval_metrics(False) if g.eval_every else {}
-        if final_eval and self.info.is_main:
-            (self.run_dir / "eval_final.json").write_text(json.dumps({"step": tr.step, **final_eval}, indent=2))
+        if final_eval:
+            self.write_eval("eval_final.json", final_eval)
         tel.close(plot=cfg.logging.plot, keys=("loss", "reward_mean", "kl", "response_len"))
         return {"final": self.save_final(), "eval": final_eval}
+
+    def write_eval(self, name: str, metrics: dict) -> None:
+        """run_dir/name: the eval metrics and each category's per-prompt correctness (eval_initial.json before any
+        update, eval_final.json after the last step: report.md compares them prompt by prompt)."""
+        if self.info.is_main:
+            out = {"step": self.trainer.step, **metrics, "correct": self.eval_items}
+            tmp = self.run_dir / f"{name}.tmp"
+            tmp.write_text(json.dumps(out, indent=2))
+            os.replace(tmp, self.run_dir / name)
 
     def save_final(self) -> str | None:
         return save_final_policy(self.cfg, self.info, self.trainer, self.hf, self.tok, self.run_dir)

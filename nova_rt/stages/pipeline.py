@@ -6,10 +6,11 @@ config plus its overrides (`pipeline.stage_overrides.<stage>`: dotted keys), and
 before it. A finished stage writes `STAGE_DONE.json` (its outputs) atomically; a rerun skips it. A stage that
 was killed resumes from its own checkpoints, because its run dir is the same on rerun.
 
-Held-out measures (what `report.md` shows before -> after): a slice's `eval_files` give its SFT run a held-out loss
-(base at step 0, then the trained model); after the merge, the base, every slice model and the merged model are
-scored on every slice's eval documents (`merge/heldout.json`, per-document NLL, so comparisons are paired); the RM's
-and GRPO's own eval sets give pair accuracy and greedy accuracy.
+Held-out measures (what `report.md` shows before -> after): after the merge, the base, every slice model and the
+merged model are scored on every slice's `eval_files` (`merge/heldout.json`, per-document NLL, so comparisons are
+paired; without a merge, a slice's eval_files give its SFT run the held-out loss at step 0 and after the last step
+instead); the RM's eval pairs and GRPO's eval prompts (per prompt, before and after) give pair accuracy and greedy
+accuracy.
 
     pipeline:
       stages: [pas, sft, merge, rm, grpo]
@@ -166,7 +167,11 @@ class Pipeline:
 
     def _sft(self, d: Path) -> dict:
         models = {}
-        for s in self._slices():
+        slices = self._slices()
+        # the merge stage scores the base and every slice model on every slice's eval rows (heldout.json): the SFT
+        # runs then skip their own eval of the same models (two evals each)
+        scored_after_merge = "merge" in self.cfg.pipeline.stages and len(slices) >= 2
+        for s in slices:
             files = s["train_files"]
             if "pas" in self.artifacts and self.cfg.pipeline.pas_augment_sft:
                 files = self._augmented(files, d / "data" / f"{s['name']}.jsonl")
@@ -174,7 +179,8 @@ class Pipeline:
             done = _read_done(slice_dir)
             if done is None:
                 _run_sub("sft", _sub_config(self.cfg, "sft", slice_dir, {
-                    "data.train_files": files, "data.eval_files": s["eval_files"], "model.path": self.base}))
+                    "data.train_files": files, "data.eval_files": [] if scored_after_merge else s["eval_files"],
+                    "model.path": self.base}))
                 done = {"model": str(slice_dir / "final")}
                 _mark_done(self.info, slice_dir, done)
             models[s["name"]] = done["model"]

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from nova_rt.report import accuracy_change_se, paired_nll_change, verdict
+from nova_rt.report import accuracy_change_se, paired_accuracy_change, paired_nll_change, verdict
 
 
 def _docs(rng, n, tokens):
@@ -66,3 +66,27 @@ def test_accuracy_change_se():
     assert accuracy_change_se(0.5, 0.5, 100, 100) == pytest.approx(math.sqrt(0.005))
     assert accuracy_change_se(0.25, 0.75, 48, 24) == pytest.approx(math.sqrt(0.1875 / 48 + 0.1875 / 24))
     assert accuracy_change_se(0.0, 1.0, 10, 10) == 0.0
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_paired_accuracy_change_matches_discordant_pair_counts(seed):
+    """McNemar's view: only prompts that flipped carry the change; b went 0 -> 1, c went 1 -> 0 over n prompts,
+    change = (b - c) / n and the per-prompt differences have variance (b + c) / n - change^2."""
+    rng = np.random.default_rng(seed)
+    cats = {f"c{i}": int(rng.integers(1, 40)) for i in range(int(rng.integers(1, 4)))}
+    before = {c: rng.integers(0, 2, n).astype(float).tolist() for c, n in cats.items()}
+    after = {c: rng.integers(0, 2, n).astype(float).tolist() for c, n in cats.items()}
+    pairs = [(b, a) for c in cats for b, a in zip(before[c], after[c])]
+    n = len(pairs)
+    b = sum(1 for x, y in pairs if (x, y) == (0, 1))
+    c = sum(1 for x, y in pairs if (x, y) == (1, 0))
+    change, se = paired_accuracy_change(before, after)
+    assert change == pytest.approx((b - c) / n, abs=1e-12)
+    assert se == pytest.approx(math.sqrt(n / (n - 1) * ((b + c) / n - ((b - c) / n) ** 2) / n), rel=1e-9)
+
+
+def test_paired_accuracy_change_refuses_other_prompts():
+    with pytest.raises(ValueError, match="same prompts"):
+        paired_accuracy_change({"a": [1.0, 0.0]}, {"a": [1.0]})
+    with pytest.raises(ValueError, match="same prompts"):
+        paired_accuracy_change({"a": [1.0]}, {"b": [1.0]})

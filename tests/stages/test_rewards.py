@@ -232,7 +232,8 @@ def test_evaluate_categories():
     res = evaluate_categories(pools, lambda chunk: [s["answer"] if s["answer"] != "2" else "0" for s in chunk],
                               lambda texts, samples: ([float(t == s["answer"]) for t, s in zip(texts, samples)], None),
                               batch=2)
-    assert res == {"x": {"accuracy": 2 / 3, "reward": 2 / 3, "n": 3}, "y": {"accuracy": 1.0, "reward": 1.0, "n": 1}}
+    assert res == {"x": {"accuracy": 2 / 3, "reward": 2 / 3, "n": 3, "correct": [1.0, 0.0, 1.0]},
+                   "y": {"accuracy": 1.0, "reward": 1.0, "n": 1, "correct": [1.0]}}
 
 
 def test_evaluate_categories_split_over_ranks_matches_one_rank():
@@ -246,5 +247,6 @@ def test_evaluate_categories_split_over_ranks_matches_one_rank():
     both = evaluate_categories(pools, lambda c: ["1"] * len(c), score, batch=3, rank=0, world=2,
                                reduce_sum=lambda xs: [a + b for a, b in zip(xs, got["r1"])])
     ref = evaluate_categories(pools, lambda c: ["1"] * len(c), score, batch=5)
-    assert both == ref, f"seed {seed}"
+    assert both == ref, f"seed {seed}"  # per-prompt vectors included: each rank's positions land in pool order
+    assert all(v["correct"] == [float(s["answer"] == "1") for s in pools[c]] for c, v in ref.items()), f"seed {seed}"
     assert all(v["n"] == len(pools[c]) for c, v in ref.items()), f"seed {seed}"
