@@ -48,6 +48,7 @@ from nova_rt.kernels.grpo_loss import grpo_loss
 from nova_rt.losses.kl import KL_ESTIMATORS, kl_penalty_token_adv, sampled_kl, topk_kl
 from nova_rt.models.attention import SharedPrefixLayout, supports_shared_prefix
 from nova_rt.models.causal import CausalLMLogprobs
+from nova_rt.rollout.engine import RolloutConfig
 from nova_rt.stages import register_stage
 from nova_rt.stages.common import data_files, load_policy, save_final_policy, setup
 from nova_rt.telemetry import Telemetry
@@ -131,6 +132,8 @@ class GRPOConfig:
     reweight_rate: float = 0.5
     pas_model: str = ""
     """A PAS model directory: prompts are augmented with its complement before rollouts."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Rollout engine (hf decode loop | vllm) and its settings: nova_rt.rollout.engine.RolloutConfig."""
 
     def validate(self) -> None:
         checks = [(self.group_size >= 2, f"group_size must be >= 2, got {self.group_size} (advantages are rewards "
@@ -324,7 +327,7 @@ class GRPORun:
 
     def __init__(self, cfg: Config):
         from nova_rt.rewards import build_reward
-        from nova_rt.rollout.generate import RolloutGenerator
+        from nova_rt.rollout.engine import Sampling, build_rollout_engine
 
         self.cfg, self.g = cfg, cfg.grpo
         self.info, self.run_dir = setup(cfg)
@@ -342,9 +345,11 @@ class GRPORun:
         self.ref = self._load_ref() if g.needs_ref else None
         self.shared_prefix = (g.shared_prefix and cfg.parallel.backend == "hf" and supports_shared_prefix(self.hf)
                               and (self.ref is None or supports_shared_prefix(self.ref.lm)))
-        self.generator = RolloutGenerator(self.hf, self.tok, max_new_tokens=g.max_new_tokens,
-                                          temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
-                                          seed=cfg.run.seed * 1000 + self.info.rank, batch_size=g.rollout_batch)
+        self.generator = build_rollout_engine(
+            g.rollout, self.hf, self.tok,
+            Sampling(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
+                     seed=cfg.run.seed * 1000 + self.info.rank, batch_size=g.rollout_batch),
+            policy_version=lambda: self.trainer.step, backend=cfg.parallel.backend)
         self.reward = build_reward(g.rewards, base_dir=cfg.config_dir)
         self._load_prompts()
         self.ptx = self._load_ptx() if g.ptx_coef > 0 else None
@@ -565,6 +570,7 @@ class GRPORun:
                 self.write_eval("eval_initial.json", metrics)
             t1 = time.perf_counter()
             groups, rm = self.collect()
+            rm.update(self.generator.pop_metrics())  # vllm: rollout_sync_s, rollout_logprob_abs_diff(_max)
             t2 = time.perf_counter()
             metrics.update(rm, **self.train_on(groups, r))
             metrics.update(rollout_time_s=t2 - t1, train_time_s=time.perf_counter() - t2,
@@ -573,6 +579,7 @@ class GRPORun:
             if every > 0 and tr.step // every > (tr.step - k) // every and tr.step < cfg.train.max_steps:
                 tr.save_checkpoint(self.state())
         final_eval = self.eval_metrics(False) if g.eval_every else {}
+        self.generator.close()  # vllm: before torch.distributed goes down
         if final_eval:
             self.write_eval("eval_final.json", final_eval)
         tel.close(plot=cfg.logging.plot, keys=("loss", "reward_mean", "kl", "response_len"))

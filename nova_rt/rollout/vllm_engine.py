@@ -1,0 +1,315 @@
+"""vLLM as a colocated rollout engine: one `vllm.LLM` inside each training process, weights synced every step.
+
+Why vLLM and not our loop: at scale generation dominates a GRPO step and vLLM brings a paged KV cache, continuous
+batching, prefix caching, CUDA graphs and tensor-parallel inference; the HF loop stays the dependency-free default
+(nova_rt.rollout.engine). This file is the only one that imports vllm.
+
+Construction: the engine is built from the policy's config alone (config.json + generation_config.json written to a
+temporary directory, `load_format="dummy"`), never from a checkpoint on disk: its weights always come from the
+trainer through the sync below, so a resumed run, a `tiny:` model or a merged model need no file vLLM can read.
+`skip_tokenizer_init=True`: prompts go in as token ids and texts come out of our tokenizer, as with the HF loop.
+
+Weight sync (before the first rollout after an optimizer step, i.e. whenever policy_version() changed): the
+trainer's HF state dict goes to the vLLM model's `load_weights` in buckets of grpo.rollout.sync_bucket_mb (vLLM
+fuses q/k/v and gate/up itself), inside vLLM's layerwise reload (`initialize_layerwise_reload` ...
+`finalize_layerwise_reload`), which re-runs each layer's `process_weights_after_loading`. That matters on CPU: there
+vLLM repacks every linear weight for oneDNN / its small-GEMM kernel and drops the plain tensor, so a bare
+load_weights after start-up would find no tensor to write into. Then the prefix cache is reset (its KV was
+computed with the old weights). Time: metric rollout_sync_s.
+
+Sampling: one request per sample (G requests per prompt, adjacent), each with its own seed drawn from
+(run seed, rank, rollout call, sample index); resuming needs only the call counter (`state_dict`). vLLM returns the
+sampled token's log-prob after temperature ("processed_logprobs"; build_rollout_engine refuses temperature != 1
+with top-k/top-p, where that would include the filter). EOS handling is the HF loop's: stop on any of the
+tokenizer's / generation config's EOS ids, keep the EOS, finished=False when max_new_tokens was hit.
+
+CUDA (written, unrun in this repo so far): `enable_sleep_mode`; after a rollout the engine sleeps at level 2 (weights
+and KV cache freed) and wakes before the next sync, which then always runs. Under torchrun with tensor_parallel > 1,
+`distributed_executor_backend="external_launcher"`; the ranks of a TP group (consecutive ranks) gather their prompts,
+all generate the same requests with the group leader's seeds, and keep their own slice.
+
+Legend: U prompts, G samples per prompt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+
+from nova_rt.errors import UserError
+from nova_rt.rollout.engine import RolloutConfig, Sampling, logprob_gap, policy_token_logprobs
+from nova_rt.rollout.generate import Rollout
+
+_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def weight_buckets(named: Iterator[tuple[str, torch.Tensor]], bucket_mb: int) -> Iterator[list]:
+    """Consecutive (name, tensor) lists of about bucket_mb MB each (a tensor larger than that is a bucket alone)."""
+    limit, bucket, size = bucket_mb * 2**20, [], 0
+    for name, t in named:
+        nbytes = t.numel() * t.element_size()
+        if bucket and size + nbytes > limit:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, t))
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+class VLLMEngine:
+    def __init__(self, cfg: RolloutConfig, model, tokenizer, sampling: Sampling, *,
+                 policy_version: Callable[[], int]):
+        self.cfg, self.model, self.tok, self.s = cfg, model, tokenizer, sampling
+        self.policy_version = policy_version
+        self.synced_version: int | None = None
+        self.calls = 0
+        self.metrics: dict[str, float] = {}
+        self.eos = _eos_ids(model, tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos[0]
+        self.cuda = next(model.parameters()).device.type == "cuda"
+        self.tp_group, self.tp_rank, self.tp_size = _tp_group(cfg.tensor_parallel)
+        self.seed = sampling.seed - self.tp_rank  # the TP group's first rank's seed (seeds are run seed + rank)
+        self.llm = self._start()
+
+    # ------------------------------------------------------------------------------------------- start-up
+    def _start(self):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the LLM lives in this process
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # do not pin the trainer's cores
+        if not self.cuda:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.cfg.kv_cache_gb))
+        try:
+            from vllm import LLM
+        except ImportError as exc:
+            raise UserError(f"grpo.rollout.engine: 'vllm' could not import vllm ({exc})") from None
+        cfg, hf_cfg = self.cfg, self.model.config
+        dtype = _DTYPES.get(next(self.model.parameters()).dtype)
+        if dtype is None:
+            raise UserError(f"grpo.rollout.engine: 'vllm' cannot run a {next(self.model.parameters()).dtype} model")
+        self._dir = tempfile.TemporaryDirectory(prefix="nova_rt_vllm_")
+        hf_cfg.save_pretrained(self._dir.name)
+        if getattr(self.model, "generation_config", None) is not None:
+            self.model.generation_config.save_pretrained(self._dir.name)
+        max_len = cfg.max_model_len or min(4096, getattr(hf_cfg, "max_position_embeddings", 4096))
+        kw = dict(model=self._dir.name, dtype=dtype, load_format="dummy", skip_tokenizer_init=True,
+                  enforce_eager=not self.cuda, seed=self.seed, max_model_len=max_len, enable_prefix_caching=True,
+                  logprobs_mode="processed_logprobs", tensor_parallel_size=cfg.tensor_parallel)
+        if self.cuda:
+            kw.update(gpu_memory_utilization=cfg.gpu_memory_utilization, enable_sleep_mode=cfg.sleep)
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            kw["distributed_executor_backend"] = "external_launcher"
+        try:
+            with _quiet("vllm.renderers.base"):  # a chat-template warm-up that needs the tokenizer we skip
+                return LLM(**kw)
+        except Exception as exc:  # vLLM raises many kinds; the user needs the model and the first line
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise UserError(f"grpo.rollout.engine: vLLM cannot load this model "
+                            f"({getattr(hf_cfg, 'architectures', None)}, model_type={hf_cfg.model_type}): "
+                            f"{type(exc).__name__}: {first}") from exc
+
+    def vllm_model(self):
+        """The torch module vLLM runs (in this process: VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
+        return self.llm.llm_engine.model_executor.driver_worker.model_runner.model
+
+    def _model_config(self):
+        return self.llm.llm_engine.model_executor.driver_worker.model_runner.vllm_config.model_config
+
+    # ------------------------------------------------------------------------------------------- weight sync
+    @torch.no_grad()
+    def sync_weights(self) -> float:
+        """Trainer weights -> engine, in buckets through load_weights; returns the seconds it took."""
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
+
+        t0 = time.perf_counter()
+        if self.cuda and self.cfg.sleep:
+            self.llm.wake_up(tags=["weights"])
+        vm = self.vllm_model()
+        state = self.model.state_dict()
+        with _quiet("vllm.model_executor.model_loader.reload.layerwise"):  # "RotaryEmbedding: Failed to load"
+            initialize_layerwise_reload(vm)  # (it has no weights: its kernel tensors are put back as they were)
+            for bucket in weight_buckets(((k, v.detach()) for k, v in state.items()), self.cfg.sync_bucket_mb):
+                vm.load_weights(iter(bucket))
+            finalize_layerwise_reload(vm, self._model_config())
+        if self.cuda and self.cfg.sleep:
+            self.llm.wake_up(tags=["kv_cache"])
+        self.llm.reset_prefix_cache()
+        self.synced_version = self.policy_version()
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    def _ensure_synced(self) -> None:
+        if self.synced_version != self.policy_version():
+            dt = self.sync_weights()
+            self.metrics["rollout_sync_s"] = self.metrics.get("rollout_sync_s", 0.0) + dt
+
+    @torch.no_grad()
+    def engine_state_dict(self) -> dict[str, torch.Tensor]:
+        """The engine's weights under the HF names (tensor_parallel 1), for checking a sync.
+
+        A CPU linear whose weight vLLM repacked (the parameter is empty) is read back through its own kernel as
+        cpu_linear(I_K) = W^T: each output element is one weight times 1.0 plus zeros, exact in fp32 and bf16.
+        Fused q/k/v and gate/up tensors are split back; a padded vocabulary is cut to the model's."""
+        cfg, out = self.model.config, {}
+        for mname, mod in self.vllm_model().named_modules():
+            for pname, p in mod.named_parameters(recurse=False):
+                t = p.detach()
+                if t.numel() == 0 and hasattr(mod, "cpu_linear"):
+                    k = getattr(mod, "input_size_per_partition", None) or mod.input_size
+                    t = mod.cpu_linear(torch.eye(k, dtype=t.dtype), t, None).t().contiguous()
+                out.update(_split_fused(f"{mname}.{pname}", t, cfg))
+        return out
+
+    # ------------------------------------------------------------------------------------------- sampling
+    def _seed(self, call: int, i: int) -> int:
+        return int(np.random.SeedSequence([self.seed, call, i]).generate_state(1)[0] & 0x7FFFFFFF)
+
+    def _requests(self, prompts: list[list[int]], G: int, greedy: bool):
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        s, reqs, params = self.s, [], []
+        for u, p in enumerate(prompts):
+            for j in range(1 if greedy else G):
+                reqs.append(TokensPrompt(prompt_token_ids=list(p)))
+                params.append(SamplingParams(
+                    max_tokens=s.max_new_tokens, temperature=0.0 if greedy else s.temperature,
+                    top_p=1.0 if greedy else s.top_p, top_k=0 if greedy else s.top_k,
+                    seed=None if greedy else self._seed(self.calls, u * G + j), logprobs=0, detokenize=False,
+                    stop_token_ids=self.eos, ignore_eos=False))
+        return reqs, params
+
+    def _cut(self, toks: list[int], lps: list[float]) -> tuple[list[int], list[float], bool]:
+        eos = set(self.eos)
+        for j, t in enumerate(toks):
+            if t in eos:
+                return toks[:j + 1], lps[:j + 1], True
+        return toks, lps, False
+
+    def _run(self, prompts: list[list[int]], G: int, greedy: bool) -> tuple[list, list, list]:
+        reqs, params = self._requests(prompts, G, greedy)
+        outs = self.llm.generate(reqs, params, use_tqdm=False)
+        toks, lps, fin = [], [], []
+        for o in outs:
+            c = o.outputs[0]
+            lp = [next(iter(d.values())).logprob if d else float("nan") for d in (c.logprobs or [])]
+            t, lp, f = self._cut(list(c.token_ids), lp)
+            for _ in range(G if greedy else 1):
+                toks.append(t), lps.append(lp), fin.append(f)
+        return toks, lps, fin
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], group_size: int = 1, *, greedy: bool = False) -> Rollout:
+        """G responses per prompt (adjacent); greedy gives G copies of the argmax continuation (HF loop's rule)."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        t0, G = time.perf_counter(), group_size
+        self._ensure_synced()
+        mine = len(prompts)
+        prompts_all, lo = _gather_prompts(prompts, self.tp_group, self.tp_rank, self.tp_size)
+        toks, lps, fin = self._run(prompts_all, G, greedy)
+        toks, lps, fin = (x[lo * G:(lo + mine) * G] for x in (toks, lps, fin))
+        if not greedy:
+            self.calls += 1
+        if self.cuda and self.cfg.sleep:
+            self.llm.sleep(level=2)
+            self.synced_version = None  # level 2 dropped the weights: the next rollout syncs again
+        ro = Rollout(prompt_ids=[p for p in prompts for _ in range(G)], response_ids=toks,
+                     texts=self.tok.batch_decode(toks, skip_special_tokens=True), finished=fin, logprobs=lps,
+                     time_s=time.perf_counter() - t0)
+        if not greedy and self.cfg.logprob_check:
+            pol = policy_token_logprobs(self.model, ro.prompt_ids, toks, temperature=self.s.temperature,
+                                        batch_size=self.s.batch_size or 16, pad_id=self.pad_id)
+            self.metrics.update(logprob_gap(lps, pol))
+        return ro
+
+    # ------------------------------------------------------------------------------------------- state
+    def pop_metrics(self) -> dict:
+        m, self.metrics = self.metrics, {}
+        return m
+
+    def close(self) -> None:
+        """Shut the engine down while torch.distributed is still up (vLLM's own exit hook would tear down process
+        groups that nova_rt.distributed.shutdown already destroyed, and print a traceback)."""
+        if self.llm is not None:
+            self.llm.llm_engine.engine_core.shutdown()
+            self.llm = None
+
+    def state_dict(self) -> dict:
+        return {"engine": "vllm", "calls": self.calls}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("engine") != "vllm":
+            raise UserError("grpo.rollout.engine: this checkpoint was written with another rollout engine "
+                            "(its sampler state cannot seed vLLM); resume with the engine it was written with")
+        self.calls = int(state["calls"])
+
+
+@contextlib.contextmanager
+def _quiet(name: str):
+    """Raise the logger `name` to ERROR for the block (vLLM warnings that do not apply to this use)."""
+    lg = logging.getLogger(name)
+    old = lg.level
+    lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        lg.setLevel(old)
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    eos = set()
+    if tokenizer.eos_token_id is not None:
+        eos.add(tokenizer.eos_token_id)
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos.update(gen_eos if isinstance(gen_eos, list) else ([gen_eos] if gen_eos is not None else []))
+    if not eos:
+        raise ValueError("the tokenizer has no eos_token_id")
+    return sorted(eos)
+
+
+def _split_fused(name: str, t: torch.Tensor, cfg) -> dict[str, torch.Tensor]:
+    """vLLM's fused qkv_proj / gate_up_proj tensors as the HF q/k/v and gate/up ones; a padded vocab cut to size."""
+    if ".qkv_proj." in name:
+        hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+        parts = t.split([q, kv, kv])
+        return {name.replace("qkv_proj", n): x for n, x in zip(("q_proj", "k_proj", "v_proj"), parts)}
+    if ".gate_up_proj." in name:
+        g, u = t.chunk(2)
+        return {name.replace("gate_up_proj", "gate_proj"): g, name.replace("gate_up_proj", "up_proj"): u}
+    if name.endswith(("embed_tokens.weight", "lm_head.weight")):
+        t = t[:cfg.vocab_size]
+    return {name: t}
+
+
+def _tp_group(tp: int):
+    """(group, rank in it, size) of this rank's rollout TP group: consecutive ranks; (None, 0, 1) when tp == 1."""
+    if tp == 1:
+        return None, 0, 1
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise UserError(f"grpo.rollout.tensor_parallel={tp} needs torchrun (external_launcher)")
+    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    if world % tp:
+        raise UserError(f"grpo.rollout.tensor_parallel={tp} must divide the world size {world}")
+    group, _ = torch.distributed.new_subgroups_by_enumeration([list(range(i, i + tp)) for i in range(0, world, tp)])
+    return group, rank % tp, tp
+
+
+def _gather_prompts(prompts, group, rank: int, size: int) -> tuple[list[list[int]], int]:
+    """All prompts of the TP group in rank order, and where this rank's start."""
+    if group is None:
+        return prompts, 0
+    every: list = [None] * size
+    torch.distributed.all_gather_object(every, prompts, group=group)
+    return [p for part in every for p in part], sum(len(part) for part in every[:rank])
