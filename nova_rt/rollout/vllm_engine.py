@@ -228,10 +228,18 @@ class VLLMEngine:
                      texts=self.tok.batch_decode(toks, skip_special_tokens=True), finished=fin, logprobs=lps,
                      time_s=time.perf_counter() - t0)
         if not greedy and self.cfg.logprob_check:
-            pol = policy_token_logprobs(self.model, ro.prompt_ids, toks, temperature=self.s.temperature,
-                                        batch_size=self.s.batch_size or 16, pad_id=self.pad_id)
-            self.metrics.update(logprob_gap(lps, pol))
+            self._check(ro)
         return ro
+
+    def _check(self, ro: Rollout) -> None:
+        """rollout_logprob_abs_diff(_max) over logprob_check responses spread evenly over the rollout (-1: all)."""
+        t0, n, k = time.perf_counter(), len(ro.response_ids), self.cfg.logprob_check
+        idx = list(range(n)) if k < 0 or k >= n else [round(i * n / k) for i in range(k)]
+        pol = policy_token_logprobs(self.model, [ro.prompt_ids[i] for i in idx], [ro.response_ids[i] for i in idx],
+                                    temperature=self.s.temperature, batch_size=self.s.batch_size or 16,
+                                    pad_id=self.pad_id)
+        self.metrics.update(logprob_gap([ro.logprobs[i] for i in idx], pol),
+                            rollout_logprob_check_s=time.perf_counter() - t0)
 
     # ------------------------------------------------------------------------------------------- state
     def pop_metrics(self) -> dict:

@@ -88,3 +88,12 @@ def test_policy_token_logprobs_match_the_decode_loop():
     lp = policy_token_logprobs(m, ro.prompt_ids, ro.response_ids, temperature=0.8, batch_size=4)
     gap = logprob_gap(ro.logprobs, lp)
     assert gap["rollout_logprob_abs_diff_max"] < 1e-5, gap
+
+
+def test_checkpoint_of_the_other_engine_is_refused():
+    m = build_tiny_model("llama", seed=0)
+    eng = build_rollout_engine(RolloutConfig(), m, byte_tokenizer(), Sampling(max_new_tokens=4),
+                               policy_version=lambda: 0)
+    with pytest.raises(UserError, match="grpo.rollout.engine.*another rollout engine"):
+        eng.load_state_dict({"engine": "vllm", "calls": 3})
+    eng.load_state_dict(eng.state_dict())

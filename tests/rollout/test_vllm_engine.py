@@ -60,7 +60,8 @@ class Policy:
 @pytest.fixture(scope="module")
 def engine():
     pol = Policy(0)
-    eng = build_rollout_engine(RolloutConfig(engine="vllm", sync_bucket_mb=1), pol.model, byte_tokenizer(),
+    cfg = RolloutConfig(engine="vllm", sync_bucket_mb=1, logprob_check=-1)  # -1: re-score every response
+    eng = build_rollout_engine(cfg, pol.model, byte_tokenizer(),
                                Sampling(max_new_tokens=12, temperature=1.0, seed=0),
                                policy_version=lambda: pol.version)
     return eng
