@@ -267,12 +267,12 @@ class VLLMEngine:
 def _quiet(name: str):
     """Raise the logger `name` to ERROR for the block (vLLM warnings that do not apply to this use)."""
     lg = logging.getLogger(name)
-    old = lg.level
-    lg.setLevel(logging.ERROR)
+    drop = lambda record: record.levelno >= logging.ERROR  # noqa: E731 (a filter: vLLM may reset levels meanwhile)
+    lg.addFilter(drop)
     try:
         yield
     finally:
-        lg.setLevel(old)
+        lg.removeFilter(drop)
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
