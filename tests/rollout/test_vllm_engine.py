@@ -154,3 +154,16 @@ def test_sampling_is_seeded_and_resumable(engine):
     assert first.response_ids == again.response_ids
     assert len({tuple(r) for r in first.response_ids}) > 1  # samples of a group differ (own seeds)
     assert engine.generate(prompts, 3).response_ids != first.response_ids  # the next call draws anew
+
+
+def test_model_vllm_cannot_load_is_one_line(engine):  # noqa: ARG001 (runs after the module's engine exists)
+    from nova_rt.errors import UserError
+
+    m = _model(5)
+    m.config.architectures = ["NovaUnknownForCausalLM"]
+    with pytest.raises(UserError) as exc:
+        build_rollout_engine(RolloutConfig(engine="vllm"), m, byte_tokenizer(), Sampling(max_new_tokens=4),
+                             policy_version=lambda: 0)
+    msg = str(exc.value)
+    assert msg.startswith("grpo.rollout.engine: vLLM cannot load this model (['NovaUnknownForCausalLM']")
+    assert "\n" not in msg
