@@ -4,8 +4,8 @@
   (rollout_sync_s logged every step) and rollout_logprob_abs_diff stays <= 1e-3 (fp32) at every step;
 - a run SIGKILLed after its step-2 checkpoint and rerun resumes at step 3 and logs the same rewards, response lengths,
   losses and KL as an uninterrupted run, and ends with the same weights (CPU, fp32: bit-identical);
-- slow: configs/quickstart_grpo.yaml (SmolLM2-135M-Instruct) learns on vLLM: mean reward of the last 5 of 40 steps
-  above that of the first 5 (the HF loop: 0.52 -> 0.81 in README).
+- slow: configs/quickstart_grpo.yaml (SmolLM2-135M-Instruct) learns on vLLM: mean reward of its last 5 steps
+  above that of the first 5 by more than 0.1.
 Skipped where vllm is not importable.
 """
 
@@ -81,14 +81,20 @@ def test_vllm_stage_syncs_every_step_and_resumes_exactly(tmp_path):
         assert torch.equal(wa[k], wb[k]), f"{k} differs after resume"
 
 
-@pytest.mark.slow
-def test_quickstart_grpo_learns_on_vllm(tmp_path):
-    _finish(_train("quickstart_grpo.yaml", tmp_path, "checkpoint.every=0", "checkpoint.save_final=false"),
-            timeout=3600)
-    rows = _metrics(tmp_path)
-    assert len(rows) == 40
+def check_learned(rows: list[dict], max_steps: int) -> None:
+    """Every step logged, mean reward of the last 5 steps > first 5 + 0.1, diff <= 1e-3, a sync every step."""
+    assert len(rows) == max_steps
     first = sum(r["reward_mean"] for r in rows[:5]) / 5
     last = sum(r["reward_mean"] for r in rows[-5:]) / 5
-    assert last > first + 0.1, f"mean reward {first:.3f} (steps 1-5) -> {last:.3f} (steps 36-40)"
+    assert last > first + 0.1, f"mean reward {first:.3f} (first 5 steps) -> {last:.3f} (last 5)"
     assert max(r["rollout_logprob_abs_diff"] for r in rows) <= 1e-3
     assert all(r["rollout_sync_s"] > 0 for r in rows[1:])
+
+
+@pytest.mark.slow
+def test_quickstart_grpo_learns_on_vllm(tmp_path):
+    from nova_rt.config import load_config
+
+    _finish(_train("quickstart_grpo.yaml", tmp_path, "checkpoint.every=0", "checkpoint.save_final=false"),
+            timeout=3600)
+    check_learned(_metrics(tmp_path), load_config(ROOT / "configs" / "quickstart_grpo.yaml").train.max_steps)
