@@ -51,8 +51,15 @@ def test_rng_file_of_older_versions_still_loads(tmp_path):
     torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
                tmp_path / "old.pt")
     want = _draws()
-    with pytest.raises(CheckpointError, match="refused"):
-        safe_load(tmp_path / "old.pt")  # numpy arrays only where asked for
+    # numpy arrays only where asked for; other libraries (megatron-core's dist checkpointing) allow-list numpy
+    # globals process-wide when imported earlier in the session, so the check runs with the global list cleared
+    saved = torch.serialization.get_safe_globals()
+    torch.serialization.clear_safe_globals()
+    try:
+        with pytest.raises(CheckpointError, match="refused"):
+            safe_load(tmp_path / "old.pt")
+    finally:
+        torch.serialization.add_safe_globals(saved)
     set_rng_state(safe_load(tmp_path / "old.pt", numpy_arrays=True))
     assert _draws() == want
 
