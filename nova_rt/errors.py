@@ -18,6 +18,11 @@ class CheckpointError(UserError):
     """A checkpoint cannot be used: refused (not plain tensors and types), corrupt, or written by another model."""
 
 
+class MergeConfigError(UserError):
+    """A merge config that cannot be run; the message names the offending field. Raised by nova_rt.merge.config and
+    by merge methods (weights that nearly cancel); defined here so that the methods need not import the config."""
+
+
 class NonFiniteError(UserError):
     """Training stopped: too many consecutive steps with a non-finite loss or gradient norm."""
 

@@ -21,6 +21,8 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'nova_rt.merge' has no attribute {name!r}")
+    if _EXPORTS[name] == "registry":
+        import nova_rt.merge.methods  # noqa: F401 - the built-in methods register themselves on import
     value = getattr(importlib.import_module(f"nova_rt.merge.{_EXPORTS[name]}"), name)
     globals()[name] = value
     return value

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 import yaml
 
-from nova_rt.errors import UserError
+import nova_rt.merge.methods  # noqa: F401 - registers the built-in methods that get_merge looks up
+from nova_rt.errors import MergeConfigError
 from nova_rt.merge.registry import REQUIRED, MergeMethod, ParamSpec, get_merge
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "float16": torch.float16,
@@ -27,10 +28,6 @@ _TOP_LEVEL = {"merge_method", "base_model", "models", "parameters", "dtype", "ou
 _UNSUPPORTED = {"slices": "use `models:` (layer slicing is not supported)", "modules": "use `models:`",
                 "tokenizer": "tokenizer surgery is not supported; use tokenizer_source",
                 "chat_template": "copy the template into the tokenizer source instead"}
-
-
-class MergeConfigError(UserError):
-    """A merge config that cannot be run; the message names the offending field."""
 
 
 @dataclass(kw_only=True, slots=True)

@@ -20,8 +20,8 @@ from functools import lru_cache
 
 import torch
 
+from nova_rt.errors import MergeConfigError
 from nova_rt.merge import ops
-from nova_rt.merge.config import MergeConfigError
 from nova_rt.merge.reference import (
     SPARSIFY_MAGNITUDE,
     SPARSIFY_NONE,

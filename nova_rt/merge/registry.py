@@ -2,7 +2,9 @@
 
 A method declares what the config may set (its global and per-model parameters, with types, defaults and allowed
 values) and how many inputs it takes, so the config loader can reject anything the method would ignore. This module
-imports no method; nova_rt/merge/methods.py fills the registry when imported.
+imports no method: nova_rt/merge/methods.py fills the registry when imported, and the modules that look methods up
+import it first (nova_rt.merge.config, and the package `nova_rt.merge` when `get_merge` / `available_merges` are
+taken from it), so the dependencies run one way: registry <- methods <- config <- engine.
 """
 
 from __future__ import annotations
@@ -97,8 +99,6 @@ def register_merge(name: str, *, needs_base: bool, min_models: int, max_models: 
 
 def get_merge(name: str) -> MergeMethod:
     """The method registered as `name`; an error lists the available ones."""
-    import nova_rt.merge.methods  # noqa: F401 - fills the registry
-
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -106,6 +106,4 @@ def get_merge(name: str) -> MergeMethod:
 
 
 def available_merges() -> list[str]:
-    import nova_rt.merge.methods  # noqa: F401 - fills the registry
-
     return sorted(_REGISTRY)
