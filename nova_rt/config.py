@@ -41,6 +41,9 @@ def check_range(name: str, value: float, *, ge: float | None = None, gt: float |
         raise ValueError(f"{name}: must be a finite number {' and '.join(b for b in bounds if b)}, got {value!r}")
 
 
+DType = Literal["float32", "fp32", "bfloat16", "bf16", "float16", "fp16"]
+"""Parameter dtype names a config accepts (nova_rt.models.loading.DTYPES maps them to torch dtypes)."""
+
 _SECTIONS: dict[str, type] = {}
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
@@ -75,7 +78,7 @@ class ModelConfig:
     path: str = "builtin:smollm2-135m-instruct"
     """A local HF causal-LM directory, `builtin:smollm2-135m-instruct` (converted from the bundled GGUF once and
     cached), or `tiny:llama` / `tiny:qwen2` (random tiny model built from `tiny`)."""
-    dtype: Literal["float32", "fp32", "bfloat16", "bf16", "float16", "fp16"] = "float32"
+    dtype: DType = "float32"
     """Parameter dtype: float32, bfloat16 or float16 (mixed precision is `train.precision`)."""
     attn_impl: Literal["auto", "nova", "sdpa", "eager", "flash_attention_2"] = "auto"
     """auto (nova packed attention), nova, sdpa, eager or flash_attention_2."""
@@ -287,6 +290,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool) and str(value).lower() in choices:  # YAML reads a bare true / false as a bool
+            value = str(value).lower()
         if any(value == c and type(value) is type(c) for c in choices):
             return value
         raise ConfigError(f"{where}: must be one of {', '.join(map(str, choices))}, got {value!r}")

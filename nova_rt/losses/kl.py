@@ -19,9 +19,12 @@ Legend: T tokens, K top-k ids per token, B responses.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
-KL_ESTIMATORS = ("k1", "k2", "k3", "topk")
+KLEstimator = Literal["k1", "k2", "k3", "topk"]
+"""grpo.kl: the sampled estimators k1/k2/k3 (sampled_kl) or the exact truncated KL over the reference's top-k ids."""
 _LOG_RATIO_CLAMP = 20.0
 _K3_MAX = 10.0
 

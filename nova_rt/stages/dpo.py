@@ -21,6 +21,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -52,27 +53,22 @@ log = logging.getLogger("nova_rt.dpo")
 class DPOConfig:
     beta: float = 0.1
     """Inverse temperature of the implicit reward β·log(π/π_ref) (IPO: the target gap is 1/(2β))."""
-    loss_type: str = "sigmoid"
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
     """sigmoid (DPO; cDPO when label_smoothing > 0) or ipo."""
     label_smoothing: float = 0.0
     """cDPO: probability ε that a preference label is flipped, in [0, 0.5); sigmoid loss only."""
     reference: str = ""
     """Reference model: a local HF dir or builtin:/tiny: name; empty = the policy's initial weights (model.path)."""
-    reference_logprobs: str = "precompute"
+    reference_logprobs: Literal["precompute", "online"] = "precompute"
     """precompute: one pass before training, cached in run.dir keyed by data hash; online: a frozen copy in memory."""
 
     def validate(self) -> None:
         if self.beta <= 0:
             raise ValueError(f"dpo.beta must be > 0, got {self.beta}")
-        if self.loss_type not in ("sigmoid", "ipo"):
-            raise ValueError(f"dpo.loss_type must be 'sigmoid' or 'ipo', got {self.loss_type!r}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.label_smoothing and self.loss_type != "sigmoid":
             raise ValueError("dpo.label_smoothing applies to loss_type 'sigmoid' only")
-        if self.reference_logprobs not in ("precompute", "online"):
-            raise ValueError("dpo.reference_logprobs must be 'precompute' or 'online', "
-                             f"got {self.reference_logprobs!r}")
 
 
 def pair_logps(model, mb: dict) -> tuple[torch.Tensor, torch.Tensor]:

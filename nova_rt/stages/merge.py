@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,7 @@ class MergeStageConfig:
     out: str = ""
     """Output HF directory; default <run.dir>/merged."""
     device: str = "cpu"
+    """Where the merge math runs: cpu, cuda or cuda:N (I/O always goes through host memory)."""
     force: bool = False
     """Replace an existing output directory."""
     max_shard_size: str = "2GB"
@@ -32,6 +34,8 @@ class MergeStageConfig:
     def validate(self) -> None:
         if bool(self.spec) == bool(self.inline):
             raise ValueError("set exactly one of merge.spec (a YAML path) or merge.inline (a mapping)")
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"merge.device: must be cpu, cuda or cuda:N, got {self.device!r}")
 
 
 @register_stage("merge")

@@ -12,8 +12,9 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-from nova_rt.config import Config, register_section, resolve_path
+from nova_rt.config import Config, DType, register_section, resolve_path
 from nova_rt.stages import register_stage
 
 log = logging.getLogger("nova_rt.pas")
@@ -37,11 +38,11 @@ class PASDedupConfig:
 
 @dataclass(kw_only=True)
 class PASCurateConfig:
-    quality_scorer: str = "heuristic"
+    quality_scorer: Literal["heuristic", "judge"] = "heuristic"
     """heuristic (cheap, see nova_rt/pas/curate.py) or judge (a 1-10 rating from the generator)."""
     min_quality: float = 0.5
     """Prompts scoring below this (in [0, 1]) are dropped."""
-    categorizer: str = "embedding"
+    categorizer: Literal["embedding", "keyword", "given"] = "embedding"
     """embedding (nearest seed prompts / anchors), keyword (pas.curate.keywords) or given (the row's category)."""
     anchors: dict = field(default_factory=dict)
     """Extra anchor prompts per category for the embedding categorizer: {category: [text, ...]}."""
@@ -53,10 +54,6 @@ class PASCurateConfig:
     """Quota of categories not in `quotas` (-1: no limit)."""
 
     def validate(self) -> None:
-        if self.quality_scorer not in ("heuristic", "judge"):
-            raise ValueError(f"quality_scorer must be heuristic or judge, got {self.quality_scorer!r}")
-        if self.categorizer not in ("embedding", "keyword", "given"):
-            raise ValueError(f"categorizer must be embedding, keyword or given, got {self.categorizer!r}")
         for cat, q in self.quotas.items():
             if not isinstance(q, int) or isinstance(q, bool) or q < 0:
                 raise ValueError(f"quotas.{cat} must be an integer >= 0, got {q!r}")
@@ -68,11 +65,11 @@ class PASCurateConfig:
 
 @dataclass(kw_only=True)
 class PASGeneratorConfig:
-    backend: str = "hf"
+    backend: Literal["hf", "openai"] = "hf"
     """hf (local model, batched generate) or openai (an OpenAI-compatible chat-completions endpoint)."""
     model: str = ""
     """hf: model directory or builtin:NAME (empty: model.path); openai: the model name sent to the server."""
-    dtype: str = "float32"
+    dtype: DType = "float32"
     batch_size: int = 8
     """hf: conversations per generate call."""
     max_new_tokens: int = 64
@@ -96,8 +93,6 @@ class PASGeneratorConfig:
     starts the critic's reply with '{"reason": "')."""
 
     def validate(self) -> None:
-        if self.backend not in ("hf", "openai"):
-            raise ValueError(f"backend must be hf or openai, got {self.backend!r}")
         if self.batch_size < 1 or self.concurrency < 1 or self.retries < 0 or self.timeout_s <= 0:
             raise ValueError("need batch_size >= 1, concurrency >= 1, retries >= 0, timeout_s > 0")
 
