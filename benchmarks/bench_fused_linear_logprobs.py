@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import report, time_fn  # noqa: E402
 from benchmarks.memory import LiveBytes, NoLaunch  # noqa: E402
 from nova_rt.kernels import fused_linear_logprobs as fll_mod  # noqa: E402
+from nova_rt.kernels import vocab_chunks  # noqa: E402
 from nova_rt.kernels.fused_linear_logprobs import fused_linear_logprobs  # noqa: E402
 
 TARGET_TDV = (16384, 4096, 152064)  # issue 3: peak extra <= 2% of the bf16 eager logits (T V 2 bytes) here
@@ -117,7 +118,7 @@ def meta_peak_extra(T: int, D: int, V: int, dtype: torch.dtype, backend: str, ki
     with ExitStack() as stack:
         for name in _KERNELS if device == "meta" else ():
             stack.enter_context(mock.patch.object(fll_mod, name, NoLaunch()))
-        stack.enter_context(mock.patch.object(fll_mod, "_device_kind", lambda device: kind))
+        stack.enter_context(mock.patch.object(vocab_chunks, "device_kind", lambda device: kind))
         stack.enter_context(mock.patch.object(fll_mod, "_sm_count", lambda device: 132 if kind == "cuda" else 1))
         with LiveBytes() as mem:
             outs = fll_mod._forward(h, w, y, ids, 1.0, entropy, use_triton)

@@ -68,10 +68,10 @@ def _dh_chunks(T: int, D: int, V: int, elem: int) -> int:
     """Vocab chunks of the fused log-probs backward on CUDA, from the launcher's own planner (Triton, 16-bit)."""
     import torch
 
-    from nova_rt.kernels import fused_linear_logprobs as fl
+    from nova_rt.kernels import vocab_chunks
 
-    ws = fl._workspace_bytes(torch.device("cuda"), reserved=T * D if elem == 2 else 0)
-    vc = fl._plan(T, V, ws, elem, 0, 0)[0]
+    ws = vocab_chunks.workspace_bytes(torch.device("cuda"), reserved=T * D if elem == 2 else 0)
+    vc = vocab_chunks.plan(T, V, ws, elem, 0, 0)[0]
     return math.ceil(V / vc)
 
 

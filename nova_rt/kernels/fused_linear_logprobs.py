@@ -21,7 +21,8 @@ fp64 for fp64 inputs). The backward recomputes each logits chunk (one extra GEMM
 eager's 3) and writes d weight for the chunk's rows directly (one GEMM with the full-T reduction, no accumulation
 error), while d hidden accumulates over chunks: in place in the returned fp32 gradient, or for 16-bit inputs as fp32
 rounded to 24 bits, whose top half is the returned gradient's storage and low byte a T x D uint8 buffer.
-Extra memory (beyond inputs, saved tensors and gradients) is sized in bytes, _EXTRA_BUDGET = 88 MiB: at T=16k,
+Extra memory (beyond inputs, saved tensors and gradients) is sized in bytes, vocab_chunks.EXTRA_BUDGET = 88 MiB: at
+T=16k,
 D=4096, V=152k it is 1.86% of the bf16 eager logits instead of 10.8% (numbers in `fused_linear_logprobs_bwd`).
 
 Backends ("auto" picks Triton for CUDA tensors, PyTorch otherwise):
@@ -32,6 +33,8 @@ Backends ("auto" picks Triton for CUDA tensors, PyTorch otherwise):
   Top-k logits come from a gather-dot kernel (K rows of W per token). The backward is the chunk loop with cuBLAS GEMMs
   for the logits and d weight, a Triton kernel for the dz math of each chunk (in place; the top-k one-hot terms are
   a torch scatter_add on fp32 row blocks), and a Triton GEMM for d hidden that keeps the 24-bit running sum.
+Chunk plans, byte budgets, the input checks and the PyTorch chunk math (the torch path, and the backward's chunk
+loop on both backends) are in vocab_chunks.py.
 `reference_topk` is PyTorch on both backends (chunked GEMM + streaming torch.topk merge, equal logits ranked by
 lowest id); it runs under no_grad.
 """
@@ -44,9 +47,9 @@ import torch
 import triton
 import triton.language as tl
 
-from nova_rt.kernels import resolve_backend
+from nova_rt.kernels import resolve_backend, vocab_chunks
+from nova_rt.kernels.vocab_chunks import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -179,14 +182,8 @@ def _fused_linear_logprobs_dh_kernel(DZ, W, HI, LO, DH, T, VC, D, stride_wv, str
 
 
 # ----------------------------------------------------------------------------------------------- launchers
-# "Extra" memory: what the op allocates beyond its inputs, the O(T) tensors saved for backward and the gradients it
-# returns. Chunks are sized in bytes from one budget; fused_linear_logprobs_bwd has the numbers at the target size.
-_EXTRA_BUDGET = 88 * 2**20  # d hidden low bits (16-bit inputs, T x D bytes) + chunk workspace
-_WORKSPACE_CAP = {"cuda": 64 * 2**20, "cpu": 24 * 2**20}  # chunk workspace at most this (CPU: see _chunk_cols)
-_FP32_ACC_MAX = _EXTRA_BUDGET // 4  # torch path, 16-bit inputs: a plain fp32 d hidden buffer while it costs this
-_WORKSPACE_FLOOR = 8 * 2**20
-_TOPK_ROW_BYTES = 32  # per top-k id in a row block: in-chunk mask, int64 column, gathered/scattered values
-_DH_ROW_BYTES = 8  # per d hidden element in a torch-path row block: the chunk's fp32 contribution + an int32 word
+# Chunk sizes, byte budgets and the PyTorch chunk math are in vocab_chunks.py (shared with topk_select.py).
+_FP32_ACC_MAX = vocab_chunks.EXTRA_BUDGET // 4  # torch path, 16-bit inputs: an fp32 d hidden buffer while it costs this
 
 # Triton launch configurations: on CUDA, and under the interpreter (small, cheap blocks). Every CUDA entry is
 # compiled for sm_90a without a GPU by nova_rt/kernels/aot.py (tests/kernels/test_sm90_compile.py): no spills,
@@ -213,144 +210,19 @@ def _fwd_stages(dtype: torch.dtype) -> int:
     return 2 if dtype == torch.float32 else 3  # fp32 tiles: 3 stages overflow SMEM
 
 
-def _device_kind(device: torch.device) -> str:
-    """'cuda' or 'cpu': which budget and code path apply. The meta-tensor memory measurement patches this."""
-    return "cuda" if device.type == "cuda" else "cpu"
-
-
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def _workspace_bytes(device: torch.device, reserved: int = 0) -> int:
-    """Bytes for chunk temporaries: the extra budget minus `reserved` (the d hidden low bits), capped, floored."""
-    return max(_WORKSPACE_FLOOR, min(_WORKSPACE_CAP[_device_kind(device)], _EXTRA_BUDGET - reserved))
-
-
-def _chunk_cols(T: int, V: int, workspace: int, bytes_per_elem: int) -> int:
-    """Vocab columns per chunk so that T x Vc elements of `bytes_per_elem` bytes fit `workspace` (at least 64).
-
-    On CPU smaller chunks fit cache better (softmax passes over V at T=1024, 1 thread: 0.08 s with 8 MB chunks,
-    0.16 s with 32 MB) but cost more OpenMP regions, and on a 2-core machine shared with other jobs each region can
-    wait a time slice (T=1024, V=49152, fp32, 2 threads at load ~20: fwd+bwd 5.2 s CPU time with 8 MB chunks,
-    3.5 s with 32 MB, eager 2.5 s). The GEMMs are indifferent (0.71 vs 0.77 s per pass). With byte budgets: a 24 MiB
-    CPU cap keeps the 4096 columns of before at T=1024 in bf16 (6 bytes per element); at T=1024, D=576, V=49152,
-    bf16, 1 thread, a 32 MiB cap (5461 columns, 22 MB fp32 temporaries) took fwd 0.38 s + bwd 0.71 s CPU time
-    against 0.21 + 0.54 s with 2730 or 4096 columns.
-    """
-    return int(min(V, max(64, workspace // max(1, T * bytes_per_elem))))
-
-
-def _rows_per_block(T: int, budget: int, bytes_per_row: int) -> int:
-    """Token rows per block of row-blocked temporaries: as many as `budget` holds, at least 1, at most T."""
-    return max(1, T if bytes_per_row == 0 else min(T, budget // bytes_per_row))
-
-
-def _plan(T: int, V: int, ws: int, esz: int, tmp: int, per_row: int = 0) -> tuple[int, int, int]:
-    """(Vc, rows, left): vocab columns of the (T, Vc) chunk of esz-byte elements, token rows per block of the
-    temporaries (tmp bytes per chunk element plus per_row bytes per row), and the workspace left beside the chunk.
-    Temporaries for all T rows when they fit beside a chunk of >= 512 columns (or all of V); otherwise the chunk takes
-    half the workspace and the temporaries are made for row blocks of the other half."""
-    vc = _chunk_cols(T, V, ws - T * per_row, esz + tmp)
-    if (tmp or per_row) and (T * per_row >= ws or vc < min(V, 512)):
-        vc = _chunk_cols(T, V, ws // 2, esz)
-    left = ws - T * vc * esz
-    return vc, _rows_per_block(T, left, vc * tmp + per_row), left
-
-
-def _row_blocks(T: int, rows: int):
-    return (slice(r0, min(T, r0 + rows)) for r0 in range(0, T, rows))
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _tmp_bytes(dtype: torch.dtype, want_entropy: bool) -> int:
-    """Bytes per chunk element of the torch path's temporaries: shifted logits (none when the chunk is already in the
-    compute dtype: shifted in place) and, with entropy, a second compute-dtype tensor."""
-    csz = _compute_dtype(dtype).itemsize
-    return (0 if dtype.itemsize == csz else csz) + (csz if want_entropy else 0)
-
-
-def _online_update(m, s, b, z, inv_tau: float, first: bool) -> None:
-    """Fold chunk rows z (rows, Vc) into the running (m, s, B) of those rows, in place; the Triton kernel's recurrence.
-
-    m: running max, s = sum exp(z - m), B = sum exp(z - m) (z - m) <= 0 (b is None without entropy). Sums of same-sign
-    terms keep fp32 accurate: lse = m + log s and H = log s - B / s are formed once at the end (merging per-chunk
-    lse/H instead loses ~1 ulp of lse per chunk into H). z is the raw GEMM output (input dtype): the 1/tau scale, the
-    shift and the upcast are one op (on a shared CPU every extra pass is another OpenMP region to wait on), written
-    over z when z is already in the compute dtype.
-    """
-    cdt = m.dtype
-    m_c = z.amax(dim=1).to(cdt) * inv_tau
-    m_new = m_c if first else torch.maximum(m, m_c)
-    d = torch.add(-m_new[:, None], z, alpha=inv_tau, out=z if z.dtype == cdt else None)  # z / tau - m_new
-    if b is not None:
-        e = torch.exp(d)
-        s_c = e.sum(dim=1)
-        b_c = d.mul_(e).sum(dim=1)  # in place: vecdot(e, d) would make one more (rows, Vc) temporary
-    else:
-        s_c = d.exp_().sum(dim=1)
-    if first:
-        m.copy_(m_new)
-        s.copy_(s_c)
-        if b is not None:
-            b.copy_(b_c)
-        return
-    scale = torch.exp(m - m_new)
-    if b is not None:
-        b.copy_(scale * (b + (m - m_new) * s) + b_c)
-    s.mul_(scale).add_(s_c)
-    m.copy_(m_new)
-
-
-def _gather_chunk(z_TVc, idx, v0, v1):
-    """z[t, idx[t, j]] for ids inside [v0, v1), else 0. idx: (T, J) int64."""
-    inside = (idx >= v0) & (idx < v1)
-    vals = z_TVc.gather(1, (idx - v0).clamp_(0, v1 - v0 - 1))
-    return torch.where(inside, vals, 0.0)
-
-
-def torch_fwd(hidden_TD, weight_VD, labels_T, topk_ids_TK, inv_tau: float, want_entropy: bool):
-    """Chunked PyTorch forward -> (logprobs_T, entropy_T or None, topk_logits_TK or None, lse_T); all in cdt.
-
-    One (T, Vc) buffer takes every chunk's GEMM; the compute-dtype temporaries are made for row blocks of it, so
-    both fit the workspace (at T=16k, bf16 with entropy on CUDA: Vc=1024 and blocks of 4096 rows, 64 MiB in all).
-    """
-    T, V = hidden_TD.shape[0], weight_VD.shape[0]
-    dev, cdt = hidden_TD.device, _compute_dtype(hidden_TD.dtype)
-    K = 0 if topk_ids_TK is None else topk_ids_TK.shape[1]
-    esz, tmp = hidden_TD.dtype.itemsize, _tmp_bytes(hidden_TD.dtype, want_entropy)
-    ws = _workspace_bytes(dev)
-    vc, rows, _ = _plan(T, V, ws, esz, tmp, K * _TOPK_ROW_BYTES)
-    m, s = torch.empty(T, dtype=cdt, device=dev), torch.empty(T, dtype=cdt, device=dev)
-    b = torch.empty(T, dtype=cdt, device=dev) if want_entropy else None
-    zl = torch.zeros((T, 1), dtype=cdt, device=dev)
-    zk = None if topk_ids_TK is None else torch.zeros(topk_ids_TK.shape, dtype=cdt, device=dev)
-    zbuf = hidden_TD.new_empty(T * vc)
-    for v0 in range(0, V, vc):
-        v1 = min(V, v0 + vc)
-        z = torch.mm(hidden_TD, weight_VD[v0:v1].T, out=zbuf[: T * (v1 - v0)].view(T, v1 - v0))
-        for r in _row_blocks(T, rows):
-            zl[r] += _gather_chunk(z[r], labels_T[r, None], v0, v1).to(cdt) * inv_tau
-            if zk is not None:
-                zk[r] += _gather_chunk(z[r], topk_ids_TK[r], v0, v1).to(cdt) * inv_tau
-            _online_update(m[r], s[r], None if b is None else b[r], z[r], inv_tau, first=v0 == 0)
-    lse = m + torch.log(s)
-    ent = torch.log(s) - b / s if want_entropy else None
-    logp = torch.where(labels_T != IGNORE_INDEX, zl[:, 0] - lse, 0.0)
-    return logp, ent, zk, lse
-
-
 def triton_fwd(hidden_TD, weight_VD, labels_T, topk_ids_TK, inv_tau: float, want_entropy: bool, v_splits=None):
-    """Fused Triton forward; same return convention as `torch_fwd` (fp32). v_splits: vocab splits per token block.
+    """Fused Triton forward; same return convention as `vocab_chunks.torch_fwd` (fp32). v_splits: vocab splits per
+    token block.
     Allocates O(T) partials (4 x splits x T fp32) and the (T, K) top-k logits only."""
     T, D = hidden_TD.shape
     V = weight_VD.shape[0]
     h, w, labels_T = hidden_TD.contiguous(), weight_VD.contiguous(), labels_T.contiguous()
     if T == 0:
-        return torch_fwd(h, w, labels_T, topk_ids_TK, inv_tau, want_entropy)
+        return vocab_chunks.torch_fwd(h, w, labels_T, topk_ids_TK, inv_tau, want_entropy)
     block_t, block_v, block_d = (_TILES["fwd"][k] for k in ("BLOCK_T", "BLOCK_V", "BLOCK_D"))
     n_tblk = triton.cdiv(T, block_t)
     if v_splits is None:
@@ -385,15 +257,6 @@ def triton_fwd(hidden_TD, weight_VD, labels_T, topk_ids_TK, inv_tau: float, want
     return logp, ent, zk, lse
 
 
-def _dz_torch(z, lse, c1, ge, gl, labels, v0, v1, inv_tau):
-    """dz / tau in the compute dtype for rows z (rows, Vc) of one raw logits chunk; written over z if z is in it."""
-    logp = torch.add(-lse[:, None], z, alpha=inv_tau, out=z if z.dtype == lse.dtype else None)
-    coef = c1[:, None] if ge is None else torch.addcmul(c1[:, None], logp, ge[:, None], value=-1.0)
-    dz = logp.exp_().mul_(coef)
-    _scatter_chunk(dz, labels[:, None], gl[:, None], v0, v1)
-    return dz
-
-
 def _dz_triton(z, dz, lse, c1, ge, gl, labels, v0, inv_tau):
     bt, bv = _TILES["dz"]["BLOCK_T"], _TILES["dz"]["BLOCK_V"]
     _fused_linear_logprobs_bwd_kernel[(triton.cdiv(z.shape[0], bt), triton.cdiv(z.shape[1], bv))](
@@ -410,38 +273,18 @@ def _dz_chunk(z, v0, v1, rows, rowvecs, topk_ids_TK, g_topk, inv_tau, use_triton
     if use_triton and topk_ids_TK is None:
         _dz_triton(z, z, *rowvecs, v0, inv_tau)
         return
-    for r in _row_blocks(z.shape[0], rows):
+    for r in vocab_chunks.row_blocks(z.shape[0], rows):
         lse, c1, ge, gl, labels = (None if x is None else x[r] for x in rowvecs)
         if use_triton:
             dz = z[r] if z.dtype == torch.float32 else torch.empty(z[r].shape, dtype=torch.float32, device=z.device)
             _dz_triton(z[r], dz, lse, c1, ge, gl, labels, v0, inv_tau)
         else:
-            dz = _dz_torch(z[r], lse, c1, ge, gl, labels, v0, v1, inv_tau)
+            dz = vocab_chunks.dz_torch(z[r], lse, c1, ge, gl, labels, v0, v1, inv_tau)
         if topk_ids_TK is not None:
-            _scatter_chunk(dz, topk_ids_TK[r], g_topk[r].to(dz.dtype) * inv_tau, v0, v1)
+            vocab_chunks.scatter_chunk(dz, topk_ids_TK[r], g_topk[r].to(dz.dtype) * inv_tau, v0, v1)
         if dz.dtype != z.dtype:
             z[r].copy_(dz)
         del dz  # before the next block allocates its own
-
-
-def _scatter_chunk(dz, idx, src, v0, v1):
-    inside = (idx >= v0) & (idx < v1)
-    dz.scatter_add_(1, (idx - v0).clamp_(0, v1 - v0 - 1), torch.where(inside, src, 0.0).to(dz.dtype))
-
-
-def _split24(acc, hi, lo) -> None:
-    """Store fp32 `acc` rounded to nearest at bit 8: bits 31..16 into hi (int16), 15..8 into lo (uint8); clobbers
-    acc. Ties round away from zero; a carry into the exponent is the correct rounding. No temporaries: the casts to
-    uint8 and int16 keep the low byte and the (in-range) shifted value."""
-    bits = acc.view(torch.int32).add_(0x80).bitwise_right_shift_(8)
-    lo.copy_(bits)
-    hi.copy_(bits.bitwise_right_shift_(8))
-
-
-def _join24(hi, lo):
-    """The fp32 value stored by `_split24` (low 8 bits zero): one int32 temporary."""
-    bits = hi.to(torch.int32).bitwise_left_shift_(16)
-    return bits.add_(lo, alpha=256).view(torch.float32)  # the low 16 bits of bits are zero: + is |
 
 
 def _dh_update(dh, lo, dz, w_c, first: bool, last: bool, rows: int, use_triton: bool) -> None:
@@ -453,7 +296,8 @@ def _dh_update(dh, lo, dz, w_c, first: bool, last: bool, rows: int, use_triton: 
         else:
             dh.addmm_(dz, w_c)
         return
-    f32_out = _device_kind(dz.device) == "cuda"  # cuBLAS hands out the fp32 sums; CPU 16-bit GEMMs round them
+    # cuBLAS hands out the fp32 sums; CPU 16-bit GEMMs round them
+    f32_out = vocab_chunks.device_kind(dz.device) == "cuda"
     if lo is None:  # an fp32 buffer for a 16-bit chunk (torch path, small T x D): two passes per chunk
         part = torch.mm(dz, w_c, out_dtype=torch.float32) if f32_out else torch.mm(dz, w_c)
         if first:
@@ -469,19 +313,20 @@ def _dh_update(dh, lo, dz, w_c, first: bool, last: bool, rows: int, use_triton: 
             LAST=last, CAST_F32=_INTERPRET, **_TILES["dh"])
         return
     hi = dh.view(torch.int16)
-    for r in _row_blocks(T, rows):
+    for r in vocab_chunks.row_blocks(T, rows):
         part = torch.mm(dz[r], w_c, out_dtype=torch.float32) if f32_out else torch.mm(dz[r], w_c)
-        acc = part.float() if first else _join24(hi[r], lo[r]).add_(part)
+        acc = part.float() if first else vocab_chunks.join24(hi[r], lo[r]).add_(part)
         if last:
             dh[r].copy_(acc)
         else:
-            _split24(acc, hi[r], lo[r])
+            vocab_chunks.split24(acc, hi[r], lo[r])
         del part, acc  # before the next block allocates its own
 
 
 def fused_linear_logprobs_bwd(hidden_TD, weight_VD, labels_T, topk_ids_TK, lse_T, ent_T, g_logp, g_ent, g_topk,
                               inv_tau: float, need_h: bool, need_w: bool, use_triton: bool):
-    """(d hidden or None, d weight or None) by vocab chunks, within _EXTRA_BUDGET bytes beyond inputs and outputs.
+    """(d hidden or None, d weight or None) by vocab chunks, within vocab_chunks.EXTRA_BUDGET bytes beyond inputs and
+    outputs.
 
     Per chunk of Vc vocab rows, all T tokens: z = hidden @ w_c.T (GEMM, into one reused (T, Vc) buffer); dz written
     over z (Triton kernel in place, or torch in row blocks of fp32 temporaries); d weight rows = dz.T @ hidden (GEMM
@@ -537,10 +382,11 @@ def fused_linear_logprobs_bwd(hidden_TD, weight_VD, labels_T, topk_ids_TK, lse_T
     if use_triton:  # fp32 row blocks only to add top-k one-hots to a 16-bit chunk
         tmp = 0 if topk_ids_TK is None or esz == 4 else 4
     else:
-        tmp = _tmp_bytes(hidden_TD.dtype, ge is not None)
-    ws = _workspace_bytes(dev, reserved=lo.numel() if split else 8 * T * D if acc32 else 0)  # acc32: + dz @ w_c
-    vc, rows_dz, left = _plan(T, V, ws, esz, tmp, K * _TOPK_ROW_BYTES)
-    rows_dh = _rows_per_block(T, left, D * _DH_ROW_BYTES)
+        tmp = vocab_chunks.tmp_bytes(hidden_TD.dtype, ge is not None)
+    reserved = lo.numel() if split else 8 * T * D if acc32 else 0  # acc32: the buffer + dz @ w_c
+    ws = vocab_chunks.workspace_bytes(dev, reserved=reserved)
+    vc, rows_dz, left = vocab_chunks.plan(T, V, ws, esz, tmp, K * vocab_chunks.TOPK_ROW_BYTES)
+    rows_dh = vocab_chunks.rows_per_block(T, left, D * vocab_chunks.DH_ROW_BYTES)
     zbuf = hidden_TD.new_empty(T * vc)
     for v0 in range(0, V, vc):
         v1 = min(V, v0 + vc)
@@ -568,7 +414,7 @@ def _fll_op(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, to
 
 def _forward(hidden, weight, labels, topk_ids, inv_tau: float, want_entropy: bool, use_triton: bool):
     """The op's forward less the id checks: (logprobs, entropy, topk logprobs, lse, entropy saved for backward)."""
-    fwd = triton_fwd if use_triton else torch_fwd
+    fwd = triton_fwd if use_triton else vocab_chunks.torch_fwd
     logp, ent, zk, lse = fwd(hidden, weight, labels, topk_ids, inv_tau, want_entropy)
     T = hidden.shape[0]
     ent = ent if want_entropy else lse.new_empty((0,))
@@ -579,7 +425,7 @@ def _forward(hidden, weight, labels, topk_ids, inv_tau: float, want_entropy: boo
 @_fll_op.register_fake
 def _(hidden, weight, labels, topk_ids, inv_tau, want_entropy, use_triton):
     T = hidden.shape[0]
-    cdt = _compute_dtype(hidden.dtype)
+    cdt = vocab_chunks.compute_dtype(hidden.dtype)
     f32 = dict(dtype=torch.float32)
     return (hidden.new_empty((T,), **f32), hidden.new_empty((T if want_entropy else 0,), **f32),
             hidden.new_empty((T, 0 if topk_ids is None else topk_ids.shape[1]), **f32),
@@ -643,28 +489,6 @@ def _check_values(labels, topk_ids, V: int) -> None:
         raise ValueError(f"topk_ids must lie in [0, {V})")
 
 
-def _check_inputs(hidden, weight, labels, topk_ids, temperature, backend):
-    """Shapes, dtypes, devices and temperature (static facts, checked before the op)."""
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"hidden must be (T, D) and weight (V, D); got hidden {tuple(hidden.shape)}, "
-                         f"weight {tuple(weight.shape)}")
-    allowed = (torch.float16, torch.bfloat16, torch.float32) + ((torch.float64,) if backend == "torch" else ())
-    if hidden.dtype != weight.dtype or hidden.dtype not in allowed:
-        raise TypeError(f"hidden and weight must share a dtype in {allowed}; got {hidden.dtype}, {weight.dtype}")
-    if hidden.device != weight.device:
-        raise ValueError(f"hidden ({hidden.device}) and weight ({weight.device}) must be on one device")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if labels is not None:
-        if labels.shape != (hidden.shape[0],) or labels.dtype != torch.int64:
-            raise ValueError(f"labels must be int64 of shape ({hidden.shape[0]},); got {labels.dtype} "
-                             f"{tuple(labels.shape)}")
-    if topk_ids is not None:
-        if topk_ids.dim() != 2 or topk_ids.shape[0] != hidden.shape[0] or topk_ids.dtype != torch.int64:
-            raise ValueError(f"topk_ids must be int64 of shape (T={hidden.shape[0]}, K); got {topk_ids.dtype} "
-                             f"{tuple(topk_ids.shape)}")
-
-
 def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                           temperature: float = 1.0, return_entropy: bool = False,
                           topk_ids: torch.Tensor | None = None, backend: str = "auto") -> dict:
@@ -676,7 +500,7 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     Differentiable w.r.t. hidden and weight through every output.
     """
     backend = resolve_backend(backend, hidden, weight)
-    _check_inputs(hidden, weight, labels, topk_ids, temperature, backend)
+    vocab_chunks.check_inputs(hidden, weight, labels, topk_ids, temperature, backend)
     logp, ent, topk, _, _ = _fll_op(hidden, weight, labels, topk_ids, 1.0 / float(temperature),
                                     bool(return_entropy), backend == "triton")
     out = {"logprobs": logp}
@@ -726,16 +550,16 @@ def reference_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int, *, temper
     loop (on the GPU it is cuBLAS GEMMs plus torch.topk); `backend` is validated for API symmetry.
     """
     backend = resolve_backend(backend, hidden, weight)
-    _check_inputs(hidden, weight, None, None, temperature, backend)
+    vocab_chunks.check_inputs(hidden, weight, None, None, temperature, backend)
     T, V = hidden.shape[0], weight.shape[0]
     if not 1 <= k <= V:
         raise ValueError(f"k must be in [1, V={V}], got {k}")
-    cdt = _compute_dtype(hidden.dtype)
+    cdt = vocab_chunks.compute_dtype(hidden.dtype)
     inv_tau = 1.0 / float(temperature)
     lse = torch.full((T,), float("-inf"), dtype=cdt, device=hidden.device)
     vals = torch.empty((T, 0), dtype=cdt, device=hidden.device)
     ids = torch.empty((T, 0), dtype=torch.int64, device=hidden.device)
-    vc = max(_chunk_cols(T, V, _workspace_bytes(hidden.device), 32), 4 * k)  # ~32 B per candidate
+    vc = max(vocab_chunks.chunk_cols(T, V, vocab_chunks.workspace_bytes(hidden.device), 32), 4 * k)  # ~32 B each
     for v0 in range(0, V, vc):
         v1 = min(V, v0 + vc)
         z = (hidden @ weight[v0:v1].T).to(cdt).mul_(inv_tau)

@@ -16,6 +16,7 @@ import torch
 
 from benchmarks.bench_fused_linear_logprobs import TARGET_TDV, meta_peak_extra
 from nova_rt.kernels import fused_linear_logprobs as fll_mod
+from nova_rt.kernels import vocab_chunks
 from nova_rt.kernels.fused_linear_logprobs import fused_linear_logprobs, reference_topk
 from tests.helpers import assert_close_verbose, assert_no_worse_than_eager
 
@@ -107,9 +108,9 @@ def chunk_cols(request, monkeypatch):
     picks at large T; small T keeps an fp32 d hidden buffer on the torch path)."""
     cols, rows = request.param if isinstance(request.param, tuple) else (request.param, None)
     if cols is not None:
-        monkeypatch.setattr(fll_mod, "_chunk_cols", lambda *args: cols)
+        monkeypatch.setattr(vocab_chunks, "chunk_cols", lambda *args: cols)
     if rows is not None:
-        monkeypatch.setattr(fll_mod, "_rows_per_block", lambda T, *args: min(max(T, 1), rows))
+        monkeypatch.setattr(vocab_chunks, "rows_per_block", lambda T, *args: min(max(T, 1), rows))
         monkeypatch.setattr(fll_mod, "_FP32_ACC_MAX", 0)
     return request.param
 
@@ -216,8 +217,8 @@ def test_torch_compile_fullgraph():
 @pytest.mark.parametrize("T, D, V, K, entropy", [(37, 48, 1000, 5, True), (5, 16, 130, 0, False),
                                                  (20, 40, 333, 2, False)])
 def test_triton_matches_oracle(dtype, T, D, V, K, entropy, monkeypatch):
-    monkeypatch.setattr(fll_mod, "_chunk_cols", lambda *args: 211)
-    monkeypatch.setattr(fll_mod, "_rows_per_block", lambda T_, *args: min(max(T_, 1), 7))  # top-k row blocks
+    monkeypatch.setattr(vocab_chunks, "chunk_cols", lambda *args: 211)
+    monkeypatch.setattr(vocab_chunks, "rows_per_block", lambda T_, *args: min(max(T_, 1), 7))  # top-k row blocks
     _case(T, D, V, K, dtype, 0.9, entropy, "triton", _torch_path)
 
 
@@ -241,8 +242,8 @@ def test_split24_round_trip():
     edge = [0.0, -0.0, 1.0, 1 + 2**-16, -(1 + 2**-16), 1 + 3 * 2**-17, 2 - 2**-23, -(2 - 2**-23), 3e38]
     x = torch.cat([x, torch.tensor(edge)])
     hi, lo = torch.empty(x.shape, dtype=torch.int16), torch.empty(x.shape, dtype=torch.uint8)
-    fll_mod._split24(x.clone(), hi, lo)
-    y = fll_mod._join24(hi, lo)
+    vocab_chunks.split24(x.clone(), hi, lo)
+    y = vocab_chunks.join24(hi, lo)
     err = (y.double() - x.double()).abs()
     assert (err <= x.double().abs() * 2.0**-16).all(), f"more than half an ulp at 16 bits (seed {seed})"
     assert ((y.view(torch.int32) & 0xFF) == 0).all()
@@ -261,10 +262,10 @@ def test_dh_update_16bit(use_triton, first, last):
     T, Vc, D = 37, 50, 70
     dz, w = torch.randn(T, Vc).half(), torch.randn(D, Vc).half().T  # w: (Vc, D), strides (1, Vc)
     dh, lo = torch.empty(T, D, dtype=torch.float16), torch.empty(T, D, dtype=torch.uint8)
-    fll_mod._split24(torch.randn(T, D) * 3, dh.view(torch.int16), lo)  # the running sum of earlier chunks
-    want = (0.0 if first else fll_mod._join24(dh.view(torch.int16), lo)) + dz.float() @ w.float()
+    vocab_chunks.split24(torch.randn(T, D) * 3, dh.view(torch.int16), lo)  # the running sum of earlier chunks
+    want = (0.0 if first else vocab_chunks.join24(dh.view(torch.int16), lo)) + dz.float() @ w.float()
     fll_mod._dh_update(dh, lo, dz, w, first, last, rows=16, use_triton=use_triton)
-    got = dh.float() if last else fll_mod._join24(dh.view(torch.int16), lo)
+    got = dh.float() if last else vocab_chunks.join24(dh.view(torch.int16), lo)
     chunk_err = 0.0 if use_triton else 2.0**-11 * (dz.float() @ w.float()).abs()  # torch: fp16 GEMM output
     sum_order = 2.0**-20 * (dz.float().abs() @ w.float().abs())  # fp32 sums in another order (cancellation)
     # one ulp (fp16 output, or 16 significant bits): half for the rounding, half for a near-tie the other way
@@ -278,7 +279,7 @@ def test_dh_update_16bit(use_triton, first, last):
                                               (3, 8, 40, 40, None)])
 def test_reference_topk_matches_oracle(backend, T, D, V, k, cols, monkeypatch):
     if cols is not None:
-        monkeypatch.setattr(fll_mod, "_chunk_cols", lambda *args: cols)
+        monkeypatch.setattr(vocab_chunks, "chunk_cols", lambda *args: cols)
     seed = _seed()
     h, w, _, _ = _inputs(T, D, V, 0, torch.float32)
     ids, lp = reference_topk(h, w, k, temperature=0.9, backend=backend)
@@ -336,7 +337,7 @@ class _CollectAfterLaunch:
 def test_meta_measurement_matches_real_run(backend, dtype, monkeypatch):
     """The meta run allocates what a real CPU run of the same code allocates (Triton: under the interpreter), at a
     small size with a tiny workspace so that several chunks and row blocks run in every loop."""
-    monkeypatch.setattr(fll_mod, "_workspace_bytes", lambda device, reserved=0: 40_000)
+    monkeypatch.setattr(vocab_chunks, "workspace_bytes", lambda device, reserved=0: 40_000)
     args = (48, 32, 1000, dtype, backend, "cpu", True, 5)  # fp16: 5 chunks of 208 columns, blocks of 20 rows
     meta = meta_peak_extra(*args, device="meta")
     for name in ("_fused_linear_logprobs_fwd_kernel", "_fused_linear_logprobs_gather_kernel",

@@ -87,9 +87,9 @@ def test_vocab_parallel_topk_and_logprobs_match_float64_reference(tmp_path):
 def test_reference_topk_breaks_ties_by_lowest_id(V, k, cols, monkeypatch):
     """The HF path's reference_topk, streaming in chunks, keeps the lowest ids among equal logits: the rule the
     vocab-parallel top-k follows, so both backends pick the same ids."""
-    from nova_rt.kernels import fused_linear_logprobs as fll
+    from nova_rt.kernels import vocab_chunks
 
-    monkeypatch.setattr(fll, "_chunk_cols", lambda *args: cols)
+    monkeypatch.setattr(vocab_chunks, "chunk_cols", lambda *args: cols)
     gen = torch.Generator().manual_seed(SEED)
     weight = torch.randint(0, 3, (V, 1), generator=gen).double()  # logits = weight: three distinct values
     hidden = torch.ones(4, 1, dtype=torch.float64)
