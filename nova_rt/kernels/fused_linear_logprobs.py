@@ -34,9 +34,7 @@ Backends ("auto" picks Triton for CUDA tensors, PyTorch otherwise):
   for the logits and d weight, a Triton kernel for the dz math of each chunk (in place; the top-k one-hot terms are
   a torch scatter_add on fp32 row blocks), and a Triton GEMM for d hidden that keeps the 24-bit running sum.
 Chunk plans, byte budgets, the input checks and the PyTorch chunk math (the torch path, and the backward's chunk
-loop on both backends) are in vocab_chunks.py.
-`reference_topk` is PyTorch on both backends (chunked GEMM + streaming torch.topk merge, equal logits ranked by
-lowest id); it runs under no_grad.
+loop on both backends) are in vocab_chunks.py; the streaming top-k ids that feed `topk_ids` in topk_select.py.
 """
 
 from __future__ import annotations
@@ -408,7 +406,7 @@ def fused_linear_logprobs_bwd(hidden_TD, weight_VD, labels_T, topk_ids_TK, lse_T
 def _fll_op(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, topk_ids: torch.Tensor | None,
             inv_tau: float, want_entropy: bool, use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                            torch.Tensor, torch.Tensor]:
-    _check_values(labels, topk_ids, weight.shape[0])
+    vocab_chunks.check_values(labels, topk_ids, weight.shape[0])
     return _forward(hidden, weight, labels, topk_ids, inv_tau, want_entropy, use_triton)
 
 
@@ -473,22 +471,6 @@ _fll_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------- public API
-def _check_values(labels, topk_ids, V: int) -> None:
-    """Range checks on ids. Run inside the custom op, where data-dependent control flow does not break
-    torch.compile; on CUDA they are device-side asserts (no host sync)."""
-    bad_labels = ((labels >= V) | ((labels < 0) & (labels != IGNORE_INDEX))).any()
-    bad_ids = ((topk_ids < 0) | (topk_ids >= V)).any() if topk_ids is not None else None
-    if labels.is_cuda:
-        torch._assert_async(~bad_labels, f"labels must lie in [0, {V}) or equal {IGNORE_INDEX}")
-        if bad_ids is not None:
-            torch._assert_async(~bad_ids, f"topk_ids must lie in [0, {V})")
-        return
-    if bool(bad_labels):
-        raise ValueError(f"labels must lie in [0, {V}) or equal {IGNORE_INDEX}")
-    if bad_ids is not None and bool(bad_ids):
-        raise ValueError(f"topk_ids must lie in [0, {V})")
-
-
 def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                           temperature: float = 1.0, return_entropy: bool = False,
                           topk_ids: torch.Tensor | None = None, backend: str = "auto") -> dict:
@@ -509,62 +491,3 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     if topk_ids is not None:
         out["topk_logprobs"] = topk
     return out
-
-
-def topk_lowest_ids(vals_TN: torch.Tensor, k: int, ids_TN: torch.Tensor | None = None) -> tuple[torch.Tensor,
-                                                                                                 torch.Tensor]:
-    """(values (T, k), ids (T, k)): the k largest of each row, sorted descending, equal values ordered by id (lowest
-    first) and, where the k-th value ties with values left out, the lowest ids kept. ids_TN: the candidates' ids
-    (distinct per row; default: the column index). Deterministic, unlike torch.topk, whose choice among ties depends
-    on the device and the kernel; so a sharded (vocab-parallel) top-k picks the same ids as a single-device one.
-
-    Cost: torch.topk, one comparison pass over the rows, and a sort of the k winners; rows with a tie at the k-th
-    value are re-ranked by a full stable sort (only those rows).
-    """
-    top_Tk, pos_Tk = torch.topk(vals_TN, k, dim=1)
-    if k:
-        tied_T = (vals_TN >= top_Tk[:, -1:]).sum(dim=1) > k  # the k-th value also occurs outside the selection
-        if bool(tied_T.any()):
-            rows = tied_T.nonzero()[:, 0]
-            sub_TN = vals_TN[rows]
-            order_TN = torch.arange(sub_TN.shape[1], device=sub_TN.device).expand_as(sub_TN) if ids_TN is None \
-                else ids_TN[rows].argsort(dim=1)
-            by_val_TN = torch.sort(sub_TN.gather(1, order_TN), dim=1, descending=True, stable=True).indices
-            pos_Tk[rows] = order_TN.gather(1, by_val_TN[:, :k])
-            top_Tk[rows] = sub_TN.gather(1, pos_Tk[rows])
-    ids_Tk = pos_Tk if ids_TN is None else ids_TN.gather(1, pos_Tk)
-    ids_Tk, order_Tk = ids_Tk.sort(dim=1)  # canonical order within the winners: by id, then stably by value
-    top_Tk = top_Tk.gather(1, order_Tk)
-    top_Tk, order_Tk = torch.sort(top_Tk, dim=1, descending=True, stable=True)
-    return top_Tk, ids_Tk.gather(1, order_Tk)
-
-
-@torch.no_grad()
-def reference_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int, *, temperature: float = 1.0,
-                   backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids (T, k) int64, logprobs (T, k) fp32) of the k largest logits per token, sorted descending; ties by lowest
-    id (`topk_lowest_ids`).
-
-    Streams the vocab in chunks: each chunk's logits are merged with the running top-k (torch.topk over k + Vc
-    candidates) and folded into an online logsumexp, so no (T, V) tensor exists. Both backends run this PyTorch
-    loop (on the GPU it is cuBLAS GEMMs plus torch.topk); `backend` is validated for API symmetry.
-    """
-    backend = resolve_backend(backend, hidden, weight)
-    vocab_chunks.check_inputs(hidden, weight, None, None, temperature, backend)
-    T, V = hidden.shape[0], weight.shape[0]
-    if not 1 <= k <= V:
-        raise ValueError(f"k must be in [1, V={V}], got {k}")
-    cdt = vocab_chunks.compute_dtype(hidden.dtype)
-    inv_tau = 1.0 / float(temperature)
-    lse = torch.full((T,), float("-inf"), dtype=cdt, device=hidden.device)
-    vals = torch.empty((T, 0), dtype=cdt, device=hidden.device)
-    ids = torch.empty((T, 0), dtype=torch.int64, device=hidden.device)
-    vc = max(vocab_chunks.chunk_cols(T, V, vocab_chunks.workspace_bytes(hidden.device), 32), 4 * k)  # ~32 B each
-    for v0 in range(0, V, vc):
-        v1 = min(V, v0 + vc)
-        z = (hidden @ weight[v0:v1].T).to(cdt).mul_(inv_tau)
-        lse = torch.logaddexp(lse, torch.logsumexp(z, dim=1))
-        cand_ids = torch.arange(v0, v1, device=hidden.device).expand(T, -1)
-        vals, ids = topk_lowest_ids(torch.cat([vals, z], dim=1), min(k, vals.shape[1] + v1 - v0),
-                                    torch.cat([ids, cand_ids], dim=1))
-    return ids, (vals - lse[:, None]).float()

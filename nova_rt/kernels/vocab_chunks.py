@@ -207,3 +207,19 @@ def check_inputs(hidden, weight, labels, topk_ids, temperature, backend):
         if topk_ids.dim() != 2 or topk_ids.shape[0] != hidden.shape[0] or topk_ids.dtype != torch.int64:
             raise ValueError(f"topk_ids must be int64 of shape (T={hidden.shape[0]}, K); got {topk_ids.dtype} "
                              f"{tuple(topk_ids.shape)}")
+
+
+def check_values(labels, topk_ids, V: int) -> None:
+    """Range checks on ids. Run inside the custom op, where data-dependent control flow does not break
+    torch.compile; on CUDA they are device-side asserts (no host sync)."""
+    bad_labels = ((labels >= V) | ((labels < 0) & (labels != IGNORE_INDEX))).any()
+    bad_ids = ((topk_ids < 0) | (topk_ids >= V)).any() if topk_ids is not None else None
+    if labels.is_cuda:
+        torch._assert_async(~bad_labels, f"labels must lie in [0, {V}) or equal {IGNORE_INDEX}")
+        if bad_ids is not None:
+            torch._assert_async(~bad_ids, f"topk_ids must lie in [0, {V})")
+        return
+    if bool(bad_labels):
+        raise ValueError(f"labels must lie in [0, {V}) or equal {IGNORE_INDEX}")
+    if bad_ids is not None and bool(bad_ids):
+        raise ValueError(f"topk_ids must lie in [0, {V})")

@@ -2,7 +2,7 @@
 sampled k1/k2/k3 estimators, and the return-to-go that puts a per-token KL penalty into the token-level reward.
 
 Exact truncated KL (Baichuan Alignment report, section 2.1): for each token t, take the K ids the reference model
-ranks highest (`nova_rt.kernels.fused_linear_logprobs.reference_topk`), renormalise both models' log-probs over
+ranks highest (`nova_rt.kernels.topk_select.reference_topk`), renormalise both models' log-probs over
 those ids, and sum exactly:
     q_theta[t, k] = lp_theta[t, k] - logsumexp_k lp_theta[t, :]      (same for q_ref)
     KL_t          = sum_k exp(q_theta[t, k]) (q_theta[t, k] - q_ref[t, k])

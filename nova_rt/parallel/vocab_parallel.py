@@ -14,7 +14,7 @@ vocab must be masked to a very negative value by the caller, so they never rank 
                   all-reduces d hidden over the group.
     topk          each rank's top-min(K, Vl) of its shard (ids offset by vocab_start), all-gathered, and the K best
                   of the TP x K candidates: every rank ends with the same (T, K) ids and log-probs, sorted
-                  descending. Ties: equal values ranked by id, lowest first (fused_linear_logprobs.topk_lowest_ids,
+                  descending. Ties: equal values ranked by id, lowest first (topk_select.topk_lowest_ids,
                   the rule of the HF path's reference_topk), so the ids do not depend on TP.
 
 Saved for backward by logprobs_at: the (T, Vl) logits (the caller passes the target rows only: megatron's cross
@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from nova_rt.kernels.fused_linear_logprobs import topk_lowest_ids
+from nova_rt.kernels.topk_select import topk_lowest_ids
 
 
 def vocab_parallel_logsumexp(logits_TV: torch.Tensor, group) -> torch.Tensor:

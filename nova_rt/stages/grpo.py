@@ -430,7 +430,7 @@ class GRPORun:
                 for k, v in mb.items()}
 
     def _ref_topk(self, mb: dict, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-        from nova_rt.kernels.fused_linear_logprobs import reference_topk
+        from nova_rt.kernels.topk_select import reference_topk
 
         hidden = self.ref.selected_hidden(mb["input_ids"], mb["position_ids"], mb["cu_seqlens"], mb["max_seqlen"],
                                           mb["targets"], mb.get("shared_prefix"))

@@ -17,7 +17,8 @@ import torch
 from benchmarks.bench_fused_linear_logprobs import TARGET_TDV, meta_peak_extra
 from nova_rt.kernels import fused_linear_logprobs as fll_mod
 from nova_rt.kernels import vocab_chunks
-from nova_rt.kernels.fused_linear_logprobs import fused_linear_logprobs, reference_topk
+from nova_rt.kernels.fused_linear_logprobs import fused_linear_logprobs
+from nova_rt.kernels.topk_select import reference_topk
 from tests.helpers import assert_close_verbose, assert_no_worse_than_eager
 
 OUTPUTS = ("logprobs", "entropy", "topk_logprobs")

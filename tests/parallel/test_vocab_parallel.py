@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from nova_rt.kernels.fused_linear_logprobs import reference_topk
+from nova_rt.kernels.topk_select import reference_topk
 from tests.helpers import assert_close_verbose
 from tests.parallel.run_helpers import ROOT, SEED, clean_env
 

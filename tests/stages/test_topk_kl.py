@@ -12,7 +12,8 @@ import os
 import pytest
 import torch
 
-from nova_rt.kernels.fused_linear_logprobs import fused_linear_logprobs, reference_topk
+from nova_rt.kernels.fused_linear_logprobs import fused_linear_logprobs
+from nova_rt.kernels.topk_select import reference_topk
 from nova_rt.losses.kl import kl_penalty_token_adv, reverse_cumsum_segments, sampled_kl, topk_kl
 from tests.helpers import assert_close_verbose
 
