@@ -1,4 +1,5 @@
-"""fused_linear_logprobs / reference_topk against a float64 oracle that materialises the full (T, V) logits.
+"""fused_linear_logprobs / reference_topk against a float64 oracle that materialises the full (T, V) logits
+(nova_rt.kernels.reference.fused_linear_logprobs_ref).
 
 CPU tier: the torch path (fp32, fp64) with forced small vocab chunks, and the Triton kernels under the interpreter
 (fp32, fp16; bf16 math is wrong in the interpreter). GPU tier: realistic shapes in bf16/fp16/fp32.
@@ -18,6 +19,7 @@ from benchmarks.bench_fused_linear_logprobs import TARGET_TDV, meta_peak_extra
 from nova_rt.kernels import fused_linear_logprobs as fll_mod
 from nova_rt.kernels import vocab_chunks
 from nova_rt.kernels.fused_linear_logprobs import fused_linear_logprobs
+from nova_rt.kernels.reference import fused_linear_logprobs_ref
 from nova_rt.kernels.topk_select import reference_topk
 from tests.helpers import assert_close_verbose, assert_no_worse_than_eager
 
@@ -37,18 +39,6 @@ def _inputs(T, D, V, K, dtype, device="cpu", ignore_frac=0.2):
     labels_T[torch.rand(T, device=device) < ignore_frac] = -100
     ids_TK = torch.randint(0, V, (T, K), device=device) if K else None  # duplicates allowed on purpose
     return h_TD.to(dtype), w_VD.to(dtype), labels_T, ids_TK
-
-
-def _oracle(h_TD, w_VD, labels_T, tau, ids_TK, dtype=torch.float64):
-    """Materialised logits in `dtype` (float64 = the oracle; the input dtype = naive eager)."""
-    z_TV = (h_TD @ w_VD.T).to(torch.float64 if dtype == torch.float64 else torch.float32) / tau
-    lp_TV = torch.log_softmax(z_TV, dim=1)
-    valid = labels_T != -100
-    out = {"logprobs": torch.where(valid, lp_TV.gather(1, labels_T.clamp_min(0)[:, None])[:, 0], 0.0),
-           "entropy": -(lp_TV.exp() * lp_TV).sum(1)}
-    if ids_TK is not None:
-        out["topk_logprobs"] = lp_TV.gather(1, ids_TK)
-    return out
 
 
 def _fwd_bwd(fn, h_TD, w_VD, grads):
@@ -74,7 +64,7 @@ def _case(T, D, V, K, dtype, tau, entropy, backend, eager_fn, device="cpu"):
     grads = {k: torch.randn(shapes[k], device=device).double() for k in names}
     ours = _fwd_bwd(lambda a, b: fused_linear_logprobs(a, b, y, temperature=tau, return_entropy=entropy,
                                                        topk_ids=ids, backend=backend), h, w, grads)
-    ref = _fwd_bwd(lambda a, b: {k: v for k, v in _oracle(a, b, y, tau, ids).items() if k in names},
+    ref = _fwd_bwd(lambda a, b: {k: v for k, v in fused_linear_logprobs_ref(a, b, y, tau, ids).items() if k in names},
                    h.double(), w.double(), grads)
     eager = _fwd_bwd(lambda a, b: eager_fn(a, b, y, tau, ids, names), h, w, grads)
     assert set(ours[0]) == set(names), f"returned keys {sorted(ours[0])} (seed {seed})"
@@ -93,7 +83,7 @@ def _case(T, D, V, K, dtype, tau, entropy, backend, eager_fn, device="cpu"):
 
 
 def _naive_eager(h, w, y, tau, ids, names):
-    return {k: v for k, v in _oracle(h, w, y, tau, ids, dtype=h.dtype).items() if k in names}
+    return {k: v for k, v in fused_linear_logprobs_ref(h, w, y, tau, ids, dtype=h.dtype).items() if k in names}
 
 
 def _torch_path(h, w, y, tau, ids, names):
@@ -122,7 +112,7 @@ def test_oracle_matches_naive_loop():
     T, D, V, tau = 3, 4, 11, 0.8
     h, w, y, ids = _inputs(T, D, V, 2, torch.float64, ignore_frac=0.0)
     y[1] = -100
-    out = _oracle(h, w, y, tau, ids)
+    out = fused_linear_logprobs_ref(h, w, y, tau, ids)
     for t in range(T):
         z = [sum(h[t, d].item() * w[v, d].item() for d in range(D)) / tau for v in range(V)]
         lse = math.log(sum(math.exp(x) for x in z))
@@ -172,7 +162,7 @@ def test_empty_tokens_and_strided_labels(backend):
     assert dh.shape == (0, 8) and (dw == 0).all()
     h, y_strided = torch.randn(6, 8), torch.randint(0, 20, (12,))[::2]
     got = fused_linear_logprobs(h, w.detach(), y_strided, backend=backend)["logprobs"]
-    want = _oracle(h.double(), w.detach().double(), y_strided, 1.0, None)["logprobs"]
+    want = fused_linear_logprobs_ref(h.double(), w.detach().double(), y_strided, 1.0, None)["logprobs"]
     assert_close_verbose(got, want, rtol=1e-5, atol=1e-5, name=f"strided labels (seed {seed})")
 
 
@@ -182,8 +172,8 @@ def test_grad_only_for_requested_inputs():
     w.requires_grad_()
     lp = fused_linear_logprobs(h, w, y, return_entropy=True, backend="torch")
     (dw,) = torch.autograd.grad(lp["entropy"].sum(), (w,))
-    ref = _fwd_bwd(lambda a, b: {"entropy": _oracle(a, b, y, 1.0, None)["entropy"]}, h.double(), w.double(),
-                   {"entropy": torch.ones(5, dtype=torch.float64)})
+    ref = _fwd_bwd(lambda a, b: {"entropy": fused_linear_logprobs_ref(a, b, y, 1.0, None)["entropy"]}, h.double(),
+                   w.double(), {"entropy": torch.ones(5, dtype=torch.float64)})
     assert_close_verbose(dw, ref[2], rtol=1e-4, atol=1e-5, name=f"d weight from entropy only (seed {seed})")
 
 
@@ -229,8 +219,8 @@ def test_triton_forward_vocab_splits(splits):
     seed = _seed()
     h, w, y, ids = _inputs(21, 24, 517, 4, torch.float32)
     logp, ent, zk, lse = fll_mod.triton_fwd(h, w, y, ids, 1 / 0.8, True, v_splits=splits)
-    ref = _oracle(h.double(), w.double(), y, 0.8, ids)
-    eager = _oracle(h, w, y, 0.8, ids, dtype=torch.float32)
+    ref = fused_linear_logprobs_ref(h.double(), w.double(), y, 0.8, ids)
+    eager = fused_linear_logprobs_ref(h, w, y, 0.8, ids, dtype=torch.float32)
     got = {"logprobs": logp, "entropy": ent, "topk_logprobs": zk - lse[:, None]}
     _check_all(seed, got, eager, ref, OUTPUTS)
 

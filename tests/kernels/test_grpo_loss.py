@@ -1,6 +1,7 @@
-"""grpo_loss against an independent float64 oracle: a plain Python loop over groups and responses, autograd for the
-gradient. Both the torch path and the Triton path (under TRITON_INTERPRET=1 on CPU) are checked on every
-agg x kl x adv_norm combination; inputs are drawn afresh each run (the seed is in every failure message).
+"""grpo_loss against an independent float64 oracle (nova_rt.kernels.reference.grpo_loss_ref): a plain Python loop
+over groups and responses, autograd for the gradient. Both the torch path and the Triton path (under
+TRITON_INTERPRET=1 on CPU) are checked on every agg x kl x adv_norm combination; inputs are drawn afresh each run
+(the seed is in every failure message).
 
 Legend: T response tokens (flat), B responses, G group size.
 """
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from nova_rt.kernels.grpo_loss import STAT_NAMES, grpo_loss, grpo_loss_fwd
+from nova_rt.kernels.reference import grpo_advantages_ref, grpo_loss_ref
 from tests.helpers import assert_close_verbose, assert_no_worse_than_eager
 
 AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
@@ -76,68 +78,8 @@ def _make_case(gen, *, n_prompts, G, dtype=torch.float32, has_ref=True, has_tadv
     return Case(lp, old, ref if has_ref else None, rewards, cu, tadv, G)
 
 
-def _kl_oracle(lp, ref, kl):
-    if kl == "k1":
-        return lp - ref
-    if kl == "k2":
-        return 0.5 * (lp - ref) ** 2
-    d = torch.clamp(ref - lp, -20.0, 20.0)
-    return torch.clamp(torch.exp(d) - d - 1.0, max=10.0)
-
-
-def _oracle_adv(rewards: list[float], G: int, adv_norm: str) -> list[float]:
-    adv = []
-    for g in range(len(rewards) // G):
-        grp = rewards[g * G:(g + 1) * G]
-        mean = sum(grp) / G
-        std = math.sqrt(sum((r - mean) ** 2 for r in grp) / (G - 1)) if G > 1 else 0.0
-        for r in grp:
-            if G == 1 or max(grp) == min(grp):
-                adv.append(0.0)
-            else:
-                adv.append((r - mean) / (std + 1e-4) if adv_norm == "std" else r - mean)
-    return adv
-
-
-def _oracle(case: Case, *, eps_low, eps_high, beta, kl, agg, adv_norm) -> dict:
-    """float64, one response at a time. Returns loss, grad (T,), the loss scale sum_t w_t |l_t|, stats, clip count."""
-    lp = case.lp_T.double().requires_grad_()
-    old = case.old_T.double()
-    ref = case.ref_T.double() if case.ref_T is not None else None
-    tadv = case.tadv_T.double() if case.tadv_T is not None else None
-    cu = case.cu.tolist()
-    B, T = len(cu) - 1, cu[-1]
-    adv = _oracle_adv(case.rewards_B.double().tolist(), case.G, adv_norm)
-    lens = [cu[i + 1] - cu[i] for i in range(B)]
-    n_nonempty, longest = sum(n > 0 for n in lens), max(lens)
-    loss, scale, n_clip, kl_sum, ratio_sum = lp.sum() * 0.0, 0.0, 0, 0.0, 0.0
-    for i in range(B):
-        s, e = cu[i], cu[i + 1]
-        if e == s:
-            continue
-        a = adv[i] + (tadv[s:e] if tadv is not None else 0.0)
-        ratio = torch.exp(torch.clamp(lp[s:e] - old[s:e], -20.0, 20.0))
-        unclipped, clipped = ratio * a, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * a
-        tok = -torch.minimum(unclipped, clipped)
-        n_clip += int((clipped < unclipped).sum())
-        ratio_sum += ratio.sum().item()
-        if ref is not None:
-            k = _kl_oracle(lp[s:e], ref[s:e], kl)
-            kl_sum += k.sum().item()
-            tok = tok + beta * k
-        if agg == "token-mean":
-            w = 1.0 / T
-        elif agg == "seq-mean-token-mean":
-            w = 1.0 / (n_nonempty * (e - s))
-        else:
-            w = 1.0 / (B * longest)
-        loss = loss + w * tok.sum()
-        scale += w * tok.abs().sum().item()
-    loss.backward()
-    adv_mean = sum(adv) / B
-    stats = {"clip_frac": n_clip / max(T, 1), "kl_mean": kl_sum / max(T, 1), "adv_mean": adv_mean,
-             "adv_std": math.sqrt(sum((x - adv_mean) ** 2 for x in adv) / B), "ratio_mean": ratio_sum / max(T, 1)}
-    return {"loss": loss.item(), "grad": lp.grad, "scale": scale, "stats": stats, "n_clip": n_clip, "T": T}
+def _oracle(case: Case, **kw) -> dict:
+    return grpo_loss_ref(case.lp_T, case.old_T, case.ref_T, case.rewards_B, case.cu, case.G, case.tadv_T, **kw)
 
 
 def _run(case: Case, backend: str, upstream: float = 1.0, **kw):
@@ -197,7 +139,8 @@ def test_test_data_clips_both_sides():
     """The generator must exercise both clip sides and the k3 clamp, or the oracle tests would prove little."""
     seed = _seed()
     case = _make_case(torch.Generator().manual_seed(seed), n_prompts=8, G=4, equal_frac=0.0)
-    adv_T = torch.tensor(_oracle_adv(case.rewards_B.tolist(), 4, "std")).repeat_interleave(case.cu.diff().long(), 0)
+    adv_T = torch.tensor(grpo_advantages_ref(case.rewards_B.tolist(), 4, "std"))
+    adv_T = adv_T.repeat_interleave(case.cu.diff().long(), 0)
     ratio = (case.lp_T - case.old_T).exp()
     assert ((adv_T > 0) & (ratio > 1.2)).any() and ((adv_T < 0) & (ratio < 0.8)).any(), f"seed {seed}"
     d = case.ref_T - case.lp_T

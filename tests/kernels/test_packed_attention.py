@@ -1,4 +1,5 @@
-"""packed_attention against an independent float64 oracle: a naive loop over documents and query heads.
+"""packed_attention against an independent float64 oracle (nova_rt.kernels.reference.packed_attention_ref): a naive
+loop over documents and query heads.
 
 CPU tier: the torch path (fp32, fp64) and the Triton kernels under the interpreter (fp32, fp16; bf16 arithmetic is
 wrong in the interpreter) on small random packs; input validation; the block table; the torch.library binding.
@@ -19,6 +20,7 @@ from nova_rt.kernels.packed_attention import (
     packed_attention,
     packed_attention_torch,
 )
+from nova_rt.kernels.reference import packed_attention_ref
 from tests.helpers import assert_close_verbose, assert_no_worse_than_eager
 
 
@@ -38,32 +40,6 @@ def _random_lengths(gen: torch.Generator, T: int, n_docs: int, single: bool = Tr
 
 def _cu(lengths: list[int], device="cpu") -> torch.Tensor:
     return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
-
-
-def oracle_fwd_bwd(q_TNH, k_TKH, v_TKH, lengths, g_TNH, causal, scale):
-    """float64 truth: per document and query head, scores -> mask -> softmax -> matmul; grads by autograd per doc."""
-    q, k, v, g = (x.detach().double() for x in (q_TNH, k_TKH, v_TKH, g_TNH))
-    N, K = q.shape[1], k.shape[1]
-    head_map = [n // (N // K) for n in range(N)]  # query head n reads kv head n // G
-    out, dq, dk, dv = (torch.zeros_like(x) for x in (q, q, k, v))
-    a = 0
-    for L in lengths:
-        if L == 0:
-            continue
-        qs, ks, vs = (x[a : a + L].clone().requires_grad_() for x in (q, k, v))
-        rows = []
-        for n in range(N):
-            s = (qs[:, n] @ ks[:, head_map[n]].T) * scale
-            if causal:
-                s = s.masked_fill(torch.ones(L, L, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
-            rows.append(torch.softmax(s, dim=-1) @ vs[:, head_map[n]])
-        o = torch.stack(rows, dim=1)
-        grads = torch.autograd.grad(o, (qs, ks, vs), g[a : a + L])
-        out[a : a + L] = o.detach()
-        for acc, gr in zip((dq, dk, dv), grads):
-            acc[a : a + L] = gr
-        a += L
-    return out, dq, dk, dv
 
 
 def _run(fn, q, k, v, g):
@@ -94,15 +70,15 @@ def test_oracle_is_sdpa_on_one_document_and_keeps_documents_apart():
     seed = _seed()
     gen = torch.Generator().manual_seed(seed)
     q, k, v, g = _inputs(gen, 30, 4, 2, 16, torch.float64)
-    out, *_ = oracle_fwd_bwd(q, k, v, [30], g, True, 0.25)
+    out, *_ = packed_attention_ref(q, k, v, [30], g, True, 0.25)
     ref = torch.nn.functional.scaled_dot_product_attention(
         q.transpose(0, 1), k.repeat_interleave(2, 1).transpose(0, 1), v.repeat_interleave(2, 1).transpose(0, 1),
         is_causal=True, scale=0.25).transpose(0, 1)
     assert_close_verbose(out, ref, rtol=1e-12, atol=1e-12, name=f"oracle vs sdpa (seed {seed})")
-    split, *_ = oracle_fwd_bwd(q, k, v, [12, 18], g, True, 0.25)
+    split, *_ = packed_attention_ref(q, k, v, [12, 18], g, True, 0.25)
     k2 = k.clone()
     k2[12:] += 1.0  # changing the second document must not touch the first
-    split2, *_ = oracle_fwd_bwd(q, k2, v, [12, 18], g, True, 0.25)
+    split2, *_ = packed_attention_ref(q, k2, v, [12, 18], g, True, 0.25)
     assert torch.equal(split[:12], split2[:12]) and not torch.equal(split[12:], split2[12:]), f"seed {seed}"
     assert torch.equal(split[:12], out[:12]), f"causal prefix must match the unsplit doc (seed {seed})"
 
@@ -117,7 +93,7 @@ def test_torch_path_matches_oracle(case, dtype):
     q, k, v, g = _inputs(gen, T, N, K, H, dtype)
     got = _run(lambda q, k, v: packed_attention_torch(q, k, v, _cu(lengths), max(lengths), causal=causal,
                                                       softmax_scale=scale), q, k, v, g)
-    want = oracle_fwd_bwd(q, k, v, lengths, g, causal, scale if scale is not None else H**-0.5)
+    want = packed_attention_ref(q, k, v, lengths, g, causal, scale if scale is not None else H**-0.5)
     tol = 1e-10 if dtype == torch.float64 else 2e-5
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
         assert got[0].dtype == dtype
@@ -137,7 +113,7 @@ def test_triton_interpreter_matches_oracle(case, dtype):
     kw = dict(causal=causal, softmax_scale=scale)
     got = _run(lambda q, k, v: packed_attention(q, k, v, cu, max(lengths), backend="triton", **kw), q, k, v, g)
     eager = _run(lambda q, k, v: packed_attention(q, k, v, cu, max(lengths), backend="torch", **kw), q, k, v, g)
-    want = oracle_fwd_bwd(q, k, v, lengths, g, causal, scale if scale is not None else H**-0.5)
+    want = packed_attention_ref(q, k, v, lengths, g, causal, scale if scale is not None else H**-0.5)
     for name, a, e, o in zip(("out", "dq", "dk", "dv"), got, eager, want):
         assert a.dtype == dtype
         assert_no_worse_than_eager(a, e, o, name=f"{name} {case} {dtype} lengths={lengths} seed={seed}")
@@ -155,7 +131,7 @@ def test_triton_gpu_like_block_ratios(monkeypatch, causal):
     cu = _cu(lengths)
     got = _run(lambda q, k, v: packed_attention(q, k, v, cu, 190, causal=causal, backend="triton"), q, k, v, g)
     eager = _run(lambda q, k, v: packed_attention(q, k, v, cu, 190, causal=causal, backend="torch"), q, k, v, g)
-    want = oracle_fwd_bwd(q, k, v, lengths, g, causal, 64**-0.5)
+    want = packed_attention_ref(q, k, v, lengths, g, causal, 64**-0.5)
     for name, a, e, o in zip(("out", "dq", "dk", "dv"), got, eager, want):
         assert_no_worse_than_eager(a, e, o, name=f"{name} lengths={lengths} seed={seed}")
 
@@ -172,7 +148,7 @@ def test_triton_empty_document_and_strided_inputs():
     cu = _cu(lengths)
     got = _run(lambda q, k, v: packed_attention(q, k, v, cu, 33, causal=False, backend="triton"), q, k, v, g)
     eager = _run(lambda q, k, v: packed_attention(q, k, v, cu, 33, causal=False, backend="torch"), q, k, v, g)
-    want = oracle_fwd_bwd(q, k, v, lengths, g, False, H**-0.5)
+    want = packed_attention_ref(q, k, v, lengths, g, False, H**-0.5)
     for name, a, e, o in zip(("out", "dq", "dk", "dv"), got, eager, want):
         assert_no_worse_than_eager(a, e, o, name=f"{name} seed={seed}")
 
@@ -222,7 +198,7 @@ def test_torch_compile_fullgraph_through_the_custom_op():
     cu = _cu([7, 1, 32])
     compiled = torch.compile(lambda q, k, v: packed_attention(q, k, v, cu, 32, backend="triton"), fullgraph=True)
     got = _run(compiled, q, k, v, g)
-    want = oracle_fwd_bwd(q, k, v, [7, 1, 32], g, True, 0.25)
+    want = packed_attention_ref(q, k, v, [7, 1, 32], g, True, 0.25)
     for name, a, o in zip(("out", "dq", "dk", "dv"), got, want):
         assert_close_verbose(a, o, rtol=1e-4, atol=1e-5, name=f"compiled {name} seed={seed}")
 
@@ -297,6 +273,6 @@ def test_triton_gpu_matches_oracle(dtype, T, N, K, H, causal):
     got = _run(lambda q, k, v: packed_attention(q, k, v, cu, max(lengths), causal=causal), q, k, v, g)
     eager = _run(lambda q, k, v: packed_attention(q, k, v, cu, max(lengths), causal=causal, backend="torch"),
                  q, k, v, g)
-    want = oracle_fwd_bwd(q, k, v, lengths, g, causal, H**-0.5)
+    want = packed_attention_ref(q, k, v, lengths, g, causal, H**-0.5)
     for name, a, e, o in zip(("out", "dq", "dk", "dv"), got, eager, want):
         assert_no_worse_than_eager(a, e, o, name=f"{name} T={T} {dtype} seed={seed} n_docs={len(lengths)}")
