@@ -2,14 +2,19 @@
 
 Runs the stage named by run.stage (sft, rm, dpo, grpo, pas, merge, pipeline). Exit status: 0 done; 2 a user error
 (bad config, data, model or checkpoint file, a diverged run), printed as one or two lines naming the file / row /
-field or key (every rank exits 2 under torchrun; NOVA_RT_DEBUG=1 shows the traceback); anything else is a bug and
-keeps its traceback.
+field or key (under torchrun every rank exits 2 and only rank 0 prints it; NOVA_RT_DEBUG=1 shows the traceback);
+anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import os
+import signal
 import sys
+import time
 
 from nova_rt.errors import UserError, debug_enabled
 
@@ -23,12 +28,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def report_user_error(exc: BaseException, prog: str = "nova_rt") -> int:
-    """Print a user error as `prog: error: message` (plus a hint line) on stderr; returns the exit status 2."""
+    """Print a user error as `prog: error: message` (plus a hint line) on stderr; returns the exit status 2.
+
+    Under torchrun every rank exits 2, but only global rank 0 prints: the ranks of a run meet the same error, and one
+    copy per rank buried the message. Every rank also writes it to torchrun's error file (TORCHELASTIC_ERROR_FILE),
+    so torchrun's failure summary shows it for each failed rank in place of its pointer to tracebacks, and an error
+    that only another rank met is not lost."""
     kind = {"ConfigError": "config error", "DataError": "data error", "CheckpointError": "checkpoint error",
             "NonFiniteError": "training stopped"}.get(type(exc).__name__, "error")
-    print(f"{prog}: {kind}: {exc}", file=sys.stderr)
-    print(f"{prog}: (NOVA_RT_DEBUG=1 shows the traceback)", file=sys.stderr)
+    line = f"{prog}: {kind}: {exc}"
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        _write_elastic_error_file(error_file, line)
+        # torchrun SIGTERMs the other workers once one has exited: one that is only shutting down after this same
+        # error must still exit 2, not -15. Ignored, not blocked (a mask is per thread; torch's threads would take
+        # it) nor handled (interpreter shutdown restores the default action); torchrun SIGKILLs after 30 s.
+        with contextlib.suppress(ValueError):  # signal.signal outside the main thread
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if not error_file or os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr)
+        print(f"{prog}: (NOVA_RT_DEBUG=1 shows the traceback)", file=sys.stderr)
     return 2
+
+
+def _write_elastic_error_file(path: str, line: str) -> None:
+    """torchrun's per-worker error file, in the layout torch.distributed.elastic reads (its `py_callstack` is what
+    the failure summary prints, here the one-line message rather than a traceback)."""
+    data = {"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}}
+    with contextlib.suppress(OSError):
+        with open(path, "w") as f:
+            json.dump(data, f)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -328,23 +331,60 @@ def test_stage_level_mistake_is_exit_2(tmp_path, capsys):
     assert code == 2 and "data.max_seq_len=256 exceeds packing.max_tokens=128" in err, err
 
 
-@pytest.mark.distributed
-def test_every_rank_exits_2_under_torchrun(tmp_path):
-    """A data error after the process group is up: both ranks print it and exit 2 (torchrun then exits 1)."""
-    import os
-    import subprocess
-    import sys
-
-    data = write_jsonl(tmp_path / "chat.jsonl", ['{"messages": ['])
+def _torchrun(*argv: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                              "MASTER_PORT")}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "nova_rt.train",
-                           "--config", str(tiny_config(tmp_path, data))], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode != 0
-    assert proc.stderr.count(f"nova_rt: data error: {data}: row 1: invalid JSON") == 2, proc.stderr[-3000:]
-    assert "exitcode  : 2" in proc.stderr  # torchrun may SIGTERM the second rank once the first has exited
-    assert str(ROOT / "nova_rt") not in proc.stderr  # no traceback through our code
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                           "-m", "nova_rt.train", *argv], cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=600)
+
+
+def assert_user_error_under_torchrun(proc: subprocess.CompletedProcess, message: str) -> None:
+    """Both ranks exit 2 (torchrun itself exits 1), the message is printed once (rank 0) and torchrun's failure summary
+    shows it for each rank in place of its pointer to tracebacks; no traceback through our code."""
+    err = proc.stderr
+    assert proc.returncode == 1, err[-3000:]
+    ours = [ln for ln in err.splitlines() if ln.startswith("nova_rt: ")]
+    assert len(ours) == 2 and message in ours[0] and "NOVA_RT_DEBUG=1" in ours[1], err[-3000:]
+    assert err.count("exitcode  : 2 ") == 2, err[-3000:]
+    assert err.count(f"traceback : {ours[0]}") == 2 and "To enable traceback see" not in err, err[-3000:]
+    assert str(ROOT / "nova_rt") not in err and "[rank" not in err, err[-3000:]
+
+
+@pytest.mark.distributed
+def test_every_rank_exits_2_under_torchrun(tmp_path):
+    """A data error after the process group is up: printed once, every worker exits 2."""
+    data = write_jsonl(tmp_path / "chat.jsonl", ['{"messages": ['])
+    proc = _torchrun("--config", str(tiny_config(tmp_path, data)))
+    assert_user_error_under_torchrun(proc, f"nova_rt: data error: {data}: row 1: invalid JSON")
+
+
+def test_user_error_on_another_rank_goes_to_torchrun_error_file(tmp_path, monkeypatch, capsys):
+    """Rank 1 prints nothing (rank 0 prints the run's copy) but writes torchrun's error file, so an error only rank 1
+    met still reaches the failure summary; under torchrun a worker that reported ignores torchrun's SIGTERM."""
+    import signal
+
+    from nova_rt.data.io import DataError
+    from nova_rt.train import report_user_error
+
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    monkeypatch.setenv("RANK", "1")
+    saved = signal.getsignal(signal.SIGTERM)
+    try:
+        assert report_user_error(DataError("x.jsonl: row 3: bad")) == 2
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, saved)
+    assert capsys.readouterr().err == ""
+    message = json.loads(error_file.read_text())["message"]
+    assert message["message"] == message["extraInfo"]["py_callstack"] == "nova_rt: data error: x.jsonl: row 3: bad"
+    monkeypatch.setenv("RANK", "0")
+    try:
+        report_user_error(DataError("x.jsonl: row 3: bad"))
+    finally:
+        signal.signal(signal.SIGTERM, saved)
+    assert capsys.readouterr().err.startswith("nova_rt: data error: x.jsonl: row 3: bad\n")
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
