@@ -7,7 +7,8 @@ move on, so the bad batch is skipped), is logged with a warning and counted (`no
 `train.max_nonfinite_steps` such steps in a row stop the run with a NonFiniteError (exit 2) that names the steps and
 the last checkpoint. A checkpoint is never written during such a streak nor when a parameter is non-finite, so
 `checkpoint.keep_last` cannot push good checkpoints out with bad ones, and no final model is written from a run that
-stopped.
+stopped. The megatron stage loops apply the same policy through NonFiniteGuard, with MegatronBackend skipping the
+update (nova_rt.parallel.megatron_backend).
 
 A stage supplies the module (whose forward computes what its loss needs, so DDP/FSDP see the whole graph) and a
 `loss_fn(module, micro_batch) -> (loss, stats)`. Losses are written as sums with per-token/per-sample weights
@@ -87,6 +88,53 @@ def wrap_data_parallel(module: nn.Module, cfg: Config, info: DistInfo) -> nn.Mod
     raise ValueError(f"parallel.data_parallel must be ddp or fsdp2, got {cfg.parallel.data_parallel!r}")
 
 
+class NonFiniteGuard:
+    """The non-finite policy of the module docstring, shared by Trainer and the megatron stage loops
+    (nova_rt.stages.common.run_megatron_steps, nova_rt.stages.grpo_megatron): counts steps whose loss or gradient
+    norm is NaN/inf (their update was skipped by whoever stepped), warns, and stops the run after `limit` in a row.
+    Both values are global (reduced over ranks), so every rank counts the same and raises together."""
+
+    def __init__(self, limit: int, is_main: bool, last_checkpoint: Callable[[], Path | None]):
+        self.limit, self.is_main, self.last_checkpoint = limit, is_main, last_checkpoint
+        self.streak = 0
+        """Non-finite steps in a row up to now: while > 0 no checkpoint and no final model is written."""
+        self.total = 0
+        """Non-finite steps in this run (kept across resumes): `nonfinite_skipped` in metrics.jsonl."""
+
+    @staticmethod
+    def finite(loss: float, grad_norm: float) -> bool:
+        return math.isfinite(loss) and math.isfinite(grad_norm)
+
+    def count(self, step: int, finite: bool, loss: float, grad_norm: float) -> None:
+        """Record optimizer step `step` (1-based), skipped unless `finite` (the verdict every rank shares; loss and
+        grad norm are for the warning). A NonFiniteError once `limit` steps in a row were not finite."""
+        if finite:
+            self.streak = 0
+            return
+        self.streak += 1
+        self.total += 1
+        if self.is_main:
+            log.warning("step %d: non-finite loss %s / grad norm %s: step skipped (no update; %d in a row, %d in "
+                        "this run; the run stops after %d in a row)", step, loss, grad_norm, self.streak, self.total,
+                        self.limit)
+        if self.streak >= self.limit:
+            raise NonFiniteError(
+                f"steps {step - self.streak + 1}-{step}: loss or gradient norm non-finite {self.streak} steps in a "
+                f"row (train.max_nonfinite_steps={self.limit}); stopped without saving. Last checkpoint: "
+                f"{self.last_checkpoint() or 'none'}. Lower optim.lr or check the data, then rerun to resume.")
+
+    def refuse_model(self, step: int) -> None:
+        """A NonFiniteError while the last step was non-finite: no model is written from such a run."""
+        if self.streak > 0:
+            raise NonFiniteError(f"step {step}: the run ended with {self.streak} non-finite step(s) in a row; no "
+                                 f"model written (last checkpoint: {self.last_checkpoint() or 'none'}). Lower "
+                                 "optim.lr or check the data, then rerun to resume.")
+
+    def nonfinite_parameter(self, step: int) -> NonFiniteError:
+        return NonFiniteError(f"step {step}: a model parameter is non-finite; neither a checkpoint nor a model is "
+                              f"written from it (last checkpoint: {self.last_checkpoint() or 'none'}). Lower optim.lr.")
+
+
 class Trainer:
     def __init__(self, cfg: Config, info: DistInfo, module: nn.Module, *, run_dir: str | Path,
                  params: list | None = None):
@@ -101,8 +149,7 @@ class Trainer:
             s, warmup=o.warmup_steps, total=t.max_steps, kind=o.scheduler, min_ratio=o.min_lr_ratio))
         self.ckpt = CheckpointManager(self.run_dir, info, cfg.checkpoint.keep_last)
         self.step = 0
-        self.nonfinite_streak = 0
-        self.nonfinite_total = 0
+        self.guard = NonFiniteGuard(t.max_nonfinite_steps, info.is_main, self.ckpt.latest)
         prec = t.precision
         self.autocast_dtype = torch.bfloat16 if prec == "bf16" or (prec == "auto" and info.device.type == "cuda") \
             else None
@@ -137,36 +184,18 @@ class Trainer:
         with nvtx_range("optimizer"):
             grad_norm = self._clip()
             lr = self.scheduler.get_last_lr()[0]  # the lr this step applies; scheduler.step() moves to the next
-            finite = math.isfinite(totals.get("loss", 0.0)) and math.isfinite(grad_norm)  # the same on every rank
+            finite = self.guard.finite(totals.get("loss", 0.0), grad_norm)  # the same on every rank
             if finite:
                 self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self._count_nonfinite(finite, totals.get("loss", 0.0), grad_norm)
-        totals["nonfinite_skipped"] = self.nonfinite_total
+        self.guard.count(self.step, finite, totals.get("loss", 0.0), grad_norm)
+        totals["nonfinite_skipped"] = self.guard.total
         totals["grad_norm"] = grad_norm
         totals["lr"] = lr
         totals["step_time_s"] = time.perf_counter() - t0
         return totals
-
-    def _count_nonfinite(self, finite: bool, loss: float, grad_norm: float) -> None:
-        if finite:
-            self.nonfinite_streak = 0
-            return
-        self.nonfinite_streak += 1
-        self.nonfinite_total += 1
-        limit = self.cfg.train.max_nonfinite_steps
-        if self.info.is_main:
-            log.warning("step %d: non-finite loss %s / grad norm %s: step skipped (no update; %d in a row, %d in "
-                        "this run; the run stops after %d in a row)", self.step, loss, grad_norm,
-                        self.nonfinite_streak, self.nonfinite_total, limit)
-        if self.nonfinite_streak >= limit:
-            last = self.ckpt.latest()
-            raise NonFiniteError(
-                f"steps {self.step - self.nonfinite_streak + 1}-{self.step}: loss or gradient norm non-finite "
-                f"{self.nonfinite_streak} steps in a row (train.max_nonfinite_steps={limit}); stopped without saving. "
-                f"Last checkpoint: {last or 'none'}. Lower optim.lr or check the data, then rerun to resume.")
 
     def params_finite(self) -> bool:
         """Every parameter of this rank is finite (all ranks agree when distributed)."""
@@ -199,14 +228,9 @@ class Trainer:
     def model_state(self) -> dict | None:
         """The full model state (rank 0 under FSDP2; collective). A NonFiniteError while the last step was skipped
         as non-finite or a parameter is non-finite: neither a checkpoint nor the final model is written from it."""
-        if self.nonfinite_streak > 0:
-            raise NonFiniteError(f"step {self.step}: the run ended with {self.nonfinite_streak} non-finite step(s) in "
-                                 f"a row; no model written (last checkpoint: {self.ckpt.latest() or 'none'}). "
-                                 "Lower optim.lr or check the data, then rerun to resume.")
+        self.guard.refuse_model(self.step)
         if not self.params_finite():
-            raise NonFiniteError(f"step {self.step}: a model parameter is non-finite; neither a checkpoint nor a "
-                                 f"model is written from it (last checkpoint: {self.ckpt.latest() or 'none'}). "
-                                 "Lower optim.lr.")
+            raise self.guard.nonfinite_parameter(self.step)
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -226,12 +250,12 @@ class Trainer:
     def save_checkpoint(self, extra: dict | None = None) -> Path | None:
         """Write a checkpoint (collective); None, with a warning, while the last step was skipped as non-finite.
         A non-finite parameter is a NonFiniteError (model_state): such a checkpoint must never replace a good one."""
-        if self.nonfinite_streak > 0:
+        if self.guard.streak > 0:
             if self.info.is_main:
                 log.warning("step %d: checkpoint not written (the last step was non-finite)", self.step)
             return None
         state = {"scheduler": self.scheduler.state_dict(), "trainer_step": self.step,
-                 "nonfinite_total": self.nonfinite_total, **(extra or {})}
+                 "nonfinite_total": self.guard.total, **(extra or {})}
         return self.ckpt.save(self.step, self.model_state(), self.optim_state(), state)
 
     def maybe_resume(self) -> dict | None:
@@ -254,7 +278,7 @@ class Trainer:
             self.optimizer.load_state_dict(optim_sd)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["trainer_step"]
-        self.nonfinite_total = state.get("nonfinite_total", 0)
+        self.guard.total = state.get("nonfinite_total", 0)
         if self.info.is_main:
             log.info("resumed from %s (step %d)", path, self.step)
         return state

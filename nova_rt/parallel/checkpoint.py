@@ -83,7 +83,21 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _all_finite(backend) -> bool:
+def last_complete(root: Path) -> Path | None:
+    """The newest complete checkpoint under `root` (not verified), or None."""
+    found = complete(root)
+    return found[-1][1] if found else None
+
+
+def read_meta(path: Path) -> dict:
+    """meta.json of checkpoint `path` (step, layout and the `meta` given to `save`); {} when it has none."""
+    try:
+        return json.loads((path / "meta.json").read_text())
+    except FileNotFoundError:
+        return {}
+
+
+def all_finite(backend) -> bool:
     """Collective: every rank's parameter shards are finite."""
     params = [p for c in backend.model for p in c.parameters()]
     bad = torch.zeros((), dtype=torch.float64, device=params[0].device if params else "cpu")
@@ -94,17 +108,17 @@ def _all_finite(backend) -> bool:
     return bad.item() == 0
 
 
-def save(backend, root: Path, step: int, extra: dict | None = None, keep_last: int = 2) -> Path:
+def save(backend, root: Path, step: int, extra: dict | None = None, keep_last: int = 2,
+         meta: dict | None = None) -> Path:
     """Collective: write checkpoint `step` under `root` (see the module docstring); returns its directory.
+    `meta`: run-level values, the same on every rank (e.g. the non-finite step count), kept in meta.json.
     A non-finite parameter on any rank is a NonFiniteError on every rank, before anything is written: such a
     checkpoint must never push a good one out."""
     final, tmp = root / f"step_{step:08d}", root / f"step_{step:08d}.tmp"
     rank = dist.get_rank()
-    if not _all_finite(backend):
-        found = complete(root)
-        last = found[-1][1] if found else None
+    if not all_finite(backend):
         raise NonFiniteError(f"step {step}: a model parameter is non-finite; checkpoint not written (last "
-                             f"checkpoint: {last or 'none'}). Lower optim.lr.")
+                             f"checkpoint: {last_complete(root) or 'none'}). Lower optim.lr.")
     if rank == 0:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -115,7 +129,7 @@ def save(backend, root: Path, step: int, extra: dict | None = None, keep_last: i
     _fsync(path)
     dist.barrier()
     if rank == 0:
-        (tmp / "meta.json").write_text(json.dumps({"step": step, **_layout(backend)}, indent=1))
+        (tmp / "meta.json").write_text(json.dumps({**(meta or {}), "step": step, **_layout(backend)}, indent=1))
         _fsync(tmp / "meta.json")
         write_manifest(tmp)
         (tmp / "DONE").write_text("")

@@ -10,6 +10,7 @@ The trainer drives it like this (one process per GPU, launched by torchrun):
     sums = backend.forward(rows, fn)    # [fn(out, row) per row], forward only (reference / old log-probs)
     logp_T = backend.logprobs(row)      # (T,) fp32 log p(input_ids[t] | earlier tokens)
     backend.set_lr(lr)                  # the trainer's schedule
+    backend.update_skipped              # the last train_step applied no update (non-finite; same on every rank)
     backend.save_hf(out_dir)            # collective; global rank 0 writes an HF directory
     state = backend.state_dict()        # this rank's shards + optimizer + RNG (nova_rt.parallel.checkpoint)
     hf = backend.hf_state_dict()        # collective; full HF tensors on every rank (GRPO's generation model)
@@ -20,7 +21,10 @@ sum over supervised tokens of -log p / number of supervised tokens in the global
 ranks): per-micro-batch sums go through megatron's schedule with `calculate_per_token_loss`, and
 `finalize_model_grads` divides the gradients by the all-reduced token count. `loss` and `tokens` are global, and
 identical on every rank. Per-token losses use `tensor_parallel.vocab_parallel_cross_entropy` on vocab-parallel
-logits (vocab padding columns masked to -inf-like values, so padding never changes the softmax).
+logits (vocab padding columns masked to -inf-like values, so padding never changes the softmax). A step whose
+global loss or grad norm is NaN/inf applies no update on any rank (the optimizer's step is skipped, Adam's moments and
+step count untouched) and returns those values: the stage loop counts it and stops the run (nova_rt.trainer's
+non-finite policy, `train.max_nonfinite_steps`).
 
 `train_step(micro_batches, loss_fn)`: stage losses (DPO, GRPO). The last pipeline stage computes, per micro-batch,
 out = {"logprobs": (T,) log p(targets[t]) at the given temperature (0 where no target), "entropy": (T,) when asked}
@@ -59,6 +63,7 @@ On CPU (gloo) megatron-core needs test-only shims (tests/parallel/megatron_cpu_s
 
 from __future__ import annotations
 
+import math
 import os
 from functools import partial
 
@@ -149,6 +154,8 @@ class MegatronBackend:
         if load_weights:
             self._load(chunks, score_init)
         self._divide_by_tokens = True
+        self.update_skipped = False
+        """The last train_step applied no update: its global loss or grad norm was NaN/inf (the same on every rank)."""
         self.weight_decay = weight_decay
         if not trainable:  # a frozen model (DPO/GRPO reference): forward only, no DDP buffers, no optimizer
             self.model, self.optimizer = [c.requires_grad_(False).eval() for c in chunks], None
@@ -416,6 +423,8 @@ class MegatronBackend:
         `loss` is that micro-batch's share of the global objective, already normalised by the global batch
         (nova_rt.trainer's convention): gradients are summed over micro-batches and DP ranks.
         Returns {"loss", "grad_norm", *stats}, each summed over micro-batches and DP ranks, on every rank.
+        A step whose loss or grad norm is NaN/inf applies no update on any rank (`_step_if_finite`); its values are
+        returned as they are, for the stage loop's non-finite guard (nova_rt.trainer.NonFiniteGuard).
         """
         from megatron.core import parallel_state as ps
 
@@ -436,7 +445,6 @@ class MegatronBackend:
         opts = dict(temperature=temperature, entropy=entropy, topk_ids=topk_ids)
         reduce_fn = self._loss_func if loss_fn is None else partial(self._stage_loss_func, loss_fn, opts)
         outputs = self._run(rows, reduce_fn, forward_only=False)
-        _, grad_norm, _ = self.optimizer.step()
         totals: dict[str, float] = {}
         for o in outputs or []:  # last pipeline stage
             for k, v in o.items():
@@ -449,8 +457,34 @@ class MegatronBackend:
         totals = dict(zip(keys, stats.tolist()))
         if loss_fn is None:
             tokens = int(totals["tokens"])
-            return {"loss": totals["loss_sum"] / max(tokens, 1), "grad_norm": float(grad_norm), "tokens": tokens}
-        return {**totals, "grad_norm": float(grad_norm)}
+            loss = totals["loss_sum"] / max(tokens, 1)
+            return {"loss": loss, "grad_norm": self._step_if_finite(loss), "tokens": tokens}
+        return {**totals, "grad_norm": self._step_if_finite(totals.get("loss", 0.0))}
+
+    @torch.no_grad()
+    def _step_if_finite(self, loss: float) -> float:
+        """megatron's optimizer step (ChainedOptimizer.step: main grads, global grad norm, clip by it, update),
+        skipped when the global loss or grad norm is NaN/inf: nova_rt.trainer's non-finite policy (the stage loop
+        counts such steps and stops the run). Both values should be the same on every rank; the verdict is still
+        max-reduced over all ranks into `update_skipped`, so a skip is collective and every rank counts it even if
+        one rank alone saw a non-finite value. Returns the grad norm (before clipping). With fp16's loss scaler an
+        overflow (prepare_grads: found_inf) is a skipped step too, grad norm inf."""
+        from megatron.core.optimizer import optimizer as mopt  # clip via the module attribute: CPU tests shim it
+
+        found_inf = self.optimizer.prepare_grads()
+        grad_norm = float("inf") if found_inf else float(self.optimizer.get_grad_norm())
+        bad = torch.tensor(float(not (math.isfinite(loss) and math.isfinite(grad_norm))), device=self.device)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        self.update_skipped = bool(bad.item())
+        if self.update_skipped:
+            return grad_norm
+        for opt in self._megatron_optimizers():
+            params = [] if getattr(opt, "is_stub_optimizer", False) else opt.get_parameters()
+            if params and opt.config.clip_grad > 0.0:
+                mopt.clip_grad_by_total_norm_fp32(params, opt.config.clip_grad, grad_norm,
+                                                  opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+        self.optimizer.step_with_ready_grads()
+        return grad_norm
 
     @torch.no_grad()
     def forward(self, micro_batches: list[dict], fn, *, temperature: float = 1.0, entropy: bool = False,

@@ -150,37 +150,74 @@ def megatron_resume(cfg: Config, backend, run_dir: Path) -> tuple[int, dict | No
     return step, extra
 
 
+def megatron_guard(cfg: Config, run_dir: Path, start: int):
+    """nova_rt.trainer's NonFiniteGuard over megatron checkpoints; a run resumed at `start` continues the count of
+    its checkpoint (meta.json `nonfinite_total`)."""
+    import torch.distributed as dist
+
+    from nova_rt.parallel import checkpoint as mckpt
+    from nova_rt.trainer import NonFiniteGuard
+
+    root = run_dir / "checkpoints"
+    is_main = not dist.is_initialized() or dist.get_rank() == 0
+    guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, is_main, lambda: mckpt.last_complete(root))
+    if start > 0:
+        guard.total = int(mckpt.read_meta(root / f"step_{start:08d}").get("nonfinite_total", 0))
+    return guard
+
+
 def run_megatron_steps(cfg: Config, backend, telemetry: Telemetry, run_dir: Path, start: int,
                        micro_batches_for: Callable[[int], list[dict]], loss_fn: Callable | None = None,
                        extra_metrics: Callable[[int, dict], dict] | None = None) -> None:
     """The step loop of supervised stages on the megatron backend: the trainer's lr schedule, backend.train_step
     (loss_fn None: token-mean SFT loss; else a stage loss over per-token log-probs), metrics, and exact-resume
-    checkpoints every checkpoint.every steps (the data position is the step: batches are a function of it)."""
+    checkpoints every checkpoint.every steps (the data position is the step: batches are a function of it).
+    The HF trainer's non-finite policy: a step with a NaN/inf loss or grad norm applies no update (the backend
+    skips it), is counted (`nonfinite_skipped`) and warned; train.max_nonfinite_steps in a row stop the run with a
+    NonFiniteError; no checkpoint is written while the last step was non-finite, and no final model either (the
+    NonFiniteError is raised here, before the stage's save)."""
     from nova_rt.parallel import checkpoint as mckpt
     from nova_rt.trainer import lr_lambda
 
     o, every = cfg.optim, cfg.checkpoint.every
+    guard = megatron_guard(cfg, run_dir, start)
     for step in range(start, cfg.train.max_steps):
         t0 = time.perf_counter()
         backend.set_lr(o.lr * lr_lambda(step, warmup=o.warmup_steps, total=cfg.train.max_steps, kind=o.scheduler,
                                         min_ratio=o.min_lr_ratio))
         metrics = backend.train_step(micro_batches_for(step), loss_fn)
+        guard.count(step + 1, not backend.update_skipped, metrics["loss"], metrics["grad_norm"])
+        metrics["nonfinite_skipped"] = guard.total
         metrics["step_time_s"] = time.perf_counter() - t0
         metrics["lr"] = backend.optimizer.param_groups[0]["lr"]
         if extra_metrics is not None:
             metrics.update(extra_metrics(step, metrics))
         telemetry.log(step + 1, metrics)
         if every > 0 and (step + 1) % every == 0 and step + 1 < cfg.train.max_steps:
-            mckpt.save(backend, run_dir / "checkpoints", step + 1, keep_last=cfg.checkpoint.keep_last)
+            if guard.streak == 0:
+                mckpt.save(backend, run_dir / "checkpoints", step + 1, keep_last=cfg.checkpoint.keep_last,
+                           meta={"nonfinite_total": guard.total})
+            elif guard.is_main:
+                log.warning("step %d: checkpoint not written (the last step was non-finite)", step + 1)
+    if cfg.checkpoint.save_final:
+        guard.refuse_model(cfg.train.max_steps)
 
 
 def save_megatron_final(cfg: Config, info: DistInfo, backend, tokenizer, run_dir: Path) -> str | None:
-    """Collective: write the trained weights (and tokenizer) as an HF directory run_dir/final, atomically."""
+    """Collective: write the trained weights (and tokenizer) as an HF directory run_dir/final, atomically.
+    A non-finite parameter on any rank is a NonFiniteError on every rank, before anything is written."""
     import os
     import shutil
 
+    from nova_rt.errors import NonFiniteError
+    from nova_rt.parallel import checkpoint as mckpt
+
     if not cfg.checkpoint.save_final:
         return None
+    if not mckpt.all_finite(backend):
+        raise NonFiniteError(f"step {cfg.train.max_steps}: a model parameter is non-finite; neither a checkpoint nor "
+                             f"a model is written from it (last checkpoint: "
+                             f"{mckpt.last_complete(run_dir / 'checkpoints') or 'none'}). Lower optim.lr.")
     final = run_dir / "final"
     tmp = final.with_name(f".{final.name}.tmp")
     if info.is_main:

@@ -24,6 +24,7 @@ What changes against the HF backend:
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
 import torch.distributed as dist
@@ -33,9 +34,11 @@ from nova_rt.data.chat import IGNORE
 from nova_rt.losses.kl import sampled_kl, topk_kl
 from nova_rt.parallel import checkpoint as mckpt
 from nova_rt.parallel.packed import from_shifted
-from nova_rt.stages.common import megatron_backend, megatron_resume, save_megatron_final
+from nova_rt.stages.common import megatron_backend, megatron_guard, megatron_resume, save_megatron_final
 from nova_rt.stages.grpo import GRPORun, ptx_loss_from_outputs, rl_loss_from_outputs
 from nova_rt.trainer import lr_lambda
+
+log = logging.getLogger(__name__)
 
 
 def _at_targets(out: dict, targets: torch.Tensor) -> dict:
@@ -62,11 +65,13 @@ def _dp_sum(t: torch.Tensor) -> torch.Tensor:
 
 class MegatronPolicy:
     """What GRPORun drives of nova_rt.trainer.Trainer (train_step, step, maybe_resume, save_checkpoint, autocast),
-    over a MegatronBackend with the trainer's lr schedule."""
+    over a MegatronBackend with the trainer's lr schedule and non-finite guard (a NaN/inf step applies no update, is
+    counted, and train.max_nonfinite_steps in a row stop the run; no checkpoint or final model during a streak)."""
 
     def __init__(self, cfg: Config, backend, run_dir, temperature: float):
         self.cfg, self.backend, self.run_dir, self.temperature = cfg, backend, run_dir, temperature
         self.step = 0
+        self.guard = megatron_guard(cfg, run_dir, 0)
 
     def _lr(self, step: int) -> float:
         o = self.cfg.optim
@@ -82,15 +87,23 @@ class MegatronPolicy:
         stats = self.backend.train_step([from_shifted(mb) for mb in micro_batches], loss_fn,
                                         temperature=self.temperature, entropy=True, topk_ids="ref_topk_ids")
         self.step += 1
-        return {**stats, "lr": lr}  # the lr this step applied, as Trainer reports it
+        self.guard.count(self.step, not self.backend.update_skipped, stats["loss"], stats["grad_norm"])
+        # as Trainer.train_step reports them: the lr this step applied, the run's count of skipped steps
+        return {**stats, "lr": lr, "nonfinite_skipped": self.guard.total}
 
     def maybe_resume(self) -> dict | None:
         self.step, extra = megatron_resume(self.cfg, self.backend, self.run_dir)
+        self.guard = megatron_guard(self.cfg, self.run_dir, self.step)
         return extra
 
     def save_checkpoint(self, extra: dict | None = None):
+        """Write a checkpoint (collective); None, with a warning, while the last step was non-finite."""
+        if self.guard.streak > 0:
+            if self.guard.is_main:
+                log.warning("step %d: checkpoint not written (the last step was non-finite)", self.step)
+            return None
         return mckpt.save(self.backend, self.run_dir / "checkpoints", self.step, extra,
-                          keep_last=self.cfg.checkpoint.keep_last)
+                          keep_last=self.cfg.checkpoint.keep_last, meta={"nonfinite_total": self.guard.total})
 
 
 class MegatronGRPORun(GRPORun):
@@ -176,5 +189,7 @@ class MegatronGRPORun(GRPORun):
         return ptx_loss_from_outputs(out, mb, self.g) if mb["kind"] == "ptx" else rl_loss_from_outputs(out, mb, self.g)
 
     def save_final(self) -> str | None:
+        if self.cfg.checkpoint.save_final:
+            self.trainer.guard.refuse_model(self.trainer.step)
         return save_megatron_final(self.cfg, self.info, self.trainer.backend, self.tok, self.run_dir)
 
