@@ -266,8 +266,8 @@ class Trainer:
         if found is None:
             return None
         path, model_sd, optim_sd, state = found
-        if not self.fsdp:
-            check_same_shapes(path, self.raw.state_dict(), model_sd)
+        # every rank loaded the full model.pt; under FSDP2 the module's DTensors carry the global shapes
+        check_same_shapes(path, self.raw.state_dict(), model_sd)
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 

@@ -387,6 +387,21 @@ def test_user_error_on_another_rank_goes_to_torchrun_error_file(tmp_path, monkey
     assert capsys.readouterr().err.startswith("nova_rt: data error: x.jsonl: row 3: bad\n")
 
 
+@pytest.mark.distributed
+def test_fsdp2_resume_of_another_shape_exits_2_naming_checkpoint_and_tensor(tmp_path):
+    """FSDP2 loads a full state dict from rank 0; a checkpoint of another model shape is named, like the DDP path."""
+    cfg = str(tiny_config(tmp_path, parallel={"data_parallel": "fsdp2"}, checkpoint={"every": 1, "save_final": False}))
+    first = _torchrun("--config", cfg)  # 2 steps: a checkpoint after step 1
+    assert first.returncode == 0, first.stderr[-3000:]
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000001"
+    assert ckpt.is_dir()
+    proc = _torchrun("--config", cfg, "--set", "train.max_steps=3",
+                     "--set", "model.tiny={hidden: 32, layers: 2, heads: 4, kv_heads: 2, intermediate: 64}")
+    assert_user_error_under_torchrun(
+        proc, f"nova_rt: checkpoint error: {ckpt}: written by a model of another shape or architecture: "
+              "lm.model.embed_tokens.weight is (320, 64) there, (320, 32) in this model")
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_passes_the_preflight(path):
     from nova_rt.config import load_config
