@@ -513,6 +513,8 @@ class GRPORun:
             out["kl"] = sums["kl_sum"] / tok
         if "ptx_kl_sum" in sums:
             out["ptx_kl"] = sums["ptx_kl_sum"] / max(sums["ptx_tokens"], 1.0)
+        if "nonfinite_skipped" in st:  # a running total (kept across resumes), not a per-step value
+            out["nonfinite_skipped"] = st["nonfinite_skipped"]
         return out
 
     # ------------------------------------------------------------------------------------------- eval
