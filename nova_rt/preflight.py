@@ -113,6 +113,10 @@ def check_inputs(cfg: Config) -> None:
 
 def _check_inputs(cfg: Config) -> None:
     check_model_spec(cfg.model.path, cfg.model.tiny, cfg.model.attn_impl)
+    if cfg.parallel.backend == "megatron" and cfg.model.path.startswith("tiny:"):
+        raise UserError(f"model.path: {cfg.model.path!r} is built in memory for parallel.backend: hf; the megatron "
+                        "backend loads an HF checkpoint directory (write a tiny one with nova_rt.models.tiny."
+                        "save_tiny_model(dir, 'llama'))")
     check_model_dir(resolve_path(cfg, cfg.model.path))
     tok = resolve_path(cfg, cfg.model.tokenizer)
     if tok and ":" not in tok.split("/")[0] and not Path(tok).is_dir():

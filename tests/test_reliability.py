@@ -428,3 +428,11 @@ def test_grpo_metrics_carry_the_nonfinite_count():
                           micro_batches=lambda part: [part], trainer=StubTrainer(), loss_fn=None)
     out = GRPORun.train_on(run, [{"id": i} for i in range(4)], 1)
     assert out["nonfinite_skipped"] == 2 and out["loss"] == 1.0 and out["entropy"] == 0.5
+
+
+@pytest.mark.parametrize("stage_cfg", ["tiny_sft.yaml", "tiny_grpo.yaml"])
+def test_megatron_with_an_in_memory_tiny_model_is_named(tmp_path, capsys, stage_cfg):
+    code, err = run_cli(capsys, "--config", str(ROOT / "configs" / stage_cfg), "--set", f"run.dir={tmp_path / 'run'}",
+                        "--set", "parallel.backend=megatron")
+    assert code == 2 and f"{stage_cfg}: model.path: 'tiny:llama' is built in memory" in err, err
+    assert not (tmp_path / "run").exists()
