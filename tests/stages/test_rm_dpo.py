@@ -38,7 +38,10 @@ IM_END = "<|im_end|>\n"
 
 
 def _text(rng: random.Random, lengths=(1, 2, 3, 7, 18, 41, 64)) -> str:
-    return "".join(rng.choice(ALPHABET) for _ in range(rng.choice(lengths)))
+    """Random text with at least one visible character: a whitespace-only message is a data error (issue 12's
+    "empty assistant message"), which drawn single characters (' ', newline) used to hit on some seeds."""
+    text = "".join(rng.choice(ALPHABET) for _ in range(rng.choice(lengths)))
+    return text if text.strip() else text[:-1] + rng.choice(ALPHABET.replace(" ", "").replace("\n", ""))
 
 
 def random_rows(rng: random.Random, n: int) -> list[dict]:
