@@ -35,23 +35,10 @@ from nova_rt.checkpoint import CheckpointManager
 from nova_rt.config import Config
 from nova_rt.distributed import DistInfo, all_reduce_sum
 from nova_rt.errors import CheckpointError, NonFiniteError
+from nova_rt.lr_schedule import lr_schedule
 from nova_rt.telemetry import nvtx_range
 
 log = logging.getLogger(__name__)
-
-
-def lr_lambda(step: int, *, warmup: int, total: int, kind: str, min_ratio: float) -> float:
-    """Multiplier of the base lr at optimizer step `step` (0-based): linear warmup, then cosine/linear/constant."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    if kind == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    if kind == "cosine":
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    if kind == "linear":
-        return min_ratio + (1 - min_ratio) * (1 - progress)
-    raise ValueError(f"optim.scheduler must be cosine, linear or constant, got {kind!r}")
 
 
 def build_optimizer(params: list[nn.Parameter] | list[tuple[str, nn.Parameter]], cfg: Config, device: torch.device):
@@ -145,8 +132,7 @@ class Trainer:
         self.fsdp = info.distributed and cfg.parallel.data_parallel == "fsdp2"
         self.optimizer = build_optimizer(params or list(self.model.named_parameters()), cfg, info.device)
         o, t = cfg.optim, cfg.train
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_lambda(
-            s, warmup=o.warmup_steps, total=t.max_steps, kind=o.scheduler, min_ratio=o.min_lr_ratio))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(o, t.max_steps))
         self.ckpt = CheckpointManager(self.run_dir, info, cfg.checkpoint.keep_last)
         self.step = 0
         self.guard = NonFiniteGuard(t.max_nonfinite_steps, info.is_main, self.ckpt.latest)

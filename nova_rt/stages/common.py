@@ -15,6 +15,7 @@ import torch
 from nova_rt.config import Config, resolve_path
 from nova_rt.cpu_runtime import cpu_allocator
 from nova_rt.distributed import DistInfo, barrier, init_distributed
+from nova_rt.lr_schedule import lr_at
 from nova_rt.telemetry import Telemetry
 
 log = logging.getLogger("nova_rt")
@@ -177,14 +178,12 @@ def run_megatron_steps(cfg: Config, backend, telemetry: Telemetry, run_dir: Path
     NonFiniteError; no checkpoint is written while the last step was non-finite, and no final model either (the
     NonFiniteError is raised here, before the stage's save)."""
     from nova_rt.parallel import checkpoint as mckpt
-    from nova_rt.trainer import lr_lambda
 
     o, every = cfg.optim, cfg.checkpoint.every
     guard = megatron_guard(cfg, run_dir, start)
     for step in range(start, cfg.train.max_steps):
         t0 = time.perf_counter()
-        backend.set_lr(o.lr * lr_lambda(step, warmup=o.warmup_steps, total=cfg.train.max_steps, kind=o.scheduler,
-                                        min_ratio=o.min_lr_ratio))
+        backend.set_lr(lr_at(o, cfg.train.max_steps, step))
         metrics = backend.train_step(micro_batches_for(step), loss_fn)
         guard.count(step + 1, not backend.update_skipped, metrics["loss"], metrics["grad_norm"])
         metrics["nonfinite_skipped"] = guard.total

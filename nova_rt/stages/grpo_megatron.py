@@ -32,11 +32,11 @@ import torch.distributed as dist
 from nova_rt.config import Config
 from nova_rt.data.chat import IGNORE
 from nova_rt.losses.kl import sampled_kl, topk_kl
+from nova_rt.lr_schedule import lr_at
 from nova_rt.parallel import checkpoint as mckpt
 from nova_rt.parallel.packed import from_shifted
 from nova_rt.stages.common import megatron_backend, megatron_guard, megatron_resume, save_megatron_final
 from nova_rt.stages.grpo import GRPORun, ptx_loss_from_outputs, rl_loss_from_outputs
-from nova_rt.trainer import lr_lambda
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +74,7 @@ class MegatronPolicy:
         self.guard = megatron_guard(cfg, run_dir, 0)
 
     def _lr(self, step: int) -> float:
-        o = self.cfg.optim
-        return o.lr * lr_lambda(step, warmup=o.warmup_steps, total=self.cfg.train.max_steps, kind=o.scheduler,
-                                min_ratio=o.min_lr_ratio)
+        return lr_at(self.cfg.optim, self.cfg.train.max_steps, step)
 
     def autocast(self):
         return contextlib.nullcontext()  # precision is model.dtype on this backend

@@ -136,7 +136,7 @@ def test_group_checkpointing_same_gradients(k):
 
 
 def test_lr_schedule_shapes():
-    from nova_rt.trainer import lr_lambda
+    from nova_rt.lr_schedule import lr_lambda
 
     f = lambda s, kind: lr_lambda(s, warmup=4, total=20, kind=kind, min_ratio=0.1)
     assert [f(s, "cosine") for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
