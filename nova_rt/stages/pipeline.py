@@ -27,8 +27,10 @@ import logging
 import os
 import shutil
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from nova_rt.config import Config, register_section, resolve_path
 from nova_rt.distributed import DistInfo, barrier, broadcast_object
@@ -36,19 +38,21 @@ from nova_rt.stages import get_stage, register_stage
 from nova_rt.stages.common import setup
 
 log = logging.getLogger("nova_rt.pipeline")
-STAGES = ("pas", "sft", "merge", "rm", "grpo")
-MERGE_METHODS = ("model_stock", "linear", "task_arithmetic", "ties")
+StageName = Literal["pas", "sft", "merge", "rm", "grpo"]  # in pipeline order
+MergeMethod = Literal["model_stock", "linear", "task_arithmetic", "ties"]
+STAGES: tuple[str, ...] = typing.get_args(StageName)
+MERGE_METHODS: tuple[str, ...] = typing.get_args(MergeMethod)
 
 
 @register_section("pipeline")
 @dataclass(kw_only=True)
 class PipelineConfig:
-    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    stages: list[StageName] = field(default_factory=lambda: list(STAGES))
     """Stages to run, in pipeline order (a subset of pas, sft, merge, rm, grpo)."""
     sft_slices: list[dict] = field(default_factory=list)
     """Domain slices: [{name, train_files, eval_files (optional: held-out rows of the slice)}]; one SFT run each,
     then merged. Empty: one slice of data.train_files (and data.eval_files)."""
-    merge_method: str = "model_stock"
+    merge_method: MergeMethod = "model_stock"
     """How the SFT slices are merged: model_stock (the report's best), linear, task_arithmetic or ties."""
     merge_parameters: dict = field(default_factory=dict)
     """mergekit parameters: `weight` and `density` go to every slice model (weight defaults to 1/N, an average;
@@ -67,14 +71,9 @@ class PipelineConfig:
     report: bool = True
 
     def validate(self) -> None:
-        bad = [s for s in self.stages if s not in STAGES]
-        if bad:
-            raise ValueError(f"unknown pipeline stage {bad[0]!r} (stages: {', '.join(STAGES)})")
-        order = [STAGES.index(s) for s in self.stages]
+        order = [STAGES.index(s) for s in self.stages]  # each item is a StageName (checked by the loader)
         if order != sorted(order) or len(set(order)) != len(order):
             raise ValueError(f"pipeline.stages must follow the order {list(STAGES)} without repeats")
-        if self.merge_method not in MERGE_METHODS:
-            raise ValueError(f"merge_method must be one of {MERGE_METHODS}, got {self.merge_method!r}")
         for i, s in enumerate(self.sft_slices):
             if (not isinstance(s, dict) or not isinstance(s.get("name"), str)
                     or not isinstance(s.get("train_files"), list) or not isinstance(s.get("eval_files", []), list)

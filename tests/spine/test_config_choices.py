@@ -1,5 +1,6 @@
 """Every string choice of every config section is a typing.Literal, checked while the config loads: a typo is a
-ConfigError (exit 2) naming the key, the bad value and the allowed values, before any model or data loads.
+ConfigError (exit 2) naming the key, the bad value and the allowed values, before any model or data loads; a list
+of choices (pipeline.stages: list[Literal[...]]) is checked item by item, the error naming the index.
 
 The fields are found by introspecting the registered section dataclasses (core sections, every stage's section and
 their nested sections such as grpo.rollout), so a new Literal field is covered without editing this file, and a new
@@ -43,6 +44,9 @@ def _fields(cls: type, prefix: str):
 FIELDS = sorted(((key, tp, f) for name, cls in config_mod._SECTIONS.items() for key, tp, f in _fields(cls, name)),
                 key=lambda item: item[0])
 CHOICES = [(key, typing.get_args(tp), f) for key, tp, f in FIELDS if typing.get_origin(tp) is Literal]
+# list fields whose items are choices (pipeline.stages: list[Literal[...]]): each item is checked as a choice
+LIST_CHOICES = [(key, typing.get_args(typing.get_args(tp)[0]), f) for key, tp, f in FIELDS
+                if typing.get_origin(tp) is list and typing.get_origin(typing.get_args(tp)[0]) is Literal]
 
 # str fields whose value is a path, a name, free text or a pattern, not one of a closed set of choices
 FREE_TEXT = {
@@ -53,9 +57,7 @@ FREE_TEXT = {
     "pas.generator.model", "pas.generator.base_url", "pas.generator.api_key_env",
 }
 # choice fields still declared as str, checked by their section's validate() instead; each with the reason
-NOT_YET_LITERAL = {
-    "pipeline.merge_method": "nova_rt/stages/pipeline.py is being changed in another branch of work (issue 13)",
-}
+NOT_YET_LITERAL: dict[str, str] = {}  # none left (pipeline.merge_method was the last)
 
 
 def test_introspection_finds_the_sections_and_choices():
@@ -63,7 +65,8 @@ def test_introspection_finds_the_sections_and_choices():
     assert set(config_mod.CORE_SECTIONS) | {"dpo", "grpo", "rm", "pas", "merge", "pipeline"} <= sections
     keys = {key for key, _, _ in CHOICES}
     assert {"parallel.backend", "grpo.agg", "grpo.kl", "grpo.rollout.engine", "pas.curate.categorizer",
-            "dpo.loss_type"} <= keys
+            "dpo.loss_type", "pipeline.merge_method"} <= keys
+    assert {key for key, _, _ in LIST_CHOICES} >= {"pipeline.stages"}
 
 
 @pytest.mark.parametrize("key, choices, fld", CHOICES, ids=[key for key, _, _ in CHOICES])
@@ -75,6 +78,17 @@ def test_bad_choice_names_key_value_and_allowed_values(tmp_path, key, choices, f
         load_config(cfg, [f"{key}={BAD}"])  # the path `--set` takes
     want = f"{cfg}: {key}: must be one of {', '.join(map(str, choices))}, got '{BAD}' (from --set {key}={BAD})"
     assert str(err.value) == want
+
+
+@pytest.mark.parametrize("key, choices, fld", LIST_CHOICES, ids=[key for key, _, _ in LIST_CHOICES])
+def test_bad_item_of_a_choice_list_names_key_index_value_and_allowed_values(tmp_path, key, choices, fld):
+    assert set(fld.default_factory()) <= set(choices), f"{key}: default has items outside its choices"
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("{}\n")
+    item = f"{key}=[{choices[0]}, {BAD}]"
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg, [item])
+    assert str(err.value) == f"{cfg}: {key}[1]: must be one of {', '.join(choices)}, got '{BAD}' (from --set {item})"
 
 
 def test_yaml_booleans_are_the_strings_true_and_false_where_those_are_choices(tmp_path):
