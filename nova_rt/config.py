@@ -7,13 +7,19 @@ loader can import it on demand). Defaults live only in the dataclasses; YAML fil
 
 Unknown keys, values of the wrong type, choices outside a field's `Literal[...]` and out-of-range numbers are
 errors that name the key and the file, raised while loading, before any model or data loads.
+
+A section may rename its keys (`register_section(name, renamed={"old_field": "sub.new_field"})`): for one release the
+old key is still read, in YAML files, `--set` and `pipeline.stage_overrides`, moved to its new place with one
+deprecation line per key; giving both the old and the new key with different values is an error naming both.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import logging
 import math
+import os
 import re
 import types
 import typing
@@ -45,16 +51,21 @@ DType = Literal["float32", "fp32", "bfloat16", "bf16", "float16", "fp16"]
 """Parameter dtype names a config accepts (nova_rt.models.loading.DTYPES maps them to torch dtypes)."""
 
 _SECTIONS: dict[str, type] = {}
+_RENAMED: dict[str, dict[str, str]] = {}
+"""section -> {old field: its new dotted path under the section}, read for one release (see register_section)."""
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
-def register_section(name: str):
-    """Register a dataclass as the config section `name` (used by stage modules)."""
+def register_section(name: str, renamed: dict[str, str] | None = None):
+    """Register a dataclass as the config section `name` (used by stage modules). `renamed` maps former field names
+    to their new dotted paths under the section; the loader reads the former names for one release."""
 
     def deco(cls):
         if not dataclasses.is_dataclass(cls):
             raise TypeError(f"config section {name!r} must be a dataclass")
         _SECTIONS[name] = cls
+        if renamed:
+            _RENAMED[name] = dict(renamed)
         return cls
 
     return deco
@@ -261,7 +272,7 @@ class Config:
         """A copy with `{"a.b": value}` (or ["a.b=c", ...]) applied and type-checked."""
         raw = self.to_dict()
         items = overrides.items() if isinstance(overrides, dict) else [_split_override(s) for s in overrides]
-        for key, value in items:
+        for key, value in rename_keys(list(items), "override"):
             _set_dotted(raw, key, value, "override")
         out = build_config(raw, self.source)
         out.config_dir = self.config_dir
@@ -279,6 +290,85 @@ def _section_class(name: str, source: str) -> type:
         known = sorted(set(_SECTIONS) | set(CORE_SECTIONS))
         raise ConfigError(f"{source}: unknown section '{name}' (known: {', '.join(known)})")
     return _SECTIONS[name]
+
+
+# ----------------------------------------------------------------------------------------------- renamed keys
+_OVERRIDE_MAPS = (("pipeline", "stage_overrides"),)
+"""(section, field) whose values map dotted config keys to values per stage: their keys are renamed too."""
+
+
+def _renames(section: str) -> dict[str, str]:
+    """The renamed fields of `section` ({} for an unknown section: building the config reports it)."""
+    if section not in _SECTIONS:
+        try:
+            _section_class(section, "<config>")
+        except ConfigError:
+            return {}
+    return _RENAMED.get(section, {})
+
+
+def _deprecated(old: str, new: str) -> None:
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank reads the config: rank 0 says it once
+        logging.getLogger("nova_rt.config").warning("nova_rt: %s is deprecated, use %s (read for one release)",
+                                                    old, new)
+
+
+def renamed_key(key: str) -> str:
+    """The current name of a dotted key: `grpo.eval_every` -> `grpo.eval.every` (with one deprecation line)."""
+    section, _, rest = key.partition(".")
+    new = _renames(section).get(rest) if rest else None
+    if new is None:
+        return key
+    _deprecated(key, f"{section}.{new}")
+    return f"{section}.{new}"
+
+
+def _conflict(source: str, old: str, new: str, old_value: Any, new_value: Any) -> ConfigError:
+    return ConfigError(f"{source}: {old} (deprecated) and {new} are both given, with different values "
+                       f"({old_value!r} vs {new_value!r}); keep only {new}")
+
+
+def rename_keys(items: list[tuple[str, Any]], source: str) -> list[tuple[str, Any]]:
+    """Dotted (key, value) overrides with renamed keys moved to their new names; an old and a new key for the same
+    field with different values is an error naming both."""
+    seen: dict[str, tuple[str, Any]] = {}
+    out = []
+    for key, value in items:
+        new = renamed_key(key)
+        if new in seen and seen[new][0] != key and seen[new][1] != value:
+            (k0, v0), (k1, v1) = sorted([seen[new], (key, value)], key=lambda kv: kv[0] == new)
+            raise _conflict(source, k0, k1, v0, v1)
+        seen[new] = (key, value)
+        out.append((new, value))
+    return out
+
+
+def migrate_raw(raw: dict, source: str) -> dict:
+    """Move renamed keys of a raw config mapping (sections, and the dotted keys of pipeline.stage_overrides) to
+    their new places, in place; returns raw."""
+    for section, values in raw.items():
+        if not isinstance(values, dict):
+            continue
+        for old, new in _renames(section).items():
+            if old not in values:
+                continue
+            value = values.pop(old)
+            *path, last = new.split(".")
+            node = values
+            for part in path:
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"{source}: {section}.{'.'.join(path)}: expected a mapping, got {node!r}")
+            if last in node and node[last] != value:
+                raise _conflict(source, f"{section}.{old}", f"{section}.{new}", value, node[last])
+            _deprecated(f"{section}.{old}", f"{section}.{new}")
+            node[last] = value
+    for section, name in _OVERRIDE_MAPS:
+        maps = raw.get(section, {}).get(name) if isinstance(raw.get(section), dict) else None
+        for key, ovr in (maps or {}).items() if isinstance(maps, dict) else ():
+            if isinstance(ovr, dict):
+                maps[key] = dict(rename_keys(list(ovr.items()), f"{source}: {section}.{name}.{key}"))
+    return raw
 
 
 def _type_name(tp: Any) -> str:
@@ -368,6 +458,7 @@ def _build_section(cls: type, values: dict, where: str) -> Any:
 def build_config(raw: dict, source: str = "<dict>") -> Config:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: top level must be a mapping of sections")
+    migrate_raw(raw, source)
     sections = {}
     for name in CORE_SECTIONS:
         sections[name] = _build_section(_SECTIONS[name], raw.get(name) or {}, f"{source}: {name}")
@@ -420,6 +511,7 @@ def load_raw(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     base = raw.pop("include", None)
+    migrate_raw(raw, str(path))  # each file on its own: an included file's old key is overridden by a new one here
     if base:
         if not isinstance(base, str):
             raise ConfigError(f"{path}: include: expected a file name, got {base!r}")
@@ -441,8 +533,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Load a YAML file and apply `a.b=c` overrides; errors name the file (or `--set`) and the key."""
     raw = load_raw(path)
     keys = {}
-    for item in overrides or []:
-        key, value = _split_override(item)
+    items = [_split_override(item) for item in overrides or []]
+    renamed = rename_keys(items, f"{path} (--set)")
+    for item, (key, value) in zip(overrides or [], renamed):
         _set_dotted(raw, key, value, f"{path} (--set {item})")
         keys[key] = item
     try:
