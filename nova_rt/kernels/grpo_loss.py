@@ -7,10 +7,16 @@ Math (per token t of response i = seq(t), group g = i // G of G adjacent respons
     r_t   = exp(clamp(lp_t - old_t, -20, 20))
     pg_t  = -min(r_t a_t, clip(r_t, 1 - eps_low, 1 + eps_high) a_t)
     kl_t  = k1: lp - ref | k2: (lp - ref)^2 / 2 | k3: min(exp(d) - d - 1, 10) with d = clamp(ref - lp, -20, 20)
-    loss  = sum_t w_t (pg_t + beta kl_t)
+    loss  = sum_t w_t (c_t pg_t + beta kl_t)
+    c_t   = is_weights[t] (no grad; 1 when None), e.g. tis_weights(): min(exp(old_t - rollout_t), cap)
     w_t   = 1 / T                      "token-mean"
           = 1 / (n_nonempty L_i)       "seq-mean-token-mean" (mean over non-empty responses of their token mean)
           = 1 / (B max_i L_i)          "seq-mean-token-sum-norm" (Dr.GRPO)
+Truncated importance sampling (TIS) against the rollout engine's sampling log-probs, as TRL (GRPOTrainer with
+vllm_importance_sampling_mode="token_truncate": per_token_loss = -min(coef_1 A, coef_2 A) * ratio, then + beta kl)
+and verl (compute_policy_loss_vanilla: pg_losses * rollout_is_weights; the KL loss is added apart) apply it: c_t
+scales the clipped surrogate only, never the KL term, and is a constant (TRL computes it under no_grad, verl
+detaches it). The stats (clip_frac, ratio_mean) ignore c_t, as in both.
 Clamps follow verl: the log-ratios inside r and inside k3 are clamped to [-20, 20] (exp stays finite in fp32) and the
 k3 value to at most 10; k1 and k2 are unclamped. Clamped entries get zero gradient, as torch.clamp gives.
 A group with G = 1, or whose rewards are all equal, has zero advantage exactly: the group mean is taken as
@@ -31,11 +37,12 @@ Triton path, three launches forward and one backward:
   3. _grpo_reduce_kernel (one program): sums the partials in a fixed order (deterministic, no atomics).
   Backward multiplies the saved d logprobs by the upstream scalar gradient.
 Memory traffic per token (E = bytes of the logprobs dtype: 4 fp32, 2 bf16): forward reads lp, old, ref (3E, 2E with
-ref None) plus 4 for token_adv, and writes dlp (E, skipped when no gradient is needed); backward reads and writes dlp
-(2E). The minimal count for fwd+bwd is 4E per token (16 B fp32, 8 B bf16) plus 4B + 4(B+1) (int32 cu_seqlens) bytes;
-these kernels move 6E, so against the minimal count fwd+bwd peaks at 4/6 of HBM bandwidth and only the forward can
-meet the ">= 85% of HBM peak on H100" target on its own. Removing the scaling pass needs the consumer of the gradient
-(the log-prob kernel's backward) to take dlp and the scalar itself; the benchmark reports both byte counts.
+ref None) plus 4 each for token_adv and is_weights when given, and writes dlp (E, skipped when no gradient is
+needed); backward reads and writes dlp (2E). The minimal count for fwd+bwd is 4E per token (16 B fp32, 8 B bf16)
+plus 4B + 4(B+1) (int32 cu_seqlens) bytes; these kernels move 6E, so against the minimal count fwd+bwd peaks at 4/6
+of HBM bandwidth and only the forward can meet the ">= 85% of HBM peak on H100" target on its own. Removing the
+scaling pass needs the consumer of the gradient (the log-prob kernel's backward) to take dlp and the scalar itself;
+the benchmark reports both byte counts.
 Not measured on a GPU yet: the kernels compile for sm_90 (checked offline) and run under the interpreter in tests.
 
 Legend: T response tokens (flat), B responses, G group size, P token blocks (partials).
@@ -145,9 +152,9 @@ def _kl_estimator(lp, ref, KL: tl.constexpr):
 
 
 @triton.jit
-def _grpo_loss_fwd_kernel(LP_T, OLD_T, REF_T, TADV_T, CU, ADV_B, W_B, DLP_T, PART_4P,
+def _grpo_loss_fwd_kernel(LP_T, OLD_T, REF_T, TADV_T, ISW_T, CU, ADV_B, W_B, DLP_T, PART_4P,
                           T, B, P, n_search, eps_low, eps_high, beta,
-                          HAS_REF: tl.constexpr, HAS_TADV: tl.constexpr, KL: tl.constexpr,
+                          HAS_REF: tl.constexpr, HAS_TADV: tl.constexpr, HAS_ISW: tl.constexpr, KL: tl.constexpr,
                           WRITE_GRAD: tl.constexpr, BLOCK_T: tl.constexpr):
     pid = tl.program_id(0)
     t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -160,11 +167,13 @@ def _grpo_loss_fwd_kernel(LP_T, OLD_T, REF_T, TADV_T, CU, ADV_B, W_B, DLP_T, PAR
         old = tl.load(OLD_T + t).to(tl.float32)
         ref = tl.load(REF_T + t).to(tl.float32) if HAS_REF else lp
         tadv = tl.load(TADV_T + t).to(tl.float32) if HAS_TADV else tl.zeros_like(lp)
+        isw = tl.load(ISW_T + t).to(tl.float32) if HAS_ISW else tl.zeros_like(lp) + 1.0
     else:
         lp = tl.load(LP_T + t, mask=m, other=0.0).to(tl.float32)
         old = tl.load(OLD_T + t, mask=m, other=0.0).to(tl.float32)
         ref = tl.load(REF_T + t, mask=m, other=0.0).to(tl.float32) if HAS_REF else lp
         tadv = tl.load(TADV_T + t, mask=m, other=0.0).to(tl.float32) if HAS_TADV else tl.zeros_like(lp)
+        isw = tl.load(ISW_T + t, mask=m, other=0.0).to(tl.float32) if HAS_ISW else tl.zeros_like(lp) + 1.0
     # Token -> response: a 2-lane search bounds the block's responses [s0, s1], then the per-token search needs
     # ceil(log2(s1 - s0 + 1)) trips (1-2 when responses are longer than a block) instead of log2(B); +1 guards a
     # low log2 estimate (extra trips are no-ops).
@@ -180,9 +189,10 @@ def _grpo_loss_fwd_kernel(LP_T, OLD_T, REF_T, TADV_T, CU, ADV_B, W_B, DLP_T, PAR
     pg1 = -a * ratio
     pg2 = -a * tl.minimum(tl.maximum(ratio, 1.0 - eps_low), 1.0 + eps_high)
     clipped = pg2 > pg1
-    loss = tl.maximum(pg1, pg2)
+    # c * max(pg1, pg2): the TIS weight scales the surrogate (not the KL below) and has no gradient.
+    loss = isw * tl.maximum(pg1, pg2)
     # d(-a r)/d lp = -a r = pg1, unless the clipped term is the max or the log-ratio clamp is active.
-    dloss = tl.where(clipped | (x < -20.0) | (x > 20.0), 0.0, pg1)
+    dloss = isw * tl.where(clipped | (x < -20.0) | (x > 20.0), 0.0, pg1)
     kl = tl.zeros_like(lp)
     if HAS_REF:
         kl, dkl = _kl_estimator(lp, ref, KL)
@@ -239,7 +249,7 @@ _SPILL_ALLOWANCE = {("adv", 1024): 8, ("fwd", "fp16"): 8}
 def grpo_loss_fwd(logprobs_T, old_logprobs_T, ref_logprobs_T, rewards_B, cu_seqlens, token_adv_T, group_size: int,
                   eps_low: float, eps_high: float, beta: float, kl: str, agg: str, adv_norm: str,
                   write_grad: bool = True, block_t: int | None = None, block_b: int | None = None,
-                  block_p: int = _BLOCK_P):
+                  block_p: int = _BLOCK_P, is_weights_T: torch.Tensor | None = None):
     """Launch the three forward kernels; no autograd. Returns (loss 0-d fp32, dlp (T,) or (0,), stats (5,) fp32).
 
     dlp is d loss / d logprobs in the logprobs dtype (empty when write_grad is False); stats follow STAT_NAMES.
@@ -261,13 +271,13 @@ def grpo_loss_fwd(logprobs_T, old_logprobs_T, ref_logprobs_T, rewards_B, cu_seql
     _grpo_adv_kernel[(1,)](rewards_B, cu_seqlens, adv_B, w_B, stats, B, group_size, float(max(group_size - 1, 1)),
                            inv_tokens, AGG=_AGG_MODES[agg], NORM_STD=adv_norm == "std", BLOCK_B=block_b)
     if n_blocks > 0:
-        has_ref, has_tadv = ref_logprobs_T is not None, token_adv_T is not None
+        has_ref, has_tadv, has_isw = ref_logprobs_T is not None, token_adv_T is not None, is_weights_T is not None
         _grpo_loss_fwd_kernel[(n_blocks,)](
             logprobs_T, old_logprobs_T, ref_logprobs_T if has_ref else logprobs_T,
-            token_adv_T if has_tadv else logprobs_T, cu_seqlens, adv_B, w_B, dlp_T if write_grad else logprobs_T,
-            part_4P, T, B, n_blocks, (B - 1).bit_length(), eps_low, eps_high, beta,
-            HAS_REF=has_ref, HAS_TADV=has_tadv, KL=_KL_MODES[kl], WRITE_GRAD=write_grad, BLOCK_T=block_t,
-            num_warps=_FWD_WARPS)
+            token_adv_T if has_tadv else logprobs_T, is_weights_T if has_isw else logprobs_T, cu_seqlens, adv_B,
+            w_B, dlp_T if write_grad else logprobs_T, part_4P, T, B, n_blocks, (B - 1).bit_length(), eps_low,
+            eps_high, beta, HAS_REF=has_ref, HAS_TADV=has_tadv, HAS_ISW=has_isw, KL=_KL_MODES[kl],
+            WRITE_GRAD=write_grad, BLOCK_T=block_t, num_warps=_FWD_WARPS)
     _grpo_reduce_kernel[(1,)](part_4P, loss, stats, n_blocks, inv_tokens, BLOCK_P=block_p)
     return loss, dlp_T, stats
 
@@ -277,14 +287,14 @@ def grpo_loss_fwd(logprobs_T, old_logprobs_T, ref_logprobs_T, rewards_B, cu_seql
 def _grpo_loss_op(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor | None,
                   rewards: torch.Tensor, cu_seqlens: torch.Tensor, token_adv: torch.Tensor | None, group_size: int,
                   eps_low: float, eps_high: float, beta: float, kl: str, agg: str, adv_norm: str,
-                  write_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  write_grad: bool, is_weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return grpo_loss_fwd(logprobs, old_logprobs, ref_logprobs, rewards, cu_seqlens, token_adv, group_size,
-                         eps_low, eps_high, beta, kl, agg, adv_norm, write_grad)
+                         eps_low, eps_high, beta, kl, agg, adv_norm, write_grad, is_weights_T=is_weights)
 
 
 @_grpo_loss_op.register_fake
 def _(logprobs, old_logprobs, ref_logprobs, rewards, cu_seqlens, token_adv, group_size, eps_low, eps_high, beta,
-      kl, agg, adv_norm, write_grad):
+      kl, agg, adv_norm, write_grad, is_weights):
     T = logprobs.shape[0] if write_grad else 0
     return (logprobs.new_empty((), dtype=torch.float32), logprobs.new_empty(T),
             logprobs.new_empty(5, dtype=torch.float32))
@@ -299,7 +309,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, _grad_dlp, _grad_stats):
     (dlp_T,) = ctx.saved_tensors
     # One elementwise pass (2E bytes/token); a 0-d fp32 factor keeps dlp's dtype.
-    return (dlp_T * grad_loss,) + (None,) * 13
+    return (dlp_T * grad_loss,) + (None,) * 14
 
 
 _grpo_loss_op.register_autograd(_backward, setup_context=_setup_context)
@@ -336,10 +346,11 @@ def _agg_weights_torch(len_B: torch.Tensor, T: int, agg: str) -> torch.Tensor:
 
 
 def grpo_loss_torch(logprobs, old_logprobs, ref_logprobs, rewards, cu_seqlens, group_size, *, eps_low=0.2,
-                    eps_high=0.2, beta=0.0, kl="k3", agg="token-mean", adv_norm="std", token_adv=None):
+                    eps_high=0.2, beta=0.0, kl="k3", agg="token-mean", adv_norm="std", token_adv=None,
+                    is_weights=None):
     """Eager PyTorch path (the CPU path): same math as the module docstring, fp32 compute, autograd for d logprobs."""
     _check_inputs(logprobs, old_logprobs, ref_logprobs, rewards, cu_seqlens, group_size, beta, kl, agg, adv_norm,
-                  token_adv)
+                  token_adv, is_weights)
     T, dev = logprobs.shape[0], logprobs.device
     cu = cu_seqlens.long()
     seq_T = torch.searchsorted(cu[1:], torch.arange(T, device=dev), right=True)
@@ -351,6 +362,8 @@ def grpo_loss_torch(logprobs, old_logprobs, ref_logprobs, rewards, cu_seqlens, g
     pg1_T = -a_T * ratio_T
     pg2_T = -a_T * ratio_T.clamp(1.0 - eps_low, 1.0 + eps_high)
     loss_T = torch.maximum(pg1_T, pg2_T)
+    if is_weights is not None:  # TIS: scales the surrogate only, as a constant
+        loss_T = loss_T * is_weights.detach().float()
     kl_T = _kl_torch(lp_T, ref_logprobs.float(), kl) if ref_logprobs is not None else torch.zeros_like(lp_T)
     if ref_logprobs is not None and beta != 0.0:
         loss_T = loss_T + beta * kl_T
@@ -369,7 +382,7 @@ def grpo_loss_torch(logprobs, old_logprobs, ref_logprobs, rewards, cu_seqlens, g
 
 # ----------------------------------------------------------------------------------------------- public op
 def _check_inputs(logprobs, old_logprobs, ref_logprobs, rewards, cu_seqlens, group_size, beta, kl, agg, adv_norm,
-                  token_adv) -> None:
+                  token_adv, is_weights=None) -> None:
     if kl not in _KL_MODES:
         raise ValueError(f"kl must be one of {sorted(_KL_MODES)}, got {kl!r}")
     if agg not in _AGG_MODES:
@@ -379,7 +392,8 @@ def _check_inputs(logprobs, old_logprobs, ref_logprobs, rewards, cu_seqlens, gro
     if logprobs.dim() != 1:
         raise ValueError(f"logprobs must be flat (T,), got shape {tuple(logprobs.shape)}")
     T = logprobs.shape[0]
-    for name, x in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs), ("token_adv", token_adv)):
+    for name, x in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs), ("token_adv", token_adv),
+                    ("is_weights", is_weights)):
         if x is not None and tuple(x.shape) != (T,):
             raise ValueError(f"{name} must have shape ({T},) like logprobs, got {tuple(x.shape)}")
         if x is not None and x.device != logprobs.device:
@@ -408,26 +422,43 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: 
               rewards: torch.Tensor, cu_seqlens: torch.Tensor, group_size: int, *, eps_low: float = 0.2,
               eps_high: float = 0.2, beta: float = 0.0, kl: str = "k3", agg: str = "token-mean",
               adv_norm: str = "std", token_adv: torch.Tensor | None = None,
-              backend: str = "auto") -> tuple[torch.Tensor, dict]:
+              is_weights: torch.Tensor | None = None, backend: str = "auto") -> tuple[torch.Tensor, dict]:
     """GRPO clipped-surrogate loss (+ beta KL) over flat response tokens; see the module docstring for the math.
 
     logprobs, old_logprobs, ref_logprobs (or None when beta = 0), token_adv (optional, fp32, no grad): (T,) fp32,
     bf16 or fp16; rewards: (B,) fp32; cu_seqlens: (B+1,) int32/int64 from 0 to T (repeated entries = empty
-    responses); B = prompts x group_size with a prompt's responses adjacent.
+    responses); B = prompts x group_size with a prompt's responses adjacent. is_weights (optional, (T,) fp32, no
+    grad): per-token factor on the clipped surrogate (not on the KL term), e.g. tis_weights(old, rollout, cap).
     Returns (loss 0-d fp32 with grad to logprobs only, {name: detached 0-d fp32} for STAT_NAMES).
     """
     _check_inputs(logprobs, old_logprobs, ref_logprobs, rewards, cu_seqlens, group_size, beta, kl, agg, adv_norm,
-                  token_adv)
+                  token_adv, is_weights)
     if resolve_backend(backend, logprobs, old_logprobs, ref_logprobs, rewards, cu_seqlens) == "torch":
         return grpo_loss_torch(logprobs, old_logprobs, ref_logprobs, rewards, cu_seqlens, group_size,
                                eps_low=eps_low, eps_high=eps_high, beta=beta, kl=kl, agg=agg, adv_norm=adv_norm,
-                               token_adv=token_adv)
+                               token_adv=token_adv, is_weights=is_weights)
     if logprobs.shape[0] >= 2**31:
         raise ValueError(f"logprobs has {logprobs.shape[0]} tokens; the Triton path indexes with int32")
     contig = lambda x: x.detach().contiguous() if x is not None else None
     write_grad = torch.is_grad_enabled() and logprobs.requires_grad
     loss, _dlp, stats = _grpo_loss_op(logprobs.contiguous(), contig(old_logprobs), contig(ref_logprobs),
                                       contig(rewards), contig(cu_seqlens), contig(token_adv), group_size,
-                                      float(eps_low), float(eps_high), float(beta), kl, agg, adv_norm, write_grad)
+                                      float(eps_low), float(eps_high), float(beta), kl, agg, adv_norm, write_grad,
+                                      contig(is_weights))
     stats = stats.detach()
     return loss, {name: stats[k] for k, name in enumerate(STAT_NAMES)}
+
+
+def tis_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance-sampling weights min(exp(old - rollout), cap) per response token, detached fp32.
+
+    old_logprobs: the trainer's old-policy log-probs; rollout_logprobs: the engine's sampling log-probs (same (T,)
+    order and temperature). TRL's token_truncate (clip_min None) and verl's token TIS; verl also clamps the log-ratio
+    to [-20, 20] first, which changes only weights below exp(-20) = 2e-9 (TRL does not clamp; exp overflow gives
+    inf, which the cap turns into cap). cap > 0."""
+    if not cap > 0:
+        raise ValueError(f"tis cap must be > 0, got {cap}")
+    if old_logprobs.shape != rollout_logprobs.shape:
+        raise ValueError(f"old_logprobs {tuple(old_logprobs.shape)} and rollout_logprobs "
+                         f"{tuple(rollout_logprobs.shape)} must have the same shape")
+    return torch.exp(old_logprobs.detach().float() - rollout_logprobs.detach().float()).clamp(max=cap)

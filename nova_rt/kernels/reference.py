@@ -93,14 +93,17 @@ def grpo_advantages_ref(rewards: list[float], G: int, adv_norm: str) -> list[flo
 
 def grpo_loss_ref(lp_T: torch.Tensor, old_T: torch.Tensor, ref_T: torch.Tensor | None, rewards_B: torch.Tensor,
                   cu: torch.Tensor, G: int, tadv_T: torch.Tensor | None = None, *, eps_low: float, eps_high: float,
-                  beta: float, kl: str, agg: str, adv_norm: str) -> dict:
+                  beta: float, kl: str, agg: str, adv_norm: str, is_T: torch.Tensor | None = None) -> dict:
     """grpo_loss in float64, one response at a time (a Python loop over responses; autograd for the gradient).
+
+    is_T: per-token importance weights (TIS) multiplying the clipped surrogate only (not the KL), as constants.
 
     Returns loss, grad (T,) w.r.t. lp_T, the loss scale sum_t w_t |l_t| (for a tolerance), stats, clip count, T."""
     lp = lp_T.detach().double().requires_grad_()
     old = old_T.double()
     ref = ref_T.double() if ref_T is not None else None
     tadv = tadv_T.double() if tadv_T is not None else None
+    isw = is_T.detach().double() if is_T is not None else None
     cu = cu.tolist()
     B, T = len(cu) - 1, cu[-1]
     adv = grpo_advantages_ref(rewards_B.double().tolist(), G, adv_norm)
@@ -115,6 +118,8 @@ def grpo_loss_ref(lp_T: torch.Tensor, old_T: torch.Tensor, ref_T: torch.Tensor |
         ratio = torch.exp(torch.clamp(lp[s:e] - old[s:e], -20.0, 20.0))
         unclipped, clipped = ratio * a, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * a
         tok = -torch.minimum(unclipped, clipped)
+        if isw is not None:
+            tok = tok * isw[s:e]
         n_clip += int((clipped < unclipped).sum())
         ratio_sum += ratio.sum().item()
         if ref is not None:

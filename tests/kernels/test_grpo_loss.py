@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from nova_rt.kernels.grpo_loss import STAT_NAMES, grpo_loss, grpo_loss_fwd
+from nova_rt.kernels.grpo_loss import STAT_NAMES, grpo_loss, grpo_loss_fwd, tis_weights
 from nova_rt.kernels.reference import grpo_advantages_ref, grpo_loss_ref
 from tests.helpers import assert_close_verbose, assert_no_worse_than_eager
 
@@ -78,21 +78,22 @@ def _make_case(gen, *, n_prompts, G, dtype=torch.float32, has_ref=True, has_tadv
     return Case(lp, old, ref if has_ref else None, rewards, cu, tadv, G)
 
 
-def _oracle(case: Case, **kw) -> dict:
-    return grpo_loss_ref(case.lp_T, case.old_T, case.ref_T, case.rewards_B, case.cu, case.G, case.tadv_T, **kw)
+def _oracle(case: Case, isw_T: torch.Tensor | None = None, **kw) -> dict:
+    return grpo_loss_ref(case.lp_T, case.old_T, case.ref_T, case.rewards_B, case.cu, case.G, case.tadv_T,
+                         is_T=isw_T, **kw)
 
 
-def _run(case: Case, backend: str, upstream: float = 1.0, **kw):
+def _run(case: Case, backend: str, upstream: float = 1.0, isw_T: torch.Tensor | None = None, **kw):
     lp = case.lp_T.clone().requires_grad_()
     loss, stats = grpo_loss(lp, case.old_T, case.ref_T, case.rewards_B, case.cu, case.G, token_adv=case.tadv_T,
-                            backend=backend, **kw)
+                            is_weights=isw_T, backend=backend, **kw)
     (loss * upstream).backward()
     return loss, stats, lp.grad
 
 
-def _check(case: Case, backend: str, ctx: str, **kw) -> None:
-    want = _oracle(case, **kw)
-    loss, stats, grad = _run(case, backend, **kw)
+def _check(case: Case, backend: str, ctx: str, isw_T: torch.Tensor | None = None, **kw) -> None:
+    want = _oracle(case, isw_T, **kw)
+    loss, stats, grad = _run(case, backend, isw_T=isw_T, **kw)
     T = want["T"]
     assert loss.dtype == torch.float32 and loss.dim() == 0, ctx
     assert abs(loss.item() - want["loss"]) <= 1e-5 * want["scale"] + 1e-7, f"loss {loss.item()} vs {want['loss']} {ctx}"
@@ -231,7 +232,7 @@ def test_custom_op_registration():
     seed = _seed()
     case = _make_case(torch.Generator().manual_seed(seed), n_prompts=2, G=3, has_tadv=True)
     args = (case.lp_T.clone().requires_grad_(), case.old_T, case.ref_T, case.rewards_B, case.cu, case.tadv_T, 3,
-            0.2, 0.28, 0.1, "k3", "seq-mean-token-mean", "std", True)
+            0.2, 0.28, 0.1, "k3", "seq-mean-token-mean", "std", True, 2 * torch.rand(case.lp_T.numel()))
     torch.library.opcheck(torch.ops.nova_rt.grpo_loss.default, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     # The public function traces into one graph (no host sync under torch.compile) and matches eager.
@@ -261,6 +262,8 @@ def test_bad_inputs(backend):
         call(ref_logprobs=torch.randn(T + 1))
     with pytest.raises(ValueError, match="token_adv"):
         call(token_adv=torch.randn(T, 2))
+    with pytest.raises(ValueError, match="is_weights"):
+        call(is_weights=torch.ones(T + 1))
     with pytest.raises(ValueError, match="ref_logprobs is None"):
         call(ref_logprobs=None, beta=0.1)
     with pytest.raises(ValueError, match="cu_seqlens"):
@@ -277,6 +280,143 @@ def test_bad_inputs(backend):
         call(agg="sum")
     with pytest.raises(ValueError, match="adv_norm"):
         call(adv_norm="minmax")
+
+
+# ----------------------------------------------------------------------------------------------- TIS weights
+def _random_is_weights(gen, case: Case, cap: float = 2.0) -> torch.Tensor:
+    """TIS-like weights min(exp(old - rollout), cap): a spread of values, about a third at the cap, some exactly 0."""
+    rollout_T = case.old_T.double() + 1.2 * torch.randn(case.lp_T.numel(), generator=gen, dtype=torch.float64)
+    w = torch.exp(case.old_T.double() - rollout_T).clamp(max=cap).float()
+    w[torch.rand(w.shape, generator=gen) < 0.05] = 0.0
+    return w
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_is_weights_match_oracle(backend):
+    """Random per-token weights over several shapes (ragged, length-0 and length-1 responses, G = 1..4, a single
+    length-1 response) against the fp64 oracle: loss, stats and d logprobs."""
+    seed = _seed()
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(1, 1, 3), (2, 1, 3), (3, 3, 48), (5, 4, 48), (2, 2, 200)]  # (prompts, G, max_len)
+    modes = [("token-mean", "k3", "std"), ("seq-mean-token-mean", "k1", "none"),
+             ("seq-mean-token-sum-norm", "k2", "std"), ("seq-mean-token-mean", "k3", "std"),
+             ("token-mean", "k2", "none")]
+    for (n_prompts, G, max_len), (agg, kl, norm) in zip(shapes, modes):
+        case = _make_case(gen, n_prompts=n_prompts, G=G, max_len=max_len, has_tadv=G > 2)
+        if n_prompts == 1 and G == 1:  # one response of one token
+            case.cu, case.lp_T, case.old_T, case.ref_T = (case.cu.new_tensor([0, 1]), torch.tensor([-0.7]),
+                                                          torch.tensor([-0.4]), torch.tensor([-1.9]))
+            case.tadv_T = None
+        isw = _random_is_weights(gen, case)
+        for beta in (0.0, 0.2):
+            kw = dict(eps_low=0.2, eps_high=0.28, beta=beta, kl=kl, agg=agg, adv_norm=norm)
+            _check(case, backend, f"[seed {seed} {backend} G={G} T={case.lp_T.numel()} {kw} tis]", isw_T=isw, **kw)
+
+
+def test_is_weights_multi_block_launcher():
+    """The Triton launcher with small blocks (weights loaded on full and masked blocks) against the oracle."""
+    seed = _seed()
+    gen = torch.Generator().manual_seed(seed)
+    case = _make_case(gen, n_prompts=6, G=3, max_len=80, has_tadv=True)
+    isw = _random_is_weights(gen, case)
+    kw = dict(eps_low=0.2, eps_high=0.28, beta=0.1, kl="k3", agg="seq-mean-token-mean", adv_norm="std")
+    want = _oracle(case, isw, **kw)
+    loss, dlp, _ = grpo_loss_fwd(case.lp_T, case.old_T, case.ref_T, case.rewards_B, case.cu, case.tadv_T, 3,
+                                 kw["eps_low"], kw["eps_high"], kw["beta"], kw["kl"], kw["agg"], kw["adv_norm"],
+                                 block_t=16, block_b=16, block_p=16, is_weights_T=isw)
+    assert abs(loss.item() - want["loss"]) <= 1e-5 * want["scale"] + 1e-7, f"seed {seed}"
+    assert_close_verbose(dlp, want["grad"], rtol=1e-4, atol=1e-5 * want["grad"].abs().max().item(),
+                         name=f"dlp seed {seed}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unit_is_weights_equal_no_weights(backend):
+    """Weights of exactly 1 change nothing, bit for bit (x * 1.0 is exact in fp32)."""
+    seed = _seed()
+    gen = torch.Generator().manual_seed(seed)
+    for has_ref, beta in ((False, 0.0), (True, 0.3)):
+        case = _make_case(gen, n_prompts=4, G=3, has_ref=has_ref, has_tadv=True)
+        kw = dict(eps_low=0.2, eps_high=0.28, beta=beta, kl="k3", agg="seq-mean-token-mean", adv_norm="std")
+        loss0, stats0, grad0 = _run(case, backend, **kw)
+        loss1, stats1, grad1 = _run(case, backend, isw_T=torch.ones(case.lp_T.numel()), **kw)
+        msg = f"seed {seed} {backend} beta={beta}"
+        assert torch.equal(loss0, loss1) and torch.equal(grad0, grad1), msg
+        assert all(torch.equal(stats0[k], stats1[k]) for k in STAT_NAMES), msg
+
+
+def _trl_grpo_loss_fp64(lp_T, old_T, ref_T, sampling_T, rewards_B, cu, G, cap, eps_low, eps_high, beta, loss_type):
+    """TRL 1.16 GRPOTrainer's loss (vllm_importance_sampling_mode="token_truncate", clip_min None, scale_rewards=
+    "group", importance_sampling_level="token"), rewritten here on padded (B, L) tensors in float64 from
+    trl/trainer/grpo_trainer.py (_generate_and_score_completions and _compute_loss); returns (loss, lp.grad)."""
+    lens = (cu[1:] - cu[:-1]).tolist()
+    B, L = len(lens), max(lens)
+    mask = torch.zeros(B, L, dtype=torch.float64)
+    pad = lambda x: torch.zeros(B, L, dtype=torch.float64).index_put_(  # noqa: E731
+        (torch.arange(B).repeat_interleave(torch.tensor(lens)),
+         torch.cat([torch.arange(n) for n in lens])), x.double())
+    for i, n in enumerate(lens):
+        mask[i, :n] = 1.0
+    per_token_logps = pad(lp_T.detach()).requires_grad_()
+    old, ref, sampling = pad(old_T), pad(ref_T), pad(sampling_T)
+    r = rewards_B.double().view(-1, G)
+    advantages = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)).view(-1, 1)
+    importance_sampling_ratio = torch.clamp(torch.exp((old - sampling) * mask), max=cap)
+    coef_1 = torch.exp(per_token_logps - old)
+    coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
+    per_token_loss = -torch.min(coef_1 * advantages, coef_2 * advantages)
+    per_token_loss = per_token_loss * importance_sampling_ratio
+    per_token_kl = torch.exp(ref - per_token_logps) - (ref - per_token_logps) - 1
+    per_token_loss = per_token_loss + beta * per_token_kl
+    if loss_type == "grpo":
+        loss = ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    elif loss_type == "dapo":
+        loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
+    else:  # dr_grpo with max_completion_length = the longest response
+        loss = (per_token_loss * mask).sum() / (per_token_loss.size(0) * L)
+    loss.backward()
+    grad_T = per_token_logps.grad[mask.bool()]
+    return loss.item(), grad_T
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tis_matches_trl_formula(backend):
+    """tis_weights + grpo_loss(is_weights=) against TRL's token_truncate formula written out independently above:
+    the weight multiplies the clipped surrogate, the k3 KL is added unweighted, the weight carries no gradient."""
+    seed = _seed()
+    gen = torch.Generator().manual_seed(seed)
+    aggs = {"grpo": "seq-mean-token-mean", "dapo": "token-mean", "dr_grpo": "seq-mean-token-sum-norm"}
+    for loss_type, agg in aggs.items():
+        case = _make_case(gen, n_prompts=3, G=4, max_len=30, equal_frac=0.0)
+        lens = torch.randint(1, 12, (12,), generator=gen)  # ragged, none empty (TRL's "grpo" mean counts those)
+        case.cu = torch.cat([case.cu.new_zeros(1), lens.cumsum(0).to(case.cu.dtype)])
+        T = int(case.cu[-1])
+        case.lp_T = -3 * torch.rand(T, generator=gen)
+        case.old_T = case.lp_T + 0.6 * torch.randn(T, generator=gen)
+        case.ref_T = case.lp_T + 0.5 * torch.randn(T, generator=gen)  # k3 stays far below its cap of 10
+        sampling_T = case.old_T + torch.randn(T, generator=gen)  # some exp(old - sampling) above the cap
+        cap = 2.0
+        want_loss, want_grad = _trl_grpo_loss_fp64(case.lp_T, case.old_T, case.ref_T, sampling_T, case.rewards_B,
+                                                   case.cu, 4, cap, 0.2, 0.28, 0.15, loss_type)
+        w = tis_weights(case.old_T, sampling_T, cap)
+        assert not w.requires_grad and (w == cap).any() and (w < 1).any(), f"seed {seed}"
+        loss, _, grad = _run(case, backend, isw_T=w, eps_low=0.2, eps_high=0.28, beta=0.15, kl="k3", agg=agg,
+                             adv_norm="std")
+        msg = f"seed {seed} {backend} {loss_type}"
+        assert abs(loss.item() - want_loss) <= 1e-5 * (abs(want_loss) + 1e-2), f"{loss.item()} vs {want_loss} {msg}"
+        assert_close_verbose(grad, want_grad.float(), rtol=1e-4, atol=1e-6 * want_grad.abs().max().item(), name=msg)
+
+
+def test_tis_weights():
+    old = torch.tensor([0.0, -1.0, -50.0, -0.2, -3.0], requires_grad=True)
+    rollout = torch.tensor([0.0, -1.5, -1.0, -100.0, -1.0])
+    w = tis_weights(old, rollout, 2.5)
+    want = torch.tensor([1.0, math.exp(0.5), math.exp(-49.0), 2.5, math.exp(-2.0)], dtype=torch.float32)
+    assert w.dtype == torch.float32 and not w.requires_grad
+    assert torch.allclose(w, want, rtol=1e-6, atol=0), w  # exp(99.8) overflows to inf: the cap makes it 2.5
+    with pytest.raises(ValueError, match="cap"):
+        tis_weights(old, rollout, 0.0)
+    with pytest.raises(ValueError, match="shape"):
+        tis_weights(old, rollout[:-1], 2.0)
 
 
 @pytest.mark.gpu
