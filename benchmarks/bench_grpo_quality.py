@@ -13,7 +13,7 @@ on the same machine, one provider after the other for each seed (so load changes
   * `quickstart` (default): the task `configs/quickstart_grpo.yaml` learns on, read from that file (+ and - only,
     2 terms of 1-2 digits, no parentheses or negation, calculator system prompt, prefill "{metadata[expression]} =",
     its max_new_tokens 8, lr, betas, G and prompts per step); nova_rt also gets the quickstart's nova_rt-only settings
-    (`grpo.dynamic_sampling: true`). TRL 1.16's GRPOTrainer has no dynamic sampling: no GRPOConfig field drops
+    (`grpo.sampling.dynamic_sampling: true`). TRL 1.16's GRPOTrainer has no dynamic sampling: no GRPOConfig field drops
     equal-reward groups or draws more prompts (it only logs `frac_reward_zero_std`; the replay-buffer GRPO trainer
     of later TRL docs is not in 1.16's `trl.experimental`), so TRL trains on all 8 groups, signal or not. The
     quickstart's 2 warmup steps are left out for both (HF's warmup starts at lr 0, nova_rt's at lr / warmup).
@@ -36,7 +36,8 @@ script: use `.venv-bench/bin/python` (TRL must not be installed into .venv). Out
 PNG of accuracy vs training minutes, and a markdown row for README.
 
     .venv-bench/bin/python benchmarks/bench_grpo_quality.py --threads 2 --seeds 0,1 --max-steps 24 \
-        --nova-budget-frac 0.5 [--task all-ops] [--providers nova_rt,trl] [--nova-set grpo.dynamic_sampling=false]
+        --nova-budget-frac 0.5 [--task all-ops] [--providers nova_rt,trl] \
+        [--nova-set grpo.sampling.dynamic_sampling=false]
 """
 
 from __future__ import annotations
@@ -60,8 +61,9 @@ QUICKSTART_GRPO = Path(__file__).resolve().parents[1] / "configs" / "quickstart_
 ALL_OPS_TASK = {"name": "basic_arithmetic", "category": "arithmetic", "size": 2000, "seed": 0,
                 "config": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2},
                 "prefill": "{metadata[expression]} ="}
-FIXED = {"temperature": 1.0, "beta": 0.0, "agg": "token-mean", "eps_low": 0.2, "eps_high": 0.28}
-"""Settings the script hands both providers as they are (TRL: temperature, beta, loss_type "dapo", epsilon[_high])."""
+FIXED = {"sampling": {"temperature": 1.0}, "loss": {"beta": 0.0, "agg": "token-mean", "eps_low": 0.2, "eps_high": 0.28}}
+"""grpo settings the script hands both providers as they are (TRL: temperature, beta, loss_type "dapo",
+epsilon[_high])."""
 
 
 def task_preset(name: str) -> dict:
@@ -73,14 +75,16 @@ def task_preset(name: str) -> dict:
 
     q = yaml.safe_load(QUICKSTART_GRPO.read_text())
     g, o = q["grpo"], q["optim"]
-    differs = {k: g.get(k) for k, v in FIXED.items() if g.get(k, v) != v}
-    if differs or o.get("scheduler") != "constant" or len(g["gym_tasks"]) != 1:
+    s, d = g.get("sampling", {}), g["data"]
+    differs = {f"{sec}.{k}": g.get(sec, {}).get(k) for sec, kv in FIXED.items() for k, v in kv.items()
+               if g.get(sec, {}).get(k, v) != v}
+    if differs or o.get("scheduler") != "constant" or len(d["gym_tasks"]) != 1:
         raise SystemExit(f"{QUICKSTART_GRPO} no longer matches what this script gives TRL ({FIXED}, a constant lr, "
                          f"one gym task): {differs or o.get('scheduler')}; update FIXED / run_trl")
-    task = {k: v for k, v in g["gym_tasks"][0].items() if k != "eval_size"}  # --eval-size sets the held-out size
-    return {"task": task, "system": g["system_prompt"], "max_new_tokens": g["max_new_tokens"], "lr": o["lr"],
-            "betas": tuple(o["betas"]), "group": g["group_size"], "prompts": g["prompts_per_step"],
-            "nova_only": {"dynamic_sampling": g.get("dynamic_sampling", False)}}
+    task = {k: v for k, v in d["gym_tasks"][0].items() if k != "eval_size"}  # --eval-size sets the held-out size
+    return {"task": task, "system": d["system_prompt"], "max_new_tokens": s["max_new_tokens"], "lr": o["lr"],
+            "betas": tuple(o["betas"]), "group": s["group_size"], "prompts": s["prompts_per_step"],
+            "nova_only": {"sampling.dynamic_sampling": s.get("dynamic_sampling", False)}}
 
 
 def resolve(args) -> None:
@@ -178,9 +182,12 @@ def run_nova(args, model_dir: str, seed: int) -> Recorder:
            "optim": {"lr": args.lr, "scheduler": "constant", "betas": list(args.betas), "warmup_steps": 0},
            "train": {"max_steps": 100000, "num_threads": args.threads},
            "checkpoint": {"every": 0, "save_final": False}, "logging": {"progress_bar": False, "tensorboard": False},
-           "grpo": {"group_size": args.group, "prompts_per_step": args.prompts, "max_new_tokens": args.max_new_tokens,
-                    "gym_tasks": [{**args.preset["task"], "eval_size": 0}], "system_prompt": args.preset["system"],
-                    "rewards": [{"type": "user", "function": f"{Path(__file__).resolve()}:nova_reward"}], **FIXED}}
+           "grpo": {"sampling": {"group_size": args.group, "prompts_per_step": args.prompts,
+                                 "max_new_tokens": args.max_new_tokens, **FIXED["sampling"]},
+                    "data": {"gym_tasks": [{**args.preset["task"], "eval_size": 0}],
+                             "system_prompt": args.preset["system"]},
+                    "loss": dict(FIXED["loss"]),
+                    "rewards": [{"type": "user", "function": f"{Path(__file__).resolve()}:nova_reward"}]}}
     for key, value in nova_only(args).items():
         _set_dotted(raw, key, value, "--nova-set")
     run = GRPORun(build_config(raw, "<bench_grpo_quality>"))
@@ -225,10 +232,12 @@ def run_trl(args, model_dir: str, seed: int) -> Recorder:
 
     cfg = GRPOConfig(output_dir=tempfile.mkdtemp(prefix="bench_grpo_quality_trl_"),
                      per_device_train_batch_size=args.prompts * args.group, num_generations=args.group,
-                     max_completion_length=args.max_new_tokens, temperature=FIXED["temperature"], top_p=1.0, top_k=0,
+                     max_completion_length=args.max_new_tokens, temperature=FIXED["sampling"]["temperature"],
+                     top_p=1.0, top_k=0,
                      learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
                      adam_beta1=args.betas[0], adam_beta2=args.betas[1], weight_decay=0.0, max_grad_norm=1.0,
-                     beta=FIXED["beta"], loss_type="dapo", epsilon=FIXED["eps_low"], epsilon_high=FIXED["eps_high"],
+                     beta=FIXED["loss"]["beta"], loss_type="dapo", epsilon=FIXED["loss"]["eps_low"],
+                     epsilon_high=FIXED["loss"]["eps_high"],
                      max_steps=args.max_steps,
                      use_cpu=True, bf16=False, report_to="none", logging_steps=1, save_strategy="no", seed=seed,
                      data_seed=seed, gradient_accumulation_steps=1, dataloader_num_workers=0,
@@ -268,10 +277,12 @@ def nova_only(args) -> dict:
     """nova_rt-only config overrides: the preset's grpo settings, then --nova-set (parsed as YAML values)."""
     import yaml
 
+    from nova_rt.config import renamed_key  # a former flat grpo key names its new place
+
     out = {f"grpo.{k}": v for k, v in args.preset["nova_only"].items()}
     for item in args.nova_set:
         key, _, value = item.partition("=")
-        out[key] = yaml.safe_load(value)
+        out[renamed_key(key.strip())] = yaml.safe_load(value)
     return out
 
 

@@ -62,9 +62,10 @@ def bench_nova(args, model_dir: str) -> list[dict]:
            "model": {"path": model_dir}, "optim": {"lr": 1e-5, "scheduler": "constant"},
            "train": {"max_steps": 1000, "num_threads": args.threads},
            "checkpoint": {"every": 0, "save_final": False}, "logging": {"progress_bar": False, "tensorboard": False},
-           "grpo": {"group_size": args.group, "prompts_per_step": args.prompts, "max_new_tokens": args.max_new_tokens,
-                    "gym_tasks": [TASK], "system_prompt": SYSTEM, "rewards": [{"type": "math"}], "beta": 0.0,
-                    "agg": "token-mean", "eps_high": 0.28}}
+           "grpo": {"sampling": {"group_size": args.group, "prompts_per_step": args.prompts,
+                                 "max_new_tokens": args.max_new_tokens},
+                    "data": {"gym_tasks": [TASK], "system_prompt": SYSTEM}, "rewards": [{"type": "math"}],
+                    "loss": {"beta": 0.0, "agg": "token-mean", "eps_high": 0.28}}}
     run = GRPORun(build_config(raw, "<bench>"))
     rows = []
     for i in range(args.warmup + args.steps):

@@ -125,7 +125,9 @@ def _check_inputs(cfg: Config) -> None:
     if cfg.run.stage in _DATA_STAGES:
         files = {f"data.{k}": getattr(cfg.data, k) for k in ("train_files", "eval_files")}
     elif cfg.run.stage == "grpo":
-        files = {f"grpo.{k}": getattr(cfg.grpo, k) for k in ("prompt_files", "eval_files", "ptx_files")}
+        g = cfg.grpo
+        files = {"grpo.data.prompt_files": g.data.prompt_files, "grpo.data.eval_files": g.data.eval_files,
+                 "grpo.ptx.files": g.ptx.files}
     for key, paths in files.items():
         for i, f in enumerate(paths):
             p = resolve_path(cfg, f)

@@ -256,7 +256,7 @@ def write_report(run_dir: str | Path, cfg, artifacts: dict) -> Path:
             for cat in sorted(set(before) | set(after)):
                 lines.append(f"| {cat} | {_fmt(before.get(cat, '-'))} | {_fmt(after.get(cat, '-'))} |")
         else:
-            lines.append("No eval sets were configured (grpo.eval_every = 0).")
+            lines.append("No eval sets were configured (grpo.eval.every = 0).")
         lines.append("")
     times = {k: v["wall_s"] for k, v in artifacts.items() if isinstance(v, dict) and "wall_s" in v}
     if times:

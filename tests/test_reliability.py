@@ -59,16 +59,16 @@ def test_include_cycle_names_the_files(tmp_path, capsys):
 
 def test_grpo_group_of_one_is_an_error(tmp_path, capsys):
     code, err = run_cli(capsys, "--config", str(ROOT / "configs" / "tiny_grpo.yaml"), "--set",
-                        f"run.dir={tmp_path / 'run'}", "--set", "grpo.group_size=1")
-    assert code == 2 and "tiny_grpo.yaml: grpo: group_size must be >= 2, got 1" in err, err
+                        f"run.dir={tmp_path / 'run'}", "--set", "grpo.sampling.group_size=1")
+    assert code == 2 and "tiny_grpo.yaml: grpo.sampling.group_size must be >= 2, got 1" in err, err
     assert not (tmp_path / "run").exists()
 
 
 def test_missing_grpo_prompt_file_is_named_before_loading(tmp_path, capsys):
     cfg = ROOT / "configs" / "tiny_grpo.yaml"
     code, err = run_cli(capsys, "--config", str(cfg), "--set", f"run.dir={tmp_path / 'run'}",
-                        "--set", f"grpo.prompt_files=[{tmp_path / 'nope.jsonl'}]")
-    assert code == 2 and f"grpo.prompt_files[0]: {tmp_path / 'nope.jsonl'}: no such file" in err, err
+                        "--set", f"grpo.data.prompt_files=[{tmp_path / 'nope.jsonl'}]")
+    assert code == 2 and f"grpo.data.prompt_files[0]: {tmp_path / 'nope.jsonl'}: no such file" in err, err
     assert not (tmp_path / "run").exists()
 
 

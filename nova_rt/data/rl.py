@@ -189,7 +189,7 @@ class CategorySampler:
     def __init__(self, pools: dict[str, list[dict]], weights: dict[str, float] | None = None, seed: int = 0):
         self.pools = {c: p for c, p in pools.items() if p}
         if not self.pools:
-            raise UserError("no RL prompts: give grpo.prompt_files or grpo.gym_tasks")
+            raise UserError("no RL prompts: give grpo.data.prompt_files or grpo.data.gym_tasks")
         self.categories = sorted(self.pools)
         self.rng = np.random.default_rng([seed, 0x5EED])
         self.perms = {c: self.rng.permutation(len(self.pools[c])) for c in self.categories}

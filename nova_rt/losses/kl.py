@@ -24,7 +24,8 @@ from typing import Literal
 import torch
 
 KLEstimator = Literal["k1", "k2", "k3", "topk"]
-"""grpo.kl: the sampled estimators k1/k2/k3 (sampled_kl) or the exact truncated KL over the reference's top-k ids."""
+"""grpo.loss.kl: the sampled estimators k1/k2/k3 (sampled_kl) or the exact truncated KL over the reference's top-k
+ids."""
 _LOG_RATIO_CLAMP = 20.0
 _K3_MAX = 10.0
 

@@ -6,8 +6,9 @@ What changes against the HF backend:
     at the sampling temperature, selected at the response tokens, and go to the same loss; gradients are summed over
     micro-batches and DP ranks of the globally normalised loss (nova_rt.parallel.megatron_backend.train_step);
   - old log-probs (ppo_epochs x minibatches > 1) come from the policy backend in forward-only mode, reference
-    log-probs (beta > 0 or ptx_coef > 0) from a frozen second backend of grpo.ref_model (default: the initial policy);
-  - the report's top-k KL (grpo.kl=topk, in the reward or the loss) and the PTX term: the reference backend's top-k
+    log-probs (grpo.loss.beta > 0 or grpo.ptx.coef > 0) from a frozen second backend of grpo.ref_model (default: the
+    initial policy);
+  - the report's top-k KL (grpo.loss.kl=topk, in the reward or the loss) and the PTX term: the reference backend's top-k
     ids and log-probs and the policy's log-probs at those ids come from the vocab-parallel logits across TP ranks
     (nova_rt.parallel.vocab_parallel: global logsumexp by all-reduce, per-shard top-k merged over the TP group with
     ties by lowest id as in the HF path, an autograd Function for the policy side), on the last pipeline stage;
@@ -17,7 +18,7 @@ What changes against the HF backend:
     the first rank of each model-parallel group (TP x PP) generates and scores; it broadcasts the groups to the
     other ranks of its group,
     so every rank of a replica trains on identical rollouts even where generation is not bitwise reproducible.
-    Prompts are split over data-parallel ranks (grpo.prompts_per_step must still divide by the world size);
+    Prompts are split over data-parallel ranks (grpo.sampling.prompts_per_step must still divide by the world size);
   - checkpoints: nova_rt.parallel.checkpoint, with the sampler and rollout RNG state as each rank's extra state.
 """
 
@@ -36,7 +37,8 @@ from nova_rt.lr_schedule import lr_at
 from nova_rt.parallel import checkpoint as mckpt
 from nova_rt.parallel.packed import from_shifted
 from nova_rt.stages.common import megatron_backend, megatron_guard, megatron_resume, save_megatron_final
-from nova_rt.stages.grpo import GRPORun, ptx_loss_from_outputs, rl_loss_from_outputs
+from nova_rt.stages.grpo.losses import ptx_loss_from_outputs, rl_loss_from_outputs
+from nova_rt.stages.grpo.run import GRPORun
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +120,7 @@ class MegatronGRPORun(GRPORun):
 
         self.dp_rank, self.dp_size, self.dp_sum = backend.dp_rank, backend.dp_size, _dp_sum
         self.dp_group = ps.get_data_parallel_group()
-        return MegatronPolicy(self.cfg, backend, self.run_dir, self.g.temperature)
+        return MegatronPolicy(self.cfg, backend, self.run_dir, self.g.sampling.temperature)
 
     def _load_ref(self):
         return megatron_backend(self.cfg, self.g.ref_model or None, trainable=False)
@@ -155,16 +157,16 @@ class MegatronGRPORun(GRPORun):
     # ------------------------------------------------------------------------------------------- training
     def _ref_topk(self, mb: dict, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
         """The reference's top-k ids and log-probs at the target tokens (the HF stage's `_ref_topk`), vocab-parallel."""
-        return self.ref.forward([from_shifted(mb)], _topk, temperature=temperature, topk=self.g.topk)[0]
+        return self.ref.forward([from_shifted(mb)], _topk, temperature=temperature, topk=self.g.loss.topk)[0]
 
     @torch.no_grad()
     def precompute(self, mb: dict) -> dict:
         """Reference top-k ids / log-probs or sampled-token log-probs (beta > 0) and, for batches that serve several
         steps, the rollout policy's log-probs (at the reference's top-k ids too, for the top-k KL in the reward)."""
-        g, T = self.g, self.g.temperature
+        g, T = self.g, self.g.sampling.temperature
         mb = from_shifted(mb)
-        topk = g.kl == "topk"
-        if self.ref is not None and g.beta > 0:
+        topk = g.loss.kl == "topk"
+        if self.ref is not None and g.loss.beta > 0:
             if topk:
                 mb["ref_topk_ids"], mb["ref_topk_lp"] = self._ref_topk(mb, T)
             else:
@@ -172,13 +174,13 @@ class MegatronGRPORun(GRPORun):
         if g.steps_per_rollout > 1:
             out = self.trainer.backend.forward([mb], _responses, temperature=T, topk_ids="ref_topk_ids")[0]
             mb["old_lp"] = out["logprobs"]
-            if g.beta > 0 and g.kl_placement == "reward":
+            if g.loss.beta > 0 and g.loss.kl_placement == "reward":
                 mb["old_kl"] = topk_kl(out["topk_logprobs"], mb["ref_topk_lp"]) if topk \
-                    else sampled_kl(mb["old_lp"], mb["ref_lp"], g.kl)
+                    else sampled_kl(mb["old_lp"], mb["ref_lp"], g.loss.kl)
         return mb
 
     def ptx_micro_batches(self, r: int) -> list[dict]:
-        return [{**mb, "temperature": 1.0} for mb in super().ptx_micro_batches(r)]  # RL rows: grpo.temperature
+        return [{**mb, "temperature": 1.0} for mb in super().ptx_micro_batches(r)]  # RL rows: grpo.sampling.temperature
 
     def _loss(self, out: dict, mb: dict):
         device = out["logprobs"].device

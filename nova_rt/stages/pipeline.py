@@ -60,7 +60,7 @@ class PipelineConfig:
     pas_augment_sft: bool = True
     """With the pas stage: append PAS complements to the first user turn of the SFT rows."""
     pas_augment_rl: bool = True
-    """With the pas stage: GRPO prompts go through the PAS model (grpo.pas_model)."""
+    """With the pas stage: GRPO prompts go through the PAS model (grpo.data.pas_model)."""
     rm_reward_weight: float = 1.0
     """With the rm stage: weight of the trained RM's score among GRPO's reward sources."""
     stage_overrides: dict = field(default_factory=dict)
@@ -235,7 +235,7 @@ class Pipeline:
                 {"type": "reward_model", "path": self.artifacts["rm"]["rm"],
                  "weight": self.cfg.pipeline.rm_reward_weight}]
         if "pas" in self.artifacts and self.cfg.pipeline.pas_augment_rl:
-            extra["grpo.pas_model"] = self.artifacts["pas"]["pas_model"]
+            extra["grpo.data.pas_model"] = self.artifacts["pas"]["pas_model"]
         _run_sub("grpo", _sub_config(self.cfg, "grpo", d, extra))
         return {"final": str(d / "final")}
 

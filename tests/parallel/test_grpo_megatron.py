@@ -30,9 +30,10 @@ from tests.parallel.run_helpers import ROOT, SEED, clean_env, read_metrics, read
 
 def _common(run_dir, model_dir, extra=()):
     sets = [f"run.dir={run_dir}", f"model.path={model_dir}", "train.max_steps=4", "grpo.ppo_epochs=2",
-            "grpo.ptx_coef=0", "grpo.kl=k3", "grpo.beta=0.05", "grpo.kl_placement=reward", "grpo.eval_every=1",
+            "grpo.ptx.coef=0", "grpo.loss.kl=k3", "grpo.loss.beta=0.05", "grpo.loss.kl_placement=reward",
+            "grpo.eval.every=1",
             "checkpoint.every=0", "logging.tensorboard=false", "train.num_threads=1", "run.seed=3",
-            "grpo.group_size=4", *extra]
+            "grpo.sampling.group_size=4", *extra]
     return ["--config", str(ROOT / "configs" / "tiny_grpo.yaml"), *[x for kv in sets for x in ("--set", kv)]]
 
 
@@ -87,9 +88,11 @@ def test_megatron_grpo_matches_hf_backend(tmp_path):
 
 
 SKIP = {"step", "rollout_time_s", "train_time_s", "step_time_s"}
-_TOPK = ["grpo.kl=topk", "grpo.ptx_coef=0.1", "grpo.temperature=0.9", "grpo.eval_every=0", "optim.scheduler=cosine",
-         "optim.warmup_steps=2"]  # RL log-probs at temperature 0.9, PTX ones at 1 (as the HF stage does)
-TOPK = {"reward": [*_TOPK, "grpo.kl_placement=reward"], "loss": [*_TOPK, "grpo.kl_placement=loss", "grpo.topk=100"]}
+# RL log-probs at temperature 0.9, PTX ones at 1 (as the HF stage does)
+_TOPK = ["grpo.loss.kl=topk", "grpo.ptx.coef=0.1", "grpo.sampling.temperature=0.9", "grpo.eval.every=0",
+         "optim.scheduler=cosine", "optim.warmup_steps=2"]
+TOPK = {"reward": [*_TOPK, "grpo.loss.kl_placement=reward"],
+        "loss": [*_TOPK, "grpo.loss.kl_placement=loss", "grpo.loss.topk=100"]}
 LAYOUTS = {"tp2": ["parallel.tensor_parallel=2"],
            "tp2_sp": ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true"],
            "pp2": ["parallel.pipeline_parallel=2"]}

@@ -51,7 +51,7 @@ LIST_CHOICES = [(key, typing.get_args(typing.get_args(tp)[0]), f) for key, tp, f
 # str fields whose value is a path, a name, free text or a pattern, not one of a closed set of choices
 FREE_TEXT = {
     "run.dir", "model.path", "model.tokenizer", "data.system_prompt",
-    "dpo.reference", "grpo.system_prompt", "grpo.ref_model", "grpo.pas_model",
+    "dpo.reference", "grpo.data.system_prompt", "grpo.ref_model", "grpo.data.pas_model",
     "merge.spec", "merge.out", "merge.device", "merge.max_shard_size",  # device: cpu | cuda | cuda:N (validate)
     "pas.seeds_file", "pas.dedup.embedder",  # embedder: auto | minilm | hashed[:DIM] | a directory
     "pas.generator.model", "pas.generator.base_url", "pas.generator.api_key_env",
@@ -64,7 +64,7 @@ def test_introspection_finds_the_sections_and_choices():
     sections = {key.split(".")[0] for key, _, _ in FIELDS}
     assert set(config_mod.CORE_SECTIONS) | {"dpo", "grpo", "rm", "pas", "merge", "pipeline"} <= sections
     keys = {key for key, _, _ in CHOICES}
-    assert {"parallel.backend", "grpo.agg", "grpo.kl", "grpo.rollout.engine", "pas.curate.categorizer",
+    assert {"parallel.backend", "grpo.loss.agg", "grpo.loss.kl", "grpo.rollout.engine", "pas.curate.categorizer",
             "dpo.loss_type", "pipeline.merge_method"} <= keys
     assert {key for key, _, _ in LIST_CHOICES} >= {"pipeline.stages"}
 

@@ -27,7 +27,16 @@ from nova_rt.data.chat import Sample
 from nova_rt.distributed import DistInfo
 from nova_rt.models.loading import set_attention
 from nova_rt.models.tiny import build_tiny_model
-from nova_rt.stages.grpo import GRPOConfig, GRPORun, PolicyLogprobs, make_loss_fn
+from nova_rt.stages.grpo import (
+    GRPOConfig,
+    GRPODataConfig,
+    GRPOLossConfig,
+    GRPORun,
+    PolicyLogprobs,
+    PTXConfig,
+    SamplingConfig,
+    make_loss_fn,
+)
 from tests.helpers import assert_close_verbose
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,14 +96,14 @@ def _oracle_response_terms(g, groups, pol, ref, old_pol):
     for grp in groups:
         for r in grp["responses"]:
             ids, n = grp["prompt"] + r, len(r)
-            lp_full = _unpacked(pol, ids, g.temperature)[-n:]
-            lp_old_full = _unpacked(old_pol, ids, g.temperature)[-n:].detach()
-            lp_ref_full = _unpacked(ref, ids, g.temperature)[-n:].detach()
+            lp_full = _unpacked(pol, ids, g.sampling.temperature)[-n:]
+            lp_old_full = _unpacked(old_pol, ids, g.sampling.temperature)[-n:].detach()
+            lp_ref_full = _unpacked(ref, ids, g.sampling.temperature)[-n:].detach()
             tgt = torch.tensor(r)[:, None]
             lp, old, lref = (x.gather(1, tgt)[:, 0] for x in (lp_full, lp_old_full, lp_ref_full))
-            if g.kl == "topk":
-                kl, kl_old = _topk_kl(lp_full, lp_ref_full, min(g.topk, V)), _topk_kl(lp_old_full, lp_ref_full,
-                                                                                         min(g.topk, V))
+            if g.loss.kl == "topk":
+                kl, kl_old = _topk_kl(lp_full, lp_ref_full, min(g.loss.topk, V)), _topk_kl(lp_old_full, lp_ref_full,
+                                                                                         min(g.loss.topk, V))
             else:  # k3
                 d, d_old = lref - lp, lref - old
                 kl, kl_old = (d.exp() - d - 1).clamp(max=10), (d_old.exp() - d_old - 1).clamp(max=10)
@@ -113,21 +122,21 @@ def oracle_loss(g: GRPOConfig, groups, pol, ref, old_pol) -> torch.Tensor:
         R = torch.tensor(grp["rewards"], dtype=torch.float64)
         dev = R - R.mean()
         std = (dev.square().sum() / max(len(R) - 1, 1)).sqrt()
-        A = dev / (std + 1e-4) if g.adv_norm == "std" else dev
+        A = dev / (std + 1e-4) if g.loss.adv_norm == "std" else dev
         if bool((R == R[0]).all()):
             A = torch.zeros_like(R)
         for a in A:
             lp, old, kl, kl_old = terms[i]
             n = lp.shape[0]
             w = {"token-mean": 1 / T, "seq-mean-token-mean": 1 / (n_ne * n),
-                 "seq-mean-token-sum-norm": 1 / (B * lmax)}[g.agg]
+                 "seq-mean-token-sum-norm": 1 / (B * lmax)}[g.loss.agg]
             adv = a.expand(n).clone()
-            if g.beta > 0 and g.kl_placement == "reward":
-                adv = adv - g.beta * torch.flip(torch.cumsum(torch.flip(kl_old, [0]), 0), [0])
+            if g.loss.beta > 0 and g.loss.kl_placement == "reward":
+                adv = adv - g.loss.beta * torch.flip(torch.cumsum(torch.flip(kl_old, [0]), 0), [0])
             ratio = torch.exp(lp - old)
-            pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - g.eps_low, 1 + g.eps_high))
-            if g.beta > 0 and g.kl_placement == "loss":
-                pg = pg + g.beta * kl
+            pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - g.loss.eps_low, 1 + g.loss.eps_high))
+            if g.loss.beta > 0 and g.loss.kl_placement == "loss":
+                pg = pg + g.loss.beta * kl
             loss = loss + w * pg.sum()
             i += 1
     return loss
@@ -151,9 +160,11 @@ def test_stage_loss_equals_independent_formula(kl, placement, agg, adv_norm, bet
     gen = torch.Generator().manual_seed(seed)
     G = int(torch.randint(1, 4, (1,), generator=gen)) if micro != 2 else 3
     topk = int(torch.randint(1, V + 8, (1,), generator=gen))  # > V is capped at V
-    g = GRPOConfig(group_size=G, gym_tasks=[{"name": "x"}], kl=kl, kl_placement=placement, agg=agg,
-                   adv_norm=adv_norm, beta=beta, ppo_epochs=ppo_epochs, micro_prompts=micro, topk=topk,
-                   temperature=0.7 if ppo_epochs == 1 else 1.0, eps_low=0.2, eps_high=0.28)
+    g = GRPOConfig(sampling=SamplingConfig(group_size=G, temperature=0.7 if ppo_epochs == 1 else 1.0),
+                   data=GRPODataConfig(gym_tasks=[{"name": "x"}]),
+                   loss=GRPOLossConfig(kl=kl, kl_placement=placement, agg=agg, adv_norm=adv_norm, beta=beta, topk=topk,
+                                       eps_low=0.2, eps_high=0.28),
+                   ppo_epochs=ppo_epochs, micro_prompts=micro)
     pol_hf, ref_hf = _model(seed % 1000), _model(seed % 1000 + 1)
     old_hf = _model(seed % 1000)
     policy, ref = PolicyLogprobs(pol_hf), PolicyLogprobs(ref_hf)
@@ -164,7 +175,7 @@ def test_stage_loss_equals_independent_formula(kl, placement, agg, adv_norm, bet
         with torch.no_grad():
             for p in pol_hf.parameters():
                 p.add_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    loss_fn = make_loss_fn(g, g.temperature)
+    loss_fn = make_loss_fn(g, g.sampling.temperature)
     got = sum(loss_fn(policy, mb)[0] for mb in mbs)
     got.backward()
     pol_ref_hf = _model(seed % 1000)  # an independent copy of the moved policy for the oracle's autograd
@@ -183,8 +194,8 @@ def test_ptx_term_equals_independent_formula():
     seed = _seed()
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    g = GRPOConfig(gym_tasks=[{"name": "x"}], ptx_coef=0.7, ptx_batch=4, ptx_files=["x"],
-                   topk=int(torch.randint(1, V + 1, (1,), generator=gen)))
+    g = GRPOConfig(data=GRPODataConfig(gym_tasks=[{"name": "x"}]), ptx=PTXConfig(coef=0.7, batch=4, files=["x"]),
+                   loss=GRPOLossConfig(topk=int(torch.randint(1, V + 1, (1,), generator=gen))))
     pol_hf, ref_hf = _model(seed % 1000), _model(seed % 1000 + 1)
     samples = []
     for n in [1, 5, 9, 3]:  # a length-1 sample has no target and must be harmless
@@ -207,9 +218,9 @@ def test_ptx_term_equals_independent_formula():
         ids = torch.from_numpy(s.input_ids)[None]
         lp_pol = torch.log_softmax(pol2(input_ids=ids).logits[0].double(), -1)
         lp_ref = torch.log_softmax(ref_hf(input_ids=ids).logits[0].double(), -1).detach()
-        kl_sum = kl_sum + _topk_kl(lp_pol[sup], lp_ref[sup], min(g.topk, V)).sum()
+        kl_sum = kl_sum + _topk_kl(lp_pol[sup], lp_ref[sup], min(g.loss.topk, V)).sum()
         total += int(sup.sum())
-    expect = g.ptx_coef * kl_sum / total
+    expect = g.ptx.coef * kl_sum / total
     expect.backward()
     assert stats["ptx_tokens"] == total, f"seed {seed}"
     assert_close_verbose(got.detach().reshape(1), expect.detach().reshape(1), rtol=2e-5, atol=1e-8,
@@ -226,7 +237,8 @@ def test_equal_rewards_give_zero_advantage_and_no_nan():
         groups = _groups(gen, 3, G)
         for grp in groups:
             grp["rewards"] = [grp["rewards"][0]] * G  # every group: identical rewards
-        g = GRPOConfig(group_size=G, gym_tasks=[{"name": "x"}], beta=0.0)
+        g = GRPOConfig(sampling=SamplingConfig(group_size=G), data=GRPODataConfig(gym_tasks=[{"name": "x"}]),
+                       loss=GRPOLossConfig(beta=0.0))
         (mb,) = _fake_run(g, PolicyLogprobs(pol_hf), None).micro_batches(groups)
         loss, _ = make_loss_fn(g, 1.0)(PolicyLogprobs(pol_hf), mb)
         loss.backward()

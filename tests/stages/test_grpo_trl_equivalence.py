@@ -19,7 +19,7 @@ Two oracles:
     tensors are fed through a GRPOTrainer whose log-prob function returns the given leaf.
 
 The aggregation names map as: grpo <-> seq-mean-token-mean; bnpo, dapo <-> token-mean (bnpo only for one
-micro-batch: TRL normalises it per micro-batch); dr_grpo <-> seq-mean-token-sum-norm with grpo.sum_norm_len =
+micro-batch: TRL normalises it per micro-batch); dr_grpo <-> seq-mean-token-sum-norm with grpo.loss.sum_norm_len =
 max_completion_length (the constant of Dr. GRPO; nova_rt's default 0 uses the batch's longest response instead).
 
 Legend: B responses, L padded completion length, T response tokens (flat), G group size.
@@ -30,7 +30,15 @@ import os
 import pytest
 import torch
 
-from nova_rt.stages.grpo import GRPOConfig, agg_scale_and_weights, agg_totals, rl_loss_from_outputs
+from nova_rt.stages.grpo import (
+    GRPOConfig,
+    GRPODataConfig,
+    GRPOLossConfig,
+    SamplingConfig,
+    agg_scale_and_weights,
+    agg_totals,
+    rl_loss_from_outputs,
+)
 from tests.helpers import assert_close_verbose
 
 LOSS_TYPES = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dapo": "token-mean",
@@ -96,11 +104,11 @@ def _flat(x_BL: torch.Tensor, mask_BL: torch.Tensor) -> torch.Tensor:
 
 def nova_loss(batch: dict, lp_BL: torch.Tensor, g: GRPOConfig, n_micro: int) -> torch.Tensor:
     """The GRPO stage's loss on the same tensors: whole groups per micro-batch, summed (what the trainer does)."""
-    G, len_B = g.group_size, batch["len_B"]
+    G, len_B = g.sampling.group_size, batch["len_B"]
     lens = len_B.tolist()
     totals = agg_totals(lens)
-    if g.agg == "seq-mean-token-sum-norm" and g.sum_norm_len > 0:
-        totals[3] = float(g.sum_norm_len)
+    if g.loss.agg == "seq-mean-token-sum-norm" and g.loss.sum_norm_len > 0:
+        totals[3] = float(g.loss.sum_norm_len)
     n_groups = len(lens) // G
     bounds = torch.linspace(0, n_groups, n_micro + 1).round().long().tolist()
     total = 0.0
@@ -108,7 +116,7 @@ def nova_loss(batch: dict, lp_BL: torch.Tensor, g: GRPOConfig, n_micro: int) -> 
         rows = slice(a * G, b * G)
         mask = batch["mask_BL"][rows]
         part_lens = lens[a * G:b * G]
-        scale, tok_w = agg_scale_and_weights(g.agg, part_lens, totals)
+        scale, tok_w = agg_scale_and_weights(g.loss.agg, part_lens, totals)
         cu = torch.zeros(len(part_lens) + 1, dtype=torch.int64)
         cu[1:] = torch.tensor(part_lens).cumsum(0)
         mb = {"old_lp": _flat(batch["old_BL"][rows], mask).float(),
@@ -122,9 +130,10 @@ def nova_loss(batch: dict, lp_BL: torch.Tensor, g: GRPOConfig, n_micro: int) -> 
 
 
 def _config(loss_type: str, G: int, beta: float, eps_high: float) -> GRPOConfig:
-    return GRPOConfig(group_size=G, gym_tasks=[{"name": "x"}], agg=LOSS_TYPES[loss_type], adv_norm="std",
-                      beta=beta, kl="k3", kl_placement="loss", eps_low=0.2, eps_high=eps_high,
-                      sum_norm_len=MAX_COMPLETION if loss_type == "dr_grpo" else 0)
+    return GRPOConfig(sampling=SamplingConfig(group_size=G), data=GRPODataConfig(gym_tasks=[{"name": "x"}]),
+                      loss=GRPOLossConfig(agg=LOSS_TYPES[loss_type], adv_norm="std", beta=beta, kl="k3",
+                                          kl_placement="loss", eps_low=0.2, eps_high=eps_high,
+                                          sum_norm_len=MAX_COMPLETION if loss_type == "dr_grpo" else 0))
 
 
 @pytest.mark.parametrize("loss_type", sorted(LOSS_TYPES))

@@ -1,0 +1,182 @@
+"""The `grpo` config section: a few top-level keys and five sub-sections of at most 12 fields each.
+
+  grpo.sampling  how rollouts are drawn: G, prompts per step, decoding, dynamic sampling
+  grpo.data      where prompts come from: files, reasoning-gym tasks, eval sets, category weights, PAS model
+  grpo.loss      the objective: clipping, aggregation, advantage normalisation, KL (weight, estimator, placement)
+  grpo.ptx       the PTX penalty on SFT data
+  grpo.eval      per-category greedy eval and the prompt re-weighting it drives
+  grpo.rollout   the rollout engine (nova_rt.rollout.base.RolloutConfig)
+
+The former flat keys (`grpo.group_size`, `grpo.eps_high`, `grpo.ptx_coef`, `grpo.eval_every`, ...) are read for one
+release: RENAMED maps each to its new place, and nova_rt.config moves it there with a deprecation line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from nova_rt.config import register_section
+from nova_rt.losses.kl import KLEstimator
+from nova_rt.rollout.base import RolloutConfig
+
+
+@dataclass(kw_only=True)
+class SamplingConfig:
+    group_size: int = 3
+    """Samples per prompt (G); the report used 3."""
+    prompts_per_step: int = 8
+    """Prompts per rollout batch over all DP ranks (each gets group_size samples)."""
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    """Sampling temperature; log-probs for the loss use the same temperature."""
+    top_p: float = 1.0
+    top_k: int = 0
+    """0 disables top-k sampling."""
+    rollout_batch: int = 0
+    """Sequences per generate call; 0: all at once."""
+    dynamic_sampling: bool = False
+    """Drop groups whose rewards are all equal and draw more prompts (DAPO's dynamic sampling)."""
+    dynamic_max_rounds: int = 3
+    """Most extra draws per step when dynamic sampling leaves too few groups."""
+
+    def validate(self) -> None:
+        if self.group_size < 2:
+            raise ValueError(f"grpo.sampling.group_size must be >= 2, got {self.group_size} (advantages are rewards "
+                             "minus their group's mean: a group of one always has advantage 0 and trains nothing)")
+        if self.prompts_per_step < 1:
+            raise ValueError(f"grpo.sampling.prompts_per_step must be >= 1, got {self.prompts_per_step}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"grpo.sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass(kw_only=True)
+class GRPODataConfig:
+    prompt_files: list[str] = field(default_factory=list)
+    """RL prompts: rows with prompt|messages, answer, category, prefill (see nova_rt.data.rl)."""
+    gym_tasks: list[dict] = field(default_factory=list)
+    """reasoning-gym tasks: {name, size, seed, config, category, eval_size, prefill, template, weight}."""
+    eval_files: list[str] = field(default_factory=list)
+    system_prompt: str = ""
+    """System message added to prompts that have none."""
+    category_weights: dict = field(default_factory=dict)
+    """Base share of each category (missing: 1, or a gym task's `weight`)."""
+    pas_model: str = ""
+    """A PAS model directory: prompts are augmented with its complement before rollouts."""
+
+
+@dataclass(kw_only=True)
+class GRPOLossConfig:
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    """Upper clip; > eps_low is DAPO's clip-higher (e.g. 0.28)."""
+    agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
+    """token-mean, seq-mean-token-mean or seq-mean-token-sum-norm."""
+    adv_norm: Literal["std", "none"] = "std"
+    """std (GRPO) or none (Dr.GRPO)."""
+    sum_norm_len: int = 0
+    """L of seq-mean-token-sum-norm's per-token weight 1 / (B L): 0 = the rollout batch's longest response; Dr.GRPO,
+    TRL's loss_type="dr_grpo" and verl use a constant, the generation budget (set it to max_new_tokens)."""
+    beta: float = 0.0
+    """KL weight; 0 needs no reference model (unless grpo.ptx.coef > 0)."""
+    kl: KLEstimator = "topk"
+    """KL estimator: topk (the report's exact KL over the reference's top-k ids), k1, k2 or k3."""
+    kl_placement: Literal["reward", "loss"] = "reward"
+    """reward (the report: per-token reward -beta KL_t, as return-to-go advantage) or loss (+beta KL in the loss)."""
+    topk: int = 500
+    """Reference top-k ids per token for the topk KL (capped at the vocabulary size)."""
+
+    def validate(self) -> None:
+        if self.sum_norm_len < 0:
+            raise ValueError(f"grpo.loss.sum_norm_len must be >= 0, got {self.sum_norm_len}")
+        if self.beta < 0:
+            raise ValueError(f"grpo.loss.beta must be >= 0, got {self.beta}")
+        if self.topk < 1:
+            raise ValueError(f"grpo.loss.topk must be >= 1, got {self.topk}")
+
+
+@dataclass(kw_only=True)
+class PTXConfig:
+    coef: float = 0.0
+    """gamma of the PTX penalty (+gamma KL to the reference on SFT data); 0: off."""
+    files: list[str] = field(default_factory=list)
+    batch: int = 4
+    """SFT rows per optimizer step for the PTX term (over all ranks)."""
+    max_len: int = 1024
+
+    def validate(self) -> None:
+        if self.coef < 0:
+            raise ValueError(f"grpo.ptx.coef must be >= 0, got {self.coef}")
+
+
+@dataclass(kw_only=True)
+class GRPOEvalConfig:
+    every: int = 0
+    """Per-category greedy eval every N rollout steps (and at the end); 0: never."""
+    batch: int = 32
+    reweight: bool = True
+    """Adjust category weights from each eval (the report's prompt re-weighting)."""
+    reweight_max_ratio: float = 4.0
+    reweight_rate: float = 0.5
+
+
+SECTIONS = {"sampling": SamplingConfig, "data": GRPODataConfig, "loss": GRPOLossConfig, "ptx": PTXConfig,
+            "eval": GRPOEvalConfig}
+"""Sub-section name -> dataclass (grpo.rollout is nova_rt.rollout.base.RolloutConfig)."""
+
+RENAMED = {
+    **{name: f"sampling.{name}" for name in SamplingConfig.__dataclass_fields__},
+    **{name: f"data.{name}" for name in GRPODataConfig.__dataclass_fields__},
+    **{name: f"loss.{name}" for name in GRPOLossConfig.__dataclass_fields__},
+    **{f"ptx_{name}": f"ptx.{name}" for name in PTXConfig.__dataclass_fields__},
+    **{f"eval_{name}": f"eval.{name}" for name in ("every", "batch")},
+    **{name: f"eval.{name}" for name in ("reweight", "reweight_max_ratio", "reweight_rate")},
+}
+"""Former flat key -> its key under grpo (grpo.eval_every -> grpo.eval.every), read for one release."""
+
+
+@register_section("grpo", renamed=RENAMED)
+@dataclass(kw_only=True)
+class GRPOConfig:
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    data: GRPODataConfig = field(default_factory=GRPODataConfig)
+    loss: GRPOLossConfig = field(default_factory=GRPOLossConfig)
+    ptx: PTXConfig = field(default_factory=PTXConfig)
+    eval: GRPOEvalConfig = field(default_factory=GRPOEvalConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Rollout engine (hf decode loop | vllm) and its settings: nova_rt.rollout.base.RolloutConfig."""
+    rewards: list[dict] = field(default_factory=lambda: [{"type": "math"}])
+    """Reward sources and weights (nova_rt.rewards): math, format, reasoning_gym, reward_model, user."""
+    ref_model: str = ""
+    """Reference model path; empty: the initial policy (model.path)."""
+    ppo_epochs: int = 1
+    """Passes over each rollout batch; > 1 keeps the rollout policy's log-probs as old_logprobs."""
+    minibatches: int = 1
+    """Optimizer steps per pass (the rollout batch's groups are split into this many parts)."""
+    micro_prompts: int = 0
+    """Groups per micro-batch (forward/backward); 0: all of a rank's groups at once."""
+    shared_prefix: bool = True
+    """Training forwards put each prompt once in front of its G responses (which attend to it but not to each
+    other) instead of repeating it G times; same log-probs and gradients, fewer tokens. Used where the model runs
+    nova_rt's attention (model.attn_impl auto/nova, parallel.backend hf); other setups repeat the prompt."""
+
+    def validate(self) -> None:
+        """Checks across sub-sections (each sub-section checks its own fields when it is read)."""
+        checks = [(self.ppo_epochs >= 1, f"grpo.ppo_epochs must be >= 1, got {self.ppo_epochs}"),
+                  (self.minibatches >= 1, f"grpo.minibatches must be >= 1, got {self.minibatches}"),
+                  (self.ptx.coef == 0 or self.ptx.files, "grpo.ptx.coef > 0 needs grpo.ptx.files"),
+                  (self.data.prompt_files or self.data.gym_tasks, "give grpo.data.prompt_files or grpo.data.gym_tasks")]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+        if self.minibatches > self.sampling.prompts_per_step:
+            raise ValueError(f"grpo.minibatches={self.minibatches} exceeds "
+                             f"grpo.sampling.prompts_per_step={self.sampling.prompts_per_step}")
+
+    @property
+    def steps_per_rollout(self) -> int:
+        return self.ppo_epochs * self.minibatches
+
+    @property
+    def needs_ref(self) -> bool:
+        return self.loss.beta > 0 or self.ptx.coef > 0
