@@ -39,12 +39,18 @@ class RolloutConfig:
     """Responses per sampled rollout (spread evenly over it) whose tokens a no-grad policy forward re-scores for
     rollout_logprob_abs_diff (mean/max); -1: all, 0: off. All 32 of a quickstart step cost 5-8 s of CPU forward
     (as much as the training step), 8 cost a quarter of that."""
+    tis_cap: float = 0.0
+    """Truncated importance sampling against the engine's sampling log-probs (0: off): each response token's
+    clipped policy-gradient term (not the KL term) is multiplied by the constant min(exp(log p_old - log p_rollout),
+    tis_cap), as TRL (vllm_importance_sampling_mode="token_truncate", clip_max) and verl (token TIS) do; corrects
+    for the engine sampling from a slightly different distribution than the trainer scores (bf16 kernels, a
+    stale sync). 2-3 is the usual cap (TRL's default clip_max: 3)."""
 
     def validate(self) -> None:
         if self.tensor_parallel < 1 or self.sync_bucket_mb < 1 or self.kv_cache_gb < 1 or self.max_model_len < 0 \
-                or self.logprob_check < -1:
+                or self.logprob_check < -1 or not self.tis_cap >= 0:
             raise ValueError("grpo.rollout: tensor_parallel, sync_bucket_mb and kv_cache_gb must be >= 1, "
-                             "max_model_len >= 0, logprob_check >= -1")
+                             "max_model_len >= 0, logprob_check >= -1, tis_cap >= 0 (0: off)")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError("grpo.rollout.gpu_memory_utilization must be in (0, 1]")
         if self.engine == "vllm" and importlib.util.find_spec("vllm") is None:

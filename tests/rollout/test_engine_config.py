@@ -66,6 +66,16 @@ def test_unsupported_combinations_name_the_key():
                              policy_version=lambda: 0)
 
 
+def test_tis_cap_validation():
+    assert RolloutConfig().tis_cap == 0.0  # off by default
+    RolloutConfig(tis_cap=2.0).validate()
+    for bad in (-0.5, float("nan")):
+        with pytest.raises(ValueError, match="tis_cap"):
+            RolloutConfig(tis_cap=bad).validate()
+    with pytest.raises(ConfigError, match="tis_cap"):
+        load_config(QUICKSTART, ["grpo.rollout.tis_cap=-1"])
+
+
 def test_weight_buckets_respect_the_size():
     mb = 2**20
     named = [(f"t{i}", torch.zeros(n // 4)) for i, n in enumerate([mb // 2, mb // 2, mb // 4, 3 * mb, mb // 8])]
