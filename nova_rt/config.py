@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import logging
 import math
-import os
 import re
 import types
 import typing
@@ -29,11 +27,8 @@ from typing import Any, Literal
 
 import yaml
 
-from nova_rt.errors import UserError
-
-
-class ConfigError(UserError):
-    """A config file or override is invalid; the message names the file and the key."""
+from nova_rt import config_renames
+from nova_rt.errors import ConfigError  # defined there so nova_rt.config_renames need not import this module
 
 
 def check_range(name: str, value: float, *, ge: float | None = None, gt: float | None = None,
@@ -272,7 +267,7 @@ class Config:
         """A copy with `{"a.b": value}` (or ["a.b=c", ...]) applied and type-checked."""
         raw = self.to_dict()
         items = overrides.items() if isinstance(overrides, dict) else [_split_override(s) for s in overrides]
-        for key, value in rename_keys(list(items), "override"):
+        for key, value in config_renames.rename_keys(list(items), "override", _renames):
             _set_dotted(raw, key, value, "override")
         out = build_config(raw, self.source)
         out.config_dir = self.config_dir
@@ -293,10 +288,6 @@ def _section_class(name: str, source: str) -> type:
 
 
 # ----------------------------------------------------------------------------------------------- renamed keys
-_OVERRIDE_MAPS = (("pipeline", "stage_overrides"),)
-"""(section, field) whose values map dotted config keys to values per stage: their keys are renamed too."""
-
-
 def _renames(section: str) -> dict[str, str]:
     """The renamed fields of `section` ({} for an unknown section: building the config reports it)."""
     if section not in _SECTIONS:
@@ -307,68 +298,9 @@ def _renames(section: str) -> dict[str, str]:
     return _RENAMED.get(section, {})
 
 
-def _deprecated(old: str, new: str) -> None:
-    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank reads the config: rank 0 says it once
-        logging.getLogger("nova_rt.config").warning("nova_rt: %s is deprecated, use %s (read for one release)",
-                                                    old, new)
-
-
 def renamed_key(key: str) -> str:
     """The current name of a dotted key: `grpo.eval_every` -> `grpo.eval.every` (with one deprecation line)."""
-    section, _, rest = key.partition(".")
-    new = _renames(section).get(rest) if rest else None
-    if new is None:
-        return key
-    _deprecated(key, f"{section}.{new}")
-    return f"{section}.{new}"
-
-
-def _conflict(source: str, old: str, new: str, old_value: Any, new_value: Any) -> ConfigError:
-    return ConfigError(f"{source}: {old} (deprecated) and {new} are both given, with different values "
-                       f"({old_value!r} vs {new_value!r}); keep only {new}")
-
-
-def rename_keys(items: list[tuple[str, Any]], source: str) -> list[tuple[str, Any]]:
-    """Dotted (key, value) overrides with renamed keys moved to their new names; an old and a new key for the same
-    field with different values is an error naming both."""
-    seen: dict[str, tuple[str, Any]] = {}
-    out = []
-    for key, value in items:
-        new = renamed_key(key)
-        if new in seen and seen[new][0] != key and seen[new][1] != value:
-            (k0, v0), (k1, v1) = sorted([seen[new], (key, value)], key=lambda kv: kv[0] == new)
-            raise _conflict(source, k0, k1, v0, v1)
-        seen[new] = (key, value)
-        out.append((new, value))
-    return out
-
-
-def migrate_raw(raw: dict, source: str) -> dict:
-    """Move renamed keys of a raw config mapping (sections, and the dotted keys of pipeline.stage_overrides) to
-    their new places, in place; returns raw."""
-    for section, values in raw.items():
-        if not isinstance(values, dict):
-            continue
-        for old, new in _renames(section).items():
-            if old not in values:
-                continue
-            value = values.pop(old)
-            *path, last = new.split(".")
-            node = values
-            for part in path:
-                node = node.setdefault(part, {})
-                if not isinstance(node, dict):
-                    raise ConfigError(f"{source}: {section}.{'.'.join(path)}: expected a mapping, got {node!r}")
-            if last in node and node[last] != value:
-                raise _conflict(source, f"{section}.{old}", f"{section}.{new}", value, node[last])
-            _deprecated(f"{section}.{old}", f"{section}.{new}")
-            node[last] = value
-    for section, name in _OVERRIDE_MAPS:
-        maps = raw.get(section, {}).get(name) if isinstance(raw.get(section), dict) else None
-        for key, ovr in (maps or {}).items() if isinstance(maps, dict) else ():
-            if isinstance(ovr, dict):
-                maps[key] = dict(rename_keys(list(ovr.items()), f"{source}: {section}.{name}.{key}"))
-    return raw
+    return config_renames.renamed_key(key, _renames)
 
 
 def _type_name(tp: Any) -> str:
@@ -458,7 +390,7 @@ def _build_section(cls: type, values: dict, where: str) -> Any:
 def build_config(raw: dict, source: str = "<dict>") -> Config:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: top level must be a mapping of sections")
-    migrate_raw(raw, source)
+    config_renames.migrate_raw(raw, source, _renames)
     sections = {}
     for name in CORE_SECTIONS:
         sections[name] = _build_section(_SECTIONS[name], raw.get(name) or {}, f"{source}: {name}")
@@ -511,7 +443,8 @@ def load_raw(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     base = raw.pop("include", None)
-    migrate_raw(raw, str(path))  # each file on its own: an included file's old key is overridden by a new one here
+    # each file on its own, before includes merge: a new key here overrides an included file's old key
+    config_renames.migrate_raw(raw, str(path), _renames)
     if base:
         if not isinstance(base, str):
             raise ConfigError(f"{path}: include: expected a file name, got {base!r}")
@@ -534,7 +467,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     raw = load_raw(path)
     keys = {}
     items = [_split_override(item) for item in overrides or []]
-    renamed = rename_keys(items, f"{path} (--set)")
+    renamed = config_renames.rename_keys(items, f"{path} (--set)", _renames)
     for item, (key, value) in zip(overrides or [], renamed):
         _set_dotted(raw, key, value, f"{path} (--set {item})")
         keys[key] = item

@@ -14,6 +14,10 @@ class UserError(ValueError):
     """A mistake in the user's input; the message names the file / row / field or the config key."""
 
 
+class ConfigError(UserError):
+    """A config file or override is invalid; the message names the file and the key (nova_rt.config re-exports it)."""
+
+
 class CheckpointError(UserError):
     """A checkpoint cannot be used: refused (not plain tensors and types), corrupt, or written by another model."""
 
