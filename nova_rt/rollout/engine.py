@@ -60,14 +60,22 @@ class HFEngine(RolloutGenerator):
 def build_rollout_engine(cfg: RolloutConfig, model, tokenizer, sampling: Sampling, *,
                          policy_version: Callable[[], int], backend: str = "hf") -> RolloutEngine:
     """The engine `cfg.engine` names, sampling from `model` (the trainer's HF policy; for the megatron backend, the
-    HF copy it gathers its shards into before rollouts). policy_version() changes after every optimizer step."""
+    HF copy it gathers its shards into before rollouts). policy_version() changes after every optimizer step.
+
+    vllm with the megatron backend: one engine per rank (rollout TP 1) inside the torchrun worker whose gloo/NCCL
+    world megatron set up (vLLM's external_launcher joins it); each syncs from that rank's gathered HF copy
+    (tests/rollout/test_vllm_megatron.py: TP=2 on CPU, bit-equal after 2 steps)."""
     s = sampling
     if cfg.engine == "hf":
         return HFEngine(model, tokenizer, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
                         top_k=s.top_k, seed=s.seed, batch_size=s.batch_size)
-    if backend != "hf":
-        raise UserError(f"grpo.rollout.engine: 'vllm' with parallel.backend={backend!r} is not supported yet "
-                        "(the weight sync reads the HF training model); use parallel.backend=hf or engine=hf")
+    if backend not in ("hf", "megatron"):
+        raise UserError(f"grpo.rollout.engine: 'vllm' with parallel.backend={backend!r} is not supported "
+                        "(use parallel.backend=hf or megatron, or engine=hf)")
+    if backend == "megatron" and cfg.tensor_parallel > 1:
+        raise UserError("grpo.rollout.tensor_parallel > 1 with parallel.backend=megatron is not supported: the "
+                        "megatron stage samples on the first rank of each model-parallel group only, and a vLLM TP "
+                        "group needs all its ranks in every generate; use grpo.rollout.tensor_parallel=1")
     if s.temperature != 1.0 and (s.top_k > 0 or s.top_p < 1.0):
         raise UserError("grpo.rollout.engine: 'vllm' returns log-probs after top-k/top-p filtering, so with "
                         "temperature != 1 and top_k/top_p set they would not be the tempered log-probs the "

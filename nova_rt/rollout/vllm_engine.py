@@ -28,6 +28,11 @@ and KV cache freed) and wakes before the next sync, which then always runs. Unde
 `distributed_executor_backend="external_launcher"`; the ranks of a TP group (consecutive ranks) gather their prompts,
 all generate the same requests with the group leader's seeds, and keep their own slice.
 
+With parallel.backend=megatron (one engine per rank, rollout TP 1): the engine lives in the torchrun worker whose
+process group megatron set up; external_launcher joins that world (vLLM's own groups are built on it, each rank an
+independent replica, so the first model-parallel rank may generate alone, as the stage does), and it syncs from the
+HF copy the stage gathers the TP/PP shards into. close() keeps the trainer's process group (see there).
+
 Legend: U prompts, G samples per prompt.
 """
 
@@ -248,9 +253,30 @@ class VLLMEngine:
 
     def close(self) -> None:
         """Shut the engine down while torch.distributed is still up (vLLM's own exit hook would tear down process
-        groups that nova_rt.distributed.shutdown already destroyed, and print a traceback)."""
-        if self.llm is not None:
+        groups that nova_rt.distributed.shutdown already destroyed, and print a traceback).
+
+        vLLM's EngineCore.shutdown ends in cleanup_dist_env_and_memory -> destroy_distributed_environment, which
+        calls torch.distributed.destroy_process_group() on the default group: the trainer's, with every group
+        built on it (megatron's TP/DP groups), so a collective after close (megatron's save of the final model)
+        would fail with "Default process group has not been initialized". The process group belongs to the
+        trainer: here only vLLM's own groups are destroyed."""
+        if self.llm is None:
+            return
+        from vllm.distributed import parallel_state as vps
+
+        real = vps.destroy_distributed_environment
+
+        def destroy_vllm_groups_only() -> None:
+            if vps._WORLD is not None:
+                vps._WORLD.destroy()
+            vps._WORLD = vps._NODE_COUNT = None
+
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            vps.destroy_distributed_environment = destroy_vllm_groups_only
+        try:
             self.llm.llm_engine.engine_core.shutdown()
+        finally:
+            vps.destroy_distributed_environment = real
             self.llm = None
 
     def state_dict(self) -> dict:

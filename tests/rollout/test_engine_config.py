@@ -58,9 +58,14 @@ def test_unsupported_combinations_name_the_key():
     m = build_tiny_model("llama", seed=0)
     cfg = RolloutConfig()
     cfg.engine = "vllm"  # set after construction: validate() would need vllm installed
-    with pytest.raises(UserError, match="grpo.rollout.engine.*megatron"):
+    with pytest.raises(UserError, match="grpo.rollout.engine.*parallel.backend='fsdp'"):
+        build_rollout_engine(cfg, m, byte_tokenizer(), Sampling(max_new_tokens=4), policy_version=lambda: 0,
+                             backend="fsdp")
+    cfg.tensor_parallel = 2  # megatron is supported with one engine per rank, not with rollout TP groups
+    with pytest.raises(UserError, match="grpo.rollout.tensor_parallel.*megatron"):
         build_rollout_engine(cfg, m, byte_tokenizer(), Sampling(max_new_tokens=4), policy_version=lambda: 0,
                              backend="megatron")
+    cfg.tensor_parallel = 1
     with pytest.raises(UserError, match="grpo.rollout.engine.*temperature"):
         build_rollout_engine(cfg, m, byte_tokenizer(), Sampling(max_new_tokens=4, temperature=0.7, top_p=0.9),
                              policy_version=lambda: 0)
