@@ -27,6 +27,7 @@ from nova_rt.data.chat import Sample
 from nova_rt.distributed import DistInfo
 from nova_rt.models.loading import set_attention
 from nova_rt.models.tiny import build_tiny_model
+from nova_rt.rollout.base import RolloutConfig
 from nova_rt.stages.grpo import (
     GRPOConfig,
     GRPODataConfig,
@@ -113,10 +114,12 @@ def _oracle_response_terms(g, groups, pol, ref, old_pol):
 
 def oracle_loss(g: GRPOConfig, groups, pol, ref, old_pol) -> torch.Tensor:
     """The GRPO objective written out: group advantage + KL return-to-go (reward placement) or + beta KL (loss
-    placement), clipped ratio against the old policy, global aggregation weights."""
+    placement), clipped ratio against the old policy, global aggregation weights; with grpo.rollout.tis_cap > 0
+    each token's clipped surrogate (not the KL) times the constant min(exp(old - rollout log-prob), cap)."""
     terms = _oracle_response_terms(g, groups, pol, ref, old_pol)
     lens = [len(r) for grp in groups for r in grp["responses"]]
     T, B, n_ne, lmax = sum(lens), len(lens), sum(x > 0 for x in lens), max(lens)
+    rollout_lps = [lps for grp in groups for lps in grp.get("rollout_lp", [])]
     loss, i = 0.0, 0
     for grp in groups:
         R = torch.tensor(grp["rewards"], dtype=torch.float64)
@@ -135,6 +138,9 @@ def oracle_loss(g: GRPOConfig, groups, pol, ref, old_pol) -> torch.Tensor:
                 adv = adv - g.loss.beta * torch.flip(torch.cumsum(torch.flip(kl_old, [0]), 0), [0])
             ratio = torch.exp(lp - old)
             pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - g.loss.eps_low, 1 + g.loss.eps_high))
+            if g.rollout.tis_cap > 0:
+                rollout_lp = torch.tensor(rollout_lps[i], dtype=torch.float64)
+                pg = pg * torch.exp(old - rollout_lp).clamp(max=g.rollout.tis_cap)
             if g.loss.beta > 0 and g.loss.kl_placement == "loss":
                 pg = pg + g.loss.beta * kl
             loss = loss + w * pg.sum()
@@ -187,6 +193,48 @@ def test_stage_loss_equals_independent_formula(kl, placement, agg, adv_norm, bet
     assert_close_verbose(got.detach().reshape(1), expect.detach().reshape(1), rtol=2e-5, atol=1e-7, name=msg)
     for (name, p), p_ref in zip(pol_hf.named_parameters(), pol_ref_hf.parameters()):
         assert_close_verbose(p.grad, p_ref.grad, rtol=1e-4, atol=1e-7, name=f"d {name} {msg}")
+
+
+@pytest.mark.parametrize("placement, ppo_epochs, shared", [("loss", 1, True), ("reward", 2, False)])
+def test_tis_weights_from_the_engine_logprobs_equal_independent_formula(placement, ppo_epochs, shared):
+    """grpo.rollout.tis_cap: the engine's sampling log-probs carried by each group reach the loss in response-token
+    order (shared-prefix layout or not, one or several micro-batches) and weight the clipped surrogate only."""
+    seed = _seed()
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    G, cap = 3, 2.0
+    g = GRPOConfig(sampling=SamplingConfig(group_size=G, temperature=0.7),
+                   data=GRPODataConfig(gym_tasks=[{"name": "x"}]),
+                   loss=GRPOLossConfig(kl="k3", kl_placement=placement, beta=0.2, eps_low=0.2, eps_high=0.28),
+                   rollout=RolloutConfig(tis_cap=cap), ppo_epochs=ppo_epochs, micro_prompts=2)
+    pol_hf, ref_hf, old_hf = _model(seed % 1000), _model(seed % 1000 + 1), _model(seed % 1000)
+    policy, ref = PolicyLogprobs(pol_hf), PolicyLogprobs(ref_hf)
+    groups = _groups(gen, 4, G)
+    for grp in groups:  # engine log-probs: the old policy's +- noise, so weights fall below, near and above the cap
+        grp["rollout_lp"] = [(-3 * torch.rand(len(r), generator=gen)).tolist() for r in grp["responses"]]
+    mbs = _fake_run(g, policy, ref, shared=shared).micro_batches(groups)
+    if ppo_epochs > 1:
+        with torch.no_grad():
+            for p in pol_hf.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    loss_fn = make_loss_fn(g, g.sampling.temperature)
+    outs = [loss_fn(policy, mb) for mb in mbs]
+    got = sum(o[0] for o in outs)
+    got.backward()
+    w_sum = sum(float(o[1]["tis_w_sum"]) for o in outs)
+    pol_ref_hf = _model(seed % 1000)
+    pol_ref_hf.load_state_dict(pol_hf.state_dict())
+    expect = oracle_loss(g, groups, pol_ref_hf, ref_hf, old_hf)
+    expect.backward()
+    msg = f"seed {seed} placement {placement} ppo_epochs {ppo_epochs} shared {shared}"
+    assert_close_verbose(got.detach().reshape(1), expect.detach().reshape(1), rtol=2e-5, atol=1e-7, name=msg)
+    for (name, p), p_ref in zip(pol_hf.named_parameters(), pol_ref_hf.parameters()):
+        assert_close_verbose(p.grad, p_ref.grad, rtol=1e-4, atol=1e-7, name=f"d {name} {msg}")
+    # the logged weight sum is the oracle's: old log-probs of the rollout policy against the engine's
+    old_lp = [x for t in _oracle_response_terms(g, groups, old_hf, ref_hf, old_hf) for x in t[1].tolist()]
+    eng_lp = [x for grp in groups for lps in grp["rollout_lp"] for x in lps]
+    expect_w = sum(min(float(torch.tensor(o - e).exp()), cap) for o, e in zip(old_lp, eng_lp))
+    assert abs(w_sum - expect_w) <= 1e-4 * max(expect_w, 1.0), (w_sum, expect_w, msg)
 
 
 def test_ptx_term_equals_independent_formula():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nova_rt.kernels.grpo_loss import grpo_loss
+from nova_rt.kernels.grpo_loss import grpo_loss, tis_weights
 from nova_rt.losses.kl import kl_penalty_token_adv, sampled_kl, topk_kl
 from nova_rt.stages.grpo.batches import _forward
 from nova_rt.stages.grpo.config import GRPOConfig
@@ -31,10 +31,13 @@ def rl_loss_from_outputs(out: dict, mb: dict, g: GRPOConfig):
     token_adv = None
     if in_reward:  # KL_t of the rollout policy: precomputed when the batch serves several steps
         token_adv = kl_penalty_token_adv(mb["old_kl"] if "old_kl" in mb else kl_T.detach(), mb["resp_cu"], g.loss.beta)
+    # TIS (grpo.rollout.tis_cap): min(exp(log p_old - log p_rollout), cap) on the surrogate. log p_old is the
+    # rollout-time policy: the precomputed old_lp when the batch serves several steps, else this forward's (detached).
+    is_w = tis_weights(old, mb["rollout_lp"], g.rollout.tis_cap) if "rollout_lp" in mb else None
     loss, st = grpo_loss(lp, old, mb["ref_lp"] if sampled_in_loss else None, mb["rewards"], mb["resp_cu"],
                          g.sampling.group_size, eps_low=g.loss.eps_low, eps_high=g.loss.eps_high,
                          beta=g.loss.beta if sampled_in_loss else 0.0, kl=g.loss.kl if sampled_in_loss else "k3",
-                         agg=g.loss.agg, adv_norm=g.loss.adv_norm, token_adv=token_adv)
+                         agg=g.loss.agg, adv_norm=g.loss.adv_norm, token_adv=token_adv, is_weights=is_w)
     loss = loss * mb["agg_scale"]
     if g.loss.beta > 0 and g.loss.kl_placement == "loss" and topk:
         loss = loss + g.loss.beta * (kl_T * mb["tok_w"]).sum()
@@ -43,6 +46,8 @@ def rl_loss_from_outputs(out: dict, mb: dict, g: GRPOConfig):
              "ratio_sum": st["ratio_mean"] * n}
     if kl_T is not None:
         stats["kl_sum"] = kl_T.detach().sum()
+    if is_w is not None:
+        stats["tis_w_sum"] = is_w.sum()
     return loss, stats
 
 

@@ -132,7 +132,7 @@ class GRPORun:
                                   len(lens) - sum(ro.finished), 0.0], dtype=torch.float64)
             for j in range(len(mine)):
                 grp = {"prompt": ro.prompt_ids[j * G], "responses": ro.response_ids[j * G:(j + 1) * G],
-                       "rewards": total[j * G:(j + 1) * G]}
+                       "rewards": total[j * G:(j + 1) * G], "rollout_lp": ro.logprobs[j * G:(j + 1) * G]}
                 same = max(grp["rewards"]) - min(grp["rewards"]) <= 1e-9
                 sums[6] += float(same)
                 (dropped if g.sampling.dynamic_sampling and same else kept).append(grp)
@@ -201,6 +201,9 @@ class GRPORun:
             scale, tok_w = agg_scale_and_weights(g.loss.agg, [len(r) for r in responses], totals)
             mb.update(kind="rl", agg_scale=scale, tok_w=tok_w,
                       rewards=torch.tensor([x for grp in part for x in grp["rewards"]], dtype=torch.float32))
+            if g.rollout.tis_cap > 0:  # the engine's sampling log-probs, flat in the order of the response tokens
+                mb["rollout_lp"] = torch.tensor([x for grp in part for lps in grp["rollout_lp"] for x in lps],
+                                                dtype=torch.float32)
             mbs.append(self.precompute(mb))
         return mbs
 
@@ -241,6 +244,8 @@ class GRPORun:
                "entropy": sums["entropy_sum"] / tok, "ratio_mean": sums["ratio_sum"] / tok}
         if "kl_sum" in sums:
             out["kl"] = sums["kl_sum"] / tok
+        if "tis_w_sum" in sums:  # grpo.rollout.tis_cap: mean TIS weight over response tokens
+            out["tis_weight_mean"] = sums["tis_w_sum"] / tok
         if "ptx_kl_sum" in sums:
             out["ptx_kl"] = sums["ptx_kl_sum"] / max(sums["ptx_tokens"], 1.0)
         if "nonfinite_skipped" in st:  # a running total (kept across resumes), not a per-step value
