@@ -100,6 +100,9 @@ class DataConfig:
     train_files: list[str] = field(default_factory=list)
     """jsonl / json / parquet files or `datasets` directories saved with save_to_disk; relative to the config."""
     eval_files: list[str] = field(default_factory=list)
+    eval_max_rows: int = 0
+    """Score only the first N usable documents (SFT) or pairs (RM, DPO, the pipeline's held-out scoring) of
+    eval_files; 0: all of them."""
     on_error: Literal["error", "skip"] = "error"
     """error: a bad row stops the run naming file, row and field; skip: drop it and count it."""
     max_seq_len: int = 2048
@@ -112,6 +115,7 @@ class DataConfig:
 
     def validate(self) -> None:
         check_range("data.max_seq_len", self.max_seq_len, ge=1)
+        check_range("data.eval_max_rows", self.eval_max_rows, ge=0)
 
 
 @register_section("packing")

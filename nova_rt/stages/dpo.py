@@ -203,7 +203,7 @@ def run(cfg: Config) -> dict:
         return run_megatron_dpo(cfg, info, run_dir)
     hf_model, tok = load_policy(cfg)
     pairs, rows, counts, util = build_pair_data(cfg, tok, cfg.data.train_files)
-    eval_data = build_pair_data(cfg, tok, cfg.data.eval_files) if cfg.data.eval_files else None
+    eval_data = build_pair_data(cfg, tok, cfg.data.eval_files, cfg.data.eval_max_rows) if cfg.data.eval_files else None
     sched = BatchSchedule(len(rows), cfg.train.global_batch, cfg.train.micro_batch, info.world_size, cfg.run.seed,
                           shuffle=cfg.data.shuffle)
     if info.is_main:

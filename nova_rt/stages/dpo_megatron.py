@@ -96,7 +96,7 @@ def _references(cfg: Config, info, run_dir: Path, backend, train, eval_data):
 def run_megatron_dpo(cfg: Config, info, run_dir: Path) -> dict:
     tok = megatron_tokenizer(cfg)
     pairs, rows, counts, util = build_pair_data(cfg, tok, cfg.data.train_files)
-    eval_data = build_pair_data(cfg, tok, cfg.data.eval_files)[:2] if cfg.data.eval_files else (None, None)
+    eval_data = build_pair_data(cfg, tok, cfg.data.eval_files, cfg.data.eval_max_rows)[:2] if cfg.data.eval_files else (None, None)
     backend = megatron_backend(cfg)
     dp_rank, dp_size = backend.dp_rank, backend.dp_size
     sched = BatchSchedule(len(rows), cfg.train.global_batch, cfg.train.micro_batch, dp_size, cfg.run.seed,

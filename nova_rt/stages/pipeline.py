@@ -59,6 +59,8 @@ class PipelineConfig:
     task_arithmetic usually wants 1.0, the sum of the task vectors), the rest are global (e.g. lambda, normalize)."""
     pas_augment_sft: bool = True
     """With the pas stage: append PAS complements to the first user turn of the SFT rows."""
+    pas_augment_max_new_tokens: int = 64
+    """Longest PAS complement (tokens, greedy) appended to each SFT prompt."""
     pas_augment_rl: bool = True
     """With the pas stage: GRPO prompts go through the PAS model (grpo.data.pas_model)."""
     rm_reward_weight: float = 1.0
@@ -71,6 +73,8 @@ class PipelineConfig:
     report: bool = True
 
     def validate(self) -> None:
+        if self.pas_augment_max_new_tokens < 1:
+            raise ValueError(f"pipeline.pas_augment_max_new_tokens must be >= 1, got {self.pas_augment_max_new_tokens}")
         order = [STAGES.index(s) for s in self.stages]  # each item is a StageName (checked by the loader)
         if order != sorted(order) or len(set(order)) != len(order):
             raise ValueError(f"pipeline.stages must follow the order {list(STAGES)} without repeats")
@@ -188,7 +192,8 @@ class Pipeline:
     def _augmented(self, files: list[str], out: Path) -> list[str]:
         """SFT rows whose first user turn carries the PAS complement (written once, by rank 0)."""
         if self.info.is_main and not out.exists():
-            augment_sft_files(files, out, self.artifacts["pas"]["pas_model"])
+            augment_sft_files(files, out, self.artifacts["pas"]["pas_model"],
+                              max_new_tokens=self.cfg.pipeline.pas_augment_max_new_tokens)
         barrier()
         return [str(out)]
 
@@ -270,7 +275,7 @@ def heldout_nll(cfg: Config, models: dict[str, str], eval_sets: dict[str, list[s
     for name, path in models.items():
         hf, tok = load_policy(cfg, path)
         if rows is None:
-            rows = {k: build_sft_rows(cfg, tok, files)[0] for k, files in eval_sets.items()}
+            rows = {k: build_sft_rows(cfg, tok, files, max_rows=cfg.data.eval_max_rows)[0] for k, files in eval_sets.items()}
         module = CausalLMLogprobs(hf).to(device)
         out[name] = {k: document_nll(module, r, device).tolist() for k, r in rows.items()}
         del module, hf
@@ -278,7 +283,7 @@ def heldout_nll(cfg: Config, models: dict[str, str], eval_sets: dict[str, list[s
     return out
 
 
-def augment_sft_files(files: list[str], out: Path, pas_model: str) -> None:
+def augment_sft_files(files: list[str], out: Path, pas_model: str, max_new_tokens: int = 64) -> None:
     """Rewrite SFT rows so the first user message is `prompt + complement` (the prompt itself is unchanged)."""
     from nova_rt.data.io import read_rows, write_jsonl
     from nova_rt.pas.augment import PromptAugmenter
@@ -296,7 +301,7 @@ def augment_sft_files(files: list[str], out: Path, pas_model: str) -> None:
         elif isinstance(row, dict) and isinstance(row.get("prompt"), str):
             slots.append((i, None))
             prompts.append(row["prompt"])
-    augmented = PromptAugmenter(pas_model).augment(prompts)
+    augmented = PromptAugmenter(pas_model, max_new_tokens=max_new_tokens).augment(prompts)
     for (i, j), text in zip(slots, augmented):
         if j is None:
             rows[i] = {**rows[i], "prompt": text}

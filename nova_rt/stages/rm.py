@@ -44,14 +44,17 @@ class RMConfig:
             raise ValueError(f"rm.alpha must be >= 0, got {self.alpha}")
 
 
-def build_pair_data(cfg: Config, tokenizer, files: list[str]):
-    """(pairs, packed rows, counts, utilization) for data files, with the config's data and packing settings."""
+def build_pair_data(cfg: Config, tokenizer, files: list[str], max_rows: int = 0):
+    """(pairs, packed rows, counts, utilization) for data files, with the config's data and packing settings; only
+    the first `max_rows` pairs when > 0."""
     d, pk = cfg.data, cfg.packing
     if pk.enabled and 2 * d.max_seq_len > pk.max_tokens:
         raise UserError(f"packing.max_tokens={pk.max_tokens} must hold a whole pair: at least "
                         f"2 * data.max_seq_len = {2 * d.max_seq_len}")
     pairs, counts = load_preference_pairs(data_files(cfg, files), tokenizer, max_seq_len=d.max_seq_len,
                                           overlong=d.overlong, on_error=d.on_error, system_prompt=d.system_prompt)
+    if max_rows > 0:
+        pairs = pairs[:max_rows]
     rows, util = pack_pairs(pairs, pk.max_tokens, pk.enabled)
     return pairs, rows, counts, util
 
@@ -117,7 +120,7 @@ def run(cfg: Config) -> dict:
     loss_fn = lambda model, mb: rm_loss(model, mb, loss)  # noqa: E731
     evaluate = None
     if cfg.data.eval_files:
-        eval_pairs, eval_rows, _, _ = build_pair_data(cfg, tok, cfg.data.eval_files)
+        eval_pairs, eval_rows, _, _ = build_pair_data(cfg, tok, cfg.data.eval_files, cfg.data.eval_max_rows)
         eval_batches = eval_micro_batches(eval_rows, eval_pairs, cfg.train.micro_batch, info.rank, info.world_size)
         evaluate = lambda: evaluate_pairs(trainer.model, eval_batches, loss_fn, info.device,  # noqa: E731
                                           info.distributed)

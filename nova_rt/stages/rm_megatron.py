@@ -93,7 +93,7 @@ def run_megatron_rm(cfg: Config, info, run_dir: Path) -> dict:
     loss = RewardLoss(cfg.rm.alpha)
     evaluate_fn = None
     if cfg.data.eval_files:
-        eval_pairs, eval_rows = build_pair_data(cfg, tok, cfg.data.eval_files)[:2]
+        eval_pairs, eval_rows = build_pair_data(cfg, tok, cfg.data.eval_files, cfg.data.eval_max_rows)[:2]
         eval_batches = [from_shifted(mb) for mb in eval_micro_batches(eval_rows, eval_pairs, cfg.train.micro_batch,
                                                                       dp_rank, dp_size)]
         evaluate_fn = lambda: evaluate(backend, eval_batches, loss)  # noqa: E731

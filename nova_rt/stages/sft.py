@@ -34,14 +34,16 @@ def sft_loss(model, mb: dict):
     return loss, {"tokens": float(mb["input_ids"].numel()), "supervised_tokens": float((mb["targets"] >= 0).sum())}
 
 
-def build_sft_rows(cfg: Config, tokenizer, files: list[str] | None = None):
-    """Samples -> packed rows. Returns (rows, counts, utilization)."""
+def build_sft_rows(cfg: Config, tokenizer, files: list[str] | None = None, max_rows: int = 0):
+    """Samples -> packed rows (only the first `max_rows` samples when > 0). Returns (rows, counts, utilization)."""
     d = cfg.data
     if cfg.packing.enabled and d.max_seq_len > cfg.packing.max_tokens:
         raise UserError(f"data.max_seq_len={d.max_seq_len} exceeds packing.max_tokens={cfg.packing.max_tokens}")
     samples, counts = load_sft_samples(data_files(cfg, files or d.train_files), tokenizer,
                                        max_seq_len=d.max_seq_len, overlong=d.overlong, on_error=d.on_error,
                                        system_prompt=d.system_prompt)
+    if max_rows > 0:
+        samples = samples[:max_rows]
     rows, util = pack_samples(samples, cfg.packing.max_tokens, cfg.packing.enabled)
     return rows, counts, util
 
@@ -80,7 +82,7 @@ def heldout_evaluator(cfg: Config, info, module, tokenizer):
     """evaluate() -> eval_* metrics over cfg.data.eval_files (rows split over ranks, gathered), or None."""
     if not cfg.data.eval_files:
         return None
-    rows, _, _ = build_sft_rows(cfg, tokenizer, cfg.data.eval_files)
+    rows, _, _ = build_sft_rows(cfg, tokenizer, cfg.data.eval_files, max_rows=cfg.data.eval_max_rows)
     if not rows:
         raise UserError(f"data.eval_files {cfg.data.eval_files}: no usable eval sample")
     mine = rows[info.rank::info.world_size]
