@@ -7,8 +7,8 @@ move on, so the bad batch is skipped), is logged with a warning and counted (`no
 `train.max_nonfinite_steps` such steps in a row stop the run with a NonFiniteError (exit 2) that names the steps and
 the last checkpoint. A checkpoint is never written during such a streak nor when a parameter is non-finite, so
 `checkpoint.keep_last` cannot push good checkpoints out with bad ones, and no final model is written from a run that
-stopped. The megatron stage loops apply the same policy through NonFiniteGuard, with MegatronBackend skipping the
-update (nova_rt.parallel.megatron_backend).
+stopped. The megatron backend applies the same policy through NonFiniteGuard, with MegatronBackend skipping the
+update (nova_rt.backends.megatron, nova_rt.parallel.megatron_backend).
 
 A stage supplies the module (whose forward computes what its loss needs, so DDP/FSDP see the whole graph) and a
 `loss_fn(module, micro_batch) -> (loss, stats)`. Losses are written as sums with per-token/per-sample weights
@@ -76,8 +76,8 @@ def wrap_data_parallel(module: nn.Module, cfg: Config, info: DistInfo) -> nn.Mod
 
 
 class NonFiniteGuard:
-    """The non-finite policy of the module docstring, shared by Trainer and the megatron stage loops
-    (nova_rt.stages.common.run_megatron_steps, nova_rt.stages.grpo_megatron): counts steps whose loss or gradient
+    """The non-finite policy of the module docstring, shared by Trainer and the megatron backend
+    (nova_rt.backends.megatron.MegatronPolicy): counts steps whose loss or gradient
     norm is NaN/inf (their update was skipped by whoever stepped), warns, and stops the run after `limit` in a row.
     Both values are global (reduced over ranks), so every rank counts the same and raises together."""
 

@@ -52,7 +52,7 @@ def _cfg(max_steps: int, **checkpoint):
 
 
 def _run(tmp_path: Path, losses: list[float], max_steps: int, **checkpoint) -> tuple[_Backend, list[dict]]:
-    from nova_rt.stages.common import run_megatron_steps
+    from nova_rt.backends.megatron import run_megatron_steps
 
     backend, tel = _Backend(losses), Telemetry(tmp_path, enabled=True, tensorboard=False, progress_bar=False)
     try:
@@ -81,7 +81,7 @@ def test_megatron_run_ending_on_a_nonfinite_step_writes_no_final_model(tmp_path)
 
 
 def test_megatron_guard_continues_the_count_of_the_resumed_checkpoint(tmp_path):
-    from nova_rt.stages.common import megatron_guard
+    from nova_rt.backends.megatron import megatron_guard
 
     ckpt = tmp_path / "checkpoints" / "step_00000004"
     ckpt.mkdir(parents=True)
@@ -91,7 +91,7 @@ def test_megatron_guard_continues_the_count_of_the_resumed_checkpoint(tmp_path):
 
 
 def test_grpo_megatron_policy_skips_counts_and_refuses_checkpoints(tmp_path):
-    from nova_rt.stages.grpo_megatron import MegatronPolicy
+    from nova_rt.backends.megatron import MegatronPolicy
 
     backend = _Backend([1.0, NAN, NAN, NAN])
     policy = MegatronPolicy(_cfg(8), backend, tmp_path, 1.0)

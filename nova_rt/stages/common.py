@@ -1,4 +1,6 @@
-"""Pieces every trainable stage shares: process setup, model loading, the step loop and the final save."""
+"""Pieces every trainable stage shares: process setup, data paths, the step-0 / periodic eval hook. The step loop
+(run_steps) and the policy backends are in nova_rt.backends; load_policy and save_final_policy (the HF backend's
+model loading and final save) are re-exported from there."""
 
 from __future__ import annotations
 
@@ -12,11 +14,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nova_rt.backends.base import run_steps
+from nova_rt.backends.hf import load_policy, save_final_policy
 from nova_rt.config import Config, resolve_path
 from nova_rt.cpu_runtime import cpu_allocator
 from nova_rt.distributed import DistInfo, barrier, init_distributed
-from nova_rt.lr_schedule import lr_at
 from nova_rt.telemetry import Telemetry
+
+__all__ = ["data_files", "eval_hook", "load_policy", "run_steps", "save_final_policy", "seed_everything", "setup",
+           "telemetry_for"]
 
 log = logging.getLogger("nova_rt")
 
@@ -47,39 +53,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_policy(cfg: Config, path: str | None = None):
-    """(hf_model, tokenizer) for cfg.model (or `path`), with attention and activation checkpointing applied."""
-    from nova_rt.models.checkpointing import apply_group_checkpointing
-    from nova_rt.models.loading import load_causal_lm
-
-    m = cfg.model
-    model, tok = load_causal_lm(resolve_path(cfg, path or m.path), dtype=m.dtype, attn_impl=m.attn_impl,
-                                tiny=m.tiny, tokenizer_path=resolve_path(cfg, m.tokenizer), seed=cfg.run.seed)
-    model.config.use_cache = False
-    if cfg.train.activation_checkpointing > 0:
-        apply_group_checkpointing(model.get_decoder().layers, cfg.train.activation_checkpointing)
-    return model, tok
+def telemetry_for(cfg: Config, info: DistInfo, run_dir: Path, start_step: int, total_steps: int = 0) -> Telemetry:
+    """metrics.jsonl (+ TensorBoard, progress bar, plot) of this run, written by the main rank."""
+    return Telemetry(run_dir, enabled=info.is_main, tensorboard=cfg.logging.tensorboard,
+                     progress_bar=cfg.logging.progress_bar, total_steps=total_steps or cfg.train.max_steps,
+                     start_step=start_step, local_rank=info.local_rank)
 
 
 def data_files(cfg: Config, files: list[str]) -> list[str]:
     return [resolve_path(cfg, f) for f in files]
-
-
-def run_steps(cfg: Config, info: DistInfo, trainer, telemetry: Telemetry,
-              micro_batches_for: Callable[[int], list[dict]], loss_fn: Callable,
-              extra_metrics: Callable[[int, dict], dict] | None = None, checkpoint_extra: Callable | None = None):
-    """The step loop of supervised stages: train, log, checkpoint every N steps."""
-    while trainer.step < cfg.train.max_steps:
-        step = trainer.step
-        t0 = time.perf_counter()
-        mbs = micro_batches_for(step)
-        metrics = trainer.train_step(mbs, loss_fn)
-        if extra_metrics is not None:
-            metrics.update(extra_metrics(step, metrics))
-        metrics["step_time_s"] = time.perf_counter() - t0
-        telemetry.log(trainer.step, metrics)
-        if trainer.due(cfg.checkpoint.every) and trainer.step < cfg.train.max_steps:
-            trainer.save_checkpoint(checkpoint_extra() if checkpoint_extra else None)
 
 
 def eval_hook(cfg: Config, telemetry: Telemetry, evaluate: Callable[[], dict] | None, start_step: int):
@@ -99,136 +81,3 @@ def eval_hook(cfg: Config, telemetry: Telemetry, evaluate: Callable[[], dict] | 
         return out
 
     return extra_metrics
-
-
-def save_final_policy(cfg: Config, info: DistInfo, trainer, hf_model, tokenizer, run_dir: Path) -> str | None:
-    """Write the trained model (the trainer module's `lm.` submodule) as an HF directory in run_dir/final.
-    Collective: every rank gathers (FSDP2), rank 0 writes; returns the path on rank 0, else None."""
-    from nova_rt.trainer import save_hf_atomic
-
-    final = None
-    if cfg.checkpoint.save_final:
-        state = trainer.model_state()
-        if info.is_main:
-            final = save_hf_atomic(hf_model, tokenizer, run_dir / "final",
-                                   state_dict={k[len("lm."):]: v for k, v in state.items()})
-    barrier()
-    return str(final) if final else None
-
-
-# ----------------------------------------------------------------------------------------------- megatron backend
-def megatron_backend(cfg: Config, path: str | None = None, *, trainable: bool = True):
-    """MegatronBackend for cfg.model (or `path`) with cfg.optim and cfg.parallel; trainable=False: frozen reference."""
-    from nova_rt.models.loading import resolve_model_path, to_dtype
-    from nova_rt.parallel import MegatronBackend
-
-    o = cfg.optim
-    return MegatronBackend(resolve_model_path(resolve_path(cfg, path or cfg.model.path)), cfg.parallel,
-                           dtype=to_dtype(cfg.model.dtype), lr=o.lr, weight_decay=o.weight_decay, grad_clip=o.grad_clip,
-                           seed=cfg.run.seed, betas=tuple(o.betas), eps=o.eps, trainable=trainable)
-
-
-def megatron_tokenizer(cfg: Config):
-    """The tokenizer of cfg.model.tokenizer, else of the model directory (the megatron stages load no HF model)."""
-    from transformers import AutoTokenizer
-
-    from nova_rt.models.loading import resolve_model_path
-
-    return AutoTokenizer.from_pretrained(resolve_path(cfg, cfg.model.tokenizer) or
-                                         resolve_model_path(resolve_path(cfg, cfg.model.path)))
-
-
-def megatron_resume(cfg: Config, backend, run_dir: Path) -> tuple[int, dict | None]:
-    """(step, this rank's extra state) of the newest complete megatron checkpoint, loaded into `backend`;
-    (0, None) for a fresh run."""
-    from nova_rt.parallel import checkpoint as mckpt
-
-    path = mckpt.latest(run_dir / "checkpoints") if cfg.checkpoint.resume else None
-    if path is None:
-        return 0, None
-    step, extra = mckpt.load(backend, path)
-    log.info("resumed from %s (step %d)", path, step)
-    return step, extra
-
-
-def megatron_guard(cfg: Config, run_dir: Path, start: int):
-    """nova_rt.trainer's NonFiniteGuard over megatron checkpoints; a run resumed at `start` continues the count of
-    its checkpoint (meta.json `nonfinite_total`)."""
-    import torch.distributed as dist
-
-    from nova_rt.parallel import checkpoint as mckpt
-    from nova_rt.trainer import NonFiniteGuard
-
-    root = run_dir / "checkpoints"
-    is_main = not dist.is_initialized() or dist.get_rank() == 0
-    guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, is_main, lambda: mckpt.last_complete(root))
-    if start > 0:
-        guard.total = int(mckpt.read_meta(root / f"step_{start:08d}").get("nonfinite_total", 0))
-    return guard
-
-
-def run_megatron_steps(cfg: Config, backend, telemetry: Telemetry, run_dir: Path, start: int,
-                       micro_batches_for: Callable[[int], list[dict]], loss_fn: Callable | None = None,
-                       extra_metrics: Callable[[int, dict], dict] | None = None) -> None:
-    """The step loop of supervised stages on the megatron backend: the trainer's lr schedule, backend.train_step
-    (loss_fn None: token-mean SFT loss; else a stage loss over per-token log-probs), metrics, and exact-resume
-    checkpoints every checkpoint.every steps (the data position is the step: batches are a function of it).
-    The HF trainer's non-finite policy: a step with a NaN/inf loss or grad norm applies no update (the backend
-    skips it), is counted (`nonfinite_skipped`) and warned; train.max_nonfinite_steps in a row stop the run with a
-    NonFiniteError; no checkpoint is written while the last step was non-finite, and no final model either (the
-    NonFiniteError is raised here, before the stage's save)."""
-    from nova_rt.parallel import checkpoint as mckpt
-
-    o, every = cfg.optim, cfg.checkpoint.every
-    guard = megatron_guard(cfg, run_dir, start)
-    for step in range(start, cfg.train.max_steps):
-        t0 = time.perf_counter()
-        backend.set_lr(lr_at(o, cfg.train.max_steps, step))
-        metrics = backend.train_step(micro_batches_for(step), loss_fn)
-        guard.count(step + 1, not backend.update_skipped, metrics["loss"], metrics["grad_norm"])
-        metrics["nonfinite_skipped"] = guard.total
-        metrics["step_time_s"] = time.perf_counter() - t0
-        metrics["lr"] = backend.optimizer.param_groups[0]["lr"]
-        if extra_metrics is not None:
-            metrics.update(extra_metrics(step, metrics))
-        telemetry.log(step + 1, metrics)
-        if every > 0 and (step + 1) % every == 0 and step + 1 < cfg.train.max_steps:
-            if guard.streak == 0:
-                mckpt.save(backend, run_dir / "checkpoints", step + 1, keep_last=cfg.checkpoint.keep_last,
-                           meta={"nonfinite_total": guard.total})
-            elif guard.is_main:
-                log.warning("step %d: checkpoint not written (the last step was non-finite)", step + 1)
-    if cfg.checkpoint.save_final:
-        guard.refuse_model(cfg.train.max_steps)
-
-
-def save_megatron_final(cfg: Config, info: DistInfo, backend, tokenizer, run_dir: Path) -> str | None:
-    """Collective: write the trained weights (and tokenizer) as an HF directory run_dir/final, atomically.
-    A non-finite parameter on any rank is a NonFiniteError on every rank, before anything is written."""
-    import os
-    import shutil
-
-    from nova_rt.errors import NonFiniteError
-    from nova_rt.parallel import checkpoint as mckpt
-
-    if not cfg.checkpoint.save_final:
-        return None
-    if not mckpt.all_finite(backend):
-        raise NonFiniteError(f"step {cfg.train.max_steps}: a model parameter is non-finite; neither a checkpoint nor "
-                             f"a model is written from it (last checkpoint: "
-                             f"{mckpt.last_complete(run_dir / 'checkpoints') or 'none'}). Lower optim.lr.")
-    final = run_dir / "final"
-    tmp = final.with_name(f".{final.name}.tmp")
-    if info.is_main:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-    barrier()
-    backend.save_hf(tmp)
-    if info.is_main:
-        tokenizer.save_pretrained(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    barrier()
-    return str(final) if info.is_main else None

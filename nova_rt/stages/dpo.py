@@ -7,13 +7,16 @@ keyed by a hash of the data and the reference ("precompute": no second model in 
 resumed run reuses the cache), or kept frozen in memory and run on every micro-batch ("online"). Step-level DPO
 (SuperCorrect) is the same loss over rows whose prompt ends with a partial assistant solution (nova_rt.data.preference).
 
+The stage runs on any policy backend (parallel.backend, nova_rt.backends): on megatron the policy's per-token
+log-probs come from the vocab-parallel cross entropy on the last pipeline stage, and the reference from the policy
+in forward-only mode (precompute) or a frozen second backend (dpo.reference, or online).
+
 Loss: mean over the pairs of the global batch. Stats: implicit rewards β(log π - log π_ref) of chosen/rejected,
 margin, accuracy; eval_* on data.eval_files at step 0, every train.eval_every steps and at the end.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -25,6 +28,7 @@ from typing import Literal
 
 import torch
 
+from nova_rt.backends import get_backend
 from nova_rt.checkpoint import LOAD_ERRORS
 from nova_rt.config import Config, register_section, resolve_path
 from nova_rt.data.packing import BatchSchedule
@@ -38,12 +42,10 @@ from nova_rt.data.preference import (
 )
 from nova_rt.distributed import DistInfo, all_reduce_sum, barrier
 from nova_rt.losses.preference import DPOLoss, pair_stats, sequence_sums
-from nova_rt.models.causal import CausalLMLogprobs, batch_logprobs
+from nova_rt.models.causal import batch_logprobs
 from nova_rt.stages import register_stage
-from nova_rt.stages.common import load_policy, run_steps, save_final_policy, setup
-from nova_rt.stages.rm import build_pair_data, eval_hook, evaluate_pairs
-from nova_rt.telemetry import Telemetry
-from nova_rt.trainer import Trainer
+from nova_rt.stages.common import eval_hook, run_steps, setup, telemetry_for
+from nova_rt.stages.rm import build_pair_data, evaluate_pairs
 
 log = logging.getLogger("nova_rt.dpo")
 
@@ -178,68 +180,75 @@ def with_reference(batches: list[dict], table: torch.Tensor | None) -> list[dict
     return batches
 
 
-def build_reference(cfg: Config, info: DistInfo, hf_model):
-    """The frozen reference as a CausalLMLogprobs on the device: the policy itself for precompute with the default
-    reference (it still holds its initial weights), a deep copy for online, or a separately loaded model."""
-    if cfg.dpo.reference:
-        ref_hf, _ = load_policy(cfg, path=cfg.dpo.reference)
-    elif cfg.dpo.reference_logprobs == "precompute":
-        ref_hf = hf_model
-    else:
-        ref_hf = copy.deepcopy(hf_model)
-    ref = CausalLMLogprobs(ref_hf).to(info.device)
-    if ref_hf is not hf_model:
-        ref.requires_grad_(False)
-        ref.eval()
-    return ref
+def _pair_sums(out: dict, mb: dict) -> torch.Tensor:
+    return sequence_sums(out["logprobs"], mb["cu_seqlens"]).double().cpu()
+
+
+def with_online_reference(ref, batches: list[dict]) -> list[dict]:
+    """Attach the frozen reference's log-probs (P, 2) of the same micro-batches (dpo.reference_logprobs=online)."""
+    for mb, seq_S in zip(batches, ref.forward(batches, _pair_sums)):
+        mb["ref_logps"] = torch.stack([seq_S[0::2], seq_S[1::2]], dim=1).float()
+    return batches
+
+
+def reference_table(ref, rows: list[PairRow], pairs: list[PreferencePair], micro_batch: int) -> torch.Tensor:
+    """Collective: the (N_pairs, 2) fp32 reference log-prob sums [chosen, rejected] on every rank; rows are dealt
+    round-robin over data-parallel ranks and the tables summed. Every rank runs as many forwards (a short rank
+    repeats its first micro-batch and drops the result): a sharded model's forward is a collective."""
+    mine = rows[ref.dp_rank::ref.dp_size]
+    mbs = [collate_pairs(mine[i:i + micro_batch], pairs, 1.0) for i in range(0, len(mine), micro_batch)]
+    per_rank = -(-len(rows) // ref.dp_size)  # the most rows a rank gets
+    n_real, most = len(mbs), -(-per_rank // micro_batch)
+    if n_real < most:
+        mbs += [mbs[0] if mbs else collate_pairs(rows[:1], pairs, 1.0)] * (most - n_real)
+    out = torch.zeros(len(pairs), 2, dtype=torch.float64)
+    for mb, seq_S in list(zip(mbs, ref.forward(mbs, _pair_sums)))[:n_real]:
+        out[mb["pair_ids"], 0], out[mb["pair_ids"], 1] = seq_S[0::2], seq_S[1::2]
+    return ref.dp_sum(out.to(ref.device)).float().cpu()
+
+
+def references(cfg: Config, info: DistInfo, run_dir: Path, policy, train: tuple, eval_data: tuple | None):
+    """(frozen online reference or None, train table or None, eval table or None), before any resume: the policy
+    still holds its initial weights, so the default precomputed reference is the policy itself."""
+    d, micro = cfg.dpo, cfg.train.micro_batch
+    if d.reference_logprobs == "online":
+        return policy.reference(d.reference or None, online=True), None, None
+    ref = policy.reference(d.reference) if d.reference else policy
+    tables = [cached_reference_logps(cfg, info, run_dir, split, lambda p=p, r=r: reference_table(ref, r, p, micro), p)
+              if p is not None else None for split, (p, r) in (("train", train), ("eval", eval_data or (None, None)))]
+    return None, *tables
 
 
 @register_stage("dpo")
 def run(cfg: Config) -> dict:
     info, run_dir = setup(cfg)
-    if cfg.parallel.backend == "megatron":
-        from nova_rt.stages.dpo_megatron import run_megatron_dpo
-
-        return run_megatron_dpo(cfg, info, run_dir)
-    hf_model, tok = load_policy(cfg)
+    policy, tok = get_backend(cfg.parallel.backend).build(cfg, info, run_dir)
     pairs, rows, counts, util = build_pair_data(cfg, tok, cfg.data.train_files)
-    eval_data = build_pair_data(cfg, tok, cfg.data.eval_files, cfg.data.eval_max_rows) if cfg.data.eval_files else None
-    sched = BatchSchedule(len(rows), cfg.train.global_batch, cfg.train.micro_batch, info.world_size, cfg.run.seed,
-                          shuffle=cfg.data.shuffle)
+    eval_data = build_pair_data(cfg, tok, cfg.data.eval_files, cfg.data.eval_max_rows)[:2] if cfg.data.eval_files \
+        else None
+    dp_rank, dp_size, micro = policy.dp_rank, policy.dp_size, cfg.train.micro_batch
+    sched = BatchSchedule(len(rows), cfg.train.global_batch, micro, dp_size, cfg.run.seed, shuffle=cfg.data.shuffle)
     if info.is_main:
         log.info("data: %s; %d packed rows, utilization %.2f%%", dict(counts), len(rows), 100 * util)
-    ref = build_reference(cfg, info, hf_model)
-    ref_train = ref_eval = None
-    if cfg.dpo.reference_logprobs == "precompute":  # before resume: the policy still holds its initial weights
-        mb = cfg.train.micro_batch
-        ref_train = cached_reference_logps(cfg, info, run_dir, "train",
-                                           lambda: compute_reference_logps(ref, rows, pairs, info, mb), pairs)
-        if eval_data is not None:
-            ref_eval = cached_reference_logps(
-                cfg, info, run_dir, "eval", lambda: compute_reference_logps(ref, eval_data[1], eval_data[0], info, mb),
-                eval_data[0])
-        ref = None
-    trainer = Trainer(cfg, info, CausalLMLogprobs(hf_model), run_dir=run_dir)
-    trainer.maybe_resume()
-    telemetry = Telemetry(run_dir, enabled=info.is_main, tensorboard=cfg.logging.tensorboard,
-                          progress_bar=cfg.logging.progress_bar, total_steps=cfg.train.max_steps,
-                          start_step=trainer.step, local_rank=info.local_rank)
+    ref, ref_train, ref_eval = references(cfg, info, run_dir, policy, (pairs, rows), eval_data)
+    policy.resume()
+    telemetry = telemetry_for(cfg, info, run_dir, policy.step)
     d = cfg.dpo
     loss = DPOLoss(beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing)
-    loss_fn = lambda model, mb: dpo_loss(model, mb, loss, ref)  # noqa: E731
+    objective = lambda out, mb: dpo_loss_from_logprobs(out, mb, loss)  # noqa: E731
+
+    def with_ref(mbs: list[dict], table) -> list[dict]:
+        return with_reference(mbs, table) if ref is None else with_online_reference(ref, mbs)
+
     evaluate = None
     if eval_data is not None:
-        eval_batches = with_reference(eval_micro_batches(eval_data[1], eval_data[0], cfg.train.micro_batch,
-                                                         info.rank, info.world_size), ref_eval)
-        evaluate = lambda: evaluate_pairs(trainer.model, eval_batches, loss_fn, info.device,  # noqa: E731
-                                          info.distributed)
+        eval_batches = with_ref(eval_micro_batches(eval_data[1], eval_data[0], micro, dp_rank, dp_size), ref_eval)
+        evaluate = lambda: evaluate_pairs(policy, eval_batches, objective)  # noqa: E731
 
     def micro_batches_for(step: int) -> list[dict]:
-        return with_reference(step_micro_batches(rows, pairs, sched.global_rows(step), cfg.train.micro_batch,
-                                                 info.rank, info.world_size), ref_train)
+        return with_ref(step_micro_batches(rows, pairs, sched.global_rows(step), micro, dp_rank, dp_size), ref_train)
 
-    run_steps(cfg, info, trainer, telemetry, micro_batches_for, loss_fn,
-              eval_hook(cfg, telemetry, evaluate, trainer.step))
+    run_steps(cfg, policy, telemetry, micro_batches_for, objective, eval_hook(cfg, telemetry, evaluate, policy.step))
     telemetry.close(plot=cfg.logging.plot, keys=("loss", "margin", "eval_margin"))
-    final = save_final_policy(cfg, info, trainer, hf_model, tok, run_dir)
+    final = policy.save_final(tok)
     return {"final": final, "data": dict(counts), "pack_utilization": util}

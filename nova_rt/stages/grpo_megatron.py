@@ -30,13 +30,11 @@ import logging
 import torch
 import torch.distributed as dist
 
+from nova_rt.backends.megatron import MegatronPolicy, megatron_backend, save_megatron_final
 from nova_rt.config import Config
 from nova_rt.data.chat import IGNORE
 from nova_rt.losses.kl import sampled_kl, topk_kl
-from nova_rt.lr_schedule import lr_at
-from nova_rt.parallel import checkpoint as mckpt
 from nova_rt.parallel.packed import from_shifted
-from nova_rt.stages.common import megatron_backend, megatron_guard, megatron_resume, save_megatron_final
 from nova_rt.stages.grpo.losses import ptx_loss_from_outputs, rl_loss_from_outputs
 from nova_rt.stages.grpo.run import GRPORun
 
@@ -65,45 +63,17 @@ def _dp_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-class MegatronPolicy:
-    """What GRPORun drives of nova_rt.trainer.Trainer (train_step, step, maybe_resume, save_checkpoint, autocast),
-    over a MegatronBackend with the trainer's lr schedule and non-finite guard (a NaN/inf step applies no update, is
-    counted, and train.max_nonfinite_steps in a row stop the run; no checkpoint or final model during a streak)."""
-
-    def __init__(self, cfg: Config, backend, run_dir, temperature: float):
-        self.cfg, self.backend, self.run_dir, self.temperature = cfg, backend, run_dir, temperature
-        self.step = 0
-        self.guard = megatron_guard(cfg, run_dir, 0)
-
-    def _lr(self, step: int) -> float:
-        return lr_at(self.cfg.optim, self.cfg.train.max_steps, step)
+class _GRPOPolicy(MegatronPolicy):
+    """MegatronPolicy as GRPORun drives nova_rt.trainer.Trainer (maybe_resume, autocast), with GRPO's step options."""
 
     def autocast(self):
         return contextlib.nullcontext()  # precision is model.dtype on this backend
 
-    def train_step(self, micro_batches: list[dict], loss_fn) -> dict:
-        lr = self._lr(self.step)
-        self.backend.set_lr(lr)
-        stats = self.backend.train_step([from_shifted(mb) for mb in micro_batches], loss_fn,
-                                        temperature=self.temperature, entropy=True, topk_ids="ref_topk_ids")
-        self.step += 1
-        self.guard.count(self.step, not self.backend.update_skipped, stats["loss"], stats["grad_norm"])
-        # as Trainer.train_step reports them: the lr this step applied, the run's count of skipped steps
-        return {**stats, "lr": lr, "nonfinite_skipped": self.guard.total}
-
     def maybe_resume(self) -> dict | None:
-        self.step, extra = megatron_resume(self.cfg, self.backend, self.run_dir)
-        self.guard = megatron_guard(self.cfg, self.run_dir, self.step)
-        return extra
+        return self.resume()
 
-    def save_checkpoint(self, extra: dict | None = None):
-        """Write a checkpoint (collective); None, with a warning, while the last step was non-finite."""
-        if self.guard.streak > 0:
-            if self.guard.is_main:
-                log.warning("step %d: checkpoint not written (the last step was non-finite)", self.step)
-            return None
-        return mckpt.save(self.backend, self.run_dir / "checkpoints", self.step, extra,
-                          keep_last=self.cfg.checkpoint.keep_last, meta={"nonfinite_total": self.guard.total})
+    def train_step(self, micro_batches: list[dict], objective, **options) -> dict:
+        return super().train_step(micro_batches, objective, entropy=True, topk_ids="ref_topk_ids", **options)
 
 
 class MegatronGRPORun(GRPORun):
@@ -114,13 +84,13 @@ class MegatronGRPORun(GRPORun):
         self.loss_fn = self._loss
         self._synced_step = 0  # the policy step whose weights the HF generation model holds
 
-    def build_trainer(self) -> MegatronPolicy:
+    def build_trainer(self) -> _GRPOPolicy:
         backend = megatron_backend(self.cfg)
         from megatron.core import parallel_state as ps
 
         self.dp_rank, self.dp_size, self.dp_sum = backend.dp_rank, backend.dp_size, _dp_sum
         self.dp_group = ps.get_data_parallel_group()
-        return MegatronPolicy(self.cfg, backend, self.run_dir, self.g.sampling.temperature)
+        return _GRPOPolicy(self.cfg, backend, self.run_dir, self.g.sampling.temperature, info=self.info)
 
     def _load_ref(self):
         return megatron_backend(self.cfg, self.g.ref_model or None, trainable=False)

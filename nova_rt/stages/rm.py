@@ -5,8 +5,9 @@ in the same packed row, so one forward gives both scores. The loss is the mean o
 (each micro-batch sums its pairs' losses times 1 / global pairs; see nova_rt.trainer). Eval on data.eval_files
 runs before training (logged at step 0), every train.eval_every steps and after the last step, writing
 eval_loss / eval_accuracy / eval_margin / eval_reward_* to metrics.jsonl. The final model is an HF
-`*ForSequenceClassification` directory (num_labels=1) in run.dir/final. With parallel.backend=megatron the same data
-and objective run on megatron-core (nova_rt.stages.rm_megatron).
+`*ForSequenceClassification` directory (num_labels=1) in run.dir/final. The stage runs on any policy backend
+(parallel.backend, nova_rt.backends) with head="score": on megatron the scores come from the last pipeline stage and
+the head starts from exactly the HF stage's draw for the same run.seed.
 """
 
 from __future__ import annotations
@@ -17,17 +18,15 @@ from dataclasses import dataclass
 
 import torch
 
+from nova_rt.backends import get_backend
 from nova_rt.config import Config, register_section
 from nova_rt.data.packing import BatchSchedule
 from nova_rt.data.preference import eval_micro_batches, load_preference_pairs, pack_pairs, step_micro_batches
-from nova_rt.distributed import all_reduce_sum
 from nova_rt.errors import UserError
 from nova_rt.losses.preference import RewardLoss, pair_stats
-from nova_rt.models.reward import RewardModel, batch_scores, check_last_tokens
+from nova_rt.models.reward import check_last_tokens
 from nova_rt.stages import register_stage
-from nova_rt.stages.common import data_files, eval_hook, load_policy, run_steps, save_final_policy, setup
-from nova_rt.telemetry import Telemetry
-from nova_rt.trainer import Trainer
+from nova_rt.stages.common import data_files, eval_hook, run_steps, setup, telemetry_for
 
 log = logging.getLogger("nova_rt.rm")
 
@@ -59,11 +58,6 @@ def build_pair_data(cfg: Config, tokenizer, files: list[str], max_rows: int = 0)
     return pairs, rows, counts, util
 
 
-def rm_loss(model, mb: dict, loss: RewardLoss):
-    """Global-batch-weighted RM loss of one micro-batch and its stats."""
-    return rm_objective(batch_scores(model, mb), mb, loss)
-
-
 def rm_objective(scores_S: torch.Tensor, mb: dict, loss: RewardLoss):
     """(global-batch-weighted loss, stats) from the (S,) scores of a micro-batch (chosen, rejected interleaved);
     shared by both backends (the megatron one computes the scores on its last pipeline stage)."""
@@ -76,61 +70,45 @@ def rm_objective(scores_S: torch.Tensor, mb: dict, loss: RewardLoss):
     return losses_P.sum() * w, stats
 
 
-@torch.no_grad()
-def evaluate_pairs(model, batches: list[dict], loss_fn: Callable, device, distributed: bool) -> dict:
-    """Sum of loss and stats over this rank's eval micro-batches, all-reduced; keys prefixed with eval_."""
-    was_training = model.training
-    model.eval()
-    totals: dict[str, float] = {}
-    for mb in batches:
-        mb = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}
-        loss, stats = loss_fn(model, mb)
-        for k, v in {"loss": float(loss), **stats}.items():
-            totals[k] = totals.get(k, 0.0) + float(v)
+def evaluate_pairs(policy, batches: list[dict], objective: Callable) -> dict:
+    """Sum of the objective's loss and pair stats over this rank's eval micro-batches (forward only), summed over
+    data-parallel ranks; keys prefixed with eval_ (the batches' pair weights 1 / all pairs make the sums means)."""
     keys = ["loss", "reward_chosen", "reward_rejected", "margin", "accuracy", "pairs"]
-    t = torch.tensor([totals.get(k, 0.0) for k in keys], dtype=torch.float64, device=device)
-    if distributed:
-        all_reduce_sum(t)
-    model.train(was_training)
+
+    def stats(out: dict, mb: dict) -> list[float]:
+        value, st = objective(out, mb)
+        return [float(value)] + [float(st[k]) for k in keys[1:]]
+
+    rows = policy.forward(batches, stats)
+    t = torch.tensor([sum(r[j] for r in rows) for j in range(len(keys))], dtype=torch.float64, device=policy.device)
+    policy.dp_sum(t)
     return {f"eval_{k}": v for k, v in zip(keys, t.tolist())}
 
 
 @register_stage("rm")
 def run(cfg: Config) -> dict:
     info, run_dir = setup(cfg)
-    if cfg.parallel.backend == "megatron":
-        from nova_rt.stages.rm_megatron import run_megatron_rm
-
-        return run_megatron_rm(cfg, info, run_dir)
-    hf_model, tok = load_policy(cfg)
-    module = RewardModel.from_causal_lm(hf_model, tok.pad_token_id, seed=cfg.run.seed)
-    del hf_model
+    policy, tok = get_backend(cfg.parallel.backend).build(cfg, info, run_dir, head="score")
     pairs, rows, counts, util = build_pair_data(cfg, tok, cfg.data.train_files)
     check_last_tokens([s.input_ids[-1] for p in pairs for s in (p.chosen, p.rejected)], tok.pad_token_id)
-    sched = BatchSchedule(len(rows), cfg.train.global_batch, cfg.train.micro_batch, info.world_size, cfg.run.seed,
-                          shuffle=cfg.data.shuffle)
+    dp_rank, dp_size, micro = policy.dp_rank, policy.dp_size, cfg.train.micro_batch
+    sched = BatchSchedule(len(rows), cfg.train.global_batch, micro, dp_size, cfg.run.seed, shuffle=cfg.data.shuffle)
     if info.is_main:
         log.info("data: %s; %d packed rows, utilization %.2f%%", dict(counts), len(rows), 100 * util)
-    trainer = Trainer(cfg, info, module, run_dir=run_dir)
-    trainer.maybe_resume()
-    telemetry = Telemetry(run_dir, enabled=info.is_main, tensorboard=cfg.logging.tensorboard,
-                          progress_bar=cfg.logging.progress_bar, total_steps=cfg.train.max_steps,
-                          start_step=trainer.step, local_rank=info.local_rank)
+    policy.resume()
+    telemetry = telemetry_for(cfg, info, run_dir, policy.step)
     loss = RewardLoss(cfg.rm.alpha)
-    loss_fn = lambda model, mb: rm_loss(model, mb, loss)  # noqa: E731
+    objective = lambda out, mb: rm_objective(out["scores"], mb, loss)  # noqa: E731
     evaluate = None
     if cfg.data.eval_files:
         eval_pairs, eval_rows, _, _ = build_pair_data(cfg, tok, cfg.data.eval_files, cfg.data.eval_max_rows)
-        eval_batches = eval_micro_batches(eval_rows, eval_pairs, cfg.train.micro_batch, info.rank, info.world_size)
-        evaluate = lambda: evaluate_pairs(trainer.model, eval_batches, loss_fn, info.device,  # noqa: E731
-                                          info.distributed)
+        eval_batches = eval_micro_batches(eval_rows, eval_pairs, micro, dp_rank, dp_size)
+        evaluate = lambda: evaluate_pairs(policy, eval_batches, objective)  # noqa: E731
 
     def micro_batches_for(step: int) -> list[dict]:
-        return step_micro_batches(rows, pairs, sched.global_rows(step), cfg.train.micro_batch, info.rank,
-                                  info.world_size)
+        return step_micro_batches(rows, pairs, sched.global_rows(step), micro, dp_rank, dp_size)
 
-    run_steps(cfg, info, trainer, telemetry, micro_batches_for, loss_fn,
-              eval_hook(cfg, telemetry, evaluate, trainer.step))
+    run_steps(cfg, policy, telemetry, micro_batches_for, objective, eval_hook(cfg, telemetry, evaluate, policy.step))
     telemetry.close(plot=cfg.logging.plot, keys=("loss", "accuracy", "eval_accuracy"))
-    final = save_final_policy(cfg, info, trainer, module.lm, tok, run_dir)
+    final = policy.save_final(tok)
     return {"final": final, "data": dict(counts), "pack_utilization": util}

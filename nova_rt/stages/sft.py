@@ -12,26 +12,25 @@ import logging
 import numpy as np
 import torch
 
+from nova_rt.backends import get_backend
+from nova_rt.backends.hf import sft_objective
 from nova_rt.config import Config
 from nova_rt.data.chat import IGNORE
-from nova_rt.data.packing import BatchSchedule, collate, loss_weights, pack_samples
+from nova_rt.data.packing import BatchSchedule, collate, pack_samples
 from nova_rt.data.sft import load_sft_samples
-from nova_rt.distributed import all_reduce_sum
 from nova_rt.errors import UserError
-from nova_rt.models.causal import CausalLMLogprobs, batch_logprobs
+from nova_rt.models.causal import batch_logprobs
 from nova_rt.stages import register_stage
-from nova_rt.stages.common import data_files, eval_hook, load_policy, run_steps, save_final_policy, setup
-from nova_rt.telemetry import Telemetry, flops_per_token
-from nova_rt.trainer import Trainer
+from nova_rt.stages.common import data_files, eval_hook, run_steps, setup, telemetry_for
+from nova_rt.telemetry import flops_per_token
 
 log = logging.getLogger("nova_rt.sft")
 
 
 def sft_loss(model, mb: dict):
-    """-sum(w * logp) with global-batch weights; stats: supervised tokens and real tokens."""
-    out = batch_logprobs(model, mb)
-    loss = -(out["logprobs"] * mb["weights"]).sum()
-    return loss, {"tokens": float(mb["input_ids"].numel()), "supervised_tokens": float((mb["targets"] >= 0).sum())}
+    """-sum(w * logp) with global-batch weights; stats: supervised tokens and real tokens (the HF backend's
+    next-token objective, run on a CausalLMLogprobs)."""
+    return sft_objective(batch_logprobs(model, mb), mb)
 
 
 def build_sft_rows(cfg: Config, tokenizer, files: list[str] | None = None, max_rows: int = 0):
@@ -48,6 +47,17 @@ def build_sft_rows(cfg: Config, tokenizer, files: list[str] | None = None, max_r
     return rows, counts, util
 
 
+def _document_sums(logp_T: torch.Tensor, row) -> list[tuple[float, int]]:
+    """(summed NLL, supervised tokens) of every document of a packed row with a supervised token, in order."""
+    out = []
+    mask_T = torch.from_numpy(row.targets != IGNORE)
+    for a, b in zip(row.cu_seqlens[:-1].tolist(), row.cu_seqlens[1:].tolist()):
+        n = int(mask_T[a:b].sum())
+        if n:
+            out.append((-float(logp_T[a:b][mask_T[a:b]].sum()), n))
+    return out
+
+
 @torch.no_grad()
 def document_nll(module, rows: list, device, skip_last: int = 0) -> np.ndarray:
     """(docs, 2) float64: summed NLL and supervised-token count of every document of `rows` (packed rows, each
@@ -59,13 +69,8 @@ def document_nll(module, rows: list, device, skip_last: int = 0) -> np.ndarray:
     for i, row in enumerate(rows):
         mb = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collate([row]).items()}
         logp_T = batch_logprobs(module, mb)["logprobs"].double().cpu()
-        if i >= len(rows) - skip_last:
-            continue
-        mask_T = torch.from_numpy(row.targets != IGNORE)
-        for a, b in zip(row.cu_seqlens[:-1].tolist(), row.cu_seqlens[1:].tolist()):
-            n = int(mask_T[a:b].sum())
-            if n:
-                out.append((-float(logp_T[a:b][mask_T[a:b]].sum()), n))
+        if i < len(rows) - skip_last:
+            out += _document_sums(logp_T, row)
     module.train(was_training)
     return np.array(out, dtype=np.float64).reshape(-1, 2)
 
@@ -78,26 +83,31 @@ def nll_summary(docs: np.ndarray) -> dict:
             "eval_docs": float(len(docs)), "eval_tokens": float(docs[:, 1].sum())}
 
 
-def heldout_evaluator(cfg: Config, info, module, tokenizer):
-    """evaluate() -> eval_* metrics over cfg.data.eval_files (rows split over ranks, gathered), or None."""
+def heldout_evaluator(cfg: Config, info, policy, tokenizer):
+    """evaluate() -> eval_* metrics over cfg.data.eval_files (rows split over data-parallel ranks, gathered), or
+    None. Each row is one forward-only micro-batch on the policy backend."""
     if not cfg.data.eval_files:
         return None
     rows, _, _ = build_sft_rows(cfg, tokenizer, cfg.data.eval_files, max_rows=cfg.data.eval_max_rows)
     if not rows:
         raise UserError(f"data.eval_files {cfg.data.eval_files}: no usable eval sample")
-    mine = rows[info.rank::info.world_size]
-    pad = -(-len(rows) // info.world_size) - len(mine)  # 0 or 1 repeated row, so every rank forwards as often
+    rank, world = policy.dp_rank, policy.dp_size
+    mine = rows[rank::world]
+    pad = -(-len(rows) // world) - len(mine)  # 0 or 1 repeated row, so every rank forwards as often
+    batches = [collate([row]) for row in mine + rows[:pad]]
 
     def evaluate() -> dict:
-        docs = document_nll(module, mine + rows[:pad], info.device, skip_last=pad)
-        if info.distributed:  # gather every rank's documents: sizes first, then each rank's block summed in place
-            sizes = torch.zeros(info.world_size, dtype=torch.float64)
-            sizes[info.rank] = len(docs)
-            sizes = all_reduce_sum(sizes).long().tolist()
+        logps = policy.forward(batches, lambda out, mb: out["logprobs"].double().cpu())
+        docs = np.array([d for row, logp_T in zip(mine, logps) for d in _document_sums(logp_T, row)],
+                        dtype=np.float64).reshape(-1, 2)
+        if world > 1:  # gather every rank's documents: sizes first, then each rank's block summed in place
+            sizes = torch.zeros(world, dtype=torch.float64)
+            sizes[rank] = len(docs)
+            sizes = policy.dp_sum(sizes).long().tolist()
             buf = torch.zeros(sum(sizes), 2, dtype=torch.float64)
-            lo = sum(sizes[:info.rank])
+            lo = sum(sizes[:rank])
             buf[lo:lo + len(docs)] = torch.from_numpy(docs)
-            docs = all_reduce_sum(buf).numpy()
+            docs = policy.dp_sum(buf).numpy()
         return nll_summary(docs)
 
     return evaluate
@@ -114,67 +124,42 @@ def build_sft_batches(cfg: Config, tokenizer, world_size: int, files: list[str] 
 @register_stage("sft")
 def run(cfg: Config) -> dict:
     info, run_dir = setup(cfg)
-    if cfg.parallel.backend == "megatron":
-        return _run_megatron(cfg, info, run_dir)
-    if cfg.parallel.backend != "hf":
-        raise ValueError(f"parallel.backend must be hf or megatron, got {cfg.parallel.backend!r}")
-    hf_model, tok = load_policy(cfg)
-    rows, sched, counts, util = build_sft_batches(cfg, tok, info.world_size)
+    backend = get_backend(cfg.parallel.backend)
+    if cfg.train.loss_reduction not in backend.sft_loss_reductions:
+        raise ValueError(f"parallel.backend={backend.name} supports train.loss_reduction="
+                         f"{' or '.join(backend.sft_loss_reductions)} only")
+    policy, tok = backend.build(cfg, info, run_dir)
+    rows, sched, counts, util = build_sft_batches(cfg, tok, policy.dp_size)
     if info.is_main:
         log.info("data: %s; %d packed rows, utilization %.2f%%", dict(counts), len(rows), 100 * util)
-    module = CausalLMLogprobs(hf_model)
-    trainer = Trainer(cfg, info, module, run_dir=run_dir)
-    trainer.maybe_resume()
-    telemetry = Telemetry(run_dir, enabled=info.is_main, tensorboard=cfg.logging.tensorboard,
-                          progress_bar=cfg.logging.progress_bar, total_steps=cfg.train.max_steps,
-                          start_step=trainer.step, local_rank=info.local_rank)
-    n_params = sum(p.numel() for p in hf_model.parameters())
-    hc = hf_model.config
-    peak = telemetry.gpu.peak_tflops if telemetry.gpu is not None else None
+    policy.resume()
+    telemetry = telemetry_for(cfg, info, run_dir, policy.step)
+    size = policy.model_size()  # (parameters, layers, hidden size) for the MFU, or None
+    peak = telemetry.gpu.peak_tflops if telemetry.gpu is not None and size is not None else None
 
     def micro_batches_for(step: int) -> list[dict]:
-        global_rows = [rows[i] for i in sched.global_rows(step)]
-        weights = loss_weights(global_rows, cfg.train.loss_reduction)
-        per_rank = cfg.train.global_batch // info.world_size
-        lo = info.rank * per_rank
-        mine = list(range(lo, lo + per_rank))
-        return [collate([global_rows[j] for j in mine[i:i + cfg.train.micro_batch]],
-                        [weights[j] for j in mine[i:i + cfg.train.micro_batch]])
-                for i in range(0, per_rank, cfg.train.micro_batch)]
+        return policy.sft_micro_batches(rows, sched, step, cfg.train.loss_reduction)
 
     def extra_metrics(step: int, m: dict) -> dict:
         global_rows = [rows[i] for i in sched.global_rows(step)]
-        slots = cfg.packing.max_tokens * len(global_rows) if cfg.packing.enabled else m["tokens"]
-        out = {"tokens_per_s": m["tokens"] / m["step_time_s"], "pack_utilization": m["tokens"] / slots,
+        tokens = sum(r.num_tokens for r in global_rows)
+        slots = cfg.packing.max_tokens * len(global_rows) if cfg.packing.enabled else tokens
+        out = {"tokens": tokens, "tokens_per_s": tokens / m["step_time_s"], "pack_utilization": tokens / slots,
                "epoch": step // sched.steps_per_epoch}
         if peak:
-            mean_doc = m["tokens"] / sum(len(r.cu_seqlens) - 1 for r in global_rows)
-            fpt = flops_per_token(n_params, hc.num_hidden_layers, hc.hidden_size, mean_doc)
-            out["mfu"] = fpt * m["tokens"] / m["step_time_s"] / (peak * 1e12 * info.world_size)
+            mean_doc = tokens / sum(len(r.cu_seqlens) - 1 for r in global_rows)
+            fpt = flops_per_token(size[0], size[1], size[2], mean_doc)
+            out["mfu"] = fpt * tokens / m["step_time_s"] / (peak * 1e12 * info.world_size)
         return out
 
-    evaluate = heldout_evaluator(cfg, info, trainer.model, tok)
-    with_eval = eval_hook(cfg, telemetry, evaluate, trainer.step)
-    run_steps(cfg, info, trainer, telemetry, micro_batches_for, sft_loss,
+    evaluate = None
+    if cfg.data.eval_files and not policy.sft_heldout_eval:
+        if info.is_main:
+            log.warning("data.eval_files: the held-out loss is not evaluated on the %s backend (hf only)", backend.name)
+    else:
+        evaluate = heldout_evaluator(cfg, info, policy, tok)
+    with_eval = eval_hook(cfg, telemetry, evaluate, policy.step)
+    run_steps(cfg, policy, telemetry, micro_batches_for, None,
               lambda step, m: {**extra_metrics(step, m), **with_eval(step, m)})
     telemetry.close(plot=cfg.logging.plot, keys=("loss", "eval_loss") if evaluate else ("loss",))
-    final = save_final_policy(cfg, info, trainer, hf_model, tok, run_dir)
-    return {"final": final, "data": dict(counts), "pack_utilization": util}
-
-
-def _run_megatron(cfg: Config, info, run_dir) -> dict:
-    from transformers import AutoTokenizer
-
-    from nova_rt.config import resolve_path
-    from nova_rt.models.loading import resolve_model_path
-    from nova_rt.stages.sft_megatron import run_megatron_sft
-
-    tok = AutoTokenizer.from_pretrained(resolve_path(cfg, cfg.model.tokenizer) or
-                                        resolve_model_path(resolve_path(cfg, cfg.model.path)))
-    rows, counts, util = build_sft_rows(cfg, tok)
-    if info.is_main:
-        log.info("data: %s; %d packed rows, utilization %.2f%%", dict(counts), len(rows), 100 * util)
-        if cfg.data.eval_files:
-            log.warning("data.eval_files: the held-out loss is not evaluated on the megatron backend (hf only)")
-    out = run_megatron_sft(cfg, info, run_dir, rows, tok)
-    return {**out, "data": dict(counts), "pack_utilization": util}
+    return {"final": policy.save_final(tok), "data": dict(counts), "pack_utilization": util}

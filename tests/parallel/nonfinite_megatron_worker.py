@@ -72,11 +72,11 @@ def _record(be, before: list[torch.Tensor]) -> dict:
 
 def _overflow_and_save(be, out: Path) -> dict:
     """lr inf: the update makes parameters non-finite; a checkpoint and the final model must then be refused."""
+    from nova_rt.backends.megatron import save_megatron_final
     from nova_rt.config import build_config
     from nova_rt.distributed import DistInfo
     from nova_rt.errors import NonFiniteError
     from nova_rt.parallel import checkpoint as mckpt
-    from nova_rt.stages.common import save_megatron_final
 
     be.set_lr(float("inf"))
     before = _params(be)

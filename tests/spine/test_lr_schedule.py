@@ -86,7 +86,7 @@ def test_hf_trainer_applies_the_schedule(tmp_path, case):
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_megatron_step_loop_applies_the_schedule(tmp_path, case):
-    from nova_rt.stages.common import run_megatron_steps
+    from nova_rt.backends.megatron import run_megatron_steps
 
     tel = Telemetry(tmp_path, enabled=True, tensorboard=False, progress_bar=False)
     try:
@@ -99,7 +99,7 @@ def test_megatron_step_loop_applies_the_schedule(tmp_path, case):
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_grpo_megatron_policy_applies_the_schedule(tmp_path, case):
-    from nova_rt.stages.grpo_megatron import MegatronPolicy
+    from nova_rt.backends.megatron import MegatronPolicy
 
     policy = MegatronPolicy(_cfg(*case), _Backend(), tmp_path, 1.0)
     assert [policy.train_step([], None)["lr"] for _ in range(TOTAL)] == [LR * f for f in PINNED[case][:TOTAL]]

@@ -1,0 +1,174 @@
+"""parallel.backend=hf: the policy is an HF model inside a log-prob (or score) module, trained by
+nova_rt.trainer.Trainer (DDP/FSDP2, accumulation, AdamW, the lr schedule, checkpoints, the non-finite guard)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from nova_rt.backends import register_backend
+from nova_rt.config import Config, resolve_path
+from nova_rt.data.packing import collate, loss_weights
+from nova_rt.distributed import DistInfo, all_reduce_sum, barrier
+from nova_rt.models.causal import CausalLMLogprobs, batch_logprobs
+
+
+def load_policy(cfg: Config, path: str | None = None):
+    """(hf_model, tokenizer) for cfg.model (or `path`), with attention and activation checkpointing applied."""
+    from nova_rt.models.checkpointing import apply_group_checkpointing
+    from nova_rt.models.loading import load_causal_lm
+
+    m = cfg.model
+    model, tok = load_causal_lm(resolve_path(cfg, path or m.path), dtype=m.dtype, attn_impl=m.attn_impl,
+                                tiny=m.tiny, tokenizer_path=resolve_path(cfg, m.tokenizer), seed=cfg.run.seed)
+    model.config.use_cache = False
+    if cfg.train.activation_checkpointing > 0:
+        apply_group_checkpointing(model.get_decoder().layers, cfg.train.activation_checkpointing)
+    return model, tok
+
+
+def save_final_policy(cfg: Config, info: DistInfo, trainer, hf_model, tokenizer, run_dir: Path) -> str | None:
+    """Write the trained model (the trainer module's `lm.` submodule) as an HF directory in run_dir/final.
+    Collective: every rank gathers (FSDP2), rank 0 writes; returns the path on rank 0, else None."""
+    from nova_rt.trainer import save_hf_atomic
+
+    final = None
+    if cfg.checkpoint.save_final:
+        state = trainer.model_state()
+        if info.is_main:
+            final = save_hf_atomic(hf_model, tokenizer, run_dir / "final",
+                                   state_dict={k[len("lm."):]: v for k, v in state.items()})
+    barrier()
+    return str(final) if final else None
+
+
+def lm_outputs(model, mb: dict, **options) -> dict:
+    """A CausalLMLogprobs' outputs: "logprobs" (T,) aligned with mb["targets"] (0 where no target)."""
+    return batch_logprobs(model, mb, **options)
+
+
+def score_outputs(model, mb: dict) -> dict:
+    """A RewardModel's outputs: "scores" (S,), one per packed sequence."""
+    from nova_rt.models.reward import batch_scores
+
+    return {"scores": batch_scores(model, mb)}
+
+
+def sft_objective(out: dict, mb: dict):
+    """-sum(w * logp) with global-batch weights (mb["weights"]); stats: real and supervised tokens."""
+    loss = -(out["logprobs"] * mb["weights"]).sum()
+    return loss, {"tokens": float(mb["input_ids"].numel()), "supervised_tokens": float((mb["targets"] >= 0).sum())}
+
+
+@register_backend("hf")
+class HFPolicy:
+    """A PolicyBackend (nova_rt.backends.base) over an HF model: `module` is what the Trainer wraps, `outputs(model,
+    mb, **options)` runs it on a micro-batch, `save_model` is the HF model whose weights save_final writes (the
+    module's `lm.` submodule). Frozen (trainable=False): no Trainer, no gradients."""
+
+    name = "hf"
+    sft_loss_reductions = ("token", "sequence")
+    sft_heldout_eval = True
+
+    def __init__(self, cfg: Config, info: DistInfo, module: torch.nn.Module, *, outputs: Callable,
+                 run_dir: Path | None = None, save_model=None, trainable: bool = True, autocast: bool = False):
+        from nova_rt.trainer import Trainer
+
+        self.cfg, self.info, self.outputs, self.save_model = cfg, info, outputs, save_model
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.device, self.dp_rank, self.dp_size, self.dp_group = info.device, info.rank, info.world_size, None
+        self.trainer = Trainer(cfg, info, module, run_dir=run_dir) if trainable else None
+        if self.trainer is None:
+            module = module.to(info.device).eval()
+            module.requires_grad_(False)
+        self.module = self.trainer.raw if self.trainer is not None else module
+        self._autocast_forward = autocast
+
+    @classmethod
+    def build(cls, cfg: Config, info: DistInfo, run_dir: Path, head: str = "lm"):
+        hf_model, tok = load_policy(cfg)
+        if head == "score":
+            from nova_rt.models.reward import RewardModel
+
+            module = RewardModel.from_causal_lm(hf_model, tok.pad_token_id, seed=cfg.run.seed)
+            return cls(cfg, info, module, outputs=score_outputs, run_dir=run_dir, save_model=module.lm), tok
+        return cls(cfg, info, CausalLMLogprobs(hf_model), outputs=lm_outputs, run_dir=run_dir,
+                   save_model=hf_model), tok
+
+    @property
+    def step(self) -> int:
+        return self.trainer.step
+
+    def autocast(self):
+        return self.trainer.autocast() if self.trainer is not None else self._reference_autocast()
+
+    def _reference_autocast(self):
+        prec = self.cfg.train.precision  # the Trainer's rule
+        if prec == "bf16" or (prec == "auto" and self.device.type == "cuda"):
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def dp_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(t)
+
+    def model_size(self) -> tuple[int, int, int]:
+        """(parameters, layers, hidden size) of the HF model, for the MFU."""
+        hc = self.save_model.config
+        return sum(p.numel() for p in self.save_model.parameters()), hc.num_hidden_layers, hc.hidden_size
+
+    def _to_device(self, mb: dict) -> dict:
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}
+
+    # ------------------------------------------------------------------------------------------- steps
+    def train_step(self, micro_batches: list[dict], objective, **options) -> dict:
+        if objective is None:
+            objective = sft_objective
+        return self.trainer.train_step(micro_batches,
+                                       lambda model, mb: objective(self.outputs(model, mb, **options), mb))
+
+    @torch.no_grad()
+    def forward(self, micro_batches: list[dict], fn, **options) -> list:
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            ctx = self.autocast() if self._autocast_forward else contextlib.nullcontext()
+            with ctx:
+                out = []
+                for mb in micro_batches:
+                    mb = self._to_device(mb)
+                    out.append(fn(self.outputs(self.module, mb, **options), mb))
+        finally:
+            self.module.train(was_training)
+        return out
+
+    def reference(self, path: str | None, online: bool = False) -> HFPolicy:
+        ref_hf, _ = load_policy(self.cfg, path=path)  # path None: cfg.model, the policy's initial weights
+        return HFPolicy(self.cfg, self.info, CausalLMLogprobs(ref_hf), outputs=self.outputs, trainable=False,
+                        autocast=online)
+
+    def sft_micro_batches(self, rows: list, schedule, step: int, loss_reduction: str) -> list[dict]:
+        """This rank's share of the global batch, train.micro_batch rows per micro-batch, with global-batch loss
+        weights (token or sequence mean)."""
+        global_rows = [rows[i] for i in schedule.global_rows(step)]
+        weights = loss_weights(global_rows, loss_reduction)
+        per_rank, mb = self.cfg.train.global_batch // self.dp_size, self.cfg.train.micro_batch
+        mine = list(range(self.dp_rank * per_rank, (self.dp_rank + 1) * per_rank))
+        return [collate([global_rows[j] for j in mine[i:i + mb]], [weights[j] for j in mine[i:i + mb]])
+                for i in range(0, per_rank, mb)]
+
+    # ------------------------------------------------------------------------------------------- state
+    def resume(self) -> dict | None:
+        return self.trainer.maybe_resume()
+
+    def save_checkpoint(self, extra: dict | None = None):
+        return self.trainer.save_checkpoint(extra)
+
+    def save_final(self, tokenizer) -> str | None:
+        return save_final_policy(self.cfg, self.info, self.trainer, self.save_model, tokenizer, self.run_dir)
+
+    def export_hf_weights(self) -> dict[str, torch.Tensor]:
+        state = self.trainer.model_state() if self.trainer is not None else self.module.state_dict()
+        return {k[len("lm."):]: v.detach().cpu() for k, v in (state or {}).items() if k.startswith("lm.")}

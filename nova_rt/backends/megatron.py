@@ -1,0 +1,270 @@
+"""parallel.backend=megatron: the policy is a nova_rt.parallel.MegatronBackend (TP/PP/SP/VPP/CP on megatron-core),
+driven with the HF trainer's lr schedule and non-finite policy.
+
+What differs from the HF backend, by design of megatron-core: the per-token outputs are computed on the last pipeline
+stage (vocab-parallel cross entropy at the given temperature; for a score head the final-norm hidden state of each
+sequence's last token times the head), micro-batches are dealt over data-parallel ranks (every TP/PP rank of a
+replica gets the same ones), SFT's loss is the global token mean only (`calculate_per_token_loss`) over one packed row
+per micro-batch, and precision follows `model.dtype` (bf16 needs CUDA). Checkpoints hold each rank's shards,
+optimizer and RNG states (nova_rt.parallel.checkpoint) and a rerun resumes from the newest complete one exactly; the
+final model is an HF directory in run.dir/final (for a score head with the `*ForSequenceClassification` config the
+HF stage writes). Non-finite policy: a step with a NaN/inf loss or grad norm applies no update (the backend skips it),
+is counted (`nonfinite_skipped`) and warned; train.max_nonfinite_steps in a row stop the run with a NonFiniteError;
+no checkpoint is written while the last step was non-finite, and no final model either.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+import types
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from nova_rt.backends import register_backend
+from nova_rt.config import Config, resolve_path
+from nova_rt.distributed import DistInfo, barrier
+from nova_rt.lr_schedule import lr_at
+from nova_rt.parallel.packed import from_shifted
+
+log = logging.getLogger("nova_rt")
+_FORWARD_CHUNK = 8  # micro-batches per forward-only schedule (all of them are padded to one length and kept on device)
+
+
+def megatron_backend(cfg: Config, path: str | None = None, *, trainable: bool = True, **kwargs):
+    """MegatronBackend for cfg.model (or `path`) with cfg.optim and cfg.parallel; trainable=False: frozen reference."""
+    from nova_rt.models.loading import resolve_model_path, to_dtype
+    from nova_rt.parallel import MegatronBackend
+
+    o = cfg.optim
+    return MegatronBackend(resolve_model_path(resolve_path(cfg, path or cfg.model.path)), cfg.parallel,
+                           dtype=to_dtype(cfg.model.dtype), lr=o.lr, weight_decay=o.weight_decay, grad_clip=o.grad_clip,
+                           seed=cfg.run.seed, betas=tuple(o.betas), eps=o.eps, trainable=trainable, **kwargs)
+
+
+def megatron_tokenizer(cfg: Config):
+    """The tokenizer of cfg.model.tokenizer, else of the model directory (this backend loads no HF model)."""
+    from transformers import AutoTokenizer
+
+    from nova_rt.models.loading import resolve_model_path
+
+    return AutoTokenizer.from_pretrained(resolve_path(cfg, cfg.model.tokenizer) or
+                                         resolve_model_path(resolve_path(cfg, cfg.model.path)))
+
+
+def hf_score_head(model_dir: str, pad_token_id: int | None, seed: int, dtype: torch.dtype):
+    """(sequence-classification config, (1, D) initial score weight) as the HF stage builds them: its constructor run
+    on a stand-in decoder (one empty parameter of `dtype`), so the config edits and the seeded draw exist once. The
+    scalar head (megatron_model.ScoreHead, replicated over TP ranks) thus starts from exactly the HF stage's head for
+    the same run.seed, and the final save is a directory AutoModelForSequenceClassification loads."""
+    from transformers import AutoConfig
+
+    from nova_rt.models.reward import sequence_classifier_from_causal
+
+    decoder = torch.nn.Module()
+    decoder.register_parameter("stand_in", torch.nn.Parameter(torch.empty(0, dtype=dtype)))
+    shell = types.SimpleNamespace(config=AutoConfig.from_pretrained(model_dir), get_decoder=lambda: decoder)
+    seq_cls = sequence_classifier_from_causal(shell, pad_token_id, seed=seed)
+    return seq_cls.config, seq_cls.score.weight.detach().clone()
+
+
+def score_backend(cfg: Config, tok):
+    """megatron_backend with head="score", its initial head and the config save_hf writes."""
+    from nova_rt.models.loading import resolve_model_path, to_dtype
+
+    model_dir = resolve_model_path(resolve_path(cfg, cfg.model.path))
+    config, score_init = hf_score_head(model_dir, tok.pad_token_id, cfg.run.seed, to_dtype(cfg.model.dtype))
+    backend = megatron_backend(cfg, head="score", score_init=score_init)
+    backend.save_config = config
+    return backend
+
+
+def to_megatron_batch(row) -> dict:
+    """nova_rt rows carry shifted targets (targets[t] = token t+1); megatron's labels are aligned with input_ids."""
+    labels = np.full(row.num_tokens, -100, dtype=np.int64)
+    labels[1:] = row.targets[:-1]
+    return {"input_ids": torch.from_numpy(row.input_ids), "labels": torch.from_numpy(labels),
+            "position_ids": torch.from_numpy(row.position_ids), "cu_seqlens": torch.from_numpy(row.cu_seqlens)}
+
+
+def _megatron_mb(mb: dict) -> dict:
+    return from_shifted(mb) if "targets" in mb else mb  # SFT rows carry aligned `labels` (to_megatron_batch)
+
+
+def megatron_resume(cfg: Config, backend, run_dir: Path) -> tuple[int, dict | None]:
+    """(step, this rank's extra state) of the newest complete megatron checkpoint, loaded into `backend`;
+    (0, None) for a fresh run."""
+    from nova_rt.parallel import checkpoint as mckpt
+
+    path = mckpt.latest(run_dir / "checkpoints") if cfg.checkpoint.resume else None
+    if path is None:
+        return 0, None
+    step, extra = mckpt.load(backend, path)
+    log.info("resumed from %s (step %d)", path, step)
+    return step, extra
+
+
+def megatron_guard(cfg: Config, run_dir: Path, start: int):
+    """nova_rt.trainer's NonFiniteGuard over megatron checkpoints; a run resumed at `start` continues the count of
+    its checkpoint (meta.json `nonfinite_total`)."""
+    from nova_rt.parallel import checkpoint as mckpt
+    from nova_rt.trainer import NonFiniteGuard
+
+    root = run_dir / "checkpoints"
+    is_main = not dist.is_initialized() or dist.get_rank() == 0
+    guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, is_main, lambda: mckpt.last_complete(root))
+    if start > 0:
+        guard.total = int(mckpt.read_meta(root / f"step_{start:08d}").get("nonfinite_total", 0))
+    return guard
+
+
+def save_megatron_final(cfg: Config, info: DistInfo, backend, tokenizer, run_dir: Path) -> str | None:
+    """Collective: write the trained weights (and tokenizer) as an HF directory run_dir/final, atomically.
+    A non-finite parameter on any rank is a NonFiniteError on every rank, before anything is written."""
+    from nova_rt.errors import NonFiniteError
+    from nova_rt.parallel import checkpoint as mckpt
+
+    if not cfg.checkpoint.save_final:
+        return None
+    if not mckpt.all_finite(backend):
+        raise NonFiniteError(f"step {cfg.train.max_steps}: a model parameter is non-finite; neither a checkpoint nor "
+                             f"a model is written from it (last checkpoint: "
+                             f"{mckpt.last_complete(run_dir / 'checkpoints') or 'none'}). Lower optim.lr.")
+    final = run_dir / "final"
+    tmp = final.with_name(f".{final.name}.tmp")
+    if info.is_main:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+    barrier()
+    backend.save_hf(tmp)
+    if info.is_main:
+        tokenizer.save_pretrained(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    barrier()
+    return str(final) if info.is_main else None
+
+
+@register_backend("megatron")
+class MegatronPolicy:
+    """A PolicyBackend (nova_rt.backends.base) over a MegatronBackend: the trainer's lr schedule before each step, the
+    non-finite guard after it, checkpoints and resume (nova_rt.parallel.checkpoint), the final HF save. Outputs are
+    computed at `temperature` unless a call passes another. A frozen policy (a reference) only runs forward."""
+
+    name = "megatron"
+    sft_loss_reductions = ("token",)
+    sft_heldout_eval = False  # SFT's held-out loss (data.eval_files) is not evaluated on this backend
+
+    def __init__(self, cfg: Config, backend, run_dir, temperature: float = 1.0, *, info: DistInfo | None = None):
+        self.cfg, self.backend, self.run_dir, self.info = cfg, backend, Path(run_dir), info
+        self.temperature = temperature
+        self.step = 0
+        self.guard = megatron_guard(cfg, self.run_dir, 0)
+
+    @classmethod
+    def build(cls, cfg: Config, info: DistInfo, run_dir: Path, head: str = "lm"):
+        tok = megatron_tokenizer(cfg)
+        backend = score_backend(cfg, tok) if head == "score" else megatron_backend(cfg)
+        return cls(cfg, backend, run_dir, info=info), tok
+
+    @property
+    def device(self) -> torch.device:
+        return self.backend.device
+
+    @property
+    def dp_rank(self) -> int:
+        return self.backend.dp_rank
+
+    @property
+    def dp_size(self) -> int:
+        return self.backend.dp_size
+
+    @property
+    def dp_group(self):
+        from megatron.core import parallel_state as ps
+
+        return ps.get_data_parallel_group()
+
+    def dp_sum(self, t: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(t, group=self.dp_group)
+        return t
+
+    def model_size(self) -> None:
+        return None  # no MFU on this backend
+
+    def _options(self, options: dict) -> dict:
+        return {"temperature": self.temperature, **options}
+
+    # ------------------------------------------------------------------------------------------- steps
+    def train_step(self, micro_batches: list[dict], objective, **options) -> dict:
+        t0 = time.perf_counter()
+        lr = lr_at(self.cfg.optim, self.cfg.train.max_steps, self.step)
+        self.backend.set_lr(lr)
+        stats = self.backend.train_step([_megatron_mb(mb) for mb in micro_batches], objective,
+                                        **self._options(options))
+        self.step += 1
+        self.guard.count(self.step, not self.backend.update_skipped, stats["loss"], stats["grad_norm"])
+        # as Trainer.train_step reports them: the lr this step applied, the run's count of skipped steps
+        return {**stats, "lr": lr, "nonfinite_skipped": self.guard.total, "step_time_s": time.perf_counter() - t0}
+
+    def forward(self, micro_batches: list[dict], fn, **options) -> list:
+        mbs = [_megatron_mb(mb) for mb in micro_batches]
+        return [r for i in range(0, len(mbs), _FORWARD_CHUNK)
+                for r in self.backend.forward(mbs[i:i + _FORWARD_CHUNK], fn, **self._options(options))]
+
+    def reference(self, path: str | None, online: bool = False) -> MegatronPolicy:
+        return MegatronPolicy(self.cfg, megatron_backend(self.cfg, path, trainable=False), self.run_dir,
+                              self.temperature, info=self.info)
+
+    def sft_micro_batches(self, rows: list, schedule, step: int, loss_reduction: str) -> list[dict]:
+        """One packed row per micro-batch (the token-mean loss is the backend's own, so no weights)."""
+        if loss_reduction != "token":
+            raise ValueError("parallel.backend=megatron supports train.loss_reduction=token only")
+        return [to_megatron_batch(rows[i]) for mb in schedule.rank_micro_batches(step, self.dp_rank) for i in mb]
+
+    # ------------------------------------------------------------------------------------------- state
+    def resume(self) -> dict | None:
+        self.step, extra = megatron_resume(self.cfg, self.backend, self.run_dir)
+        self.guard = megatron_guard(self.cfg, self.run_dir, self.step)
+        return extra
+
+    def save_checkpoint(self, extra: dict | None = None):
+        """Write a checkpoint (collective); None, with a warning, while the last step was non-finite."""
+        from nova_rt.parallel import checkpoint as mckpt
+
+        if self.guard.streak > 0:
+            if self.guard.is_main:
+                log.warning("step %d: checkpoint not written (the last step was non-finite)", self.step)
+            return None
+        return mckpt.save(self.backend, self.run_dir / "checkpoints", self.step, extra,
+                          keep_last=self.cfg.checkpoint.keep_last, meta={"nonfinite_total": self.guard.total})
+
+    def save_final(self, tokenizer) -> str | None:
+        if self.cfg.checkpoint.save_final:
+            self.guard.refuse_model(self.step)
+        return save_megatron_final(self.cfg, self.info, self.backend, tokenizer, self.run_dir)
+
+    def export_hf_weights(self) -> dict[str, torch.Tensor]:
+        return self.backend.hf_state_dict()
+
+
+def run_megatron_steps(cfg: Config, backend, telemetry, run_dir: Path, start: int,
+                       micro_batches_for: Callable[[int], list[dict]], loss_fn: Callable | None = None,
+                       extra_metrics: Callable[[int, dict], dict] | None = None) -> None:
+    """base.run_steps over a bare MegatronBackend resumed at step `start`; with checkpoint.save_final, a run that
+    ended on a non-finite step is a NonFiniteError here (no final model from it)."""
+    from nova_rt.backends.base import run_steps
+
+    policy = MegatronPolicy(cfg, backend, run_dir)
+    policy.step, policy.guard = start, megatron_guard(cfg, Path(run_dir), start)
+    run_steps(cfg, policy, telemetry, micro_batches_for, loss_fn, extra_metrics)
+    if cfg.checkpoint.save_final:
+        policy.guard.refuse_model(cfg.train.max_steps)
