@@ -47,10 +47,17 @@ class PolicyBackend(Protocol):
     dp_size: int
     dp_group: Any
     """Process group of the data-parallel ranks (None: every rank is a data-parallel rank)."""
+    step_options: dict
+    """Output options every train_step uses unless the call passes them (GRPO: temperature, entropy, top-k ids)."""
+    hf_model: Any
+    """The HF model rollouts generate with (head "policy"); see sync_generation_model."""
+    supports_shared_prefix: bool
+    """Whether micro-batches may use GRPO's shared-prefix layout (nova_rt.models.attention)."""
 
     @classmethod
     def build(cls, cfg: Config, info: DistInfo, run_dir: Path, head: str = "lm") -> tuple[PolicyBackend, Any]:
-        """(trainable policy of cfg.model, tokenizer); head "lm" (log-probs) or "score" (a reward model's scalar)."""
+        """(trainable policy of cfg.model, tokenizer); head "lm" (per-token log-probs), "score" (a reward model's
+        scalar) or "policy" (GRPO: outputs at the target tokens only, and `hf_model` for the rollout engines)."""
 
     def dp_sum(self, t: torch.Tensor) -> torch.Tensor:
         """Sum `t` in place over the data-parallel ranks; returns it."""
@@ -65,7 +72,8 @@ class PolicyBackend(Protocol):
         non-finite guard)."""
 
     def forward(self, micro_batches: list[dict], fn: Callable[[dict, dict], Any], **options) -> list:
-        """[fn(outputs, mb) for mb in micro_batches], without gradients, in eval mode (the results on every rank)."""
+        """[fn(outputs, mb) for mb in micro_batches], without gradients, in eval mode (the results on every rank).
+        Options: temperature, entropy, topk_ids (a micro-batch key), topk (the best ids), autocast (HF only)."""
 
     def reference(self, path: str | None, online: bool = False) -> PolicyBackend:
         """A frozen policy of `path` (None: cfg.model, the initial weights) for reference log-probs; online: it runs
@@ -74,6 +82,12 @@ class PolicyBackend(Protocol):
     def sft_micro_batches(self, rows: list, schedule, step: int, loss_reduction: str) -> list[dict]:
         """This rank's micro-batches of SFT step `step` (packed rows, nova_rt.data.packing.BatchSchedule) for
         train_step(..., objective=None)."""
+
+    def sync_generation_model(self) -> None:
+        """Make hf_model hold the current weights (export_hf_weights; a no-op where it is the trained model)."""
+
+    def once_per_replica(self, fn: Callable[[], Any]) -> Any:
+        """fn() on one rank of each data-parallel replica (e.g. rollouts), its result returned on all its ranks."""
 
     def resume(self) -> dict | None:
         """Load the newest complete checkpoint when checkpoint.resume; returns this rank's extra state (or None)."""

@@ -13,7 +13,7 @@ from nova_rt.backends import register_backend
 from nova_rt.config import Config, resolve_path
 from nova_rt.data.packing import collate, loss_weights
 from nova_rt.distributed import DistInfo, all_reduce_sum, barrier
-from nova_rt.models.causal import CausalLMLogprobs, batch_logprobs
+from nova_rt.models.causal import CausalLMLogprobs, PolicyLogprobs, batch_logprobs, policy_forward
 
 
 def load_policy(cfg: Config, path: str | None = None):
@@ -57,6 +57,25 @@ def score_outputs(model, mb: dict) -> dict:
     return {"scores": batch_scores(model, mb)}
 
 
+def policy_outputs(model, mb: dict, *, temperature: float = 1.0, entropy: bool = False, topk_ids: str | None = None,
+                   topk: int = 0) -> dict:
+    """A PolicyLogprobs' outputs at the target tokens only (GRPO): "logprobs" (N,), "entropy" when asked,
+    "topk_logprobs" (N, K) at the ids the micro-batch holds under the key `topk_ids`; with topk > 0 the reference side
+    of the top-k KL instead: "topk_ids" / "topk_logprobs" (N, topk). A micro-batch's own "temperature" and
+    "entropy" keys override the arguments (PTX rows: temperature 1, no entropy)."""
+    temperature = mb.get("temperature", temperature)
+    if topk:
+        from nova_rt.kernels.topk_select import reference_topk
+
+        hidden = model.selected_hidden(mb["input_ids"], mb["position_ids"], mb["cu_seqlens"], mb["max_seqlen"],
+                                       mb["targets"], mb.get("shared_prefix"))
+        weight = model.head_weight(hidden.dtype)
+        ids, lp = reference_topk(hidden, weight, min(topk, weight.shape[0]), temperature=temperature)
+        return {"topk_ids": ids, "topk_logprobs": lp}
+    return policy_forward(model, mb, temperature=temperature, return_entropy=mb.get("entropy", entropy),
+                          topk_ids=mb.get(topk_ids) if topk_ids else None)
+
+
 def sft_objective(out: dict, mb: dict):
     """-sum(w * logp) with global-batch weights (mb["weights"]); stats: real and supervised tokens."""
     loss = -(out["logprobs"] * mb["weights"]).sum()
@@ -67,7 +86,8 @@ def sft_objective(out: dict, mb: dict):
 class HFPolicy:
     """A PolicyBackend (nova_rt.backends.base) over an HF model: `module` is what the Trainer wraps, `outputs(model,
     mb, **options)` runs it on a micro-batch, `save_model` is the HF model whose weights save_final writes (the
-    module's `lm.` submodule). Frozen (trainable=False): no Trainer, no gradients."""
+    module's `lm.` submodule; for a policy it is also the model rollouts generate with, trained in place).
+    trainable=False: no Trainer, forward only (reference() also freezes the weights it loads)."""
 
     name = "hf"
     sft_loss_reductions = ("token", "sequence")
@@ -81,15 +101,18 @@ class HFPolicy:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.device, self.dp_rank, self.dp_size, self.dp_group = info.device, info.rank, info.world_size, None
         self.trainer = Trainer(cfg, info, module, run_dir=run_dir) if trainable else None
-        if self.trainer is None:
-            module = module.to(info.device).eval()
-            module.requires_grad_(False)
-        self.module = self.trainer.raw if self.trainer is not None else module
+        self.module = self.trainer.raw if self.trainer is not None else module.to(info.device)
+        self.hf_model = save_model
+        self.step_options: dict = {}
+        """Options every train_step passes to `outputs` unless the call gives them (GRPO: temperature, entropy...)."""
         self._autocast_forward = autocast
 
     @classmethod
     def build(cls, cfg: Config, info: DistInfo, run_dir: Path, head: str = "lm"):
         hf_model, tok = load_policy(cfg)
+        if head == "policy":  # GRPO: log-probs at the response tokens only; hf_model also generates the rollouts
+            return cls(cfg, info, PolicyLogprobs(hf_model), outputs=policy_outputs, run_dir=run_dir,
+                       save_model=hf_model), tok
         if head == "score":
             from nova_rt.models.reward import RewardModel
 
@@ -114,6 +137,20 @@ class HFPolicy:
     def dp_sum(self, t: torch.Tensor) -> torch.Tensor:
         return all_reduce_sum(t)
 
+    @property
+    def supports_shared_prefix(self) -> bool:
+        """Whether the model's attention takes GRPO's shared-prefix layout (nova_rt.models.attention)."""
+        from nova_rt.models.attention import supports_shared_prefix
+
+        return supports_shared_prefix(self.module.lm)
+
+    def sync_generation_model(self) -> None:
+        """The HF model that generates is the one trained: nothing to copy."""
+
+    def once_per_replica(self, fn: Callable):
+        """fn() on one rank of each data-parallel replica, its result on every rank of it: here every rank is one."""
+        return fn()
+
     def model_size(self) -> tuple[int, int, int]:
         """(parameters, layers, hidden size) of the HF model, for the MFU."""
         hc = self.save_model.config
@@ -126,15 +163,18 @@ class HFPolicy:
     def train_step(self, micro_batches: list[dict], objective, **options) -> dict:
         if objective is None:
             objective = sft_objective
+        options = {**self.step_options, **options}
         return self.trainer.train_step(micro_batches,
                                        lambda model, mb: objective(self.outputs(model, mb, **options), mb))
 
     @torch.no_grad()
-    def forward(self, micro_batches: list[dict], fn, **options) -> list:
+    def forward(self, micro_batches: list[dict], fn, *, autocast: bool | None = None, **options) -> list:
+        """autocast: run under the trainer's mixed precision (default: only for an online reference)."""
         was_training = self.module.training
         self.module.eval()
         try:
-            ctx = self.autocast() if self._autocast_forward else contextlib.nullcontext()
+            use = self._autocast_forward if autocast is None else autocast
+            ctx = self.autocast() if use else contextlib.nullcontext()
             with ctx:
                 out = []
                 for mb in micro_batches:
@@ -146,8 +186,9 @@ class HFPolicy:
 
     def reference(self, path: str | None, online: bool = False) -> HFPolicy:
         ref_hf, _ = load_policy(self.cfg, path=path)  # path None: cfg.model, the policy's initial weights
-        return HFPolicy(self.cfg, self.info, CausalLMLogprobs(ref_hf), outputs=self.outputs, trainable=False,
-                        autocast=online)
+        module = type(self.module)(ref_hf).to(self.device).eval()  # CausalLMLogprobs or PolicyLogprobs
+        module.requires_grad_(False)
+        return HFPolicy(self.cfg, self.info, module, outputs=self.outputs, trainable=False, autocast=online)
 
     def sft_micro_batches(self, rows: list, schedule, step: int, loss_reduction: str) -> list[dict]:
         """This rank's share of the global batch, train.micro_batch rows per micro-batch, with global-batch loss

@@ -93,6 +93,36 @@ def to_megatron_batch(row) -> dict:
             "position_ids": torch.from_numpy(row.position_ids), "cu_seqlens": torch.from_numpy(row.cu_seqlens)}
 
 
+def _at_targets(out: dict, targets: torch.Tensor) -> dict:
+    """The backend's outputs at the target (response / supervised) tokens only, the layout of the HF backend's
+    PolicyLogprobs: per-token ones are selected, the top-k ones already are."""
+    from nova_rt.data.chat import IGNORE
+
+    mask = (targets != IGNORE).to(out["logprobs"].device)
+    return {k: v[mask] if k in ("logprobs", "entropy") else v for k, v in out.items()}
+
+
+def _on_targets(fn: Callable) -> Callable:
+    """fn(outputs at the targets, micro-batch on the outputs' device) (a policy head: GRPO's objectives)."""
+    def wrapped(out: dict, mb: dict):
+        device = out["logprobs"].device
+        mb = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}
+        return fn(_at_targets(out, mb["targets"]), mb)
+
+    return wrapped
+
+
+def _cpu(x):
+    """Tensors of a forward result moved to the CPU (results travel between pipeline ranks as objects)."""
+    if isinstance(x, torch.Tensor):
+        return x.cpu()
+    if isinstance(x, dict):
+        return {k: _cpu(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_cpu(v) for v in x)
+    return x
+
+
 def _megatron_mb(mb: dict) -> dict:
     return from_shifted(mb) if "targets" in mb else mb  # SFT rows carry aligned `labels` (to_megatron_batch)
 
@@ -157,7 +187,14 @@ def save_megatron_final(cfg: Config, info: DistInfo, backend, tokenizer, run_dir
 class MegatronPolicy:
     """A PolicyBackend (nova_rt.backends.base) over a MegatronBackend: the trainer's lr schedule before each step, the
     non-finite guard after it, checkpoints and resume (nova_rt.parallel.checkpoint), the final HF save. Outputs are
-    computed at `temperature` unless a call passes another. A frozen policy (a reference) only runs forward."""
+    computed at `temperature` unless a call passes another. A frozen policy (a reference) only runs forward.
+
+    A policy head (GRPO, build(head="policy")): objectives and forward functions see the outputs at the target tokens
+    only (the HF backend's PolicyLogprobs layout); rollouts run on an HF copy of the model (`hf_model`), loaded with
+    the current weights gathered from the shards before each rollout (sync_generation_model: hf_convert's mapping, a
+    full copy on every rank), and only the first rank of each model-parallel group (TP x PP) generates and scores,
+    broadcasting the result to the others (once_per_replica), so every rank of a replica trains on identical rollouts
+    even where generation is not bitwise reproducible."""
 
     name = "megatron"
     sft_loss_reductions = ("token",)
@@ -168,9 +205,21 @@ class MegatronPolicy:
         self.temperature = temperature
         self.step = 0
         self.guard = megatron_guard(cfg, self.run_dir, 0)
+        self.step_options: dict = {}
+        """Options every train_step passes to the backend unless the call gives them (GRPO: entropy, top-k ids)."""
+        self.at_targets = False
+        self.hf_model = None
+        self._synced_step = 0  # the policy step whose weights hf_model holds
 
     @classmethod
     def build(cls, cfg: Config, info: DistInfo, run_dir: Path, head: str = "lm"):
+        if head == "policy":
+            from nova_rt.backends.hf import load_policy
+
+            hf_model, tok = load_policy(cfg)  # the generation copy
+            policy = cls(cfg, megatron_backend(cfg), run_dir, info=info)
+            policy.hf_model, policy.at_targets = hf_model, True
+            return policy, tok
         tok = megatron_tokenizer(cfg)
         backend = score_backend(cfg, tok) if head == "score" else megatron_backend(cfg)
         return cls(cfg, backend, run_dir, info=info), tok
@@ -200,7 +249,29 @@ class MegatronPolicy:
     def model_size(self) -> None:
         return None  # no MFU on this backend
 
+    supports_shared_prefix = False  # megatron's attention takes plain packed rows
+
+    def sync_generation_model(self) -> None:
+        """Collective: load the policy's current weights into the HF model that generates (once per step)."""
+        if self._synced_step == self.step:
+            return
+        missing, unexpected = self.hf_model.load_state_dict(self.export_hf_weights(), strict=False)
+        allowed = {"lm_head.weight"} if self.backend.arch.tied else set()
+        if unexpected or set(missing) - allowed:
+            raise RuntimeError(f"megatron -> HF weight sync: missing {missing}, unexpected {unexpected}")
+        self._synced_step = self.step
+
+    def once_per_replica(self, fn: Callable):
+        """fn() on the first rank of this model-parallel group, its result broadcast to the others."""
+        from megatron.core import parallel_state as ps
+
+        group = ps.get_model_parallel_group()
+        box = [fn() if dist.get_rank(group) == 0 else None]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+        return box[0]
+
     def _options(self, options: dict) -> dict:
+        options.pop("autocast", None)  # precision is model.dtype on this backend
         return {"temperature": self.temperature, **options}
 
     # ------------------------------------------------------------------------------------------- steps
@@ -208,21 +279,26 @@ class MegatronPolicy:
         t0 = time.perf_counter()
         lr = lr_at(self.cfg.optim, self.cfg.train.max_steps, self.step)
         self.backend.set_lr(lr)
+        if objective is not None and self.at_targets:
+            objective = _on_targets(objective)
         stats = self.backend.train_step([_megatron_mb(mb) for mb in micro_batches], objective,
-                                        **self._options(options))
+                                        **self._options({**self.step_options, **options}))
         self.step += 1
         self.guard.count(self.step, not self.backend.update_skipped, stats["loss"], stats["grad_norm"])
         # as Trainer.train_step reports them: the lr this step applied, the run's count of skipped steps
         return {**stats, "lr": lr, "nonfinite_skipped": self.guard.total, "step_time_s": time.perf_counter() - t0}
 
     def forward(self, micro_batches: list[dict], fn, **options) -> list:
-        mbs = [_megatron_mb(mb) for mb in micro_batches]
+        mbs, opts = [_megatron_mb(mb) for mb in micro_batches], self._options(options)
+        run = _on_targets(fn) if self.at_targets else fn
         return [r for i in range(0, len(mbs), _FORWARD_CHUNK)
-                for r in self.backend.forward(mbs[i:i + _FORWARD_CHUNK], fn, **self._options(options))]
+                for r in self.backend.forward(mbs[i:i + _FORWARD_CHUNK], lambda out, mb: _cpu(run(out, mb)), **opts)]
 
     def reference(self, path: str | None, online: bool = False) -> MegatronPolicy:
-        return MegatronPolicy(self.cfg, megatron_backend(self.cfg, path, trainable=False), self.run_dir,
-                              self.temperature, info=self.info)
+        ref = MegatronPolicy(self.cfg, megatron_backend(self.cfg, path, trainable=False), self.run_dir,
+                             self.temperature, info=self.info)
+        ref.at_targets = self.at_targets
+        return ref
 
     def sft_micro_batches(self, rows: list, schedule, step: int, loss_reduction: str) -> list[dict]:
         """One packed row per micro-batch (the token-mean loss is the backend's own, so no weights)."""

@@ -53,3 +53,28 @@ def batch_logprobs(model: nn.Module, batch: dict, **kwargs) -> dict:
     """Run a (possibly DDP-wrapped) CausalLMLogprobs on a collated micro-batch."""
     return model(batch["input_ids"], batch["position_ids"], batch["cu_seqlens"], batch["max_seqlen"],
                  batch["targets"], **kwargs)
+
+
+class PolicyLogprobs(CausalLMLogprobs):
+    """CausalLMLogprobs that runs the LM head only on rows with a target (response / supervised tokens): on
+    RL batches most tokens are prompt, whose logits nothing needs. Outputs are (n_targets,) / (n_targets, K)."""
+
+    def selected_hidden(self, input_ids, position_ids, cu_seqlens, max_seqlen, targets,
+                        shared_prefix=None) -> torch.Tensor:
+        return self.hidden_states(input_ids, position_ids, cu_seqlens, max_seqlen, shared_prefix)[targets != IGNORE]
+
+    def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen, targets, *, temperature: float = 1.0,
+                return_entropy: bool = False, topk_ids=None, shared_prefix=None) -> dict:
+        from nova_rt.kernels.fused_linear_logprobs import fused_linear_logprobs
+
+        hidden_TD = self.selected_hidden(input_ids, position_ids, cu_seqlens, max_seqlen, targets, shared_prefix)
+        weight_VD = self.head_weight(hidden_TD.dtype)
+        return fused_linear_logprobs(hidden_TD, weight_VD, targets[targets != IGNORE], temperature=temperature,
+                                     return_entropy=return_entropy, topk_ids=topk_ids)
+
+
+def policy_forward(model, mb: dict, **kw) -> dict:
+    """Run a (possibly DDP-wrapped) PolicyLogprobs on a collated micro-batch (its shared-prefix layout too)."""
+    if mb.get("shared_prefix") is not None:
+        kw["shared_prefix"] = mb["shared_prefix"]
+    return model(mb["input_ids"], mb["position_ids"], mb["cu_seqlens"], mb["max_seqlen"], mb["targets"], **kw)

@@ -1,6 +1,7 @@
 """torchrun worker for test_vllm_megatron.py: a megatron TP=2 policy (gloo, CPU shims) and one colocated vLLM engine
 per rank (rollout TP 1), each synced from the HF copy the ranks gather the TP shards into, as the megatron GRPO stage
-does before its rollouts (nova_rt/stages/grpo_megatron.py: backend.hf_state_dict() -> hf.load_state_dict).
+does before its rollouts (nova_rt/backends/megatron.py, MegatronPolicy.sync_generation_model: backend.hf_state_dict() ->
+hf.load_state_dict).
 
     torchrun --nproc_per_node=2 tests/rollout/vllm_megatron_worker.py MODEL_DIR OUT_DIR STEPS
 

@@ -10,7 +10,6 @@ and a run killed with SIGKILL after a checkpoint resumes to the same final weigh
 Legend: T tokens, V vocab, K top-k ids, B responses, G group size.
 """
 
-import contextlib
 import json
 import os
 import signal
@@ -23,6 +22,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from nova_rt.backends.hf import HFPolicy, policy_outputs
 from nova_rt.data.chat import Sample
 from nova_rt.distributed import DistInfo
 from nova_rt.models.loading import set_attention
@@ -74,8 +74,9 @@ def _fake_run(g: GRPOConfig, policy, ref, ptx=None, shared: bool = False) -> GRP
     run.shared_prefix = shared
     run.g, run.ref, run.ptx, run.info = g, ref, ptx, DistInfo()
     run.dp_rank, run.dp_size = run.info.rank, run.info.world_size
-    run.cfg = SimpleNamespace(run=SimpleNamespace(seed=3))
-    run.trainer = SimpleNamespace(autocast=contextlib.nullcontext, raw=policy)
+    run.cfg = SimpleNamespace(run=SimpleNamespace(seed=3), train=SimpleNamespace(precision="fp32"))
+    run.trainer = HFPolicy(run.cfg, run.info, policy, outputs=policy_outputs, trainable=False)
+    run.ref = HFPolicy(run.cfg, run.info, ref, outputs=policy_outputs, trainable=False) if ref is not None else None
     return run
 
 

@@ -22,7 +22,10 @@ seq-mean-token-mean: 1/(responses_total L_i); seq-mean-token-sum-norm: 1/(B_tota
 whole groups, so group advantages are exact.
 
 Modules: config (the `grpo` section and its sub-sections), batches (packing and aggregation weights), losses (rl_loss,
-ptx_loss), run (GRPORun and the stage). Every name is re-exported here.
+ptx_loss, and make_objective over a policy backend's outputs), run (GRPORun and the stage). Every name is re-exported
+here. The stage runs on any policy backend (parallel.backend, nova_rt.backends, head="policy"): on megatron the
+policy, reference and old log-probs come from megatron-core while rollouts run on an HF copy synced before each
+rollout (nova_rt.backends.megatron.MegatronPolicy).
 """
 
 from nova_rt.stages.grpo.batches import PolicyLogprobs, _forward, agg_scale_and_weights, agg_totals, pack_responses
@@ -35,10 +38,17 @@ from nova_rt.stages.grpo.config import (
     PTXConfig,
     SamplingConfig,
 )
-from nova_rt.stages.grpo.losses import make_loss_fn, ptx_loss, ptx_loss_from_outputs, rl_loss, rl_loss_from_outputs
+from nova_rt.stages.grpo.losses import (
+    make_loss_fn,
+    make_objective,
+    ptx_loss,
+    ptx_loss_from_outputs,
+    rl_loss,
+    rl_loss_from_outputs,
+)
 from nova_rt.stages.grpo.run import GRPORun, log, run
 
 __all__ = ["RENAMED", "GRPOConfig", "GRPODataConfig", "GRPOEvalConfig", "GRPOLossConfig", "GRPORun", "PTXConfig",
            "PolicyLogprobs", "SamplingConfig", "_forward", "agg_scale_and_weights", "agg_totals", "log",
-           "make_loss_fn", "pack_responses", "ptx_loss", "ptx_loss_from_outputs", "rl_loss", "rl_loss_from_outputs",
-           "run"]
+           "make_loss_fn", "make_objective", "pack_responses", "ptx_loss", "ptx_loss_from_outputs", "rl_loss",
+           "rl_loss_from_outputs", "run"]

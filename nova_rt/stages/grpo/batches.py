@@ -1,5 +1,6 @@
-"""GRPO micro-batches: the policy's log-prob head on target rows only, prompt+response packing (optionally with each
-prompt shared by its G responses), and the weights that make per-micro-batch losses sum to the global aggregation."""
+"""GRPO micro-batches: prompt+response packing (optionally with each prompt shared by its G responses) and the
+weights that make per-micro-batch losses sum to the global aggregation. The policy's log-prob head on target rows
+only (PolicyLogprobs) lives in nova_rt.models.causal and is re-exported here."""
 
 from __future__ import annotations
 
@@ -9,32 +10,10 @@ import torch
 from nova_rt.data.chat import IGNORE, Sample
 from nova_rt.data.packing import collate, make_row
 from nova_rt.models.attention import SharedPrefixLayout
-from nova_rt.models.causal import CausalLMLogprobs
+from nova_rt.models.causal import PolicyLogprobs, policy_forward
 
-
-class PolicyLogprobs(CausalLMLogprobs):
-    """CausalLMLogprobs that runs the LM head only on rows with a target (response / supervised tokens): on
-    RL batches most tokens are prompt, whose logits nothing needs. Outputs are (n_targets,) / (n_targets, K)."""
-
-    def selected_hidden(self, input_ids, position_ids, cu_seqlens, max_seqlen, targets,
-                        shared_prefix=None) -> torch.Tensor:
-        return self.hidden_states(input_ids, position_ids, cu_seqlens, max_seqlen, shared_prefix)[targets != IGNORE]
-
-    def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen, targets, *, temperature: float = 1.0,
-                return_entropy: bool = False, topk_ids=None, shared_prefix=None) -> dict:
-        from nova_rt.kernels.fused_linear_logprobs import fused_linear_logprobs
-
-        hidden_TD = self.selected_hidden(input_ids, position_ids, cu_seqlens, max_seqlen, targets, shared_prefix)
-        weight_VD = self.head_weight(hidden_TD.dtype)
-        return fused_linear_logprobs(hidden_TD, weight_VD, targets[targets != IGNORE], temperature=temperature,
-                                     return_entropy=return_entropy, topk_ids=topk_ids)
-
-
-def _forward(model, mb: dict, **kw) -> dict:
-    if mb.get("shared_prefix") is not None:
-        kw["shared_prefix"] = mb["shared_prefix"]
-    return model(mb["input_ids"], mb["position_ids"], mb["cu_seqlens"], mb["max_seqlen"], mb["targets"], **kw)
-
+_forward = policy_forward  # the name losses and tests use
+__all__ = ["PolicyLogprobs", "_forward", "agg_scale_and_weights", "agg_totals", "pack_responses"]
 
 
 def pack_responses(prompts: list[list[int]], responses: list[list[int]], shared_prefix: bool = False) -> dict:

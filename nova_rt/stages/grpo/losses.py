@@ -63,6 +63,15 @@ def ptx_loss_from_outputs(out: dict, mb: dict, g: GRPOConfig):
                                                  "ptx_tokens": float(kl_T.shape[0])}
 
 
+def make_objective(g: GRPOConfig):
+    """The stage's objective over the policy backend's outputs at the target tokens (nova_rt.backends.base): the PTX
+    penalty on PTX rows, rl_loss on rollout rows."""
+    def objective(out: dict, mb: dict):
+        return ptx_loss_from_outputs(out, mb, g) if mb["kind"] == "ptx" else rl_loss_from_outputs(out, mb, g)
+
+    return objective
+
+
 def make_loss_fn(g: GRPOConfig, temperature: float):
     def loss_fn(model, mb):
         return ptx_loss(model, mb, g) if mb["kind"] == "ptx" else rl_loss(model, mb, g, temperature)

@@ -12,6 +12,7 @@ import time
 import numpy as np
 import torch
 
+from nova_rt.backends import get_backend
 from nova_rt.config import Config
 from nova_rt.data.chat import IGNORE, Sample
 from nova_rt.data.packing import collate, epoch_permutation, make_row
@@ -23,21 +24,13 @@ from nova_rt.data.rl import (
     normalise_weights,
     reweight,
 )
-from nova_rt.distributed import all_reduce_sum
 from nova_rt.losses.kl import sampled_kl, topk_kl
-from nova_rt.models.attention import SharedPrefixLayout, supports_shared_prefix
+from nova_rt.models.attention import SharedPrefixLayout
 from nova_rt.stages import register_stage
-from nova_rt.stages.common import data_files, load_policy, save_final_policy, setup
-from nova_rt.stages.grpo.batches import (
-    PolicyLogprobs,
-    _forward,
-    agg_scale_and_weights,
-    agg_totals,
-    pack_responses,
-)
-from nova_rt.stages.grpo.losses import make_loss_fn
+from nova_rt.stages.common import data_files, setup
+from nova_rt.stages.grpo.batches import agg_scale_and_weights, agg_totals, pack_responses
+from nova_rt.stages.grpo.losses import make_objective
 from nova_rt.telemetry import Telemetry
-from nova_rt.trainer import Trainer
 
 log = logging.getLogger("nova_rt.grpo")
 
@@ -63,13 +56,15 @@ class GRPORun:
             raise ValueError(f"grpo.sampling.prompts_per_step={g.sampling.prompts_per_step} must divide by "
                              f"world_size={world}, and train.max_steps={cfg.train.max_steps} by ppo_epochs x "
                              f"minibatches={g.steps_per_rollout}")
-        self.hf, self.tok = load_policy(cfg)
-        # the data-parallel view (the megatron backend narrows it to its DP group in build_trainer)
-        self.dp_rank, self.dp_size, self.dp_sum = self.info.rank, world, all_reduce_sum
-        self.trainer = self.build_trainer()
-        self.ref = self._load_ref() if g.needs_ref else None
-        self.shared_prefix = (g.shared_prefix and cfg.parallel.backend == "hf" and supports_shared_prefix(self.hf)
-                              and (self.ref is None or supports_shared_prefix(self.ref.lm)))
+        # the trained policy (a PolicyBackend, nova_rt.backends) and the HF model rollouts generate with
+        self.trainer, self.tok = get_backend(cfg.parallel.backend).build(cfg, self.info, self.run_dir, head="policy")
+        self.hf = self.trainer.hf_model
+        self.trainer.step_options = {"temperature": g.sampling.temperature, "entropy": True, "topk_ids": "ref_topk_ids"}
+        tr = self.trainer  # the data-parallel view (on megatron: its DP group)
+        self.dp_rank, self.dp_size, self.dp_sum, self.dp_group = tr.dp_rank, tr.dp_size, tr.dp_sum, tr.dp_group
+        self.ref = tr.reference(g.ref_model or None) if g.needs_ref else None
+        self.shared_prefix = (g.shared_prefix and tr.supports_shared_prefix
+                              and (self.ref is None or self.ref.supports_shared_prefix))
         s = g.sampling
         self.generator = build_rollout_engine(
             g.rollout, self.hf, self.tok,
@@ -80,17 +75,7 @@ class GRPORun:
         self._load_prompts()
         self.ptx = self._load_ptx() if g.ptx.coef > 0 else None
         self.prompt_ids = PromptEncoder(self.tok, g.data.pas_model)
-        self.loss_fn = make_loss_fn(g, g.sampling.temperature)
-
-    def build_trainer(self):
-        return Trainer(self.cfg, self.info, PolicyLogprobs(self.hf), run_dir=self.run_dir)
-
-    def _load_ref(self):
-        ref_hf, _ = load_policy(self.cfg, self.g.ref_model or None)
-        ref = PolicyLogprobs(ref_hf).to(self.info.device).eval()
-        for p in ref.parameters():
-            p.requires_grad_(False)
-        return ref
+        self.loss_fn = make_objective(g)
 
     def _load_prompts(self) -> None:
         d, cfg = self.g.data, self.cfg
@@ -118,7 +103,12 @@ class GRPORun:
 
     # ------------------------------------------------------------------------------------------- rollouts
     def collect(self) -> tuple[list[dict], dict]:
-        """This rank's groups for one step ({prompt, responses, rewards}) and global rollout metrics."""
+        """This rank's groups for one step ({prompt, responses, rewards}) and global rollout metrics, generated
+        with the policy's current weights once per data-parallel replica."""
+        self.trainer.sync_generation_model()
+        return self.trainer.once_per_replica(self._collect)
+
+    def _collect(self) -> tuple[list[dict], dict]:
         g, rank, world = self.g, self.dp_rank, self.dp_size
         per_rank, G = g.sampling.prompts_per_step // world, g.sampling.group_size
         kept, dropped, sums = [], [], torch.zeros(7, dtype=torch.float64)
@@ -160,30 +150,26 @@ class GRPORun:
                 for k, v in mb.items()}
 
     def _ref_topk(self, mb: dict, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-        from nova_rt.kernels.topk_select import reference_topk
-
-        hidden = self.ref.selected_hidden(mb["input_ids"], mb["position_ids"], mb["cu_seqlens"], mb["max_seqlen"],
-                                          mb["targets"], mb.get("shared_prefix"))
-        weight = self.ref.head_weight(hidden.dtype)
-        return reference_topk(hidden, weight, min(self.g.loss.topk, weight.shape[0]), temperature=temperature)
+        """The reference's top-k ids and log-probs at the target tokens."""
+        return self.ref.forward([mb], _topk, temperature=temperature, topk=self.g.loss.topk, autocast=True)[0]
 
     @torch.no_grad()
     def precompute(self, mb: dict) -> dict:
-        """Reference top-k ids / log-probs (or sampled-token log-probs) and, for reused batches, old log-probs."""
+        """Reference top-k ids / log-probs (or sampled-token log-probs) and, for reused batches, old log-probs (at
+        the reference's top-k ids too, for the top-k KL in the reward)."""
         g, T = self.g, self.g.sampling.temperature
         mb = self._to_dev(mb)
-        with self.trainer.autocast():
-            if self.ref is not None and g.loss.beta > 0:
-                if g.loss.kl == "topk":
-                    mb["ref_topk_ids"], mb["ref_topk_lp"] = self._ref_topk(mb, T)
-                else:
-                    mb["ref_lp"] = _forward(self.ref, mb, temperature=T)["logprobs"]
-            if g.steps_per_rollout > 1:
-                out = _forward(self.trainer.raw, mb, temperature=T, topk_ids=mb.get("ref_topk_ids"))
-                mb["old_lp"] = out["logprobs"]
-                if g.loss.beta > 0 and g.loss.kl_placement == "reward":
-                    mb["old_kl"] = topk_kl(out["topk_logprobs"], mb["ref_topk_lp"]) if g.loss.kl == "topk" \
-                        else sampled_kl(out["logprobs"], mb["ref_lp"], g.loss.kl)
+        if self.ref is not None and g.loss.beta > 0:
+            if g.loss.kl == "topk":
+                mb["ref_topk_ids"], mb["ref_topk_lp"] = self._ref_topk(mb, T)
+            else:
+                mb["ref_lp"] = self.ref.forward([mb], _outputs, temperature=T, autocast=True)[0]["logprobs"]
+        if g.steps_per_rollout > 1:
+            out = self.trainer.forward([mb], _outputs, temperature=T, topk_ids="ref_topk_ids", autocast=True)[0]
+            mb["old_lp"] = out["logprobs"]
+            if g.loss.beta > 0 and g.loss.kl_placement == "reward":
+                mb["old_kl"] = topk_kl(out["topk_logprobs"], mb["ref_topk_lp"]) if g.loss.kl == "topk" \
+                    else sampled_kl(out["logprobs"], mb["ref_lp"], g.loss.kl)
         return mb
 
     def micro_batches(self, groups: list[dict]) -> list[dict]:
@@ -220,9 +206,10 @@ class GRPORun:
         per = B // world
         mb = self._to_dev(collate([make_row(rows[rank * per:(rank + 1) * per])]))
         n_sup = int((mb["targets"] != IGNORE).sum())
-        mb.update(kind="ptx", w=torch.full((n_sup,), 1.0 / max(total, 1), device=self.info.device))
-        with self.trainer.autocast():
-            mb["ref_topk_ids"], mb["ref_topk_lp"] = self._ref_topk(mb, 1.0)
+        # PTX rows: temperature 1 and no entropy (RL rows: grpo.sampling.temperature)
+        mb.update(kind="ptx", w=torch.full((n_sup,), 1.0 / max(total, 1), device=self.info.device), temperature=1.0,
+                  entropy=False)
+        mb["ref_topk_ids"], mb["ref_topk_lp"] = self._ref_topk(mb, 1.0)
         return [mb]
 
     # ------------------------------------------------------------------------------------------- training
@@ -254,7 +241,11 @@ class GRPORun:
 
     # ------------------------------------------------------------------------------------------- eval
     def evaluate(self) -> dict[str, dict[str, float]]:
-        """Greedy per-category eval over all ranks (each takes every world_size-th prompt)."""
+        """Greedy per-category eval over all data-parallel replicas (each takes every dp_size-th prompt)."""
+        self.trainer.sync_generation_model()
+        return self.trainer.once_per_replica(self._evaluate)
+
+    def _evaluate(self) -> dict[str, dict[str, float]]:
         def score(texts, samples):
             total, _, correct = self.score(texts, samples)
             return total, correct
@@ -288,7 +279,7 @@ class GRPORun:
 
     def run(self) -> dict:
         cfg, g, tr = self.cfg, self.g, self.trainer
-        extra = tr.maybe_resume()
+        extra = tr.resume()
         if extra and "grpo" in extra:
             self.sampler.load_state_dict(extra["grpo"]["sampler"])
             self.generator.load_state_dict(extra["grpo"]["rollout"])
@@ -328,13 +319,17 @@ class GRPORun:
             os.replace(tmp, self.run_dir / name)
 
     def save_final(self) -> str | None:
-        return save_final_policy(self.cfg, self.info, self.trainer, self.hf, self.tok, self.run_dir)
+        return self.trainer.save_final(self.tok)
+
+
+def _outputs(out: dict, mb: dict) -> dict:
+    return out
+
+
+def _topk(out: dict, mb: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    return out["topk_ids"], out["topk_logprobs"]
 
 
 @register_stage("grpo")
 def run(cfg: Config) -> dict:
-    if cfg.parallel.backend == "megatron":
-        from nova_rt.stages.grpo_megatron import MegatronGRPORun
-
-        return MegatronGRPORun(cfg).run()
     return GRPORun(cfg).run()
