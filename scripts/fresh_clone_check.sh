@@ -7,6 +7,8 @@
 #   scripts/fresh_clone_check.sh            # the whole check (~40 min on 2 cores)
 #   KEEP=1 scripts/fresh_clone_check.sh     # keep the temporary clone (runs/quickstart/report.md, logs)
 #   SKIP_TEST=1 ...                         # install + make run only
+#   CI=1 ...                                # then also `make smoke` and `make test-vllm`, and print CI's total
+#                                           # (.ci/run = smoke + test + test-vllm, after the install)
 set -euo pipefail
 src=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
 work=$(mktemp -d "${TMPDIR:-/tmp}/nova-fresh.XXXXXX")
@@ -38,4 +40,12 @@ grep -A 20 "^## Did the pipeline make the model better" runs/quickstart/report.m
 du -sh runs/quickstart "$NOVA_RT_CACHE" 2>/dev/null | sed 's/^/disk: /'
 [ "${SKIP_TEST:-0}" = 1 ] || step test make test
 tail -n 3 "$work/test.log" 2>/dev/null || true
-echo "fresh-clone check: OK (install ${took[install]} s, make run ${took[run]} s${took[test]:+, make test ${took[test]} s})"
+if [ "${CI:-0}" = 1 ]; then
+  step smoke make smoke
+  tail -n 3 "$work/smoke.log"
+  step test_vllm make test-vllm
+  tail -n 1 "$work/test_vllm.log"
+  ci=$((took[install] + took[smoke] + ${took[test]:-0} + took[test_vllm]))
+  printf 'fresh-clone check: CI (install + smoke + test + test-vllm) %dm%02ds\n' $((ci / 60)) $((ci % 60))
+fi
+echo "fresh-clone check: OK (install ${took[install]} s, make run ${took[run]} s${took[test]:+, make test ${took[test]} s}${took[smoke]:+, make smoke ${took[smoke]} s, make test-vllm ${took[test_vllm]} s})"
