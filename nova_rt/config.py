@@ -28,6 +28,7 @@ from typing import Any, Literal
 import yaml
 
 from nova_rt import config_renames
+from nova_rt.backends import backend_names
 from nova_rt.errors import ConfigError  # defined there so nova_rt.config_renames need not import this module
 
 
@@ -218,10 +219,13 @@ class LoggingConfig:
     """PNG of the loss curve at the end."""
 
 
+BackendName = Literal[backend_names()]  # type: ignore[valid-type]  # one per nova_rt/backends/<name>.py: hf, megatron
+
+
 @register_section("parallel")
 @dataclass(kw_only=True)
 class ParallelConfig:
-    backend: Literal["hf", "megatron"] = "hf"
+    backend: BackendName = "hf"
     """hf (torch DDP/FSDP2 over HF models) or megatron."""
     data_parallel: Literal["ddp", "fsdp2"] = "ddp"
     """ddp or fsdp2 (hf backend)."""

@@ -6,8 +6,18 @@ imported on demand by get_backend, so this package imports no backend (and no st
 from __future__ import annotations
 
 import importlib
+import pkgutil
 
 BACKENDS: dict[str, type] = {}
+NOT_BACKENDS = ("base",)
+"""Modules of this package that are not a backend."""
+
+
+def backend_names() -> tuple[str, ...]:
+    """Every backend module's name (nova_rt/backends/<name>.py), without importing any: parallel.backend's choices
+    (nova_rt.config declares the key as Literal[backend_names()]), so a new backend is its file alone."""
+    return tuple(sorted(m.name for m in pkgutil.iter_modules(__path__)
+                        if m.name not in NOT_BACKENDS and not m.name.startswith("_")))
 
 
 def register_backend(name: str):
@@ -28,5 +38,5 @@ def get_backend(name: str) -> type:
             if exc.name != f"nova_rt.backends.{name}":
                 raise
     if name not in BACKENDS:
-        raise ValueError(f"parallel.backend must be one of hf, megatron, got {name!r}")
+        raise ValueError(f"parallel.backend must be one of {', '.join(backend_names())}, got {name!r}")
     return BACKENDS[name]

@@ -139,3 +139,22 @@ def test_unknown_backend_exits_2_for_every_stage(tmp_path, capsys, stage):
     assert f"{cfg}: parallel.backend: must be one of hf, megatron, got 'megatorn'" in err, err
     assert "Traceback" not in err and len(err.splitlines()) == 2, err
     assert not (tmp_path / "run").exists()  # nothing ran: the run dir is made after the config loads
+
+
+def test_backend_choices_are_the_backend_modules():
+    """parallel.backend's Literal is read from nova_rt/backends/<name>.py (a new backend is its file alone); each
+    choice resolves to a registered PolicyBackend class of that name."""
+    import typing
+    from pathlib import Path
+
+    import nova_rt.backends as backends
+    from nova_rt.config import ParallelConfig
+
+    files = sorted(p.stem for p in Path(backends.__file__).parent.glob("*.py")
+                   if p.stem not in backends.NOT_BACKENDS and not p.stem.startswith("_"))
+    choices = typing.get_args(typing.get_type_hints(ParallelConfig)["backend"])
+    assert list(choices) == files == list(backends.backend_names()) and "hf" in files and "megatron" in files
+    for name in choices:
+        assert backends.get_backend(name).name == name
+    with pytest.raises(ValueError, match="parallel.backend must be one of hf, megatron, got 'megatorn'"):
+        backends.get_backend("megatorn")
