@@ -275,7 +275,8 @@ def heldout_nll(cfg: Config, models: dict[str, str], eval_sets: dict[str, list[s
     for name, path in models.items():
         hf, tok = load_policy(cfg, path)
         if rows is None:
-            rows = {k: build_sft_rows(cfg, tok, files, max_rows=cfg.data.eval_max_rows)[0] for k, files in eval_sets.items()}
+            rows = {k: build_sft_rows(cfg, tok, files, max_rows=cfg.data.eval_max_rows)[0]
+                    for k, files in eval_sets.items()}
         module = CausalLMLogprobs(hf).to(device)
         out[name] = {k: document_nll(module, r, device).tolist() for k, r in rows.items()}
         del module, hf
