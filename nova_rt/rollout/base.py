@@ -69,6 +69,14 @@ class Sampling:
     batch_size: int = 0
 
 
+def check_generate_args(prompts: list[list[int]], group_size: int) -> None:
+    """The arguments every engine's generate() takes: non-empty prompts, group_size >= 1 (ValueError otherwise)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+
+
 @torch.no_grad()
 def policy_token_logprobs(model, prompts: list[list[int]], responses: list[list[int]], *, temperature: float = 1.0,
                           batch_size: int = 16, pad_id: int = 0) -> list[list[float]]:

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nova_rt.models.loading import set_attention
+from nova_rt.rollout.base import check_generate_args
 
 
 @dataclass
@@ -173,10 +174,7 @@ class RolloutGenerator:
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], group_size: int = 1, *, greedy: bool = False) -> Rollout:
         """G responses per prompt (adjacent). Greedy decoding gives G copies of the argmax continuation."""
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
-        if group_size < 1:
-            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        check_generate_args(prompts, group_size)
         t0 = time.perf_counter()
         G = group_size
         was_training, impl = self.model.training, self.model.config._attn_implementation

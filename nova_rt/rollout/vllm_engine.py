@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from nova_rt.errors import UserError
-from nova_rt.rollout.base import RolloutConfig, Sampling, logprob_gap, policy_token_logprobs
+from nova_rt.rollout.base import RolloutConfig, Sampling, check_generate_args, logprob_gap, policy_token_logprobs
 from nova_rt.rollout.generate import Rollout
 
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -214,10 +214,7 @@ class VLLMEngine:
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], group_size: int = 1, *, greedy: bool = False) -> Rollout:
         """G responses per prompt (adjacent); greedy gives G copies of the argmax continuation (HF loop's rule)."""
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
-        if group_size < 1:
-            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        check_generate_args(prompts, group_size)
         t0, G = time.perf_counter(), group_size
         self._ensure_synced()
         mine = len(prompts)
