@@ -39,7 +39,7 @@ class PolicyBackend(Protocol):
     sft_loss_reductions: tuple[str, ...]
     """The train.loss_reduction values its SFT objective supports."""
     sft_heldout_eval: bool
-    """Whether the SFT stage evaluates data.eval_files on it."""
+    """Whether the SFT stage evaluates data.eval_files on it (megatron: not with context_parallel > 1)."""
     step: int
     """Optimizer steps taken; after resume(), the checkpoint's."""
     device: torch.device

@@ -198,7 +198,11 @@ class MegatronPolicy:
 
     name = "megatron"
     sft_loss_reductions = ("token",)
-    sft_heldout_eval = False  # SFT's held-out loss (data.eval_files) is not evaluated on this backend
+
+    @property
+    def sft_heldout_eval(self) -> bool:
+        """SFT's held-out loss runs on `forward`, which context parallelism does not support (CP > 1: skipped)."""
+        return self.cfg.parallel.context_parallel == 1
 
     def __init__(self, cfg: Config, backend, run_dir, temperature: float = 1.0, *, info: DistInfo | None = None):
         self.cfg, self.backend, self.run_dir, self.info = cfg, backend, Path(run_dir), info

@@ -101,13 +101,13 @@ def heldout_evaluator(cfg: Config, info, policy, tokenizer):
         docs = np.array([d for row, logp_T in zip(mine, logps) for d in _document_sums(logp_T, row)],
                         dtype=np.float64).reshape(-1, 2)
         if world > 1:  # gather every rank's documents: sizes first, then each rank's block summed in place
-            sizes = torch.zeros(world, dtype=torch.float64)
+            sizes = torch.zeros(world, dtype=torch.float64)  # (on the policy's device: NCCL reduces no CPU tensor)
             sizes[rank] = len(docs)
-            sizes = policy.dp_sum(sizes).long().tolist()
+            sizes = policy.dp_sum(sizes.to(policy.device)).long().tolist()
             buf = torch.zeros(sum(sizes), 2, dtype=torch.float64)
             lo = sum(sizes[:rank])
             buf[lo:lo + len(docs)] = torch.from_numpy(docs)
-            docs = policy.dp_sum(buf).numpy()
+            docs = policy.dp_sum(buf.to(policy.device)).cpu().numpy()
         return nll_summary(docs)
 
     return evaluate
@@ -155,7 +155,8 @@ def run(cfg: Config) -> dict:
     evaluate = None
     if cfg.data.eval_files and not policy.sft_heldout_eval:
         if info.is_main:
-            log.warning("data.eval_files: the held-out loss is not evaluated on the %s backend (hf only)", backend.name)
+            log.warning("data.eval_files: the held-out loss is not evaluated on the %s backend with this layout "
+                        "(context_parallel > 1)", backend.name)
     else:
         evaluate = heldout_evaluator(cfg, info, policy, tok)
     with_eval = eval_hook(cfg, telemetry, evaluate, policy.step)
