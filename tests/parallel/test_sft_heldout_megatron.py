@@ -13,7 +13,6 @@ from tests.parallel.run_helpers import ROOT, SEED, clean_env, read_metrics
 from tests.parallel.test_sft_megatron import _common, _torchrun
 
 EVAL_FILE = ROOT / "data" / "sft" / "slice_text_eval.jsonl"  # 32 documents, length-varied
-EVAL_KEYS = ("eval_loss", "eval_loss_se", "eval_docs", "eval_tokens")
 
 
 def _evals(run_dir) -> list[dict]:
