@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 QUICKSTART ?= configs/quickstart.yaml
 RUN_ARGS ?=
 
-.PHONY: install run smoke test test-vllm test-all bench-deps lint clean
+.PHONY: install run smoke test test-vllm test-all bench-deps lint docs clean
 
 install: $(STAMP)
 
@@ -65,6 +65,10 @@ bench-deps:
 
 lint: install
 	$(BIN)/ruff check nova_rt tests benchmarks
+
+# docs/config.md is generated from the config dataclasses' field docstrings (tests/spine/test_config_docs.py checks it).
+docs: install
+	$(BIN)/python scripts/gen_config_docs.py --output docs/config.md
 
 clean:
 	rm -rf build *.egg-info nova_rt/*.so $(STAMP)
