@@ -132,6 +132,9 @@ def one_line(text: str) -> str:
 def format_type(annotation) -> str:
     if typing.get_origin(annotation) is typing.Literal:
         return "one of " + ", ".join(f"`{choice}`" for choice in typing.get_args(annotation))
+    items = typing.get_args(annotation)
+    if typing.get_origin(annotation) is list and len(items) == 1 and typing.get_origin(items[0]) is typing.Literal:
+        return "list, each one of " + ", ".join(f"`{choice}`" for choice in typing.get_args(items[0]))
     if isinstance(annotation, str):
         return f"`{annotation}`"
     if isinstance(annotation, type) and not typing.get_args(annotation):
