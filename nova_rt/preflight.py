@@ -15,8 +15,18 @@ from pathlib import Path
 
 from nova_rt.config import Config, resolve_path
 from nova_rt.errors import UserError
+from nova_rt.output_paths import check_output_disjoint
 
 _DATA_STAGES = ("sft", "rm", "dpo")
+# What each stage writes, replaces or deletes directly under run.dir (glob patterns of the top-level entries): the
+# trainers' final/ (replaced), checkpoints/ (pruned), logs, evals, the run lock and DPO's reference cache; the PAS
+# stage's pas/ and pas_model/ (its SFT run); the pipeline's stage directories (checkpoints pruned by rglob), report.
+_TRAIN_WRITES = ("final", ".final.*", "checkpoints", "tensorboard", "metrics.jsonl", "config.json", "loss.png",
+                 "*.tmp", ".lock", "ref_logps_*.pt", "eval_initial.json", "eval_final.json")
+RUN_DIR_WRITES = {"sft": _TRAIN_WRITES, "rm": _TRAIN_WRITES, "dpo": _TRAIN_WRITES, "grpo": _TRAIN_WRITES,
+                  "pas": ("pas", "pas_model", ".lock"),
+                  "pipeline": ("config.json", "*.tmp", ".lock", "base_model", "pas", "sft", "merge", "rm", "grpo",
+                               "report.md", "plots")}
 
 
 def check_safetensors(path: Path) -> None:
@@ -133,3 +143,46 @@ def _check_inputs(cfg: Config) -> None:
             p = resolve_path(cfg, f)
             if not Path(p).exists():
                 raise UserError(f"{key}[{i}]: {p}: no such file or directory")
+    check_run_dir_disjoint(cfg)
+
+
+def stage_inputs(cfg: Config, stage: str) -> dict[str, str]:
+    """{config key -> path} of the files and directories `stage` reads (resolved as the stage resolves them)."""
+    keys: dict[str, str | list[str]] = {"model.path": cfg.model.path, "model.tokenizer": cfg.model.tokenizer}
+    if stage in (*_DATA_STAGES, "pipeline"):
+        keys.update({"data.train_files": cfg.data.train_files, "data.eval_files": cfg.data.eval_files})
+    if stage == "grpo":
+        g = cfg.grpo
+        keys.update({"grpo.data.prompt_files": g.data.prompt_files, "grpo.data.eval_files": g.data.eval_files,
+                     "grpo.ptx.files": g.ptx.files, "grpo.ref_model": g.ref_model, "grpo.data.pas_model":
+                     g.data.pas_model})
+        keys.update({f"grpo.rewards[{i}].path": r["path"] for i, r in enumerate(g.rewards)
+                     if isinstance(r, dict) and isinstance(r.get("path"), str)})
+    if stage == "pas":
+        keys.update({"pas.input_files": cfg.pas.input_files, "pas.seeds_file": cfg.pas.seeds_file,
+                     "pas.generator.model": cfg.pas.generator.model if cfg.pas.generator.backend == "hf" else ""})
+    if stage == "pipeline":
+        for i, s in enumerate(cfg.pipeline.sft_slices):
+            keys.update({f"pipeline.sft_slices[{i}].{k}": s.get(k, []) for k in ("train_files", "eval_files")})
+    out = {"the config file": cfg.source} if Path(cfg.source).is_file() else {}
+    for key, value in keys.items():
+        items = {key: value} if isinstance(value, str) else {f"{key}[{i}]": v for i, v in enumerate(value)}
+        out.update({k: resolve_path(cfg, v) for k, v in items.items() if v})
+    if stage == "pipeline":  # what each of its stages reads: the same keys, with pipeline.stage_overrides applied
+        for sub_stage in cfg.pipeline.stages:
+            overrides = cfg.pipeline.stage_overrides.get(sub_stage, {})
+            sub = cfg.with_overrides(overrides) if overrides else cfg
+            out.update({f"pipeline.stage_overrides.{sub_stage} {k}": v for k, v in stage_inputs(sub, sub_stage).items()
+                        if v not in out.values()})
+    return out
+
+
+def check_run_dir_disjoint(cfg: Config) -> None:
+    """A stage's run.dir and its inputs are apart (nova_rt.output_paths): run.dir is not an input nor inside one
+    (a model directory would get the run's config.json, metrics and final/), and no input lies where the stage writes
+    under run.dir (RUN_DIR_WRITES: a rerun replaces final/, prunes checkpoints/, rewrites config.json and
+    metrics.jsonl). Other entries of run.dir are never touched, so a data file kept at run.dir/train.jsonl or in
+    run.dir/data/ is allowed. The merge stage checks merge.out itself (nova_rt.merge.engine.run_merge)."""
+    written = RUN_DIR_WRITES.get(cfg.run.stage)
+    if written is not None:
+        check_output_disjoint(cfg.run.dir, stage_inputs(cfg, cfg.run.stage), "run.dir", written)

@@ -1,7 +1,8 @@
 """`nova-rt merge CONFIG.yaml OUT_DIR`: merge local HF checkpoints as a mergekit-style YAML describes.
 
 nova_rt's top-level CLI forwards `nova-rt merge ...` here; `python -m nova_rt.merge.cli ...` works too.
-Exit status: 0 merged, 2 bad config / inputs / existing output (message on stderr).
+Exit status: 0 merged, 2 bad config / inputs / existing output without --force / an output that holds an input or
+lies in one (a one-line message on stderr; --force replaces only an output that holds no input).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="mergekit-style YAML (merge_method, base_model, models, parameters, dtype, ...)")
     p.add_argument("out_dir", help="output HF directory (created atomically)")
     p.add_argument("--device", default="cpu", help="where the merge math runs: cpu or cuda[:i] (default: cpu)")
-    p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    p.add_argument("--force", action="store_true",
+                   help="replace OUT_DIR if it exists (never when an input model, tokenizer or the config is in it)")
     p.add_argument("--max-shard-size", default="5GB", help="output shard size, e.g. 2GB, 500MB (default: 5GB)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--random-seed", type=int, default=0, help="seed of the DARE drop masks (default: 0)")

@@ -6,7 +6,8 @@ merge it on `device` straight into its slot in the output staging arena, which i
 in the background (st_io.py, st_writer.py). Another thread faults in tensor k+1's input pages while tensor k is
 merged, within a byte budget that keeps the peak near (models + 1) x the largest tensor, never the model size.
 Everything is written into a hidden temporary directory beside OUT_DIR, which is renamed into place only once
-complete (an error or interruption leaves no partial output).
+complete (an error or interruption leaves no partial output). OUT_DIR may hold no input and lie in none (checked
+first, nova_rt.output_paths), so --force never deletes or writes into an input.
 
 Tied embeddings: the output config is the base's (else the first model's). If it ties word embeddings and that
 model has no `lm_head.weight`, lm_head is not written (the loader ties it to the merged embedding). Otherwise a
@@ -33,6 +34,7 @@ from nova_rt.merge.config import MergeConfig, load_config
 from nova_rt.merge.registry import TensorMerge
 from nova_rt.merge.st_io import ModelReader, OutTensor, parse_size
 from nova_rt.merge.st_writer import ShardedWriter
+from nova_rt.output_paths import check_output_disjoint
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +207,17 @@ def _publish(tmp: Path, out_dir: Path, force: bool) -> None:
         os.replace(tmp, out_dir)
 
 
+def merge_inputs(cfg: MergeConfig, config: str | Path | dict | MergeConfig) -> dict[str, Path]:
+    """What a merge reads, by the config field that names it: every model, the tokenizer source, the YAML file."""
+    inputs = {"base_model": cfg.base.path} if cfg.base is not None else {}
+    inputs.update({f"models[{i}]": e.path for i, e in enumerate(cfg.models)})
+    if cfg.tokenizer_source is not None:
+        inputs["tokenizer_source"] = cfg.tokenizer_source
+    if isinstance(config, (str, Path)):
+        inputs["merge config"] = Path(config)
+    return inputs
+
+
 def run_merge(config: str | Path | dict | MergeConfig, out_dir: str | Path, *, device: str = "cpu",
               force: bool = False, max_shard_size: str | int = "5GB", progress: bool = True, seed: int = 0,
               backend: str = "auto") -> Path:
@@ -214,14 +227,13 @@ def run_merge(config: str | Path | dict | MergeConfig, out_dir: str | Path, *, d
     backend: "auto" (extension when available), "ext" or "torch" (pure-PyTorch reference).
     """
     cfg = config if isinstance(config, MergeConfig) else load_config(config)
-    out_dir = Path(out_dir).resolve()
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available")
+    entries = ([cfg.base] if cfg.base is not None else []) + cfg.models
+    check_output_disjoint(out_dir, merge_inputs(cfg, config), "output directory")
+    out_dir = Path(out_dir).resolve()
     if out_dir.exists() and not force:
         raise FileExistsError(f"output directory {out_dir} exists; pass --force (force=True) to replace it")
-    entries = ([cfg.base] if cfg.base is not None else []) + cfg.models
-    if any(out_dir == e.path for e in entries) or (cfg.tokenizer_source == out_dir):
-        raise ValueError(f"output directory {out_dir} is one of the inputs")
     readers = [ModelReader(e.path, e.label) for e in entries]
     plan = plan_merge(readers, cfg)
     out_dir.parent.mkdir(parents=True, exist_ok=True)

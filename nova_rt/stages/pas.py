@@ -3,7 +3,8 @@
 Artifacts go to <run.dir>/pas/ (see nova_rt/pas/pipeline.py for each file); the trained model lands in
 <run.dir>/pas_model/final. Every sub-step resumes: rerunning the same config skips finished work. When some
 generator requests failed for good, the finished rows are kept and the stage stops before training with an error
-that says to rerun.
+that says to rerun. No input (pas.input_files, seeds_file, the generator model, model.path, the config) may lie in
+<run.dir>/pas or <run.dir>/pas_model, nor run.dir in an input: nova_rt.preflight refuses that before the stage runs.
 """
 
 from __future__ import annotations
