@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nova_rt.disk import disk_writes, resume_hint, state_nbytes
 from nova_rt.distributed import DistInfo, barrier, broadcast_object
 from nova_rt.errors import CheckpointError
 
@@ -156,8 +157,9 @@ def _fsync_dir(path: Path) -> None:
 
 def atomic_torch_save(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with disk_writes(path.parent, path.name, needed=lambda: state_nbytes(obj), cleanup=[tmp]):
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------- manager
@@ -183,33 +185,37 @@ class CheckpointManager:
         return found[-1][1] if found else None
 
     def save(self, step: int, model_state: dict | None, optim_state: dict | None, state: dict) -> Path:
-        """Rank 0 writes model/optimizer/state; every rank writes its RNG state. Collective when distributed."""
+        """Rank 0 writes model/optimizer/state; every rank writes its RNG state. Collective when distributed.
+        A write that fails for lack of space removes step_N.tmp and is a DiskFullError naming the directory, the bytes
+        needed and free, and the checkpoint a rerun resumes from (nova_rt.disk)."""
         final = self.root / f"step_{step:08d}"
         tmp = self.root / f"step_{step:08d}.tmp"
-        if self.info.is_main:
-            self.root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir()
-        barrier()
-        torch.save(rng_state(), tmp / f"rng_rank{self.info.rank}.pt")
-        if self.info.is_main:
-            if model_state is not None:
-                torch.save(model_state, tmp / "model.pt")
-            if optim_state is not None:
-                torch.save(optim_state, tmp / "optimizer.pt")
-            torch.save({**state, "step": step, "world_size": self.info.world_size}, tmp / "state.pt")
-        barrier()
-        if self.info.is_main:
-            write_manifest(tmp)
-            _fsync_dir(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            self._prune()
+        with disk_writes(self.root, f"the checkpoint of step {step}", cleanup=[tmp] if self.info.is_main else [],
+                         needed=lambda: state_nbytes((model_state, optim_state, state)),
+                         then=lambda: resume_hint(self.complete())):
+            if self.info.is_main:
+                self.root.mkdir(parents=True, exist_ok=True)
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir()
+            barrier()
+            torch.save(rng_state(), tmp / f"rng_rank{self.info.rank}.pt")
+            if self.info.is_main:
+                if model_state is not None:
+                    torch.save(model_state, tmp / "model.pt")
+                if optim_state is not None:
+                    torch.save(optim_state, tmp / "optimizer.pt")
+                torch.save({**state, "step": step, "world_size": self.info.world_size}, tmp / "state.pt")
+            barrier()
+            if self.info.is_main:
+                write_manifest(tmp)
+                _fsync_dir(tmp)
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                self._prune()
         barrier()
         return final
-
     def load(self, path: Path) -> tuple[dict | None, dict | None, dict]:
         state = safe_load(path / "state.pt")
         if state.get("world_size", 1) != self.info.world_size:

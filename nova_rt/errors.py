@@ -1,6 +1,6 @@
 """Errors that are the user's to fix, not bugs: bad config, bad data, bad model or checkpoint files, a run that
-diverged. The CLI entry points print their message in one or two lines and exit 2; any other exception is a bug
-and keeps its traceback. `NOVA_RT_DEBUG=1` shows the traceback of user errors too.
+diverged, a full disk. The CLI entry points print their message in one or two lines and exit 2; any other exception
+is a bug and keeps its traceback. `NOVA_RT_DEBUG=1` shows the traceback of user errors too.
 
 Every message names where the problem is: the file, the row and field, or the config key.
 """
@@ -29,6 +29,11 @@ class MergeConfigError(UserError):
 
 class NonFiniteError(UserError):
     """Training stopped: too many consecutive steps with a non-finite loss or gradient norm."""
+
+
+class DiskFullError(UserError):
+    """A write of run outputs failed for lack of space (ENOSPC / EDQUOT): the message names the directory, the bytes
+    needed and free, and what a rerun resumes from (nova_rt.disk)."""
 
 
 def debug_enabled() -> bool:

@@ -35,7 +35,7 @@ def report_user_error(exc: BaseException, prog: str = "nova_rt") -> int:
     so torchrun's failure summary shows it for each failed rank in place of its pointer to tracebacks, and an error
     that only another rank met is not lost."""
     kind = {"ConfigError": "config error", "DataError": "data error", "CheckpointError": "checkpoint error",
-            "NonFiniteError": "training stopped"}.get(type(exc).__name__, "error")
+            "NonFiniteError": "training stopped", "DiskFullError": "disk full"}.get(type(exc).__name__, "error")
     line = f"{prog}: {kind}: {exc}"
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file:
@@ -76,11 +76,13 @@ def _run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     check_inputs(cfg)
+    from nova_rt.disk import disk_writes
     from nova_rt.distributed import shutdown
     from nova_rt.stages import get_stage
 
     try:
-        get_stage(cfg.run.stage)(cfg)
+        with disk_writes(cfg.run.dir, "the run's outputs", name_failed_file=True):  # those no writer names
+            get_stage(cfg.run.stage)(cfg)
     finally:
         shutdown()
     return 0

@@ -33,7 +33,8 @@ from torch import nn
 
 from nova_rt.checkpoint import CheckpointManager
 from nova_rt.config import Config
-from nova_rt.distributed import DistInfo, all_reduce_sum
+from nova_rt.disk import disk_writes, state_nbytes
+from nova_rt.distributed import DistInfo, all_reduce_sum, broadcast_object
 from nova_rt.errors import CheckpointError, NonFiniteError
 from nova_rt.lr_schedule import lr_schedule
 from nova_rt.telemetry import nvtx_range
@@ -272,6 +273,16 @@ class Trainer:
     def due(self, every: int) -> bool:
         return every > 0 and self.step % every == 0
 
+    def checkpoint_last_step(self, extra: dict | None = None) -> None:
+        """Before the final model (collective): a checkpoint of this step, unless the run resumed from one, so that a
+        final write that fails (a full disk) loses no training: the rerun resumes here and only writes the model.
+        With checkpoint.resume=false an old run's checkpoint of this step is replaced; keep_last and the non-finite
+        guard apply as to any checkpoint."""
+        found = self.ckpt.complete() if self.info.is_main else None
+        have = broadcast_object(bool(found) and found[-1][0] == self.step and self.cfg.checkpoint.resume)
+        if not have:
+            self.save_checkpoint(extra)
+
 
 def check_same_shapes(path: Path, own: dict, saved: dict | None) -> None:
     """CheckpointError naming the first tensor whose name or shape differs between the model and a checkpoint."""
@@ -291,16 +302,20 @@ def check_same_shapes(path: Path, own: dict, saved: dict | None) -> None:
                           "same model, or start fresh with another run.dir or checkpoint.resume=false")
 
 
-def save_hf_atomic(hf_model, tokenizer, out_dir: str | Path, state_dict: dict | None = None) -> Path:
-    """Write an HF directory to a temporary sibling and rename it into place (an old one is replaced)."""
+def save_hf_atomic(hf_model, tokenizer, out_dir: str | Path, state_dict: dict | None = None,
+                   then: str | Callable[[], str] = "") -> Path:
+    """Write an HF directory to a temporary sibling and rename it into place (an old one is replaced). Lack of space
+    removes the temporary one and is a DiskFullError (nova_rt.disk) ending with `then` (what a rerun does)."""
     out = Path(out_dir)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     kwargs = {"state_dict": state_dict} if state_dict is not None else {}
-    hf_model.save_pretrained(tmp, safe_serialization=True, **kwargs)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
+    needed = state_nbytes(state_dict if state_dict is not None else hf_model.state_dict())  # save_pretrained empties it
+    with disk_writes(out.parent, f"the model {out.name}/", needed=needed, cleanup=[tmp], then=then):
+        hf_model.save_pretrained(tmp, safe_serialization=True, **kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)

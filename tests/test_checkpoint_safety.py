@@ -142,14 +142,14 @@ def test_corrupt_newest_checkpoint_resumes_from_the_previous_bit_identically(tmp
     run = tmp_path / "run"
     want = load_file(run / "final" / "model.safetensors")
     shutil.rmtree(run / "final")
-    model = run / "checkpoints" / "step_00000003" / "model.pt"
+    model = run / "checkpoints" / "step_00000004" / "model.pt"  # the last step's, written before final
     model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
     with caplog.at_level(logging.WARNING):
         code, err = run_cli(capsys, "--config", cfg)
     assert code == 0, err
-    assert "step_00000003" in caplog.text and "falling back" in caplog.text
-    assert (run / "checkpoints" / "step_00000003.corrupt").is_dir()
-    assert (run / "checkpoints" / "step_00000003" / MANIFEST).exists()  # written again by the resumed run
+    assert "step_00000004" in caplog.text and "falling back" in caplog.text
+    assert (run / "checkpoints" / "step_00000004.corrupt").is_dir()
+    assert (run / "checkpoints" / "step_00000004" / MANIFEST).exists()  # written again by the resumed run
     got = load_file(run / "final" / "model.safetensors")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     steps = [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()]

@@ -95,8 +95,10 @@ class PolicyBackend(Protocol):
     def save_checkpoint(self, extra: dict | None = None) -> Path | None:
         """Write a checkpoint with `extra` state; None (with a warning) while the last step was non-finite."""
 
-    def save_final(self, tokenizer) -> str | None:
-        """Write the trained model as an HF directory run_dir/final when checkpoint.save_final (path on rank 0)."""
+    def save_final(self, tokenizer, extra: dict | None = None) -> str | None:
+        """Write the trained model as an HF directory run_dir/final when checkpoint.save_final (path on rank 0), after
+        a checkpoint of the last step with `extra` state unless the run resumed from one (a failed final write loses
+        no training)."""
 
     def export_hf_weights(self) -> dict[str, torch.Tensor]:
         """The full current weights with HF names (CPU tensors, gathered on every rank), e.g. for a rollout engine."""

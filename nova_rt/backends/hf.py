@@ -30,17 +30,23 @@ def load_policy(cfg: Config, path: str | None = None):
     return model, tok
 
 
-def save_final_policy(cfg: Config, info: DistInfo, trainer, hf_model, tokenizer, run_dir: Path) -> str | None:
-    """Write the trained model (the trainer module's `lm.` submodule) as an HF directory in run_dir/final.
+def save_final_policy(cfg: Config, info: DistInfo, trainer, hf_model, tokenizer, run_dir: Path,
+                      extra: dict | None = None) -> str | None:
+    """Write the trained model (the trainer module's `lm.` submodule) as an HF directory in run_dir/final, after a
+    checkpoint of the last step (with `extra` state) unless the run resumed from one: a final write that fails (a full
+    disk: DiskFullError) loses no training, the rerun only writes the model.
     Collective: every rank gathers (FSDP2), rank 0 writes; returns the path on rank 0, else None."""
+    from nova_rt.disk import resume_hint
     from nova_rt.trainer import save_hf_atomic
 
     final = None
     if cfg.checkpoint.save_final:
+        trainer.checkpoint_last_step(extra)
         state = trainer.model_state()
         if info.is_main:
             final = save_hf_atomic(hf_model, tokenizer, run_dir / "final",
-                                   state_dict={k[len("lm."):]: v for k, v in state.items()})
+                                   state_dict={k[len("lm."):]: v for k, v in state.items()},
+                                   then=lambda: resume_hint(trainer.ckpt.complete(), trainer.step))
     barrier()
     return str(final) if final else None
 
@@ -207,8 +213,8 @@ class HFPolicy:
     def save_checkpoint(self, extra: dict | None = None):
         return self.trainer.save_checkpoint(extra)
 
-    def save_final(self, tokenizer) -> str | None:
-        return save_final_policy(self.cfg, self.info, self.trainer, self.save_model, tokenizer, self.run_dir)
+    def save_final(self, tokenizer, extra: dict | None = None) -> str | None:
+        return save_final_policy(self.cfg, self.info, self.trainer, self.save_model, tokenizer, self.run_dir, extra)
 
     def export_hf_weights(self) -> dict[str, torch.Tensor]:
         state = self.trainer.model_state() if self.trainer is not None else self.module.state_dict()

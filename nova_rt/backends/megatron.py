@@ -154,9 +154,13 @@ def megatron_guard(cfg: Config, run_dir: Path, start: int):
     return guard
 
 
-def save_megatron_final(cfg: Config, info: DistInfo, backend, tokenizer, run_dir: Path) -> str | None:
+def save_megatron_final(cfg: Config, info: DistInfo, backend, tokenizer, run_dir: Path, step: int | None = None
+                        ) -> str | None:
     """Collective: write the trained weights (and tokenizer) as an HF directory run_dir/final, atomically.
-    A non-finite parameter on any rank is a NonFiniteError on every rank, before anything is written."""
+    A non-finite parameter on any rank is a NonFiniteError on every rank, before anything is written. Lack of space
+    removes the temporary directory and is a DiskFullError (nova_rt.disk) saying what a rerun does (`step`: the
+    policy's; MegatronPolicy.save_final writes a checkpoint of it first)."""
+    from nova_rt.disk import disk_writes, resume_hint
     from nova_rt.errors import NonFiniteError
     from nova_rt.parallel import checkpoint as mckpt
 
@@ -173,14 +177,24 @@ def save_megatron_final(cfg: Config, info: DistInfo, backend, tokenizer, run_dir
             shutil.rmtree(tmp)
         tmp.parent.mkdir(parents=True, exist_ok=True)
     barrier()
-    backend.save_hf(tmp)
+    with disk_writes(run_dir, "the model final/", needed=lambda: _model_nbytes(backend), cleanup=[tmp],
+                     then=lambda: resume_hint(mckpt.complete(run_dir / "checkpoints"), step)):
+        backend.save_hf(tmp)
+        if info.is_main:
+            tokenizer.save_pretrained(tmp)
     if info.is_main:
-        tokenizer.save_pretrained(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
     barrier()
     return str(final) if info.is_main else None
+
+
+def _model_nbytes(backend) -> int:
+    """About the size of the full model: this rank's parameter shards times the model-parallel ranks."""
+    p = backend.pcfg
+    local = sum(t.numel() * t.element_size() for chunk in backend.model for t in chunk.parameters())
+    return local * p.tensor_parallel * p.pipeline_parallel
 
 
 @register_backend("megatron")
@@ -327,10 +341,24 @@ class MegatronPolicy:
         return mckpt.save(self.backend, self.run_dir / "checkpoints", self.step, extra,
                           keep_last=self.cfg.checkpoint.keep_last, meta={"nonfinite_total": self.guard.total})
 
-    def save_final(self, tokenizer) -> str | None:
+    def save_final(self, tokenizer, extra: dict | None = None) -> str | None:
+        """The final model, after a checkpoint of the last step (with `extra`) unless the run resumed from one: a
+        final write that fails (a full disk) loses no training, the rerun only writes the model."""
         if self.cfg.checkpoint.save_final:
             self.guard.refuse_model(self.step)
-        return save_megatron_final(self.cfg, self.info, self.backend, tokenizer, self.run_dir)
+            self.checkpoint_last_step(extra)
+        return save_megatron_final(self.cfg, self.info, self.backend, tokenizer, self.run_dir, self.step)
+
+    def checkpoint_last_step(self, extra: dict | None = None) -> None:
+        """Collective: a checkpoint of this step unless the run resumed from one (Trainer.checkpoint_last_step)."""
+        from nova_rt.distributed import broadcast_object
+        from nova_rt.parallel import checkpoint as mckpt
+
+        found = mckpt.last_complete(self.run_dir / "checkpoints")
+        have = broadcast_object(found is not None and found.name == f"step_{self.step:08d}"
+                                and self.cfg.checkpoint.resume)
+        if not have:
+            self.save_checkpoint(extra)
 
     def export_hf_weights(self) -> dict[str, torch.Tensor]:
         return self.backend.hf_state_dict()

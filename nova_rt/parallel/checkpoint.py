@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from nova_rt.checkpoint import quarantine, safe_load, verify_manifest, write_manifest
+from nova_rt.disk import disk_writes, resume_hint, state_nbytes
 from nova_rt.errors import CheckpointError, NonFiniteError
 from nova_rt.parallel import reshard
 
@@ -113,32 +114,38 @@ def save(backend, root: Path, step: int, extra: dict | None = None, keep_last: i
     """Collective: write checkpoint `step` under `root` (see the module docstring); returns its directory.
     `meta`: run-level values, the same on every rank (e.g. the non-finite step count), kept in meta.json.
     A non-finite parameter on any rank is a NonFiniteError on every rank, before anything is written: such a
-    checkpoint must never push a good one out."""
+    checkpoint must never push a good one out. A write that fails for lack of space is a DiskFullError on the rank
+    that met it, naming the directory, the bytes needed (that rank's file) and free, and the checkpoint a rerun
+    resumes from; rank 0 removes step_N.tmp (nova_rt.disk)."""
     final, tmp = root / f"step_{step:08d}", root / f"step_{step:08d}.tmp"
     rank = dist.get_rank()
     if not all_finite(backend):
         raise NonFiniteError(f"step {step}: a model parameter is non-finite; checkpoint not written (last "
                              f"checkpoint: {last_complete(root) or 'none'}). Lower optim.lr.")
-    if rank == 0:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    path = tmp / f"rank_{rank:05d}.pt"
-    torch.save({**backend.state_dict(), "reshard": reshard.describe(backend), "extra": extra, "step": step}, path)
-    _fsync(path)
-    dist.barrier()
-    if rank == 0:
-        (tmp / "meta.json").write_text(json.dumps({**(meta or {}), "step": step, **_layout(backend)}, indent=1))
-        _fsync(tmp / "meta.json")
-        write_manifest(tmp)
-        (tmp / "DONE").write_text("")
-        _fsync(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync(root)
-        _prune(root, keep_last)
+    state: dict = {}
+    with disk_writes(root, f"the checkpoint of step {step}", needed=lambda: state_nbytes(state),
+                     cleanup=[tmp] if rank == 0 else [], then=lambda: resume_hint(complete(root))):
+        if rank == 0:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        path = tmp / f"rank_{rank:05d}.pt"
+        state = {**backend.state_dict(), "reshard": reshard.describe(backend), "extra": extra, "step": step}
+        torch.save(state, path)
+        _fsync(path)
+        dist.barrier()
+        if rank == 0:
+            (tmp / "meta.json").write_text(json.dumps({**(meta or {}), "step": step, **_layout(backend)}, indent=1))
+            _fsync(tmp / "meta.json")
+            write_manifest(tmp)
+            (tmp / "DONE").write_text("")
+            _fsync(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync(root)
+            _prune(root, keep_last)
     dist.barrier()
     return final
 

@@ -302,12 +302,13 @@ class GRPORun:
             tel.log(tr.step, metrics)
             if every > 0 and tr.step // every > (tr.step - k) // every and tr.step < cfg.train.max_steps:
                 tr.save_checkpoint(self.state())
+        last_state = self.state()  # for the checkpoint of the last step that save_final writes before the model
         final_eval = self.eval_metrics(False) if g.eval.every else {}
         self.generator.close()  # vllm: before torch.distributed goes down
         if final_eval:
             self.write_eval("eval_final.json", final_eval)
         tel.close(plot=cfg.logging.plot, keys=("loss", "reward_mean", "kl", "response_len"))
-        return {"final": self.save_final(), "eval": final_eval}
+        return {"final": self.save_final(last_state), "eval": final_eval}
 
     def write_eval(self, name: str, metrics: dict) -> None:
         """run_dir/name: the eval metrics and each category's per-prompt correctness (eval_initial.json before any
@@ -318,8 +319,8 @@ class GRPORun:
             tmp.write_text(json.dumps(out, indent=2))
             os.replace(tmp, self.run_dir / name)
 
-    def save_final(self) -> str | None:
-        return self.trainer.save_final(self.tok)
+    def save_final(self, extra: dict | None = None) -> str | None:
+        return self.trainer.save_final(self.tok, extra)
 
 
 def _outputs(out: dict, mb: dict) -> dict:
