@@ -184,8 +184,9 @@ class CheckpointConfig:
     every: int = 0
     """Save every N optimizer steps (0: only at the end)."""
     keep_last: int = 2
-    resume: bool = True
-    """Resume from the newest complete checkpoint in run.dir."""
+    resume: Literal[True, False, "force"] = True
+    """Resume from the newest complete checkpoint in run.dir when it was written by this stage, model, data and
+    config (nova_rt.provenance; else an error naming what differs); "force": resume anyway, with a warning."""
     save_final: bool = True
     """Write the trained model as an HF directory to run.dir/final."""
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from nova_rt import provenance
 from nova_rt.checkpoint import CheckpointManager
 from nova_rt.config import Config
 from nova_rt.disk import disk_writes, state_nbytes
@@ -136,6 +137,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(o, t.max_steps))
         self.ckpt = CheckpointManager(self.run_dir, info, cfg.checkpoint.keep_last)
         self.step = 0
+        self._provenance: dict | None = None
         self.guard = NonFiniteGuard(t.max_nonfinite_steps, info.is_main, self.ckpt.latest)
         prec = t.precision
         self.autocast_dtype = torch.bfloat16 if prec == "bf16" or (prec == "auto" and info.device.type == "cuda") \
@@ -243,18 +245,32 @@ class Trainer:
             return None
         state = {"scheduler": self.scheduler.state_dict(), "trainer_step": self.step,
                  "nonfinite_total": self.guard.total, **(extra or {})}
+        if self.info.is_main:  # rank 0 writes state.pt
+            state["provenance"] = self.provenance()
         return self.ckpt.save(self.step, self.model_state(), self.optim_state(), state)
 
+    def provenance(self) -> dict:
+        """What this run's checkpoints record (nova_rt.provenance), computed once (the data as the run starts)."""
+        if self._provenance is None:
+            shapes = ((k, v.shape) for k, v in self.raw.state_dict().items())
+            self._provenance = provenance.of_run(self.cfg, provenance.shapes_digest(shapes))
+        return self._provenance
+
     def maybe_resume(self) -> dict | None:
-        """Load the newest complete checkpoint if resuming is enabled; returns its extra state (or None)."""
-        if not self.cfg.checkpoint.resume:
-            return None
-        found = self.ckpt.load_latest()
+        """Load the newest complete checkpoint if resuming is enabled; returns its extra state (or None). One written
+        by another stage, model, data or config is a CheckpointError naming the difference (nova_rt.provenance;
+        checkpoint.resume=force: a warning). Then run_dir/config.json, which setup() leaves to an accepted resume."""
+        here = self.provenance() if self.info.is_main else None
+        found = self.ckpt.load_latest() if self.cfg.checkpoint.resume else None
+        if found is not None:
+            path, model_sd, optim_sd, state = found
+            # every rank loaded the full model.pt; under FSDP2 the module's DTensors carry the global shapes
+            provenance.verify(path, state.get("provenance"), here, self.cfg.checkpoint.resume, self.info.is_main,
+                              lambda: check_same_shapes(path, self.raw.state_dict(), model_sd))
+        if self.info.is_main and provenance.has_checkpoints(self.run_dir):
+            provenance.write_config(self.cfg, self.run_dir)
         if found is None:
             return None
-        path, model_sd, optim_sd, state = found
-        # every rank loaded the full model.pt; under FSDP2 the module's DTensors carry the global shapes
-        check_same_shapes(path, self.raw.state_dict(), model_sd)
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 

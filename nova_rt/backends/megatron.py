@@ -15,6 +15,7 @@ no checkpoint is written while the last step was non-finite, and no final model 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -127,17 +128,38 @@ def _megatron_mb(mb: dict) -> dict:
     return from_shifted(mb) if "targets" in mb else mb  # SFT rows carry aligned `labels` (to_megatron_batch)
 
 
-def megatron_resume(cfg: Config, backend, run_dir: Path) -> tuple[int, dict | None]:
+def megatron_resume(cfg: Config, backend, run_dir: Path, here: dict | None = None) -> tuple[int, dict | None]:
     """(step, this rank's extra state) of the newest complete megatron checkpoint, loaded into `backend`;
-    (0, None) for a fresh run."""
+    (0, None) for a fresh run. One of another stage, model, data or config than `here` (default: this run's,
+    megatron_provenance) is refused (nova_rt.provenance, as the HF trainer); then run_dir/config.json, which setup()
+    leaves to an accepted resume."""
+    from nova_rt import provenance
     from nova_rt.parallel import checkpoint as mckpt
 
     path = mckpt.latest(run_dir / "checkpoints") if cfg.checkpoint.resume else None
+    is_main = dist.get_rank() == 0
+    if path is not None:
+        saved = mckpt.read_meta(path).get("provenance") if is_main else None
+        provenance.verify(path, saved, (here or megatron_provenance(cfg, backend)) if is_main else None,
+                          cfg.checkpoint.resume, is_main)
+    if is_main and provenance.has_checkpoints(run_dir):
+        provenance.write_config(cfg, run_dir)
     if path is None:
         return 0, None
     step, extra = mckpt.load(backend, path)
     log.info("resumed from %s (step %d)", path, step)
     return step, extra
+
+
+def megatron_provenance(cfg: Config, backend) -> dict:
+    """This run's provenance (nova_rt.provenance); the parameter digest is of the HF architecture and head, which
+    every TP/PP layout shares (a checkpoint may be resumed in another layout)."""
+    from nova_rt import provenance
+
+    arch = getattr(backend, "arch", None)
+    arch = dataclasses.asdict(arch) if dataclasses.is_dataclass(arch) else {}
+    return provenance.of_run(cfg, provenance.shapes_digest(
+        [(f"{key}={value}", ()) for key, value in arch.items()] + [(f"head={getattr(backend, 'head', 'lm')}", ())]))
 
 
 def megatron_guard(cfg: Config, run_dir: Path, start: int):
@@ -228,6 +250,9 @@ class MegatronPolicy:
         self.at_targets = False
         self.hf_model = None
         self._synced_step = 0  # the policy step whose weights hf_model holds
+        self._provenance: dict | None = None
+        """What its checkpoints record (megatron_provenance), computed once: the data as the run starts."""
+
 
     @classmethod
     def build(cls, cfg: Config, info: DistInfo, run_dir: Path, head: str = "lm"):
@@ -326,7 +351,9 @@ class MegatronPolicy:
 
     # ------------------------------------------------------------------------------------------- state
     def resume(self) -> dict | None:
-        self.step, extra = megatron_resume(self.cfg, self.backend, self.run_dir)
+        if self.guard.is_main:
+            self._provenance = megatron_provenance(self.cfg, self.backend)
+        self.step, extra = megatron_resume(self.cfg, self.backend, self.run_dir, self._provenance)
         self.guard = megatron_guard(self.cfg, self.run_dir, self.step)
         return extra
 
@@ -338,8 +365,13 @@ class MegatronPolicy:
             if self.guard.is_main:
                 log.warning("step %d: checkpoint not written (the last step was non-finite)", self.step)
             return None
+        meta = {"nonfinite_total": self.guard.total}
+        if self.guard.is_main:  # rank 0 writes meta.json
+            if self._provenance is None:
+                self._provenance = megatron_provenance(self.cfg, self.backend)
+            meta["provenance"] = self._provenance
         return mckpt.save(self.backend, self.run_dir / "checkpoints", self.step, extra,
-                          keep_last=self.cfg.checkpoint.keep_last, meta={"nonfinite_total": self.guard.total})
+                          keep_last=self.cfg.checkpoint.keep_last, meta=meta)
 
     def save_final(self, tokenizer, extra: dict | None = None) -> str | None:
         """The final model, after a checkpoint of the last step (with `extra`) unless the run resumed from one: a

@@ -4,7 +4,6 @@ model loading and final save) are re-exported from there."""
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nova_rt import provenance, run_lock
 from nova_rt.backends.base import run_steps
 from nova_rt.backends.hf import load_policy, save_final_policy
 from nova_rt.config import Config, resolve_path
@@ -28,7 +28,10 @@ log = logging.getLogger("nova_rt")
 
 
 def setup(cfg: Config) -> tuple[DistInfo, Path]:
-    """Init the process group, seeds, threads and logging; create the run dir and record the resolved config."""
+    """Init the process group, seeds, threads and logging; create the run dir, hold it for this run (nova_rt.run_lock:
+    another run there is a RunDirInUse error, exit 2, on every rank) and record the resolved config in config.json,
+    unless the dir holds checkpoints: then the resume writes it once the checkpoint is accepted (nova_rt.provenance),
+    so a refused run leaves the previous run's config.json."""
     info = init_distributed()
     logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -38,11 +41,9 @@ def setup(cfg: Config) -> tuple[DistInfo, Path]:
         cpu_allocator(cfg.train.cpu_allocator)
     seed_everything(cfg.run.seed + info.rank)
     run_dir = Path(cfg.run.dir)
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = run_dir / "config.json.tmp"
-        tmp.write_text(json.dumps(cfg.to_dict(), indent=2))
-        tmp.replace(run_dir / "config.json")
+    run_lock.hold(run_dir, info.is_main)
+    if info.is_main and not provenance.has_checkpoints(run_dir):
+        provenance.write_config(cfg, run_dir)
     barrier()
     return info, run_dir
 

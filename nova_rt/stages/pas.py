@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from nova_rt import run_lock
 from nova_rt.config import Config, DType, register_section, resolve_path
 from nova_rt.stages import register_stage
 
@@ -151,6 +152,7 @@ def run(cfg: Config) -> dict:
     pas, gen = cfg.pas, cfg.pas.generator
     if not pas.input_files:
         raise ValueError(f"{cfg.source}: pas.input_files is empty: give at least one prompt file")
+    run_lock.hold(cfg.run.dir)  # one run per run.dir (its SFT run takes run.dir/pas_model inside it)
     out_dir = Path(cfg.run.dir) / "pas"
     out_dir.mkdir(parents=True, exist_ok=True)
     seeds = load_golden_examples(resolve_path(cfg, pas.seeds_file))
