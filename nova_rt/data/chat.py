@@ -2,7 +2,7 @@
 
 Accepted rows: {"messages": [{"role", "content"}, ...]} or {"prompt", "response"} (optionally "system"). An assistant
 turn whose content is empty (or only whitespace) is a bad row (DataError, subject to data.on_error): it would
-train only on the end-of-turn marker.
+train only on the end-of-turn marker; so is a conversation the chat template cannot render (render_chat).
 The chat template renders the conversation; the characters of each assistant turn are found by rendering the
 prefix up to that turn (with the generation prompt) and the prefix including it, so the span is exactly what the
 template adds for the assistant's reply (content and end-of-turn marker). Tokens whose characters start inside
@@ -95,19 +95,32 @@ def row_to_messages(row: Row, system_prompt: str = "") -> list[dict]:
     return msgs
 
 
-def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool, where: str) -> str:
+    """The chat template's text for `messages`; a conversation the template cannot render (empty, or one its
+    template refuses, e.g. roles that do not alternate) is a DataError naming `where` (the file and row)."""
+    if not messages:
+        raise DataError(f"{where}: no message before the assistant's reply (the chat template renders no "
+                        "conversation without one; start with a user or system message)")
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as exc:  # noqa: BLE001 - templates are user code (jinja raise_exception, TypeError, ...)
+        reason = " ".join(str(exc).split())[:200]
+        raise DataError(f"{where}: the chat template cannot render this conversation "
+                        f"({type(exc).__name__}: {reason})") from exc
 
 
 def assistant_spans(tokenizer, messages: list[dict], where: str) -> tuple[str, list[tuple[int, int]]]:
     """Full rendered text and the [start, end) character spans of every assistant turn."""
-    text = _render(tokenizer, messages, False)
+    if messages and messages[0]["role"] == "assistant":
+        raise DataError(f"{where}: the conversation starts with an assistant message; the chat template needs a "
+                        "user (or system) message before it")
+    text = render_chat(tokenizer, messages, False, where)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = _render(tokenizer, messages[:i], True)
-        upto = _render(tokenizer, messages[: i + 1], False)
+        before = render_chat(tokenizer, messages[:i], True, where)
+        upto = render_chat(tokenizer, messages[: i + 1], False, where)
         if not (upto.startswith(before) and text.startswith(upto)):
             raise DataError(f"{where}: the chat template does not render turn prefixes consistently; "
                             "cannot locate assistant tokens")
@@ -134,7 +147,7 @@ def tokenize_spans(tokenizer, text: str, spans: list[tuple[int, int]], where: st
     return Sample(ids, targets, where)
 
 
-def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
+def encode_prompt(tokenizer, messages: list[dict], where: str = "prompt") -> list[int]:
     """Token ids of a prompt with the assistant generation prefix (for rollouts and DPO/RM prompts)."""
-    text = _render(tokenizer, messages, True)
+    text = render_chat(tokenizer, messages, True, where)
     return tokenizer(text, add_special_tokens=False)["input_ids"]

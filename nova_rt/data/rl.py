@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nova_rt.data.chat import encode_prompt
+from nova_rt.data.chat import encode_prompt, render_chat
 from nova_rt.data.io import DataError, Row, read_rows
 from nova_rt.errors import UserError
 
@@ -78,12 +78,18 @@ def row_to_prompt(row: Row, system_prompt: str = "") -> dict:
             "prefill": prefill, "answer": None if answer is None else str(answer), "gym": None}
 
 
-def load_prompt_files(files: list[str], system_prompt: str = "", on_error: str = "error") -> list[dict]:
+def load_prompt_files(files: list[str], system_prompt: str = "", on_error: str = "error",
+                      tokenizer=None) -> list[dict]:
+    """Prompt records of every row; with a tokenizer, a prompt its chat template cannot render is a bad row here
+    (named by file and row, skipped with on_error: skip) rather than an error mid-training."""
     out, skipped = [], 0
     for f in files:
         for row in read_rows(f):
             try:
-                out.append(row_to_prompt(row, system_prompt))
+                record = row_to_prompt(row, system_prompt)
+                if tokenizer is not None:
+                    render_chat(tokenizer, record["messages"], True, row.where())
+                out.append(record)
             except DataError:
                 if on_error != "skip":
                     raise
@@ -135,10 +141,11 @@ def group_by_category(records: list[dict]) -> dict[str, list[dict]]:
 
 
 def build_prompt_sets(prompt_files: list[str], eval_files: list[str], gym_tasks: list[dict],
-                      system_prompt: str = "", on_error: str = "error"):
-    """(train pools, eval pools, base weights named by gym tasks' `weight`), pools keyed by category."""
-    records = load_prompt_files(prompt_files, system_prompt, on_error)
-    evals = load_prompt_files(eval_files, system_prompt, on_error)
+                      system_prompt: str = "", on_error: str = "error", tokenizer=None):
+    """(train pools, eval pools, base weights named by gym tasks' `weight`), pools keyed by category; with a
+    tokenizer, file prompts are rendered once to check them (see load_prompt_files)."""
+    records = load_prompt_files(prompt_files, system_prompt, on_error, tokenizer)
+    evals = load_prompt_files(eval_files, system_prompt, on_error, tokenizer)
     base = {}
     for spec in gym_tasks:
         records += gym_prompts(spec, "train", system_prompt)
@@ -173,7 +180,7 @@ class PromptEncoder:
         if todo and self.pas_model:
             todo = self._augment(todo)
         for r in todo:
-            ids = encode_prompt(self.tok, r["messages"])
+            ids = encode_prompt(self.tok, r["messages"], f"prompt {r['id']}")
             if r["prefill"]:
                 ids = ids + self.tok(r["prefill"], add_special_tokens=False)["input_ids"]
             self.cache[r["id"]] = ids

@@ -80,7 +80,7 @@ class GRPORun:
     def _load_prompts(self) -> None:
         d, cfg = self.g.data, self.cfg
         pools, self.eval_pools, base = build_prompt_sets(data_files(cfg, d.prompt_files), data_files(cfg, d.eval_files),
-                                                         d.gym_tasks, d.system_prompt, cfg.data.on_error)
+                                                         d.gym_tasks, d.system_prompt, cfg.data.on_error, self.tok)
         self.base_weights = normalise_weights({**base, **d.category_weights}, sorted(pools))
         self.sampler = CategorySampler(pools, self.base_weights, seed=cfg.run.seed)
         if self.info.is_main:
