@@ -27,6 +27,11 @@ class MergeConfigError(UserError):
     by merge methods (weights that nearly cancel); defined here so that the methods need not import the config."""
 
 
+class RewardError(UserError):
+    """A reward source raised or returned bad scores (None, NaN/inf, a non-number, the wrong count); the message
+    names the source (`module:function` for user code) and the first bad completion (nova_rt.rewards re-exports it)."""
+
+
 class NonFiniteError(UserError):
     """Training stopped: too many consecutive steps with a non-finite loss or gradient norm."""
 

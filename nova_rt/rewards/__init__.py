@@ -13,7 +13,9 @@ where samples[i] is the RL prompt record response i answers (see nova_rt.data.rl
 
 Built-in types live in the modules of this package and register themselves with @register_reward when imported;
 this module imports them only on demand (by name), so it depends on none of them. The total reward is
-sum_i weight_i * score_i. Any failure inside a source is re-raised as a RewardError naming the source.
+sum_i weight_i * score_i. Every call of a source goes through RewardSource.__call__: an exception inside it, or
+scores that are not one finite number per completion, is a RewardError (a UserError: one line, exit 2) naming the
+source (`module:function` for user code) and the first bad completion; a bad `grpo.rewards` entry is a ConfigError.
 """
 
 from __future__ import annotations
@@ -22,16 +24,15 @@ import importlib
 import math as _pymath  # not `math`: the submodule nova_rt.rewards.math takes that name
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+
+from nova_rt.errors import ConfigError, RewardError  # noqa: F401 - RewardError is re-exported
 
 _REWARDS: dict[str, Callable[..., Callable]] = {}
 _BUILTIN_MODULES = {"math": "math", "format": "format", "reasoning_gym": "gym", "reward_model": "model",
                     "user": "user"}
 VERIFIABLE = ("math", "reasoning_gym")
 """Types whose score is correctness (>= 1 means right): the stage's `accuracy` metric comes from them."""
-
-
-class RewardError(RuntimeError):
-    """A reward source failed or returned bad scores; the message names the source."""
 
 
 def register_reward(name: str):
@@ -49,8 +50,16 @@ def get_reward_factory(name: str) -> Callable[..., Callable]:
         importlib.import_module(f"nova_rt.rewards.{_BUILTIN_MODULES[name]}")
     if name not in _REWARDS:
         known = ", ".join(sorted(set(_REWARDS) | set(_BUILTIN_MODULES)))
-        raise ValueError(f"unknown reward type {name!r} (known: {known})")
+        raise ConfigError(f"unknown reward type {name!r} (known: {known})")
     return _REWARDS[name]
+
+
+def _short(value, limit: int = 40) -> str:
+    """repr of a completion or score, cut to `limit` characters of text (…)."""
+    if isinstance(value, str):
+        return repr(value if len(value) <= limit else value[:limit] + "…")
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 @dataclass
@@ -59,28 +68,39 @@ class RewardSource:
     type: str
     weight: float
     fn: Callable
+    origin: str = ""
+    """`module:function` (or `file.py:function`) of a user source, named in its errors."""
+
+    def _error(self, what: str) -> RewardError:
+        """RewardError `reward <source> <what>`: an unnamed user source is its module:function, others their name
+        (a named user source adds its function at the end)."""
+        if self.origin and self.name == self.type:
+            return RewardError(f"reward {self.origin} {what}")
+        return RewardError(f"reward '{self.name}' {what}" + (f" (function {self.origin})" if self.origin else ""))
 
     def __call__(self, completions: list[str], samples: list[dict]) -> list[float]:
+        n = len(completions)
         try:
             scores = self.fn(completions, samples)
         except RewardError:
             raise
         except Exception as exc:  # noqa: BLE001 - user code may raise anything; name the source
-            raise RewardError(f"reward source '{self.name}' (type {self.type}) failed: "
-                              f"{type(exc).__name__}: {exc}") from exc
-        scores = list(scores) if scores is not None else None
-        if scores is None or len(scores) != len(completions):
-            raise RewardError(f"reward source '{self.name}' returned {None if scores is None else len(scores)} "
-                              f"scores for {len(completions)} completions")
+            reason = " ".join(str(exc).split())[:200]
+            raise self._error(f"raised {type(exc).__name__}: {reason} (scoring {n} completions)") from exc
+        if scores is None or isinstance(scores, (str, bytes, dict)) or not hasattr(scores, "__iter__"):
+            raise self._error(f"returned {_short(scores)}, not a list of {n} scores")
+        scores = list(scores)
+        if len(scores) != n:
+            raise self._error(f"returned {len(scores)} scores for {n} completions")
         out = []
         for i, s in enumerate(scores):
             try:
                 v = float(s)
             except (TypeError, ValueError):
-                raise RewardError(f"reward source '{self.name}' returned a non-number for completion {i}: "
-                                  f"{s!r}") from None
+                got = "None" if s is None else f"a non-number {_short(s)}"
+                raise self._error(f"returned {got} for completion {i} ({_short(completions[i])})") from None
             if not _pymath.isfinite(v):
-                raise RewardError(f"reward source '{self.name}' returned {v} for completion {i}")
+                raise self._error(f"returned {v} for completion {i} ({_short(completions[i])})")
             out.append(v)
         return out
 
@@ -90,11 +110,12 @@ class CombinedReward:
 
     def __init__(self, sources: list[RewardSource]):
         if not sources:
-            raise ValueError("at least one reward source is needed (grpo.rewards is empty)")
+            raise ConfigError("at least one reward source is needed (grpo.rewards is empty)")
         names = [s.name for s in sources]
         dup = {n for n in names if names.count(n) > 1}
         if dup:
-            raise ValueError(f"reward source names must be unique; repeated: {sorted(dup)} (set `name:`)")
+            raise ConfigError(f"grpo.rewards: reward source names must be unique; repeated: {sorted(dup)} "
+                              "(set `name:`)")
         self.sources = sources
 
     def __call__(self, completions: list[str], samples: list[dict]) -> tuple[list[float], dict[str, list[float]]]:
@@ -119,26 +140,40 @@ class CombinedReward:
 
 
 def build_reward(specs: list[dict], *, base_dir: str | None = None) -> CombinedReward:
-    """Build the combined reward from config entries (see the module docstring). `base_dir` resolves paths."""
+    """Build the combined reward from config entries (see the module docstring); a bad entry is a ConfigError
+    naming it. `base_dir` resolves relative paths (a reward model, a user function's .py file) not found as given."""
     sources = []
     for i, spec in enumerate(specs):
         where = f"grpo.rewards[{i}]"
         if not isinstance(spec, dict) or "type" not in spec:
-            raise ValueError(f"{where}: expected a mapping with a 'type' key, got {spec!r}")
+            raise ConfigError(f"{where}: expected a mapping with a 'type' key, got {spec!r}")
         spec = dict(spec)
         rtype = spec.pop("type")
         name = spec.pop("name", rtype)
         weight = spec.pop("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-            raise ValueError(f"{where}.weight: expected a number, got {weight!r}")
+            raise ConfigError(f"{where}.weight: expected a number, got {weight!r}")
+        origin = ""
+        if rtype == "user" and isinstance(spec.get("function"), str):
+            origin = spec["function"]
+            spec["function"] = _resolve_function_file(origin, base_dir)
         try:
             factory = get_reward_factory(rtype)
             if rtype == "reward_model" and base_dir is not None:
                 spec.setdefault("base_dir", base_dir)
             fn = factory(**spec)
         except TypeError as exc:
-            raise ValueError(f"{where} (type {rtype}): bad options {sorted(spec)}: {exc}") from None
+            raise ConfigError(f"{where} (type {rtype}): bad options {sorted(spec)}: {exc}") from None
         except (ValueError, ImportError, OSError) as exc:
-            raise ValueError(f"{where} (type {rtype}, name '{name}'): {exc}") from exc
-        sources.append(RewardSource(name=name, type=rtype, weight=float(weight), fn=fn))
+            raise ConfigError(f"{where} (type {rtype}, name '{name}'): {exc}") from exc
+        sources.append(RewardSource(name=name, type=rtype, weight=float(weight), fn=fn, origin=origin))
     return CombinedReward(sources)
+
+
+def _resolve_function_file(function: str, base_dir: str | None) -> str:
+    """`file.py:function` with a relative file that is not found as given, but is under base_dir: that path."""
+    file, sep, rest = function.rpartition(":")
+    if not sep or not file.endswith(".py") or base_dir is None or Path(file).is_absolute() or Path(file).exists():
+        return function
+    candidate = Path(base_dir) / file
+    return f"{candidate}:{rest}" if candidate.exists() else function

@@ -25,12 +25,18 @@ def load_function(spec: str) -> Callable:
             raise ValueError(f"reward function file not found: {path}")
         mspec = importlib.util.spec_from_file_location(f"nova_rt_user_reward_{path.stem}", path)
         module = importlib.util.module_from_spec(mspec)
-        mspec.loader.exec_module(module)
+        try:
+            mspec.loader.exec_module(module)
+        except Exception as exc:  # noqa: BLE001 - user code: a SyntaxError or anything its top level raises
+            raise ValueError(f"reward function file {path} failed to load: {type(exc).__name__}: {exc}") from exc
     else:
         try:
             module = importlib.import_module(mod_name)
         except ModuleNotFoundError as exc:
             raise ValueError(f"cannot import module {mod_name!r} for reward function {spec!r}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - user code: a SyntaxError or anything its top level raises
+            raise ValueError(f"module {mod_name!r} (reward function {spec!r}) failed to import: "
+                             f"{type(exc).__name__}: {exc}") from exc
     fn = getattr(module, fn_name, None)
     if fn is None or not callable(fn):
         raise ValueError(f"module {mod_name!r} has no callable {fn_name!r} (reward function {spec!r})")
