@@ -158,7 +158,9 @@ class Trainer:
         totals: dict[str, float] = {}
         n = len(micro_batches)
         for i, mb in enumerate(micro_batches):
-            mb = {k: v.to(self.info.device) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}
+            # a typed micro-batch (nova_rt.data.micro_batch.PackedBatch: GRPO, DPO) moves itself; SFT / RM: dicts
+            mb = {k: v.to(self.info.device) if isinstance(v, torch.Tensor) else v for k, v in mb.items()} \
+                if isinstance(mb, dict) else mb.to(self.info.device)
             sync = contextlib.nullcontext() if (i == n - 1 or not hasattr(self.model, "no_sync")) \
                 else self.model.no_sync()
             with sync:

@@ -1,12 +1,13 @@
 """What a stage drives of a trained policy, whatever runs it (PolicyBackend), and the one step loop over it.
 
-A stage builds its data as nova_rt collated micro-batches (nova_rt.data.packing.collate: packed rows, `targets`
-shifted) and writes its loss once, as an objective over the policy's outputs:
+A stage builds its data as packed micro-batches (nova_rt.data.packing.collate's layout, `targets` shifted): typed ones
+(nova_rt.data.micro_batch.PackedBatch: GRPO, DPO) or dicts of collate's keys (SFT, RM), and writes its loss once, as
+an objective over the policy's outputs:
 
-    objective(outputs: dict, micro_batch: dict) -> (loss, stats)
+    objective(outputs: dict, micro_batch) -> (loss, stats)
 
-`outputs` holds what the model computed for that micro-batch: "logprobs" (T,) aligned with mb["targets"] for an LM
-head, "scores" (S,) for a score head; with the options of a GRPO step ("temperature", "entropy", "topk_ids"), the
+`outputs` holds what the model computed for that micro-batch: "logprobs" (T,) aligned with its targets for an LM
+head, "scores" (S,) for a score head; with the options of a GRPO step ("temperature", "entropy", "at_ref_topk"), the
 policy's log-probs / entropy / top-k log-probs at the target tokens. `loss` is the micro-batch's share of the global
 objective, already normalised by the global batch (nova_rt.trainer's convention), so a backend sums gradients over
 micro-batches and data-parallel ranks. Backends: nova_rt.backends.hf (Trainer + the log-prob modules) and
@@ -27,7 +28,7 @@ from nova_rt.config import Config
 from nova_rt.distributed import DistInfo
 from nova_rt.telemetry import Telemetry
 
-Objective = Callable[[dict, dict], tuple[torch.Tensor, dict]]
+Objective = Callable[[dict, Any], tuple[torch.Tensor, dict]]
 
 
 class PolicyBackend(Protocol):
@@ -47,8 +48,6 @@ class PolicyBackend(Protocol):
     dp_size: int
     dp_group: Any
     """Process group of the data-parallel ranks (None: every rank is a data-parallel rank)."""
-    step_options: dict
-    """Output options every train_step uses unless the call passes them (GRPO: temperature, entropy, top-k ids)."""
     hf_model: Any
     """The HF model rollouts generate with (head "policy"); see sync_generation_model."""
     supports_shared_prefix: bool
@@ -65,15 +64,16 @@ class PolicyBackend(Protocol):
     def model_size(self) -> tuple[int, int, int] | None:
         """(parameters, layers, hidden size) for the MFU, or None where not reported."""
 
-    def train_step(self, micro_batches: list[dict], objective: Objective | None, **options) -> dict:
+    def train_step(self, micro_batches: list, objective: Objective | None, **options) -> dict:
         """One optimizer step over this rank's micro-batches: {"loss", "grad_norm", "lr", "nonfinite_skipped",
         "step_time_s", *stats summed over micro-batches and ranks}. objective None: the token-mean next-token loss
         of micro-batches made by sft_micro_batches. A NaN/inf step applies no update and is counted (the trainer's
         non-finite guard)."""
 
-    def forward(self, micro_batches: list[dict], fn: Callable[[dict, dict], Any], **options) -> list:
+    def forward(self, micro_batches: list, fn: Callable[[dict, Any], Any], **options) -> list:
         """[fn(outputs, mb) for mb in micro_batches], without gradients, in eval mode (the results on every rank).
-        Options: temperature, entropy, topk_ids (a micro-batch key), topk (the best ids), autocast (HF only)."""
+        Options: temperature, entropy, at_ref_topk (log-probs at the micro-batch's ref_topk_ids), topk (the best
+        ids), autocast (HF only)."""
 
     def reference(self, path: str | None, online: bool = False) -> PolicyBackend:
         """A frozen policy of `path` (None: cfg.model, the initial weights) for reference log-probs; online: it runs

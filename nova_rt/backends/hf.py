@@ -11,9 +11,10 @@ import torch
 
 from nova_rt.backends import register_backend
 from nova_rt.config import Config, resolve_path
+from nova_rt.data.micro_batch import PackedBatch, output_options, to_device
 from nova_rt.data.packing import collate, loss_weights
 from nova_rt.distributed import DistInfo, all_reduce_sum, barrier
-from nova_rt.models.causal import CausalLMLogprobs, PolicyLogprobs, batch_logprobs, policy_forward
+from nova_rt.models.causal import CausalLMLogprobs, PolicyLogprobs, batch_logprobs
 
 
 def load_policy(cfg: Config, path: str | None = None):
@@ -51,9 +52,9 @@ def save_final_policy(cfg: Config, info: DistInfo, trainer, hf_model, tokenizer,
     return str(final) if final else None
 
 
-def lm_outputs(model, mb: dict, **options) -> dict:
-    """A CausalLMLogprobs' outputs: "logprobs" (T,) aligned with mb["targets"] (0 where no target)."""
-    return batch_logprobs(model, mb, **options)
+def lm_outputs(model, mb: PackedBatch | dict, **options) -> dict:
+    """A CausalLMLogprobs' outputs: "logprobs" (T,) aligned with the micro-batch's targets (0 where no target)."""
+    return batch_logprobs(model, mb.model_inputs() if isinstance(mb, PackedBatch) else mb, **options)
 
 
 def score_outputs(model, mb: dict) -> dict:
@@ -63,23 +64,28 @@ def score_outputs(model, mb: dict) -> dict:
     return {"scores": batch_scores(model, mb)}
 
 
-def policy_outputs(model, mb: dict, *, temperature: float = 1.0, entropy: bool = False, topk_ids: str | None = None,
-                   topk: int = 0) -> dict:
+def policy_forward(model, mb: PackedBatch, **options) -> dict:
+    """Run a (possibly DDP-wrapped) PolicyLogprobs on a micro-batch (its shared-prefix layout too); options:
+    temperature, return_entropy, topk_ids."""
+    return model(**mb.model_inputs(), shared_prefix=mb.shared_prefix, **options)
+
+
+def policy_outputs(model, mb: PackedBatch, *, temperature: float = 1.0, entropy: bool = False,
+                   at_ref_topk: bool = False, topk: int = 0) -> dict:
     """A PolicyLogprobs' outputs at the target tokens only (GRPO): "logprobs" (N,), "entropy" when asked,
-    "topk_logprobs" (N, K) at the ids the micro-batch holds under the key `topk_ids`; with topk > 0 the reference side
-    of the top-k KL instead: "topk_ids" / "topk_logprobs" (N, topk). A micro-batch's own "temperature" and
-    "entropy" keys override the arguments (PTX rows: temperature 1, no entropy)."""
-    temperature = mb.get("temperature", temperature)
+    "topk_logprobs" (N, K) at the reference's top-k ids the micro-batch holds (mb.ref_topk_ids) with at_ref_topk;
+    with topk > 0 the reference side of the top-k KL instead: "topk_ids" / "topk_logprobs" (N, topk). A
+    micro-batch's own temperature and entropy override the arguments (PTX rows: temperature 1, no entropy)."""
+    temperature, entropy = output_options(mb, temperature, entropy)
     if topk:
         from nova_rt.kernels.topk_select import reference_topk
 
-        hidden = model.selected_hidden(mb["input_ids"], mb["position_ids"], mb["cu_seqlens"], mb["max_seqlen"],
-                                       mb["targets"], mb.get("shared_prefix"))
+        hidden = model.selected_hidden(**mb.model_inputs(), shared_prefix=mb.shared_prefix)
         weight = model.head_weight(hidden.dtype)
-        ids, lp = reference_topk(hidden, weight, min(topk, weight.shape[0]), temperature=temperature)
-        return {"topk_ids": ids, "topk_logprobs": lp}
-    return policy_forward(model, mb, temperature=temperature, return_entropy=mb.get("entropy", entropy),
-                          topk_ids=mb.get(topk_ids) if topk_ids else None)
+        ids, logprobs = reference_topk(hidden, weight, min(topk, weight.shape[0]), temperature=temperature)
+        return {"topk_ids": ids, "topk_logprobs": logprobs}
+    return policy_forward(model, mb, temperature=temperature, return_entropy=entropy,
+                          topk_ids=mb.ref_topk_ids if at_ref_topk else None)
 
 
 def sft_objective(out: dict, mb: dict):
@@ -109,8 +115,6 @@ class HFPolicy:
         self.trainer = Trainer(cfg, info, module, run_dir=run_dir) if trainable else None
         self.module = self.trainer.raw if self.trainer is not None else module.to(info.device)
         self.hf_model = save_model
-        self.step_options: dict = {}
-        """Options every train_step passes to `outputs` unless the call gives them (GRPO: temperature, entropy...)."""
         self._autocast_forward = autocast
 
     @classmethod
@@ -162,19 +166,15 @@ class HFPolicy:
         hc = self.save_model.config
         return sum(p.numel() for p in self.save_model.parameters()), hc.num_hidden_layers, hc.hidden_size
 
-    def _to_device(self, mb: dict) -> dict:
-        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}
-
     # ------------------------------------------------------------------------------------------- steps
-    def train_step(self, micro_batches: list[dict], objective, **options) -> dict:
+    def train_step(self, micro_batches: list, objective, **options) -> dict:
         if objective is None:
             objective = sft_objective
-        options = {**self.step_options, **options}
         return self.trainer.train_step(micro_batches,
                                        lambda model, mb: objective(self.outputs(model, mb, **options), mb))
 
     @torch.no_grad()
-    def forward(self, micro_batches: list[dict], fn, *, autocast: bool | None = None, **options) -> list:
+    def forward(self, micro_batches: list, fn, *, autocast: bool | None = None, **options) -> list:
         """autocast: run under the trainer's mixed precision (default: only for an online reference)."""
         was_training = self.module.training
         self.module.eval()
@@ -184,7 +184,7 @@ class HFPolicy:
             with ctx:
                 out = []
                 for mb in micro_batches:
-                    mb = self._to_device(mb)
+                    mb = to_device(mb, self.device)
                     out.append(fn(self.outputs(self.module, mb, **options), mb))
         finally:
             self.module.train(was_training)

@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from nova_rt.backends import register_backend
 from nova_rt.config import Config, resolve_path
+from nova_rt.data.micro_batch import PackedBatch, to_device
 from nova_rt.distributed import DistInfo, barrier
 from nova_rt.lr_schedule import lr_at
 from nova_rt.parallel.packed import from_shifted
@@ -105,10 +106,9 @@ def _at_targets(out: dict, targets: torch.Tensor) -> dict:
 
 def _on_targets(fn: Callable) -> Callable:
     """fn(outputs at the targets, micro-batch on the outputs' device) (a policy head: GRPO's objectives)."""
-    def wrapped(out: dict, mb: dict):
-        device = out["logprobs"].device
-        mb = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}
-        return fn(_at_targets(out, mb["targets"]), mb)
+    def wrapped(out: dict, mb: PackedBatch):
+        mb = to_device(mb, out["logprobs"].device)
+        return fn(_at_targets(out, mb.targets), mb)
 
     return wrapped
 
@@ -124,8 +124,10 @@ def _cpu(x):
     return x
 
 
-def _megatron_mb(mb: dict) -> dict:
-    return from_shifted(mb) if "targets" in mb else mb  # SFT rows carry aligned `labels` (to_megatron_batch)
+def _megatron_mb(mb: PackedBatch | dict) -> PackedBatch | dict:
+    """A dict as MegatronBackend takes it (SFT rows carry aligned `labels`: to_megatron_batch); a PackedBatch as it is
+    (MegatronBackend shifts its tokens itself and hands the loss functions the PackedBatch)."""
+    return from_shifted(mb) if isinstance(mb, dict) and "targets" in mb else mb
 
 
 def megatron_resume(cfg: Config, backend, run_dir: Path, here: dict | None = None) -> tuple[int, dict | None]:
@@ -240,15 +242,15 @@ class MegatronPolicy:
         """SFT's held-out loss runs on `forward`, which context parallelism does not support (CP > 1: skipped)."""
         return self.cfg.parallel.context_parallel == 1
 
-    def __init__(self, cfg: Config, backend, run_dir, temperature: float = 1.0, *, info: DistInfo | None = None):
+    def __init__(self, cfg: Config, backend, run_dir, temperature: float = 1.0, *, info: DistInfo | None = None,
+                 hf_model=None, at_targets: bool = False):
         self.cfg, self.backend, self.run_dir, self.info = cfg, backend, Path(run_dir), info
         self.temperature = temperature
         self.step = 0
         self.guard = megatron_guard(cfg, self.run_dir, 0)
-        self.step_options: dict = {}
-        """Options every train_step passes to the backend unless the call gives them (GRPO: entropy, top-k ids)."""
-        self.at_targets = False
-        self.hf_model = None
+        self.at_targets = at_targets
+        """A policy head (GRPO): objectives and forward functions see the outputs at the target tokens only."""
+        self.hf_model = hf_model
         self._synced_step = 0  # the policy step whose weights hf_model holds
         self._provenance: dict | None = None
         """What its checkpoints record (megatron_provenance), computed once: the data as the run starts."""
@@ -260,9 +262,7 @@ class MegatronPolicy:
             from nova_rt.backends.hf import load_policy
 
             hf_model, tok = load_policy(cfg)  # the generation copy
-            policy = cls(cfg, megatron_backend(cfg), run_dir, info=info)
-            policy.hf_model, policy.at_targets = hf_model, True
-            return policy, tok
+            return cls(cfg, megatron_backend(cfg), run_dir, info=info, hf_model=hf_model, at_targets=True), tok
         tok = megatron_tokenizer(cfg)
         backend = score_backend(cfg, tok) if head == "score" else megatron_backend(cfg)
         return cls(cfg, backend, run_dir, info=info), tok
@@ -318,30 +318,28 @@ class MegatronPolicy:
         return {"temperature": self.temperature, **options}
 
     # ------------------------------------------------------------------------------------------- steps
-    def train_step(self, micro_batches: list[dict], objective, **options) -> dict:
+    def train_step(self, micro_batches: list, objective, **options) -> dict:
         t0 = time.perf_counter()
         lr = lr_at(self.cfg.optim, self.cfg.train.max_steps, self.step)
         self.backend.set_lr(lr)
         if objective is not None and self.at_targets:
             objective = _on_targets(objective)
         stats = self.backend.train_step([_megatron_mb(mb) for mb in micro_batches], objective,
-                                        **self._options({**self.step_options, **options}))
+                                        **self._options(options))
         self.step += 1
         self.guard.count(self.step, not self.backend.update_skipped, stats["loss"], stats["grad_norm"])
         # as Trainer.train_step reports them: the lr this step applied, the run's count of skipped steps
         return {**stats, "lr": lr, "nonfinite_skipped": self.guard.total, "step_time_s": time.perf_counter() - t0}
 
-    def forward(self, micro_batches: list[dict], fn, **options) -> list:
+    def forward(self, micro_batches: list, fn, **options) -> list:
         mbs, opts = [_megatron_mb(mb) for mb in micro_batches], self._options(options)
         run = _on_targets(fn) if self.at_targets else fn
         return [r for i in range(0, len(mbs), _FORWARD_CHUNK)
                 for r in self.backend.forward(mbs[i:i + _FORWARD_CHUNK], lambda out, mb: _cpu(run(out, mb)), **opts)]
 
     def reference(self, path: str | None, online: bool = False) -> MegatronPolicy:
-        ref = MegatronPolicy(self.cfg, megatron_backend(self.cfg, path, trainable=False), self.run_dir,
-                             self.temperature, info=self.info)
-        ref.at_targets = self.at_targets
-        return ref
+        return MegatronPolicy(self.cfg, megatron_backend(self.cfg, path, trainable=False), self.run_dir,
+                              self.temperature, info=self.info, at_targets=self.at_targets)
 
     def sft_micro_batches(self, rows: list, schedule, step: int, loss_reduction: str) -> list[dict]:
         """One packed row per micro-batch (the token-mean loss is the backend's own, so no weights)."""

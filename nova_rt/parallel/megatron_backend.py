@@ -29,14 +29,17 @@ non-finite policy, `train.max_nonfinite_steps`).
 `train_step(micro_batches, loss_fn)`: stage losses (DPO, GRPO). The last pipeline stage computes, per micro-batch,
 out = {"logprobs": (T,) log p(targets[t]) at the given temperature (0 where no target), "entropy": (T,) when asked}
 from the same vocab-parallel cross entropy, and calls loss_fn(out, micro_batch) -> (loss, stats) with the micro-batch
-dict as passed (so metadata such as pair ids, reference log-probs or rewards rides along). The loss must already be
+as passed (so metadata such as pair ids, reference log-probs or rewards rides along). Micro-batches are dicts (see
+nova_rt.parallel.packed) or typed nova_rt.data.micro_batch.PackedBatch ones (GRPO, DPO), whose shifted tokens are
+packed like a dict's and which loss_fn receives as they are. The loss must already be
 normalised by the global batch (nova_rt.trainer's convention): gradients are summed over micro-batches and DP ranks
 (the token-count division of `finalize_model_grads` is skipped). Micro-batches may carry nova_rt's shifted `targets`
 instead of aligned `labels` (nova_rt.parallel.packed.from_shifted). `trainable=False` builds a frozen model (no DDP,
 no optimizer) for `forward` only: a DPO/GRPO reference. GRPO's top-k KL (nova_rt.parallel.vocab_parallel):
-`train_step(..., topk_ids=key)` adds out["topk_logprobs"] (N, K), the full-vocab log-softmax at the ids a micro-batch
-holds under `key` for its N target positions, and `forward(..., topk=k)` gives the reference's k most likely ids
-("topk_ids", "topk_logprobs"); a micro-batch's "temperature" key overrides the call's (GRPO's PTX rows use 1.0).
+`train_step(..., at_ref_topk=True)` adds out["topk_logprobs"] (N, K), the full-vocab log-softmax at the ids a
+micro-batch holds in `ref_topk_ids` for its N target positions, and `forward(..., topk=k)` gives the reference's k
+most likely ids ("topk_ids", "topk_logprobs"); a PackedBatch's own temperature / entropy override the call's (GRPO's
+PTX rows: temperature 1.0, no entropy).
 
 `head="score"` (the reward-model stage): the last stage's output layer is a scalar head (megatron_model.ScoreHead,
 HF name `score.weight`, replicated over TP; from the checkpoint when it has one, else `score_init`), and loss_fn /
@@ -65,11 +68,13 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import replace
 from functools import partial
 
 import torch
 import torch.distributed as dist
 
+from nova_rt.data.micro_batch import PackedBatch
 from nova_rt.parallel import hf_convert, packed
 from nova_rt.parallel.megatron_model import build_model_chunks, hf_arch, transformer_config
 from nova_rt.parallel.megatron_outputs import LastStageOutputs
@@ -232,13 +237,17 @@ class MegatronBackend(LastStageOutputs):
             group["weight_decay"] = self.weight_decay * group.get("wd_mult", 1.0)
 
     # ------------------------------------------------------------------------------------------- steps
-    def _rows(self, micro_batches: list[dict]) -> list[packed.PackedRow]:
+    def _rows(self, micro_batches: list) -> list[packed.PackedRow]:
+        """The schedule's padded rows; each row's `source` is its micro-batch as passed (a dict or a PackedBatch)."""
         from megatron.core import parallel_state as ps
 
         multiple = self.pcfg.tensor_parallel if self.config.sequence_parallel else 1
         cp = self.pcfg.context_parallel
-        return packed.prepare(micro_batches, multiple=multiple, device=self.device, cp=cp,
+        token_dicts = [packed.from_shifted(mb.model_inputs()) if isinstance(mb, PackedBatch) else mb
+                       for mb in micro_batches]
+        rows = packed.prepare(token_dicts, multiple=multiple, device=self.device, cp=cp,
                               cp_rank=ps.get_context_parallel_rank() if cp > 1 else 0)
+        return [replace(row, source=mb) for row, mb in zip(rows, micro_batches)]
 
     def _forward_step(self, reduce_fn, data_iterator, model):
         row = next(data_iterator)
@@ -274,14 +283,14 @@ class MegatronBackend(LastStageOutputs):
                                    group=ps.get_pipeline_model_parallel_group())
         return box[0]
 
-    def train_step(self, micro_batches: list[dict], loss_fn=None, *, temperature: float = 1.0,
-                   entropy: bool = False, topk_ids: str | None = None) -> dict:
+    def train_step(self, micro_batches: list, loss_fn=None, *, temperature: float = 1.0,
+                   entropy: bool = False, at_ref_topk: bool = False) -> dict:
         """One optimizer step over this DP rank's micro-batches.
 
         Without `loss_fn`: the token-mean next-token loss (SFT); returns global loss, grad_norm and tokens.
         With `loss_fn(out, mb) -> (loss, stats)`: `out` holds the per-token outputs of micro-batch `mb` (the dict as
         passed in) computed on the last pipeline stage (see `_token_outputs`; logits divided by `temperature`,
-        "entropy" when asked, "topk_logprobs" at the ids under the micro-batch key `topk_ids` where present), and
+        "entropy" when asked, with at_ref_topk "topk_logprobs" at the micro-batch's ref_topk_ids where set), and
         `loss` is that micro-batch's share of the global objective, already normalised by the global batch
         (nova_rt.trainer's convention): gradients are summed over micro-batches and DP ranks.
         Returns {"loss", "grad_norm", *stats}, each summed over micro-batches and DP ranks, on every rank.
@@ -304,7 +313,7 @@ class MegatronBackend(LastStageOutputs):
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         self._divide_by_tokens = loss_fn is None
-        opts = dict(temperature=temperature, entropy=entropy, topk_ids=topk_ids)
+        opts = dict(temperature=temperature, entropy=entropy, at_ref_topk=at_ref_topk)
         reduce_fn = self._loss_func if loss_fn is None else partial(self._stage_loss_func, loss_fn, opts)
         outputs = self._run(rows, reduce_fn, forward_only=False)
         totals: dict[str, float] = {}
@@ -349,14 +358,14 @@ class MegatronBackend(LastStageOutputs):
         return grad_norm
 
     @torch.no_grad()
-    def forward(self, micro_batches: list[dict], fn, *, temperature: float = 1.0, entropy: bool = False,
-                topk_ids: str | None = None, topk: int = 0) -> list:
+    def forward(self, micro_batches: list, fn, *, temperature: float = 1.0, entropy: bool = False,
+                at_ref_topk: bool = False, topk: int = 0) -> list:
         """[fn(out, mb) for each micro-batch] without an update (eval mode); `out` as in `train_step`, plus, with
         topk > 0, the reference side of the top-k KL: "topk_ids" / "topk_logprobs" (N, topk) at the N target
         positions. The results (any picklable value) come from the last pipeline stage and are returned on every
         rank."""
-        if topk and topk_ids is not None:
-            raise ValueError("forward: pass topk (the best ids) or topk_ids (given ids), not both")
+        if topk and at_ref_topk:
+            raise ValueError("forward: pass topk (the best ids) or at_ref_topk (given ids), not both")
         _reject_context_parallel(self.pcfg, "forward (stage outputs: reference / old log-probs, scores)")
         rows = self._rows(micro_batches)
         n = len(rows)
@@ -366,7 +375,7 @@ class MegatronBackend(LastStageOutputs):
         for chunk in self.model:
             chunk.eval()
         try:
-            opts = dict(temperature=temperature, entropy=entropy, topk_ids=topk_ids, topk=topk)
+            opts = dict(temperature=temperature, entropy=entropy, at_ref_topk=at_ref_topk, topk=topk)
             outputs = self._run(rows, partial(self._stage_forward_func, fn, opts), forward_only=True)
         finally:
             for chunk, mode in zip(self.model, was_training):

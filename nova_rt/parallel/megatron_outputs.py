@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from nova_rt.data.micro_batch import output_options
 from nova_rt.parallel import packed
 
 
@@ -44,21 +45,22 @@ class LastStageOutputs:
         dist.all_reduce(sums, group=group)
         return m_T + torch.log(sums[0]) - sums[1] / sums[0]
 
-    def _token_outputs(self, row, logits_BTV, temperature: float, entropy: bool, topk_ids: str | None = None,
+    def _token_outputs(self, row, logits_BTV, temperature: float, entropy: bool, at_ref_topk: bool = False,
                        topk: int = 0) -> dict:
         """{"logprobs": (T,) fp32 log p(targets[t]) at temperature, 0 where targets[t] = -100 (with grad);
-        "entropy": (T,) when asked}; T = the row's length before padding. A micro-batch's own "temperature" key
-        overrides `temperature`. At the N target positions (targets != -100, in order), see `_topk_outputs`:
-        "topk_logprobs" (N, K) at the ids the micro-batch holds under the key `topk_ids` (with grad), or with
+        "entropy": (T,) when asked}; T = the row's length before padding. A PackedBatch's own temperature / entropy
+        override the arguments. At the N target positions (targets != -100, in order), see `_topk_outputs`:
+        with at_ref_topk "topk_logprobs" (N, K) at the micro-batch's ref_topk_ids where set (with grad), or with
         topk > 0 "topk_ids" and "topk_logprobs" (N, topk) of the topk most likely ids (no grad)."""
         from megatron.core import tensor_parallel
 
-        source = row.source or {}
-        logits_TV = self._local_logits(logits_BTV, source.get("temperature", temperature))
+        temperature, entropy = output_options(row.source, temperature, entropy)
+        logits_TV = self._local_logits(logits_BTV, temperature)
         out = {"entropy": self._entropy(logits_TV)[: row.length]} if entropy else {}
         mask_T = row.targets != packed.IGNORE_INDEX
-        if topk or (topk_ids is not None and topk_ids in source):  # before the cross entropy shifts logits_TV
-            out.update(self._topk_outputs(logits_TV[mask_T], source.get(topk_ids), topk))
+        ref_topk_ids = row.source.ref_topk_ids if at_ref_topk else None
+        if topk or ref_topk_ids is not None:  # before the cross entropy shifts logits_TV
+            out.update(self._topk_outputs(logits_TV[mask_T], ref_topk_ids, topk))
         nll_T = tensor_parallel.vocab_parallel_cross_entropy(logits_TV.unsqueeze(1),
                                                              row.targets.clamp(min=0).unsqueeze(1)).squeeze(1)
         out["logprobs"] = torch.where(mask_T, -nll_T, 0.0)[: row.length]
@@ -91,7 +93,7 @@ class LastStageOutputs:
         return {"scores": scores_BT1[0, ends_S - 1, 0].float()}
 
     def _outputs(self, row, output_BTX, opts: dict) -> dict:
-        """opts: `_token_outputs`'s keyword arguments (temperature, entropy, topk_ids, topk)."""
+        """opts: `_token_outputs`'s keyword arguments (temperature, entropy, at_ref_topk, topk)."""
         if self.head == "score":
             return self._score_outputs(row, output_BTX)
         return self._token_outputs(row, output_BTX, **opts)

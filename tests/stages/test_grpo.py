@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -35,6 +36,7 @@ from nova_rt.stages.grpo import (
     GRPORun,
     PolicyLogprobs,
     PTXConfig,
+    RolloutGroup,
     SamplingConfig,
     make_loss_fn,
 )
@@ -55,7 +57,7 @@ def _model(seed: int):
     return m
 
 
-def _groups(gen, n_groups: int, G: int, equal_group: bool = True) -> list[dict]:
+def _groups(gen, n_groups: int, G: int, equal_group: bool = True) -> list[RolloutGroup]:
     groups = []
     for j in range(n_groups):
         prompt = torch.randint(0, V, (int(torch.randint(1, 7, (1,), generator=gen)),), generator=gen).tolist()
@@ -64,7 +66,7 @@ def _groups(gen, n_groups: int, G: int, equal_group: bool = True) -> list[dict]:
         rewards = torch.randn(G, generator=gen).tolist()
         if equal_group and j == 0:
             rewards = [rewards[0]] * G
-        groups.append({"prompt": prompt, "responses": resp, "rewards": rewards})
+        groups.append(RolloutGroup(prompt, resp, rewards))
     return groups
 
 
@@ -72,7 +74,7 @@ def _fake_run(g: GRPOConfig, policy, ref, ptx=None, shared: bool = False) -> GRP
     """A GRPORun with only what micro_batches / ptx_micro_batches need (no model loading, no data)."""
     run = GRPORun.__new__(GRPORun)
     run.shared_prefix = shared
-    run.g, run.ref, run.ptx, run.info = g, ref, ptx, DistInfo()
+    run.grpo, run.ref, run.ptx, run.info = g, ref, ptx, DistInfo()
     run.dp_rank, run.dp_size = run.info.rank, run.info.world_size
     run.cfg = SimpleNamespace(run=SimpleNamespace(seed=3), train=SimpleNamespace(precision="fp32"))
     run.trainer = HFPolicy(run.cfg, run.info, policy, outputs=policy_outputs, trainable=False)
@@ -96,8 +98,8 @@ def _oracle_response_terms(g, groups, pol, ref, old_pol):
     """Per response: (logprobs with grad, old logprobs, KL_t for the loss (grad), KL_t of the old policy)."""
     out = []
     for grp in groups:
-        for r in grp["responses"]:
-            ids, n = grp["prompt"] + r, len(r)
+        for r in grp.responses:
+            ids, n = grp.prompt + r, len(r)
             lp_full = _unpacked(pol, ids, g.sampling.temperature)[-n:]
             lp_old_full = _unpacked(old_pol, ids, g.sampling.temperature)[-n:].detach()
             lp_ref_full = _unpacked(ref, ids, g.sampling.temperature)[-n:].detach()
@@ -118,12 +120,12 @@ def oracle_loss(g: GRPOConfig, groups, pol, ref, old_pol) -> torch.Tensor:
     placement), clipped ratio against the old policy, global aggregation weights; with grpo.rollout.tis_cap > 0
     each token's clipped surrogate (not the KL) times the constant min(exp(old - rollout log-prob), cap)."""
     terms = _oracle_response_terms(g, groups, pol, ref, old_pol)
-    lens = [len(r) for grp in groups for r in grp["responses"]]
+    lens = [len(r) for grp in groups for r in grp.responses]
     T, B, n_ne, lmax = sum(lens), len(lens), sum(x > 0 for x in lens), max(lens)
-    rollout_lps = [lps for grp in groups for lps in grp.get("rollout_lp", [])]
+    rollout_lps = [lps for grp in groups for lps in grp.rollout_logprobs]
     loss, i = 0.0, 0
     for grp in groups:
-        R = torch.tensor(grp["rewards"], dtype=torch.float64)
+        R = torch.tensor(grp.rewards, dtype=torch.float64)
         dev = R - R.mean()
         std = (dev.square().sum() / max(len(R) - 1, 1)).sqrt()
         A = dev / (std + 1e-4) if g.loss.adv_norm == "std" else dev
@@ -210,9 +212,9 @@ def test_tis_weights_from_the_engine_logprobs_equal_independent_formula(placemen
                    rollout=RolloutConfig(tis_cap=cap), ppo_epochs=ppo_epochs, micro_prompts=2)
     pol_hf, ref_hf, old_hf = _model(seed % 1000), _model(seed % 1000 + 1), _model(seed % 1000)
     policy, ref = PolicyLogprobs(pol_hf), PolicyLogprobs(ref_hf)
-    groups = _groups(gen, 4, G)
-    for grp in groups:  # engine log-probs: the old policy's +- noise, so weights fall below, near and above the cap
-        grp["rollout_lp"] = [(-3 * torch.rand(len(r), generator=gen)).tolist() for r in grp["responses"]]
+    # engine log-probs: the old policy's +- noise, so weights fall below, near and above the cap
+    groups = [replace(grp, rollout_logprobs=[(-3 * torch.rand(len(r), generator=gen)).tolist() for r in grp.responses])
+              for grp in _groups(gen, 4, G)]
     mbs = _fake_run(g, policy, ref, shared=shared).micro_batches(groups)
     if ppo_epochs > 1:
         with torch.no_grad():
@@ -233,7 +235,7 @@ def test_tis_weights_from_the_engine_logprobs_equal_independent_formula(placemen
         assert_close_verbose(p.grad, p_ref.grad, rtol=1e-4, atol=1e-7, name=f"d {name} {msg}")
     # the logged weight sum is the oracle's: old log-probs of the rollout policy against the engine's
     old_lp = [x for t in _oracle_response_terms(g, groups, old_hf, ref_hf, old_hf) for x in t[1].tolist()]
-    eng_lp = [x for grp in groups for lps in grp["rollout_lp"] for x in lps]
+    eng_lp = [x for grp in groups for lps in grp.rollout_logprobs for x in lps]
     expect_w = sum(min(float(torch.tensor(o - e).exp()), cap) for o, e in zip(old_lp, eng_lp))
     assert abs(w_sum - expect_w) <= 1e-4 * max(expect_w, 1.0), (w_sum, expect_w, msg)
 
@@ -283,9 +285,7 @@ def test_equal_rewards_give_zero_advantage_and_no_nan():
     gen = torch.Generator().manual_seed(seed)
     pol_hf = _model(seed % 1000)
     for G in (1, 2, 5):
-        groups = _groups(gen, 3, G)
-        for grp in groups:
-            grp["rewards"] = [grp["rewards"][0]] * G  # every group: identical rewards
+        groups = [replace(grp, rewards=[grp.rewards[0]] * G) for grp in _groups(gen, 3, G)]  # identical rewards
         g = GRPOConfig(sampling=SamplingConfig(group_size=G), data=GRPODataConfig(gym_tasks=[{"name": "x"}]),
                        loss=GRPOLossConfig(beta=0.0))
         (mb,) = _fake_run(g, PolicyLogprobs(pol_hf), None).micro_batches(groups)

@@ -26,6 +26,7 @@ Legend: B responses, L padded completion length, T response tokens (flat), G gro
 """
 
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -34,6 +35,7 @@ from nova_rt.stages.grpo import (
     GRPOConfig,
     GRPODataConfig,
     GRPOLossConfig,
+    RolloutBatch,
     SamplingConfig,
     agg_scale_and_weights,
     agg_totals,
@@ -108,7 +110,7 @@ def nova_loss(batch: dict, lp_BL: torch.Tensor, g: GRPOConfig, n_micro: int) -> 
     lens = len_B.tolist()
     totals = agg_totals(lens)
     if g.loss.agg == "seq-mean-token-sum-norm" and g.loss.sum_norm_len > 0:
-        totals[3] = float(g.loss.sum_norm_len)
+        totals = replace(totals, longest=float(g.loss.sum_norm_len))
     n_groups = len(lens) // G
     bounds = torch.linspace(0, n_groups, n_micro + 1).round().long().tolist()
     total = 0.0
@@ -119,10 +121,14 @@ def nova_loss(batch: dict, lp_BL: torch.Tensor, g: GRPOConfig, n_micro: int) -> 
         scale, tok_w = agg_scale_and_weights(g.loss.agg, part_lens, totals)
         cu = torch.zeros(len(part_lens) + 1, dtype=torch.int64)
         cu[1:] = torch.tensor(part_lens).cumsum(0)
-        mb = {"old_lp": _flat(batch["old_BL"][rows], mask).float(),
-              "ref_lp": _flat(batch["ref_BL"][rows], mask).float(),
-              "rewards": batch["rewards_B"][rows].float(), "resp_cu": cu, "agg_scale": scale, "tok_w": tok_w}
         lp = _flat(lp_BL[rows], mask).float()
+        n = lp.shape[0]  # the token fields: one document of the response tokens (the loss reads only the outputs)
+        mb = RolloutBatch(input_ids=torch.zeros((1, n), dtype=torch.int64), targets=torch.zeros(n, dtype=torch.int64),
+                          position_ids=torch.arange(n).unsqueeze(0), cu_seqlens=torch.tensor([0, n], dtype=torch.int32),
+                          max_seqlen=n, old_logprobs=_flat(batch["old_BL"][rows], mask).float(),
+                          ref_logprobs=_flat(batch["ref_BL"][rows], mask).float(),
+                          rewards=batch["rewards_B"][rows].float(), response_cu_seqlens=cu, agg_scale=scale,
+                          token_weights=tok_w)
         out = {"logprobs": lp, "entropy": torch.zeros_like(lp)}
         loss, _ = rl_loss_from_outputs(out, mb, g)
         total = total + loss

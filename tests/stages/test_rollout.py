@@ -38,8 +38,8 @@ def _teacher_forced(hf, prompts, responses, tau: float) -> list[torch.Tensor]:
     """Per response: log p(token) at temperature tau and the max log-prob, each prompt+response on its own."""
     mb = pack_responses(prompts, responses)
     with torch.no_grad():
-        lp = PolicyLogprobs(hf)(mb["input_ids"], mb["position_ids"], mb["cu_seqlens"], mb["max_seqlen"],
-                                mb["targets"], temperature=tau)["logprobs"]
+        lp = PolicyLogprobs(hf)(mb.input_ids, mb.position_ids, mb.cu_seqlens, mb.max_seqlen,
+                                mb.targets, temperature=tau)["logprobs"]
     out, i = [], 0
     for r in responses:
         out.append(lp[i:i + len(r)])

@@ -83,15 +83,15 @@ def test_shared_prefix_equals_separate_sequences(arch):
     mb = pack_responses(prompts, responses, shared_prefix=True)
     plain = pack_responses(prompts, responses)
     n_targets = sum(len(r) for r in responses)
-    assert int((mb["targets"] != IGNORE).sum()) == n_targets
-    assert torch.equal(mb["resp_cu"], plain["resp_cu"])
-    assert mb["input_ids"].numel() < plain["input_ids"].numel()
+    assert int((mb.targets != IGNORE).sum()) == n_targets
+    assert torch.equal(mb.response_cu_seqlens, plain.response_cu_seqlens)
+    assert mb.input_ids.numel() < plain.input_ids.numel()
     tau = 0.8
     model = PolicyLogprobs(hf)
     w = torch.rand(n_targets, generator=gen, dtype=torch.float64) + 0.5
 
-    lp = model(mb["input_ids"], mb["position_ids"], mb["cu_seqlens"], mb["max_seqlen"], mb["targets"],
-               temperature=tau, shared_prefix=mb["shared_prefix"])["logprobs"]
+    lp = model(mb.input_ids, mb.position_ids, mb.cu_seqlens, mb.max_seqlen, mb.targets,
+               temperature=tau, shared_prefix=mb.shared_prefix)["logprobs"]
     grads = torch.autograd.grad((lp.double() * w).sum(), list(hf.parameters()), allow_unused=True)
     want = _oracle(hf, prompts, responses, tau)
     want_grads = torch.autograd.grad((want * w).sum(), list(hf.parameters()), allow_unused=True)

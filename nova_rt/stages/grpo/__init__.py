@@ -21,14 +21,27 @@ micro-batches and DP ranks equals the chosen aggregation over the whole rollout 
 seq-mean-token-mean: 1/(responses_total L_i); seq-mean-token-sum-norm: 1/(B_total L_max,total)). Micro-batches hold
 whole groups, so group advantages are exact.
 
-Modules: config (the `grpo` section and its sub-sections), batches (packing and aggregation weights), losses (rl_loss,
-ptx_loss, and make_objective over a policy backend's outputs), run (GRPORun and the stage). Every name is re-exported
+Modules: config (the `grpo` section and its sub-sections), batches (the typed data: RolloutGroup, RolloutStats, the
+micro-batches RolloutBatch / PTXBatch, packing and aggregation weights), losses (rl_loss, ptx_loss, and make_objective
+over a policy backend's outputs), run (GRPORun and the stage). Every name is re-exported
 here. The stage runs on any policy backend (parallel.backend, nova_rt.backends, head="policy"): on megatron the
 policy, reference and old log-probs come from megatron-core while rollouts run on an HF copy synced before each
 rollout (nova_rt.backends.megatron.MegatronPolicy).
 """
 
-from nova_rt.stages.grpo.batches import PolicyLogprobs, _forward, agg_scale_and_weights, agg_totals, pack_responses
+from nova_rt.stages.grpo.batches import (
+    AggregationTotals,
+    PackedResponses,
+    PolicyLogprobs,
+    PTXBatch,
+    RolloutBatch,
+    RolloutGroup,
+    RolloutStats,
+    _forward,
+    agg_scale_and_weights,
+    agg_totals,
+    pack_responses,
+)
 from nova_rt.stages.grpo.config import (
     RENAMED,
     GRPOConfig,
@@ -48,7 +61,8 @@ from nova_rt.stages.grpo.losses import (
 )
 from nova_rt.stages.grpo.run import GRPORun, log, run
 
-__all__ = ["RENAMED", "GRPOConfig", "GRPODataConfig", "GRPOEvalConfig", "GRPOLossConfig", "GRPORun", "PTXConfig",
-           "PolicyLogprobs", "SamplingConfig", "_forward", "agg_scale_and_weights", "agg_totals", "log",
+__all__ = ["RENAMED", "AggregationTotals", "GRPOConfig", "GRPODataConfig", "GRPOEvalConfig", "GRPOLossConfig",
+           "GRPORun", "PTXBatch", "PTXConfig", "PackedResponses", "PolicyLogprobs", "RolloutBatch", "RolloutGroup",
+           "RolloutStats", "SamplingConfig", "_forward", "agg_scale_and_weights", "agg_totals", "log",
            "make_loss_fn", "make_objective", "pack_responses", "ptx_loss", "ptx_loss_from_outputs", "rl_loss",
            "rl_loss_from_outputs", "run"]
