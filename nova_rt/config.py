@@ -25,6 +25,8 @@ import yaml
 
 from nova_rt import config_renames
 from nova_rt.backends import backend_names
+from nova_rt.config_checks import check_run
+from nova_rt.config_paths import relocate_paths
 from nova_rt.config_values import _build_section, check_range
 from nova_rt.errors import ConfigError  # defined there so nova_rt.config_renames need not import this module
 
@@ -335,7 +337,8 @@ def _set_dotted(raw: dict, key: str, value: Any, source: str) -> None:
 
 
 def load_raw(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
-    """Read a YAML config; `include: other.yaml` (relative) is merged underneath this file's values."""
+    """Read a YAML config; `include: other.yaml` (relative) is merged underneath this file's values, its relative
+    paths made relative to it (nova_rt.config_paths)."""
     path = Path(path)
     if path.resolve() in _chain:
         cycle = " -> ".join(str(p) for p in (*_chain, path.resolve()))
@@ -354,6 +357,8 @@ def load_raw(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
     base = raw.pop("include", None)
     # each file on its own, before includes merge: a new key here overrides an included file's old key
     config_renames.migrate_raw(raw, str(path), _renames)
+    if _chain:  # an included file: its relative paths are relative to it, not to the file including it
+        relocate_paths(raw, path.parent)
     if base:
         if not isinstance(base, str):
             raise ConfigError(f"{path}: include: expected a file name, got {base!r}")
@@ -382,6 +387,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         keys[key] = item
     try:
         cfg = build_config(raw, str(path))
+        check_run(cfg)
     except ConfigError as exc:
         hit = [item for key, item in keys.items() if f"{key}:" in str(exc) or f"{key}[" in str(exc)]
         if hit:

@@ -14,6 +14,7 @@ import struct
 from pathlib import Path
 
 from nova_rt.config import Config, resolve_path
+from nova_rt.config_checks import check_model_positions
 from nova_rt.errors import UserError
 from nova_rt.output_paths import check_output_disjoint
 
@@ -128,6 +129,7 @@ def _check_inputs(cfg: Config) -> None:
                         "backend loads an HF checkpoint directory (write a tiny one with nova_rt.models.tiny."
                         "save_tiny_model(dir, 'llama'))")
     check_model_dir(resolve_path(cfg, cfg.model.path))
+    check_model_positions(cfg)
     tok = resolve_path(cfg, cfg.model.tokenizer)
     if tok and ":" not in tok.split("/")[0] and not Path(tok).is_dir():
         raise UserError(f"model.tokenizer: {tok}: no such directory")

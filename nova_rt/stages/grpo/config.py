@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from nova_rt.config import register_section
+from nova_rt.config_values import check_range
 from nova_rt.losses.kl import KLEstimator
-from nova_rt.rollout.base import RolloutConfig
+from nova_rt.rollout.base import RolloutConfig, check_generation
 
 
 @dataclass(kw_only=True)
@@ -46,8 +47,10 @@ class SamplingConfig:
                              "minus their group's mean: a group of one always has advantage 0 and trains nothing)")
         if self.prompts_per_step < 1:
             raise ValueError(f"grpo.sampling.prompts_per_step must be >= 1, got {self.prompts_per_step}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"grpo.sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        check_range("grpo.sampling.max_new_tokens", self.max_new_tokens, ge=1)
+        check_generation("grpo.sampling", self.temperature, self.top_p, self.top_k)
+        check_range("grpo.sampling.rollout_batch", self.rollout_batch, ge=0)
+        check_range("grpo.sampling.dynamic_max_rounds", self.dynamic_max_rounds, ge=0)
 
 
 @dataclass(kw_only=True)
@@ -172,6 +175,19 @@ class GRPOConfig:
         if self.minibatches > self.sampling.prompts_per_step:
             raise ValueError(f"grpo.minibatches={self.minibatches} exceeds "
                              f"grpo.sampling.prompts_per_step={self.sampling.prompts_per_step}")
+        s, r = self.sampling, self.rollout
+        if r.engine == "vllm" and s.temperature != 1.0 and (s.top_k > 0 or s.top_p < 1.0):
+            raise ValueError(f"grpo.sampling.temperature={s.temperature} with top_k={s.top_k} / top_p={s.top_p} is "
+                             "not supported by grpo.rollout.engine=vllm (it returns log-probs after top-k/top-p "
+                             "filtering, not the tempered ones): use temperature 1 or top_k 0 and top_p 1")
+        if r.max_model_len and s.max_new_tokens >= r.max_model_len:
+            raise ValueError(f"grpo.sampling.max_new_tokens={s.max_new_tokens} leaves no room for the prompt in "
+                             f"grpo.rollout.max_model_len={r.max_model_len}")
+        if self.eval.every > 0 and not self.data.eval_files and not any(
+                isinstance(t, dict) and t.get("eval_size", 50) != 0 for t in self.data.gym_tasks):
+            raise ValueError(f"grpo.eval.every={self.eval.every} needs eval prompts: give grpo.data.eval_files (or a "
+                             "grpo.data.gym_tasks entry with eval_size > 0), or set grpo.eval.every: 0")
+        check_range("grpo.eval.batch", self.eval.batch, ge=1)
 
     @property
     def steps_per_rollout(self) -> int:
