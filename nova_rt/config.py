@@ -72,7 +72,13 @@ class ModelConfig:
     """A local HF causal-LM directory, `builtin:smollm2-135m-instruct` (converted from the bundled GGUF once and
     cached), or `tiny:llama` / `tiny:qwen2` (random tiny model built from `tiny`)."""
     dtype: DType = "float32"
-    """Parameter dtype: float32, bfloat16 or float16 (mixed precision is `train.precision`)."""
+    """float32, bfloat16 or float16: the dtype the model computes in (autocast), final/ is saved in and frozen models
+    (reference, generation copy) are held in. A 16-bit dtype trains with fp32 master weights and fp32 AdamW states
+    (see master_weights; float16 adds dynamic loss scaling); table: nova_rt.config.check_precision."""
+    master_weights: Literal["fp32", "model_dtype"] = "fp32"
+    """Trained parameters and optimizer states: fp32 (the Megatron / torch AMP recipe) or model_dtype (pure 16-bit,
+    bfloat16 on the hf backend only: half the memory, but an update below half a bf16 step (~0.4% of the weight)
+    rounds away; at lr 1e-5 most weights never move)."""
     attn_impl: Literal["auto", "nova", "sdpa", "eager", "flash_attention_2"] = "auto"
     """auto (nova packed attention), nova, sdpa, eager or flash_attention_2."""
     tiny: dict = field(default_factory=dict)
@@ -157,7 +163,8 @@ class TrainConfig:
     loss_reduction: Literal["token", "sequence"] = "token"
     """token: sum over supervised tokens / their count in the global batch; sequence: mean of per-sample means."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16."""
+    """Compute (autocast) dtype. auto: model.dtype when it is 16-bit, else bf16 on CUDA and fp32 on CPU; fp32: no
+    autocast (needs model.dtype float32); bf16: bf16 autocast (model.dtype float32 or bfloat16)."""
     activation_checkpointing: int = 0
     """Checkpoint every k-th decoder layer group of k layers (the report's multi-layer checkpointing); 0 off."""
     num_threads: int = 0
@@ -230,6 +237,38 @@ class ParallelConfig:
 
 
 CORE_SECTIONS = ("run", "model", "data", "packing", "optim", "train", "checkpoint", "logging", "parallel")
+
+_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def check_precision(sections: dict, source: str) -> None:
+    """ConfigError naming both keys for a contradictory model.dtype / model.master_weights / train.precision.
+
+    model.dtype  train.precision  trained params + AdamW states     compute
+    float32      auto             fp32                              bf16 autocast on CUDA, fp32 on CPU
+    float32      fp32 / bf16      fp32                              fp32 / bf16 autocast
+    bfloat16     auto / bf16      fp32 (master_weights=model_dtype:  bf16 autocast (frozen models: bf16 weights)
+                                  bf16, rounding risk)
+    float16      auto             fp32, dynamic loss scaling        fp16 autocast
+    16-bit       fp32, or the other 16-bit type: error
+    parallel.backend=megatron: precision is model.dtype (megatron's bf16/fp16 params with fp32 main params in its
+    optimizer); train.precision=bf16 needs model.dtype bfloat16 there, master_weights=model_dtype is refused."""
+    model, train, backend = sections["model"], sections["train"], sections["parallel"].backend
+    dtype = _DTYPE_NAMES.get(model.dtype, model.dtype)
+    keys = f"model.dtype={model.dtype} and train.precision={train.precision}"
+    if dtype != "float32" and train.precision == "fp32":
+        raise ConfigError(f"{source}: {keys} contradict: fp32 compute needs model.dtype float32 (a 16-bit model.dtype "
+                          "computes in it, over fp32 master weights); drop one of them")
+    if dtype == "float16" and train.precision == "bf16":
+        raise ConfigError(f"{source}: {keys} contradict: a float16 model computes in fp16; use model.dtype bfloat16")
+    if backend == "megatron" and train.precision == "bf16" and dtype != "bfloat16":
+        raise ConfigError(f"{source}: {keys} contradict on parallel.backend=megatron, which computes in model.dtype "
+                          "(no autocast): use model.dtype bfloat16 (fp32 main params stay in its optimizer)")
+    if model.master_weights == "model_dtype" and dtype != "float32" and (backend == "megatron" or dtype == "float16"):
+        why = ("parallel.backend=megatron (its optimizer always keeps fp32 main params)" if backend == "megatron" else
+               f"model.dtype={model.dtype} (fp16 gradients cannot be loss-scaled without an fp32 copy)")
+        raise ConfigError(f"{source}: model.master_weights=model_dtype is not supported with {why}; use "
+                          "model.master_weights=fp32")
 
 
 # ----------------------------------------------------------------------------------------------- root object
@@ -310,6 +349,7 @@ def build_config(raw: dict, source: str = "<dict>") -> Config:
             continue
         cls = _section_class(name, source)
         sections[name] = _build_section(cls, values or {}, f"{source}: {name}")
+    check_precision(sections, source)
     return Config(sections, source)
 
 

@@ -124,12 +124,42 @@ class NonFiniteGuard:
                               f"written from it (last checkpoint: {self.last_checkpoint() or 'none'}). Lower optim.lr.")
 
 
+class LossScaledGuard(NonFiniteGuard):
+    """NonFiniteGuard under fp16 loss scaling: a step with a finite loss whose gradients overflowed is the scaler
+    probing its scale (skipped, the scale halved, counted in `nonfinite_skipped`), not a stop-worthy streak, while the
+    scale is still >= 1; below that the overflow is real and counts as any non-finite step."""
+
+    def __init__(self, limit: int, is_main: bool, last_checkpoint: Callable[[], Path | None], scaler):
+        super().__init__(limit, is_main, last_checkpoint)
+        self.scaler = scaler
+
+    def count(self, step: int, finite: bool, loss: float, grad_norm: float) -> None:
+        if not finite and math.isfinite(loss) and self.scaler.get_scale() >= 1.0:
+            self.total += 1
+            if self.is_main:
+                log.info("step %d: fp16 gradients overflowed at this loss scale: step skipped, loss scale now %g",
+                         step, self.scaler.get_scale())
+            return
+        super().count(step, finite, loss, grad_norm)
+
+
 class Trainer:
     def __init__(self, cfg: Config, info: DistInfo, module: nn.Module, *, run_dir: str | Path,
                  params: list | None = None):
+        from nova_rt.models.loading import compute_dtype, trained_dtype
+
         self.cfg, self.info = cfg, info
         self.run_dir = Path(run_dir)
+        m, t = cfg.model, cfg.train
+        self.param_dtype = trained_dtype(m.dtype, m.master_weights)
+        """Trained parameters and AdamW states: fp32 master weights unless model.master_weights=model_dtype."""
+        self.autocast_dtype = compute_dtype(m.dtype, t.precision, info.device.type)
+        """Compute dtype (None: the parameters' own); table: nova_rt.config.check_precision."""
         self.raw = module.to(info.device)
+        with torch.no_grad():  # a module loaded in model.dtype (or a fresh head) becomes fp32 master weights
+            for param in self.raw.parameters():
+                if param.is_floating_point() and param.dtype != self.param_dtype:
+                    param.data = param.data.to(self.param_dtype)
         self.model = wrap_data_parallel(self.raw, cfg, info)
         self.fsdp = info.distributed and cfg.parallel.data_parallel == "fsdp2"
         self.optimizer = build_optimizer(params or list(self.model.named_parameters()), cfg, info.device)
@@ -138,18 +168,31 @@ class Trainer:
         self.ckpt = CheckpointManager(self.run_dir, info, cfg.checkpoint.keep_last)
         self.step = 0
         self._provenance: dict | None = None
-        self.guard = NonFiniteGuard(t.max_nonfinite_steps, info.is_main, self.ckpt.latest)
-        prec = t.precision
-        self.autocast_dtype = torch.bfloat16 if prec == "bf16" or (prec == "auto" and info.device.type == "cuda") \
-            else None
-        if prec not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"train.precision must be auto, fp32 or bf16, got {prec!r}")
+        self.scaler = torch.amp.GradScaler(info.device.type) if self.autocast_dtype == torch.float16 else None
+        """fp16 compute: torch AMP's dynamic loss scaling; its overflow steps are skipped, not counted as a streak."""
+        self.guard = NonFiniteGuard(t.max_nonfinite_steps, info.is_main, self.ckpt.latest) if self.scaler is None \
+            else LossScaledGuard(t.max_nonfinite_steps, info.is_main, self.ckpt.latest, self.scaler)
 
     # ------------------------------------------------------------------------------------------- one step
     def autocast(self):
-        if self.autocast_dtype is None:
+        """The forward's mixed precision: autocast to the compute dtype over the (fp32 master) parameters."""
+        if self.autocast_dtype is None or self.autocast_dtype == self.param_dtype:
             return contextlib.nullcontext()
         return torch.autocast(self.info.device.type, dtype=self.autocast_dtype)
+
+    def _scaled(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to backpropagate: times the fp16 loss scale (unchanged without one)."""
+        return loss if self.scaler is None else self.scaler.scale(loss)
+
+    def _unscale_and_clip(self) -> float:
+        """Global gradient norm after clipping, with the fp16 loss scale divided out first and updated after (a step
+        whose scaled gradients overflowed has an inf norm: the step is skipped and the scale halves)."""
+        if self.scaler is None:
+            return self._clip()
+        self.scaler.unscale_(self.optimizer)
+        norm = self._clip()
+        self.scaler.update()
+        return norm
 
     def train_step(self, micro_batches: list[dict], loss_fn: Callable) -> dict:
         """Forward/backward every micro-batch of this rank, then one optimizer step. Returns summed stats."""
@@ -167,13 +210,13 @@ class Trainer:
                 with nvtx_range("forward"), self.autocast():
                     loss, stats = loss_fn(self.model, mb)
                 with nvtx_range("backward"):
-                    (loss * self.info.world_size).backward()
+                    self._scaled(loss * self.info.world_size).backward()
             totals["loss"] = totals.get("loss", 0.0) + loss.detach().float().item()
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + (v.item() if isinstance(v, torch.Tensor) else float(v))
         totals = self._reduce(totals)
         with nvtx_range("optimizer"):
-            grad_norm = self._clip()
+            grad_norm = self._unscale_and_clip()
             lr = self.scheduler.get_last_lr()[0]  # the lr this step applies; scheduler.step() moves to the next
             finite = self.guard.finite(totals.get("loss", 0.0), grad_norm)  # the same on every rank
             if finite:
@@ -247,6 +290,8 @@ class Trainer:
             return None
         state = {"scheduler": self.scheduler.state_dict(), "trainer_step": self.step,
                  "nonfinite_total": self.guard.total, **(extra or {})}
+        if self.scaler is not None:
+            state["grad_scaler"] = self.scaler.state_dict()
         if self.info.is_main:  # rank 0 writes state.pt
             state["provenance"] = self.provenance()
         return self.ckpt.save(self.step, self.model_state(), self.optim_state(), state)
@@ -284,6 +329,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["trainer_step"]
         self.guard.total = state.get("nonfinite_total", 0)
+        if self.scaler is not None and "grad_scaler" in state:
+            self.scaler.load_state_dict(state["grad_scaler"])
         if self.info.is_main:
             log.info("resumed from %s (step %d)", path, self.step)
         return state

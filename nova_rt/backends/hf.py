@@ -17,13 +17,15 @@ from nova_rt.distributed import DistInfo, all_reduce_sum, barrier
 from nova_rt.models.causal import CausalLMLogprobs, PolicyLogprobs, batch_logprobs
 
 
-def load_policy(cfg: Config, path: str | None = None):
-    """(hf_model, tokenizer) for cfg.model (or `path`), with attention and activation checkpointing applied."""
+def load_policy(cfg: Config, path: str | None = None, *, trainable: bool = False):
+    """(hf_model, tokenizer) for cfg.model (or `path`), with attention and activation checkpointing applied; in
+    model.dtype, or with `trainable` in the trained dtype (fp32 master weights unless model.master_weights says so)."""
     from nova_rt.models.checkpointing import apply_group_checkpointing
-    from nova_rt.models.loading import load_causal_lm
+    from nova_rt.models.loading import load_causal_lm, trained_dtype
 
     m = cfg.model
-    model, tok = load_causal_lm(resolve_path(cfg, path or m.path), dtype=m.dtype, attn_impl=m.attn_impl,
+    dtype = str(trained_dtype(m.dtype, m.master_weights)).removeprefix("torch.") if trainable else m.dtype
+    model, tok = load_causal_lm(resolve_path(cfg, path or m.path), dtype=dtype, attn_impl=m.attn_impl,
                                 tiny=m.tiny, tokenizer_path=resolve_path(cfg, m.tokenizer), seed=cfg.run.seed)
     model.config.use_cache = False
     if cfg.train.activation_checkpointing > 0:
@@ -46,10 +48,39 @@ def save_final_policy(cfg: Config, info: DistInfo, trainer, hf_model, tokenizer,
         state = trainer.model_state()
         if info.is_main:
             final = save_hf_atomic(hf_model, tokenizer, run_dir / "final",
-                                   state_dict={k[len("lm."):]: v for k, v in state.items()},
+                                   state_dict=final_state(state, cfg.model.dtype),
                                    then=lambda: resume_hint(trainer.ckpt.complete(), trainer.step))
+        if final:
+            set_config_dtype(final, cfg.model.dtype)
     barrier()
     return str(final) if final else None
+
+
+def final_state(state: dict, dtype_name: str) -> dict:
+    """The trainer module's `lm.` tensors under HF names, floating ones in model.dtype (fp32 masters saved in it)."""
+    from nova_rt.models.loading import to_dtype
+
+    dtype = to_dtype(dtype_name)
+    return {k[len("lm."):]: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+
+
+def set_config_dtype(model_dir: str | Path, dtype_name: str) -> None:
+    """Make config.json's dtype name the saved weights' dtype (transformers writes the in-memory parameters' one,
+    fp32 for master weights); the file is replaced atomically."""
+    import json
+    import os
+
+    from nova_rt.models.loading import to_dtype
+
+    path = Path(model_dir) / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    name = str(to_dtype(dtype_name)).removeprefix("torch.")
+    if config.get("dtype") == name:
+        return
+    config["dtype"] = name
+    tmp = path.with_name(f".config.json.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def lm_outputs(model, mb: PackedBatch | dict, **options) -> dict:
@@ -119,7 +150,7 @@ class HFPolicy:
 
     @classmethod
     def build(cls, cfg: Config, info: DistInfo, run_dir: Path, head: str = "lm"):
-        hf_model, tok = load_policy(cfg)
+        hf_model, tok = load_policy(cfg, trainable=True)
         if head == "policy":  # GRPO: log-probs at the response tokens only; hf_model also generates the rollouts
             return cls(cfg, info, PolicyLogprobs(hf_model), outputs=policy_outputs, run_dir=run_dir,
                        save_model=hf_model), tok
@@ -139,10 +170,12 @@ class HFPolicy:
         return self.trainer.autocast() if self.trainer is not None else self._reference_autocast()
 
     def _reference_autocast(self):
-        prec = self.cfg.train.precision  # the Trainer's rule
-        if prec == "bf16" or (prec == "auto" and self.device.type == "cuda"):
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        """The Trainer's compute dtype for a frozen model (held in model.dtype: autocast changes nothing then)."""
+        from nova_rt.models.loading import compute_dtype
+
+        precision = self.cfg.train.precision
+        dtype = None if precision == "fp32" else compute_dtype(self.cfg.model.dtype, precision, self.device.type)
+        return contextlib.nullcontext() if dtype is None else torch.autocast(self.device.type, dtype=dtype)
 
     def dp_sum(self, t: torch.Tensor) -> torch.Tensor:
         return all_reduce_sum(t)

@@ -31,6 +31,25 @@ def to_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def compute_dtype(model_dtype: str, precision: str, device_type: str) -> torch.dtype | None:
+    """The autocast dtype for model.dtype / train.precision on a device (None: no autocast), as the table of
+    nova_rt.config.check_precision gives it: a 16-bit model.dtype computes in it on every device."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    dtype = to_dtype(model_dtype)
+    if dtype != torch.float32:
+        return dtype
+    return torch.bfloat16 if device_type == "cuda" else None
+
+
+def trained_dtype(model_dtype: str, master_weights: str) -> torch.dtype:
+    """The dtype of trained parameters and their optimizer states: fp32 master weights unless
+    model.master_weights=model_dtype (pure 16-bit training)."""
+    return torch.float32 if master_weights == "fp32" else to_dtype(model_dtype)
+
+
 def _gguf_file(package: str, filename: str) -> Path:
     spec = importlib.util.find_spec(package)  # find, don't import: the package's __init__ needs `llm`
     if spec is None or not spec.submodule_search_locations:

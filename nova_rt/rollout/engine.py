@@ -58,17 +58,18 @@ class HFEngine(RolloutGenerator):
 
 
 def build_rollout_engine(cfg: RolloutConfig, model, tokenizer, sampling: Sampling, *,
-                         policy_version: Callable[[], int], backend: str = "hf") -> RolloutEngine:
+                         policy_version: Callable[[], int], backend: str = "hf", dtype=None) -> RolloutEngine:
     """The engine `cfg.engine` names, sampling from `model` (the trainer's HF policy; for the megatron backend, the
     HF copy it gathers its shards into before rollouts). policy_version() changes after every optimizer step.
 
     vllm with the megatron backend: one engine per rank (rollout TP 1) inside the torchrun worker whose gloo/NCCL
     world megatron set up (vLLM's external_launcher joins it); each syncs from that rank's gathered HF copy
-    (tests/rollout/test_vllm_megatron.py: TP=2 on CPU, bit-equal after 2 steps)."""
+    (tests/rollout/test_vllm_megatron.py: TP=2 on CPU, bit-equal after 2 steps). dtype: model.dtype, the dtype
+    rollouts compute in (the HF loop autocasts to it over fp32 master weights, vLLM runs in it); None: the model's."""
     s = sampling
     if cfg.engine == "hf":
         return HFEngine(model, tokenizer, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                        top_k=s.top_k, seed=s.seed, batch_size=s.batch_size)
+                        top_k=s.top_k, seed=s.seed, batch_size=s.batch_size, compute_dtype=dtype)
     if backend not in ("hf", "megatron"):
         raise UserError(f"grpo.rollout.engine: 'vllm' with parallel.backend={backend!r} is not supported "
                         "(use parallel.backend=hf or megatron, or engine=hf)")
@@ -82,4 +83,4 @@ def build_rollout_engine(cfg: RolloutConfig, model, tokenizer, sampling: Samplin
                         "Rollout contract promises; use temperature 1 or no top-k/top-p")
     from nova_rt.rollout.vllm_engine import VLLMEngine
 
-    return VLLMEngine(cfg, model, tokenizer, sampling, policy_version=policy_version)
+    return VLLMEngine(cfg, model, tokenizer, sampling, policy_version=policy_version, dtype=dtype)

@@ -27,6 +27,7 @@ Legend: N sequences in a decode batch, U distinct prompts, P padded prompt lengt
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -77,12 +78,15 @@ def filter_logits(logits_NV: torch.Tensor, *, top_k: int = 0, top_p: float = 1.0
 
 class RolloutGenerator:
     def __init__(self, model, tokenizer, *, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-                 top_k: int = 0, seed: int = 0, batch_size: int = 0, eos_token_ids: list[int] | None = None):
+                 top_k: int = 0, seed: int = 0, batch_size: int = 0, eos_token_ids: list[int] | None = None,
+                 compute_dtype: torch.dtype | None = None):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if not temperature > 0 or not 0 < top_p <= 1 or top_k < 0:
             raise ValueError(f"need temperature > 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
         self.model, self.tok = model, tokenizer
+        self.compute_dtype = compute_dtype
+        """model.dtype: decoding autocasts to it over fp32 master weights (None: the parameters' dtype)."""
         self.max_new_tokens, self.temperature, self.top_p, self.top_k = max_new_tokens, temperature, top_p, top_k
         self.batch_size = batch_size
         eos = set(eos_token_ids or [])
@@ -171,6 +175,11 @@ class RolloutGenerator:
                 return row[:j + 1], True
         return row, False
 
+    def _autocast(self):
+        if self.compute_dtype in (None, next(self.model.parameters()).dtype):
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], group_size: int = 1, *, greedy: bool = False) -> Rollout:
         """G responses per prompt (adjacent). Greedy decoding gives G copies of the argmax continuation."""
@@ -185,7 +194,8 @@ class RolloutGenerator:
         try:
             per_call = max(1, self.batch_size // G) if self.batch_size > 0 else len(prompts)
             for i in range(0, len(prompts), per_call):
-                toks, lps = self._decode(prompts[i:i + per_call], G, greedy)
+                with self._autocast():
+                    toks, lps = self._decode(prompts[i:i + per_call], G, greedy)
                 responses += toks
                 logprobs += lps
         finally:

@@ -71,8 +71,10 @@ def weight_buckets(named: Iterator[tuple[str, torch.Tensor]], bucket_mb: int) ->
 
 class VLLMEngine:
     def __init__(self, cfg: RolloutConfig, model, tokenizer, sampling: Sampling, *,
-                 policy_version: Callable[[], int]):
+                 policy_version: Callable[[], int], dtype: torch.dtype | None = None):
         self.cfg, self.model, self.tok, self.s = cfg, model, tokenizer, sampling
+        self.dtype = dtype or next(model.parameters()).dtype
+        """The engine's dtype (model.dtype): fp32 master weights are cast to it on every sync."""
         self.policy_version = policy_version
         self.synced_version: int | None = None
         self.calls = 0
@@ -95,9 +97,9 @@ class VLLMEngine:
         except ImportError as exc:
             raise UserError(f"grpo.rollout.engine: 'vllm' could not import vllm ({exc})") from None
         cfg, hf_cfg = self.cfg, self.model.config
-        dtype = _DTYPES.get(next(self.model.parameters()).dtype)
+        dtype = _DTYPES.get(self.dtype)
         if dtype is None:
-            raise UserError(f"grpo.rollout.engine: 'vllm' cannot run a {next(self.model.parameters()).dtype} model")
+            raise UserError(f"grpo.rollout.engine: 'vllm' cannot run a {self.dtype} model")
         self._dir = tempfile.TemporaryDirectory(prefix="nova_rt_vllm_")
         hf_cfg.save_pretrained(self._dir.name)
         if getattr(self.model, "generation_config", None) is not None:
@@ -140,7 +142,8 @@ class VLLMEngine:
         state = self.model.state_dict()
         with _quiet("vllm.model_executor.model_loader.reload.layerwise"):  # "RotaryEmbedding: Failed to load"
             initialize_layerwise_reload(vm)  # (it has no weights: its kernel tensors are put back as they were)
-            for bucket in weight_buckets(((k, v.detach()) for k, v in state.items()), self.cfg.sync_bucket_mb):
+            named = ((k, v.detach().to(self.dtype)) for k, v in state.items())  # fp32 masters: in model.dtype
+            for bucket in weight_buckets(named, self.cfg.sync_bucket_mb):
                 vm.load_weights(iter(bucket))
             finalize_layerwise_reload(vm, self._model_config())
         if self.cuda and self.cfg.sleep:

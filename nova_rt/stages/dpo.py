@@ -136,6 +136,8 @@ def reference_identity(cfg: Config) -> str:
     """What determines the reference weights: its path (plus tiny config and seed), and file sizes/mtimes."""
     path = cfg.dpo.reference or cfg.model.path
     ident = {"path": path, "dtype": cfg.model.dtype}
+    if cfg.model.dtype not in ("float32", "fp32"):  # the default reference is the policy: its fp32 master weights
+        ident["master_weights"] = cfg.model.master_weights
     if path.startswith("tiny:"):
         ident.update(tiny=cfg.model.tiny, seed=cfg.run.seed)
     local = Path(resolve_path(cfg, path))

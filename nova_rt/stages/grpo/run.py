@@ -53,6 +53,7 @@ class GRPORun:
     """Process group of the data-parallel ranks for token totals (None: all ranks; the megatron backend's DP group)."""
 
     def __init__(self, cfg: Config):
+        from nova_rt.models.loading import to_dtype
         from nova_rt.rewards import build_reward
         from nova_rt.rollout.engine import Sampling, build_rollout_engine
 
@@ -82,7 +83,7 @@ class GRPORun:
             Sampling(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
                      top_k=sampling.top_k, seed=cfg.run.seed * 1000 + self.info.rank,
                      batch_size=sampling.rollout_batch),
-            policy_version=lambda: self.trainer.step, backend=cfg.parallel.backend)
+            policy_version=lambda: self.trainer.step, backend=cfg.parallel.backend, dtype=to_dtype(cfg.model.dtype))
         self.reward = build_reward(grpo.rewards, base_dir=cfg.config_dir)
         self._load_prompts()
         self.ptx = self._load_ptx() if grpo.ptx.coef > 0 else None
