@@ -11,6 +11,7 @@ The stage runs on any policy backend (parallel.backend, nova_rt.backends): on me
 log-probs come from the vocab-parallel cross entropy on the last pipeline stage, and the reference from the policy
 in forward-only mode (precompute) or a frozen second backend (dpo.reference, or online).
 
+Micro-batches are PairBatch (packed pairs, pair ids and weight, the reference's sequence log-probs when known).
 Loss: mean over the pairs of the global batch. Stats: implicit rewards β(log π - log π_ref) of chosen/rejected,
 margin, accuracy; eval_* on data.eval_files at step 0, every train.eval_every steps and at the end.
 """
@@ -22,7 +23,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -31,6 +32,7 @@ import torch
 from nova_rt.backends import get_backend
 from nova_rt.checkpoint import LOAD_ERRORS
 from nova_rt.config import Config, register_section, resolve_path
+from nova_rt.data.micro_batch import PackedBatch
 from nova_rt.data.packing import BatchSchedule
 from nova_rt.data.preference import (
     PairRow,
@@ -73,42 +75,59 @@ class DPOConfig:
             raise ValueError("dpo.label_smoothing applies to loss_type 'sigmoid' only")
 
 
-def pair_logps(model, mb: dict) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True, kw_only=True)
+class PairBatch(PackedBatch):
+    """A DPO micro-batch: packed preference pairs, chosen and rejected interleaved (c0, r0, c1, r1, ...)."""
+
+    pair_ids: torch.Tensor
+    """(P,) int64 index of each pair in the data set (the reference table's rows)."""
+    pair_weight: float
+    """1 / (pairs in the global batch): the loss and the stats are sums with this weight."""
+    ref_logprobs: torch.Tensor | None = None
+    """(P, 2) fp32 the reference's sequence log-prob sums [chosen, rejected]; None: an online reference model."""
+
+
+def pair_batch(collated: dict) -> PairBatch:
+    """A PairBatch of nova_rt.data.preference.collate_pairs's dict (its tokens, pair ids and weight)."""
+    return PairBatch.from_collated(collated, pair_ids=collated["pair_ids"], pair_weight=collated["pair_weight"])
+
+
+def pair_logps(model, mb: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen_P, rejected_P) sequence log-prob sums over completion tokens of a packed micro-batch."""
-    seq_S = sequence_sums(batch_logprobs(model, mb)["logprobs"], mb["cu_seqlens"])
+    seq_S = sequence_sums(batch_logprobs(model, mb.model_inputs())["logprobs"], mb.cu_seqlens)
     return seq_S[0::2], seq_S[1::2]
 
 
-def dpo_loss(model, mb: dict, loss: DPOLoss, ref_model=None):
-    """Global-batch-weighted DPO loss of one micro-batch. Reference log-probs come from mb["ref_logps"] (P, 2)
+def dpo_loss(model, mb: PairBatch, loss: DPOLoss, ref_model=None):
+    """Global-batch-weighted DPO loss of one micro-batch. Reference log-probs come from mb.ref_logprobs (P, 2)
     when precomputed, else from `ref_model` run on the same packed batch without gradients."""
-    pol_c, pol_r = pair_logps(model, mb)
-    if "ref_logps" in mb:
-        ref_c, ref_r = mb["ref_logps"][:, 0], mb["ref_logps"][:, 1]
+    policy_chosen, policy_rejected = pair_logps(model, mb)
+    if mb.ref_logprobs is not None:
+        ref_chosen, ref_rejected = mb.ref_logprobs[:, 0], mb.ref_logprobs[:, 1]
     else:
         with torch.no_grad():
-            ref_c, ref_r = pair_logps(ref_model, mb)
-    return pair_objective(pol_c, pol_r, ref_c, ref_r, mb, loss)
+            ref_chosen, ref_rejected = pair_logps(ref_model, mb)
+    return pair_objective(policy_chosen, policy_rejected, ref_chosen, ref_rejected, mb, loss)
 
 
-def dpo_loss_from_logprobs(out: dict, mb: dict, loss: DPOLoss):
+def dpo_loss_from_logprobs(outputs: dict, mb: PairBatch, loss: DPOLoss):
     """dpo_loss over per-token log-probs computed elsewhere (the megatron backend's last pipeline stage):
-    out["logprobs"] (T,) aligned with mb["targets"]; reference log-probs from mb["ref_logps"] (P, 2)."""
-    seq_S = sequence_sums(out["logprobs"], mb["cu_seqlens"])
-    ref = mb["ref_logps"].to(seq_S.device)
+    outputs["logprobs"] (T,) aligned with mb.targets; reference log-probs from mb.ref_logprobs (P, 2)."""
+    seq_S = sequence_sums(outputs["logprobs"], mb.cu_seqlens)
+    ref = mb.ref_logprobs.to(seq_S.device)
     return pair_objective(seq_S[0::2], seq_S[1::2], ref[:, 0], ref[:, 1], mb, loss)
 
 
-def pair_objective(pol_c, pol_r, ref_c, ref_r, mb: dict, loss: DPOLoss):
+def pair_objective(policy_chosen, policy_rejected, ref_chosen, ref_rejected, mb: PairBatch, loss: DPOLoss):
     """(global-batch-weighted loss, stats) from policy and reference sequence log-prob sums (P,) of chosen/rejected."""
-    losses_P, rew_c, rew_r = loss(pol_c, pol_r, ref_c, ref_r)
-    w = mb["pair_weight"]
-    stats = pair_stats(rew_c, rew_r, w)
-    stats["logps_chosen"] = float(pol_c.detach().sum()) * w
-    stats["logps_rejected"] = float(pol_r.detach().sum()) * w
-    stats["pairs"] = float(len(pol_c))
-    stats["tokens"] = float(mb["input_ids"].numel())
-    return losses_P.sum() * w, stats
+    losses_P, reward_chosen, reward_rejected = loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    weight = mb.pair_weight
+    stats = pair_stats(reward_chosen, reward_rejected, weight)
+    stats["logps_chosen"] = float(policy_chosen.detach().sum()) * weight
+    stats["logps_rejected"] = float(policy_rejected.detach().sum()) * weight
+    stats["pairs"] = float(len(policy_chosen))
+    stats["tokens"] = float(mb.input_ids.numel())
+    return losses_P.sum() * weight, stats
 
 
 @torch.no_grad()
@@ -120,12 +139,11 @@ def compute_reference_logps(ref_model, rows: list[PairRow], pairs: list[Preferen
     was_training = ref_model.training
     ref_model.eval()
     mine = rows[info.rank::info.world_size]
-    for i in range(0, len(mine), micro_batch):
-        mb = collate_pairs(mine[i:i + micro_batch], pairs, 1.0)
-        mb = {k: v.to(info.device) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}
-        c, r = pair_logps(ref_model, mb)
-        out[mb["pair_ids"], 0] = c.double()
-        out[mb["pair_ids"], 1] = r.double()
+    for start in range(0, len(mine), micro_batch):
+        mb = pair_batch(collate_pairs(mine[start:start + micro_batch], pairs, 1.0)).to(info.device)
+        chosen, rejected = pair_logps(ref_model, mb)
+        out[mb.pair_ids, 0] = chosen.double()
+        out[mb.pair_ids, 1] = rejected.double()
     ref_model.train(was_training)
     if info.distributed:
         all_reduce_sum(out)
@@ -174,23 +192,21 @@ def cached_reference_logps(cfg: Config, info: DistInfo, run_dir: Path, split: st
     return logps
 
 
-def with_reference(batches: list[dict], table: torch.Tensor | None) -> list[dict]:
-    """Attach precomputed reference log-probs (P, 2) to micro-batches (no-op for online references)."""
-    if table is not None:
-        for mb in batches:
-            mb["ref_logps"] = table[mb["pair_ids"]]
-    return batches
+def with_reference(batches: list[PairBatch], table: torch.Tensor | None) -> list[PairBatch]:
+    """The micro-batches with precomputed reference log-probs (P, 2) (as they are for online references)."""
+    if table is None:
+        return batches
+    return [replace(mb, ref_logprobs=table[mb.pair_ids]) for mb in batches]
 
 
-def _pair_sums(out: dict, mb: dict) -> torch.Tensor:
-    return sequence_sums(out["logprobs"], mb["cu_seqlens"]).double().cpu()
+def _pair_sums(outputs: dict, mb: PairBatch) -> torch.Tensor:
+    return sequence_sums(outputs["logprobs"], mb.cu_seqlens).double().cpu()
 
 
-def with_online_reference(ref, batches: list[dict]) -> list[dict]:
-    """Attach the frozen reference's log-probs (P, 2) of the same micro-batches (dpo.reference_logprobs=online)."""
-    for mb, seq_S in zip(batches, ref.forward(batches, _pair_sums)):
-        mb["ref_logps"] = torch.stack([seq_S[0::2], seq_S[1::2]], dim=1).float()
-    return batches
+def with_online_reference(ref, batches: list[PairBatch]) -> list[PairBatch]:
+    """The micro-batches with the frozen reference's log-probs (P, 2) of them (dpo.reference_logprobs=online)."""
+    return [replace(mb, ref_logprobs=torch.stack([seq_S[0::2], seq_S[1::2]], dim=1).float())
+            for mb, seq_S in zip(batches, ref.forward(batches, _pair_sums))]
 
 
 def reference_table(ref, rows: list[PairRow], pairs: list[PreferencePair], micro_batch: int) -> torch.Tensor:
@@ -198,14 +214,15 @@ def reference_table(ref, rows: list[PairRow], pairs: list[PreferencePair], micro
     round-robin over data-parallel ranks and the tables summed. Every rank runs as many forwards (a short rank
     repeats its first micro-batch and drops the result): a sharded model's forward is a collective."""
     mine = rows[ref.dp_rank::ref.dp_size]
-    mbs = [collate_pairs(mine[i:i + micro_batch], pairs, 1.0) for i in range(0, len(mine), micro_batch)]
+    mbs = [pair_batch(collate_pairs(mine[start:start + micro_batch], pairs, 1.0))
+           for start in range(0, len(mine), micro_batch)]
     per_rank = -(-len(rows) // ref.dp_size)  # the most rows a rank gets
     n_real, most = len(mbs), -(-per_rank // micro_batch)
     if n_real < most:
-        mbs += [mbs[0] if mbs else collate_pairs(rows[:1], pairs, 1.0)] * (most - n_real)
+        mbs += [mbs[0] if mbs else pair_batch(collate_pairs(rows[:1], pairs, 1.0))] * (most - n_real)
     out = torch.zeros(len(pairs), 2, dtype=torch.float64)
     for mb, seq_S in list(zip(mbs, ref.forward(mbs, _pair_sums)))[:n_real]:
-        out[mb["pair_ids"], 0], out[mb["pair_ids"], 1] = seq_S[0::2], seq_S[1::2]
+        out[mb.pair_ids, 0], out[mb.pair_ids, 1] = seq_S[0::2], seq_S[1::2]
     return ref.dp_sum(out.to(ref.device)).float().cpu()
 
 
@@ -237,9 +254,10 @@ def run(cfg: Config) -> dict:
     telemetry = telemetry_for(cfg, info, run_dir, policy.step)
     d = cfg.dpo
     loss = DPOLoss(beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing)
-    objective = lambda out, mb: dpo_loss_from_logprobs(out, mb, loss)  # noqa: E731
+    objective = lambda outputs, mb: dpo_loss_from_logprobs(outputs, mb, loss)  # noqa: E731
 
-    def with_ref(mbs: list[dict], table) -> list[dict]:
+    def with_ref(collated: list[dict], table) -> list[PairBatch]:
+        mbs = [pair_batch(mb) for mb in collated]
         return with_reference(mbs, table) if ref is None else with_online_reference(ref, mbs)
 
     evaluate = None
@@ -247,7 +265,7 @@ def run(cfg: Config) -> dict:
         eval_batches = with_ref(eval_micro_batches(eval_data[1], eval_data[0], micro, dp_rank, dp_size), ref_eval)
         evaluate = lambda: evaluate_pairs(policy, eval_batches, objective)  # noqa: E731
 
-    def micro_batches_for(step: int) -> list[dict]:
+    def micro_batches_for(step: int) -> list[PairBatch]:
         return with_ref(step_micro_batches(rows, pairs, sched.global_rows(step), micro, dp_rank, dp_size), ref_train)
 
     run_steps(cfg, policy, telemetry, micro_batches_for, objective, eval_hook(cfg, telemetry, evaluate, policy.step))

@@ -26,7 +26,7 @@ from nova_rt.models.causal import CausalLMLogprobs
 from nova_rt.models.loading import load_causal_lm, set_attention
 from nova_rt.models.reward import RewardModel
 from nova_rt.models.tiny import byte_tokenizer
-from nova_rt.stages.dpo import compute_reference_logps, dpo_loss, pair_logps, with_reference
+from nova_rt.stages.dpo import compute_reference_logps, dpo_loss, pair_batch, pair_logps, with_reference
 from tests.helpers import assert_close_verbose
 
 SEED = int.from_bytes(os.urandom(4), "little")
@@ -170,10 +170,10 @@ def test_packed_pair_logps_match_each_sequence_alone(pair_data):
     _, pairs, _ = pair_data
     hf = _tiny_policy(SEED % 1000)
     policy, ref = CausalLMLogprobs(hf).eval(), _eager_copy(hf).eval()
-    for mb in _batches(pairs, 900, 2):
+    for mb in map(pair_batch, _batches(pairs, 900, 2)):
         chosen, rejected = pair_logps(policy, mb)
         expected = []
-        for i in mb["pair_ids"].tolist():
+        for i in mb.pair_ids.tolist():
             for s in (pairs[i].chosen, pairs[i].rejected):
                 logits = ref(input_ids=torch.from_numpy(s.input_ids)[None]).logits[0]
                 logp = torch.log_softmax(logits.double(), -1)
@@ -209,9 +209,9 @@ def test_precomputed_and_online_reference_give_the_same_loss(pair_data):
     table = compute_reference_logps(ref, rows, pairs, DistInfo(), micro_batch=2)
     for loss in (DPOLoss(0.1, "sigmoid", 0.1), DPOLoss(0.5, "ipo")):
         for i in range(0, len(rows), 2):
-            mb = collate_pairs(rows[i:i + 2], pairs, 1.0 / len(pairs))
+            mb = pair_batch(collate_pairs(rows[i:i + 2], pairs, 1.0 / len(pairs)))
             online, s_on = dpo_loss(policy, mb, loss, ref)
-            pre, s_pre = dpo_loss(policy, with_reference([dict(mb)], table)[0], loss)
+            pre, s_pre = dpo_loss(policy, with_reference([mb], table)[0], loss)
             assert abs(online.item() - pre.item()) <= 1e-6 * max(1.0, abs(online.item())), \
                 f"{loss}: online {online.item()} vs precomputed {pre.item()} (seed {SEED})"
             assert abs(s_on["margin"] - s_pre["margin"]) < 1e-6 and s_on["accuracy"] == s_pre["accuracy"]
