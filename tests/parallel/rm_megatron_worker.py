@@ -4,7 +4,8 @@ seconds of CPU on its own), on CPU with the test-only shims applied first.
     torchrun --nproc_per_node=2 tests/parallel/rm_megatron_worker.py SPEC.json
 
 SPEC.json: {"config": yaml path, "runs": [[KEY=VALUE overrides of run 1], [... run 2], ...]}. Every run gets its own
-megatron model-parallel groups (destroyed after it); the process group lives across runs.
+megatron model-parallel groups (destroyed after it); the process group lives across runs. An entry {"remove": [paths]}
+in place of a run deletes those directories (rank 0) between the runs before and after it.
 """
 
 import json
@@ -30,6 +31,16 @@ def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     try:
         for overrides in spec["runs"]:
+            if isinstance(overrides, dict):
+                import shutil
+
+                import torch.distributed as dist
+
+                if dist.get_rank() == 0:
+                    for path in overrides["remove"]:
+                        shutil.rmtree(path)
+                dist.barrier()
+                continue
             cfg = load_config(spec["config"], overrides)
             get_stage(cfg.run.stage)(cfg)
             gc.collect()

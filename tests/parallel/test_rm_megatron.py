@@ -40,13 +40,14 @@ def runs(tmp_path_factory):
                        env=clean_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     mg = {name: tmp / name for name in [*LAYOUTS, "tp2_resumed"]}
-    # tp2_resumed sees tp2's checkpoints (step 1 only: none is written after the last step) and resumes from there
+    # tp2_resumed sees tp2's checkpoints, less the last step's (written before final), and resumes from step 1
     (mg["tp2"] / "checkpoints").mkdir(parents=True)
     mg["tp2_resumed"].mkdir()
     (mg["tp2_resumed"] / "checkpoints").symlink_to(mg["tp2"] / "checkpoints")
     layouts = {**LAYOUTS, "tp2_resumed": LAYOUTS["tp2"]}
-    spec = {"config": str(CONFIG), "runs": [[*_overrides(mg[name], model_dir), "parallel.backend=megatron", *extra]
-                                            for name, extra in layouts.items()]}
+    runs = [[*_overrides(mg[name], model_dir), "parallel.backend=megatron", *extra] for name, extra in layouts.items()]
+    runs.insert(-1, {"remove": [str(mg["tp2"] / "checkpoints" / "step_00000002")]})
+    spec = {"config": str(CONFIG), "runs": runs}
     (tmp / "spec.json").write_text(json.dumps(spec))
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                         str(ROOT / "tests" / "parallel" / "rm_megatron_worker.py"), str(tmp / "spec.json")],

@@ -91,7 +91,7 @@ def test_megatron_sft_resumes_exactly(tmp_path, layout):
             "train.max_steps=3", "--set", "checkpoint.every=1", "--set", "checkpoint.keep_last=3"]
     _torchrun([*_common(full, model_dir), *args])
     ck = full / "checkpoints"
-    assert sorted(p.name for p in ck.iterdir()) == ["step_00000001", "step_00000002"]
+    assert sorted(p.name for p in ck.iterdir()) == ["step_00000001", "step_00000002", "step_00000003"]
     assert sorted(p.name for p in (ck / "step_00000001").iterdir()) == ["DONE", "manifest.json", "meta.json",
                                                                         "rank_00000.pt", "rank_00001.pt"]
     if "distributed_optimizer" in layout:
@@ -101,6 +101,7 @@ def test_megatron_sft_resumes_exactly(tmp_path, layout):
     shutil.copytree(full, cut)
     shutil.rmtree(cut / "final")
     shutil.rmtree(cut / "checkpoints" / "step_00000002")
+    shutil.rmtree(cut / "checkpoints" / "step_00000003")  # the last step's, written before final
     partial = cut / "checkpoints" / "step_00000002.tmp"
     partial.mkdir()
     (partial / "rank_00000.pt").write_bytes((ck / "step_00000002" / "rank_00000.pt").read_bytes()[:1000])
@@ -170,7 +171,7 @@ def test_megatron_sft_resumes_in_another_layout(tmp_path, first, other, exact):
     shutil.copytree(ref, run)
     for layout, keep in ((other, 1), (first, 2)):
         shutil.rmtree(run / "final")
-        for step in range(keep + 1, 3):
+        for step in range(keep + 1, 4):  # step 3: the last step's, written before final
             shutil.rmtree(run / "checkpoints" / f"step_{step:08d}")
         log = _layout_run(run, model_dir, layout)
         assert f"step_{keep:08d} was written with" in log and "resharding it into this run's layout" in log
