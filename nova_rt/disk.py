@@ -61,7 +61,7 @@ def disk_full_reason(exc: BaseException, directory: str | Path, needed: int | No
             return os.strerror(e.errno)
         text = str(e).lower()
         if any(s in text for s in _NAMED):
-            return os.strerror(errno.EDQUOT if "quota" in text or "122" in text else errno.ENOSPC)
+            return os.strerror(errno.EDQUOT if "quota" in text or "os error 122" in text else errno.ENOSPC)
     if any(isinstance(e, RuntimeError) and any(s in str(e).lower() for s in _WRITE_FAILED) for e in _chain(exc)):
         if free_bytes(directory) < max(needed or 0, _UNNAMED_MARGIN):
             return os.strerror(errno.ENOSPC)

@@ -77,6 +77,9 @@ def test_torch_and_safetensors_wrappings_count_only_when_the_disk_is_full(tmp_pa
     with pytest.raises(DiskFullError, match="No space left on device writing x"):
         with disk_writes(tmp_path, "x", needed=10):
             raise safetensors_error
+    with pytest.raises(DiskFullError, match="Disk quota exceeded writing x: needs about 1,122 bytes"):
+        with disk_writes(tmp_path, "x", needed=1122):
+            raise Exception("Error while serializing: I/O error: Disk quota exceeded (os error 122)")
     with pytest.raises(PermissionError):  # not a full disk: untouched, the temporary files too
         with disk_writes(tmp_path, "x", cleanup=[tmp_path]):
             raise PermissionError(errno.EACCES, "Permission denied")
