@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 
@@ -29,6 +29,8 @@ from nova_rt.distributed import DistInfo
 from nova_rt.telemetry import Telemetry
 
 Objective = Callable[[dict, Any], tuple[torch.Tensor, dict]]
+Head = Literal["lm", "score", "policy"]
+"""What a policy's outputs are: per-token log-probs, a reward model's scalar, GRPO's outputs at the targets."""
 
 
 class PolicyBackend(Protocol):
@@ -54,7 +56,7 @@ class PolicyBackend(Protocol):
     """Whether micro-batches may use GRPO's shared-prefix layout (nova_rt.models.attention)."""
 
     @classmethod
-    def build(cls, cfg: Config, info: DistInfo, run_dir: Path, head: str = "lm") -> tuple[PolicyBackend, Any]:
+    def build(cls, cfg: Config, info: DistInfo, run_dir: Path, head: Head = "lm") -> tuple[PolicyBackend, Any]:
         """(trainable policy of cfg.model, tokenizer); head "lm" (per-token log-probs), "score" (a reward model's
         scalar) or "policy" (GRPO: outputs at the target tokens only, and `hf_model` for the rollout engines)."""
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from nova_rt.backends import register_backend
+from nova_rt.backends.base import Head
 from nova_rt.config import Config, resolve_path
 from nova_rt.data.micro_batch import PackedBatch, output_options, to_device
 from nova_rt.data.packing import collate, loss_weights
@@ -149,7 +150,7 @@ class HFPolicy:
         self._autocast_forward = autocast
 
     @classmethod
-    def build(cls, cfg: Config, info: DistInfo, run_dir: Path, head: str = "lm"):
+    def build(cls, cfg: Config, info: DistInfo, run_dir: Path, head: Head = "lm"):
         hf_model, tok = load_policy(cfg, trainable=True)
         if head == "policy":  # GRPO: log-probs at the response tokens only; hf_model also generates the rollouts
             return cls(cfg, info, PolicyLogprobs(hf_model), outputs=policy_outputs, run_dir=run_dir,

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from nova_rt.backends import register_backend
+from nova_rt.backends.base import Head
 from nova_rt.config import Config, resolve_path
 from nova_rt.data.micro_batch import PackedBatch, to_device
 from nova_rt.distributed import DistInfo, barrier
@@ -257,7 +258,7 @@ class MegatronPolicy:
 
 
     @classmethod
-    def build(cls, cfg: Config, info: DistInfo, run_dir: Path, head: str = "lm"):
+    def build(cls, cfg: Config, info: DistInfo, run_dir: Path, head: Head = "lm"):
         if head == "policy":
             from nova_rt.backends.hf import load_policy
 

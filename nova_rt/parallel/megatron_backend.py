@@ -70,6 +70,7 @@ import math
 import os
 from dataclasses import replace
 from functools import partial
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -137,8 +138,8 @@ class MegatronBackend(LastStageOutputs):
     def __init__(self, model_dir, parallel_cfg, *, dtype: torch.dtype = torch.float32, lr: float = 1e-5,
                  weight_decay: float = 0.0, grad_clip: float = 1.0, seed: int = 0,
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, vocab_multiple: int = 1,
-                 use_te: bool | None = None, load_weights: bool = True, trainable: bool = True, head: str = "lm",
-                 score_init: torch.Tensor | None = None):
+                 use_te: bool | None = None, load_weights: bool = True, trainable: bool = True,
+                 head: Literal["lm", "score"] = "lm", score_init: torch.Tensor | None = None):
         from megatron.core import tensor_parallel
         from transformers import AutoConfig
 
