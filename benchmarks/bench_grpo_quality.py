@@ -277,12 +277,10 @@ def nova_only(args) -> dict:
     """nova_rt-only config overrides: the preset's grpo settings, then --nova-set (parsed as YAML values)."""
     import yaml
 
-    from nova_rt.config import renamed_key  # a former flat grpo key names its new place
-
     out = {f"grpo.{k}": v for k, v in args.preset["nova_only"].items()}
     for item in args.nova_set:
         key, _, value = item.partition("=")
-        out[renamed_key(key.strip())] = yaml.safe_load(value)
+        out[key.strip()] = yaml.safe_load(value)
     return out
 
 

@@ -7,10 +7,6 @@ loader can import it on demand). Defaults live only in the dataclasses; YAML fil
 
 Unknown keys, values of the wrong type, choices outside a field's `Literal[...]` and out-of-range numbers are
 errors that name the key and the file, raised while loading, before any model or data loads.
-
-A section may rename its keys (`register_section(name, renamed={"old_field": "sub.new_field"})`): for one release the
-old key is still read, in YAML files, `--set` and `pipeline.stage_overrides`, moved to its new place with one
-deprecation line per key; giving both the old and the new key with different values is an error naming both.
 """
 
 from __future__ import annotations
@@ -23,31 +19,25 @@ from typing import Any, Literal
 
 import yaml
 
-from nova_rt import config_renames
 from nova_rt.backends import backend_names
 from nova_rt.config_checks import check_run
 from nova_rt.config_paths import relocate_paths
 from nova_rt.config_values import _build_section, check_range
-from nova_rt.errors import ConfigError  # defined there so nova_rt.config_renames need not import this module
+from nova_rt.errors import ConfigError
 
 DType = Literal["float32", "fp32", "bfloat16", "bf16", "float16", "fp16"]
 """Parameter dtype names a config accepts (nova_rt.models.loading.DTYPES maps them to torch dtypes)."""
 
 _SECTIONS: dict[str, type] = {}
-_RENAMED: dict[str, dict[str, str]] = {}
-"""section -> {old field: its new dotted path under the section}, read for one release (see register_section)."""
 
 
-def register_section(name: str, renamed: dict[str, str] | None = None):
-    """Register a dataclass as the config section `name` (used by stage modules). `renamed` maps former field names
-    to their new dotted paths under the section; the loader reads the former names for one release."""
+def register_section(name: str):
+    """Register a dataclass as the config section `name` (used by stage modules)."""
 
     def deco(cls):
         if not dataclasses.is_dataclass(cls):
             raise TypeError(f"config section {name!r} must be a dataclass")
         _SECTIONS[name] = cls
-        if renamed:
-            _RENAMED[name] = dict(renamed)
         return cls
 
     return deco
@@ -301,7 +291,7 @@ class Config:
         """A copy with `{"a.b": value}` (or ["a.b=c", ...]) applied and type-checked."""
         raw = self.to_dict()
         items = overrides.items() if isinstance(overrides, dict) else [_split_override(s) for s in overrides]
-        for key, value in config_renames.rename_keys(list(items), "override", _renames):
+        for key, value in items:
             _set_dotted(raw, key, value, "override")
         out = build_config(raw, self.source)
         out.config_dir = self.config_dir
@@ -321,26 +311,9 @@ def _section_class(name: str, source: str) -> type:
     return _SECTIONS[name]
 
 
-# ----------------------------------------------------------------------------------------------- renamed keys
-def _renames(section: str) -> dict[str, str]:
-    """The renamed fields of `section` ({} for an unknown section: building the config reports it)."""
-    if section not in _SECTIONS:
-        try:
-            _section_class(section, "<config>")
-        except ConfigError:
-            return {}
-    return _RENAMED.get(section, {})
-
-
-def renamed_key(key: str) -> str:
-    """The current name of a dotted key: `grpo.eval_every` -> `grpo.eval.every` (with one deprecation line)."""
-    return config_renames.renamed_key(key, _renames)
-
-
 def build_config(raw: dict, source: str = "<dict>") -> Config:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: top level must be a mapping of sections")
-    config_renames.migrate_raw(raw, source, _renames)
     sections = {}
     for name in CORE_SECTIONS:
         sections[name] = _build_section(_SECTIONS[name], raw.get(name) or {}, f"{source}: {name}")
@@ -395,8 +368,6 @@ def load_raw(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     base = raw.pop("include", None)
-    # each file on its own, before includes merge: a new key here overrides an included file's old key
-    config_renames.migrate_raw(raw, str(path), _renames)
     if _chain:  # an included file: its relative paths are relative to it, not to the file including it
         relocate_paths(raw, path.parent)
     if base:
@@ -421,8 +392,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     raw = load_raw(path)
     keys = {}
     items = [_split_override(item) for item in overrides or []]
-    renamed = config_renames.rename_keys(items, f"{path} (--set)", _renames)
-    for item, (key, value) in zip(overrides or [], renamed):
+    for item, (key, value) in zip(overrides or [], items):
         _set_dotted(raw, key, value, f"{path} (--set {item})")
         keys[key] = item
     try:

@@ -43,7 +43,6 @@ from nova_rt.stages.grpo.batches import (
     pack_responses,
 )
 from nova_rt.stages.grpo.config import (
-    RENAMED,
     GRPOConfig,
     GRPODataConfig,
     GRPOEvalConfig,
@@ -61,7 +60,7 @@ from nova_rt.stages.grpo.losses import (
 )
 from nova_rt.stages.grpo.run import GRPORun, log, run
 
-__all__ = ["RENAMED", "AggregationTotals", "GRPOConfig", "GRPODataConfig", "GRPOEvalConfig", "GRPOLossConfig",
+__all__ = ["AggregationTotals", "GRPOConfig", "GRPODataConfig", "GRPOEvalConfig", "GRPOLossConfig",
            "GRPORun", "PTXBatch", "PTXConfig", "PackedResponses", "PolicyLogprobs", "RolloutBatch", "RolloutGroup",
            "RolloutStats", "SamplingConfig", "_forward", "agg_scale_and_weights", "agg_totals", "log",
            "make_loss_fn", "make_objective", "pack_responses", "ptx_loss", "ptx_loss_from_outputs", "rl_loss",

@@ -6,9 +6,6 @@
   grpo.ptx       the PTX penalty on SFT data
   grpo.eval      per-category greedy eval and the prompt re-weighting it drives
   grpo.rollout   the rollout engine (nova_rt.rollout.base.RolloutConfig)
-
-The former flat keys (`grpo.group_size`, `grpo.eps_high`, `grpo.ptx_coef`, `grpo.eval_every`, ...) are read for one
-release: RENAMED maps each to its new place, and nova_rt.config moves it there with a deprecation line.
 """
 
 from __future__ import annotations
@@ -123,22 +120,7 @@ class GRPOEvalConfig:
     reweight_rate: float = 0.5
 
 
-SECTIONS = {"sampling": SamplingConfig, "data": GRPODataConfig, "loss": GRPOLossConfig, "ptx": PTXConfig,
-            "eval": GRPOEvalConfig}
-"""Sub-section name -> dataclass (grpo.rollout is nova_rt.rollout.base.RolloutConfig)."""
-
-RENAMED = {
-    **{name: f"sampling.{name}" for name in SamplingConfig.__dataclass_fields__},
-    **{name: f"data.{name}" for name in GRPODataConfig.__dataclass_fields__},
-    **{name: f"loss.{name}" for name in GRPOLossConfig.__dataclass_fields__},
-    **{f"ptx_{name}": f"ptx.{name}" for name in PTXConfig.__dataclass_fields__},
-    **{f"eval_{name}": f"eval.{name}" for name in ("every", "batch")},
-    **{name: f"eval.{name}" for name in ("reweight", "reweight_max_ratio", "reweight_rate")},
-}
-"""Former flat key -> its key under grpo (grpo.eval_every -> grpo.eval.every), read for one release."""
-
-
-@register_section("grpo", renamed=RENAMED)
+@register_section("grpo")
 @dataclass(kw_only=True)
 class GRPOConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
