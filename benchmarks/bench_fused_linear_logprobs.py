@@ -46,8 +46,8 @@ def _eager_logprobs(h_TD, w_VD, labels_T):
 def _providers(names, device):
     compiled = torch.compile(_eager_logprobs, dynamic=False) if "compiled" in names else None
     table = {
-        "triton": lambda h, w, y: fused_linear_logprobs(h, w, y, backend="triton")["logprobs"],
-        "torch": lambda h, w, y: fused_linear_logprobs(h, w, y, backend="torch")["logprobs"],
+        "triton": lambda h, w, y: fused_linear_logprobs(h, w, y, impl="triton")["logprobs"],
+        "torch": lambda h, w, y: fused_linear_logprobs(h, w, y, impl="torch")["logprobs"],
         "eager": _eager_logprobs,
         "compiled": compiled,
     }
@@ -92,7 +92,7 @@ def _step(fn, h, w, y, g):
     return torch.autograd.grad(loss, (h, w))
 
 
-def meta_peak_extra(T: int, D: int, V: int, dtype: torch.dtype, backend: str, kind: str = "cuda",
+def meta_peak_extra(T: int, D: int, V: int, dtype: torch.dtype, impl: str, kind: str = "cuda",
                     entropy: bool = False, K: int = 0, device: str = "meta") -> int:
     """Peak bytes fused_linear_logprobs allocates in one forward + backward beyond its inputs, its outputs (with the
     O(T) tensors saved for backward) and the two gradients, on meta tensors: full size, nothing allocated.
@@ -101,20 +101,20 @@ def meta_peak_extra(T: int, D: int, V: int, dtype: torch.dtype, backend: str, ki
     fake kernel) under `LiveBytes`, with the Triton kernels replaced by `NoLaunch` stubs (they allocate nothing:
     every buffer they touch is a torch tensor made by the launcher, so the launch structure allocates as on the GPU)
     and the device-dependent choices (workspace cap, fp32 GEMM output, SM count) made as on `kind`, "cuda" or "cpu".
-    backend "eager": autograd through the materialised-logits baseline of this benchmark. device="cpu": the same
-    on real (random) CPU tensors, to check the meta run against (the triton backend needs TRITON_INTERPRET=1 then).
+    impl "eager": autograd through the materialised-logits baseline of this benchmark. device="cpu": the same
+    on real (random) CPU tensors, to check the meta run against (the triton path needs TRITON_INTERPRET=1 then).
     """
     meta = dict(device=device)
     h, w = torch.randn(T, D, dtype=dtype, **meta), torch.randn(V, D, dtype=dtype, **meta) * D ** -0.5
     y = torch.randint(0, V, (T,), **meta)
-    if backend == "eager":
+    if impl == "eager":
         with LiveBytes() as mem:
             grads = _step(_eager_logprobs, h.requires_grad_(), w.requires_grad_(), y, torch.randn(T, **meta))
         return mem.peak_excluding(*grads)
     ids = torch.randint(0, V, (T, K), **meta) if K else None
     g_logp, g_ent = torch.randn(T, **meta), torch.randn(T, **meta) if entropy else None
     g_topk = torch.randn(T, K, **meta) if K else None
-    use_triton = backend == "triton"
+    use_triton = impl == "triton"
     with ExitStack() as stack:
         for name in _KERNELS if device == "meta" else ():
             stack.enter_context(mock.patch.object(fll_mod, name, NoLaunch()))
@@ -129,20 +129,20 @@ def meta_peak_extra(T: int, D: int, V: int, dtype: torch.dtype, backend: str, ki
     return mem.peak_excluding(*outs, *grads)
 
 
-def _target_memory(backend: str, dtype: torch.dtype, kind: str, entropy: bool = False, K: int = 0) -> dict:
+def _target_memory(impl: str, dtype: torch.dtype, kind: str, entropy: bool = False, K: int = 0) -> dict:
     T, D, V = TARGET_TDV
-    extra = meta_peak_extra(T, D, V, dtype, backend, kind, entropy, K)
+    extra = meta_peak_extra(T, D, V, dtype, impl, kind, entropy, K)
     return {"target_extra_mb": extra / 2**20, "target_vs_bf16_logits": extra / (T * V * 2)}
 
 
 def run_meta(args) -> None:
-    """Target-size peak extra memory of every backend/device/dtype/output combination (meta tensors)."""
+    """Target-size peak extra memory of every impl/device/dtype/output combination (meta tensors)."""
     rows = []
     for dtype in (torch.bfloat16, torch.float32):
-        for backend, kind in (("triton", "cuda"), ("torch", "cuda"), ("torch", "cpu"), ("eager", "cpu")):
-            for entropy, K in ((False, 0), (True, 0), (True, 500)) if backend != "eager" else ((False, 0),):
-                res = _target_memory(backend, dtype, kind, entropy, K)
-                rows.append({"provider": backend, "device": kind, "dtype": str(dtype)[6:], "entropy": entropy,
+        for impl, kind in (("triton", "cuda"), ("torch", "cuda"), ("torch", "cpu"), ("eager", "cpu")):
+            for entropy, K in ((False, 0), (True, 0), (True, 500)) if impl != "eager" else ((False, 0),):
+                res = _target_memory(impl, dtype, kind, entropy, K)
+                rows.append({"provider": impl, "device": kind, "dtype": str(dtype)[6:], "entropy": entropy,
                              "K": K, "T": TARGET_TDV[0], "D": TARGET_TDV[1], "V": TARGET_TDV[2], **res})
     columns = ["provider", "device", "dtype", "entropy", "K", "target_extra_mb", "target_vs_bf16_logits"]
     report("fused_linear_logprobs_memory_meta", rows, columns, out=args.out)

@@ -70,7 +70,7 @@ def kernel_bytes(inp: dict, mode: str) -> int:
 def providers(device: str) -> dict:
     out = {}
     if device == "cuda":
-        out["nova_rt"] = lambda **kw: grpo_loss(**kw, backend="triton")
+        out["nova_rt"] = lambda **kw: grpo_loss(**kw, impl="triton")
     out["torch"] = grpo_loss_torch
     out["torch_compile"] = torch.compile(grpo_loss_torch)
     return out

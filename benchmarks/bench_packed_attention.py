@@ -58,7 +58,7 @@ def providers(device: str, causal: bool) -> dict:
     if device != "cuda":
         print("no CUDA device: skipping the GPU providers nova_rt (Triton) and flash_attn")
         return fns
-    fns = {"nova_rt": lambda q, k, v, cu, m: packed_attention(q, k, v, cu, m, causal=causal, backend="triton"),
+    fns = {"nova_rt": lambda q, k, v, cu, m: packed_attention(q, k, v, cu, m, causal=causal, impl="triton"),
            **fns}
     try:
         from flash_attn import flash_attn_varlen_func

@@ -25,7 +25,7 @@ Extra memory (beyond inputs, saved tensors and gradients) is sized in bytes, voc
 T=16k,
 D=4096, V=152k it is 1.86% of the bf16 eager logits instead of 10.8% (numbers in `fused_linear_logprobs_bwd`).
 
-Backends ("auto" picks Triton for CUDA tensors, PyTorch otherwise):
+`impl=` ("auto" picks Triton for CUDA tensors, PyTorch otherwise):
 - torch: the loop above in PyTorch ops; GEMMs run in the input dtype (bf16 uses AMX on CPU) with fp32 accumulation,
   softmax math in fp32 (fp64 for fp64 inputs).
 - triton: the forward is one fused kernel: per (token block, vocab split) program it does the tl.dot of hidden and
@@ -34,7 +34,7 @@ Backends ("auto" picks Triton for CUDA tensors, PyTorch otherwise):
   for the logits and d weight, a Triton kernel for the dz math of each chunk (in place; the top-k one-hot terms are
   a torch scatter_add on fp32 row blocks), and a Triton GEMM for d hidden that keeps the 24-bit running sum.
 Chunk plans, byte budgets, the input checks and the PyTorch chunk math (the torch path, and the backward's chunk
-loop on both backends) are in vocab_chunks.py; the streaming top-k ids that feed `topk_ids` in topk_select.py.
+loop on both paths) are in vocab_chunks.py; the streaming top-k ids that feed `topk_ids` in topk_select.py.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nova_rt.kernels import resolve_backend, vocab_chunks
+from nova_rt.kernels import resolve_impl, vocab_chunks
 from nova_rt.kernels.vocab_chunks import IGNORE_INDEX
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -473,18 +473,18 @@ _fll_op.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------------------------- public API
 def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                           temperature: float = 1.0, return_entropy: bool = False,
-                          topk_ids: torch.Tensor | None = None, backend: str = "auto") -> dict:
+                          topk_ids: torch.Tensor | None = None, impl: str = "auto") -> dict:
     """Log-probs of `labels` under softmax(hidden @ weight.T / temperature), without (T, V) logits.
 
-    hidden: (T, D), weight: (V, D), same dtype (fp32/fp16/bf16; fp64 on the torch backend); labels: (T,) int64 with
+    hidden: (T, D), weight: (V, D), same dtype (fp32/fp16/bf16; fp64 on the torch path); labels: (T,) int64 with
     -100 = ignore (logprob 0.0, no gradient). Returns {"logprobs": (T,) fp32} plus "entropy": (T,) fp32 when
     return_entropy, and "topk_logprobs": (T, K) fp32 (full-vocab log-softmax at topk_ids (T, K) int64) when given.
     Differentiable w.r.t. hidden and weight through every output.
     """
-    backend = resolve_backend(backend, hidden, weight)
-    vocab_chunks.check_inputs(hidden, weight, labels, topk_ids, temperature, backend)
+    impl = resolve_impl(impl, hidden, weight)
+    vocab_chunks.check_inputs(hidden, weight, labels, topk_ids, temperature, impl)
     logp, ent, topk, _, _ = _fll_op(hidden, weight, labels, topk_ids, 1.0 / float(temperature),
-                                    bool(return_entropy), backend == "triton")
+                                    bool(return_entropy), impl == "triton")
     out = {"logprobs": logp}
     if return_entropy:
         out["entropy"] = ent

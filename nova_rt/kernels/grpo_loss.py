@@ -52,7 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nova_rt.kernels import resolve_backend
+from nova_rt.kernels import resolve_impl
 
 _KL_MODES = {"k1": 1, "k2": 2, "k3": 3}
 _AGG_MODES = {"token-mean": 0, "seq-mean-token-mean": 1, "seq-mean-token-sum-norm": 2}
@@ -422,7 +422,7 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: 
               rewards: torch.Tensor, cu_seqlens: torch.Tensor, group_size: int, *, eps_low: float = 0.2,
               eps_high: float = 0.2, beta: float = 0.0, kl: str = "k3", agg: str = "token-mean",
               adv_norm: str = "std", token_adv: torch.Tensor | None = None,
-              is_weights: torch.Tensor | None = None, backend: str = "auto") -> tuple[torch.Tensor, dict]:
+              is_weights: torch.Tensor | None = None, impl: str = "auto") -> tuple[torch.Tensor, dict]:
     """GRPO clipped-surrogate loss (+ beta KL) over flat response tokens; see the module docstring for the math.
 
     logprobs, old_logprobs, ref_logprobs (or None when beta = 0), token_adv (optional, fp32, no grad): (T,) fp32,
@@ -433,7 +433,7 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: 
     """
     _check_inputs(logprobs, old_logprobs, ref_logprobs, rewards, cu_seqlens, group_size, beta, kl, agg, adv_norm,
                   token_adv, is_weights)
-    if resolve_backend(backend, logprobs, old_logprobs, ref_logprobs, rewards, cu_seqlens) == "torch":
+    if resolve_impl(impl, logprobs, old_logprobs, ref_logprobs, rewards, cu_seqlens) == "torch":
         return grpo_loss_torch(logprobs, old_logprobs, ref_logprobs, rewards, cu_seqlens, group_size,
                                eps_low=eps_low, eps_high=eps_high, beta=beta, kl=kl, agg=agg, adv_norm=adv_norm,
                                token_adv=token_adv, is_weights=is_weights)

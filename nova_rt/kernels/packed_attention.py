@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nova_rt.kernels import resolve_backend
+from nova_rt.kernels import resolve_impl
 from nova_rt.kernels.packed_attention_torch import check_inputs, packed_attention_torch, torch_impl
 
 __all__ = ["packed_attention", "packed_attention_torch", "packed_attention_fwd", "packed_attention_bwd"]
@@ -406,21 +406,21 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 def packed_attention(q_TNH: torch.Tensor, k_TKH: torch.Tensor, v_TKH: torch.Tensor, cu_seqlens: torch.Tensor,
                      max_seqlen: int, *, causal: bool = True, softmax_scale: float | None = None,
-                     backend: str = "auto") -> torch.Tensor:
+                     impl: str = "auto") -> torch.Tensor:
     """Attention within each packed document (flash_attn_varlen_func with cu_seqlens_q == cu_seqlens_k).
 
     q_TNH: (T, N, H); k_TKH, v_TKH: (T, K, H) with N % K == 0; cu_seqlens: int32 (S+1,), 0 = cu[0] <= ... <=
     cu[S] = T; max_seqlen: longest document (an upper bound is fine). softmax_scale defaults to 1/sqrt(H).
-    backend: "auto" (Triton on CUDA, torch on CPU), "triton" (interpreter on CPU) or "torch".
+    impl: "auto" (Triton on CUDA, torch on CPU), "triton" (interpreter on CPU) or "torch".
     Returns (T, N, H) in q's dtype; differentiable w.r.t. q, k and v.
     """
     check_inputs(q_TNH, k_TKH, v_TKH, cu_seqlens, max_seqlen)
     H = q_TNH.shape[2]
     scale = 1.0 / math.sqrt(H) if softmax_scale is None else float(softmax_scale)
-    if resolve_backend(backend, q_TNH, k_TKH, v_TKH) == "torch":
+    if resolve_impl(impl, q_TNH, k_TKH, v_TKH) == "torch":
         return torch_impl(q_TNH, k_TKH, v_TKH, cu_seqlens, causal, scale)
     if q_TNH.dtype == torch.float64:
-        raise TypeError("packed_attention: the Triton backend takes fp16/bf16/fp32; use backend='torch' for fp64")
+        raise TypeError("packed_attention: the Triton path takes fp16/bf16/fp32; use impl='torch' for fp64")
     if H > 256:
-        raise ValueError(f"packed_attention: the Triton backend supports head_dim <= 256, got {H}")
+        raise ValueError(f"packed_attention: the Triton path supports head_dim <= 256, got {H}")
     return _fwd_op(q_TNH, k_TKH, v_TKH, cu_seqlens, causal, scale)[0]

@@ -9,7 +9,7 @@ Why deterministic: torch.topk's choice among equal values depends on the device 
 first, and nova_rt.parallel.vocab_parallel applies the same rule per shard and across shards.
 
 `reference_topk` (the name says whose top-k: the reference model's, not a reference implementation) is PyTorch on
-both backends: chunked GEMM + streaming merge of each chunk with the running top-k, and an online logsumexp, so no
+both paths: chunked GEMM + streaming merge of each chunk with the running top-k, and an online logsumexp, so no
 (T, V) tensor exists; it runs under no_grad.
 """
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from nova_rt.kernels import resolve_backend, vocab_chunks
+from nova_rt.kernels import resolve_impl, vocab_chunks
 
 
 def topk_lowest_ids(vals_TN: torch.Tensor, k: int, ids_TN: torch.Tensor | None = None) -> tuple[torch.Tensor,
@@ -50,16 +50,16 @@ def topk_lowest_ids(vals_TN: torch.Tensor, k: int, ids_TN: torch.Tensor | None =
 
 @torch.no_grad()
 def reference_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int, *, temperature: float = 1.0,
-                   backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                   impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """(ids (T, k) int64, logprobs (T, k) fp32) of the k largest logits per token, sorted descending; ties by lowest
     id (`topk_lowest_ids`).
 
     Streams the vocab in chunks: each chunk's logits are merged with the running top-k (torch.topk over k + Vc
-    candidates) and folded into an online logsumexp, so no (T, V) tensor exists. Both backends run this PyTorch
-    loop (on the GPU it is cuBLAS GEMMs plus torch.topk); `backend` is validated for API symmetry.
+    candidates) and folded into an online logsumexp, so no (T, V) tensor exists. Both paths run this PyTorch
+    loop (on the GPU it is cuBLAS GEMMs plus torch.topk); `impl` is validated for API symmetry.
     """
-    backend = resolve_backend(backend, hidden, weight)
-    vocab_chunks.check_inputs(hidden, weight, None, None, temperature, backend)
+    impl = resolve_impl(impl, hidden, weight)
+    vocab_chunks.check_inputs(hidden, weight, None, None, temperature, impl)
     T, V = hidden.shape[0], weight.shape[0]
     if not 1 <= k <= V:
         raise ValueError(f"k must be in [1, V={V}], got {k}")

@@ -1,5 +1,5 @@
 """Streaming an LM head's vocabulary in chunks: byte budgets and chunk plans, input checks, and the PyTorch chunk
-math shared by fused_linear_logprobs (its torch path, and the backward's chunk loop on both backends) and
+math shared by fused_linear_logprobs (its torch path, and the backward's chunk loop on both paths) and
 topk_select.reference_topk.
 
 Legend: T tokens, D model dim, V vocab, K top-k ids per token, Vc vocab columns of one chunk.
@@ -187,12 +187,12 @@ def join24(hi, lo):
 
 
 # ----------------------------------------------------------------------------------------------- input checks
-def check_inputs(hidden, weight, labels, topk_ids, temperature, backend):
+def check_inputs(hidden, weight, labels, topk_ids, temperature, impl):
     """Shapes, dtypes, devices and temperature (static facts, checked before the op)."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden must be (T, D) and weight (V, D); got hidden {tuple(hidden.shape)}, "
                          f"weight {tuple(weight.shape)}")
-    allowed = (torch.float16, torch.bfloat16, torch.float32) + ((torch.float64,) if backend == "torch" else ())
+    allowed = (torch.float16, torch.bfloat16, torch.float32) + ((torch.float64,) if impl == "torch" else ())
     if hidden.dtype != weight.dtype or hidden.dtype not in allowed:
         raise TypeError(f"hidden and weight must share a dtype in {allowed}; got {hidden.dtype}, {weight.dtype}")
     if hidden.device != weight.device:

@@ -117,9 +117,9 @@ def te_available() -> bool:
 
 # ----------------------------------------------------------------------------------------------- core attention
 def _sdpa_per_document(q_TNH, k_TNH, v_TNH, cu_seqlens, max_seqlen, *, causal=True, softmax_scale=None,
-                       backend="auto"):
+                       impl="auto"):
     """Fallback with packed_attention's signature: causal SDPA run on each document separately."""
-    del max_seqlen, backend
+    del max_seqlen, impl
     groups = q_TNH.shape[1] // k_TNH.shape[1]
     bounds = cu_seqlens.tolist()
     outs = []

@@ -55,7 +55,7 @@ def _check_all(seed, out, eager, oracle, names, factor=2.0):
         assert_no_worse_than_eager(out[key], eager[key], oracle[key], factor=factor, name=f"{key} (seed {seed})")
 
 
-def _case(T, D, V, K, dtype, tau, entropy, backend, eager_fn, device="cpu"):
+def _case(T, D, V, K, dtype, tau, entropy, impl, eager_fn, device="cpu"):
     seed = _seed()
     h, w, y, ids = _inputs(T, D, V, K, dtype, device)
     names = ["logprobs"] + (["entropy"] if entropy else []) + (["topk_logprobs"] if K else [])
@@ -63,7 +63,7 @@ def _case(T, D, V, K, dtype, tau, entropy, backend, eager_fn, device="cpu"):
     # fp32-representable upstream grads: our outputs are fp32, so autograd hands us the grads rounded to fp32
     grads = {k: torch.randn(shapes[k], device=device).double() for k in names}
     ours = _fwd_bwd(lambda a, b: fused_linear_logprobs(a, b, y, temperature=tau, return_entropy=entropy,
-                                                       topk_ids=ids, backend=backend), h, w, grads)
+                                                       topk_ids=ids, impl=impl), h, w, grads)
     ref = _fwd_bwd(lambda a, b: {k: v for k, v in fused_linear_logprobs_ref(a, b, y, tau, ids).items() if k in names},
                    h.double(), w.double(), grads)
     eager = _fwd_bwd(lambda a, b: eager_fn(a, b, y, tau, ids, names), h, w, grads)
@@ -88,7 +88,7 @@ def _naive_eager(h, w, y, tau, ids, names):
 
 def _torch_path(h, w, y, tau, ids, names):
     out = fused_linear_logprobs(h, w, y, temperature=tau, return_entropy="entropy" in names, topk_ids=ids,
-                                backend="torch")
+                                impl="torch")
     return {k: out[k] for k in names}
 
 
@@ -139,29 +139,29 @@ def test_ignore_index_gives_zero_and_no_gradient():
     y[::2] = -100
     h.requires_grad_()
     w.requires_grad_()
-    for backend in ("torch", "triton"):
-        lp = fused_linear_logprobs(h, w, y, backend=backend)["logprobs"]
-        assert (lp[::2] == 0).all(), f"{backend}: ignored rows not 0 (seed {seed})"
-        assert (lp[1::2] < 0).all(), f"{backend}: kept rows must be negative log-probs (seed {seed})"
+    for impl in ("torch", "triton"):
+        lp = fused_linear_logprobs(h, w, y, impl=impl)["logprobs"]
+        assert (lp[::2] == 0).all(), f"{impl}: ignored rows not 0 (seed {seed})"
+        assert (lp[1::2] < 0).all(), f"{impl}: kept rows must be negative log-probs (seed {seed})"
         dh, dw = torch.autograd.grad(lp.sum(), (h, w))
-        assert (dh[::2] == 0).all() and dh[1::2].abs().sum() > 0, f"{backend}: d hidden leaks (seed {seed})"
+        assert (dh[::2] == 0).all() and dh[1::2].abs().sum() > 0, f"{impl}: d hidden leaks (seed {seed})"
         only_ignored = torch.full_like(y, -100)
-        lp0 = fused_linear_logprobs(h, w, only_ignored, backend=backend)["logprobs"]
+        lp0 = fused_linear_logprobs(h, w, only_ignored, impl=impl)["logprobs"]
         dh0, dw0 = torch.autograd.grad(lp0.sum(), (h, w))
-        assert (lp0 == 0).all() and (dh0 == 0).all() and (dw0 == 0).all(), f"{backend} (seed {seed})"
+        assert (lp0 == 0).all() and (dh0 == 0).all() and (dw0 == 0).all(), f"{impl} (seed {seed})"
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_empty_tokens_and_strided_labels(backend):
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_empty_tokens_and_strided_labels(impl):
     seed = _seed()
     h0, w = torch.randn(0, 8, requires_grad=True), torch.randn(20, 8, requires_grad=True)
     out = fused_linear_logprobs(h0, w, torch.zeros(0, dtype=torch.int64), return_entropy=True,
-                                topk_ids=torch.zeros(0, 3, dtype=torch.int64), backend=backend)
+                                topk_ids=torch.zeros(0, 3, dtype=torch.int64), impl=impl)
     assert out["logprobs"].shape == (0,) and out["topk_logprobs"].shape == (0, 3)
     dh, dw = torch.autograd.grad(sum(v.sum() for v in out.values()), (h0, w))
     assert dh.shape == (0, 8) and (dw == 0).all()
     h, y_strided = torch.randn(6, 8), torch.randint(0, 20, (12,))[::2]
-    got = fused_linear_logprobs(h, w.detach(), y_strided, backend=backend)["logprobs"]
+    got = fused_linear_logprobs(h, w.detach(), y_strided, impl=impl)["logprobs"]
     want = fused_linear_logprobs_ref(h.double(), w.detach().double(), y_strided, 1.0, None)["logprobs"]
     assert_close_verbose(got, want, rtol=1e-5, atol=1e-5, name=f"strided labels (seed {seed})")
 
@@ -170,7 +170,7 @@ def test_grad_only_for_requested_inputs():
     seed = _seed()
     h, w, y, _ = _inputs(5, 8, 40, 0, torch.float32)
     w.requires_grad_()
-    lp = fused_linear_logprobs(h, w, y, return_entropy=True, backend="torch")
+    lp = fused_linear_logprobs(h, w, y, return_entropy=True, impl="torch")
     (dw,) = torch.autograd.grad(lp["entropy"].sum(), (w,))
     ref = _fwd_bwd(lambda a, b: {"entropy": fused_linear_logprobs_ref(a, b, y, 1.0, None)["entropy"]}, h.double(),
                    w.double(), {"entropy": torch.ones(5, dtype=torch.float64)})
@@ -192,7 +192,7 @@ def test_torch_compile_fullgraph():
     h, w, y, ids = _inputs(33, 24, 300, 4, torch.float32)
 
     def loss(a, b):
-        out = fused_linear_logprobs(a, b, y, temperature=0.8, return_entropy=True, topk_ids=ids, backend="torch")
+        out = fused_linear_logprobs(a, b, y, temperature=0.8, return_entropy=True, topk_ids=ids, impl="torch")
         return out["logprobs"].sum() + out["entropy"].sum() + out["topk_logprobs"].sum()
 
     grads = {"loss": torch.ones((), dtype=torch.float64)}
@@ -265,15 +265,15 @@ def test_dh_update_16bit(use_triton, first, last):
 
 
 # ----------------------------------------------------------------------------------------------- reference_topk
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("impl", ["torch", "triton"])
 @pytest.mark.parametrize("T, D, V, k, cols", [(9, 32, 600, 500, None), (13, 24, 1531, 500, 613), (4, 8, 50, 1, 7),
                                               (3, 8, 40, 40, None)])
-def test_reference_topk_matches_oracle(backend, T, D, V, k, cols, monkeypatch):
+def test_reference_topk_matches_oracle(impl, T, D, V, k, cols, monkeypatch):
     if cols is not None:
         monkeypatch.setattr(vocab_chunks, "chunk_cols", lambda *args: cols)
     seed = _seed()
     h, w, _, _ = _inputs(T, D, V, 0, torch.float32)
-    ids, lp = reference_topk(h, w, k, temperature=0.9, backend=backend)
+    ids, lp = reference_topk(h, w, k, temperature=0.9, impl=impl)
     assert ids.shape == (T, k) and ids.dtype == torch.int64 and lp.dtype == torch.float32
     lp_ref = torch.log_softmax((h.double() @ w.double().T) / 0.9, dim=1)
     ref_vals, ref_ids = lp_ref.topk(k, dim=1)
@@ -294,18 +294,18 @@ def test_topk_kl_round_trip():
 
 
 # ----------------------------------------------------------------------------------------------- memory (issue 3)
-@pytest.mark.parametrize("backend, kind, dtype, K", [
+@pytest.mark.parametrize("impl, kind, dtype, K", [
     ("triton", "cuda", torch.bfloat16, 0), ("triton", "cuda", torch.float32, 0),
     ("triton", "cuda", torch.bfloat16, 500),
     ("torch", "cuda", torch.float32, 0), ("torch", "cpu", torch.float32, 0),
     ("torch", "cuda", torch.bfloat16, 0), ("torch", "cpu", torch.bfloat16, 0),  # ~5-20 s each: 10^5 meta ops
 ])
-def test_peak_extra_memory_at_target(backend, kind, dtype, K):
+def test_peak_extra_memory_at_target(impl, kind, dtype, K):
     """Issue 3: one forward + backward at T=16k, D=4096, V=152k with entropy allocates at most 2% of the bf16 eager
     logits beyond inputs, outputs and gradients: the Triton launch structure (kernels stubbed) and the torch path
     with the CUDA and the CPU budgets, on meta tensors (nothing is allocated)."""
     T, D, V = TARGET_TDV
-    extra = meta_peak_extra(T, D, V, dtype, backend, kind, entropy=True, K=K)
+    extra = meta_peak_extra(T, D, V, dtype, impl, kind, entropy=True, K=K)
     assert extra <= 0.02 * T * V * 2, f"{extra / 2**20:.1f} MiB = {extra / (T * V * 2):.2%} of the bf16 logits"
 
 
@@ -323,13 +323,13 @@ class _CollectAfterLaunch:
         return launch
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("impl", ["torch", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_meta_measurement_matches_real_run(backend, dtype, monkeypatch):
+def test_meta_measurement_matches_real_run(impl, dtype, monkeypatch):
     """The meta run allocates what a real CPU run of the same code allocates (Triton: under the interpreter), at a
     small size with a tiny workspace so that several chunks and row blocks run in every loop."""
     monkeypatch.setattr(vocab_chunks, "workspace_bytes", lambda device, reserved=0: 40_000)
-    args = (48, 32, 1000, dtype, backend, "cpu", True, 5)  # fp16: 5 chunks of 208 columns, blocks of 20 rows
+    args = (48, 32, 1000, dtype, impl, "cpu", True, 5)  # fp16: 5 chunks of 208 columns, blocks of 20 rows
     meta = meta_peak_extra(*args, device="meta")
     for name in ("_fused_linear_logprobs_fwd_kernel", "_fused_linear_logprobs_gather_kernel",
                  "_fused_linear_logprobs_bwd_kernel", "_fused_linear_logprobs_dh_kernel"):
@@ -348,12 +348,12 @@ def test_meta_measurement_matches_real_run(backend, dtype, monkeypatch):
     (dict(topk_ids=torch.tensor([[0], [1], [2], [10]])), "topk_ids must lie"),
     (dict(topk_ids=torch.zeros(3, 2, dtype=torch.int64)), "topk_ids"),
     (dict(temperature=0.0), "temperature"),
-    (dict(backend="cuda"), "backend"),
+    (dict(impl="cuda"), "impl"),
 ])
 def test_bad_inputs_raise(bad, match):
     args = dict(hidden=torch.randn(4, 6), weight=torch.randn(10, 6), labels=torch.tensor([0, 1, 2, 3]))
     args.update(bad)
-    kw = {k: args.pop(k) for k in ("temperature", "topk_ids", "backend") if k in args}
+    kw = {k: args.pop(k) for k in ("temperature", "topk_ids", "impl") if k in args}
     with pytest.raises((ValueError, TypeError), match=match):
         fused_linear_logprobs(args["hidden"], args["weight"], args["labels"], **kw)
     with pytest.raises(ValueError, match="k must be"):

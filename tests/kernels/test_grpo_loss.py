@@ -20,7 +20,7 @@ from tests.helpers import assert_close_verbose, assert_no_worse_than_eager
 AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 KLS = ["k1", "k2", "k3"]
 NORMS = ["std", "none"]
-BACKENDS = ["torch", "triton"]
+IMPLS = ["torch", "triton"]
 # (beta, has_ref, has_token_adv, eps_low, eps_high, group_size): every combination sees G = 1, 3, 4, beta 0 with and
 # without ref, beta > 0, symmetric and clip-higher eps, token_adv on and off.
 CONFIGS = [(0.0, False, False, 0.2, 0.2, 3), (0.0, True, True, 0.2, 0.28, 4), (0.1, True, False, 0.2, 0.28, 1),
@@ -83,17 +83,17 @@ def _oracle(case: Case, isw_T: torch.Tensor | None = None, **kw) -> dict:
                          is_T=isw_T, **kw)
 
 
-def _run(case: Case, backend: str, upstream: float = 1.0, isw_T: torch.Tensor | None = None, **kw):
+def _run(case: Case, impl: str, upstream: float = 1.0, isw_T: torch.Tensor | None = None, **kw):
     lp = case.lp_T.clone().requires_grad_()
     loss, stats = grpo_loss(lp, case.old_T, case.ref_T, case.rewards_B, case.cu, case.G, token_adv=case.tadv_T,
-                            is_weights=isw_T, backend=backend, **kw)
+                            is_weights=isw_T, impl=impl, **kw)
     (loss * upstream).backward()
     return loss, stats, lp.grad
 
 
-def _check(case: Case, backend: str, ctx: str, isw_T: torch.Tensor | None = None, **kw) -> None:
+def _check(case: Case, impl: str, ctx: str, isw_T: torch.Tensor | None = None, **kw) -> None:
     want = _oracle(case, isw_T, **kw)
-    loss, stats, grad = _run(case, backend, isw_T=isw_T, **kw)
+    loss, stats, grad = _run(case, impl, isw_T=isw_T, **kw)
     T = want["T"]
     assert loss.dtype == torch.float32 and loss.dim() == 0, ctx
     assert abs(loss.item() - want["loss"]) <= 1e-5 * want["scale"] + 1e-7, f"loss {loss.item()} vs {want['loss']} {ctx}"
@@ -122,18 +122,18 @@ def test_matches_oracle(agg, kl, adv_norm):
         case = _make_case(gen, n_prompts=int(torch.randint(2, 7, (1,), generator=gen)), G=G, has_ref=has_ref,
                           has_tadv=has_tadv, eps=(eps_low, eps_high))
         kw = dict(eps_low=eps_low, eps_high=eps_high, beta=beta, kl=kl, agg=agg, adv_norm=adv_norm)
-        for backend in BACKENDS:
-            _check(case, backend, f"[seed {seed} {backend} G={G} T={case.lp_T.numel()} {kw}]", **kw)
+        for impl in IMPLS:
+            _check(case, impl, f"[seed {seed} {impl} G={G} T={case.lp_T.numel()} {kw}]", **kw)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_fp16_inputs(backend):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fp16_inputs(impl):
     seed = _seed()
     gen = torch.Generator().manual_seed(seed)
     for agg, kl in zip(AGGS, KLS):
         case = _make_case(gen, n_prompts=4, G=3, dtype=torch.float16, has_tadv=True)
         kw = dict(eps_low=0.2, eps_high=0.28, beta=0.2, kl=kl, agg=agg, adv_norm="std")
-        _check(case, backend, f"[seed {seed} {backend} fp16 {kw}]", **kw)
+        _check(case, impl, f"[seed {seed} {impl} fp16 {kw}]", **kw)
 
 
 def test_test_data_clips_both_sides():
@@ -148,41 +148,41 @@ def test_test_data_clips_both_sides():
     assert ((d.exp() - d - 1) > 10).any(), f"k3 clamp never active, seed {seed}"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_equal_rewards_and_group_size_one_give_zero_advantage(backend):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_equal_rewards_and_group_size_one_give_zero_advantage(impl):
     seed = _seed()
     gen = torch.Generator().manual_seed(seed)
     for G, equal_frac in ((4, 1.0), (1, 0.0)):
         case = _make_case(gen, n_prompts=5, G=G, equal_frac=equal_frac)
-        loss, stats, grad = _run(case, backend, beta=0.0, kl="k3", agg="seq-mean-token-mean", adv_norm="std")
-        msg = f"seed {seed} G={G} {backend}"
+        loss, stats, grad = _run(case, impl, beta=0.0, kl="k3", agg="seq-mean-token-mean", adv_norm="std")
+        msg = f"seed {seed} G={G} {impl}"
         assert loss.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad)), msg
         assert stats["adv_mean"].item() == 0.0 and stats["adv_std"].item() == 0.0, msg
         assert stats["clip_frac"].item() == 0.0, msg
         # With beta > 0 only the KL term remains, and it must still match the oracle.
         kw = dict(eps_low=0.2, eps_high=0.28, beta=0.5, kl="k3", agg="token-mean", adv_norm="std")
-        _check(case, backend, msg, **kw)
+        _check(case, impl, msg, **kw)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_empty_responses(backend):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_empty_responses(impl):
     seed = _seed()
     gen = torch.Generator().manual_seed(seed)
     kw = dict(eps_low=0.2, eps_high=0.2, beta=0.1, kl="k2", agg="seq-mean-token-mean", adv_norm="none")
     case = _make_case(gen, n_prompts=3, G=2)
     case.cu = torch.cat([case.cu[:1], case.cu[:1], case.cu[1:-1], case.cu[-1:], case.cu[-1:]])  # empty first/last
     case.rewards_B = torch.cat([torch.randn(1, generator=gen), case.rewards_B, torch.randn(1, generator=gen)])
-    _check(case, backend, f"[seed {seed} {backend} leading/trailing empty]", **kw)
+    _check(case, impl, f"[seed {seed} {impl} leading/trailing empty]", **kw)
     empty = Case(torch.empty(0), torch.empty(0), torch.empty(0), torch.randn(4, generator=gen),
                  torch.zeros(5, dtype=torch.int32), None, 2)
     for agg in AGGS:
-        loss, stats, grad = _run(empty, backend, **{**kw, "agg": agg})
-        assert loss.item() == 0.0 and grad.shape == (0,), f"{agg} {backend}"
-        assert all(math.isfinite(v.item()) for v in stats.values()), f"{agg} {backend} {stats}"
+        loss, stats, grad = _run(empty, impl, **{**kw, "agg": agg})
+        assert loss.item() == 0.0 and grad.shape == (0,), f"{agg} {impl}"
+        assert all(math.isfinite(v.item()) for v in stats.values()), f"{agg} {impl} {stats}"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_clamped_log_ratios(backend):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_clamped_log_ratios(impl):
     """|lp - old| > 20 and |ref - lp| > 20: finite loss, zero gradient on the clamped terms."""
     seed = _seed()
     case = _make_case(torch.Generator().manual_seed(seed), n_prompts=3, G=3, equal_frac=0.0)
@@ -192,7 +192,7 @@ def test_clamped_log_ratios(backend):
     case.ref_T[idx] = case.lp_T[idx] + torch.tensor([-30.0, 30.0, 3.0]).repeat(len(idx))[: len(idx)]
     for kl in KLS:
         kw = dict(eps_low=0.2, eps_high=0.28, beta=0.05, kl=kl, agg="token-mean", adv_norm="std")
-        _check(case, backend, f"[seed {seed} {backend} clamps {kl}]", **kw)
+        _check(case, impl, f"[seed {seed} {impl} clamps {kl}]", **kw)
 
 
 def test_multi_block_launcher():
@@ -223,7 +223,7 @@ def test_upstream_gradient_and_no_grad_path():
                          name=f"scaled grad seed {seed}")
     with torch.no_grad():
         loss_ng, stats_ng = grpo_loss(case.lp_T.clone().requires_grad_(), case.old_T, case.ref_T, case.rewards_B,
-                                      case.cu, 4, token_adv=case.tadv_T, backend="triton", **kw)
+                                      case.cu, 4, token_adv=case.tadv_T, impl="triton", **kw)
     assert loss_ng.item() == loss.item(), f"seed {seed}"
     assert all(stats_ng[k].item() == stats[k].item() for k in STAT_NAMES), f"seed {seed}"
 
@@ -237,7 +237,7 @@ def test_custom_op_registration():
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     # The public function traces into one graph (no host sync under torch.compile) and matches eager.
     run = lambda lp: grpo_loss(lp, case.old_T, case.ref_T, case.rewards_B, case.cu, 3, beta=0.1, eps_high=0.28,
-                               token_adv=case.tadv_T, backend="triton")[0]
+                               token_adv=case.tadv_T, impl="triton")[0]
     compiled = torch.compile(run, backend="aot_eager", fullgraph=True)
     lp_e, lp_c = case.lp_T.clone().requires_grad_(), case.lp_T.clone().requires_grad_()
     run(lp_e).backward()
@@ -246,13 +246,13 @@ def test_custom_op_registration():
     assert loss_c.item() == run(case.lp_T).item() and torch.equal(lp_c.grad, lp_e.grad), f"seed {seed}"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_bad_inputs(backend):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bad_inputs(impl):
     gen = torch.Generator().manual_seed(_seed())
     c = _make_case(gen, n_prompts=2, G=3)
     T = c.lp_T.numel()
     call = lambda **over: grpo_loss(**{**dict(logprobs=c.lp_T, old_logprobs=c.old_T, ref_logprobs=c.ref_T,
-                                              rewards=c.rewards_B, cu_seqlens=c.cu, group_size=3, backend=backend),
+                                              rewards=c.rewards_B, cu_seqlens=c.cu, group_size=3, impl=impl),
                                        **over})
     with pytest.raises(ValueError, match="group_size"):
         call(group_size=4)
@@ -291,8 +291,8 @@ def _random_is_weights(gen, case: Case, cap: float = 2.0) -> torch.Tensor:
     return w
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_is_weights_match_oracle(backend):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_is_weights_match_oracle(impl):
     """Random per-token weights over several shapes (ragged, length-0 and length-1 responses, G = 1..4, a single
     length-1 response) against the fp64 oracle: loss, stats and d logprobs."""
     seed = _seed()
@@ -310,7 +310,7 @@ def test_is_weights_match_oracle(backend):
         isw = _random_is_weights(gen, case)
         for beta in (0.0, 0.2):
             kw = dict(eps_low=0.2, eps_high=0.28, beta=beta, kl=kl, agg=agg, adv_norm=norm)
-            _check(case, backend, f"[seed {seed} {backend} G={G} T={case.lp_T.numel()} {kw} tis]", isw_T=isw, **kw)
+            _check(case, impl, f"[seed {seed} {impl} G={G} T={case.lp_T.numel()} {kw} tis]", isw_T=isw, **kw)
 
 
 def test_is_weights_multi_block_launcher():
@@ -329,17 +329,17 @@ def test_is_weights_multi_block_launcher():
                          name=f"dlp seed {seed}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_unit_is_weights_equal_no_weights(backend):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_unit_is_weights_equal_no_weights(impl):
     """Weights of exactly 1 change nothing, bit for bit (x * 1.0 is exact in fp32)."""
     seed = _seed()
     gen = torch.Generator().manual_seed(seed)
     for has_ref, beta in ((False, 0.0), (True, 0.3)):
         case = _make_case(gen, n_prompts=4, G=3, has_ref=has_ref, has_tadv=True)
         kw = dict(eps_low=0.2, eps_high=0.28, beta=beta, kl="k3", agg="seq-mean-token-mean", adv_norm="std")
-        loss0, stats0, grad0 = _run(case, backend, **kw)
-        loss1, stats1, grad1 = _run(case, backend, isw_T=torch.ones(case.lp_T.numel()), **kw)
-        msg = f"seed {seed} {backend} beta={beta}"
+        loss0, stats0, grad0 = _run(case, impl, **kw)
+        loss1, stats1, grad1 = _run(case, impl, isw_T=torch.ones(case.lp_T.numel()), **kw)
+        msg = f"seed {seed} {impl} beta={beta}"
         assert torch.equal(loss0, loss1) and torch.equal(grad0, grad1), msg
         assert all(torch.equal(stats0[k], stats1[k]) for k in STAT_NAMES), msg
 
@@ -378,8 +378,8 @@ def _trl_grpo_loss_fp64(lp_T, old_T, ref_T, sampling_T, rewards_B, cu, G, cap, e
     return loss.item(), grad_T
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_tis_matches_trl_formula(backend):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_tis_matches_trl_formula(impl):
     """tis_weights + grpo_loss(is_weights=) against TRL's token_truncate formula written out independently above:
     the weight multiplies the clipped surrogate, the k3 KL is added unweighted, the weight carries no gradient."""
     seed = _seed()
@@ -399,9 +399,9 @@ def test_tis_matches_trl_formula(backend):
                                                    case.cu, 4, cap, 0.2, 0.28, 0.15, loss_type)
         w = tis_weights(case.old_T, sampling_T, cap)
         assert not w.requires_grad and (w == cap).any() and (w < 1).any(), f"seed {seed}"
-        loss, _, grad = _run(case, backend, isw_T=w, eps_low=0.2, eps_high=0.28, beta=0.15, kl="k3", agg=agg,
+        loss, _, grad = _run(case, impl, isw_T=w, eps_low=0.2, eps_high=0.28, beta=0.15, kl="k3", agg=agg,
                              adv_norm="std")
-        msg = f"seed {seed} {backend} {loss_type}"
+        msg = f"seed {seed} {impl} {loss_type}"
         assert abs(loss.item() - want_loss) <= 1e-5 * (abs(want_loss) + 1e-2), f"{loss.item()} vs {want_loss} {msg}"
         assert_close_verbose(grad, want_grad.float(), rtol=1e-4, atol=1e-6 * want_grad.abs().max().item(), name=msg)
 

@@ -111,8 +111,8 @@ def test_triton_interpreter_matches_oracle(case, dtype):
     q, k, v, g = _inputs(gen, T, N, K, H, dtype)
     cu = _cu(lengths)
     kw = dict(causal=causal, softmax_scale=scale)
-    got = _run(lambda q, k, v: packed_attention(q, k, v, cu, max(lengths), backend="triton", **kw), q, k, v, g)
-    eager = _run(lambda q, k, v: packed_attention(q, k, v, cu, max(lengths), backend="torch", **kw), q, k, v, g)
+    got = _run(lambda q, k, v: packed_attention(q, k, v, cu, max(lengths), impl="triton", **kw), q, k, v, g)
+    eager = _run(lambda q, k, v: packed_attention(q, k, v, cu, max(lengths), impl="torch", **kw), q, k, v, g)
     want = packed_attention_ref(q, k, v, lengths, g, causal, scale if scale is not None else H**-0.5)
     for name, a, e, o in zip(("out", "dq", "dk", "dv"), got, eager, want):
         assert a.dtype == dtype
@@ -129,8 +129,8 @@ def test_triton_gpu_like_block_ratios(monkeypatch, causal):
     lengths = _random_lengths(gen, 190, 4)
     q, k, v, g = _inputs(gen, 190, 4, 2, 64, torch.float32)
     cu = _cu(lengths)
-    got = _run(lambda q, k, v: packed_attention(q, k, v, cu, 190, causal=causal, backend="triton"), q, k, v, g)
-    eager = _run(lambda q, k, v: packed_attention(q, k, v, cu, 190, causal=causal, backend="torch"), q, k, v, g)
+    got = _run(lambda q, k, v: packed_attention(q, k, v, cu, 190, causal=causal, impl="triton"), q, k, v, g)
+    eager = _run(lambda q, k, v: packed_attention(q, k, v, cu, 190, causal=causal, impl="torch"), q, k, v, g)
     want = packed_attention_ref(q, k, v, lengths, g, causal, 64**-0.5)
     for name, a, e, o in zip(("out", "dq", "dk", "dv"), got, eager, want):
         assert_no_worse_than_eager(a, e, o, name=f"{name} lengths={lengths} seed={seed}")
@@ -146,14 +146,14 @@ def test_triton_empty_document_and_strided_inputs():
     q, k, v = qkv[:, :N], qkv[:, N : N + K], qkv[:, N + K :]
     g = torch.randn(T, N, H, generator=gen)
     cu = _cu(lengths)
-    got = _run(lambda q, k, v: packed_attention(q, k, v, cu, 33, causal=False, backend="triton"), q, k, v, g)
-    eager = _run(lambda q, k, v: packed_attention(q, k, v, cu, 33, causal=False, backend="torch"), q, k, v, g)
+    got = _run(lambda q, k, v: packed_attention(q, k, v, cu, 33, causal=False, impl="triton"), q, k, v, g)
+    eager = _run(lambda q, k, v: packed_attention(q, k, v, cu, 33, causal=False, impl="torch"), q, k, v, g)
     want = packed_attention_ref(q, k, v, lengths, g, False, H**-0.5)
     for name, a, e, o in zip(("out", "dq", "dk", "dv"), got, eager, want):
         assert_no_worse_than_eager(a, e, o, name=f"{name} seed={seed}")
 
 
-def test_auto_backend_on_cpu_is_the_torch_path():
+def test_auto_impl_on_cpu_is_the_torch_path():
     gen = torch.Generator().manual_seed(_seed())
     q, k, v, _ = _inputs(gen, 20, 2, 1, 16, torch.float32)
     cu = _cu([5, 15])
@@ -196,7 +196,7 @@ def test_torch_compile_fullgraph_through_the_custom_op():
     gen = torch.Generator().manual_seed(seed)
     q, k, v, g = _inputs(gen, 40, 2, 1, 16, torch.float32)
     cu = _cu([7, 1, 32])
-    compiled = torch.compile(lambda q, k, v: packed_attention(q, k, v, cu, 32, backend="triton"), fullgraph=True)
+    compiled = torch.compile(lambda q, k, v: packed_attention(q, k, v, cu, 32, impl="triton"), fullgraph=True)
     got = _run(compiled, q, k, v, g)
     want = packed_attention_ref(q, k, v, [7, 1, 32], g, True, 0.25)
     for name, a, o in zip(("out", "dq", "dk", "dv"), got, want):
@@ -225,19 +225,19 @@ def _bad(**over):
     (dict(max_seqlen=5), "max_seqlen=5"),
     (dict(max_seqlen=0), "max_seqlen must be a positive int"),
 ])
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_bad_inputs_raise_clear_errors(over, match, backend):
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_bad_inputs_raise_clear_errors(over, match, impl):
     a = _bad(**over)
     with pytest.raises((ValueError, TypeError), match=match):
-        packed_attention(a["q"], a["k"], a["v"], a["cu"], a["max_seqlen"], backend=backend)
+        packed_attention(a["q"], a["k"], a["v"], a["cu"], a["max_seqlen"], impl=impl)
 
 
-def test_backend_and_dtype_errors():
+def test_impl_and_dtype_errors():
     a = _bad()
-    with pytest.raises(ValueError, match="backend must be"):
-        packed_attention(a["q"], a["k"], a["v"], a["cu"], 6, backend="cuda")
+    with pytest.raises(ValueError, match="impl must be"):
+        packed_attention(a["q"], a["k"], a["v"], a["cu"], 6, impl="cuda")
     with pytest.raises(TypeError, match="fp64"):
-        packed_attention(a["q"].double(), a["k"].double(), a["v"].double(), a["cu"], 6, backend="triton")
+        packed_attention(a["q"].double(), a["k"].double(), a["v"].double(), a["cu"], 6, impl="triton")
 
 
 def test_cu_seqlens_changed_in_place_is_checked_again():
@@ -271,7 +271,7 @@ def test_triton_gpu_matches_oracle(dtype, T, N, K, H, causal):
     q, k, v, g = _inputs(gen, T, N, K, H, dtype, device="cuda")
     cu = _cu(lengths, device="cuda")
     got = _run(lambda q, k, v: packed_attention(q, k, v, cu, max(lengths), causal=causal), q, k, v, g)
-    eager = _run(lambda q, k, v: packed_attention(q, k, v, cu, max(lengths), causal=causal, backend="torch"),
+    eager = _run(lambda q, k, v: packed_attention(q, k, v, cu, max(lengths), causal=causal, impl="torch"),
                  q, k, v, g)
     want = packed_attention_ref(q, k, v, lengths, g, causal, H**-0.5)
     for name, a, e, o in zip(("out", "dq", "dk", "dv"), got, eager, want):
