@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="5GB", help="output shard size, e.g. 2GB, 500MB (default: 5GB)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--random-seed", type=int, default=0, help="seed of the DARE drop masks (default: 0)")
-    p.add_argument("--backend", choices=("auto", "ext", "torch"), default="auto",
+    p.add_argument("--impl", choices=("auto", "ext", "torch"), default="auto",
                    help="merge kernels: the C++/CUDA extension, the PyTorch reference, or auto (default)")
     return p
 
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             out = run_merge(args.config, args.out_dir, device=args.device, force=args.force,
                             max_shard_size=args.max_shard_size, progress=not args.no_progress, seed=args.random_seed,
-                            backend=args.backend)
+                            impl=args.impl)
         except (MergeConfigError, FileExistsError, FileNotFoundError, ValueError) as exc:
             print(f"nova-rt merge: error: {exc}", file=sys.stderr)
             return 2

@@ -131,7 +131,7 @@ def _merge_tensor(p: PlannedTensor, inputs: list[torch.Tensor], cfg: MergeConfig
     glob, per_model = cfg.resolve(p.out.name)
     base, others = (xs[0], xs[1:]) if cfg.base is not None else (None, xs)
     merge = TensorMerge(name=p.out.name, base=base, tensors=others, model_params=per_model, params=glob,
-                        out_dtype=p.out.dtype, backend=opts["backend"], seed=opts["seed"],
+                        out_dtype=p.out.dtype, impl=opts["impl"], seed=opts["seed"],
                         out=out if device.type == "cpu" else None)
     return cfg.method(merge)
 
@@ -164,7 +164,7 @@ def _stream(plan: list[PlannedTensor], readers: list[ModelReader], writer: Shard
             del inputs, out  # views of the input maps and of the output arena (unmapped at the end)
             for r, s in zip(readers, p.sources):
                 r.release(s)
-            if p.in_nbytes >= _TRIM_MIN_BYTES:  # casts, the torch backend and CUDA copies allocate per tensor
+            if p.in_nbytes >= _TRIM_MIN_BYTES:  # casts, the torch reference and CUDA copies allocate per tensor
                 _TRIM()
             bar.update(p.out.nbytes)
         if pending is not None:
@@ -220,11 +220,11 @@ def merge_inputs(cfg: MergeConfig, config: str | Path | dict | MergeConfig) -> d
 
 def run_merge(config: str | Path | dict | MergeConfig, out_dir: str | Path, *, device: str = "cpu",
               force: bool = False, max_shard_size: str | int = "5GB", progress: bool = True, seed: int = 0,
-              backend: str = "auto") -> Path:
+              impl: str = "auto") -> Path:
     """Merge the models of a mergekit-style config into out_dir (an HF directory); returns out_dir.
 
     device: "cpu" or "cuda[:i]" (where the merge math runs; I/O is always via host memory). seed: DARE's mask seed.
-    backend: "auto" (extension when available), "ext" or "torch" (pure-PyTorch reference).
+    impl: "auto" (extension when available), "ext" or "torch" (pure-PyTorch reference).
     """
     cfg = config if isinstance(config, MergeConfig) else load_config(config)
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -240,7 +240,7 @@ def run_merge(config: str | Path | dict | MergeConfig, out_dir: str | Path, *, d
     tmp = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     writer = ShardedWriter(tmp, [p.out for p in plan], parse_size(max_shard_size))
-    opts = {"device": torch.device(device), "backend": backend, "seed": seed, "progress": progress}
+    opts = {"device": torch.device(device), "impl": impl, "seed": seed, "progress": progress}
     try:
         _stream(plan, readers, writer, cfg, opts)
         writer.finish()

@@ -72,7 +72,7 @@ def linear(m: TensorMerge) -> torch.Tensor:
             raise ValueError(f"linear merge of {m.name!r}: weights sum to 0, cannot normalize")
         check_normalizer("linear", tuple(weights), False)
         scale = 1.0 / total
-    return ops.weighted_sum(m.tensors, weights, scale, out_dtype=m.out_dtype, backend=m.backend, out=m.out)
+    return ops.weighted_sum(m.tensors, weights, scale, out_dtype=m.out_dtype, impl=m.impl, out=m.out)
 
 
 def _gta_method(name: str, *, sparsify: int, consensus: bool, normalize: bool, rescale: bool, url: str) -> None:
@@ -95,7 +95,7 @@ def _gta_method(name: str, *, sparsify: int, consensus: bool, normalize: bool, r
             sparsify=sparsify, consensus=consensus, normalize=m.params["normalize"], lam=m.params["lambda"],
             rescale=m.params["rescale"], seed=m.seed, tensor_id=tensor_id(m.name),
         )
-        return ops.gta(m.base, m.tensors, params, out_dtype=m.out_dtype, backend=m.backend, out=m.out)
+        return ops.gta(m.base, m.tensors, params, out_dtype=m.out_dtype, impl=m.impl, out=m.out)
 
     merge.__name__ = merge.__qualname__ = name
     register_merge(name, needs_base=True, min_models=1, global_params=global_params, model_params=model_params,
@@ -116,7 +116,7 @@ _gta_method("dare_ties", sparsify=SPARSIFY_RANDOM, consensus=True, normalize=Fal
                 global_params={"t": ParamSpec(float, REQUIRED)},
                 reference_url="https://en.wikipedia.org/wiki/Slerp")
 def slerp(m: TensorMerge) -> torch.Tensor:
-    return ops.slerp(m.base, m.tensors[0], m.params["t"], out_dtype=m.out_dtype, backend=m.backend, out=m.out)
+    return ops.slerp(m.base, m.tensors[0], m.params["t"], out_dtype=m.out_dtype, impl=m.impl, out=m.out)
 
 
 @register_merge("model_stock", needs_base=True, min_models=2,
@@ -124,4 +124,4 @@ def slerp(m: TensorMerge) -> torch.Tensor:
                 reference_url="https://arxiv.org/abs/2403.19522")
 def model_stock(m: TensorMerge) -> torch.Tensor:
     row_len = model_stock_rows(m.base.shape, m.params["filter_wise"])
-    return ops.model_stock(m.base, m.tensors, row_len, out_dtype=m.out_dtype, backend=m.backend, out=m.out)
+    return ops.model_stock(m.base, m.tensors, row_len, out_dtype=m.out_dtype, impl=m.impl, out=m.out)

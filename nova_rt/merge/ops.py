@@ -1,6 +1,6 @@
-"""Per-tensor merge ops with one signature for both backends: the C++/CUDA extension (nova_rt._C) or PyTorch.
+"""Per-tensor merge ops with one signature for both implementations: the C++/CUDA extension (nova_rt._C) or PyTorch.
 
-backend="auto" uses the extension when it loads (see nova_rt/_C_loader.py) and supports the tensors (CPU always;
+impl="auto" uses the extension when it loads (see nova_rt/_C_loader.py) and supports the tensors (CPU always;
 CUDA only when it was built with CUDA), else the reference in reference.py; "ext" insists on the extension and
 "torch" forces the reference. The math of every op is in reference.py's docstring. `out` (optional): a contiguous
 tensor of the inputs' shape and out_dtype to write the result into (the extension writes it directly; the reference
@@ -20,7 +20,7 @@ from nova_rt.merge.reference import (
     weighted_sum_ref,
 )
 
-BACKENDS = ("auto", "ext", "torch")
+IMPLS = ("auto", "ext", "torch")
 _MAX_CUDA_INPUTS = 33  # base + kMaxModels (csrc/merge/merge.h)
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -35,22 +35,22 @@ def _into(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     return out.copy_(result)
 
 
-def _extension_for(backend: str, tensors: list[torch.Tensor]):
+def _extension_for(impl: str, tensors: list[torch.Tensor]):
     """The extension module when it should run these tensors, else None (reference)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "torch":
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "torch":
         return None
     try:
         ext = load_extension()
     except ExtensionUnavailable:
-        if backend == "ext":
+        if impl == "ext":
             raise
         return None
     supported = all(t.dtype in _FLOAT_DTYPES for t in tensors)
     if tensors[0].is_cuda:
         supported = supported and ext.has_cuda() and len(tensors) <= _MAX_CUDA_INPUTS
-    if not supported and backend == "ext":
+    if not supported and impl == "ext":
         raise ExtensionUnavailable(
             f"nova_rt._C cannot merge {tensors[0].dtype} tensors on {tensors[0].device} "
             f"(CUDA support compiled in: {ext.has_cuda()})"
@@ -59,21 +59,21 @@ def _extension_for(backend: str, tensors: list[torch.Tensor]):
 
 
 def weighted_sum(xs: list[torch.Tensor], weights: list[float], scale: float = 1.0, *,
-                 out_dtype: torch.dtype | None = None, backend: str = "auto",
+                 out_dtype: torch.dtype | None = None, impl: str = "auto",
                  out: torch.Tensor | None = None) -> torch.Tensor:
     """scale * sum_i weights[i] * xs[i], accumulated in fp32, returned in out_dtype (default: the inputs' dtype)."""
     out_dtype = out_dtype or xs[0].dtype
-    ext = _extension_for(backend, xs)
+    ext = _extension_for(impl, xs)
     if ext is None:
         return _into(weighted_sum_ref(xs, list(weights), scale, out_dtype), out)
     return ext.weighted_sum(_contiguous(xs), [float(w) for w in weights], float(scale), out_dtype, out=out)
 
 
 def gta(base: torch.Tensor, xs: list[torch.Tensor], params: GtaParams, *, out_dtype: torch.dtype | None = None,
-        backend: str = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
+        impl: str = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
     """Generalized task arithmetic (task arithmetic, TIES, DARE): see reference.gta_ref."""
     out_dtype = out_dtype or base.dtype
-    ext = _extension_for(backend, [base, *xs])
+    ext = _extension_for(impl, [base, *xs])
     if ext is None:
         return _into(gta_ref(base, xs, params, out_dtype), out)
     p = params
@@ -83,22 +83,22 @@ def gta(base: torch.Tensor, xs: list[torch.Tensor], params: GtaParams, *, out_dt
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float, *, out_dtype: torch.dtype | None = None,
-          dot_threshold: float = 0.9995, eps: float = 1e-8, backend: str = "auto",
+          dot_threshold: float = 0.9995, eps: float = 1e-8, impl: str = "auto",
           out: torch.Tensor | None = None) -> torch.Tensor:
     """Spherical interpolation from a (t = 0) to b (t = 1); lerp when the tensors are nearly colinear."""
     out_dtype = out_dtype or a.dtype
-    ext = _extension_for(backend, [a, b])
+    ext = _extension_for(impl, [a, b])
     if ext is None:
         return _into(slerp_ref(a, b, t, out_dtype, dot_threshold, eps), out)
     return ext.slerp(a.contiguous(), b.contiguous(), float(t), float(dot_threshold), float(eps), out_dtype, out=out)
 
 
 def model_stock(base: torch.Tensor, xs: list[torch.Tensor], row_len: int = 0, *,
-                out_dtype: torch.dtype | None = None, backend: str = "auto",
+                out_dtype: torch.dtype | None = None, impl: str = "auto",
                 out: torch.Tensor | None = None) -> torch.Tensor:
     """Model Stock with statistics per row of row_len elements (0: the whole tensor)."""
     out_dtype = out_dtype or base.dtype
-    ext = _extension_for(backend, [base, *xs])
+    ext = _extension_for(impl, [base, *xs])
     if ext is None:
         return _into(model_stock_ref(base, xs, row_len, out_dtype), out)
     return ext.model_stock(base.contiguous(), _contiguous(xs), int(row_len), out_dtype, out=out)

@@ -55,7 +55,7 @@ class TensorMerge:
     model_params: list[dict[str, Any]]
     params: dict[str, Any]
     out_dtype: torch.dtype
-    backend: str = "auto"
+    impl: str = "auto"
     seed: int = 0
     out: torch.Tensor | None = None
 

@@ -189,7 +189,8 @@ def test_existing_output_needs_force_and_cli_exit_codes(tiny_models, tmp_path, c
     (out / "keep.txt").write_text("old")
     assert cli_main([str(cfg_path), str(out), "--no-progress"]) == 2
     assert "exists" in capsys.readouterr().err and (out / "keep.txt").exists()
-    assert cli_main([str(cfg_path), str(out), "--no-progress", "--force", "--max-shard-size", "2GB"]) == 0
+    assert cli_main([str(cfg_path), str(out), "--no-progress", "--force", "--max-shard-size", "2GB",
+                    "--impl", "torch"]) == 0
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
     assert cli_main([str(tiny_models["root"] / "missing.yaml"), str(tmp_path / "x"), "--no-progress"]) == 2
 

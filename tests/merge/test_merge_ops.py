@@ -27,7 +27,7 @@ from tests.helpers import assert_close_verbose, assert_no_worse_than_eager
 HAS_EXT = extension_available()
 needs_ext = pytest.mark.skipif(
     not HAS_EXT, reason="nova_rt._C unavailable (NOVA_RT_NO_EXT=1, or not installed and no compiler)")
-BACKENDS = ["torch", pytest.param("ext", marks=needs_ext)]
+IMPLS = ["torch", pytest.param("ext", marks=needs_ext)]
 SHAPES = [(7, 13), (1,), (1000,), (64, 257), (3, 5, 7), (1, 1)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -42,39 +42,39 @@ def _t(vals, dtype=torch.float32):
 
 # ---------------------------------------------------------------- hand-computed two-tensor examples
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_linear_by_hand(backend):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_linear_by_hand(impl):
     x1, x2 = _t([1.0, 2.0, -3.0, 4.0]), _t([3.0, -2.0, 1.0, 0.5])
-    out = ops.weighted_sum([x1, x2], [1.0, 3.0], 1 / 4, backend=backend)  # (1*x1 + 3*x2) / 4
+    out = ops.weighted_sum([x1, x2], [1.0, 3.0], 1 / 4, impl=impl)  # (1*x1 + 3*x2) / 4
     assert_close_verbose(out, _t([2.5, -1.0, 0.0, 1.375]), rtol=0, atol=1e-6, name="linear")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_task_arithmetic_by_hand(backend):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_task_arithmetic_by_hand(impl):
     base = _t([1.0, 1.0, 1.0, 1.0])
     x1, x2 = _t([2.0, 0.0, 1.0, 3.0]), _t([1.0, 3.0, -1.0, 1.0])  # tau1 = [1,-1,0,2], tau2 = [0,2,-2,0]
     p = GtaParams(weights=(0.5, 1.0), densities=(1.0, 1.0), lam=2.0)
-    out = ops.gta(base, [x1, x2], p, backend=backend)  # 1 + 2 * ([.5,-.5,0,1] + [0,2,-2,0])
+    out = ops.gta(base, [x1, x2], p, impl=impl)  # 1 + 2 * ([.5,-.5,0,1] + [0,2,-2,0])
     assert_close_verbose(out, _t([2.0, 4.0, -3.0, 3.0]), rtol=0, atol=1e-6, name="task_arithmetic")
     normed = ops.gta(base, [x1, x2], GtaParams(weights=(0.5, 1.0), densities=(1.0, 1.0), normalize=True),
-                     backend=backend)  # 1 + ([.5,-.5,0,1] + [0,2,-2,0]) / 1.5
+                     impl=impl)  # 1 + ([.5,-.5,0,1] + [0,2,-2,0]) / 1.5
     assert_close_verbose(normed, _t([4 / 3, 2.0, -1 / 3, 5 / 3]), rtol=0, atol=1e-6, name="task_arithmetic norm")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_ties_by_hand(backend):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_ties_by_hand(impl):
     base = _t([1.0, 1.0, 1.0, 1.0])
     x1, x2 = _t([5.0, 0.0, 3.0, -2.0]), _t([-1.0, 4.0, 2.0, 0.0])  # tau1 = [4,-1,2,-3], tau2 = [-2,3,1,-1]
     # density .5 keeps 2 of 4: tau1 -> [4,0,0,-3], tau2 -> [-2,3,0,0]; weights 1, 3 -> [-6,9,0,0].
     # sum [-2,9,0,-3] elects signs [-,+,+,-]; agreeing entries: e0 -6 (w 3), e1 9 (w 3), e2 none, e3 -3 (w 1).
     p = GtaParams(weights=(1.0, 3.0), densities=(0.5, 0.5), sparsify=SPARSIFY_MAGNITUDE, consensus=True,
                   normalize=True)
-    out = ops.gta(base, [x1, x2], p, backend=backend)
+    out = ops.gta(base, [x1, x2], p, impl=impl)
     assert_close_verbose(out, _t([1 - 2.0, 1 + 3.0, 1.0, 1 - 3.0]), rtol=0, atol=1e-6, name="ties")
     # Equal magnitudes: |tau| = [2,2,2,2] keeps the first two by index, so only elements 0 and 1 move.
     tie = ops.gta(base, [base + 2, base - 2], GtaParams(weights=(1.0, 1.0), densities=(0.5, 0.5),
                                                         sparsify=SPARSIFY_MAGNITUDE, consensus=True, normalize=True),
-                  backend=backend)
+                  impl=impl)
     assert_close_verbose(tie, _t([3.0, 3.0, 1.0, 1.0]), rtol=0, atol=1e-6, name="ties tie-break")
 
 
@@ -91,9 +91,9 @@ def _keep(seed: int, tid: int, model: int, e: int, density: float) -> bool:
     return (_splitmix((stream + e) & ((1 << 64) - 1)) >> 40) < density * 2**24
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("consensus", [False, True])
-def test_dare_by_hand(backend, consensus):
+def test_dare_by_hand(impl, consensus):
     seed, tid = _seed(), 12345
     base = _t([1.0, -1.0, 0.5, 2.0, 1.0, 0.0, 3.0, -2.0])
     taus = [[0.5, -1.0, 2.0, 1.5, -0.25, 1.0, -3.0, 0.75], [-1.5, 2.0, 1.0, -0.5, 0.5, -2.0, 1.0, 0.25]]
@@ -110,31 +110,31 @@ def test_dare_by_hand(backend, consensus):
         expected.append(base[e].item() + sum(vals))
     p = GtaParams(weights=w, densities=dens, sparsify=SPARSIFY_RANDOM, consensus=consensus, rescale=True,
                   seed=seed, tensor_id=tid)
-    out = ops.gta(base, [base + _t(t) for t in taus], p, backend=backend)
+    out = ops.gta(base, [base + _t(t) for t in taus], p, impl=impl)
     assert_close_verbose(out, _t(expected), rtol=0, atol=1e-5, name=f"dare seed={seed}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_slerp_by_hand(backend):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_slerp_by_hand(impl):
     a, b = _t([2.0, 0.0]), _t([0.0, 3.0])  # orthogonal: theta = pi/2, coefficients sin(pi/3), sin(pi/6) at t=1/3
-    out = ops.slerp(a, b, 1 / 3, backend=backend)
+    out = ops.slerp(a, b, 1 / 3, impl=impl)
     assert_close_verbose(out, _t([math.sqrt(3), 1.5]), rtol=0, atol=1e-6, name="slerp")
-    colinear = ops.slerp(_t([1.0, 2.0]), _t([2.0, 4.0]), 0.25, backend=backend)  # falls back to lerp
+    colinear = ops.slerp(_t([1.0, 2.0]), _t([2.0, 4.0]), 0.25, impl=impl)  # falls back to lerp
     assert_close_verbose(colinear, _t([1.25, 2.5]), rtol=0, atol=1e-6, name="slerp lerp fallback")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_model_stock_by_hand(backend):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_model_stock_by_hand(impl):
     # Row 0: tau1 = [3,4,0], tau2 = [4,3,0] -> cos 24/25, t = 2c / (1 + c) = 48/49, out = base + t * [3.5,3.5,0].
     # Row 1: tau1 = [1,0,0], tau2 = [0,1,0] -> cos 0, t = 0, out = base.
     base = _t([[1.0, -1.0, 2.0], [0.5, 0.5, 0.5]])
     x1 = base + _t([[3.0, 4.0, 0.0], [1.0, 0.0, 0.0]])
     x2 = base + _t([[4.0, 3.0, 0.0], [0.0, 1.0, 0.0]])
-    out = ops.model_stock(base, [x1, x2], row_len=3, backend=backend)
+    out = ops.model_stock(base, [x1, x2], row_len=3, impl=impl)
     t = 48 / 49
     expected = _t([[1 + 3.5 * t, -1 + 3.5 * t, 2.0], [0.5, 0.5, 0.5]])
     assert_close_verbose(out, expected, rtol=0, atol=1e-6, name="model_stock filter_wise")
-    whole = ops.model_stock(base[0], [x1[0], x2[0]], backend=backend)
+    whole = ops.model_stock(base[0], [x1[0], x2[0]], impl=impl)
     assert_close_verbose(whole, expected[0], rtol=0, atol=1e-6, name="model_stock")
 
 
@@ -243,17 +243,17 @@ def test_extension_matches_reference(shape, dtype):
     seed = _seed()
     base, xs = _inputs(shape, dtype, 3, seed)
     w = [0.5, 1.25, -0.3]
-    _check_ext("weighted_sum", ops.weighted_sum(xs, w, 0.7, backend="ext"),
+    _check_ext("weighted_sum", ops.weighted_sum(xs, w, 0.7, impl="ext"),
                weighted_sum_ref(xs, w, 0.7, dtype), seed)
     for sparsify, consensus in [(SPARSIFY_NONE, False), (SPARSIFY_MAGNITUDE, True), (SPARSIFY_RANDOM, False),
                                 (SPARSIFY_RANDOM, True)]:
         p = GtaParams(weights=tuple(w), densities=(0.4, 0.75, 0.1), sparsify=sparsify, consensus=consensus,
                       normalize=consensus, lam=1.5, rescale=True, seed=seed, tensor_id=seed * 7)
-        _check_ext(f"gta{sparsify}{consensus}", ops.gta(base, xs, p, backend="ext"), gta_ref(base, xs, p, dtype),
+        _check_ext(f"gta{sparsify}{consensus}", ops.gta(base, xs, p, impl="ext"), gta_ref(base, xs, p, dtype),
                    seed)
-    _check_ext("slerp", ops.slerp(xs[0], xs[1], 0.35, backend="ext"), slerp_ref(xs[0], xs[1], 0.35, dtype), seed)
+    _check_ext("slerp", ops.slerp(xs[0], xs[1], 0.35, impl="ext"), slerp_ref(xs[0], xs[1], 0.35, dtype), seed)
     for row_len in (0, shape[-1]):
-        _check_model_stock(ops.model_stock(base, xs, row_len, backend="ext"), base, xs, row_len, dtype, seed)
+        _check_model_stock(ops.model_stock(base, xs, row_len, impl="ext"), base, xs, row_len, dtype, seed)
 
 
 def _check_model_stock(ext_out, base, xs, row_len, dtype, seed):
@@ -294,13 +294,13 @@ def test_extension_bit_identical_to_reference(in_dtype, out_dtype):
     seed = _seed()
     base, xs = _inputs((129, 257), in_dtype, 3, seed)
     w = [0.5, 1.25, -0.3]
-    assert torch.equal(ops.weighted_sum(xs, w, 0.7, out_dtype=out_dtype, backend="ext"),
+    assert torch.equal(ops.weighted_sum(xs, w, 0.7, out_dtype=out_dtype, impl="ext"),
                        weighted_sum_ref(xs, w, 0.7, out_dtype)), f"weighted_sum seed={seed}"
     for sparsify, consensus, normalize in [(SPARSIFY_NONE, False, False), (SPARSIFY_NONE, False, True),
                                            (SPARSIFY_NONE, True, True), (SPARSIFY_MAGNITUDE, True, True)]:
         p = GtaParams(weights=tuple(w), densities=(0.4, 0.75, 0.1), sparsify=sparsify, consensus=consensus,
                       normalize=normalize, lam=0.9)
-        assert torch.equal(ops.gta(base, xs, p, out_dtype=out_dtype, backend="ext"),
+        assert torch.equal(ops.gta(base, xs, p, out_dtype=out_dtype, impl="ext"),
                            gta_ref(base, xs, p, out_dtype)), f"gta {sparsify} {consensus} {normalize} seed={seed}"
 
 
@@ -313,12 +313,12 @@ def test_extension_output_dtype_and_fp64_oracle(out_dtype):
     b64, x64 = base.double(), [x.double() for x in xs]
     p = GtaParams(weights=(0.3, 0.6, 0.9), densities=(1.0, 1.0, 1.0), normalize=True, lam=1.2)
     cases = {
-        "weighted_sum": (lambda bk: ops.weighted_sum(xs, [0.2, 0.3, 0.5], 1.0, out_dtype=out_dtype, backend=bk),
+        "weighted_sum": (lambda bk: ops.weighted_sum(xs, [0.2, 0.3, 0.5], 1.0, out_dtype=out_dtype, impl=bk),
                          weighted_sum_ref(x64, [0.2, 0.3, 0.5], 1.0, torch.float64)),
-        "gta": (lambda bk: ops.gta(base, xs, p, out_dtype=out_dtype, backend=bk), gta_ref(b64, x64, p, torch.float64)),
-        "slerp": (lambda bk: ops.slerp(xs[0], xs[2], 0.6, out_dtype=out_dtype, backend=bk),
+        "gta": (lambda bk: ops.gta(base, xs, p, out_dtype=out_dtype, impl=bk), gta_ref(b64, x64, p, torch.float64)),
+        "slerp": (lambda bk: ops.slerp(xs[0], xs[2], 0.6, out_dtype=out_dtype, impl=bk),
                   slerp_ref(x64[0], x64[2], 0.6, torch.float64)),
-        "model_stock": (lambda bk: ops.model_stock(base, xs, 33, out_dtype=out_dtype, backend=bk),
+        "model_stock": (lambda bk: ops.model_stock(base, xs, 33, out_dtype=out_dtype, impl=bk),
                         model_stock_ref(b64, x64, 33, torch.float64)),
     }
     for name, (run, oracle) in cases.items():
@@ -362,18 +362,18 @@ def test_extension_magnitude_threshold_matches_stable_sort(kind, method):
         assert int(kept.sum()) == k and bool(kept[order].all()), f"{kind}/{method} model {i}: kept set (seed={seed})"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_out_argument_is_written_and_returned(backend):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_out_argument_is_written_and_returned(impl):
     """out= (the streaming merge's slot in the output file): same values as a fresh result, written in place."""
     seed = _seed()
     base, xs = _inputs((65, 33), torch.bfloat16, 2, seed)
     p = GtaParams(weights=(0.5, 0.8), densities=(0.4, 0.6), sparsify=SPARSIFY_MAGNITUDE, consensus=True,
                   normalize=True)
     runs = {
-        "weighted_sum": lambda **kw: ops.weighted_sum([base, *xs], [0.2, 0.3, 0.5], 1.0, backend=backend, **kw),
-        "gta": lambda **kw: ops.gta(base, xs, p, backend=backend, **kw),
-        "slerp": lambda **kw: ops.slerp(xs[0], xs[1], 0.3, backend=backend, **kw),
-        "model_stock": lambda **kw: ops.model_stock(base, xs, 0, backend=backend, **kw),
+        "weighted_sum": lambda **kw: ops.weighted_sum([base, *xs], [0.2, 0.3, 0.5], 1.0, impl=impl, **kw),
+        "gta": lambda **kw: ops.gta(base, xs, p, impl=impl, **kw),
+        "slerp": lambda **kw: ops.slerp(xs[0], xs[1], 0.3, impl=impl, **kw),
+        "model_stock": lambda **kw: ops.model_stock(base, xs, 0, impl=impl, **kw),
     }
     for name, run in runs.items():
         want = run(out_dtype=torch.float32)
