@@ -420,12 +420,12 @@ def test_grpo_metrics_carry_the_nonfinite_count():
     totals = iter([0, 1, 1, 2])  # running totals after each of the 4 optimizer steps of one rollout batch
 
     class StubTrainer:
-        def train_step(self, mbs, loss_fn):
+        def train_step(self, mbs, loss_fn, **options):
             return {"loss": 1.0, "grad_norm": 1.0, "lr": 1e-3, "resp_tokens": 4.0, "clip_tokens": 0.0,
                     "entropy_sum": 2.0, "ratio_sum": 4.0, "nonfinite_skipped": next(totals)}
 
-    run = SimpleNamespace(g=SimpleNamespace(minibatches=2, ppo_epochs=2, steps_per_rollout=4), ptx=None,
-                          micro_batches=lambda part: [part], trainer=StubTrainer(), loss_fn=None)
+    run = SimpleNamespace(grpo=SimpleNamespace(minibatches=2, ppo_epochs=2, steps_per_rollout=4), ptx=None,
+                          micro_batches=lambda part: [part], trainer=StubTrainer(), loss_fn=None, step_options={})
     out = GRPORun.train_on(run, [{"id": i} for i in range(4)], 1)
     assert out["nonfinite_skipped"] == 2 and out["loss"] == 1.0 and out["entropy"] == 0.5
 

@@ -256,7 +256,6 @@ class MegatronPolicy:
         self._provenance: dict | None = None
         """What its checkpoints record (megatron_provenance), computed once: the data as the run starts."""
 
-
     @classmethod
     def build(cls, cfg: Config, info: DistInfo, run_dir: Path, head: Head = "lm"):
         if head == "policy":
