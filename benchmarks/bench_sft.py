@@ -36,13 +36,14 @@ DATA = REPO / "data" / "sft" / "chat_mix.jsonl"
 
 def nova_block(model_dir: str, args, run_dir: str):
     """A closure running `n` nova_rt SFT steps and returning [(tokens, seconds)] per step; state persists."""
+    from nova_rt.backends.hf import sft_objective
     from nova_rt.config import build_config
     from nova_rt.cpu_runtime import cpu_allocator
     from nova_rt.data.packing import collate, loss_weights
     from nova_rt.distributed import DistInfo
-    from nova_rt.models.causal import CausalLMLogprobs
+    from nova_rt.models.causal import CausalLMLogprobs, batch_logprobs
     from nova_rt.stages.common import load_policy
-    from nova_rt.stages.sft import build_sft_batches, sft_loss
+    from nova_rt.stages.sft import build_sft_batches
     from nova_rt.trainer import Trainer
 
     cfg = build_config({
@@ -67,7 +68,7 @@ def nova_block(model_dir: str, args, run_dir: str):
             batch_rows = [rows[i] for i in sched.global_rows(trainer.step)]
             mb = collate(batch_rows, loss_weights(batch_rows, "token"))
             t0, c0 = time.perf_counter(), time.process_time()
-            trainer.train_step([mb], sft_loss)
+            trainer.train_step([mb], lambda model, mb: sft_objective(batch_logprobs(model, mb), mb))
             out.append((int(mb["input_ids"].numel()), time.perf_counter() - t0, time.process_time() - c0))
         return out
 

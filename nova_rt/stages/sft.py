@@ -13,7 +13,6 @@ import numpy as np
 import torch
 
 from nova_rt.backends import get_backend
-from nova_rt.backends.hf import sft_objective
 from nova_rt.config import Config
 from nova_rt.data.chat import IGNORE
 from nova_rt.data.packing import BatchSchedule, collate, pack_samples
@@ -25,12 +24,6 @@ from nova_rt.stages.common import data_files, eval_hook, run_steps, setup, telem
 from nova_rt.telemetry import flops_per_token
 
 log = logging.getLogger("nova_rt.sft")
-
-
-def sft_loss(model, mb: dict):
-    """-sum(w * logp) with global-batch weights; stats: supervised tokens and real tokens (the HF backend's
-    next-token objective, run on a CausalLMLogprobs)."""
-    return sft_objective(batch_logprobs(model, mb), mb)
 
 
 def build_sft_rows(cfg: Config, tokenizer, files: list[str] | None = None, max_rows: int = 0):

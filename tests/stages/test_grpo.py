@@ -38,9 +38,9 @@ from nova_rt.stages.grpo import (
     PTXConfig,
     RolloutGroup,
     SamplingConfig,
-    make_loss_fn,
 )
 from tests.helpers import assert_close_verbose
+from tests.stages.grpo_loss_fns import make_loss_fn
 
 ROOT = Path(__file__).resolve().parents[2]
 V = 48

@@ -22,8 +22,8 @@ seq-mean-token-mean: 1/(responses_total L_i); seq-mean-token-sum-norm: 1/(B_tota
 whole groups, so group advantages are exact.
 
 Modules: config (the `grpo` section and its sub-sections), batches (the typed data: RolloutGroup, RolloutStats, the
-micro-batches RolloutBatch / PTXBatch, packing and aggregation weights), losses (rl_loss, ptx_loss, and make_objective
-over a policy backend's outputs), run (GRPORun and the stage). Every name is re-exported
+micro-batches RolloutBatch / PTXBatch, packing and aggregation weights), losses (the GRPO and PTX objectives
+over a policy backend's outputs, make_objective), run (GRPORun and the stage). Every name is re-exported
 here. The stage runs on any policy backend (parallel.backend, nova_rt.backends, head="policy"): on megatron the
 policy, reference and old log-probs come from megatron-core while rollouts run on an HF copy synced before each
 rollout (nova_rt.backends.megatron.MegatronPolicy).
@@ -51,11 +51,8 @@ from nova_rt.stages.grpo.config import (
     SamplingConfig,
 )
 from nova_rt.stages.grpo.losses import (
-    make_loss_fn,
     make_objective,
-    ptx_loss,
     ptx_loss_from_outputs,
-    rl_loss,
     rl_loss_from_outputs,
 )
 from nova_rt.stages.grpo.run import GRPORun, log, run
@@ -63,5 +60,4 @@ from nova_rt.stages.grpo.run import GRPORun, log, run
 __all__ = ["AggregationTotals", "GRPOConfig", "GRPODataConfig", "GRPOEvalConfig", "GRPOLossConfig",
            "GRPORun", "PTXBatch", "PTXConfig", "PackedResponses", "PolicyLogprobs", "RolloutBatch", "RolloutGroup",
            "RolloutStats", "SamplingConfig", "_forward", "agg_scale_and_weights", "agg_totals", "log",
-           "make_loss_fn", "make_objective", "pack_responses", "ptx_loss", "ptx_loss_from_outputs", "rl_loss",
-           "rl_loss_from_outputs", "run"]
+           "make_objective", "pack_responses", "ptx_loss_from_outputs", "rl_loss_from_outputs", "run"]

@@ -4,20 +4,13 @@ from __future__ import annotations
 
 from nova_rt.kernels.grpo_loss import grpo_loss, tis_weights
 from nova_rt.losses.kl import kl_penalty_token_adv, sampled_kl, topk_kl
-from nova_rt.stages.grpo.batches import PTXBatch, RolloutBatch, _forward
+from nova_rt.stages.grpo.batches import PTXBatch, RolloutBatch
 from nova_rt.stages.grpo.config import GRPOConfig
 
 
-def rl_loss(model, mb: RolloutBatch, grpo: GRPOConfig, temperature: float):
-    """grpo_loss on one micro-batch of whole groups, KL in the reward or the loss, globally normalised."""
-    topk = grpo.loss.kl == "topk" and mb.ref_topk_ids is not None
-    outputs = _forward(model, mb, temperature=temperature, return_entropy=True,
-                       topk_ids=mb.ref_topk_ids if topk else None)
-    return rl_loss_from_outputs(outputs, mb, grpo)
-
-
 def rl_loss_from_outputs(outputs: dict, mb: RolloutBatch, grpo: GRPOConfig):
-    """rl_loss given the policy's outputs on the response tokens: logprobs, entropy (and topk_logprobs)."""
+    """grpo_loss on one micro-batch of whole groups (KL in the reward or the loss, globally normalised), given the
+    policy's outputs on the response tokens: logprobs, entropy (and topk_logprobs)."""
     loss_cfg = grpo.loss
     topk = loss_cfg.kl == "topk" and mb.ref_topk_ids is not None
     logprobs = outputs["logprobs"]
@@ -56,13 +49,9 @@ def rl_loss_from_outputs(outputs: dict, mb: RolloutBatch, grpo: GRPOConfig):
     return loss, stats
 
 
-def ptx_loss(model, mb: PTXBatch, grpo: GRPOConfig):
-    """gamma * sum_t w_t KL_topk(pi_theta || pi_ref)_t over SFT supervised tokens, w_t = 1 / (tokens, global)."""
-    return ptx_loss_from_outputs(_forward(model, mb, topk_ids=mb.ref_topk_ids), mb, grpo)
-
-
 def ptx_loss_from_outputs(outputs: dict, mb: PTXBatch, grpo: GRPOConfig):
-    """ptx_loss given the policy's top-k log-probs (temperature 1) at the reference's ids of the supervised tokens."""
+    """gamma * sum_t w_t KL_topk(pi_theta || pi_ref)_t over SFT supervised tokens (w_t = 1 / tokens, global), given
+    the policy's top-k log-probs (temperature 1) at the reference's ids."""
     kl_T = topk_kl(outputs["topk_logprobs"], mb.ref_topk_logprobs)
     return grpo.ptx.coef * (kl_T * mb.token_weights).sum(), {"ptx_kl_sum": kl_T.detach().sum(),
                                                              "ptx_tokens": float(kl_T.shape[0])}
@@ -70,17 +59,10 @@ def ptx_loss_from_outputs(outputs: dict, mb: PTXBatch, grpo: GRPOConfig):
 
 def make_objective(grpo: GRPOConfig):
     """The stage's objective over the policy backend's outputs at the target tokens (nova_rt.backends.base): the PTX
-    penalty on PTX rows, rl_loss on rollout rows."""
+    penalty on PTX rows, the GRPO loss on rollout rows."""
     def objective(outputs: dict, mb: RolloutBatch | PTXBatch):
         if isinstance(mb, PTXBatch):
             return ptx_loss_from_outputs(outputs, mb, grpo)
         return rl_loss_from_outputs(outputs, mb, grpo)
 
     return objective
-
-
-def make_loss_fn(grpo: GRPOConfig, temperature: float):
-    def loss_fn(model, mb: RolloutBatch | PTXBatch):
-        return ptx_loss(model, mb, grpo) if isinstance(mb, PTXBatch) else rl_loss(model, mb, grpo, temperature)
-
-    return loss_fn
