@@ -162,7 +162,7 @@ def stage_inputs(cfg: Config, stage: str) -> dict[str, str]:
                      if isinstance(r, dict) and isinstance(r.get("path"), str)})
     if stage == "pas":
         keys.update({"pas.input_files": cfg.pas.input_files, "pas.seeds_file": cfg.pas.seeds_file,
-                     "pas.generator.model": cfg.pas.generator.model if cfg.pas.generator.backend == "hf" else ""})
+                     "pas.generator.model": cfg.pas.generator.model if cfg.pas.generator.client == "hf" else ""})
     if stage == "pipeline":
         for i, s in enumerate(cfg.pipeline.sft_slices):
             keys.update({f"pipeline.sft_slices[{i}].{k}": s.get(k, []) for k in ("train_files", "eval_files")})

@@ -233,7 +233,7 @@ PAS_FILES = {"input_files": [str(ROOT / "data" / "pas" / "prompts.jsonl")],
 def _pas_config(tmp_path: Path, run: Path, url: str, **pas) -> Path:
     """tiny_pipeline.yaml's PAS settings as a `pas` stage without training, generator at `url`."""
     return _stage_config(tmp_path, "tiny_pipeline.yaml", run, run={"dir": str(run), "stage": "pas"},
-                         pas={"train": False, "generator": {"backend": "openai", "base_url": url, "model": "responder",
+                         pas={"train": False, "generator": {"client": "openai", "base_url": url, "model": "responder",
                                                             "retries": 1, "backoff_s": 0.01, "timeout_s": 10.0},
                               **PAS_FILES, **pas})
 

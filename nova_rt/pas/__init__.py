@@ -2,7 +2,7 @@
 few-shot prompting, critique them, train a small model that writes them, and use it (`PromptAugmenter`).
 
 Modules: records (resumable jsonl), embed (MiniLM or hashed n-gram embeddings), dedup (exact, MinHash, HNSW),
-curate (loading, quality, categories, quotas), template (prompt texts), backends (HF and OpenAI-compatible),
+curate (loading, quality, categories, quotas), template (prompt texts), clients (HF and OpenAI-compatible),
 rules (code reject rules), generate (generation and critique steps), pipeline (the steps on files), augment and cli.
 Imports are lazy so that `import nova_rt.pas` stays cheap.
 """

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from nova_rt.pas.backends import HFBackend
+from nova_rt.pas.clients import HFChatClient
 from nova_rt.pas.generate import clean_complement
 from nova_rt.pas.template import format_pas_input
 
@@ -22,7 +22,7 @@ class PromptAugmenter:
 
     def __init__(self, model_dir: str, *, max_new_tokens: int = 64, batch_size: int = 8, separator: str = "\n\n",
                  dtype: str = "float32", model=None, tokenizer=None):
-        self.backend = HFBackend(model_dir, dtype=dtype, batch_size=batch_size, model=model, tokenizer=tokenizer)
+        self.client = HFChatClient(model_dir, dtype=dtype, batch_size=batch_size, model=model, tokenizer=tokenizer)
         self.max_new_tokens, self.separator = max_new_tokens, separator
 
     def complements(self, prompts: Sequence[str]) -> list[str]:
@@ -31,7 +31,7 @@ class PromptAugmenter:
             if not isinstance(p, str):
                 raise TypeError(f"prompts[{i}] must be a str, got {type(p).__name__}")
         convs = [[{"role": "user", "content": format_pas_input(p)}] for p in prompts]
-        out = self.backend.chat(convs, max_new_tokens=self.max_new_tokens, temperature=0.0)
+        out = self.client.chat(convs, max_new_tokens=self.max_new_tokens, temperature=0.0)
         return ["" if isinstance(c, BaseException) else clean_complement(c) for c in out]
 
     def augment(self, prompts: Sequence[str]) -> list[str]:

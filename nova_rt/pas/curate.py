@@ -6,7 +6,7 @@ scorer or classifier can replace them:
   - `heuristic_quality`: 0.4 * min(words, 6) / 6 + 0.3 * distinct-word ratio + 0.3 * [has a function word or a
     task verb, or is in a non-Latin script]. Greetings and one-word tests score about 0.37, key-mashing about 0.43,
     a real four-word question 0.87; the default threshold is 0.5.
-  - `JudgeScorer`: asks the generator backend for a 1-10 rating (template.JUDGE_SYSTEM), mapped to (s - 1) / 9.
+  - `JudgeScorer`: asks the generator client for a 1-10 rating (template.JUDGE_SYSTEM), mapped to (s - 1) / 9.
   - `EmbeddingCategorizer`: nearest golden seed prompt by cosine (the seeds are the category anchors);
     `KeywordCategorizer`: most keyword hits; `given`: the row's own `category` field.
 """
@@ -113,25 +113,25 @@ def heuristic_quality(text: str) -> float:
 
 
 class JudgeScorer:
-    """Quality from an LLM judge through a chat backend: a 1-10 rating mapped to [0, 1].
+    """Quality from an LLM judge through a chat client: a 1-10 rating mapped to [0, 1].
 
     An unparseable reply falls back to `heuristic_quality` (recorded as source "heuristic")."""
 
     _NUM = re.compile(r"\b(10|[1-9])(?:\.\d+)?\b")
 
-    def __init__(self, backend, max_new_tokens: int = 8):
-        self.backend, self.max_new_tokens = backend, max_new_tokens
+    def __init__(self, client, max_new_tokens: int = 8):
+        self.client, self.max_new_tokens = client, max_new_tokens
 
     def parse(self, reply: str) -> float | None:
         m = self._NUM.search(reply)
         return None if m is None else (float(m.group(1)) - 1.0) / 9.0
 
     def stream(self, texts: Sequence[str]):
-        """Yield (index, score, source) as the backend finishes each prompt."""
+        """Yield (index, score, source) as the client finishes each prompt."""
         from nova_rt.pas.template import judge_messages
 
         convs = [judge_messages(t) for t in texts]
-        for i, reply in self.backend.stream(convs, max_new_tokens=self.max_new_tokens, temperature=0.0):
+        for i, reply in self.client.stream(convs, max_new_tokens=self.max_new_tokens, temperature=0.0):
             score = None if isinstance(reply, BaseException) else self.parse(reply)
             if score is None:
                 yield i, heuristic_quality(texts[i]), "heuristic"

@@ -1,14 +1,14 @@
 """Generate complementary prompts by few-shot prompting, then critique them and apply the reject rules.
 
 Both steps are resumable jsonl writers: they skip ids already in their output file and append each row as soon as
-its request finishes (records.JsonlAppender flushes per row). A request that fails for good (backends.BackendError)
+its request finishes (records.JsonlAppender flushes per row). A request that fails for good (clients.ChatClientError)
 writes nothing, so the next run retries exactly the missing ids.
 
 Critique (method-spec §2, "Filtering and regeneration"): the critic answers JSON {reason, is_correct, final}. When
 is_correct is "no" the complement is replaced by `final`. The code rules (rules.py) then check the chosen text; if it
 fails and the other candidate (the original, or the rewrite) passes, that one is kept, otherwise the row is
 rejected. A critic reply that is not valid JSON leaves the original complement to the code rules alone.
-The critic's reply is started with CRITIQUE_PREFIX (HF backend: forced; see backends.py), and a reply that is not
+The critic's reply is started with CRITIQUE_PREFIX (HF client: forced; see clients.py), and a reply that is not
 one complete JSON object (a small critic stops mid-object, or adds a stray quote) is read field by field: the verdict
 must be present; a `final` string that never closes is not used.
 """
@@ -110,7 +110,7 @@ def _pending(rows: Sequence[dict], out_path: Path) -> list[dict]:
     return [r for r in rows if r["id"] not in done]
 
 
-def run_generation(rows: Sequence[dict], backend, seeds: dict[str, list[GoldenExample]], out_path: str | Path, *,
+def run_generation(rows: Sequence[dict], client, seeds: dict[str, list[GoldenExample]], out_path: str | Path, *,
                    num_shots: int = 4, max_new_tokens: int = 64, temperature: float = 0.0) -> Counter:
     """Write {id, prompt, category, complement, raw} for every row not yet in `out_path`; returns counts
     (done_before, generated, failed)."""
@@ -119,7 +119,7 @@ def run_generation(rows: Sequence[dict], backend, seeds: dict[str, list[GoldenEx
     counts = Counter(done_before=len(rows) - len(todo), generated=0, failed=0)
     convs = [generation_messages(r["prompt"], pick_shots(seeds, r["category"], num_shots)) for r in todo]
     with JsonlAppender(out_path) as out:
-        for i, res in backend.stream(convs, max_new_tokens=max_new_tokens, temperature=temperature):
+        for i, res in client.stream(convs, max_new_tokens=max_new_tokens, temperature=temperature):
             if isinstance(res, BaseException):
                 counts["failed"] += 1
                 log.warning("generation failed for id %s: %s", todo[i]["id"], res)
@@ -158,20 +158,20 @@ def _reviewed(row, status, text, source, reasons, crit, reply) -> dict:
             "critique_parsed": crit is not None if reply is not None else None, "critic_reply": reply}
 
 
-def run_critique(rows: Sequence[dict], backend, seeds: dict[str, list[GoldenExample]], out_path: str | Path, *,
+def run_critique(rows: Sequence[dict], client, seeds: dict[str, list[GoldenExample]], out_path: str | Path, *,
                  max_words: int = 60, max_prompt_overlap: float = 0.8, drift: DriftChecker | None = None,
                  max_new_tokens: int = 128) -> Counter:
-    """Review every generated row not yet in `out_path`; `backend=None` applies the code rules only.
+    """Review every generated row not yet in `out_path`; `client=None` applies the code rules only.
     Returns counts (done_before, kept, rejected, rewritten, unparsed, failed, reject:<rule>)."""
     out_path = Path(out_path)
     todo = _pending(rows, out_path)
     counts = Counter(done_before=len(rows) - len(todo), kept=0, rejected=0, failed=0)
-    if backend is None:
+    if client is None:
         replies = ((i, None) for i in range(len(todo)))
     else:
         convs = [critique_messages(r["prompt"], r["complement"], pick_shots(seeds, r["category"], 1)[0])
                  for r in todo]
-        replies = backend.stream(convs, max_new_tokens=max_new_tokens, temperature=0.0, reply_prefix=CRITIQUE_PREFIX,
+        replies = client.stream(convs, max_new_tokens=max_new_tokens, temperature=0.0, reply_prefix=CRITIQUE_PREFIX,
                                  json_reply=True)
     with JsonlAppender(out_path) as out:
         for i, reply in replies:

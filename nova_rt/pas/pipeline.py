@@ -32,7 +32,7 @@ from nova_rt.pas.template import GoldenExample, format_pas_input
 log = logging.getLogger(__name__)
 
 
-def _quality(rows: list[dict], pas, out_dir: Path, backend_fn) -> dict[str, float]:
+def _quality(rows: list[dict], pas, out_dir: Path, client_fn) -> dict[str, float]:
     """id -> quality score; judge scores are cached in quality.jsonl per row so a rerun resumes."""
     if pas.curate.quality_scorer == "heuristic":
         return {r["id"]: heuristic_quality(r["prompt"]) for r in rows}
@@ -40,7 +40,7 @@ def _quality(rows: list[dict], pas, out_dir: Path, backend_fn) -> dict[str, floa
     scores = {row["id"]: row["quality"] for row in read_jsonl(path)} if path.exists() else {}
     todo = [r for r in rows if r["id"] not in scores]
     if todo:
-        judge = JudgeScorer(backend_fn())
+        judge = JudgeScorer(client_fn())
         with JsonlAppender(path) as out:
             for i, score, source in judge.stream([r["prompt"] for r in todo]):
                 scores[todo[i]["id"]] = score
@@ -64,7 +64,7 @@ def _categorize(rows: list[dict], pas, embedder, seeds: dict[str, list[GoldenExa
     return EmbeddingCategorizer(embedder, anchors)([r["prompt"] for r in rows])
 
 
-def curate_step(pas, input_files: list[str], out_dir: Path, embedder, seeds, backend_fn) -> tuple[list[dict], dict]:
+def curate_step(pas, input_files: list[str], out_dir: Path, embedder, seeds, client_fn) -> tuple[list[dict], dict]:
     """Load -> dedup -> quality filter -> categories -> quotas; see the module docstring."""
     path = out_dir / "curated.jsonl"
     if path.exists():
@@ -77,7 +77,7 @@ def curate_step(pas, input_files: list[str], out_dir: Path, embedder, seeds, bac
     dropped = [{"id": raw[i]["id"], "reason": f"duplicate:{kind}", "of": raw[j]["id"], "similarity": round(s, 4)}
                for i, (j, kind, s) in sorted(res.dup_of.items())]
     rows = [raw[i] for i in res.keep]
-    scores = _quality(rows, pas, out_dir, backend_fn)
+    scores = _quality(rows, pas, out_dir, client_fn)
     good = []
     for r in rows:
         q = scores[r["id"]]

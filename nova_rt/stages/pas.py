@@ -67,7 +67,7 @@ class PASCurateConfig:
 
 @dataclass(kw_only=True)
 class PASGeneratorConfig:
-    backend: Literal["hf", "openai"] = "hf"
+    client: Literal["hf", "openai"] = "hf"
     """hf (local model, batched generate) or openai (an OpenAI-compatible chat-completions endpoint)."""
     model: str = ""
     """hf: model directory or builtin:NAME (empty: model.path); openai: the model name sent to the server."""
@@ -91,7 +91,7 @@ class PASGeneratorConfig:
     backoff_s: float = 1.0
     timeout_s: float = 60.0
     json_mode: bool = False
-    """openai: send response_format {"type": "json_object"} with the critique requests (the hf backend instead
+    """openai: send response_format {"type": "json_object"} with the critique requests (the hf client instead
     starts the critic's reply with '{"reason": "')."""
 
     def validate(self) -> None:
@@ -141,7 +141,7 @@ def _report(stats: dict, step: str, counts: dict) -> dict:
 
 @register_stage("pas")
 def run(cfg: Config) -> dict:
-    from nova_rt.pas.backends import LazyBackend, build_backend
+    from nova_rt.pas.clients import LazyChatClient, build_client
     from nova_rt.pas.embed import load_embedder
     from nova_rt.pas.generate import run_critique, run_generation
     from nova_rt.pas.pipeline import curate_step, pairs_step, train_step
@@ -159,12 +159,12 @@ def run(cfg: Config) -> dict:
     embedder = load_embedder(resolve_path(cfg, pas.dedup.embedder))
     hf_path = resolve_path(cfg, gen.model or cfg.model.path)
     tiny = cfg.model.tiny if not gen.model else None
-    backend = LazyBackend(lambda: build_backend(gen, hf_path, cfg.run.seed, tiny))
+    client = LazyChatClient(lambda: build_client(gen, hf_path, cfg.run.seed, tiny))
     stats: dict = {}
     curated, counts = curate_step(pas, [resolve_path(cfg, f) for f in pas.input_files], out_dir, embedder, seeds,
-                                  lambda: backend)
+                                  lambda: client)
     _report(stats, "curate", counts)
-    _report(stats, "generate", dict(run_generation(curated, backend, seeds, out_dir / "generated.jsonl",
+    _report(stats, "generate", dict(run_generation(curated, client, seeds, out_dir / "generated.jsonl",
                                                    num_shots=gen.num_shots, max_new_tokens=gen.max_new_tokens,
                                                    temperature=gen.temperature)))
     wanted = {r["id"] for r in curated}
@@ -173,7 +173,7 @@ def run(cfg: Config) -> dict:
     if getattr(embedder, "name", "") != "hashed":  # see rules.py: the hashed embedder cannot judge topic drift
         drift = DriftChecker(embedder, [r["prompt"] for r in curated], [r["category"] for r in curated],
                              pas.drift_margin)
-    _report(stats, "critique", dict(run_critique(generated, backend if pas.critique else None, seeds,
+    _report(stats, "critique", dict(run_critique(generated, client if pas.critique else None, seeds,
                                                  out_dir / "critiqued.jsonl", max_words=pas.max_complement_words,
                                                  max_prompt_overlap=pas.max_prompt_overlap, drift=drift,
                                                  max_new_tokens=pas.critique_max_new_tokens)))

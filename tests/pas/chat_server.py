@@ -1,4 +1,4 @@
-"""A real OpenAI-compatible chat-completions server on 127.0.0.1 for the PAS backend tests.
+"""A real OpenAI-compatible chat-completions server on 127.0.0.1 for the PAS client tests.
 
 It answers POST /v1/chat/completions with a `responder(messages, max_tokens) -> str` (a tiny causal LM generating
 greedily, or a deterministic function) and can inject faults per request: for a marker string found in the last

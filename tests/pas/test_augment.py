@@ -55,9 +55,9 @@ def test_augment_keeps_prompt_and_appends_complement(tiny_dir):
     prompts = _prompts(rng, rng.randint(1, 5))
     aug = PromptAugmenter(str(tiny_dir), max_new_tokens=12, batch_size=rng.randint(1, 3))
     out = aug.augment(prompts)
-    ref_model = aug.backend.model
+    ref_model = aug.client.model
     for p, full in zip(prompts, out):
-        comp = _greedy_reference(ref_model, aug.backend.tok, p, 12)
+        comp = _greedy_reference(ref_model, aug.client.tok, p, 12)
         assert full == (p + "\n\n" + comp if comp else p), (SEED, p, full, comp)
         assert full.startswith(p), SEED
 

@@ -114,7 +114,7 @@ def test_embedding_categorizer_on_shipped_prompts():
 
 
 class _FakeJudge:
-    """A chat backend that rates by a hidden rule, fails on some prompts and babbles on others."""
+    """A chat client that rates by a hidden rule, fails on some prompts and babbles on others."""
 
     def __init__(self, rng):
         self.rng, self.calls = rng, []

@@ -56,7 +56,7 @@ def _config(tmp_path, url, quotas):
         "pas": {"input_files": [str(ROOT / "data/pas/prompts.jsonl")], "seeds_file": str(ROOT / "data/pas/seeds.jsonl"),
                 "dedup": {"embedder": "hashed:512"},
                 "curate": {"categorizer": "given", "quotas": quotas, "default_quota": 0},
-                "generator": {"backend": "openai", "base_url": url, "model": "responder", "retries": 1,
+                "generator": {"client": "openai", "base_url": url, "model": "responder", "retries": 1,
                               "backoff_s": 0.01, "timeout_s": 10.0, "concurrency": 3}},
     })
 
@@ -75,7 +75,7 @@ def test_stage_end_to_end_with_failures_and_resume(tmp_path):
         cfg = _config(tmp_path, srv.base_url, quotas)
         # curate first (the stage reuses curated.jsonl), so we can pick a prompt whose requests will fail
         curated, cstats = curate_step(cfg.pas, cfg.pas.input_files, out, load_embedder("hashed:512"),
-                                      load_golden_examples(cfg.pas.seeds_file), backend_fn=None)
+                                      load_golden_examples(cfg.pas.seeds_file), client_fn=None)
         assert cstats["per_category"] == {c: q for c, q in quotas.items() if q > 0}, (SEED, cstats)  # quotas hold
         assert cstats["duplicates"]["exact"] == 8 and cstats["low_quality"] == 8, cstats
         victim = rng.choice(curated)
@@ -130,12 +130,14 @@ def _check_critique(out: Path, curated: list[dict]) -> None:
 
 
 def test_config_errors_name_the_key():
-    with pytest.raises(ConfigError, match="pas.generator.*backend"):
-        build_config({"pas": {"generator": {"backend": "vllm"}}})
+    with pytest.raises(ConfigError, match="pas.generator.*client"):
+        build_config({"pas": {"generator": {"client": "vllm"}}})
     with pytest.raises(ConfigError, match="quotas.math"):
         build_config({"pas": {"curate": {"quotas": {"math": -1}}}})
     with pytest.raises(ConfigError, match="unknown key 'pas.dedup.cosin'"):
         build_config({"pas": {"dedup": {"cosin": 0.9}}})
+    with pytest.raises(ConfigError, match="unknown key 'pas.generator.backend'"):  # the former name of client
+        build_config({"pas": {"generator": {"backend": "openai"}}})
 
 
 def test_quickstart_config_loads():

@@ -1,18 +1,18 @@
-"""Generator backends: a local HF causal LM (batched `generate`) and an OpenAI-compatible chat-completions endpoint.
+"""PAS chat clients: a local HF causal LM (batched `generate`) and an OpenAI-compatible chat-completions endpoint.
 
 Both expose `stream(conversations, max_new_tokens=, temperature=, reply_prefix=, json_reply=)`, which yields
 `(index, text_or_exception)` as each conversation finishes, so the caller can write every finished row at once: one
 failed request costs one row, and a crash costs only rows still in flight. `chat(...)` collects the same results
 into a list.
 
-Structured replies (the critique's JSON): the HF backend forces `reply_prefix` as the start of the assistant turn
+Structured replies (the critique's JSON): the HF client forces `reply_prefix` as the start of the assistant turn
 (it is appended to the rendered prompt, and the returned text starts with it), so a small model continues inside the
 JSON object instead of inventing another format. Chat-completions has no standard assistant prefill, so the HTTP
-backend ignores `reply_prefix`; with `json_mode=True` (config `pas.generator.json_mode`) it sends
+client ignores `reply_prefix`; with `json_mode=True` (config `pas.generator.json_mode`) it sends
 `response_format: {"type": "json_object"}` on the requests marked `json_reply` (OpenAI, vLLM, SGLang and llama.cpp
 servers accept it).
 
-The HTTP backend uses only the standard library (urllib). It retries connection errors, timeouts, HTTP 408/429/5xx
+The HTTP client uses only the standard library (urllib). It retries connection errors, timeouts, HTTP 408/429/5xx
 and malformed replies (body not JSON, or no `choices[0].message.content`) with exponential backoff
 (backoff_s * 2^attempt, capped at max_backoff_s, or the server's Retry-After when it is smaller); other HTTP
 errors (400, 401, 404, ...) fail at once because a retry cannot fix them.
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 Conversation = list[dict]
 
 
-class BackendError(RuntimeError):
+class ChatClientError(RuntimeError):
     """A request failed for good (after retries, or with an error a retry cannot fix)."""
 
 
@@ -43,7 +43,7 @@ class _Retryable(Exception):
         self.retry_after = retry_after
 
 
-class ChatBackend:
+class ChatClient:
     """Base class: subclasses implement `stream`."""
 
     def stream(self, conversations: Sequence[Conversation], *, max_new_tokens: int, temperature: float = 0.0,
@@ -52,14 +52,14 @@ class ChatBackend:
 
     def chat(self, conversations: Sequence[Conversation], *, max_new_tokens: int, temperature: float = 0.0,
              reply_prefix: str = "", json_reply: bool = False) -> list[str | BaseException]:
-        out: list[str | BaseException] = [BackendError("no result")] * len(conversations)
+        out: list[str | BaseException] = [ChatClientError("no result")] * len(conversations)
         for i, res in self.stream(conversations, max_new_tokens=max_new_tokens, temperature=temperature,
                                   reply_prefix=reply_prefix, json_reply=json_reply):
             out[i] = res
         return out
 
 
-class HFBackend(ChatBackend):
+class HFChatClient(ChatClient):
     """Local causal LM through `nova_rt.models.loading.load_causal_lm`; left-padded batched generation."""
 
     def __init__(self, model_path: str, *, dtype: str = "float32", batch_size: int = 8, top_p: float = 0.95,
@@ -106,11 +106,11 @@ class HFBackend(ChatBackend):
                 results: list = self._generate(chunk, max_new_tokens, temperature, reply_prefix)
             except (RuntimeError, ValueError) as exc:  # e.g. an over-long prompt: fail this batch, keep going
                 log.warning("HF generation failed for items %d..%d: %s", start, start + len(chunk) - 1, exc)
-                results = [BackendError(f"generation failed: {exc}")] * len(chunk)
+                results = [ChatClientError(f"generation failed: {exc}")] * len(chunk)
             yield from ((start + j, r) for j, r in enumerate(results))
 
 
-class OpenAIBackend(ChatBackend):
+class OpenAIChatClient(ChatClient):
     """POST {base_url}/chat/completions with `concurrency` requests in flight; see the module docstring."""
 
     def __init__(self, base_url: str, model: str, *, api_key_env: str = "OPENAI_API_KEY", concurrency: int = 4,
@@ -140,7 +140,7 @@ class OpenAIBackend(ChatBackend):
             if exc.code in (408, 409, 429) or exc.code >= 500:
                 ra = exc.headers.get("Retry-After") if exc.headers else None
                 raise _Retryable(f"HTTP {exc.code}: {detail}", float(ra) if ra and ra.isdigit() else None) from None
-            raise BackendError(f"{self.url}: HTTP {exc.code}: {detail}") from None
+            raise ChatClientError(f"{self.url}: HTTP {exc.code}: {detail}") from None
         except TimeoutError as exc:
             raise _Retryable(f"timed out after {self.timeout_s:g} s ({exc})") from None
         except (urllib.error.URLError, ConnectionError, OSError) as exc:
@@ -155,7 +155,7 @@ class OpenAIBackend(ChatBackend):
 
     def complete(self, messages: Conversation, *, max_new_tokens: int, temperature: float = 0.0,
                  json_reply: bool = False) -> str:
-        """One chat completion with retries; raises BackendError when every attempt failed."""
+        """One chat completion with retries; raises ChatClientError when every attempt failed."""
         body = {"model": self.model, "messages": messages, "max_tokens": max_new_tokens, "temperature": temperature}
         if json_reply and self.json_mode:
             body["response_format"] = {"type": "json_object"}
@@ -174,7 +174,7 @@ class OpenAIBackend(ChatBackend):
                 log.info("request to %s failed (%s); retry %d/%d in %.2f s", self.url, last, attempt + 1,
                          self.retries, delay)
                 time.sleep(delay)
-        raise BackendError(f"{self.url}: failed after {self.retries + 1} attempts: {last}")
+        raise ChatClientError(f"{self.url}: failed after {self.retries + 1} attempts: {last}")
 
     def stream(self, conversations, *, max_new_tokens, temperature=0.0, reply_prefix="", json_reply=False):
         pool = cf.ThreadPoolExecutor(max_workers=self.concurrency)
@@ -189,31 +189,31 @@ class OpenAIBackend(ChatBackend):
             pool.shutdown(wait=False, cancel_futures=True)
 
 
-class LazyBackend(ChatBackend):
-    """Builds the real backend on the first non-empty request: a fully resumed run never loads the model."""
+class LazyChatClient(ChatClient):
+    """Builds the real client on the first non-empty request: a fully resumed run never loads the model."""
 
     def __init__(self, factory):
-        self._factory, self._backend = factory, None
+        self._factory, self._client = factory, None
 
     def stream(self, conversations, *, max_new_tokens, temperature=0.0, reply_prefix="", json_reply=False):
         if not conversations:
             return
-        if self._backend is None:
-            self._backend = self._factory()
-        yield from self._backend.stream(conversations, max_new_tokens=max_new_tokens, temperature=temperature,
-                                        reply_prefix=reply_prefix, json_reply=json_reply)
+        if self._client is None:
+            self._client = self._factory()
+        yield from self._client.stream(conversations, max_new_tokens=max_new_tokens, temperature=temperature,
+                                       reply_prefix=reply_prefix, json_reply=json_reply)
 
 
-def build_backend(gen, hf_model_path: str, seed: int = 0, tiny: dict | None = None) -> ChatBackend:
-    """The backend described by a `pas.generator` config section. hf_model_path: the resolved local model for the
-    hf backend (pas.generator.model, or model.path when that is empty); `tiny` configures tiny:ARCH models."""
-    if gen.backend == "hf":
-        return HFBackend(hf_model_path, tiny=tiny, dtype=gen.dtype, batch_size=gen.batch_size, top_p=gen.top_p,
-                         repetition_penalty=gen.repetition_penalty, seed=seed)
-    if gen.backend == "openai":
+def build_client(gen, hf_model_path: str, seed: int = 0, tiny: dict | None = None) -> ChatClient:
+    """The client described by a `pas.generator` config section. hf_model_path: the resolved local model for the
+    hf client (pas.generator.model, or model.path when that is empty); `tiny` configures tiny:ARCH models."""
+    if gen.client == "hf":
+        return HFChatClient(hf_model_path, tiny=tiny, dtype=gen.dtype, batch_size=gen.batch_size, top_p=gen.top_p,
+                            repetition_penalty=gen.repetition_penalty, seed=seed)
+    if gen.client == "openai":
         if not gen.model:
-            raise ValueError("pas.generator.model: the model name is required for the openai backend")
-        return OpenAIBackend(gen.base_url, gen.model, api_key_env=gen.api_key_env, concurrency=gen.concurrency,
-                             retries=gen.retries, backoff_s=gen.backoff_s, timeout_s=gen.timeout_s,
-                             json_mode=gen.json_mode)
-    raise ValueError(f"pas.generator.backend must be 'hf' or 'openai', got {gen.backend!r}")
+            raise ValueError("pas.generator.model: the model name is required for the openai client")
+        return OpenAIChatClient(gen.base_url, gen.model, api_key_env=gen.api_key_env, concurrency=gen.concurrency,
+                                retries=gen.retries, backoff_s=gen.backoff_s, timeout_s=gen.timeout_s,
+                                json_mode=gen.json_mode)
+    raise ValueError(f"pas.generator.client must be 'hf' or 'openai', got {gen.client!r}")

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible backend against a real HTTP server on 127.0.0.1 serving a tiny causal LM.
+"""The OpenAI-compatible client against a real HTTP server on 127.0.0.1 serving a tiny causal LM.
 
 Faults (HTTP 500, a reply slower than the client timeout, a body that is not JSON) are injected per prompt; the
 generation step must keep every finished row and a rerun must request exactly the missing ids. The expected text
@@ -12,7 +12,7 @@ import random
 
 import pytest
 
-from nova_rt.pas.backends import BackendError, OpenAIBackend
+from nova_rt.pas.clients import ChatClientError, OpenAIChatClient
 from nova_rt.pas.generate import run_generation
 from nova_rt.pas.records import read_jsonl
 from nova_rt.pas.template import GoldenExample, generation_messages
@@ -27,17 +27,17 @@ def generate():
     return tiny_model_responder(seed=SEED % 1000)
 
 
-def _backend(url: str, **kw) -> OpenAIBackend:
+def _client(url: str, **kw) -> OpenAIChatClient:
     args = dict(concurrency=3, retries=2, backoff_s=0.01, timeout_s=3.0)  # generous: the machine is shared
     args.update(kw)
-    return OpenAIBackend(url, "tiny", **args)
+    return OpenAIChatClient(url, "tiny", **args)
 
 
 def test_retry_after_server_error(generate):
     msgs = [{"role": "user", "content": "please [e500] explain"}]
     with ChatServer(generate) as srv:
         srv.faults["[e500]"] = ["500", "500"]
-        out = _backend(srv.base_url).complete(msgs, max_new_tokens=8)
+        out = _client(srv.base_url).complete(msgs, max_new_tokens=8)
         assert srv.requests.count(msgs[0]["content"]) == 3, srv.requests
     assert out == generate(msgs, 8).strip()
 
@@ -48,22 +48,22 @@ def test_fault_exhausts_retries(generate, fault, needle):
     msgs = [{"role": "user", "content": "[bad] question"}]
     with ChatServer(generate, sleep_s=60) as srv:
         srv.faults["[bad]"] = [fault] * 3
-        with pytest.raises(BackendError, match=needle):
-            _backend(srv.base_url, retries=1).complete(msgs, max_new_tokens=8)
+        with pytest.raises(ChatClientError, match=needle):
+            _client(srv.base_url, retries=1).complete(msgs, max_new_tokens=8)
         assert len(srv.requests) == 2  # first attempt + one retry
 
 
 def test_client_error_is_not_retried(generate):
     with ChatServer(generate) as srv:
-        backend = OpenAIBackend(srv.base_url + "/wrong", "tiny", retries=3, backoff_s=0.01)
-        with pytest.raises(BackendError, match="HTTP 404"):
-            backend.complete([{"role": "user", "content": "x"}], max_new_tokens=4)
+        client = OpenAIChatClient(srv.base_url + "/wrong", "tiny", retries=3, backoff_s=0.01)
+        with pytest.raises(ChatClientError, match="HTTP 404"):
+            client.complete([{"role": "user", "content": "x"}], max_new_tokens=4)
         assert srv.hits == 1
 
 
 def test_bad_config_names_field():
     with pytest.raises(ValueError, match="base_url"):
-        OpenAIBackend("127.0.0.1:8000", "m")
+        OpenAIChatClient("127.0.0.1:8000", "m")
 
 
 def test_generation_resumes_after_faults(generate, tmp_path):
@@ -79,13 +79,13 @@ def test_generation_resumes_after_faults(generate, tmp_path):
         srv.faults[f"[p{retried}]"] = ["500"]  # recovers within the retries
         srv.faults[f"[p{slow}]"] = ["sleep", "sleep"]  # times out on both attempts
         srv.faults[f"[p{broken}]"] = ["badjson", "badjson"]
-        counts = run_generation(rows, _backend(srv.base_url, retries=1), seeds, out, num_shots=1, max_new_tokens=8)
+        counts = run_generation(rows, _client(srv.base_url, retries=1), seeds, out, num_shots=1, max_new_tokens=8)
         assert counts["generated"] == n - 2 and counts["failed"] == 2, (SEED, counts)
         first = [r["id"] for r in read_jsonl(out)]
         assert sorted(first) == sorted(f"r{i}" for i in range(n) if i not in (slow, broken)), SEED
 
         srv.requests.clear()  # rerun: the server is healthy now
-        counts = run_generation(rows, _backend(srv.base_url, retries=1), seeds, out, num_shots=1, max_new_tokens=8)
+        counts = run_generation(rows, _client(srv.base_url, retries=1), seeds, out, num_shots=1, max_new_tokens=8)
         assert counts["done_before"] == n - 2 and counts["generated"] == 2, (SEED, counts)
         resent = sorted(r.split("]")[0] + "]" for r in srv.requests)
         assert resent == sorted([f"Prompt: [p{slow}]", f"Prompt: [p{broken}]"]), (SEED, srv.requests)
@@ -103,8 +103,8 @@ def test_generation_resumes_after_faults(generate, tmp_path):
 def test_json_mode_sends_response_format_only_on_json_requests(generate, json_mode):
     msgs = [{"role": "user", "content": "judge this"}]
     with ChatServer(generate) as srv:
-        backend = _backend(srv.base_url, json_mode=json_mode)
-        backend.chat([msgs], max_new_tokens=4, json_reply=True, reply_prefix='{"reason": "')
-        backend.chat([msgs], max_new_tokens=4)
+        client = _client(srv.base_url, json_mode=json_mode)
+        client.chat([msgs], max_new_tokens=4, json_reply=True, reply_prefix='{"reason": "')
+        client.chat([msgs], max_new_tokens=4)
         formats = [b.get("response_format") for b in srv.bodies]
     assert formats == ([{"type": "json_object"}, None] if json_mode else [None, None]), formats
