@@ -83,6 +83,8 @@ class DataConfig:
     train_files: list[str] = field(default_factory=list)
     """jsonl / json / parquet files or `datasets` directories saved with save_to_disk; relative to the config."""
     eval_files: list[str] = field(default_factory=list)
+    """Held-out files (train_files' formats) SFT, RM and DPO score at step 0, every train.eval_every steps and at the
+    end; empty: no eval."""
     eval_max_rows: int = 0
     """Score only the first N usable documents (SFT) or pairs (RM, DPO, the pipeline's held-out scoring) of
     eval_files; 0: all of them."""
@@ -95,6 +97,7 @@ class DataConfig:
     system_prompt: str = ""
     """Prepended as a system message when a row has none (empty: none)."""
     shuffle: bool = True
+    """Shuffle the rows every epoch (seeded by run.seed and the epoch); false: file order."""
 
     def validate(self) -> None:
         check_range("data.max_seq_len", self.max_seq_len, ge=1)
@@ -105,6 +108,7 @@ class DataConfig:
 @dataclass(kw_only=True)
 class PackingConfig:
     enabled: bool = True
+    """SFT: pack several samples into each row of max_tokens slots (best-fit decreasing); false: one sample a row."""
     max_tokens: int = 4096
     """Token slots per packed row."""
 
@@ -116,15 +120,21 @@ class PackingConfig:
 @dataclass(kw_only=True)
 class OptimConfig:
     lr: float = 1e-5
+    """Peak AdamW learning rate, reached after warmup_steps; the scheduler scales it (nova_rt.lr_schedule)."""
     weight_decay: float = 0.0
+    """AdamW decoupled weight decay on weight matrices (biases and norm weights get none)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW [beta1, beta2]: decay rates of the running averages of the gradient and of its square."""
     eps: float = 1e-8
+    """AdamW epsilon, added to the square root of the second-moment average (numerical stability)."""
     fused: Literal["auto", "true", "false"] = "auto"
     """auto: fused AdamW on CUDA and CPU (torch's fused kernels), foreach elsewhere; "false": foreach."""
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     """cosine, linear or constant, after warmup."""
     warmup_steps: int = 0
+    """Optimizer steps of linear warmup (step s uses lr * (s + 1) / warmup_steps); 0: none."""
     min_lr_ratio: float = 0.1
+    """cosine and linear decay end at lr * min_lr_ratio at train.max_steps."""
     grad_clip: float = 1.0
     """Max global grad norm; 0 disables clipping."""
 
@@ -163,6 +173,8 @@ class TrainConfig:
     """Runs on CPU: cached (glibc keeps freed large blocks for reuse instead of unmapping them; fewer page faults,
     see nova_rt.cpu_runtime) or system (glibc's defaults)."""
     eval_every: int = 0
+    """Held-out eval on data.eval_files (SFT, RM, DPO) every N optimizer steps, besides step 0 and the last step;
+    0: only those two."""
     max_nonfinite_steps: int = 3
     """Steps with a non-finite loss or gradient norm are skipped (no update) and counted; this many in a row stop
     the run with an error (see nova_rt.trainer)."""
@@ -183,6 +195,7 @@ class CheckpointConfig:
     every: int = 0
     """Save every N optimizer steps (0: only at the end)."""
     keep_last: int = 2
+    """Keep the newest N complete checkpoints, deleting older ones after each save; 0: keep all."""
     resume: Literal[True, False, "force"] = True
     """Resume from the newest complete checkpoint in run.dir when it was written by this stage, model, data and
     config (nova_rt.provenance; else an error naming what differs); "force": resume anyway, with a warning."""
@@ -198,7 +211,9 @@ class CheckpointConfig:
 @dataclass(kw_only=True)
 class LoggingConfig:
     tensorboard: bool = True
+    """Also write TensorBoard event files to run.dir/tensorboard (metrics.jsonl is written either way)."""
     progress_bar: bool = True
+    """A tqdm bar of optimizer steps on stderr (main rank)."""
     plot: bool = True
     """PNG of the loss curve at the end."""
 
@@ -214,11 +229,19 @@ class ParallelConfig:
     data_parallel: Literal["ddp", "fsdp2"] = "ddp"
     """ddp or fsdp2 (hf backend)."""
     tensor_parallel: int = 1
+    """megatron: tensor-parallel size (TP), splitting attention heads and MLP columns; must divide the head counts
+    and intermediate_size. Data-parallel size = world size / (TP * PP * CP)."""
     pipeline_parallel: int = 1
+    """megatron: pipeline-parallel size (PP), consecutive layer groups on PP ranks; divides num_hidden_layers."""
     virtual_pipeline_parallel: int = 0
+    """megatron: model chunks per pipeline rank for the interleaved 1F1B schedule (needs PP > 2); 0: off."""
     sequence_parallel: bool = False
+    """megatron: norms and dropout run on each TP rank's share of the tokens (needs TP >= 2)."""
     context_parallel: int = 1
+    """megatron: context-parallel size (CP), each document split over CP ranks with K/V all-gathered; SFT and
+    log-probs only."""
     distributed_optimizer: bool = False
+    """megatron: its DistributedOptimizer, main params and Adam moments sharded over data-parallel ranks."""
 
     def validate(self) -> None:
         for name in ("tensor_parallel", "pipeline_parallel", "context_parallel"):

@@ -30,6 +30,7 @@ class MergeStageConfig:
     force: bool = False
     """Replace an existing output directory."""
     max_shard_size: str = "2GB"
+    """Largest output safetensors shard, e.g. 2GB, 500MB or 500MiB (nova_rt.merge.st_io.parse_size)."""
 
     def validate(self) -> None:
         if bool(self.spec) == bool(self.inline):

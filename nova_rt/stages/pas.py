@@ -72,13 +72,17 @@ class PASGeneratorConfig:
     model: str = ""
     """hf: model directory or builtin:NAME (empty: model.path); openai: the model name sent to the server."""
     dtype: DType = "float32"
+    """hf: the dtype the generator model is loaded in."""
     batch_size: int = 8
     """hf: conversations per generate call."""
     max_new_tokens: int = 64
+    """Longest generated complement in tokens."""
     temperature: float = 0.0
     """0: greedy."""
     top_p: float = 0.95
+    """hf: nucleus-sampling mass when temperature > 0."""
     repetition_penalty: float = 1.1
+    """hf: transformers' repetition penalty (1.0: none)."""
     num_shots: int = 4
     """Golden examples per generation prompt (from the prompt's category)."""
     base_url: str = "http://127.0.0.1:8000/v1"
@@ -86,10 +90,13 @@ class PASGeneratorConfig:
     api_key_env: str = "OPENAI_API_KEY"
     """openai: environment variable holding the API key (unset: no Authorization header)."""
     concurrency: int = 4
+    """openai: requests in flight at once."""
     retries: int = 3
     """Retries after the first attempt (errors, timeouts, 429/5xx, malformed replies), with exponential backoff."""
     backoff_s: float = 1.0
+    """openai: first retry delay in seconds, doubled per retry up to 30 s (a smaller Retry-After wins)."""
     timeout_s: float = 60.0
+    """openai: seconds to wait for one reply before it counts as a failed attempt."""
     json_mode: bool = False
     """openai: send response_format {"type": "json_object"} with the critique requests (the hf client instead
     starts the critic's reply with '{"reason": "')."""
@@ -108,11 +115,15 @@ class PASConfig:
     seeds_file: str = "data/pas/seeds.jsonl"
     """Golden (category, prompt, complement) pairs: few-shot examples and category anchors."""
     dedup: PASDedupConfig = field(default_factory=PASDedupConfig)
+    """Near-duplicate removal: a MinHash pass, then an embedding pass."""
     curate: PASCurateConfig = field(default_factory=PASCurateConfig)
+    """Quality scoring, categories and per-category quotas."""
     generator: PASGeneratorConfig = field(default_factory=PASGeneratorConfig)
+    """The chat client that writes and critiques complements (and rates prompts with quality_scorer judge)."""
     critique: bool = True
     """Run the LLM critique pass ({reason, is_correct, final}); the code reject rules run either way."""
     critique_max_new_tokens: int = 128
+    """Longest critique reply in tokens."""
     max_complement_words: int = 60
     """Reject complements longer than this (each CJK character counts as a word)."""
     max_prompt_overlap: float = 0.8

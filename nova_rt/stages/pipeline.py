@@ -71,6 +71,7 @@ class PipelineConfig:
     """Delete a stage's training checkpoints once it is done (its final model stays). A rerun skips finished stages,
     so nothing would read them; a 135M model's checkpoint (weights + AdamW state, fp32) is ~1.6 GB."""
     report: bool = True
+    """Write <run.dir>/report.md, the held-out measures before -> after the stages, at the end."""
 
     def validate(self) -> None:
         if self.pas_augment_max_new_tokens < 1:

@@ -26,9 +26,11 @@ class SamplingConfig:
     prompts_per_step: int = 8
     """Prompts per rollout batch over all DP ranks (each gets group_size samples)."""
     max_new_tokens: int = 256
+    """Longest response in tokens (generation stops there or at EOS)."""
     temperature: float = 1.0
     """Sampling temperature; log-probs for the loss use the same temperature."""
     top_p: float = 1.0
+    """Nucleus sampling: draw from the smallest token set holding this probability mass; 1.0: all tokens."""
     top_k: int = 0
     """0 disables top-k sampling."""
     rollout_batch: int = 0
@@ -57,6 +59,7 @@ class GRPODataConfig:
     gym_tasks: list[dict] = field(default_factory=list)
     """reasoning-gym tasks: {name, size, seed, config, category, eval_size, prefill, template, weight}."""
     eval_files: list[str] = field(default_factory=list)
+    """Held-out prompts (prompt_files' rows) for the per-category greedy eval (grpo.eval)."""
     system_prompt: str = ""
     """System message added to prompts that have none."""
     category_weights: dict = field(default_factory=dict)
@@ -68,6 +71,7 @@ class GRPODataConfig:
 @dataclass(kw_only=True)
 class GRPOLossConfig:
     eps_low: float = 0.2
+    """Lower clip: the ratio pi / pi_old is clipped to [1 - eps_low, 1 + eps_high] in the surrogate."""
     eps_high: float = 0.2
     """Upper clip; > eps_low is DAPO's clip-higher (e.g. 0.28)."""
     agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
@@ -100,9 +104,11 @@ class PTXConfig:
     coef: float = 0.0
     """gamma of the PTX penalty (+gamma KL to the reference on SFT data); 0: off."""
     files: list[str] = field(default_factory=list)
+    """SFT data (data.train_files' formats) for the PTX term; needed when coef > 0."""
     batch: int = 4
     """SFT rows per optimizer step for the PTX term (over all ranks)."""
     max_len: int = 1024
+    """Longest PTX sample in tokens (longer ones are truncated)."""
 
     def validate(self) -> None:
         if self.coef < 0:
@@ -114,20 +120,28 @@ class GRPOEvalConfig:
     every: int = 0
     """Per-category greedy eval every N rollout steps (and at the end); 0: never."""
     batch: int = 32
+    """Eval prompts per greedy generate call on each rank."""
     reweight: bool = True
     """Adjust category weights from each eval (the report's prompt re-weighting)."""
     reweight_max_ratio: float = 4.0
+    """Each category's target is its base weight times a factor clipped to [1 / ratio, ratio] (>= 1)."""
     reweight_rate: float = 0.5
+    """Step of each re-weighting, in (0, 1]: new weight = (1 - rate) * current + rate * target."""
 
 
 @register_section("grpo")
 @dataclass(kw_only=True)
 class GRPOConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """How rollouts are drawn: G, prompts per step, decoding, dynamic sampling."""
     data: GRPODataConfig = field(default_factory=GRPODataConfig)
+    """Where prompts come from: files, reasoning-gym tasks, eval sets, category weights, PAS model."""
     loss: GRPOLossConfig = field(default_factory=GRPOLossConfig)
+    """The objective: clipping, aggregation, advantage normalisation, KL (weight, estimator, placement)."""
     ptx: PTXConfig = field(default_factory=PTXConfig)
+    """The PTX penalty: KL to the reference on SFT data."""
     eval: GRPOEvalConfig = field(default_factory=GRPOEvalConfig)
+    """Per-category greedy eval and the prompt re-weighting it drives."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     """Rollout engine (hf decode loop | vllm) and its settings: nova_rt.rollout.base.RolloutConfig."""
     rewards: list[dict] = field(default_factory=lambda: [{"type": "math"}])
