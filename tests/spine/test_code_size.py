@@ -1,0 +1,33 @@
+"""House limits on size, so a file or a config section stays readable in one sitting: no file in nova_rt/ over 500
+lines, no `grpo` config section (or sub-section) over 12 fields."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+
+from nova_rt.stages.grpo import GRPOConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_no_file_in_nova_rt_over_500_lines():
+    sizes = {str(p.relative_to(ROOT)): len(p.read_text(encoding="utf-8").splitlines())
+             for p in (ROOT / "nova_rt").rglob("*.py")}
+    assert {p: n for p, n in sizes.items() if n > 500} == {}
+
+
+def _sections(cls, prefix: str):
+    yield prefix, cls
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from _sections(tp, f"{prefix}.{f.name}")
+
+
+def test_every_grpo_section_has_at_most_12_fields():
+    sections = dict(_sections(GRPOConfig, "grpo"))
+    assert {"grpo", "grpo.sampling", "grpo.data", "grpo.loss", "grpo.ptx", "grpo.eval", "grpo.rollout"} <= set(sections)
+    sizes = {name: len(dataclasses.fields(cls)) for name, cls in sections.items()}
+    assert all(n <= 12 for n in sizes.values()), sizes
