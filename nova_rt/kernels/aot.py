@@ -1,29 +1,17 @@
-"""Compile every Triton kernel launch the project can make on CUDA for Hopper (sm_90a), on a machine without a GPU.
+"""Compile every Triton kernel launch the project can make on CUDA for Hopper (sm_90a), on a machine without a GPU:
+a launch that does not compile, spills or asks for too much shared memory would otherwise surface only on a user's
+cluster. Triton's compiler needs no device: it lowers to PTX and runs its bundled `ptxas` (`-v`: registers, spills).
 
-Why: no GPU has run these kernels yet. A launch configuration that does not compile for sm_90, spills registers or
-asks for more shared memory than a block may have would otherwise surface only on a user's cluster. Triton's
-compiler needs no device: `triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))` lowers to PTX and runs
-the `ptxas` that ships with triton, whose `-v` log gives registers and spill bytes; `metadata.shared` is the shared
-memory the launch requests.
-
-What is compiled: `launch_specs()` lists every (kernel, configuration) a launcher can choose on CUDA, read from the
-launchers' own tables (`packed_attention._CUDA_CONFIGS*` via `_config`, `fused_linear_logprobs._CUDA_TILES`,
-`grpo_loss._CUDA_BLOCK_T` / `_BLOCK_B_RANGE` / `_BLOCK_P`): each dtype, head dim, tile entry and constexpr
-variant. Arguments are specialised by Triton's own launch binder (the code `kernel[grid](...)` runs), so the
-signature, constants and divisibility hints are what a real launch would compile: every pointer 16-byte aligned
-(true for torch allocations), model dims and strides at realistic multiples of 16, and the sizes that vary per
-batch (tokens, documents, responses, grid slots) at odd values, i.e. the general-case binary. GQA ratio G = 4.
-
-Checks (`check_row`): compiles; shared memory <= 227 KB per block (SMEM_LIMIT_SM90); spill stores <= the
-allowance written next to the config (`_SPILL_ALLOWANCE` in each kernel module; 0 where none); 16-bit kernels
-that do matmuls carry `wgmma` in their PTX, unless the config is listed in `_MMA_V2_CONFIGS` (tiles below a
-warpgroup's 64 rows use Ampere-style `mma.sync`, still tensor cores).
+`launch_specs()` lists every (kernel, configuration) a launcher can choose on CUDA, read from the launchers' own
+tables and specialised by Triton's launch binder as a real launch would be (pointers 16-byte aligned, model dims at
+multiples of 16, per-batch sizes odd). `check_row` fails a launch that does not compile, needs over 227 KB of shared
+memory, spills beyond its `_SPILL_ALLOWANCE`, or is a 16-bit matmul without `wgmma` (unless in `_MMA_V2_CONFIGS`).
 
     python -m nova_rt.kernels.aot [--workers 2] [--only packed_attention] [--json out.json]
 
-prints one table (kernel, config, regs, spills, smem, tensor-core instruction, compile seconds) and exits 1 when a
-check fails. Compiles run in a process pool with TRITON_INTERPRET=0 and a fresh Triton cache (a cache hit would
-skip ptxas and its log). Legend: T tokens, N query heads, K kv heads, H head dim, HP padded head dim, V vocab.
+prints the table (kernel, config, regs, spills, smem, tensor-core instruction, compile s) and exits 1 on a failed
+check; compiles run in a process pool, TRITON_INTERPRET=0, fresh cache. More: docs/kernels.md#built-for-hopper-on-cpu.
+Legend: T tokens, N query heads, K kv heads, H head dim, HP padded head dim, V vocab.
 """
 
 from __future__ import annotations

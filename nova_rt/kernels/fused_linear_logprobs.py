@@ -1,40 +1,16 @@
-"""Token log-probs (plus entropy and top-k log-probs) straight from the LM head, never materialising (T, V) logits.
+"""Token log-probs (plus entropy and top-k log-probs) straight from the LM head, never materialising (T, V) logits:
+the SFT, DPO and GRPO losses need a few numbers per token, while eager log_softmax(hidden @ W.T) keeps T x V fp32
+logits and as much again for their gradient.
+
+With z = hidden @ weight.T / tau: logprobs[t] = z[t, y_t] - lse[t] (0 and no gradient where y_t == -100),
+entropy[t] = -sum_v p log p, topk_logprobs[t, k] = z[t, ids[t, k]] - lse[t].
+Both passes walk the vocabulary in chunks of Vc columns against all T tokens with an online softmax; the backward
+recomputes each logits chunk, writes d weight per chunk and accumulates d hidden (fp32, or 24-bit for 16-bit inputs).
+Extra memory is budgeted in bytes (vocab_chunks.EXTRA_BUDGET). `impl=`: "auto" (Triton for CUDA tensors, PyTorch
+otherwise), "triton" or "torch". The gradient, memory and kernels: docs/kernels.md#fused_linear_logprobs.
+Chunk plans, byte budgets, input checks and the PyTorch chunk math: vocab_chunks.py; top-k ids: topk_select.py.
 
 Legend: T tokens, D model dim, V vocab, K top-k ids per token, Vc vocab columns of one chunk.
-
-Math, with z_TV = hidden_TD @ weight_VD.T / tau and lse_T = logsumexp_v z_TV:
-    logprobs_T[t]      = z[t, y_t] - lse[t]                 (0.0 and no gradient where y_t == -100)
-    entropy_T[t]       = -sum_v p[t, v] log p[t, v]         (p = softmax(z); never as lse - sum p z, which cancels)
-    topk_logprobs_TK   = z[t, ids[t, k]] - lse[t]
-Gradient w.r.t. z for upstream grads gl_T, ge_T, gk_TK (G = gl * valid + sum_k gk), with log p = z - lse:
-    dz[t, v] = -p[t, v] * (ge[t] * (log p[t, v] + H[t]) + G[t]) + gl[t] * 1[v == y_t] + sum_k gk[t, k] 1[v == ids[t, k]]
-    d hidden = dz @ weight / tau,   d weight = dz.T @ hidden / tau.
-
-Why it is chunked: the SFT, DPO and GRPO losses need only a few numbers per token, but eager
-`log_softmax(hidden @ W.T)` keeps T x V fp32 logits (SmolLM2, T=4096: 805 MB; Qwen, T=16k: 10 GB) plus as much again
-for their gradient. Here both passes walk the vocab in chunks of Vc columns against all T tokens (T x D stays hot in
-cache, W is read once per pass), with an online softmax: running max m, s = sum exp(z - m) and, for the entropy,
-B = sum exp(z - m) (z - m), so H = log s - B / s sums same-sign terms only.
-
-Saved for backward: hidden, weight, labels, topk_ids, lse_T, and the entropy H_T when it was requested (fp32, or
-fp64 for fp64 inputs). The backward recomputes each logits chunk (one extra GEMM: 4 GEMM-equivalents instead of
-eager's 3) and writes d weight for the chunk's rows directly (one GEMM with the full-T reduction, no accumulation
-error), while d hidden accumulates over chunks: in place in the returned fp32 gradient, or for 16-bit inputs as fp32
-rounded to 24 bits, whose top half is the returned gradient's storage and low byte a T x D uint8 buffer.
-Extra memory (beyond inputs, saved tensors and gradients) is sized in bytes, vocab_chunks.EXTRA_BUDGET = 88 MiB: at
-T=16k,
-D=4096, V=152k it is 1.86% of the bf16 eager logits instead of 10.8% (numbers in `fused_linear_logprobs_bwd`).
-
-`impl=` ("auto" picks Triton for CUDA tensors, PyTorch otherwise):
-- torch: the loop above in PyTorch ops; GEMMs run in the input dtype (bf16 uses AMX on CPU) with fp32 accumulation,
-  softmax math in fp32 (fp64 for fp64 inputs).
-- triton: the forward is one fused kernel: per (token block, vocab split) program it does the tl.dot of hidden and
-  weight tiles, keeps the running (m, s, B) above and picks out the label logit; vocab splits are merged in PyTorch.
-  Top-k logits come from a gather-dot kernel (K rows of W per token). The backward is the chunk loop with cuBLAS GEMMs
-  for the logits and d weight, a Triton kernel for the dz math of each chunk (in place; the top-k one-hot terms are
-  a torch scatter_add on fp32 row blocks), and a Triton GEMM for d hidden that keeps the 24-bit running sum.
-Chunk plans, byte budgets, the input checks and the PyTorch chunk math (the torch path, and the backward's chunk
-loop on both paths) are in vocab_chunks.py; the streaming top-k ids that feed `topk_ids` in topk_select.py.
 """
 
 from __future__ import annotations

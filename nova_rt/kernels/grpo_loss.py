@@ -1,51 +1,16 @@
-"""Fused GRPO policy loss over flat response tokens: advantage, ratio, clipped surrogate, KL, aggregation, d logprobs.
+"""Fused GRPO policy loss over flat response tokens: advantages, ratio, clipped surrogate, KL, aggregation and
+d logprobs in one pass over the log-probs, deterministic (fixed-order reduce, no atomics), no (T,) index tensor.
 
-Math (per token t of response i = seq(t), group g = i // G of G adjacent responses):
-    A_i   = (R_i - mean_g R) / (std_g R + 1e-4)      adv_norm="std" (Bessel's correction, n - 1)
-    A_i   =  R_i - mean_g R                          adv_norm="none" (Dr.GRPO)
-    a_t   = A_i + token_adv[t]                       token_adv (no grad) is added after normalisation
-    r_t   = exp(clamp(lp_t - old_t, -20, 20))
-    pg_t  = -min(r_t a_t, clip(r_t, 1 - eps_low, 1 + eps_high) a_t)
-    kl_t  = k1: lp - ref | k2: (lp - ref)^2 / 2 | k3: min(exp(d) - d - 1, 10) with d = clamp(ref - lp, -20, 20)
-    loss  = sum_t w_t (c_t pg_t + beta kl_t)
-    c_t   = is_weights[t] (no grad; 1 when None), e.g. tis_weights(): min(exp(old_t - rollout_t), cap)
-    w_t   = 1 / T                      "token-mean"
-          = 1 / (n_nonempty L_i)       "seq-mean-token-mean" (mean over non-empty responses of their token mean)
-          = 1 / (B max_i L_i)          "seq-mean-token-sum-norm" (Dr.GRPO)
-Truncated importance sampling (TIS) against the rollout engine's sampling log-probs, as TRL (GRPOTrainer with
-vllm_importance_sampling_mode="token_truncate": per_token_loss = -min(coef_1 A, coef_2 A) * ratio, then + beta kl)
-and verl (compute_policy_loss_vanilla: pg_losses * rollout_is_weights; the KL loss is added apart) apply it: c_t
-scales the clipped surrogate only, never the KL term, and is a constant (TRL computes it under no_grad, verl
-detaches it). The stats (clip_frac, ratio_mean) ignore c_t, as in both.
-Clamps follow verl: the log-ratios inside r and inside k3 are clamped to [-20, 20] (exp stays finite in fp32) and the
-k3 value to at most 10; k1 and k2 are unclamped. Clamped entries get zero gradient, as torch.clamp gives.
-A group with G = 1, or whose rewards are all equal, has zero advantage exactly: the group mean is taken as
-R_first + mean(R - R_first), so equal rewards give deviations of exactly 0 (a plain sum / G can be one ulp off, and
-1 ulp / 1e-4 is not zero).
-Stats (detached, 0-d fp32): clip_frac = fraction of tokens where the clipped term is active (its gradient is zero),
-kl_mean and ratio_mean = token means, adv_mean and adv_std = mean and population std of A_i over the B responses
-(token_adv not included). With T = 0 the loss and the token stats are 0.
+    A_i  = (R_i - mean_g R) / (std_g R + 1e-4)   (adv_norm="none": R_i - mean_g R);   a_t = A_i + token_adv[t]
+    r_t  = exp(clamp(lp_t - old_t, -20, 20)),    pg_t = -min(r_t a_t, clip(r_t, 1 - eps_low, 1 + eps_high) a_t)
+    loss = sum_t w_t (c_t pg_t + beta kl_t)      kl_t: k1 | k2 | k3;  c_t: is_weights (TIS), a constant
+    w_t  = 1 / T | 1 / (n_nonempty L_i) | 1 / (B max_i L_i)   (token-mean | seq-mean-token-mean | ...-sum-norm)
 
-Triton path, three launches forward and one backward:
-  1. _grpo_adv_kernel (one program): per response i its advantage A_i and aggregation weight w_i; needs the group's
-     rewards (G loads per response, B x G in total) plus n_nonempty and the longest response, which no host-side
-     sync has to fetch. Writes adv_B, w_B and the advantage stats.
-  2. _grpo_loss_fwd_kernel (one program per BLOCK_T tokens): token -> response by binary search over cu_seqlens
-     (L1/L2-resident; a 2-lane search bounds the block's responses first; no (T,) index tensor in HBM), then ratio,
-     surrogate, KL, w_t-weighted loss, and d loss / d lp_t written in the same pass; per-block partial sums of
-     (loss, clipped, kl, ratio).
-  3. _grpo_reduce_kernel (one program): sums the partials in a fixed order (deterministic, no atomics).
-  Backward multiplies the saved d logprobs by the upstream scalar gradient.
-Memory traffic per token (E = bytes of the logprobs dtype: 4 fp32, 2 bf16): forward reads lp, old, ref (3E, 2E with
-ref None) plus 4 each for token_adv and is_weights when given, and writes dlp (E, skipped when no gradient is
-needed); backward reads and writes dlp (2E). The minimal count for fwd+bwd is 4E per token (16 B fp32, 8 B bf16)
-plus 4B + 4(B+1) (int32 cu_seqlens) bytes; these kernels move 6E, so against the minimal count fwd+bwd peaks at 4/6
-of HBM bandwidth and only the forward can meet the ">= 85% of HBM peak on H100" target on its own. Removing the
-scaling pass needs the consumer of the gradient (the log-prob kernel's backward) to take dlp and the scalar itself;
-the benchmark reports both byte counts.
-Not measured on a GPU yet: the kernels compile for sm_90 (checked offline) and run under the interpreter in tests.
+Triton: an advantage kernel (one program), a loss kernel per block of tokens (each finds its response by binary
+search over cu_seqlens and writes d logprobs in the same pass), a reduce kernel; backward scales the saved d logprobs.
+Clamps, equal rewards, TIS, stats and memory traffic: docs/kernels.md#grpo_loss; the oracle: reference.py.
 
-Legend: T response tokens (flat), B responses, G group size, P token blocks (partials).
+Legend: T response tokens (flat), B responses, G group size (adjacent responses), P token blocks (partials).
 """
 
 import torch

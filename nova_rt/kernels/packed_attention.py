@@ -1,25 +1,17 @@
-"""Attention over packed documents (varlen), FlashAttention-2 style in Triton, with a PyTorch path for CPU.
+"""Attention over packed documents (varlen), FlashAttention-2 style in Triton, with a PyTorch path for CPU: tokens
+attend only within their own document, as flash_attn_varlen_func with cu_seqlens_q == cu_seqlens_k, and nothing
+T x T is ever stored.
 
-Math, for each document s = [a, b) of the pack, query head n and its kv head j = n // G (G = N / K, GQA):
+For each document s = [a, b), query head n and its kv head j = n // G (GQA):
     S[t, u] = scale * q_TNH[t, n] . k_TKH[u, j]        for t, u in [a, b), u <= t when causal
     P = softmax_u(S),  out_TNH[t, n] = sum_u P[t, u] v_TKH[u, j],  lse_NT[n, t] = logsumexp_u S[t, u]
-Tokens never attend across documents; this is flash_attn_varlen_func with cu_seqlens_q == cu_seqlens_k.
-Backward (delta[n, t] = rowsum(dO * O), P recomputed from lse):
-    dV = P^T dO,  dS = P * (dO V^T - delta),  dQ = scale * dS K,  dK = scale * dS^T Q.
+Triton: blocks of BM query rows that never straddle two documents, heaviest first; online softmax (exp2, fp32);
+backward recomputes P from lse (delta, dK/dV per kv block with the GQA reduction in registers, dQ per query block).
+Backward math, block table and memory: docs/kernels.md#packed_attention. Torch path and input checks:
+packed_attention_torch.py.
 
 Legend: T packed tokens, S documents, N query heads, K kv heads, G = N / K, H head dim (padded to the power of two
 HP inside kernels), BM / BN query / key block rows.
-
-Triton path. Work is split into blocks of BM query rows that never straddle two documents; a block table built on
-the device from cu_seqlens (no host sync) maps program -> (document, block), sorted heaviest first (longest causal
-row range) so the ragged tail of the grid holds cheap blocks. Forward: online softmax in the exp2 domain, fp32
-accumulators, keys split into unmasked blocks and one masked diagonal / ragged block. Backward: a preprocess kernel
-(delta), a dK/dV kernel per kv block that loops over the G query heads of its kv head (GQA reduction in registers,
-no atomics, so bf16 is safe) and a dQ kernel per query block.
-Saved for backward: q, k, v, out and lse_NT (fp32, 4 B per token and query head) -- never the T x T scores.
-Memory: forward allocates out + lse; backward delta (fp32, N*T) + dq, dk, dv. Nothing quadratic.
-
-Torch path (CPU) and the input checks: packed_attention_torch.py.
 """
 
 from __future__ import annotations

@@ -1,26 +1,15 @@
 """Rollouts from the current policy: our own batched decode loop on the HF model's KV cache, G samples per prompt.
 
-Why not HF `generate`: for GRPO it does two kinds of wasted work. (1) Each prompt is repeated G times before the
-prefill, so the prompt is encoded G times; here each distinct prompt is prefilled once and its KV cache is copied
-to its G samples (`DynamicCache.batch_repeat_interleave`). (2) A finished sequence stays in the batch until the
-longest one ends, so a batch whose responses average 15 tokens but reach max_new_tokens=48 once costs 48 full
-decode steps; here finished rows leave the batch (`batch_select_indices` on the cache, the mask and positions),
-so the decode cost follows the sum of the response lengths. On CPU with SmolLM2-135M, 8 prompts x G=4 (prompts of
-~40 tokens) the prefill alone was a third of generate's time.
+Why not HF `generate`: it prefills each prompt G times and keeps finished sequences in the batch until the longest
+ends. Here each distinct prompt is prefilled once and its KV cache copied to its G samples, and finished rows leave
+the batch, so decode cost follows the sum of the response lengths (measured: docs/benchmarks.md#rollout-engines).
 
-Sampling: logits in fp32, divided by the temperature, then top-k (keeps ties with the k-th value), then top-p (the
-smallest set of most likely tokens whose mass reaches top_p; the most likely token always stays), then one
-multinomial draw from a private `torch.Generator`. `state_dict()` holds that generator's state, so sampling is
-reproducible and resumable independently of the global RNG. Greedy decoding takes the argmax.
-
-Why the attention switch: training runs nova's packed attention (one flat row, cu_seqlens, no mask), but batched
-decoding needs left padding and therefore a padding mask, which the packed path does not take. Each call switches
-the model to "sdpa", decodes, and switches back to the implementation it found.
-
-Responses are cut after the first end-of-sequence token (which is kept: the policy must learn to stop); a response
-that hit max_new_tokens has finished=False. A prompt's G responses are adjacent (what grpo_loss expects of a
-group). `Rollout.logprobs` has, per response token, its log-probability under the policy at the sampling
-temperature (before top-k / top-p), as computed by the decode loop.
+Sampling: fp32 logits / temperature, then top-k (ties with the k-th value kept), then top-p (the most likely token
+always stays), then one multinomial draw from a private `torch.Generator` (`state_dict()`: reproducible and
+resumable apart from the global RNG); greedy takes the argmax. Decoding runs with "sdpa" (batched decoding needs left
+padding and a mask, which nova's packed attention does not take) and switches back to the attention it found.
+Responses end after their first EOS token (kept: the policy must learn to stop), finished=False at max_new_tokens;
+a prompt's G responses are adjacent; `Rollout.logprobs`: per token, at the sampling temperature, before top-k/top-p.
 
 Legend: N sequences in a decode batch, U distinct prompts, P padded prompt length, V vocab.
 """

@@ -1,37 +1,15 @@
 """vLLM as a colocated rollout engine: one `vllm.LLM` inside each training process, weights synced every step.
 
-Why vLLM and not our loop: at scale generation dominates a GRPO step and vLLM brings a paged KV cache, continuous
-batching, prefix caching, CUDA graphs and tensor-parallel inference; the HF loop stays the dependency-free default
-(nova_rt.rollout.engine). This file is the only one that imports vllm.
+At scale generation dominates a GRPO step, and vLLM brings a paged KV cache, continuous batching, prefix caching,
+CUDA graphs and tensor-parallel inference; the HF loop stays the dependency-free default (nova_rt.rollout.engine).
+This file is the only one that imports vllm.
 
-Construction: the engine is built from the policy's config alone (config.json + generation_config.json written to a
-temporary directory, `load_format="dummy"`), never from a checkpoint on disk: its weights always come from the
-trainer through the sync below, so a resumed run, a `tiny:` model or a merged model need no file vLLM can read.
-`skip_tokenizer_init=True`: prompts go in as token ids and texts come out of our tokenizer, as with the HF loop.
-
-Weight sync (before the first rollout after an optimizer step, i.e. whenever policy_version() changed): the
-trainer's HF state dict goes to the vLLM model's `load_weights` in buckets of grpo.rollout.sync_bucket_mb (vLLM
-fuses q/k/v and gate/up itself), inside vLLM's layerwise reload (`initialize_layerwise_reload` ...
-`finalize_layerwise_reload`), which re-runs each layer's `process_weights_after_loading`. That matters on CPU: there
-vLLM repacks every linear weight for oneDNN / its small-GEMM kernel and drops the plain tensor, so a bare
-load_weights after start-up would find no tensor to write into. Then the prefix cache is reset (its KV was
-computed with the old weights). Time: metric rollout_sync_s.
-
-Sampling: one request per sample (G requests per prompt, adjacent), each with its own seed drawn from
-(run seed, rank, rollout call, sample index); resuming needs only the call counter (`state_dict`). vLLM returns the
-sampled token's log-prob after temperature ("processed_logprobs"; build_rollout_engine refuses temperature != 1
-with top-k/top-p, where that would include the filter). EOS handling is the HF loop's: stop on any of the
-tokenizer's / generation config's EOS ids, keep the EOS, finished=False when max_new_tokens was hit.
-
-CUDA (written, unrun in this repo so far): `enable_sleep_mode`; after a rollout the engine sleeps at level 2 (weights
-and KV cache freed) and wakes before the next sync, which then always runs. Under torchrun with tensor_parallel > 1,
-`distributed_executor_backend="external_launcher"`; the ranks of a TP group (consecutive ranks) gather their prompts,
-all generate the same requests with the group leader's seeds, and keep their own slice.
-
-With parallel.backend=megatron (one engine per rank, rollout TP 1): the engine lives in the torchrun worker whose
-process group megatron set up; external_launcher joins that world (vLLM's own groups are built on it, each rank an
-independent replica, so the first model-parallel rank may generate alone, as the stage does), and it syncs from the
-HF copy the stage gathers the TP/PP shards into. close() keeps the trainer's process group (see there).
+The engine is built from the policy's config alone (load_format="dummy", token ids in, our tokenizer out): its
+weights always come from the trainer, synced in buckets inside vLLM's layerwise reload before the first rollout after
+each optimizer step, so a resumed run, a `tiny:` model or a merged model need no file vLLM can read. Each sample is
+one request with its own seed (run seed, rank, rollout call, sample index); EOS handling is the HF loop's.
+On CUDA (unrun so far) the engine sleeps between rollouts; with TP > 1 it runs under vLLM's external_launcher; with
+parallel.backend=megatron each rank holds one engine. Details: docs/rollout.md#the-vllm-engine.
 
 Legend: U prompts, G samples per prompt.
 """
