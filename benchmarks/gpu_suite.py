@@ -6,7 +6,7 @@
 Steps, in this order (each a child process with its own timeout; a step that would not fit the remaining time is
 skipped and recorded as such):
   1. env            CUDA device, torch / triton / flash-attn / liger-kernel versions (installs nothing: the install
-                    lines are in README "Benchmarks"; a missing extra only drops that baseline)
+                    lines are in docs/gpu.md; a missing extra only drops that baseline)
   2. gpu_tests      pytest -m "gpu and not multigpu": bf16/fp16/fp32 Triton ops against fp64 oracles with
                     flash-attention's rule (error <= 2x the eager PyTorch error in the same dtype)
   3. attention      bench_packed_attention.py: nova_rt vs flash-attn varlen vs torch, fwd / bwd, 16k tokens hd128
@@ -107,10 +107,10 @@ def env_report() -> dict:
     elif not any(k in rep["device"] for k in ("H100", "H200")):
         problems.append(f"{rep['device']} is not an H100/H200: roofline peaks and MFU use H100/H200 numbers")
     if rep["torch_cuda"] is None:
-        problems.append("torch is a CPU build: install CUDA torch first (README 'Benchmarks')")
+        problems.append("torch is a CPU build: install CUDA torch first (docs/gpu.md)")
     for mod in ("flash_attn", "liger_kernel"):
         if str(rep[mod]).startswith("missing"):
-            problems.append(f"{mod} missing: its baseline rows are skipped (README 'Benchmarks' has the install line)")
+            problems.append(f"{mod} missing: its baseline rows are skipped (docs/gpu.md has the install line)")
     pins = dict(line.split("==") for line in (REPO / "requirements-cpu.txt").read_text().split()
                 if "==" in line and not line.startswith("#"))
     for name, mod in (("torch", "torch"), ("triton", "triton"), ("transformers", "transformers"),

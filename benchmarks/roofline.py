@@ -43,13 +43,13 @@ from nova_rt.telemetry import PEAK_BF16_TFLOPS  # noqa: E402
 PCIE_GEN5_X16 = 64e9  # bytes/s per direction, datasheet
 DEVICES = {name: dict(flops=PEAK_BF16_TFLOPS[name] * 1e12, hbm=HBM_PEAK[name]) for name in ("H100", "H200")}
 
-# Goals as README's benchmark table names them (a comparison where no number was set).
+# Goals as docs/benchmarks.md's GPU table names them (a comparison where no number was set).
 GOALS = {
     "packed_attention": "at least flash-attn varlen (FA2) TFLOP/s, fwd and bwd",
     "fused_linear_logprobs": "TFLOP/s vs Liger and eager; peak extra <= 2% of the bf16 logits (1.86% on meta)",
     "grpo_loss": ">= 85% of HBM peak (fwd; fwd+bwd <= 4/6 of it by design: 6E moved vs 4E minimal)",
     "merge": "nova-rt merge --device cuda vs plain copy bandwidth",
-    "sft_step": "MFU (README expects ~45-55% for Llama-3-8B at TP2xDP4)",
+    "sft_step": "MFU (docs/benchmarks.md expects ~45-55% for Llama-3-8B at TP2xDP4)",
 }
 
 

@@ -2,7 +2,7 @@
 naming the file / row / field or config key (no traceback), choice and range errors come before any model or data
 loads, a diverging run stops instead of exiting 0, metrics.jsonl stays strict JSON, and the silent-wrong-result cases
 (GRPO group of one, empty assistant turns, chosen == rejected, cancelling merge weights, max_steps 0) are errors or
-counted warnings. The README section "Bad input and faults" is the table of these classes."""
+counted warnings. docs/reliability.md is the table of these classes."""
 
 from __future__ import annotations
 

