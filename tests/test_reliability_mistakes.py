@@ -191,9 +191,9 @@ def _grpo_prompts_config(tmp_path: Path, **grpo) -> Path:
 
 
 @pytest.mark.parametrize("override, want", [
-    ("grpo.sampling.temperature=0", "grpo.sampling.temperature: must be a finite number > 0, got 0.0 (rollouts sample several "
-     "different responses per prompt and score their log-probs at this temperature; greedy decoding is only for "
-     "eval)"),
+    ("grpo.sampling.temperature=0", "grpo.sampling.temperature: must be a finite number > 0, got 0.0 (rollouts sample "
+     "several different responses per prompt and score their log-probs at this temperature; greedy decoding is "
+     "only for eval)"),
     ("grpo.sampling.top_p=1.5", "grpo.sampling.top_p: must be in (0, 1], got 1.5 (1: off)"),
     ("grpo.sampling.top_k=-1", "grpo.sampling.top_k: must be >= 0, got -1 (0: off)"),
     ("grpo.sampling.max_new_tokens=0", "grpo.sampling.max_new_tokens: must be a finite number >= 1, got 0"),

@@ -73,9 +73,9 @@ def check_generation(key: str, temperature: float, top_p: float, top_k: int) -> 
     """ValueError naming `key`.<field> unless temperature > 0, 0 < top_p <= 1 and top_k >= 0 (0: off), the values
     every engine samples with (the grpo config checks them at load; nova_rt.rollout.generate again when built)."""
     if not 0 < temperature < float("inf"):
-        raise ValueError(f"{key}.temperature: must be a finite number > 0, got {temperature!r} (rollouts sample several different "
-                         "responses per prompt and score their log-probs at this temperature; greedy decoding "
-                         "is only for eval)")
+        raise ValueError(f"{key}.temperature: must be a finite number > 0, got {temperature!r} (rollouts sample "
+                         "several different responses per prompt and score their log-probs at this temperature; "
+                         "greedy decoding is only for eval)")
     if not 0 < top_p <= 1:
         raise ValueError(f"{key}.top_p: must be in (0, 1], got {top_p!r} (1: off)")
     if top_k < 0:
