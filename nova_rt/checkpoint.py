@@ -2,17 +2,15 @@
 
 Layout: <run dir>/checkpoints/step_00000010/{model.pt, optimizer.pt, state.pt, rng_rank<r>.pt, manifest.json}.
 Every file is written into `step_N.tmp`; rank 0 then writes manifest.json (each file's size and sha256) last and
-renames the directory into place, so a `step_*` directory with a manifest is complete. Resuming verifies the
-manifest of the newest one; a checkpoint whose files are missing, truncated, altered or unreadable is moved aside to
-`step_N.corrupt` and the previous complete one is used instead (a warning says so). Directories of older versions
-(no manifest) are accepted when their state.pt exists and loaded unverified.
+renames the directory into place, so a `step_*` directory with a manifest is complete. Resuming verifies the newest
+one; a checkpoint whose files are missing, truncated, altered or unreadable is moved aside to `step_N.corrupt` and
+the previous complete one is used (with a warning). Directories without a manifest load unverified when their
+state.pt exists.
 
-Files are read with `torch.load(weights_only=True)`: tensors and plain Python types only, so a pickle planted in a
-run directory is refused with a CheckpointError instead of executing. RNG states are stored as tensors and plain
-types for that reason (rng_state); RNG files of older versions, which hold numpy arrays, load with numpy's array
-reconstruction allow-listed and nothing else. Resuming restores the model, the optimizer, the scheduler, the
-trainer/data position and every RNG state (python, numpy, torch CPU and CUDA) of every rank, which makes a resumed
-CPU run bit-identical to an uninterrupted one.
+Files are read with `torch.load(weights_only=True)`, so a planted pickle is a CheckpointError, never run; RNG states
+are stored as tensors and plain types for that reason. Resuming restores the model, optimizer, scheduler, data
+position and every RNG state of every rank: a resumed CPU run is bit-identical to an uninterrupted one. Older RNG
+files: docs/reliability.md#how-the-guards-work.
 """
 
 from __future__ import annotations

@@ -1,20 +1,15 @@
 """The optimisation loop shared by every trainable stage: data parallelism, mixed precision, gradient accumulation,
 clipping, AdamW with warmup + decay, checkpoints and exact resume, and the non-finite guard.
 
-Non-finite guard (the policy of Megatron's NaN check and torchtitan's skip, made explicit): a step whose loss or
-global gradient norm is NaN/inf applies no update (the optimizer does not step; the data position and the lr schedule
-move on, so the bad batch is skipped), is logged with a warning and counted (`nonfinite_skipped` in metrics.jsonl);
-`train.max_nonfinite_steps` such steps in a row stop the run with a NonFiniteError (exit 2) that names the steps and
-the last checkpoint. A checkpoint is never written during such a streak nor when a parameter is non-finite, so
-`checkpoint.keep_last` cannot push good checkpoints out with bad ones, and no final model is written from a run that
-stopped. The megatron backend applies the same policy through NonFiniteGuard, with MegatronBackend skipping the
-update (nova_rt.backends.megatron, nova_rt.parallel.megatron_backend).
+Non-finite guard: a step whose loss or global gradient norm is NaN/inf applies no update (the data position and the
+lr schedule move on, so the bad batch is skipped) and is counted (`nonfinite_skipped`); `train.max_nonfinite_steps`
+such steps in a row stop the run with a NonFiniteError (exit 2). No checkpoint is written during such a streak nor
+with a non-finite parameter, and no final model from a stopped run (docs/reliability.md#how-the-guards-work).
 
 A stage supplies the module (whose forward computes what its loss needs, so DDP/FSDP see the whole graph) and a
-`loss_fn(module, micro_batch) -> (loss, stats)`. Losses are written as sums with per-token/per-sample weights
-already normalised by the *global* batch (see nova_rt.data.packing.loss_weights), so the gradient is identical
-whether a global batch is one micro-batch, k micro-batches or spread over DP ranks: DDP averages gradients over
-ranks, so each rank's loss is multiplied by the world size before backward.
+`loss_fn(module, micro_batch) -> (loss, stats)`. Losses are sums with weights already normalised by the *global*
+batch (nova_rt.data.packing.loss_weights), so the gradient is the same for one micro-batch, k micro-batches or DP
+ranks: DDP averages gradients over ranks, so each rank's loss is multiplied by the world size before backward.
 """
 
 from __future__ import annotations

@@ -1,18 +1,16 @@
 """What a stage drives of a trained policy, whatever runs it (PolicyBackend), and the one step loop over it.
 
 A stage builds its data as packed micro-batches (nova_rt.data.packing.collate's layout, `targets` shifted): typed ones
-(nova_rt.data.micro_batch.PackedBatch: GRPO, DPO) or dicts of collate's keys (SFT, RM), and writes its loss once, as
-an objective over the policy's outputs:
+(nova_rt.data.micro_batch.PackedBatch: GRPO, DPO) or dicts of collate's keys (SFT, RM), and writes its loss once:
 
     objective(outputs: dict, micro_batch) -> (loss, stats)
 
-`outputs` holds what the model computed for that micro-batch: "logprobs" (T,) aligned with its targets for an LM
-head, "scores" (S,) for a score head; with the options of a GRPO step ("temperature", "entropy", "at_ref_topk"), the
-policy's log-probs / entropy / top-k log-probs at the target tokens. `loss` is the micro-batch's share of the global
-objective, already normalised by the global batch (nova_rt.trainer's convention), so a backend sums gradients over
-micro-batches and data-parallel ranks. Backends: nova_rt.backends.hf (Trainer + the log-prob modules) and
-nova_rt.backends.megatron (MegatronBackend on megatron-core); a new one is a module with a class that implements
-PolicyBackend, registered with @register_backend(name) (nova_rt/backends/__init__.py).
+`outputs`: "logprobs" (T,) aligned with the targets for an LM head, "scores" (S,) for a score head; with a GRPO
+step's options ("temperature", "entropy", "at_ref_topk"), the log-probs / entropy / top-k log-probs at the targets.
+`loss` is the micro-batch's share of the global objective, already normalised by the global batch (nova_rt.trainer),
+so a backend sums gradients over micro-batches and data-parallel ranks. Backends: nova_rt.backends.hf and
+nova_rt.backends.megatron; a new one implements PolicyBackend and registers with @register_backend(name)
+(nova_rt/backends/__init__.py; docs/architecture.md#policy-backends).
 """
 
 from __future__ import annotations

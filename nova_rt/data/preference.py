@@ -1,20 +1,15 @@
 """Preference pairs for the reward model and DPO: validation, chat-template tokenization, and packing of pairs.
 
 Rows: {"prompt": str (optional "system": str) | "messages": [...], "chosen", "rejected", optional "chosen_score",
-"rejected_score"}. `chosen`/`rejected` are strings (one assistant reply) or lists of messages (assistant turns,
-optionally with tool turns between them). Scores are both present or both absent (finite numbers). A pair whose
-chosen equals its rejected carries no preference (DPO's loss is the constant log 2, the RM margin is 0): it is
-dropped, counted (`dropped_identical`) and warned about with the first such row; an empty completion is a bad row.
+"rejected_score"}; chosen/rejected are one assistant reply (str) or a list of messages. A pair whose chosen equals
+its rejected carries no preference: it is dropped, counted (`dropped_identical`) and warned about. A `messages`
+ending with an assistant message is a partial solution that chosen/rejected continue (SuperCorrect's step-level DPO;
+only the continuation is supervised).
 
-A prompt may carry a partial solution: when `messages` ends with an assistant message, that message is the start of
-the assistant's reply and chosen/rejected (strings) continue it. This is SuperCorrect's step-level DPO as a data
-format: context = problem + the correct steps s_1..s_{k-1}, chosen = the teacher's correction of step k,
-rejected = the student's own step k. Only the continuation is supervised.
-
-Each side is one `Sample` (prompt + completion, targets shifted, loss only on completion tokens). Pairs are packed
-best-fit-decreasing on len(chosen) + len(rejected), chosen and rejected of a pair side by side in the same packed
-row, so one forward yields both sequence sums of every pair: a row holds sequences [c_a, r_a, c_b, r_b, ...] and
-`pair_ids` says which pairs, in order.
+Each side is one `Sample` (targets shifted, loss only on completion tokens). Pairs are packed best-fit-decreasing on
+len(chosen) + len(rejected), both sides of a pair in the same row, so one forward yields both sequence sums: a row
+holds sequences [c_a, r_a, c_b, r_b, ...] and `pair_ids` says which pairs, in order. Row rules in full:
+docs/stages.md#preference-data.
 
 Legend: P pairs, S sequences (2P), T packed tokens.
 """

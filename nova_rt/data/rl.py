@@ -5,20 +5,13 @@ A prompt record is a dict:
     {"id": str, "category": str, "messages": [{"role", "content"}, ...] (no assistant reply),
      "prefill": str (text the assistant turn starts with; the response continues it), "answer": str | None,
      "gym": {"dataset": name, "entry": reasoning-gym entry} | None}
+Files: rows with "prompt" or "messages", optional "answer", "category" (default: the file's stem), "prefill",
+"system". reasoning-gym entries take train and eval items from different seeds, so the eval set is held out.
 
-Files (jsonl / json / parquet / datasets dirs): rows with "prompt" (str) or "messages" (list), optional "answer"
-(str or number), "category" (default: the file's stem), "prefill" and "system".
-reasoning-gym tasks (config entries): {name, size, seed, config: {...dataset options}, category (default: name),
-eval_size, prefill: "{metadata[expression]} =" (a str.format template over the entry), template: "{question}"}.
-Train and eval entries come from different seeds (seed and seed + 7919), so the eval set is held out by construction
-(procedural generators may still repeat an easy item by chance).
-
-Re-weighting (the report: evaluate per category every N steps and re-weight each category's prompt share). With
-base shares b_c, accuracies a_c, their base-weighted mean a_bar, a bound R >= 1 and a rate eta in (0, 1]:
+Re-weighting, with base shares b_c, accuracies a_c, their base-weighted mean a_bar, a bound R >= 1, a rate eta:
     target_c = b_c * clip((1 - a_c + 0.05) / (1 - a_bar + 0.05), 1/R, R),  normalised to sum 1
     w_c     <- (1 - eta) * w_c + eta * target_c
-A category at the mean accuracy keeps its base share, a harder one gains up to R times it, an easier (or saturated)
-one keeps at least 1/R of it, so no category ever drops out; eta smooths noisy small eval sets.
+so no category ever drops out. Row and task fields, and why: docs/stages.md#grpo-prompts-and-re-weighting.
 """
 
 from __future__ import annotations

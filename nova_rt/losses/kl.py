@@ -1,15 +1,12 @@
 """KL(pi_theta || pi_ref) per token: the report's exact truncated estimator over the reference's top-k tokens, the
 sampled k1/k2/k3 estimators, and the return-to-go that puts a per-token KL penalty into the token-level reward.
 
-Exact truncated KL (Baichuan Alignment report, section 2.1): for each token t, take the K ids the reference model
-ranks highest (`nova_rt.kernels.topk_select.reference_topk`), renormalise both models' log-probs over
-those ids, and sum exactly:
+Exact truncated KL (Baichuan Alignment report, section 2.1), over the K ids the reference ranks highest
+(`nova_rt.kernels.topk_select.reference_topk`), both models' log-probs renormalised over those ids:
     q_theta[t, k] = lp_theta[t, k] - logsumexp_k lp_theta[t, :]      (same for q_ref)
-    KL_t          = sum_k exp(q_theta[t, k]) (q_theta[t, k] - q_ref[t, k])
-Both renormalised rows are proper distributions on the same K ids, so KL_t >= 0 (Gibbs' inequality) and it is the
-exact KL when K = V (renormalising a full distribution changes nothing). Unlike Schulman's sampled estimators it
-needs no sample from pi_theta, which is why it also serves the PTX term on SFT data, whose tokens pi_theta did not
-sample. Gradients flow to lp_theta only (the reference side is detached by the caller's no_grad).
+    KL_t          = sum_k exp(q_theta[t, k]) (q_theta[t, k] - q_ref[t, k])      >= 0, exact when K = V
+It needs no sample from pi_theta, so it also serves the PTX term on SFT data (docs/stages.md#grpo). Gradients flow to
+lp_theta only (the caller detaches the reference side).
 
 Sampled estimators with d = lp_ref - lp_theta at the sampled token (same clamps as nova_rt.kernels.grpo_loss):
     k1 = -d,  k2 = d^2 / 2,  k3 = min(exp(d) - d - 1, 10) with d clamped to [-20, 20].

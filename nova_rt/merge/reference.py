@@ -5,17 +5,12 @@ so they share no code with the kernels. Compute dtype is fp32 (fp64 for fp64 inp
 Legend: N models (besides the base), tau_i = x_i - base (task vector), w_i weight, rho_i density.
 
 - weighted_sum:  scale * sum_i w_i x_i                                               (linear merge)
-- gta:           base + lambda * mix / div                 (task arithmetic, TIES, DARE-linear, DARE-TIES)
-    tau'_i = w_i * sparsify(tau_i); magnitude keeps the k = max(1, int(rho * numel)) largest |tau_i| (ties broken
-    by flat index, i.e. a stable descending sort); random keeps each element with probability rho from a
-    counter-based hash and multiplies kept ones by 1/rho when rescale is on (the DARE paper's rescale; mergekit 0.1.5
-    matches L1 norms instead, and its masks come from torch's global RNG, so DARE outputs never match it bit-wise).
-    consensus: maj = +1 where sum_i tau'_i >= 0 else -1; mix = sum of the tau'_i whose sign equals maj,
-    div = sum of their w_i (0 -> 1). No consensus: mix = sum_i tau'_i, div = sum_i w_i (|.| < 1e-8 -> 1).
-    div is 1 when normalize is off.
+- gta:           base + lambda * mix / div, mix over tau'_i = w_i * sparsify(tau_i)   (task arithmetic, TIES, DARE)
 - slerp:         spherical interpolation a -> b by t over the flattened tensors; lerp when |cos| > dot_threshold.
-- model_stock:   per row (the whole tensor, or each last-dim row when filter_wise): c = mean pairwise cos(tau_i,
-    tau_j), t = N c / (1 + (N - 1) c) (0 when |denominator| < 1e-6), out = t * mean_i x_i + (1 - t) * base.
+- model_stock:   c = mean pairwise cos(tau_i, tau_j), t = N c / (1 + (N - 1) c), out = t * mean_i x_i + (1 - t) * base
+                 (per row when filter_wise).
+
+Sparsification, consensus, the divisor and where DARE differs from mergekit: docs/stages.md#merge-methods.
 """
 
 from __future__ import annotations

@@ -3,19 +3,13 @@
 Each output tensor gets a slot in the arena (`slot(name)`), which the merge op writes directly; `write(name, t)`
 commits it (copying t in first unless t is the slot). Whole 4 KiB blocks of committed bytes go to the shard file by
 pwrite with O_DIRECT from a background thread (the GIL is released), about every 8 MiB, so writing overlaps the merge
-of the next tensors; the arena is reused from its start once full, after the queued writes have drained (the
-partial block at the end moves along). A shard's last partial block is written padded and the file truncated to its
-size. Filesystems that refuse O_DIRECT (tmpfs) get the same writes through the page cache.
+of the next tensors; the arena is reused from its start once the queued writes have drained. A shard's last partial
+block is written padded and the file truncated. Filesystems that refuse O_DIRECT (tmpfs) go through the page cache.
 
-Why O_DIRECT: on the benchmark VM (2026-11-21), memory the process or the page cache touches for the first time
-costs 1.3-2.6 s/GB of CPU (the balloon driver has handed free guest pages back to the host, so every new page faults
-on the host too). Writing 1 GB into a mapped output file cost 1.3-2.0 s, buffered pwrite 2.7-3.3 s, O_DIRECT from an
-already-faulted buffer 0.37-0.54 s wall with ~0.03 s CPU. The arena (the largest tensor + up to 32 MiB) is faulted
-once and stays in the RSS; the output never enters this machine's page cache.
-
-No fsync: like mergekit, the output is as durable as any other file write; the engine's rename makes it appear
-atomically. The layout is the standard one (8-byte header size, JSON header with data_offsets, padded with spaces to
-8 bytes), readable by safetensors / transformers.
+Why O_DIRECT: on VMs where first-touch memory is slow, the arena is faulted once and the output never enters the
+page cache (measured: docs/benchmarks.md#notes-from-module-docstrings). No fsync, like mergekit; the engine's rename
+makes the output appear atomically. The layout is the standard one (8-byte header size, JSON header with
+data_offsets, padded with spaces to 8 bytes), readable by safetensors / transformers.
 """
 
 from __future__ import annotations

@@ -1,19 +1,15 @@
 """nova_rt's packed attention as a transformers attention function ("nova_packed").
 
 Packed training passes one flat row per micro-batch: input_ids (1, T), position_ids restarting at 0 per document,
-and `cu_seq_lens_q` (int32, S+1) with `max_length_q`, the same keyword names transformers' flash-attention path uses.
-HF decoder layers forward those keywords to the attention function, which calls `packed_attention` (Triton on
-CUDA, the PyTorch path on CPU), so no (T, T) mask is ever built by transformers: a custom implementation name that
-is not in the mask registry makes transformers skip mask creation.
+and `cu_seq_lens_q` (int32, S+1) with `max_length_q` (transformers' flash-attention keyword names). HF decoder
+layers forward them here and `packed_attention` runs (Triton on CUDA, PyTorch on CPU); a custom implementation name
+makes transformers skip mask creation, so no (T, T) mask is ever built.
 
-Without `cu_seq_lens_q` (a plain unpacked forward, or generation) the call falls through to SDPA with whatever
-mask transformers passed (None for this implementation), i.e. causal attention over each row: correct for unpadded
-rows. Batched generation with padding must use attn_impl="sdpa" (the rollout code switches to it).
-
-A row may also carry a `shared_prefix` layout (SharedPrefixLayout, built by nova_rt.stages.grpo.pack_responses):
-groups of one prompt followed by several responses that each attend to the whole prompt and causally to themselves,
-but not to each other, so a prompt shared by G sampled responses goes through the model once instead of G times.
-Each group is then one masked SDPA call.
+Without `cu_seq_lens_q` (unpacked forward, generation) the call falls through to SDPA with transformers' mask (None
+here): causal per row, correct for unpadded rows; padded batched generation must use attn_impl="sdpa". A row may
+carry a `shared_prefix` layout (SharedPrefixLayout, nova_rt.stages.grpo.pack_responses): one prompt followed by G
+responses that each attend to the whole prompt and causally to themselves, not to each other, so a shared prompt
+goes through the model once; each group is one masked SDPA call (docs/architecture.md#packed-sequences).
 
 Legend: B batch rows, N heads, T tokens, H head dim, L tokens of one group.
 """

@@ -1,21 +1,16 @@
 """Exact-resume checkpoints for MegatronBackend: per-rank shards, optimizer and RNG states, step and data position.
 
-Layout: <run dir>/checkpoints/step_00000010/{rank_00000.pt, rank_00001.pt, ..., meta.json, DONE}. Every rank writes
-its own file (`MegatronBackend.state_dict()`: its model shards, its optimizer state, its RNG states, plus the stage's
-`extra` state of that rank, e.g. a sampler position) into `step_N.tmp` (with parallel.distributed_optimizer the
-optimizer state is sharded over DP: state_dict gathers it into the file of DP rank 0 of each model-parallel group,
-megatron's dp-zero format, and loading scatters it back; both are collectives); after a barrier global rank 0 writes
-meta.json (step, world size, parallel layout) and manifest.json (size and sha256 of every file), fsyncs, writes DONE
-and renames the directory into place. A directory is complete only with DONE under its final name, so a run killed
-at any point (SIGKILL included) resumes from the newest complete one and leftover `*.tmp` directories are ignored and
-later removed. Resuming verifies the newest one's manifest first; one that fails (a file missing, truncated or
-altered) is moved aside to `step_N.corrupt` with a warning and the previous complete one is used. Rank files are
-read with weights_only=True (nova_rt.checkpoint.safe_load): a planted pickle is refused, never run. Resuming with
-the same world size, TP/PP/VPP layout and optimizer kind restores every rank's own file; any other layout goes
-through nova_rt.parallel.reshard (fp32, no per-rank stage state; RNG states are not carried). The run dir must be on
-a filesystem every rank sees.
+Layout: <run dir>/checkpoints/step_00000010/{rank_00000.pt, rank_00001.pt, ..., meta.json, manifest.json, DONE}.
+Every rank writes its own `MegatronBackend.state_dict()` (with the distributed optimizer, gathered into DP rank 0's
+file of each model-parallel group, megatron's dp-zero format) into `step_N.tmp`; after a barrier global rank 0 writes
+meta.json and manifest.json (size and sha256 of every file), fsyncs, writes DONE and renames the directory into
+place. Only a directory with DONE under its final name is complete, so a killed run resumes from the newest complete
+one; one that fails its manifest is moved aside to `step_N.corrupt` with a warning. Rank files are read with
+weights_only=True (a planted pickle is refused). The same layout restores every rank's own file; any other goes
+through nova_rt.parallel.reshard. The run dir must be on a filesystem every rank sees.
 
 The final model is still written as an HF directory (MegatronBackend.save_hf); these directories are for resuming.
+Sequence of a save and a resume: docs/parallelism.md#checkpoints-step-by-step.
 """
 
 from __future__ import annotations

@@ -1,22 +1,14 @@
 """Context parallelism (CP) for packed (thd) rows on nova_rt's own core attention: no Transformer Engine, runs on gloo.
 
-Split. Megatron/TE's load-balanced thd layout: every document of a packed row is padded (at its end, with ignored
-tokens) to a multiple of 2*CP and cut into 2*CP equal chunks; CP rank r holds chunks r and 2*CP-1-r of every
-document, documents in order. Under a causal mask chunk i costs ~i, so each rank gets the same share of every
-document's attention work. For CP=2 and a document of 6 tokens (padded to 8, chunks of 2):
-
-    global (padded) positions   0 1 | 2 3 | 4 5 | 6 7          rank 0 holds 0 1 6 7, rank 1 holds 2 3 4 5
-                                 c0    c1    c2    c3          (6, 7 are padding: no loss, attended by no real token)
-
-The padding sits after the document's real tokens, so under the causal mask no real query ever sees it. RoPE needs
-nothing here: megatron's unfused thd RoPE (rope_utils._apply_rotary_pos_emb_thd) already rotates each local chunk
-with its global positions when given the padded cu_seqlens (PackedSeqParams.cu_seqlens_q_padded).
+Split: Megatron/TE's load-balanced thd layout. Every document of a packed row is padded at its end (ignored tokens)
+to a multiple of 2*CP and cut into 2*CP equal chunks; CP rank r holds chunks r and 2*CP-1-r of every document, so
+under the causal mask each rank gets the same share of the attention work. RoPE needs nothing here: megatron's thd
+RoPE rotates each local chunk with its global positions given the padded cu_seqlens.
 
 Attention (`context_parallel_attention`): K and V of the local tokens are all-gathered over the CP group (backward:
-reduce-scatter, i.e. dK/dV summed over the ranks whose queries used them and handed back to their owner), put
-back in global order, and each rank attends its local queries to the keys of their document under the causal mask
-in global positions. All-gather CP (as in Llama 3's training) rather than ring attention: simpler, exact, and the
-K/V of a whole row are small next to the activations; performance on GPU is not the aim here.
+reduce-scatter), put back in global order, and each rank attends its local queries to the keys of their document
+under the causal mask in global positions. All-gather CP (as in Llama 3's training) rather than ring attention:
+simpler and exact. Worked example and reasons: docs/parallelism.md#context-parallelism-in-detail.
 
 Legend: T tokens of the padded global row, L tokens held by this rank (T / CP), N heads, H head dim.
 """

@@ -1,20 +1,14 @@
 """HF safetensors straight into megatron TP/PP shards, and the shards back into an HF directory (bit-exact).
 
-Loading: each rank opens the checkpoint's safetensors files with `safe_open` and reads only the rows/columns its
-parameters own (`get_slice`), so no rank ever holds the whole model and no offline conversion step exists.
-Saving: every rank of data-parallel rank 0 sends its CPU shards to global rank 0 (`gather_object`), which
-reassembles full HF tensors and writes config + safetensors; non-weight files (config.json, tokenizer files,
-generation_config.json, chat template) are copied verbatim from the source directory.
+Loading: each rank reads only the rows/columns its parameters own (`safe_open` + `get_slice`), so no rank ever holds
+the whole model and no offline conversion step exists. Saving: every rank of data-parallel rank 0 sends its CPU
+shards to global rank 0 (`gather_object`), which reassembles full HF tensors and writes config + safetensors;
+non-weight files (config.json, tokenizer files, generation_config.json, chat template) are copied verbatim.
 
-Layouts (TP size t, rank r; legend: V vocab, Vp padded vocab, D model dim, F ffn dim, G kv groups, Q = N/G):
-    replicated   norms, score (1, D)           same tensor on every rank (score: a reward model's ScoreHead)
-    vocab        embed_tokens, lm_head (V, D)  rows [r*Vp/t, (r+1)*Vp/t) of the table zero-padded to Vp rows
-    column       -                             rows split evenly
-    row          o_proj (D, N*H), down_proj     columns split evenly
-    fc1          gate_proj, up_proj (F, D)      rank r holds [gate rows of r; up rows of r] (SwiGLU chunks in two)
-    qkv          q/k/v_proj (+bias)             rank r holds groups [r*G/t, (r+1)*G/t), each group laid out as
-                                                [Q query heads; 1 key head; 1 value head] x H rows (megatron's
-                                                interleaved per-group layout)
+Layout kinds (TP size t, rank r): replicated (norms, score), vocab (embed_tokens, lm_head: rows of the table
+zero-padded to Vp), column, row (o_proj, down_proj: columns split), fc1 (gate/up: rank r holds [gate rows of r; up
+rows of r]) and qkv (megatron's interleaved per-group layout [Q query heads; 1 key head; 1 value head] x H rows).
+The table with shapes: docs/parallelism.md#tp-layout-kinds.
 """
 
 from __future__ import annotations

@@ -1,23 +1,14 @@
 """A megatron-core GPTModel built from an HF Llama / Qwen2 config, with packed (thd) attention as its core.
 
-What maps to what (HF config -> megatron TransformerConfig / GPTModel):
-    hidden_size, intermediate_size, num_hidden_layers   -> hidden_size, ffn_hidden_size, num_layers
-    num_attention_heads, num_key_value_heads, head_dim   -> num_attention_heads, num_query_groups (GQA), kv_channels
-    rms_norm_eps                                         -> normalization="RMSNorm", layernorm_epsilon
-    hidden_act="silu" + gate/up                          -> gated_linear_unit=True, activation_func=silu (SwiGLU)
-    rope_theta, rope_scaling {rope_type: llama3, ...}   -> rotary_base, rope_scaling (+factor)
-    Qwen2 q/k/v bias (always on), Llama attention_bias  -> add_qkv_bias (no other linear has a bias)
-    tie_word_embeddings                                  -> share_embeddings_and_output_weights
-    vocab_size                                           -> padded to a multiple of `vocab_multiple * TP`
-    pad_token_id                                         -> no gradient through pad lookups (HF padding_idx)
+The HF config maps onto megatron's TransformerConfig / GPTModel field by field (GQA, RMSNorm, SwiGLU, RoPE scaling,
+qkv bias, tied embeddings); the vocab is padded to a multiple of `vocab_multiple * TP`, and pad lookups get no
+gradient (HF padding_idx). The table: docs/parallelism.md#hf-config-to-megatron.
 
-Core attention. megatron's local `DotProductAttention` refuses packed (thd) batches, so the local layer spec swaps
-in `PackedCoreAttention`, which calls nova_rt's varlen kernel `packed_attention(q_TNH, k_TNH, v_TNH, cu_seqlens,
-max_seqlen)` (imported lazily: it lives in nova_rt.kernels) and falls back to per-document SDPA when the kernel is
-not importable. With Transformer Engine installed and CUDA present, the TE spec is used instead: its
-`TEDotProductAttention` handles thd natively (and context parallelism; unrun). RoPE restarts at every document:
-megatron's thd RoPE path (`_apply_rotary_pos_emb_thd`) slices the frequency table per cu_seqlens segment, and under
-context parallelism picks each local chunk's global positions (nova_rt.parallel.context_parallel).
+Core attention: megatron's local `DotProductAttention` refuses packed (thd) batches, so the local layer spec swaps in
+`PackedCoreAttention`, which calls nova_rt's varlen kernel `packed_attention(q_TNH, k_TNH, v_TNH, cu_seqlens,
+max_seqlen)` (imported lazily from nova_rt.kernels; per-document SDPA when it is not importable). With Transformer
+Engine and CUDA, the TE spec is used instead (`TEDotProductAttention`; unrun). RoPE restarts at every document
+through megatron's thd RoPE path, which also gives each local chunk its global positions under context parallelism.
 
 Legend: T packed tokens, N heads (local to this TP rank), H head dim, S documents in a pack.
 """

@@ -4,22 +4,14 @@ A micro-batch is one packed row of S documents:
     input_ids    LongTensor (T,)
     labels       LongTensor (T,)   aligned with input_ids (HF convention); -100 where no loss is taken
       or
-    targets      LongTensor (T,)   already shifted (nova_rt convention, see `from_shifted`): targets[t] is the token
-                                   position t predicts, -100 where none; used as given
+    targets      LongTensor (T,)   already shifted (nova_rt convention, see `from_shifted`); used as given
     position_ids LongTensor (T,)   0, 1, ... restarting at every document (RoPE per document)
     cu_seqlens   int32 (S+1,)      0 = cu[0] <= cu[1] <= ... <= cu[S] = T; empty documents are dropped
 
-Targets: the token at position t is trained to predict labels[t+1], exactly like HF causal-LM losses, except that
-the last token of every document gets no target, so no prediction crosses a document boundary even if the packer
-left the next document's first label unmasked.
-
-All micro-batches of one step are padded to a common length (pipeline stages exchange fixed-shape activations),
-rounded up to a multiple of TP when sequence parallelism splits the sequence. The padding is one extra document
-of token `pad_id` with labels -100: it attends only to itself and contributes no loss.
-
-With context parallelism (cp > 1, nova_rt.parallel.context_parallel) every document is first padded to a multiple of
-2*cp (ignored tokens at its end), the row to a multiple of 2*cp (times TP under SP), and each CP rank keeps only its
-T/cp tokens: chunks r and 2*cp-1-r of every document. `cp_index` then maps each local token to its original position.
+Position t predicts labels[t+1] (HF causal-LM), except the last token of every document, so no prediction crosses a
+document boundary. Micro-batches of a step are padded to one length (pipeline stages exchange fixed shapes) with an
+extra document of `pad_id` and no loss; under CP each rank keeps chunks r and 2*cp-1-r of every document and
+`cp_index` maps its tokens to their positions. Padding rules: docs/parallelism.md#packed-micro-batches.
 """
 
 from __future__ import annotations

@@ -1,24 +1,15 @@
 """Resume a megatron checkpoint in another parallel layout: TP, PP, VPP, DP, distributed optimizer on or off.
 
-Each rank's checkpoint file (nova_rt.parallel.checkpoint) carries `describe(backend)`: the HF name and TP layout
-kind (hf_convert) of every parameter of every model chunk, and where each parameter's Adam state sits in that
-rank's optimizer state (torch's parameter index, or the offset in megatron's dp-zero buffers for the distributed
-optimizer). `load_resharded` then, on every rank of the new layout:
-  1. reads the files of the old DP rank 0 of every TP/PP position (memory-mapped: one copy of the model),
-  2. turns the weights and both Adam moments into full HF-named tensors with `hf_convert.assemble` (the moments have
-     their parameters' shapes, so fused QKV, gate/up and vocab padding are undone the same way as for weights; the
-     copy of a tied embedding held by the last pipeline stage is skipped, as in save_hf),
-  3. cuts its own shards out of them (`hf_convert.load_shard`) and writes them in its own optimizer's format, which
-     `MegatronBackend.load_state_dict` then loads as if this layout had saved it.
-The conversion only moves numbers (bit-exact). Whether the continued run matches an uninterrupted run bit for bit
-depends on the layouts summing the same numbers in the same order: changing PP, or DP when each rank has the same
-micro-batch split, does with clipping off; TP does not (row-parallel partial sums), nor does clipping across PP
-stages (the grad norm is summed per stage first), so those agree to rounding only.
+Each rank's checkpoint file (nova_rt.parallel.checkpoint) carries `describe(backend)`: the HF name and TP layout kind
+(hf_convert) of every parameter and where its Adam state sits. `load_resharded` then, on every rank of the new
+layout, reads the old DP rank 0 files of every TP/PP position (memory-mapped), assembles weights and both Adam
+moments into full HF-named tensors (`hf_convert.assemble`), cuts its own shards out of them (`hf_convert.load_shard`)
+and writes them in its own optimizer's format for `MegatronBackend.load_state_dict`.
 
-Not carried across layouts: RNG states (the new ranks keep their seeded ones; SFT, DPO and RM steps in fp32 draw no
-random numbers) and per-rank stage state (`extra`, e.g. GRPO's sampler: refused). fp32 parameters only: with bf16
-or fp16 the optimizer's fp32 master weights would have to be carried instead of the model's (refused). Memory: each
-rank holds the full weights and both moments in fp32 while converting.
+The conversion is bit-exact; a continued run matches an uninterrupted one bit for bit only when both layouts sum in
+the same order (PP, or DP, with clipping off), to rounding otherwise (TP). Not carried: RNG states and per-rank stage
+state (`extra`, e.g. GRPO's sampler: refused). fp32 parameters only (bf16/fp16 refused). Each rank holds the full
+weights and both moments in fp32 while converting. Step by step: docs/parallelism.md#resharding-a-checkpoint.
 """
 
 from __future__ import annotations

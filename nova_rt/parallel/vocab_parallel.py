@@ -1,25 +1,17 @@
 """Top-k ids and log-probs at given ids over vocab-parallel logits (each tensor-parallel rank holds a column shard).
 
 Legend: T tokens, Vl vocab columns of this rank's shard (global ids vocab_start .. vocab_start + Vl - 1), K ids per
-token. The logits are already divided by the temperature (MegatronBackend._local_logits); padding columns of a padded
+token. The logits are already divided by the temperature (megatron_outputs.local_logits); padding columns of a padded
 vocab must be masked to a very negative value by the caller, so they never rank and add nothing to the softmax.
 
-    lse[t]        logsumexp over every rank's columns: all-reduce(max) m, then m + log all-reduce(sum exp(z - m)).
-    logprobs_at   lp[t, k] = z[t, ids[t, k]] - lse[t]: the rank owning ids[t, k] contributes z, the others 0
-                  (all-reduce sum). Backward, with p = exp(z_local - lse):
-                      dz_local[t, v] = sum_k g[t, k] 1[v == ids[t, k]] - p[t, v] sum_k g[t, k]
-                  with no collective: the upstream grad g is the same on every rank of the group (whatever consumes
-                  lp is computed redundantly on each, as with megatron's vocab-parallel cross entropy), each rank
-                  returns the gradient of its own columns, and the column-parallel output layer's backward
-                  all-reduces d hidden over the group.
-    topk          each rank's top-min(K, Vl) of its shard (ids offset by vocab_start), all-gathered, and the K best
-                  of the TP x K candidates: every rank ends with the same (T, K) ids and log-probs, sorted
-                  descending. Ties: equal values ranked by id, lowest first (topk_select.topk_lowest_ids,
-                  the rule of the HF path's reference_topk), so the ids do not depend on TP.
+    lse[t]        m + log all-reduce(sum exp(z - m)) with m = all-reduce(max z) over every rank's columns.
+    logprobs_at   lp[t, k] = z[t, ids[t, k]] - lse[t]; backward dz_local[t, v] = sum_k g[t, k] 1[v == ids[t, k]]
+                  - p[t, v] sum_k g[t, k], with no collective (g is the same on every rank of the group).
+    topk          every rank ends with the same (T, K) ids and log-probs, sorted descending, ties by lowest id (the
+                  HF path's rule), so the ids do not depend on TP.
 
-Saved for backward by logprobs_at: the (T, Vl) logits (the caller passes the target rows only: megatron's cross
-entropy subtracts the row max from its input in place, so these must be a separate tensor, e.g. logits[mask]), lse,
-and the ids. No (T, V) tensor exists on any rank.
+logprobs_at saves the (T, Vl) logits (a separate tensor such as logits[mask]: megatron's cross entropy edits its
+input in place), lse and the ids; no (T, V) tensor exists on any rank. Why and how: docs/parallelism.md.
 """
 
 from __future__ import annotations

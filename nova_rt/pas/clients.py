@@ -1,21 +1,14 @@
 """PAS chat clients: a local HF causal LM (batched `generate`) and an OpenAI-compatible chat-completions endpoint.
 
 Both expose `stream(conversations, max_new_tokens=, temperature=, reply_prefix=, json_reply=)`, which yields
-`(index, text_or_exception)` as each conversation finishes, so the caller can write every finished row at once: one
-failed request costs one row, and a crash costs only rows still in flight. `chat(...)` collects the same results
-into a list.
+`(index, text_or_exception)` as each conversation finishes, so the caller writes every finished row at once: one
+failed request costs one row, a crash only the rows in flight. `chat(...)` collects the same results into a list.
 
-Structured replies (the critique's JSON): the HF client forces `reply_prefix` as the start of the assistant turn
-(it is appended to the rendered prompt, and the returned text starts with it), so a small model continues inside the
-JSON object instead of inventing another format. Chat-completions has no standard assistant prefill, so the HTTP
-client ignores `reply_prefix`; with `json_mode=True` (config `pas.generator.json_mode`) it sends
-`response_format: {"type": "json_object"}` on the requests marked `json_reply` (OpenAI, vLLM, SGLang and llama.cpp
-servers accept it).
-
-The HTTP client uses only the standard library (urllib). It retries connection errors, timeouts, HTTP 408/429/5xx
-and malformed replies (body not JSON, or no `choices[0].message.content`) with exponential backoff
-(backoff_s * 2^attempt, capped at max_backoff_s, or the server's Retry-After when it is smaller); other HTTP
-errors (400, 401, 404, ...) fail at once because a retry cannot fix them.
+Structured replies: the HF client forces `reply_prefix` as the start of the assistant turn (the returned text starts
+with it); the HTTP client, with no standard prefill, ignores it and with `json_mode=True` sends `response_format:
+{"type": "json_object"}` on requests marked `json_reply`. The HTTP client uses only urllib; it retries connection
+errors, timeouts, HTTP 408/429/5xx and malformed replies with exponential backoff (backoff_s * 2^attempt, capped at
+max_backoff_s, or a smaller Retry-After) and fails at once on other HTTP errors. Details: docs/stages.md#pas-clients.
 """
 
 from __future__ import annotations

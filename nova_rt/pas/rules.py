@@ -1,21 +1,13 @@
 """Reject rules for generated complements, checked in code after the LLM critique (method-spec §2, "Filtering").
 
-A complement is rejected when it
-  - is empty;
-  - is malformed: fewer than 3 words, a U+FFFD replacement or control character, or fewer than half of its
-    non-space characters are letters (garbled output of a broken or tiny generator);
-  - is too long: more than `max_words` words (each CJK character counts as one word), or more than 4 lines;
-  - copies the prompt: word-set Jaccard with the prompt >= `max_prompt_overlap` (a rewrite, not a complement);
-  - is in another language: its dominant Unicode script differs from the prompt's, or, for Latin-script text, its
-    stop-word language (en, es, fr, de, it, pt, nl; one-letter words left out, they are shared) differs from the
-    prompt's when both can be told;
-  - answers the prompt: it opens like an answer ("Sure", "Here is", "The answer is", "Let me", ...), contains code
-    (a ``` fence or a line that starts like code), states a computed result ("= 42"), or lists more than 3
-    numbered steps (a "= 42" that the prompt itself contains is allowed: the complement may quote it);
-  - drifts from the intent: a semantic embedder places it closer to some prompt of *another* category than to its
-    own prompt, by more than `drift_margin` in cosine. Measured with all-MiniLM-L6-v2 on our seeds and prompts:
-    matched golden pairs have a gap of at most 0.20, hand-made off-topic complements at least 0.37, hence the
-    default 0.3. The hashed n-gram embedder cannot tell topics apart this way, so the check is skipped with it.
+A complement is rejected when it is empty; malformed (garbled output of a broken or tiny generator); too long
+(`max_words`, CJK characters count as words, or more than 4 lines); a copy of the prompt (word Jaccard >=
+`max_prompt_overlap`); in another language than the prompt (Unicode script, or Latin stop words); an answer rather
+than a complement (answer openers, code, a computed "= 42" the prompt does not contain, > 3 numbered steps); or
+drifting from the intent (a semantic embedder places it closer to a prompt of another category than to its own by
+more than `drift_margin` in cosine; skipped with the hashed n-gram embedder, which cannot tell topics apart).
+
+Each rule's exact thresholds, and how drift_margin's default 0.3 was measured: docs/stages.md#pas-reject-rules.
 """
 
 from __future__ import annotations

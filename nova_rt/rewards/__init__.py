@@ -1,21 +1,14 @@
 """Reward sources for RL, found by name, and their weighted combination.
 
 A reward source scores a batch of responses: `source(completions: list[str], samples: list[dict]) -> list[float]`,
-where samples[i] is the RL prompt record response i answers (see nova_rt.data.rl: "answer", "category",
-"messages", "prefill", "gym" ...). Sources are built from config entries (`grpo.rewards`):
+where samples[i] is the RL prompt record response i answers (nova_rt.data.rl). Sources are built from `grpo.rewards`
+entries by type: math, format, reasoning_gym, reward_model, user ("pkg.module:function"); `name` renames one for
+metrics (the entries: docs/stages.md#rewards). The total reward is sum_i weight_i * score_i.
 
-    - {type: math, weight: 1.0}                       verifier: extracted final answer == sample["answer"]
-    - {type: format, weight: 0.1, pattern: "..."}     regex / answer-format check
-    - {type: reasoning_gym, weight: 1.0}              the task's own reasoning-gym scorer (score_answer)
-    - {type: reward_model, path: runs/rm/final}       an AutoModelForSequenceClassification directory
-    - {type: user, function: "pkg.module:function"}   any callable with the signature above
-    - {name: ...} optionally renames an entry for metrics (default: its type)
-
-Built-in types live in the modules of this package and register themselves with @register_reward when imported;
-this module imports them only on demand (by name), so it depends on none of them. The total reward is
-sum_i weight_i * score_i. Every call of a source goes through RewardSource.__call__: an exception inside it, or
-scores that are not one finite number per completion, is a RewardError (a UserError: one line, exit 2) naming the
-source (`module:function` for user code) and the first bad completion; a bad `grpo.rewards` entry is a ConfigError.
+Built-in types register themselves with @register_reward when their module is imported; this module imports them
+only on demand (by name), so it depends on none of them. An exception inside a source, or scores that are not one
+finite number per completion, is a RewardError (a UserError: one line, exit 2) naming the source and the first bad
+completion; a bad `grpo.rewards` entry is a ConfigError.
 """
 
 from __future__ import annotations

@@ -1,19 +1,17 @@
 """Rollout engines behind one interface: our HF decode loop (default) or vLLM, chosen by `grpo.rollout.engine`.
 
-Why two: the HF loop (nova_rt.rollout.generate) needs nothing beyond transformers and is the fastest thing on a CPU
-for small models, but at scale generation is most of a GRPO step and every peer samples with vLLM or SGLang (paged
-KV cache, continuous batching, CUDA graphs, tensor-parallel inference). Both engines return the same `Rollout`
-(token ids, texts, finished flags, per-token log-probs at the sampling temperature), so rewards, the loss and the
-megatron path do not change with the engine.
+Why two: the HF loop (nova_rt.rollout.generate) needs only transformers and is the fastest on a CPU for small
+models; at scale generation dominates a GRPO step and peers sample with vLLM (docs/rollout.md). Both return the same
+`Rollout`, so rewards, the loss and the megatron path do not change with the engine.
 
 The contract a stage relies on (`RolloutEngine`): `generate(prompts, group_size, greedy=)` -> Rollout with a prompt's
 G responses adjacent; `state_dict()` / `load_state_dict()` for exact resume; `pop_metrics()` -> the metrics of the
-rollouts since the last call (rollout_sync_s, rollout_logprob_abs_diff, ...; {} for the HF loop). The vLLM engine
-syncs the trainer's weights itself before a rollout whenever `policy_version()` changed (after every optimizer step).
+rollouts since the last call ({} for the HF loop). The vLLM engine syncs the trainer's weights itself before a
+rollout whenever `policy_version()` changed.
 
-The engine-independent pieces (the grpo.rollout section, Sampling, and the trainer-side log-prob check
-`policy_token_logprobs` / `logprob_gap`) live in nova_rt.rollout.base, which both engines import; they are re-exported
-here. This module imports the vLLM engine only inside build_rollout_engine, and that engine imports nothing from here.
+The engine-independent pieces (grpo.rollout, Sampling, `policy_token_logprobs` / `logprob_gap`) live in
+nova_rt.rollout.base and are re-exported here. This module imports the vLLM engine only inside
+build_rollout_engine, and that engine imports nothing from here.
 """
 
 from __future__ import annotations

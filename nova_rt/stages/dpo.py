@@ -2,14 +2,9 @@
 
 Sequence log-probs come from the fused log-prob op (no logits materialised), summed per packed sequence; chosen and
 rejected of a pair share a packed row. The reference model (dpo.reference, default: the policy's initial weights) is
-either run once before training over the train and eval pairs, its per-pair log-probs cached on disk in run.dir
-keyed by a hash of the data and the reference ("precompute": no second model in memory while training, and a
-resumed run reuses the cache), or kept frozen in memory and run on every micro-batch ("online"). Step-level DPO
-(SuperCorrect) is the same loss over rows whose prompt ends with a partial assistant solution (nova_rt.data.preference).
-
-The stage runs on any policy backend (parallel.backend, nova_rt.backends): on megatron the policy's per-token
-log-probs come from the vocab-parallel cross entropy on the last pipeline stage, and the reference from the policy
-in forward-only mode (precompute) or a frozen second backend (dpo.reference, or online).
+either run once before training with its per-pair log-probs cached in run.dir ("precompute": no second model in
+memory, reused on resume) or kept frozen and run on every micro-batch ("online"). Runs on any policy backend
+(parallel.backend); on megatron see docs/stages.md#dpo.
 
 Micro-batches are PairBatch (packed pairs, pair ids and weight, the reference's sequence log-probs when known).
 Loss: mean over the pairs of the global batch. Stats: implicit rewards β(log π - log π_ref) of chosen/rejected,

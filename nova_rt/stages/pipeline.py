@@ -3,14 +3,8 @@ GRPO on the merged model with the RM plus verifiers, then `<run.dir>/report.md`.
 
 Each stage runs in its own directory `<run.dir>/<stage>` (SFT slices in `<run.dir>/sft/<slice>`) with the same
 config plus its overrides (`pipeline.stage_overrides.<stage>`: dotted keys), and reads the artifacts of the stages
-before it. A finished stage writes `STAGE_DONE.json` (its outputs) atomically; a rerun skips it. A stage that
-was killed resumes from its own checkpoints, because its run dir is the same on rerun.
-
-Held-out measures (what `report.md` shows before -> after): after the merge, the base, every slice model and the
-merged model are scored on every slice's `eval_files` (`merge/heldout.json`, per-document NLL, so comparisons are
-paired; without a merge, a slice's eval_files give its SFT run the held-out loss at step 0 and after the last step
-instead); the RM's eval pairs and GRPO's eval prompts (per prompt, before and after) give pair accuracy and greedy
-accuracy.
+before it. A finished stage writes `STAGE_DONE.json` atomically and a rerun skips it; a killed stage resumes from
+its own checkpoints. `report.md` shows held-out measures before -> after (docs/stages.md#pipeline).
 
     pipeline:
       stages: [pas, sft, merge, rm, grpo]

@@ -1,8 +1,9 @@
 """House limits on size, so a file or a config section stays readable in one sitting: no file in nova_rt/ over 500
-lines, no `grpo` config section (or sub-section) over 12 fields."""
+lines, no module docstring over 15 lines, no `grpo` config section (or sub-section) over 12 fields."""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import typing
 from pathlib import Path
@@ -16,6 +17,26 @@ def test_no_file_in_nova_rt_over_500_lines():
     sizes = {str(p.relative_to(ROOT)): len(p.read_text(encoding="utf-8").splitlines())
              for p in (ROOT / "nova_rt").rglob("*.py")}
     assert {p: n for p, n in sizes.items() if n > 500} == {}
+
+
+# Being restructured by another change; their docstrings are cut down there.
+DOCSTRING_ALLOWED_OVER_15_LINES = {
+    "nova_rt/parallel/megatron_backend.py",
+    "nova_rt/parallel/megatron_outputs.py",
+    "nova_rt/backends/megatron.py",
+}
+
+
+def test_module_docstrings_at_most_15_lines():
+    """A module docstring states what the module is and why; history goes to git, numbers to docs/benchmarks.md."""
+    sizes = {}
+    for p in sorted((ROOT / "nova_rt").rglob("*.py")):
+        docstring = ast.get_docstring(ast.parse(p.read_text(encoding="utf-8")), clean=False)
+        if docstring is not None:
+            sizes[p.relative_to(ROOT).as_posix()] = docstring.count("\n") + 1
+    assert len(sizes) > 50
+    over = {p: n for p, n in sizes.items() if n > 15 and p not in DOCSTRING_ALLOWED_OVER_15_LINES}
+    assert over == {}
 
 
 def _sections(cls, prefix: str):
