@@ -83,9 +83,7 @@ def score_backend(cfg: Config, tok):
 
     model_dir = resolve_model_path(resolve_path(cfg, cfg.model.path))
     config, score_init = hf_score_head(model_dir, tok.pad_token_id, cfg.run.seed, to_dtype(cfg.model.dtype))
-    backend = megatron_backend(cfg, head="score", score_init=score_init)
-    backend.save_config = config
-    return backend
+    return megatron_backend(cfg, head="score", score_init=score_init, save_config=config)
 
 
 def to_megatron_batch(row) -> dict:
@@ -244,11 +242,12 @@ class MegatronPolicy:
         return self.cfg.parallel.context_parallel == 1
 
     def __init__(self, cfg: Config, backend, run_dir, temperature: float = 1.0, *, info: DistInfo | None = None,
-                 hf_model=None, at_targets: bool = False):
+                 hf_model=None, at_targets: bool = False, start: int = 0):
         self.cfg, self.backend, self.run_dir, self.info = cfg, backend, Path(run_dir), info
         self.temperature = temperature
-        self.step = 0
-        self.guard = megatron_guard(cfg, self.run_dir, 0)
+        self.step = start
+        """Optimizer steps taken (`start`: a bare backend's resumed checkpoint step, run_megatron_steps)."""
+        self.guard = megatron_guard(cfg, self.run_dir, start)
         self.at_targets = at_targets
         """A policy head (GRPO): objectives and forward functions see the outputs at the target tokens only."""
         self.hf_model = hf_model
@@ -401,8 +400,7 @@ def run_megatron_steps(cfg: Config, backend, telemetry, run_dir: Path, start: in
     ended on a non-finite step is a NonFiniteError here (no final model from it)."""
     from nova_rt.backends.base import run_steps
 
-    policy = MegatronPolicy(cfg, backend, run_dir)
-    policy.step, policy.guard = start, megatron_guard(cfg, Path(run_dir), start)
+    policy = MegatronPolicy(cfg, backend, run_dir, start=start)
     run_steps(cfg, policy, telemetry, micro_batches_for, loss_fn, extra_metrics)
     if cfg.checkpoint.save_final:
         policy.guard.refuse_model(cfg.train.max_steps)

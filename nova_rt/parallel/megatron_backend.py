@@ -28,24 +28,22 @@ non-finite policy, `train.max_nonfinite_steps`).
 
 `train_step(micro_batches, loss_fn)`: stage losses (DPO, GRPO). The last pipeline stage computes, per micro-batch,
 out = {"logprobs": (T,) log p(targets[t]) at the given temperature (0 where no target), "entropy": (T,) when asked}
-from the same vocab-parallel cross entropy, and calls loss_fn(out, micro_batch) -> (loss, stats) with the micro-batch
-as passed (so metadata such as pair ids, reference log-probs or rewards rides along). Micro-batches are dicts (see
-nova_rt.parallel.packed) or typed nova_rt.data.micro_batch.PackedBatch ones (GRPO, DPO), whose shifted tokens are
-packed like a dict's and which loss_fn receives as they are. The loss must already be
-normalised by the global batch (nova_rt.trainer's convention): gradients are summed over micro-batches and DP ranks
-(the token-count division of `finalize_model_grads` is skipped). Micro-batches may carry nova_rt's shifted `targets`
-instead of aligned `labels` (nova_rt.parallel.packed.from_shifted). `trainable=False` builds a frozen model (no DDP,
-no optimizer) for `forward` only: a DPO/GRPO reference. GRPO's top-k KL (nova_rt.parallel.vocab_parallel):
-`train_step(..., at_ref_topk=True)` adds out["topk_logprobs"] (N, K), the full-vocab log-softmax at the ids a
-micro-batch holds in `ref_topk_ids` for its N target positions, and `forward(..., topk=k)` gives the reference's k
-most likely ids ("topk_ids", "topk_logprobs"); a PackedBatch's own temperature / entropy override the call's (GRPO's
-PTX rows: temperature 1.0, no entropy).
+(nova_rt.parallel.megatron_outputs, the same vocab-parallel cross entropy) and calls loss_fn(out, micro_batch) ->
+(loss, stats) with the micro-batch as passed: a dict (nova_rt.parallel.packed; shifted `targets` or aligned `labels`)
+or a typed nova_rt.data.micro_batch.PackedBatch (GRPO, DPO), so pair ids, reference log-probs or rewards ride along.
+The loss must already be normalised by the global batch (nova_rt.trainer's convention): gradients are summed over
+micro-batches and DP ranks (the token-count division of `finalize_model_grads` is skipped). `trainable=False` builds
+a frozen model (no DDP, no optimizer) for `forward` only: a DPO/GRPO reference. GRPO's top-k KL
+(nova_rt.parallel.vocab_parallel): `train_step(..., at_ref_topk=True)` adds out["topk_logprobs"] (N, K), the
+full-vocab log-softmax at the micro-batch's `ref_topk_ids` for its N target positions, and `forward(..., topk=k)`
+the reference's k most likely ids ("topk_ids", "topk_logprobs"); a PackedBatch's own temperature / entropy override
+the call's (GRPO's PTX rows: temperature 1.0, no entropy).
 
 `head="score"` (the reward-model stage): the last stage's output layer is a scalar head (megatron_model.ScoreHead,
 HF name `score.weight`, replicated over TP; from the checkpoint when it has one, else `score_init`), and loss_fn /
 forward's fn get out = {"scores": (S,) fp32 the head at the last token of each document of the micro-batch}, the
 pooling of transformers' *ForSequenceClassification. save_hf then writes `model.*` + `score.weight` (and
-`backend.save_config`, when set, as config.json: the stage's *ForSequenceClassification config).
+`save_config`, when given, as config.json: the stage's *ForSequenceClassification config).
 
 `logprobs(micro_batch)`: out[t] = log p(input_ids[t] | earlier tokens of its document), 0 at each document's first
 token; same value on every rank.
@@ -78,7 +76,7 @@ import torch.distributed as dist
 from nova_rt.data.micro_batch import PackedBatch
 from nova_rt.parallel import hf_convert, packed
 from nova_rt.parallel.megatron_model import build_model_chunks, hf_arch, transformer_config
-from nova_rt.parallel.megatron_outputs import LastStageOutputs
+from nova_rt.parallel.megatron_outputs import next_token_logprobs, sft_loss, stage_forward, stage_loss, stage_outputs
 
 
 def _init_distributed(pcfg) -> None:
@@ -132,14 +130,14 @@ def _reject_context_parallel(pcfg, what: str) -> None:
                                   "outputs of DPO, GRPO and RM are not gathered over CP ranks)")
 
 
-class MegatronBackend(LastStageOutputs):
+class MegatronBackend:
     """HF checkpoint in, megatron-core model chunks + DDP + optimizer, HF checkpoint out. See the module docstring."""
 
     def __init__(self, model_dir, parallel_cfg, *, dtype: torch.dtype = torch.float32, lr: float = 1e-5,
                  weight_decay: float = 0.0, grad_clip: float = 1.0, seed: int = 0,
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, vocab_multiple: int = 1,
                  use_te: bool | None = None, load_weights: bool = True, trainable: bool = True,
-                 head: Literal["lm", "score"] = "lm", score_init: torch.Tensor | None = None):
+                 head: Literal["lm", "score"] = "lm", score_init: torch.Tensor | None = None, save_config=None):
         from megatron.core import tensor_parallel
         from transformers import AutoConfig
 
@@ -155,7 +153,7 @@ class MegatronBackend(LastStageOutputs):
         self.config = transformer_config(self.arch, parallel_cfg, dtype=dtype, cpu=not self.cuda,
                                          init=not load_weights)
         self.head = head
-        self.save_config = None  # an HF config save_hf writes instead of the source's config.json (reward model)
+        self.save_config = save_config  # an HF config save_hf writes instead of the source's config.json (RM)
         chunks = build_model_chunks(self.arch, self.config, vocab_multiple=vocab_multiple, use_te=use_te, head=head)
         chunks = [c.to(self.device) for c in chunks]
         if load_weights:
@@ -250,6 +248,12 @@ class MegatronBackend(LastStageOutputs):
                               cp_rank=ps.get_context_parallel_rank() if cp > 1 else 0)
         return [replace(row, source=mb) for row, mb in zip(rows, micro_batches)]
 
+    def _vocab(self) -> dict:
+        """megatron_outputs' vocab-parallel arguments: the true vocabulary size and the tensor-parallel group."""
+        from megatron.core import parallel_state as ps
+
+        return {"vocab_size": self.arch.vocab, "group": ps.get_tensor_model_parallel_group()}
+
     def _forward_step(self, reduce_fn, data_iterator, model):
         row = next(data_iterator)
         logits = model(input_ids=row.input_ids.unsqueeze(0), position_ids=row.position_ids.unsqueeze(0),
@@ -290,7 +294,7 @@ class MegatronBackend(LastStageOutputs):
 
         Without `loss_fn`: the token-mean next-token loss (SFT); returns global loss, grad_norm and tokens.
         With `loss_fn(out, mb) -> (loss, stats)`: `out` holds the per-token outputs of micro-batch `mb` (the dict as
-        passed in) computed on the last pipeline stage (see `_token_outputs`; logits divided by `temperature`,
+        passed in) computed on the last pipeline stage (megatron_outputs.token_outputs; logits / `temperature`,
         "entropy" when asked, with at_ref_topk "topk_logprobs" at the micro-batch's ref_topk_ids where set), and
         `loss` is that micro-batch's share of the global objective, already normalised by the global batch
         (nova_rt.trainer's convention): gradients are summed over micro-batches and DP ranks.
@@ -314,8 +318,9 @@ class MegatronBackend(LastStageOutputs):
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         self._divide_by_tokens = loss_fn is None
-        opts = dict(temperature=temperature, entropy=entropy, at_ref_topk=at_ref_topk)
-        reduce_fn = self._loss_func if loss_fn is None else partial(self._stage_loss_func, loss_fn, opts)
+        row_outputs = partial(stage_outputs, head=self.head, temperature=temperature, entropy=entropy,
+                              at_ref_topk=at_ref_topk, **self._vocab())
+        reduce_fn = partial(sft_loss, **self._vocab()) if loss_fn is None else partial(stage_loss, loss_fn, row_outputs)
         outputs = self._run(rows, reduce_fn, forward_only=False)
         totals: dict[str, float] = {}
         for o in outputs or []:  # last pipeline stage
@@ -376,8 +381,9 @@ class MegatronBackend(LastStageOutputs):
         for chunk in self.model:
             chunk.eval()
         try:
-            opts = dict(temperature=temperature, entropy=entropy, at_ref_topk=at_ref_topk, topk=topk)
-            outputs = self._run(rows, partial(self._stage_forward_func, fn, opts), forward_only=True)
+            row_outputs = partial(stage_outputs, head=self.head, temperature=temperature, entropy=entropy,
+                                  at_ref_topk=at_ref_topk, topk=topk, **self._vocab())
+            outputs = self._run(rows, partial(stage_forward, fn, row_outputs), forward_only=True)
         finally:
             for chunk, mode in zip(self.model, was_training):
                 chunk.train(mode)
@@ -386,6 +392,8 @@ class MegatronBackend(LastStageOutputs):
     @torch.no_grad()
     def logprobs(self, micro_batch: dict) -> torch.Tensor:
         """(T,) fp32 log p(input_ids[t] | earlier tokens of its document); 0 at document starts. No update."""
+        from megatron.core import parallel_state as ps
+
         if self.head != "lm":
             raise ValueError(f"logprobs needs the LM head; this backend has head={self.head!r}")
         rows = self._rows([micro_batch])
@@ -394,7 +402,8 @@ class MegatronBackend(LastStageOutputs):
         for chunk in self.model:
             chunk.eval()
         try:
-            outputs = self._run(rows, self._logprob_func, forward_only=True)
+            logprob_fn = partial(next_token_logprobs, context_group=ps.get_context_parallel_group(), **self._vocab())
+            outputs = self._run(rows, logprob_fn, forward_only=True)
         finally:
             for chunk in self.model:
                 chunk.train()

@@ -141,6 +141,36 @@ def test_padded_vocab_rows_are_zero():
 
 
 # ----------------------------------------------------------------------------------------------- attention fallback
+# ----------------------------------------------------------------------------------------------- last-stage outputs
+class _GroupRank:
+    """Stands in for the tensor-parallel group where only this rank's position is read."""
+
+    def __init__(self, rank: int):
+        self._rank = rank
+
+    def rank(self) -> int:
+        return self._rank
+
+
+def test_local_logits_divide_by_temperature_and_mask_the_padded_vocab():
+    from nova_rt.parallel.megatron_outputs import local_logits
+
+    logits_BTV = torch.randn(1, 3, 4, generator=_gen(3))
+    first = local_logits(logits_BTV, 2.0, vocab_size=6, group=_GroupRank(0))  # columns 0-3: all real
+    last = local_logits(logits_BTV, 2.0, vocab_size=6, group=_GroupRank(1))  # columns 4-7: 6 and 7 are padding
+    assert torch.equal(first, logits_BTV[0] / 2.0), f"seed={SEED}"
+    assert torch.equal(last[:, :2], logits_BTV[0, :, :2] / 2.0), f"seed={SEED}"
+    assert last[:, 2:].eq(torch.finfo(torch.float32).min).all()
+
+
+def test_score_outputs_take_each_documents_last_token_and_skip_the_padding():
+    from nova_rt.parallel.megatron_outputs import score_outputs
+
+    row = packed.prepare([_row([3, 1, 2], gen=_gen(4))], multiple=8, device="cpu")[0]
+    assert row.cu_seqlens.tolist() == [0, 3, 4, 6, 8]  # a padding document at positions 6-7
+    assert score_outputs(row, torch.arange(8.0).reshape(1, 8, 1))["scores"].tolist() == [2.0, 3.0, 5.0]
+
+
 @pytest.mark.parametrize("lengths, hq, hkv", [([1], 2, 1), ([5, 1, 7], 4, 2), ([3, 3], 3, 3), ([1, 1, 2], 6, 2)])
 def test_sdpa_fallback_matches_float64_loop(lengths, hq, hkv):
     gen, d = _gen(sum(lengths) + hq), 8
