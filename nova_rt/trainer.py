@@ -78,11 +78,11 @@ class NonFiniteGuard:
     norm is NaN/inf (their update was skipped by whoever stepped), warns, and stops the run after `limit` in a row.
     Both values are global (reduced over ranks), so every rank counts the same and raises together."""
 
-    def __init__(self, limit: int, is_main: bool, last_checkpoint: Callable[[], Path | None]):
+    def __init__(self, limit: int, is_main: bool, last_checkpoint: Callable[[], Path | None], total: int = 0):
         self.limit, self.is_main, self.last_checkpoint = limit, is_main, last_checkpoint
         self.streak = 0
         """Non-finite steps in a row up to now: while > 0 no checkpoint and no final model is written."""
-        self.total = 0
+        self.total = total
         """Non-finite steps in this run (kept across resumes): `nonfinite_skipped` in metrics.jsonl."""
 
     @staticmethod

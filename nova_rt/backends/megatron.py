@@ -171,10 +171,8 @@ def megatron_guard(cfg: Config, run_dir: Path, start: int):
 
     root = run_dir / "checkpoints"
     is_main = not dist.is_initialized() or dist.get_rank() == 0
-    guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, is_main, lambda: mckpt.last_complete(root))
-    if start > 0:
-        guard.total = int(mckpt.read_meta(root / f"step_{start:08d}").get("nonfinite_total", 0))
-    return guard
+    total = int(mckpt.read_meta(root / f"step_{start:08d}").get("nonfinite_total", 0)) if start > 0 else 0
+    return NonFiniteGuard(cfg.train.max_nonfinite_steps, is_main, lambda: mckpt.last_complete(root), total)
 
 
 def save_megatron_final(cfg: Config, info: DistInfo, backend, tokenizer, run_dir: Path, step: int | None = None

@@ -1,65 +1,15 @@
-"""MegatronBackend: train an HF Llama/Qwen2 checkpoint with megatron-core TP / PP (1F1B, interleaved) / SP / DP.
+"""MegatronBackend: train an HF Llama/Qwen2 checkpoint with megatron-core TP / PP (1F1B, interleaved) / SP / CP / DP.
 
-The trainer drives it like this (one process per GPU, launched by torchrun):
-
-    backend = MegatronBackend(model_dir, cfg.parallel, dtype=torch.bfloat16, lr=1e-5, weight_decay=0.0,
-                              grad_clip=1.0, seed=0)
-    rows = my_rows[backend.dp_rank :: backend.dp_size]          # every TP/PP rank of a DP replica: same rows
-    stats = backend.train_step(rows)    # {"loss": float, "grad_norm": float, "tokens": int}
-    stats = backend.train_step(rows, loss_fn, temperature=1.0)   # a stage's loss over per-token log-probs
-    sums = backend.forward(rows, fn)    # [fn(out, row) per row], forward only (reference / old log-probs)
-    logp_T = backend.logprobs(row)      # (T,) fp32 log p(input_ids[t] | earlier tokens)
-    backend.set_lr(lr)                  # the trainer's schedule
-    backend.update_skipped              # the last train_step applied no update (non-finite; same on every rank)
-    backend.save_hf(out_dir)            # collective; global rank 0 writes an HF directory
-    state = backend.state_dict()        # this rank's shards + optimizer + RNG (nova_rt.parallel.checkpoint)
-    hf = backend.hf_state_dict()        # collective; full HF tensors on every rank (GRPO's generation model)
-
-`train_step(micro_batches)`: the micro-batches (dicts, see nova_rt.parallel.packed) of this data-parallel rank for
-one optimizer step; all ranks of one model-parallel group must pass the same list. The loss is
-sum over supervised tokens of -log p / number of supervised tokens in the global batch (all micro-batches, all DP
-ranks): per-micro-batch sums go through megatron's schedule with `calculate_per_token_loss`, and
-`finalize_model_grads` divides the gradients by the all-reduced token count. `loss` and `tokens` are global, and
-identical on every rank. Per-token losses use `tensor_parallel.vocab_parallel_cross_entropy` on vocab-parallel
-logits (vocab padding columns masked to -inf-like values, so padding never changes the softmax). A step whose
-global loss or grad norm is NaN/inf applies no update on any rank (the optimizer's step is skipped, Adam's moments and
-step count untouched) and returns those values: the stage loop counts it and stops the run (nova_rt.trainer's
-non-finite policy, `train.max_nonfinite_steps`).
-
-`train_step(micro_batches, loss_fn)`: stage losses (DPO, GRPO). The last pipeline stage computes, per micro-batch,
-out = {"logprobs": (T,) log p(targets[t]) at the given temperature (0 where no target), "entropy": (T,) when asked}
-(nova_rt.parallel.megatron_outputs, the same vocab-parallel cross entropy) and calls loss_fn(out, micro_batch) ->
-(loss, stats) with the micro-batch as passed: a dict (nova_rt.parallel.packed; shifted `targets` or aligned `labels`)
-or a typed nova_rt.data.micro_batch.PackedBatch (GRPO, DPO), so pair ids, reference log-probs or rewards ride along.
-The loss must already be normalised by the global batch (nova_rt.trainer's convention): gradients are summed over
-micro-batches and DP ranks (the token-count division of `finalize_model_grads` is skipped). `trainable=False` builds
-a frozen model (no DDP, no optimizer) for `forward` only: a DPO/GRPO reference. GRPO's top-k KL
-(nova_rt.parallel.vocab_parallel): `train_step(..., at_ref_topk=True)` adds out["topk_logprobs"] (N, K), the
-full-vocab log-softmax at the micro-batch's `ref_topk_ids` for its N target positions, and `forward(..., topk=k)`
-the reference's k most likely ids ("topk_ids", "topk_logprobs"); a PackedBatch's own temperature / entropy override
-the call's (GRPO's PTX rows: temperature 1.0, no entropy).
-
-`head="score"` (the reward-model stage): the last stage's output layer is a scalar head (megatron_model.ScoreHead,
-HF name `score.weight`, replicated over TP; from the checkpoint when it has one, else `score_init`), and loss_fn /
-forward's fn get out = {"scores": (S,) fp32 the head at the last token of each document of the micro-batch}, the
-pooling of transformers' *ForSequenceClassification. save_hf then writes `model.*` + `score.weight` (and
-`save_config`, when given, as config.json: the stage's *ForSequenceClassification config).
-
-`logprobs(micro_batch)`: out[t] = log p(input_ids[t] | earlier tokens of its document), 0 at each document's first
-token; same value on every rank.
-
-Parallelism from `ParallelConfig` (nova_rt/config.py): tensor_parallel, pipeline_parallel,
-virtual_pipeline_parallel (interleaved 1F1B; needs PP > 2 and layers divisible by PP * VPP),
-sequence_parallel (needs TP > 1), distributed_optimizer (megatron's DistributedOptimizer: main params and Adam
-moments sharded over DP), context_parallel (nova_rt.parallel.context_parallel: every document of a row padded to a
-multiple of 2*CP and split load-balanced over the CP ranks, K/V all-gathered in PackedCoreAttention, RoPE at global
-positions by megatron's thd path). Data parallelism is world / (TP * PP * CP); the CP ranks of one DP replica pass
-the same micro-batches (dp_rank / dp_size exclude CP). Under CP each rank's loss is the sum over the tokens it holds,
-megatron DDP sums gradients over DP x CP (calculate_per_token_loss: no pre-scaling) and `finalize_model_grads`
-all-reduces the token count over DP x CP, so the SFT loss stays the exact global token mean. CP > 1 supports
-`train_step` without loss_fn (SFT) and `logprobs` (gathered back to the original token order); stage losses
-(train_step with loss_fn, `forward`: DPO, GRPO) and the score head (RM) are rejected.
-On CPU (gloo) megatron-core needs test-only shims (tests/parallel/megatron_cpu_shims.py); fp32 only.
+One process per GPU under torchrun. `train_step(micro_batches[, loss_fn])` runs one optimizer step over this DP rank's
+micro-batches (dicts of nova_rt.parallel.packed, or a typed PackedBatch for GRPO / DPO); without loss_fn the loss is
+the SFT token mean over the global batch, with it the last pipeline stage hands loss_fn the per-token outputs of
+nova_rt.parallel.megatron_outputs (log-probs, entropy, top-k log-probs, or the score head's scalars with
+head="score"). `forward` runs forward only (references, old log-probs), `logprobs` one micro-batch's token log-probs;
+`save_hf`, `state_dict` and `hf_state_dict` write or gather the weights. A step whose global loss or grad norm is
+non-finite applies no update on any rank (`update_skipped`). Parallel sizes come from ParallelConfig; data
+parallelism is world / (TP * PP * CP). The whole API, the loss normalisation and the context-parallel rules:
+docs/parallelism.md, "The MegatronBackend API". On CPU (gloo) megatron-core needs the test-only shims of
+tests/parallel/megatron_cpu_shims.py; fp32 only.
 """
 
 from __future__ import annotations

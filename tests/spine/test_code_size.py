@@ -19,14 +19,6 @@ def test_no_file_in_nova_rt_over_500_lines():
     assert {p: n for p, n in sizes.items() if n > 500} == {}
 
 
-# Being restructured by another change; their docstrings are cut down there.
-DOCSTRING_ALLOWED_OVER_15_LINES = {
-    "nova_rt/parallel/megatron_backend.py",
-    "nova_rt/parallel/megatron_outputs.py",
-    "nova_rt/backends/megatron.py",
-}
-
-
 def test_module_docstrings_at_most_15_lines():
     """A module docstring states what the module is and why; history goes to git, numbers to docs/benchmarks.md."""
     sizes = {}
@@ -35,7 +27,7 @@ def test_module_docstrings_at_most_15_lines():
         if docstring is not None:
             sizes[p.relative_to(ROOT).as_posix()] = docstring.count("\n") + 1
     assert len(sizes) > 50
-    over = {p: n for p, n in sizes.items() if n > 15 and p not in DOCSTRING_ALLOWED_OVER_15_LINES}
+    over = {p: n for p, n in sizes.items() if n > 15}
     assert over == {}
 
 
