@@ -14,8 +14,7 @@ import struct
 from pathlib import Path
 
 from nova_rt.config import Config, resolve_path
-from nova_rt.config_checks import check_model_positions
-from nova_rt.errors import UserError
+from nova_rt.errors import ConfigError, UserError
 from nova_rt.output_paths import check_output_disjoint
 
 _DATA_STAGES = ("sft", "rm", "dpo")
@@ -188,3 +187,44 @@ def check_run_dir_disjoint(cfg: Config) -> None:
     written = RUN_DIR_WRITES.get(cfg.run.stage)
     if written is not None:
         check_output_disjoint(cfg.run.dir, stage_inputs(cfg, cfg.run.stage), "run.dir", written)
+
+
+def model_positions(cfg) -> tuple[int, str] | None:
+    """(the policy's max_position_embeddings, where it comes from) read without loading weights: a tiny model's
+    config, or a local directory's config.json; None when unknown (builtin:, no such field)."""
+    path = cfg.model.path
+    if path.startswith("tiny:"):
+        from nova_rt.models.tiny import tiny_config
+
+        return (tiny_config(path.split(":", 1)[1], **cfg.model.tiny).max_position_embeddings,
+                f"model.tiny.max_positions of {path}")
+    config_file = Path(resolve_path(cfg, path)) / "config.json"
+    if ":" in path.split("/")[0] or not config_file.is_file():
+        return None
+    try:
+        positions = json.loads(config_file.read_text(encoding="utf-8")).get("max_position_embeddings")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return None  # the model loader names the unreadable file
+    return (positions, f"max_position_embeddings in {config_file}") if isinstance(positions, int) else None
+
+
+def check_model_positions(cfg) -> None:
+    """ConfigError naming the key when a sequence length the run is configured for exceeds the model's positions
+    (nova_rt.preflight runs it before the weights load)."""
+    stage = cfg.run.stage
+    if stage in ("sft", "rm", "dpo", "pipeline"):
+        lengths = {"data.max_seq_len": cfg.data.max_seq_len}
+    elif stage == "grpo":
+        lengths = {"grpo.sampling.max_new_tokens": cfg.grpo.sampling.max_new_tokens}
+        if cfg.grpo.ptx.coef > 0:
+            lengths["grpo.ptx.max_len"] = cfg.grpo.ptx.max_len
+    else:
+        return
+    known = model_positions(cfg)
+    if known is None:
+        return
+    positions, source = known
+    for key, length in lengths.items():
+        if length > positions:
+            raise ConfigError(f"{key}: {length} exceeds the model's {positions} positions ({source}); use at most "
+                              f"{positions}")
