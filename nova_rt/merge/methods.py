@@ -4,7 +4,8 @@ Each function merges one tensor (a TensorMerge) through nova_rt.merge.ops. Param
 linear normalises by default; task_arithmetic does not; ties normalises; dare_* rescale kept deltas. Options that
 mergekit has but nova-rt does not implement are declared with the single value we support, so a config asking for
 anything else fails instead of being silently ignored (int8_mask only changes mergekit's mask dtype, so only false
-is accepted; rescale on ties/task_arithmetic means L1-norm matching in mergekit, which is not implemented).
+is accepted; rescale on ties/task_arithmetic means L1-norm matching in mergekit, which is not implemented there).
+breadcrumbs*, della* run only in PyTorch (reference.gta_ref; --impl ext is an error) and rescale by L1 as mergekit.
 
 Unlike mergekit, weights that nearly cancel under `normalize` are an error (MergeConfigError, exit 2): normalising
 divides by their sum, so 1 and -0.999 would scale the model x1000. The limit is MAX_NORMALIZE_GAIN: no weight may
@@ -23,10 +24,13 @@ import torch
 from nova_rt.errors import MergeConfigError
 from nova_rt.merge import ops
 from nova_rt.merge.reference import (
+    SPARSIFY_DELLA,
     SPARSIFY_MAGNITUDE,
     SPARSIFY_NONE,
+    SPARSIFY_OUTLIERS,
     SPARSIFY_RANDOM,
     GtaParams,
+    gta_ref,
     model_stock_rows,
 )
 from nova_rt.merge.registry import REQUIRED, ParamSpec, TensorMerge, register_merge
@@ -75,15 +79,38 @@ def linear(m: TensorMerge) -> torch.Tensor:
     return ops.weighted_sum(m.tensors, weights, scale, out_dtype=m.out_dtype, impl=m.impl, out=m.out)
 
 
+def torch_only(m: TensorMerge, method: str) -> None:
+    """MergeConfigError for `--impl ext` on a method that has only the PyTorch implementation."""
+    if m.impl == "ext":
+        raise MergeConfigError(f"merge method {method!r} has no C++ kernel (PyTorch only); use --impl auto or torch")
+
+
+def _check_extra_sparsify(name: str, m: TensorMerge) -> None:
+    """Breadcrumbs' gamma in [0, 1]; DELLA's density -/+ epsilon inside (0, 1) (mergekit's rule)."""
+    for index, p in enumerate(m.model_params):
+        where = f"{name}: tensor {m.name!r}, model {index + 1} besides the base"
+        if "gamma" in p and not 0 <= p["gamma"] <= 1:
+            raise MergeConfigError(f"{where}: gamma = {p['gamma']} must be in [0, 1]")
+        if "epsilon" in p and 0 < p["density"] < 1 and not (p["epsilon"] >= 0 and 0 < p["density"] - p["epsilon"]
+                                                              and p["density"] + p["epsilon"] < 1):
+            raise MergeConfigError(f"{where}: density {p['density']} -/+ epsilon {p['epsilon']} must stay inside "
+                                   "(0, 1)")
+
+
 def _gta_method(name: str, *, sparsify: int, consensus: bool, normalize: bool, rescale: bool, url: str) -> None:
     model_params = {"weight": ParamSpec(float, REQUIRED)}
     if sparsify != SPARSIFY_NONE:
         model_params["density"] = ParamSpec(float, 1.0)
+    if sparsify == SPARSIFY_OUTLIERS:
+        model_params["gamma"] = ParamSpec(float, 0.01)
+    if sparsify == SPARSIFY_DELLA:
+        model_params["epsilon"] = ParamSpec(float, 0.15)
+    torch_path = sparsify in (SPARSIFY_OUTLIERS, SPARSIFY_DELLA)
     global_params = {
         "normalize": ParamSpec(bool, normalize),
         "lambda": ParamSpec(float, 1.0),
         "int8_mask": _INT8_MASK,
-        "rescale": ParamSpec(bool, rescale) if sparsify == SPARSIFY_RANDOM else _NO_RESCALE,
+        "rescale": ParamSpec(bool, rescale) if sparsify == SPARSIFY_RANDOM or torch_path else _NO_RESCALE,
     }
 
     def merge(m: TensorMerge) -> torch.Tensor:
@@ -94,7 +121,14 @@ def _gta_method(name: str, *, sparsify: int, consensus: bool, normalize: bool, r
             densities=tuple(p.get("density", 1.0) for p in m.model_params),
             sparsify=sparsify, consensus=consensus, normalize=m.params["normalize"], lam=m.params["lambda"],
             rescale=m.params["rescale"], seed=m.seed, tensor_id=tensor_id(m.name),
+            gammas=tuple(p.get("gamma", 0.0) for p in m.model_params),
+            epsilons=tuple(p.get("epsilon", 0.0) for p in m.model_params),
         )
+        if torch_path:
+            torch_only(m, name)
+            _check_extra_sparsify(name, m)
+            result = gta_ref(m.base, m.tensors, params, m.out_dtype)
+            return result if m.out is None else m.out.copy_(result)
         return ops.gta(m.base, m.tensors, params, out_dtype=m.out_dtype, impl=m.impl, out=m.out)
 
     merge.__name__ = merge.__qualname__ = name
@@ -110,6 +144,15 @@ _gta_method("dare_linear", sparsify=SPARSIFY_RANDOM, consensus=False, normalize=
             url="https://arxiv.org/abs/2311.03099")
 _gta_method("dare_ties", sparsify=SPARSIFY_RANDOM, consensus=True, normalize=False, rescale=True,
             url="https://arxiv.org/abs/2311.03099")
+# PyTorch only (reference.gta_ref); `rescale` is mergekit's L1-norm matching of each pruned task vector.
+_gta_method("breadcrumbs", sparsify=SPARSIFY_OUTLIERS, consensus=False, normalize=False, rescale=False,
+            url="https://arxiv.org/abs/2312.06795")
+_gta_method("breadcrumbs_ties", sparsify=SPARSIFY_OUTLIERS, consensus=True, normalize=False, rescale=False,
+            url="https://arxiv.org/abs/2312.06795")
+_gta_method("della", sparsify=SPARSIFY_DELLA, consensus=True, normalize=True, rescale=True,
+            url="https://arxiv.org/abs/2406.11617")
+_gta_method("della_linear", sparsify=SPARSIFY_DELLA, consensus=False, normalize=False, rescale=True,
+            url="https://arxiv.org/abs/2406.11617")
 
 
 @register_merge("slerp", needs_base=True, min_models=1, max_models=1,

@@ -5,7 +5,8 @@ so they share no code with the kernels. Compute dtype is fp32 (fp64 for fp64 inp
 Legend: N models (besides the base), tau_i = x_i - base (task vector), w_i weight, rho_i density.
 
 - weighted_sum:  scale * sum_i w_i x_i                                               (linear merge)
-- gta:           base + lambda * mix / div, mix over tau'_i = w_i * sparsify(tau_i)   (task arithmetic, TIES, DARE)
+- gta:           base + lambda * mix / div, mix over tau'_i = w_i * sparsify(tau_i)   (task arithmetic, TIES, DARE,
+                 Breadcrumbs (magnitude band with outliers dropped), DELLA (rank-weighted random drop))
 - slerp:         spherical interpolation a -> b by t over the flattened tensors; lerp when |cos| > dot_threshold.
 - model_stock:   c = mean pairwise cos(tau_i, tau_j), t = N c / (1 + (N - 1) c), out = t * mean_i x_i + (1 - t) * base
                  (per row when filter_wise).
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 SPARSIFY_NONE, SPARSIFY_MAGNITUDE, SPARSIFY_RANDOM = 0, 1, 2
+SPARSIFY_OUTLIERS, SPARSIFY_DELLA = 3, 4  # PyTorch only (the extension knows 0-2); `rescale` means L1 matching
 _MASK64 = (1 << 64) - 1
 
 
@@ -37,6 +39,8 @@ class GtaParams:
     rescale: bool = False
     seed: int = 0
     tensor_id: int = 0
+    gammas: tuple[float, ...] = ()  # SPARSIFY_OUTLIERS: share of the largest |delta| dropped, per model
+    epsilons: tuple[float, ...] = ()  # SPARSIFY_DELLA: keep probabilities span density -/+ epsilon, per model
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -100,18 +104,73 @@ def _splitmix64_tensor(z: torch.Tensor) -> torch.Tensor:
     return z ^ _shr(z, 31)
 
 
-def dare_mask_ref(shape: torch.Size, density: float, seed: int, tensor_id: int, model: int,
-                  device: torch.device | str = "cpu") -> torch.Tensor:
-    """Keep mask of DARE: element e kept iff (splitmix64(stream + e) >> 40) < density * 2^24."""
+def dare_uniform24(shape: torch.Size, seed: int, tensor_id: int, model: int,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """Element e's 24-bit random integer (float64): splitmix64(stream + e) >> 40, stream = dare_stream(...)."""
     numel = math.prod(shape)
     stream = _signed(dare_stream(seed, tensor_id, model))
     counters = torch.arange(numel, dtype=torch.int64, device=device) + stream
-    u24 = _shr(_splitmix64_tensor(counters), 40)
-    return (u24.to(torch.float64) < density * 16777216.0).reshape(shape)
+    return _shr(_splitmix64_tensor(counters), 40).to(torch.float64).reshape(shape)
+
+
+def dare_mask_ref(shape: torch.Size, density: float, seed: int, tensor_id: int, model: int,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """Keep mask of DARE: element e kept iff (splitmix64(stream + e) >> 40) < density * 2^24."""
+    return dare_uniform24(shape, seed, tensor_id, model, device) < density * 16777216.0
+
+
+def outliers_mask_ref(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Breadcrumbs (mergekit's magnitude_outliers): in ascending |delta| order (stable), keep int(density * n)
+    elements after skipping the smallest max(0, n - int(density * n) - int(gamma * n)); all when density >= 1."""
+    numel = delta.numel()
+    if density >= 1:
+        return torch.ones_like(delta, dtype=torch.bool)
+    keep = max(0, int(density * numel))
+    skip = max(0, numel - keep - int(gamma * numel))
+    mask = torch.zeros(numel, dtype=torch.bool, device=delta.device)
+    order = torch.sort(delta.abs().reshape(-1), stable=True).indices
+    mask[order[skip:skip + keep]] = True
+    return mask.reshape(delta.shape)
+
+
+def della_keep_prob(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """DELLA's keep probability (float64): density - epsilon + 2 epsilon (rank - 1) / (n - 1), rank of |delta| in its
+    row along dim 1 (1-D tensors: one row; stable order on ties; a row of one element: density)."""
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta
+    length = rows.shape[1]
+    ranks = torch.sort(rows.abs(), dim=1, stable=True).indices.argsort(dim=1).to(torch.float64)
+    spread = ranks / (length - 1) if length > 1 else torch.full_like(ranks, 0.5)
+    return ((density - epsilon) + spread * (2 * epsilon)).reshape(delta.shape)
+
+
+def l1_rescaled(delta: torch.Tensor, kept: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """kept * sum|delta| / sum|kept| (mergekit's rescale for magnitude_outliers / della_magprune); kept as is when
+    either sum is below eps."""
+    before, after = delta.abs().sum(), kept.abs().sum()
+    if before < eps or after < eps:
+        return kept
+    return kept * (before / after)
+
+
+def _sparsify_extra(delta: torch.Tensor, i: int, p: GtaParams) -> torch.Tensor:
+    density = p.densities[i]
+    if density >= 1:
+        return delta
+    if p.sparsify == SPARSIFY_OUTLIERS:
+        mask = outliers_mask_ref(delta, density, p.gammas[i])
+    elif density <= 0:
+        return torch.zeros_like(delta)
+    else:
+        probs = della_keep_prob(delta, density, p.epsilons[i])
+        mask = dare_uniform24(delta.shape, p.seed, p.tensor_id, i, delta.device) < probs * 16777216.0
+    kept = torch.where(mask, delta, torch.zeros_like(delta))
+    return l1_rescaled(delta, kept) if p.rescale else kept
 
 
 def _sparsify(delta: torch.Tensor, i: int, p: GtaParams) -> torch.Tensor:
     density = p.densities[i]
+    if p.sparsify in (SPARSIFY_OUTLIERS, SPARSIFY_DELLA):
+        return _sparsify_extra(delta, i, p)
     if p.sparsify == SPARSIFY_MAGNITUDE:
         return torch.where(magnitude_mask_ref(delta, density), delta, torch.zeros_like(delta))
     if p.sparsify == SPARSIFY_RANDOM:

@@ -25,5 +25,5 @@ def test_package_and_config_lookups_see_the_builtin_methods():
                "from nova_rt.errors import UserError\n"
                "print(available_merges(), get_merge('ties').name, config_get('slerp').name,"
                " MergeConfigError is M and issubclass(M, UserError))")
-    assert out == ("['dare_linear', 'dare_ties', 'linear', 'model_stock', 'slerp', 'task_arithmetic', 'ties'] "
-                   "ties slerp True")
+    assert out == ("['breadcrumbs', 'breadcrumbs_ties', 'dare_linear', 'dare_ties', 'della', 'della_linear', "
+                   "'linear', 'model_stock', 'slerp', 'task_arithmetic', 'ties'] ties slerp True")
