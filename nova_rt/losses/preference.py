@@ -1,5 +1,5 @@
 """Pairwise preference losses: the reward model's Bradley–Terry + pointwise MSE loss, DPO (sigmoid, with label
-smoothing = cDPO) and IPO.
+smoothing = cDPO), IPO, and the reference-free SimPO and ORPO (over per-token mean log-probs).
 
 Legend: P pairs, S sequences of a packed micro-batch (S = 2P, chosen and rejected interleaved: c0, r0, c1, r1, ...),
 T packed tokens.
@@ -45,17 +45,21 @@ def bradley_terry_mse_loss(r_chosen_P: torch.Tensor, r_rejected_P: torch.Tensor,
     return bt_P + alpha * mse_P
 
 
+def smoothed_logsigmoid_loss(logits_P: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """-(1 - ε) · log σ(z) - ε · log σ(-z): the preference label flipped with probability ε (ε = 0: -log σ(z))."""
+    loss_P = -F.logsigmoid(logits_P)
+    if label_smoothing:
+        loss_P = (1.0 - label_smoothing) * loss_P - label_smoothing * F.logsigmoid(-logits_P)
+    return loss_P
+
+
 def dpo_sigmoid_loss(h_P: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
     """Sigmoid DPO with conservative label smoothing ε (cDPO: the preference label is flipped with probability ε):
 
         loss = -(1 - ε) · log σ(β h) - ε · log σ(-β h),
         h = [log π(y_w|x) - log π_ref(y_w|x)] - [log π(y_l|x) - log π_ref(y_l|x)]   (sequence log-prob sums)
     """
-    logits_P = beta * h_P
-    loss_P = -F.logsigmoid(logits_P)
-    if label_smoothing:
-        loss_P = (1.0 - label_smoothing) * loss_P - label_smoothing * F.logsigmoid(-logits_P)
-    return loss_P
+    return smoothed_logsigmoid_loss(beta * h_P, label_smoothing)
 
 
 def ipo_loss(h_P: torch.Tensor, beta: float) -> torch.Tensor:
@@ -63,6 +67,36 @@ def ipo_loss(h_P: torch.Tensor, beta: float) -> torch.Tensor:
     TRL divides the log-probs by the completion length first). A squared loss regresses the log-ratio gap to a
     finite target instead of pushing it to infinity, which is IPO's fix for DPO overfitting deterministic pairs."""
     return (h_P - 1.0 / (2.0 * beta)) ** 2
+
+
+def simpo_loss(mean_chosen_P: torch.Tensor, mean_rejected_P: torch.Tensor, beta: float, gamma: float,
+               label_smoothing: float = 0.0) -> torch.Tensor:
+    """SimPO (Meng et al. 2024, arXiv 2405.14734, Eq. 6), no reference model; m = log π(y|x) / |y|, the mean
+    log-prob over the response tokens (the length normalisation):
+
+        loss = -(1 - ε) · log σ(β (m_w - m_l) - γ) - ε · log σ(-(β (m_w - m_l) - γ))   (ε: as cDPO, TRL's CPO does)
+    """
+    return smoothed_logsigmoid_loss(beta * (mean_chosen_P - mean_rejected_P) - gamma, label_smoothing)
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - eˣ) for x < 0 without cancellation (log1p(-eˣ) below -log 2, log(-expm1 x) above)."""
+    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def orpo_loss(mean_chosen_P: torch.Tensor, mean_rejected_P: torch.Tensor, beta: float) -> torch.Tensor:
+    """ORPO (Hong et al. 2024, arXiv 2403.07691, Eqs. 6-7), no reference model; m = mean response-token log-prob,
+    p = eᵐ, odds = p / (1 - p), λ = β (TRL's ORPOTrainer convention):
+
+        loss = -m_w - λ · log σ(log odds_w - log odds_l),   log odds = m - log(1 - eᵐ)
+
+    -m_w is the paper's L_SFT (the chosen response's token-mean NLL). m is clamped to at most -ε (the dtype's
+    machine epsilon) inside the odds only: at m = 0 (p = 1 in floating point) log(1 - p) is -inf and its gradient
+    NaN; above the clamp the odds term has no gradient (the SFT term keeps its own)."""
+    ceiling = -torch.finfo(mean_chosen_P.dtype).eps
+    chosen_P, rejected_P = mean_chosen_P.clamp(max=ceiling), mean_rejected_P.clamp(max=ceiling)
+    log_odds_P = (chosen_P - log1mexp(chosen_P)) - (rejected_P - log1mexp(rejected_P))
+    return -mean_chosen_P - beta * F.logsigmoid(log_odds_P)
 
 
 @dataclass(frozen=True)
@@ -76,17 +110,39 @@ class RewardLoss:
                                       self.alpha)
 
 
+REFERENCE_FREE = ("simpo", "orpo")
+"""dpo.loss_type values that use no reference model (none is built, loaded or precomputed)."""
+
+
 @dataclass(frozen=True)
 class DPOLoss:
-    """Per-pair DPO/IPO loss and the implicit rewards β·(log π - log π_ref) of chosen and rejected."""
+    """Per-pair preference loss and the rewards it implies for chosen and rejected: β·(log π - log π_ref) (sigmoid,
+    ipo over sequence log-prob sums), β·(log π)/|y| (simpo, orpo: reference-free, over mean token log-probs, as
+    TRL's CPO and ORPO trainers log them)."""
 
     beta: float = 0.1
     loss_type: str = "sigmoid"
-    """sigmoid (DPO; cDPO with label_smoothing > 0) or ipo."""
+    """sigmoid (DPO; cDPO with label_smoothing > 0), ipo, simpo or orpo."""
     label_smoothing: float = 0.0
+    simpo_gamma: float = 0.0
+    """SimPO's target reward margin γ."""
+    nll_weight: float = 0.0
+    """simpo: weight of the chosen response's token-mean NLL added per pair (TRL's cpo_alpha; orpo's is 1)."""
 
-    def __call__(self, policy_chosen_P, policy_rejected_P, ref_chosen_P, ref_rejected_P):
-        """-> (loss_P, reward_chosen_P, reward_rejected_P); rewards are detached (for logging)."""
+    def __call__(self, policy_chosen_P, policy_rejected_P, ref_chosen_P=None, ref_rejected_P=None,
+                 chosen_tokens_P=None, rejected_tokens_P=None):
+        """-> (loss_P, reward_chosen_P, reward_rejected_P); rewards are detached (for logging). Log-probs are
+        sequence sums (P,); simpo and orpo need the response token counts (P,) and no reference."""
+        if self.loss_type in REFERENCE_FREE:
+            mean_chosen_P = policy_chosen_P / chosen_tokens_P.to(policy_chosen_P.dtype)
+            mean_rejected_P = policy_rejected_P / rejected_tokens_P.to(policy_rejected_P.dtype)
+            if self.loss_type == "simpo":
+                loss_P = simpo_loss(mean_chosen_P, mean_rejected_P, self.beta, self.simpo_gamma, self.label_smoothing)
+                if self.nll_weight:
+                    loss_P = loss_P - self.nll_weight * mean_chosen_P
+            else:
+                loss_P = orpo_loss(mean_chosen_P, mean_rejected_P, self.beta)
+            return loss_P, self.beta * mean_chosen_P.detach(), self.beta * mean_rejected_P.detach()
         chosen_ratio_P = policy_chosen_P - ref_chosen_P.to(policy_chosen_P.dtype)
         rejected_ratio_P = policy_rejected_P - ref_rejected_P.to(policy_rejected_P.dtype)
         h_P = chosen_ratio_P - rejected_ratio_P
@@ -95,7 +151,7 @@ class DPOLoss:
         elif self.loss_type == "ipo":
             loss_P = ipo_loss(h_P, self.beta)
         else:
-            raise ValueError(f"dpo.loss_type must be 'sigmoid' or 'ipo', got {self.loss_type!r}")
+            raise ValueError(f"dpo.loss_type must be 'sigmoid', 'ipo', 'simpo' or 'orpo', got {self.loss_type!r}")
         return loss_P, self.beta * chosen_ratio_P.detach(), self.beta * rejected_ratio_P.detach()
 
 

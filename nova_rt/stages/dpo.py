@@ -1,4 +1,5 @@
-"""Direct preference optimisation (`run.stage: dpo`): sigmoid DPO (cDPO with label smoothing) or IPO on packed pairs.
+"""Direct preference optimisation (`run.stage: dpo`): sigmoid DPO (cDPO with label smoothing), IPO, or the
+reference-free SimPO and ORPO (no reference model built, loaded or precomputed) on packed pairs.
 
 Sequence log-probs come from the fused log-prob op (no logits materialised), summed per packed sequence; chosen and
 rejected of a pair share a packed row. The reference model (dpo.reference, default: the policy's initial weights) is
@@ -7,7 +8,7 @@ memory, reused on resume) or kept frozen and run on every micro-batch ("online")
 (parallel.backend); on megatron see docs/stages.md#dpo.
 
 Micro-batches are PairBatch (packed pairs, pair ids and weight, the reference's sequence log-probs when known).
-Loss: mean over the pairs of the global batch. Stats: implicit rewards β(log π - log π_ref) of chosen/rejected,
+Loss: mean over the pairs of the global batch. Stats: rewards (nova_rt.losses.preference.DPOLoss) of chosen/rejected,
 margin, accuracy; eval_* on data.eval_files at step 0, every train.eval_every steps and at the end.
 """
 
@@ -27,6 +28,8 @@ import torch
 from nova_rt.backends import get_backend
 from nova_rt.checkpoint import LOAD_ERRORS
 from nova_rt.config import Config, register_section, resolve_path
+from nova_rt.config_values import check_range
+from nova_rt.data.chat import IGNORE
 from nova_rt.data.micro_batch import PackedBatch
 from nova_rt.data.packing import BatchSchedule
 from nova_rt.data.preference import (
@@ -38,7 +41,7 @@ from nova_rt.data.preference import (
     step_micro_batches,
 )
 from nova_rt.distributed import DistInfo, all_reduce_sum, barrier
-from nova_rt.losses.preference import DPOLoss, pair_stats, sequence_sums
+from nova_rt.losses.preference import REFERENCE_FREE, DPOLoss, pair_stats, sequence_sums
 from nova_rt.models.causal import batch_logprobs
 from nova_rt.stages import register_stage
 from nova_rt.stages.common import eval_hook, run_steps, setup, telemetry_for
@@ -51,23 +54,44 @@ log = logging.getLogger("nova_rt.dpo")
 @dataclass(kw_only=True)
 class DPOConfig:
     beta: float = 0.1
-    """Inverse temperature of the implicit reward β·log(π/π_ref) (IPO: the target gap is 1/(2β))."""
-    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
-    """sigmoid (DPO; cDPO when label_smoothing > 0) or ipo."""
+    """Inverse temperature of the implicit reward β·log(π/π_ref) (IPO: the target gap is 1/(2β); SimPO: the scale
+    of the mean log-prob reward; ORPO: λ, the weight of the odds-ratio term)."""
+    loss_type: Literal["sigmoid", "ipo", "simpo", "orpo"] = "sigmoid"
+    """sigmoid (DPO; cDPO when label_smoothing > 0), ipo, simpo (reference-free, length-normalised, margin
+    simpo_gamma) or orpo (odds ratio + chosen NLL, reference-free); formulas in docs/stages.md#dpo."""
     label_smoothing: float = 0.0
-    """cDPO: probability ε that a preference label is flipped, in [0, 0.5); sigmoid loss only."""
+    """cDPO: probability ε that a preference label is flipped, in [0, 0.5); sigmoid and simpo losses only."""
+    simpo_gamma: float = 0.5
+    """SimPO's target reward margin γ >= 0 (the paper's γ/β is 0.5 for its Mistral/Llama-3 runs); simpo only."""
+    nll_weight: float = 0.0
+    """simpo only: weight of the chosen response's token-mean NLL added to each pair's loss (TRL's cpo_alpha; 0 is
+    the SimPO paper's loss). orpo always adds it with weight 1."""
     reference: str = ""
-    """Reference model: a local HF dir or builtin:/tiny: name; empty = the policy's initial weights (model.path)."""
+    """Reference model: a local HF dir or builtin:/tiny: name; empty = the policy's initial weights (model.path).
+    Not used by simpo / orpo."""
     reference_logprobs: Literal["precompute", "online"] = "precompute"
-    """precompute: one pass before training, cached in run.dir keyed by data hash; online: a frozen copy in memory."""
+    """precompute: one pass before training, cached in run.dir keyed by data hash; online: a frozen copy in memory.
+    simpo / orpo compute none."""
 
     def validate(self) -> None:
         if self.beta <= 0:
             raise ValueError(f"dpo.beta must be > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if self.label_smoothing and self.loss_type != "sigmoid":
-            raise ValueError("dpo.label_smoothing applies to loss_type 'sigmoid' only")
+        check_range("dpo.simpo_gamma", self.simpo_gamma, ge=0.0)
+        check_range("dpo.nll_weight", self.nll_weight, ge=0.0)
+        t = f"dpo.loss_type={self.loss_type}"
+        if self.label_smoothing and self.loss_type not in ("sigmoid", "simpo"):
+            raise ValueError(f"dpo.label_smoothing applies to loss_type 'sigmoid' or 'simpo' only, not {t}")
+        if self.simpo_gamma != DPOConfig.simpo_gamma and self.loss_type != "simpo":
+            raise ValueError(f"dpo.simpo_gamma applies to dpo.loss_type=simpo only, not {t}")
+        if self.nll_weight and self.loss_type != "simpo":
+            raise ValueError(f"dpo.nll_weight applies to dpo.loss_type=simpo only, not {t} (orpo's NLL weight is 1)")
+        if self.loss_type in REFERENCE_FREE and self.reference:
+            raise ValueError(f"dpo.reference is set but {t} uses no reference model; remove dpo.reference")
+        if self.loss_type in REFERENCE_FREE and self.reference_logprobs == "online":
+            raise ValueError(f"dpo.reference_logprobs=online but {t} uses no reference model; remove "
+                             "dpo.reference_logprobs")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,7 +103,8 @@ class PairBatch(PackedBatch):
     pair_weight: float
     """1 / (pairs in the global batch): the loss and the stats are sums with this weight."""
     ref_logprobs: torch.Tensor | None = None
-    """(P, 2) fp32 the reference's sequence log-prob sums [chosen, rejected]; None: an online reference model."""
+    """(P, 2) fp32 the reference's sequence log-prob sums [chosen, rejected]; None: an online reference model, or
+    none (simpo, orpo)."""
 
 
 def pair_batch(collated: dict) -> PairBatch:
@@ -95,11 +120,12 @@ def pair_logps(model, mb: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
 
 def dpo_loss(model, mb: PairBatch, loss: DPOLoss, ref_model=None):
     """Global-batch-weighted DPO loss of one micro-batch. Reference log-probs come from mb.ref_logprobs (P, 2)
-    when precomputed, else from `ref_model` run on the same packed batch without gradients."""
+    when precomputed, else from `ref_model` run on the same packed batch without gradients (none: simpo, orpo)."""
     policy_chosen, policy_rejected = pair_logps(model, mb)
+    ref_chosen = ref_rejected = None
     if mb.ref_logprobs is not None:
         ref_chosen, ref_rejected = mb.ref_logprobs[:, 0], mb.ref_logprobs[:, 1]
-    else:
+    elif loss.loss_type not in REFERENCE_FREE:
         with torch.no_grad():
             ref_chosen, ref_rejected = pair_logps(ref_model, mb)
     return pair_objective(policy_chosen, policy_rejected, ref_chosen, ref_rejected, mb, loss)
@@ -107,17 +133,31 @@ def dpo_loss(model, mb: PairBatch, loss: DPOLoss, ref_model=None):
 
 def dpo_loss_from_logprobs(outputs: dict, mb: PairBatch, loss: DPOLoss):
     """dpo_loss over per-token log-probs computed elsewhere (the megatron backend's last pipeline stage):
-    outputs["logprobs"] (T,) aligned with mb.targets; reference log-probs from mb.ref_logprobs (P, 2)."""
+    outputs["logprobs"] (T,) aligned with mb.targets; reference log-probs from mb.ref_logprobs (P, 2) if any."""
     seq_S = sequence_sums(outputs["logprobs"], mb.cu_seqlens)
+    if mb.ref_logprobs is None:
+        return pair_objective(seq_S[0::2], seq_S[1::2], None, None, mb, loss)
     ref = mb.ref_logprobs.to(seq_S.device)
     return pair_objective(seq_S[0::2], seq_S[1::2], ref[:, 0], ref[:, 1], mb, loss)
 
 
+def response_tokens(mb: PairBatch) -> torch.Tensor:
+    """(S,) the number of response (target) tokens of each packed sequence: |y| of SimPO / ORPO's mean log-prob."""
+    return sequence_sums((mb.targets != IGNORE).float(), mb.cu_seqlens)
+
+
 def pair_objective(policy_chosen, policy_rejected, ref_chosen, ref_rejected, mb: PairBatch, loss: DPOLoss):
-    """(global-batch-weighted loss, stats) from policy and reference sequence log-prob sums (P,) of chosen/rejected."""
-    losses_P, reward_chosen, reward_rejected = loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    """(global-batch-weighted loss, stats) from policy and reference sequence log-prob sums (P,) of chosen/rejected
+    (reference None for simpo / orpo, which divide by the response token counts instead)."""
+    counts = ()
+    if loss.loss_type in REFERENCE_FREE:
+        tokens_S = response_tokens(mb).to(policy_chosen.device)
+        counts = (tokens_S[0::2], tokens_S[1::2])
+    losses_P, reward_chosen, reward_rejected = loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *counts)
     weight = mb.pair_weight
     stats = pair_stats(reward_chosen, reward_rejected, weight)
+    if counts:  # the chosen response's token-mean NLL (ORPO's L_SFT)
+        stats["nll"] = -float((policy_chosen.detach() / counts[0]).sum()) * weight
     stats["logps_chosen"] = float(policy_chosen.detach().sum()) * weight
     stats["logps_rejected"] = float(policy_rejected.detach().sum()) * weight
     stats["pairs"] = float(len(policy_chosen))
@@ -225,6 +265,8 @@ def references(cfg: Config, info: DistInfo, run_dir: Path, policy, train: tuple,
     """(frozen online reference or None, train table or None, eval table or None), before any resume: the policy
     still holds its initial weights, so the default precomputed reference is the policy itself."""
     d, micro = cfg.dpo, cfg.train.micro_batch
+    if d.loss_type in REFERENCE_FREE:
+        return None, None, None
     if d.reference_logprobs == "online":
         return policy.reference(d.reference or None, online=True), None, None
     ref = policy.reference(d.reference) if d.reference else policy
@@ -248,7 +290,8 @@ def run(cfg: Config) -> dict:
     policy.resume()
     telemetry = telemetry_for(cfg, info, run_dir, policy.step)
     d = cfg.dpo
-    loss = DPOLoss(beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing)
+    loss = DPOLoss(beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
+                   simpo_gamma=d.simpo_gamma, nll_weight=d.nll_weight)
     objective = lambda outputs, mb: dpo_loss_from_logprobs(outputs, mb, loss)  # noqa: E731
 
     def with_ref(collated: list[dict], table) -> list[PairBatch]:
