@@ -14,8 +14,20 @@ import os
 import sys
 
 
+class _HelpWithMethods(argparse.ArgumentParser):
+    """--help ends with every merge method and its parameters (torch is imported only when help is printed)."""
+
+    def format_help(self) -> str:
+        import nova_rt.merge.methods  # noqa: F401 - registers the methods
+        from nova_rt.merge.registry import describe_methods
+
+        self.epilog = describe_methods()
+        return super().format_help()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nova-rt merge", description=__doc__.splitlines()[0])
+    p = _HelpWithMethods(prog="nova-rt merge", description=__doc__.splitlines()[0],
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="mergekit-style YAML (merge_method, base_model, models, parameters, dtype, ...)")
     p.add_argument("out_dir", help="output HF directory (created atomically)")
     p.add_argument("--device", default="cpu", help="where the merge math runs: cpu or cuda[:i] (default: cpu)")

@@ -162,7 +162,7 @@ def _check_top_level(raw: Any) -> MergeMethod:
 
 
 def _split_base(method: MergeMethod, raw: dict, entries: list[ModelEntry], root: Path):
-    if not method.needs_base:
+    if not method.needs_base or (method.optional_base and raw.get("base_model") is None):
         if raw.get("base_model") is not None:
             raise MergeConfigError(f"base_model: {method.name} does not use a base model; list it under models")
         return None, entries

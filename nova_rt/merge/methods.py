@@ -23,6 +23,7 @@ import torch
 
 from nova_rt.errors import MergeConfigError
 from nova_rt.merge import ops
+from nova_rt.merge.methods_extra import torch_only  # importing it registers nearswap, nuslerp, multislerp, ...
 from nova_rt.merge.reference import (
     SPARSIFY_DELLA,
     SPARSIFY_MAGNITUDE,
@@ -66,7 +67,8 @@ def tensor_id(name: str) -> int:
 @register_merge("linear", needs_base=False, min_models=1,
                 global_params={"normalize": ParamSpec(bool, True)},
                 model_params={"weight": ParamSpec(float, REQUIRED)},
-                reference_url="https://arxiv.org/abs/2203.05482")
+                reference_url="https://arxiv.org/abs/2203.05482",
+                description="weighted average of the models (sum when normalize is false)")
 def linear(m: TensorMerge) -> torch.Tensor:
     weights = [p["weight"] for p in m.model_params]
     scale = 1.0
@@ -77,12 +79,6 @@ def linear(m: TensorMerge) -> torch.Tensor:
         check_normalizer("linear", tuple(weights), False)
         scale = 1.0 / total
     return ops.weighted_sum(m.tensors, weights, scale, out_dtype=m.out_dtype, impl=m.impl, out=m.out)
-
-
-def torch_only(m: TensorMerge, method: str) -> None:
-    """MergeConfigError for `--impl ext` on a method that has only the PyTorch implementation."""
-    if m.impl == "ext":
-        raise MergeConfigError(f"merge method {method!r} has no C++ kernel (PyTorch only); use --impl auto or torch")
 
 
 def _check_extra_sparsify(name: str, m: TensorMerge) -> None:
@@ -97,7 +93,8 @@ def _check_extra_sparsify(name: str, m: TensorMerge) -> None:
                                    "(0, 1)")
 
 
-def _gta_method(name: str, *, sparsify: int, consensus: bool, normalize: bool, rescale: bool, url: str) -> None:
+def _gta_method(name: str, *, sparsify: int, consensus: bool, normalize: bool, rescale: bool, url: str,
+                description: str) -> None:
     model_params = {"weight": ParamSpec(float, REQUIRED)}
     if sparsify != SPARSIFY_NONE:
         model_params["density"] = ParamSpec(float, 1.0)
@@ -133,38 +130,48 @@ def _gta_method(name: str, *, sparsify: int, consensus: bool, normalize: bool, r
 
     merge.__name__ = merge.__qualname__ = name
     register_merge(name, needs_base=True, min_models=1, global_params=global_params, model_params=model_params,
-                   reference_url=url)(merge)
+                   reference_url=url, description=description)(merge)
 
 
 _gta_method("task_arithmetic", sparsify=SPARSIFY_NONE, consensus=False, normalize=False, rescale=False,
-            url="https://arxiv.org/abs/2212.04089")
+            url="https://arxiv.org/abs/2212.04089",
+            description="base + lambda * sum of weighted task vectors")
 _gta_method("ties", sparsify=SPARSIFY_MAGNITUDE, consensus=True, normalize=True, rescale=False,
-            url="https://arxiv.org/abs/2306.01708")
+            url="https://arxiv.org/abs/2306.01708",
+            description="task arithmetic on the top-density |delta| of each model, signs elected by the weighted sum")
 _gta_method("dare_linear", sparsify=SPARSIFY_RANDOM, consensus=False, normalize=False, rescale=True,
-            url="https://arxiv.org/abs/2311.03099")
+            url="https://arxiv.org/abs/2311.03099",
+            description="task arithmetic on random keep-density subsets rescaled by 1/density")
 _gta_method("dare_ties", sparsify=SPARSIFY_RANDOM, consensus=True, normalize=False, rescale=True,
-            url="https://arxiv.org/abs/2311.03099")
+            url="https://arxiv.org/abs/2311.03099",
+            description="dare_linear with TIES sign election")
 # PyTorch only (reference.gta_ref); `rescale` is mergekit's L1-norm matching of each pruned task vector.
 _gta_method("breadcrumbs", sparsify=SPARSIFY_OUTLIERS, consensus=False, normalize=False, rescale=False,
-            url="https://arxiv.org/abs/2312.06795")
+            url="https://arxiv.org/abs/2312.06795",
+            description="task arithmetic keeping a density band of |delta| below the gamma share of outliers")
 _gta_method("breadcrumbs_ties", sparsify=SPARSIFY_OUTLIERS, consensus=True, normalize=False, rescale=False,
-            url="https://arxiv.org/abs/2312.06795")
+            url="https://arxiv.org/abs/2312.06795",
+            description="breadcrumbs with TIES sign election")
 _gta_method("della", sparsify=SPARSIFY_DELLA, consensus=True, normalize=True, rescale=True,
-            url="https://arxiv.org/abs/2406.11617")
+            url="https://arxiv.org/abs/2406.11617",
+            description="TIES on random subsets kept with probability density -/+ epsilon rising with |delta| rank")
 _gta_method("della_linear", sparsify=SPARSIFY_DELLA, consensus=False, normalize=False, rescale=True,
-            url="https://arxiv.org/abs/2406.11617")
+            url="https://arxiv.org/abs/2406.11617",
+            description="della without sign election or normalisation")
 
 
 @register_merge("slerp", needs_base=True, min_models=1, max_models=1,
                 global_params={"t": ParamSpec(float, REQUIRED)},
-                reference_url="https://en.wikipedia.org/wiki/Slerp")
+                reference_url="https://en.wikipedia.org/wiki/Slerp",
+                description="spherical interpolation from the base (t = 0) to the other model (t = 1)")
 def slerp(m: TensorMerge) -> torch.Tensor:
     return ops.slerp(m.base, m.tensors[0], m.params["t"], out_dtype=m.out_dtype, impl=m.impl, out=m.out)
 
 
 @register_merge("model_stock", needs_base=True, min_models=2,
                 global_params={"filter_wise": ParamSpec(bool, False)},
-                reference_url="https://arxiv.org/abs/2403.19522")
+                reference_url="https://arxiv.org/abs/2403.19522",
+                description="average of the models pulled towards the base by their task vectors' mean cosine")
 def model_stock(m: TensorMerge) -> torch.Tensor:
     row_len = model_stock_rows(m.base.shape, m.params["filter_wise"])
     return ops.model_stock(m.base, m.tensors, row_len, out_dtype=m.out_dtype, impl=m.impl, out=m.out)

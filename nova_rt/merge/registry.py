@@ -20,7 +20,8 @@ REQUIRED = object()  # default of a parameter that the config must set
 
 @dataclass(frozen=True)
 class ParamSpec:
-    """One config parameter of a method: scalar type (float or bool), default, and optionally the values accepted."""
+    """One config parameter of a method: scalar type (float, int or bool), default, and optionally the values
+    accepted."""
 
     type: type
     default: Any = REQUIRED
@@ -35,6 +36,9 @@ class ParamSpec:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"{where}: parameter {name!r} must be a number, got {value!r}")
             value = float(value)
+        elif self.type is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{where}: parameter {name!r} must be an integer, got {value!r}")
         if self.choices is not None and value not in self.choices:
             raise ValueError(f"{where}: parameter {name!r} = {value!r} is not supported ({self.why})")
         return value
@@ -72,6 +76,8 @@ class MergeMethod:
     global_params: dict[str, ParamSpec] = field(default_factory=dict)
     model_params: dict[str, ParamSpec] = field(default_factory=dict)
     reference_url: str = ""
+    optional_base: bool = False  # needs_base, but a config without base_model merges the models themselves
+    description: str = ""  # one line for `nova-rt merge --help`
 
     def __call__(self, merge: TensorMerge) -> torch.Tensor:
         return self.fn(merge)
@@ -83,7 +89,8 @@ _REGISTRY: dict[str, MergeMethod] = {}
 def register_merge(name: str, *, needs_base: bool, min_models: int, max_models: int | None = None,
                    global_params: dict[str, ParamSpec] | None = None,
                    model_params: dict[str, ParamSpec] | None = None,
-                   reference_url: str = "") -> Callable[[Callable], Callable]:
+                   reference_url: str = "", optional_base: bool = False,
+                   description: str = "") -> Callable[[Callable], Callable]:
     """Decorator registering a per-tensor merge function under `name` (duplicate names are an error)."""
 
     def wrap(fn: Callable[[TensorMerge], torch.Tensor]) -> Callable[[TensorMerge], torch.Tensor]:
@@ -91,7 +98,8 @@ def register_merge(name: str, *, needs_base: bool, min_models: int, max_models: 
             raise ValueError(f"merge method {name!r} is already registered")
         _REGISTRY[name] = MergeMethod(name=name, fn=fn, needs_base=needs_base, min_models=min_models,
                                       max_models=max_models, global_params=dict(global_params or {}),
-                                      model_params=dict(model_params or {}), reference_url=reference_url)
+                                      model_params=dict(model_params or {}), reference_url=reference_url,
+                                      optional_base=optional_base, description=description)
         return fn
 
     return wrap
@@ -107,3 +115,18 @@ def get_merge(name: str) -> MergeMethod:
 
 def available_merges() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def describe_methods() -> str:
+    """One block per registered method: name, description, and its parameters with defaults (for --help)."""
+    lines = ["merge methods (parameters: global, then per model; = default, no default: required):"]
+    for name in available_merges():
+        m = _REGISTRY[name]
+        base = "optional base_model" if m.optional_base else "base_model" if m.needs_base else "no base_model"
+        lines.append(f"  {name}: {m.description} [{base}]")
+        for scope, params in (("global", m.global_params), ("per model", m.model_params)):
+            shown = [k if spec.default is REQUIRED else f"{k}={str(spec.default).lower()}"
+                     for k, spec in params.items()]
+            if shown:
+                lines.append(f"      {scope}: {', '.join(shown)}")
+    return "\n".join(lines)

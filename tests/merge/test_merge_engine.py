@@ -134,7 +134,7 @@ def test_tied_embeddings(tmp_path):
 @pytest.mark.parametrize("snippet, message", [
     ({"slices": []}, "'slices' is not supported"),
     ({"merge_method": "ties", "base_model": "base", "frobnicate": 1}, "unknown field 'frobnicate'"),
-    ({"merge_method": "nearswap"}, "unknown merge_method 'nearswap'"),
+    ({"merge_method": "passthrough"}, "unknown merge_method 'passthrough'"),
     ({"parameters": {"gamma": 0.1}}, "unknown parameter 'gamma'"),
     ({"parameters": {"int8_mask": True}}, "int8_mask"),
     ({"parameters": {"rescale": True}}, "rescale"),

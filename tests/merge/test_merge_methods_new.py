@@ -5,6 +5,8 @@ magnitudes, bf16 inputs, odd shapes), plus one `nova-rt merge` run per method th
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -223,3 +225,265 @@ def test_nova_rt_merge_cli_streams_each_method(tiny_models, tmp_path, method):
         assert got.dtype == torch.float64
         assert_close_verbose(got, want, rtol=1e-12, atol=1e-12,
                              name=f"{method}:{name} (models seed {tiny_models['seed']})")
+
+
+# ---- nearswap, nuslerp, multislerp, sce, karcher: float64 references written from the method descriptions ----
+
+
+def ref_nearswap(base, x, t):
+    a, b = base.double(), x.double()
+    out = [bv * min(1.0, t / max(abs(av - bv), 1e-6)) + av * (1 - min(1.0, t / max(abs(av - bv), 1e-6)))
+           for av, bv in zip(a.reshape(-1).tolist(), b.reshape(-1).tolist())]
+    return torch.tensor(out, dtype=torch.float64).reshape(a.shape)
+
+
+def _slerp_vectors(t: float, v0: list[float], v1: list[float]) -> list[float]:
+    n0 = max(math.sqrt(sum(v * v for v in v0)), 1e-7)
+    n1 = max(math.sqrt(sum(v * v for v in v1)), 1e-7)
+    cos = max(-1.0, min(1.0, sum(p / n0 * q / n1 for p, q in zip(v0, v1))))
+    if 1 - cos * cos <= 1e-16:
+        return [(1 - t) * p + t * q for p, q in zip(v0, v1)]
+    theta = math.acos(cos)
+    c0, c1 = math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+    return [c0 * p + c1 * q for p, q in zip(v0, v1)]
+
+
+def ref_nuslerp(base, xs, weights, row_wise=False, flatten=True):
+    total = sum(weights)
+    t = 0.5 if abs(total) < 1e-6 else weights[1] / total
+    v0, v1 = (x.double() - (base.double() if base is not None else 0) for x in xs)
+    if flatten or v0.dim() < 2:
+        out = torch.tensor(_slerp_vectors(t, v0.reshape(-1).tolist(), v1.reshape(-1).tolist()),
+                           dtype=torch.float64).reshape(v0.shape)
+    else:  # each row along the last dim, or (row_wise) along dim 0
+        a, b = (v.transpose(0, -1) if row_wise else v for v in (v0, v1))
+        rows = [_slerp_vectors(t, p, q) for p, q in zip(a.reshape(-1, a.shape[-1]).tolist(),
+                                                         b.reshape(-1, b.shape[-1]).tolist())]
+        out = torch.tensor(rows, dtype=torch.float64).reshape(a.shape)
+        out = out.transpose(0, -1) if row_wise else out
+    return out if base is None else base.double() + out
+
+
+def ref_multislerp(base, xs, weights, normalize=True, eps=1e-8):
+    if len(xs) == 1:
+        return xs[0].double()
+    origin = base.double() if base is not None else torch.zeros_like(xs[0], dtype=torch.float64)
+    vs = [(x.double() - origin).reshape(-1) for x in xs]
+    w = [wi / sum(weights) for wi in weights] if normalize else list(weights)
+    norms = [v.norm().item() for v in vs]
+    units = [v / (n + eps) for v, n in zip(vs, norms)]
+    mean = sum(wi * u for wi, u in zip(w, units))
+    if mean.norm().item() < eps:
+        if not any(norms):
+            return origin
+        assert len(xs) == 2, "mergekit has no answer for > 2 models whose unit vectors cancel"
+        return origin + (w[0] * vs[0] + w[1] * vs[1]).reshape(origin.shape)
+    mean = mean / mean.norm()
+    tangent = sum(wi * (u - torch.dot(u, mean) * mean) for wi, u in zip(w, units))
+    length = tangent.norm().item() + eps
+    point = mean * math.cos(length) + tangent * (math.sin(length) / length)
+    return origin + (point * sum(wi * n for wi, n in zip(w, norms))).reshape(origin.shape)
+
+
+def ref_sce(base, xs, select_topk):
+    b = base.double().reshape(-1)
+    tvs = [x.double().reshape(-1) - b for x in xs]
+    n = b.numel()
+    if select_topk < 1:
+        var = [sum((tv[e].item() - sum(t[e].item() for t in tvs) / len(tvs)) ** 2 for tv in tvs) / len(tvs)
+               for e in range(n)]
+        count = int(sum(v != 0 for v in var) * select_topk) if select_topk > 0 else 0
+        kept = set(sorted(range(n), key=lambda e: (-var[e], e))[:count])
+        tvs = [torch.tensor([tv[e].item() if e in kept else 0.0 for e in range(n)], dtype=torch.float64)
+               for tv in tvs]
+    power = [(tv * tv).mean().item() for tv in tvs]
+    weights = [p / sum(power) for p in power] if abs(sum(power)) >= 1e-6 else [1 / len(tvs)] * len(tvs)
+    out = []
+    for e in range(n):
+        values = [tv[e].item() for tv in tvs]
+        sign = 1.0 if sum(values) >= 0 else -1.0
+        agree = [(v > 0 and sign > 0) or (v < 0 and sign < 0) for v in values]
+        num = sum(w * v for w, v, a in zip(weights, values, agree) if a)
+        den = max(sum(w for w, a in zip(weights, agree) if a), 1e-6)
+        out.append(b[e].item() + num / den)
+    return torch.tensor(out, dtype=torch.float64).reshape(base.shape)
+
+
+def ref_karcher(xs, max_iter=10, tol=1e-5):
+    if len(xs) == 1:
+        return xs[0].double()
+    vs = [x.double().reshape(-1) for x in xs]
+    norms = [v.norm().item() for v in vs]
+    units = [v / n for v, n in zip(vs, norms) if n > tol]
+    if not units:
+        return torch.zeros_like(xs[0], dtype=torch.float64)
+    alpha = 1 / len(units)
+    mean = sum(alpha * u for u in units)
+    mean = units[0].clone() if mean.norm().item() < tol else mean / mean.norm()
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for u in units:
+            dot = max(-1.0, min(1.0, torch.dot(mean, u).item()))
+            theta = math.acos(dot)
+            if theta >= tol:
+                tangent = tangent + alpha * theta / math.sin(theta) * (u - dot * mean)
+        length = tangent.norm().item()
+        if length < tol:
+            break
+        mean = math.cos(length) * mean + math.sin(length) * tangent / length
+        if mean.norm().item() > tol:
+            mean = mean / mean.norm()
+    return (sum(norms) / len(xs) * mean).reshape(xs[0].shape)
+
+
+def _call(method, base, xs, weights=None, params=None, out_dtype=None):
+    model_params = [{"weight": w} for w in weights] if weights else [{} for _ in xs]
+    return _run(method, base, xs, model_params, params, out_dtype=out_dtype or xs[0].dtype)[0]
+
+
+SHAPES = [(7, 13), (37,), (3, 5, 2)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("t", [0.0, 0.05, 1.0])
+def test_nearswap(shape, t):
+    base, (x,) = _models(shape, 1, seed=31)
+    got = _call("nearswap", base, [x], params={"t": t})
+    assert_close_verbose(got, ref_nearswap(base, x, t), rtol=1e-12, atol=1e-12, name=f"nearswap t={t}")
+    assert torch.equal(_call("nearswap", base, [base.clone()], params={"t": t}), base)  # zero task vector
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(1, 1)])
+@pytest.mark.parametrize("with_base", [True, False])
+@pytest.mark.parametrize("options", [{}, {"nuslerp_flatten": False}, {"nuslerp_flatten": False,
+                                                                      "nuslerp_row_wise": True}])
+def test_nuslerp(shape, with_base, options):
+    base, xs = _models(shape, 2, seed=32)
+    got = _call("nuslerp", base if with_base else None, xs, [0.3, 0.9], options)
+    want = ref_nuslerp(base if with_base else None, xs, [0.3, 0.9], options.get("nuslerp_row_wise", False),
+                       options.get("nuslerp_flatten", True))
+    assert_close_verbose(got, want, rtol=1e-10, atol=1e-12, name=f"nuslerp {shape} {options}")
+    zero = _call("nuslerp", base, [base.clone(), base.clone()], [1.0, -1.0], options)  # weights sum 0: t = 0.5
+    assert torch.equal(zero, base)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("count", [1, 2, 4])
+@pytest.mark.parametrize("with_base", [True, False])
+def test_multislerp(shape, count, with_base):
+    base, xs = _models(shape, count, seed=33 + count)
+    weights = [0.5, 1.5, 0.25, 2.0][:count]
+    for normalize in (True, False):
+        got = _call("multislerp", base if with_base else None, xs, weights, {"normalize_weights": normalize})
+        want = ref_multislerp(base if with_base else None, xs, weights, normalize)
+        assert_close_verbose(got, want, rtol=1e-10, atol=1e-12, name=f"multislerp {count} {normalize}")
+    zero = _call("multislerp", base, [base.clone() for _ in xs], weights)
+    assert torch.equal(zero, base)  # zero task vectors
+
+
+def test_multislerp_cancelling_weights_are_config_errors():
+    base, xs = _models((5, 6), 3, seed=3)
+    with pytest.raises(MergeConfigError, match="sum to 0"):
+        _call("multislerp", base, xs, [1.0, -1.0, 0.0])
+    a = torch.randn(5, 6, dtype=torch.float64)
+    with pytest.raises(MergeConfigError, match="weighted mean of the unit tensors is zero"):
+        _call("multislerp", None, [a, -a, a * 0 + 1e-30], [1.0, 1.0, 0.5], {"normalize_weights": False})
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("select_topk", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("count", [1, 3])
+def test_sce(shape, select_topk, count):
+    base, xs = _models(shape, count, seed=34)
+    got = _call("sce", base, xs, params={"select_topk": select_topk})
+    assert_close_verbose(got, ref_sce(base, xs, select_topk), rtol=1e-12, atol=1e-12, name=f"sce {select_topk}")
+    assert torch.equal(_call("sce", base, [base.clone() for _ in xs]), base)  # zero task vectors
+
+
+def test_sce_equal_variances():
+    base = torch.zeros(4, 10, dtype=torch.float64)
+    pattern = torch.tensor([1.0, -1.0, 2.0, -2.0, 1.0] * 8, dtype=torch.float64).reshape(4, 10)
+    xs = [base + pattern, base - pattern, base + 0.5 * pattern.flip(1)]
+    got = _call("sce", base, xs, params={"select_topk": 0.45})
+    assert_close_verbose(got, ref_sce(base, xs, 0.45), rtol=1e-12, atol=1e-12, name="sce ties")
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_karcher(shape, count):
+    _, xs = _models(shape, count, seed=35)
+    xs = [x * (1 + i) for i, x in enumerate(xs)]
+    for params in ({}, {"max_iter": 2, "tol": 1e-3}):
+        got = _call("karcher", None, xs, params=params)
+        assert_close_verbose(got, ref_karcher(xs, **params), rtol=1e-10, atol=1e-12, name=f"karcher {params}")
+    zeros = [torch.zeros(shape, dtype=torch.float64) for _ in range(max(count, 2))]
+    assert torch.equal(_call("karcher", None, zeros), zeros[0])
+    one_zero = [xs[0], torch.zeros(shape, dtype=torch.float64)]  # a zero model only shrinks the norm
+    assert_close_verbose(_call("karcher", None, one_zero), xs[0] / 2, rtol=1e-12, atol=1e-12, name="zero model")
+
+
+@pytest.mark.parametrize("method", ["nearswap", "nuslerp", "multislerp", "sce", "karcher"])
+def test_interpolating_methods_bf16_inputs(method):
+    base, xs = _models((12, 20), 2, seed=36, dtype=torch.bfloat16)
+    refs = {"nearswap": lambda: ref_nearswap(base, xs[0], 0.05), "nuslerp": lambda: ref_nuslerp(base, xs, [1, 2]),
+            "multislerp": lambda: ref_multislerp(base, xs, [1, 2]), "sce": lambda: ref_sce(base, xs, 0.5),
+            "karcher": lambda: ref_karcher(xs)}
+    args = {"nearswap": (base, xs[:1], None, {"t": 0.05}), "nuslerp": (base, xs, [1, 2], None),
+            "multislerp": (base, xs, [1, 2], None), "sce": (base, xs, None, {"select_topk": 0.5}),
+            "karcher": (None, xs, None, None)}[method]
+    got = _call(method, *args)
+    assert got.dtype == torch.bfloat16
+    assert_close_verbose(got, refs[method]().to(torch.bfloat16), rtol=8e-3, atol=2e-3, name=f"{method} bf16")
+
+
+INTERPOLATING = {  # method: (base or None, models with weights, global parameters, float64 reference)
+    "nearswap": ("base", [("ft1", None)], {"t": 0.02}, lambda b, xs: ref_nearswap(b, xs[0], 0.02)),
+    "nuslerp": ("base", [("ft1", 0.4), ("ft2", 0.8)], {"nuslerp_flatten": False},
+                lambda b, xs: ref_nuslerp(b, xs, [0.4, 0.8], False, False)),
+    "multislerp": ("base", [("ft1", 0.6), ("ft2", 0.9), ("ft3", 0.3)], {},
+                   lambda b, xs: ref_multislerp(b, xs, [0.6, 0.9, 0.3])),
+    "sce": ("base", [("ft1", None), ("ft2", None), ("ft3", None)], {"select_topk": 0.4},
+            lambda b, xs: ref_sce(b, xs, 0.4)),
+    "karcher": (None, [("ft1", None), ("ft2", None), ("ft3", None)], {"max_iter": 5},
+                lambda b, xs: ref_karcher(xs, max_iter=5)),
+}
+
+
+@pytest.mark.parametrize("method", list(INTERPOLATING))
+def test_nova_rt_merge_cli_streams_interpolating_methods(tiny_models, tmp_path, method):
+    base, models, params, reference = INTERPOLATING[method]
+    cfg = {"merge_method": method, "dtype": "float64", "parameters": params,
+           "models": [{"model": m, **({"parameters": {"weight": w}} if w is not None else {})} for m, w in models]}
+    if base is not None:
+        cfg["base_model"] = base
+    cfg_path = write_yaml(tiny_models["root"] / f"new_{method}.yaml", cfg)
+    out = tmp_path / "out"
+    assert cli_main([str(cfg_path), str(out), "--no-progress", "--max-shard-size", "100KB"]) == 0
+    merged = load_weights(out)
+    inputs = {k: load_weights(tiny_models[k]) for k in ("base", "ft1", "ft2", "ft3")}
+    assert set(merged) == set(inputs["base"])
+    for name, got in merged.items():
+        want = reference(inputs["base"][name], [inputs[m][name] for m, _ in models])
+        assert got.dtype == torch.float64
+        assert_close_verbose(got, want, rtol=1e-9, atol=1e-12,
+                             name=f"{method}:{name} (models seed {tiny_models['seed']})")
+
+
+def test_nuslerp_without_base_model_and_help(tiny_models, tmp_path, capsys):
+    cfg = {"merge_method": "nuslerp", "dtype": "float64", "models": [{"model": "ft1", "parameters": {"weight": 1.0}},
+                                                                      {"model": "ft2", "parameters": {"weight": 3.0}}]}
+    cfg_path = write_yaml(tiny_models["root"] / "nuslerp_no_base.yaml", cfg)
+    assert cli_main([str(cfg_path), str(tmp_path / "out"), "--no-progress"]) == 0
+    merged = load_weights(tmp_path / "out")
+    ft1, ft2 = load_weights(tiny_models["ft1"]), load_weights(tiny_models["ft2"])
+    for name, got in merged.items():
+        assert_close_verbose(got, ref_nuslerp(None, [ft1[name], ft2[name]], [1.0, 3.0]), rtol=1e-9, atol=1e-12,
+                             name=f"nuslerp:{name}")
+    with pytest.raises(SystemExit):
+        cli_main(["--help"])
+    shown = capsys.readouterr().out
+    for line in ("  breadcrumbs: ", "      per model: weight, density=1.0, gamma=0.01", "  della_linear: ",
+                 "      per model: weight, density=1.0, epsilon=0.15", "  nuslerp: ", "[optional base_model]",
+                 "      global: nuslerp_row_wise=false, nuslerp_flatten=true", "  karcher: ",
+                 "      global: max_iter=10, tol=1e-05", "  sce: ", "  nearswap: ", "  multislerp: "):
+        assert line in shown, line

@@ -26,4 +26,5 @@ def test_package_and_config_lookups_see_the_builtin_methods():
                "print(available_merges(), get_merge('ties').name, config_get('slerp').name,"
                " MergeConfigError is M and issubclass(M, UserError))")
     assert out == ("['breadcrumbs', 'breadcrumbs_ties', 'dare_linear', 'dare_ties', 'della', 'della_linear', "
-                   "'linear', 'model_stock', 'slerp', 'task_arithmetic', 'ties'] ties slerp True")
+                   "'karcher', 'linear', 'model_stock', 'multislerp', 'nearswap', 'nuslerp', 'sce', 'slerp', "
+                   "'task_arithmetic', 'ties'] ties slerp True")
