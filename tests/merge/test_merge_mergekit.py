@@ -1,7 +1,8 @@
 """`nova-rt merge` against mergekit itself (the installed mergekit, run in-process on the same YAML): linear,
-task_arithmetic, ties and model_stock agree tensor by tensor up to fp32 rounding. DARE is excluded (mergekit draws
-masks from torch's global RNG and rescales by L1 norm) and so is SLERP's per-tensor chunking (same math, covered
-by the hand-computed tests)."""
+task_arithmetic, ties, model_stock, breadcrumbs(_ties), nearswap, nuslerp, multislerp, sce and karcher agree tensor
+by tensor up to fp32 rounding. DARE is excluded (mergekit draws masks from torch's global RNG and rescales by L1
+norm) and so is SLERP's per-tensor chunking (same math, covered by the hand-computed tests); DELLA is compared per
+tensor with mergekit's torch.bernoulli replaced by our draws."""
 
 from __future__ import annotations
 
@@ -31,6 +32,33 @@ CONFIGS = {
                         {"model": "ft3", "parameters": {"weight": 0.3, "density": 0.2}}]},
     "model_stock": {"merge_method": "model_stock", "base_model": "base", "dtype": "float32",
                     "models": [{"model": "ft1"}, {"model": "ft2"}, {"model": "ft3"}]},
+    "breadcrumbs": {"merge_method": "breadcrumbs", "base_model": "base", "dtype": "float32",
+                    "parameters": {"lambda": 0.9, "rescale": True},
+                    "models": [{"model": "ft1", "parameters": {"weight": 1.0, "density": 0.5, "gamma": 0.05}},
+                               {"model": "ft2", "parameters": {"weight": 0.6, "density": 0.8, "gamma": 0.1}},
+                               {"model": "ft3", "parameters": {"weight": 0.3, "density": 0.3}}]},
+    "breadcrumbs_ties": {"merge_method": "breadcrumbs_ties", "base_model": "base", "dtype": "float32",
+                         "parameters": {"normalize": True},
+                         "models": [{"model": "ft1", "parameters": {"weight": 1.0, "density": 0.6, "gamma": 0.05}},
+                                    {"model": "ft2", "parameters": {"weight": 0.6, "density": 0.4, "gamma": 0.2}},
+                                    {"model": "ft3", "parameters": {"weight": 0.3, "density": 0.9}}]},
+    "nearswap": {"merge_method": "nearswap", "base_model": "base", "dtype": "float32", "parameters": {"t": 0.02},
+                 "models": [{"model": "base"}, {"model": "ft1"}]},
+    "nuslerp": {"merge_method": "nuslerp", "base_model": "base", "dtype": "float32",
+                "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+                "models": [{"model": "ft1", "parameters": {"weight": 0.3}},
+                           {"model": "ft2", "parameters": {"weight": 0.9}}]},
+    "nuslerp_no_base": {"merge_method": "nuslerp", "dtype": "float32",
+                        "models": [{"model": "ft1", "parameters": {"weight": 1.0}},
+                                   {"model": "ft2", "parameters": {"weight": 2.0}}]},
+    "multislerp": {"merge_method": "multislerp", "base_model": "base", "dtype": "float32",
+                   "models": [{"model": "ft1", "parameters": {"weight": 0.5}},
+                              {"model": "ft2", "parameters": {"weight": 1.0}},
+                              {"model": "ft3", "parameters": {"weight": 0.25}}]},
+    "sce": {"merge_method": "sce", "base_model": "base", "dtype": "float32", "parameters": {"select_topk": 0.4},
+            "models": [{"model": "ft1"}, {"model": "ft2"}, {"model": "ft3"}]},
+    "karcher": {"merge_method": "karcher", "dtype": "float32",
+                "models": [{"model": "ft1"}, {"model": "ft2"}, {"model": "ft3"}]},
 }
 
 
@@ -62,3 +90,43 @@ def test_matches_mergekit(tiny_models, tmp_path, method, monkeypatch):
         assert ours[name].dtype == t.dtype == torch.float32, name
         assert_close_verbose(ours[name], t, rtol=1e-5, atol=1e-6,
                              name=f"{method}:{name} (models seed {tiny_models['seed']})")
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+def test_della_matches_mergekit_given_the_same_draws(method, monkeypatch):
+    """mergekit draws DELLA's masks with torch.bernoulli (global RNG): here its bernoulli checks that mergekit's keep
+    probabilities equal ours and returns our counter-RNG draws, so everything else (ranks, L1 rescale, consensus,
+    normalisation, lambda) is compared exactly as computed."""
+    from mergekit.merge_methods.api import merge_tensors
+
+    from nova_rt.merge import get_merge
+    from nova_rt.merge.methods import tensor_id
+    from nova_rt.merge.reference import dare_uniform24, della_keep_prob
+    from nova_rt.merge.registry import TensorMerge
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(24, 40, generator=g)
+    xs = [base + 0.05 * torch.randn(24, 40, generator=g) for _ in range(3)]
+    weights, densities, epsilons = [1.0, 0.6, 0.3], [0.5, 0.7, 0.3], [0.1, 0.2, 0.15]
+    calls = []
+    real_bernoulli = torch.bernoulli
+
+    def bernoulli(probs, *args, **kwargs):
+        i = len(calls)
+        calls.append(i)
+        ours = della_keep_prob(xs[i] - base, densities[i], epsilons[i]).reshape(probs.shape)
+        assert_close_verbose(probs, ours, rtol=0, atol=1e-6, name=f"keep probabilities of model {i}")
+        return (dare_uniform24(probs.shape, 7, tensor_id("w"), i) < ours * 16777216.0).to(probs.dtype)
+
+    monkeypatch.setattr(torch, "bernoulli", bernoulli)
+    per_model = {"weight": dict(enumerate(weights, 1)), "density": dict(enumerate(densities, 1)),
+                 "epsilon": dict(enumerate(epsilons, 1))}
+    theirs = merge_tensors([base, *xs], method, parameters={**per_model, "lambda": 0.8}, base_index=0, name="w")
+    monkeypatch.setattr(torch, "bernoulli", real_bernoulli)
+    assert calls == [0, 1, 2]
+    m = get_merge(method)
+    params = {k: spec.default for k, spec in m.global_params.items()} | {"lambda": 0.8}
+    model_params = [{"weight": w, "density": d, "epsilon": e} for w, d, e in zip(weights, densities, epsilons)]
+    ours = m(TensorMerge(name="w", base=base, tensors=xs, model_params=model_params, params=params,
+                         out_dtype=torch.float32, seed=7))
+    assert_close_verbose(ours, theirs, rtol=1e-5, atol=1e-6, name=method)
