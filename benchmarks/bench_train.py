@@ -98,9 +98,9 @@ def megatron_step_fn(model_dir: Path, dtype: torch.dtype, rows: list[dict]):
 
         megatron_cpu_shims.apply()
     _init_single_process()
-    from nova_rt.parallel.megatron_backend import MegatronBackend
+    from nova_rt.parallel.megatron_trainer import MegatronTrainer
 
-    backend = MegatronBackend(model_dir, ParallelConfig(backend="megatron"), dtype=dtype, lr=1e-5, grad_clip=1.0,
+    backend = MegatronTrainer(model_dir, ParallelConfig(backend="megatron"), dtype=dtype, lr=1e-5, grad_clip=1.0,
                               load_weights=False)
     return lambda: backend.train_step(rows)
 

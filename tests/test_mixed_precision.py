@@ -169,12 +169,12 @@ def test_megatron_keeps_fp32_main_params_for_bf16(monkeypatch):
     import megatron.core.optimizer as megatron_optimizer
 
     from nova_rt.config import ParallelConfig
-    from nova_rt.parallel.megatron_backend import MegatronBackend
+    from nova_rt.parallel.megatron_trainer import MegatronTrainer
 
     built = {}
     monkeypatch.setattr(megatron_optimizer, "get_megatron_optimizer",
                         lambda config, model, **kwargs: built.setdefault("config", config))
-    backend = MegatronBackend.__new__(MegatronBackend)  # only what _build_optimizer reads
+    backend = MegatronTrainer.__new__(MegatronTrainer)  # only what _build_optimizer reads
     backend.dtype, backend.pcfg, backend.model = torch.bfloat16, ParallelConfig(backend="megatron"), []
     backend._build_optimizer(1e-5, 0.0, 1.0, (0.9, 0.95), 1e-8)
     config = built["config"]

@@ -29,8 +29,8 @@ NAN = float("nan")
 
 
 class _Backend:
-    """What the megatron loops drive of MegatronBackend; train_step returns the next loss of `losses` (grad norm 1,
-    or NaN with a non-finite loss) and skips the update when it is not finite, as MegatronBackend does."""
+    """What the megatron loops drive of MegatronTrainer; train_step returns the next loss of `losses` (grad norm 1,
+    or NaN with a non-finite loss) and skips the update when it is not finite, as MegatronTrainer does."""
 
     def __init__(self, losses: list[float]):
         self.losses, self.updates, self.update_skipped = list(losses), 0, False

@@ -1,4 +1,4 @@
-"""Backend registry: `parallel.backend` -> the PolicyBackend class that trains a policy (nova_rt.backends.base).
+"""Backend registry: `parallel.backend` -> the Policy class that trains a policy (nova_rt.backends.base).
 
 Each backend lives in nova_rt/backends/<name>.py and registers its class with @register_backend("<name>"); it is
 imported on demand by get_backend, so this package imports no backend (and no stage imports one by name)."""
@@ -30,7 +30,7 @@ def register_backend(name: str):
 
 
 def get_backend(name: str) -> type:
-    """The PolicyBackend class of parallel.backend `name`."""
+    """The Policy class of parallel.backend `name`."""
     if name not in BACKENDS:
         try:
             importlib.import_module(f"nova_rt.backends.{name}")

@@ -1,4 +1,4 @@
-"""What a stage drives of a trained policy, whatever runs it (PolicyBackend), and the one step loop over it.
+"""What a stage drives of a trained policy, whatever runs it (Policy), and the one step loop over it.
 
 A stage builds its data as packed micro-batches (nova_rt.data.packing.collate's layout, `targets` shifted): typed ones
 (nova_rt.data.micro_batch.PackedBatch: GRPO, DPO) or dicts of collate's keys (SFT, RM), and writes its loss once:
@@ -9,7 +9,7 @@ A stage builds its data as packed micro-batches (nova_rt.data.packing.collate's 
 step's options ("temperature", "entropy", "at_ref_topk"), the log-probs / entropy / top-k log-probs at the targets.
 `loss` is the micro-batch's share of the global objective, already normalised by the global batch (nova_rt.trainer),
 so a backend sums gradients over micro-batches and data-parallel ranks. Backends: nova_rt.backends.hf and
-nova_rt.backends.megatron; a new one implements PolicyBackend and registers with @register_backend(name)
+nova_rt.backends.megatron; a new one implements Policy and registers with @register_backend(name)
 (nova_rt/backends/__init__.py; docs/architecture.md#policy-backends).
 """
 
@@ -31,7 +31,7 @@ Head = Literal["lm", "score", "policy"]
 """What a policy's outputs are: per-token log-probs, a reward model's scalar, GRPO's outputs at the targets."""
 
 
-class PolicyBackend(Protocol):
+class Policy(Protocol):
     """A trainable (or frozen) policy on one backend. Every method is collective over the ranks that hold the policy
     unless it says otherwise."""
 
@@ -54,7 +54,7 @@ class PolicyBackend(Protocol):
     """Whether micro-batches may use GRPO's shared-prefix layout (nova_rt.models.attention)."""
 
     @classmethod
-    def build(cls, cfg: Config, info: DistInfo, run_dir: Path, head: Head = "lm") -> tuple[PolicyBackend, Any]:
+    def build(cls, cfg: Config, info: DistInfo, run_dir: Path, head: Head = "lm") -> tuple[Policy, Any]:
         """(trainable policy of cfg.model, tokenizer); head "lm" (per-token log-probs), "score" (a reward model's
         scalar) or "policy" (GRPO: outputs at the target tokens only, and `hf_model` for the rollout engines)."""
 
@@ -75,7 +75,7 @@ class PolicyBackend(Protocol):
         Options: temperature, entropy, at_ref_topk (log-probs at the micro-batch's ref_topk_ids), topk (the best
         ids), autocast (HF only)."""
 
-    def reference(self, path: str | None, online: bool = False) -> PolicyBackend:
+    def reference(self, path: str | None, online: bool = False) -> Policy:
         """A frozen policy of `path` (None: cfg.model, the initial weights) for reference log-probs; online: it runs
         on every step's micro-batches (the HF backend then runs it under the trainer's autocast)."""
 
@@ -104,7 +104,7 @@ class PolicyBackend(Protocol):
         """The full current weights with HF names (CPU tensors, gathered on every rank), e.g. for a rollout engine."""
 
 
-def run_steps(cfg: Config, policy: PolicyBackend, telemetry: Telemetry,
+def run_steps(cfg: Config, policy: Policy, telemetry: Telemetry,
               micro_batches_for: Callable[[int], list[dict]], objective: Objective | None,
               extra_metrics: Callable[[int, dict], dict] | None = None, checkpoint_extra: Callable | None = None,
               **options) -> None:

@@ -128,7 +128,7 @@ def sft_objective(out: dict, mb: dict):
 
 @register_backend("hf")
 class HFPolicy:
-    """A PolicyBackend (nova_rt.backends.base) over an HF model: `module` is what the Trainer wraps, `outputs(model,
+    """A Policy (nova_rt.backends.base) over an HF model: `module` is what the Trainer wraps, `outputs(model,
     mb, **options)` runs it on a micro-batch, `save_model` is the HF model whose weights save_final writes (the
     module's `lm.` submodule; for a policy it is also the model rollouts generate with, trained in place).
     trainable=False: no Trainer, forward only (reference() also freezes the weights it loads)."""

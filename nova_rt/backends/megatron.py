@@ -1,4 +1,4 @@
-"""parallel.backend=megatron: the policy is a nova_rt.parallel.MegatronBackend (TP/PP/SP/VPP/CP on megatron-core),
+"""parallel.backend=megatron: the policy is a nova_rt.parallel.MegatronTrainer (TP/PP/SP/VPP/CP on megatron-core),
 driven with the HF trainer's lr schedule and non-finite policy.
 
 What differs from the HF backend, by design of megatron-core: the per-token outputs are computed on the last pipeline
@@ -40,13 +40,13 @@ log = logging.getLogger("nova_rt")
 _FORWARD_CHUNK = 8  # micro-batches per forward-only schedule (all of them are padded to one length and kept on device)
 
 
-def megatron_backend(cfg: Config, path: str | None = None, *, trainable: bool = True, **kwargs):
-    """MegatronBackend for cfg.model (or `path`) with cfg.optim and cfg.parallel; trainable=False: frozen reference."""
+def megatron_trainer(cfg: Config, path: str | None = None, *, trainable: bool = True, **kwargs):
+    """MegatronTrainer for cfg.model (or `path`) with cfg.optim and cfg.parallel; trainable=False: frozen reference."""
     from nova_rt.models.loading import resolve_model_path, to_dtype
-    from nova_rt.parallel import MegatronBackend
+    from nova_rt.parallel import MegatronTrainer
 
     o = cfg.optim
-    return MegatronBackend(resolve_model_path(resolve_path(cfg, path or cfg.model.path)), cfg.parallel,
+    return MegatronTrainer(resolve_model_path(resolve_path(cfg, path or cfg.model.path)), cfg.parallel,
                            dtype=to_dtype(cfg.model.dtype), lr=o.lr, weight_decay=o.weight_decay, grad_clip=o.grad_clip,
                            seed=cfg.run.seed, betas=tuple(o.betas), eps=o.eps, trainable=trainable, **kwargs)
 
@@ -77,13 +77,13 @@ def hf_score_head(model_dir: str, pad_token_id: int | None, seed: int, dtype: to
     return seq_cls.config, seq_cls.score.weight.detach().clone()
 
 
-def score_backend(cfg: Config, tok):
-    """megatron_backend with head="score", its initial head and the config save_hf writes."""
+def score_trainer(cfg: Config, tok):
+    """megatron_trainer with head="score", its initial head and the config save_hf writes."""
     from nova_rt.models.loading import resolve_model_path, to_dtype
 
     model_dir = resolve_model_path(resolve_path(cfg, cfg.model.path))
     config, score_init = hf_score_head(model_dir, tok.pad_token_id, cfg.run.seed, to_dtype(cfg.model.dtype))
-    return megatron_backend(cfg, head="score", score_init=score_init, save_config=config)
+    return megatron_trainer(cfg, head="score", score_init=score_init, save_config=config)
 
 
 def to_megatron_batch(row) -> dict:
@@ -124,8 +124,8 @@ def _cpu(x):
 
 
 def _megatron_mb(mb: PackedBatch | dict) -> PackedBatch | dict:
-    """A dict as MegatronBackend takes it (SFT rows carry aligned `labels`: to_megatron_batch); a PackedBatch as it is
-    (MegatronBackend shifts its tokens itself and hands the loss functions the PackedBatch)."""
+    """A dict as MegatronTrainer takes it (SFT rows carry aligned `labels`: to_megatron_batch); a PackedBatch as it is
+    (MegatronTrainer shifts its tokens itself and hands the loss functions the PackedBatch)."""
     return from_shifted(mb) if isinstance(mb, dict) and "targets" in mb else mb
 
 
@@ -220,7 +220,7 @@ def _model_nbytes(backend) -> int:
 
 @register_backend("megatron")
 class MegatronPolicy:
-    """A PolicyBackend (nova_rt.backends.base) over a MegatronBackend: the trainer's lr schedule before each step, the
+    """A Policy (nova_rt.backends.base) over a MegatronTrainer: the trainer's lr schedule before each step, the
     non-finite guard after it, checkpoints and resume (nova_rt.parallel.checkpoint), the final HF save. Outputs are
     computed at `temperature` unless a call passes another. A frozen policy (a reference) only runs forward.
 
@@ -239,9 +239,9 @@ class MegatronPolicy:
         """SFT's held-out loss runs on `forward`, which context parallelism does not support (CP > 1: skipped)."""
         return self.cfg.parallel.context_parallel == 1
 
-    def __init__(self, cfg: Config, backend, run_dir, temperature: float = 1.0, *, info: DistInfo | None = None,
+    def __init__(self, cfg: Config, trainer, run_dir, temperature: float = 1.0, *, info: DistInfo | None = None,
                  hf_model=None, at_targets: bool = False, start: int = 0):
-        self.cfg, self.backend, self.run_dir, self.info = cfg, backend, Path(run_dir), info
+        self.cfg, self.trainer, self.run_dir, self.info = cfg, trainer, Path(run_dir), info
         self.temperature = temperature
         self.step = start
         """Optimizer steps taken (`start`: a bare backend's resumed checkpoint step, run_megatron_steps)."""
@@ -259,22 +259,22 @@ class MegatronPolicy:
             from nova_rt.backends.hf import load_policy
 
             hf_model, tok = load_policy(cfg)  # the generation copy
-            return cls(cfg, megatron_backend(cfg), run_dir, info=info, hf_model=hf_model, at_targets=True), tok
+            return cls(cfg, megatron_trainer(cfg), run_dir, info=info, hf_model=hf_model, at_targets=True), tok
         tok = megatron_tokenizer(cfg)
-        backend = score_backend(cfg, tok) if head == "score" else megatron_backend(cfg)
+        backend = score_trainer(cfg, tok) if head == "score" else megatron_trainer(cfg)
         return cls(cfg, backend, run_dir, info=info), tok
 
     @property
     def device(self) -> torch.device:
-        return self.backend.device
+        return self.trainer.device
 
     @property
     def dp_rank(self) -> int:
-        return self.backend.dp_rank
+        return self.trainer.dp_rank
 
     @property
     def dp_size(self) -> int:
-        return self.backend.dp_size
+        return self.trainer.dp_size
 
     @property
     def dp_group(self):
@@ -296,7 +296,7 @@ class MegatronPolicy:
         if self._synced_step == self.step:
             return
         missing, unexpected = self.hf_model.load_state_dict(self.export_hf_weights(), strict=False)
-        allowed = {"lm_head.weight"} if self.backend.arch.tied else set()
+        allowed = {"lm_head.weight"} if self.trainer.arch.tied else set()
         if unexpected or set(missing) - allowed:
             raise RuntimeError(f"megatron -> HF weight sync: missing {missing}, unexpected {unexpected}")
         self._synced_step = self.step
@@ -318,13 +318,13 @@ class MegatronPolicy:
     def train_step(self, micro_batches: list, objective, **options) -> dict:
         t0 = time.perf_counter()
         lr = lr_at(self.cfg.optim, self.cfg.train.max_steps, self.step)
-        self.backend.set_lr(lr)
+        self.trainer.set_lr(lr)
         if objective is not None and self.at_targets:
             objective = _on_targets(objective)
-        stats = self.backend.train_step([_megatron_mb(mb) for mb in micro_batches], objective,
+        stats = self.trainer.train_step([_megatron_mb(mb) for mb in micro_batches], objective,
                                         **self._options(options))
         self.step += 1
-        self.guard.count(self.step, not self.backend.update_skipped, stats["loss"], stats["grad_norm"])
+        self.guard.count(self.step, not self.trainer.update_skipped, stats["loss"], stats["grad_norm"])
         # as Trainer.train_step reports them: the lr this step applied, the run's count of skipped steps
         return {**stats, "lr": lr, "nonfinite_skipped": self.guard.total, "step_time_s": time.perf_counter() - t0}
 
@@ -332,10 +332,10 @@ class MegatronPolicy:
         mbs, opts = [_megatron_mb(mb) for mb in micro_batches], self._options(options)
         run = _on_targets(fn) if self.at_targets else fn
         return [r for i in range(0, len(mbs), _FORWARD_CHUNK)
-                for r in self.backend.forward(mbs[i:i + _FORWARD_CHUNK], lambda out, mb: _cpu(run(out, mb)), **opts)]
+                for r in self.trainer.forward(mbs[i:i + _FORWARD_CHUNK], lambda out, mb: _cpu(run(out, mb)), **opts)]
 
     def reference(self, path: str | None, online: bool = False) -> MegatronPolicy:
-        return MegatronPolicy(self.cfg, megatron_backend(self.cfg, path, trainable=False), self.run_dir,
+        return MegatronPolicy(self.cfg, megatron_trainer(self.cfg, path, trainable=False), self.run_dir,
                               self.temperature, info=self.info, at_targets=self.at_targets)
 
     def sft_micro_batches(self, rows: list, schedule, step: int, loss_reduction: str) -> list[dict]:
@@ -347,8 +347,8 @@ class MegatronPolicy:
     # ------------------------------------------------------------------------------------------- state
     def resume(self) -> dict | None:
         if self.guard.is_main:
-            self._provenance = megatron_provenance(self.cfg, self.backend)
-        self.step, extra = megatron_resume(self.cfg, self.backend, self.run_dir, self._provenance)
+            self._provenance = megatron_provenance(self.cfg, self.trainer)
+        self.step, extra = megatron_resume(self.cfg, self.trainer, self.run_dir, self._provenance)
         self.guard = megatron_guard(self.cfg, self.run_dir, self.step)
         return extra
 
@@ -363,9 +363,9 @@ class MegatronPolicy:
         meta = {"nonfinite_total": self.guard.total}
         if self.guard.is_main:  # rank 0 writes meta.json
             if self._provenance is None:
-                self._provenance = megatron_provenance(self.cfg, self.backend)
+                self._provenance = megatron_provenance(self.cfg, self.trainer)
             meta["provenance"] = self._provenance
-        return mckpt.save(self.backend, self.run_dir / "checkpoints", self.step, extra,
+        return mckpt.save(self.trainer, self.run_dir / "checkpoints", self.step, extra,
                           keep_last=self.cfg.checkpoint.keep_last, meta=meta)
 
     def save_final(self, tokenizer, extra: dict | None = None) -> str | None:
@@ -374,7 +374,7 @@ class MegatronPolicy:
         if self.cfg.checkpoint.save_final:
             self.guard.refuse_model(self.step)
             self.checkpoint_last_step(extra)
-        return save_megatron_final(self.cfg, self.info, self.backend, tokenizer, self.run_dir, self.step)
+        return save_megatron_final(self.cfg, self.info, self.trainer, tokenizer, self.run_dir, self.step)
 
     def checkpoint_last_step(self, extra: dict | None = None) -> None:
         """Collective: a checkpoint of this step unless the run resumed from one (Trainer.checkpoint_last_step)."""
@@ -388,13 +388,13 @@ class MegatronPolicy:
             self.save_checkpoint(extra)
 
     def export_hf_weights(self) -> dict[str, torch.Tensor]:
-        return self.backend.hf_state_dict()
+        return self.trainer.hf_state_dict()
 
 
 def run_megatron_steps(cfg: Config, backend, telemetry, run_dir: Path, start: int,
                        micro_batches_for: Callable[[int], list[dict]], loss_fn: Callable | None = None,
                        extra_metrics: Callable[[int, dict], dict] | None = None) -> None:
-    """base.run_steps over a bare MegatronBackend resumed at step `start`; with checkpoint.save_final, a run that
+    """base.run_steps over a bare MegatronTrainer resumed at step `start`; with checkpoint.save_final, a run that
     ended on a non-finite step is a NonFiniteError here (no final model from it)."""
     from nova_rt.backends.base import run_steps
 

@@ -1,7 +1,7 @@
-"""Exact-resume checkpoints for MegatronBackend: per-rank shards, optimizer and RNG states, step and data position.
+"""Exact-resume checkpoints for MegatronTrainer: per-rank shards, optimizer and RNG states, step and data position.
 
 Layout: <run dir>/checkpoints/step_00000010/{rank_00000.pt, rank_00001.pt, ..., meta.json, manifest.json, DONE}.
-Every rank writes its own `MegatronBackend.state_dict()` (with the distributed optimizer, gathered into DP rank 0's
+Every rank writes its own `MegatronTrainer.state_dict()` (with the distributed optimizer, gathered into DP rank 0's
 file of each model-parallel group, megatron's dp-zero format) into `step_N.tmp`; after a barrier global rank 0 writes
 meta.json and manifest.json (size and sha256 of every file), fsyncs, writes DONE and renames the directory into
 place. Only a directory with DONE under its final name is complete, so a killed run resumes from the newest complete
@@ -9,7 +9,7 @@ one; one that fails its manifest is moved aside to `step_N.corrupt` with a warni
 weights_only=True (a planted pickle is refused). The same layout restores every rank's own file; any other goes
 through nova_rt.parallel.reshard. The run dir must be on a filesystem every rank sees.
 
-The final model is still written as an HF directory (MegatronBackend.save_hf); these directories are for resuming.
+The final model is still written as an HF directory (MegatronTrainer.save_hf); these directories are for resuming.
 Sequence of a save and a resume: docs/parallelism.md#checkpoints-step-by-step.
 """
 

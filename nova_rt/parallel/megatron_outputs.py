@@ -1,7 +1,7 @@
 """The last pipeline stage's per-micro-batch math over vocab-parallel logits, as plain functions of their inputs:
 token log-probs at a temperature (and entropy, and GRPO's top-k inputs), the reward model's scores, the SFT loss sums
-and next-token log-probs. MegatronBackend binds them to its vocabulary and groups and hands them to megatron's
-forward-backward schedule as loss functions (see nova_rt.parallel.megatron_backend's docstring).
+and next-token log-probs. MegatronTrainer binds them to its vocabulary and groups and hands them to megatron's
+forward-backward schedule as loss functions (see nova_rt.parallel.megatron_trainer's docstring).
 
 Arguments: `row` a padded nova_rt.parallel.packed.PackedRow (its `source` is the micro-batch as passed), `logits_BTV`
 this rank's (1, T, V/tp) output columns (`scores_BT1` for a score head), `vocab_size` the true vocabulary (columns at

@@ -4,7 +4,7 @@ Each rank's checkpoint file (nova_rt.parallel.checkpoint) carries `describe(back
 (hf_convert) of every parameter and where its Adam state sits. `load_resharded` then, on every rank of the new
 layout, reads the old DP rank 0 files of every TP/PP position (memory-mapped), assembles weights and both Adam
 moments into full HF-named tensors (`hf_convert.assemble`), cuts its own shards out of them (`hf_convert.load_shard`)
-and writes them in its own optimizer's format for `MegatronBackend.load_state_dict`.
+and writes them in its own optimizer's format for `MegatronTrainer.load_state_dict`.
 
 The conversion is bit-exact; a continued run matches an uninterrupted one bit for bit only when both layouts sum in
 the same order (PP, or DP, with clipping off), to rounding otherwise (TP). Not carried: RNG states and per-rank stage
@@ -91,7 +91,7 @@ def describe(backend) -> dict:
 
 
 def _optimizer_list(state):
-    """A saved backend optimizer state as one entry per megatron optimizer (see MegatronBackend.state_dict)."""
+    """A saved backend optimizer state as one entry per megatron optimizer (see MegatronTrainer.state_dict)."""
     if isinstance(state, dict) and "distributed" in state:
         return state["distributed"]
     return state if isinstance(state, list) else [state]
@@ -144,7 +144,7 @@ def _full_tensors(files: list[dict], arch, old_tp: int) -> tuple[dict, float]:
 
 
 def _new_optimizer_state(backend, shard, step: float):
-    """This rank's optimizer state in the format MegatronBackend.state_dict would have written."""
+    """This rank's optimizer state in the format MegatronTrainer.state_dict would have written."""
     ids = _param_ids(backend)
     states = []
     for opt in _optimizers(backend):

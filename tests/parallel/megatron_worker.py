@@ -45,10 +45,10 @@ def _run(sc: dict, data: list, out: Path) -> None:
     from megatron.core import parallel_state as ps
 
     from nova_rt.config import ParallelConfig
-    from nova_rt.parallel.megatron_backend import MegatronBackend
+    from nova_rt.parallel.megatron_trainer import MegatronTrainer
 
     pcfg = ParallelConfig(backend="megatron", **sc["parallel"])
-    be = MegatronBackend(sc["model"], pcfg, dtype=torch.float32, lr=sc.get("lr", 1e-3),
+    be = MegatronTrainer(sc["model"], pcfg, dtype=torch.float32, lr=sc.get("lr", 1e-3),
                          weight_decay=sc.get("weight_decay", 0.0), grad_clip=sc.get("grad_clip", 1.0), seed=1234,
                          eps=sc.get("eps", 1e-8))
     target = out / sc["name"]

@@ -1,4 +1,4 @@
-"""torchrun worker (2 processes, gloo, CPU shims) for tests/test_reliability_megatron.py: MegatronBackend's
+"""torchrun worker (2 processes, gloo, CPU shims) for tests/test_reliability_megatron.py: MegatronTrainer's
 non-finite skip, step by step, in two layouts.
 
     torchrun --nproc_per_node=2 tests/parallel/nonfinite_megatron_worker.py SPEC.json
@@ -100,9 +100,9 @@ def _run(name: str, model: str, out: Path) -> None:
     from megatron.core import parallel_state as ps
 
     from nova_rt.config import ParallelConfig
-    from nova_rt.parallel.megatron_backend import MegatronBackend
+    from nova_rt.parallel.megatron_trainer import MegatronTrainer
 
-    be = MegatronBackend(model, ParallelConfig(backend="megatron", **LAYOUTS[name]), dtype=torch.float32, lr=1e-2,
+    be = MegatronTrainer(model, ParallelConfig(backend="megatron", **LAYOUTS[name]), dtype=torch.float32, lr=1e-2,
                          grad_clip=1.0, seed=1234)
     records = []
     for step, kind in enumerate(STEPS[name]):

@@ -2,7 +2,7 @@
 
 CP=2 SFT on a tiny Llama and a tiny Qwen2 (GQA, tied embeddings) must give the same per-step losses, gradient norms,
 token counts, row-0 log-probs and updated weights as the same model at CP=1 (DP=2) and as the unpacked transformers
-reference of tests/parallel/test_megatron_backend.py, with its tolerances. The rows hold ragged documents: always a
+reference of tests/parallel/test_megatron_trainer.py, with its tolerances. The rows hold ragged documents: always a
 length-1 document and one shorter than 2*CP, so documents are padded inside the row and a CP rank can hold
 only padding of it.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.parallel.test_megatron_backend import _run_suite, row_from_lengths
+from tests.parallel.test_megatron_trainer import _run_suite, row_from_lengths
 
 LAYOUTS = {"tp1pp1_dp2": {}, "cp2": {"context_parallel": 2}}  # world of 2: the CP=1 run first (the comparison base)
 
@@ -128,7 +128,7 @@ def test_attention_and_kv_gradients_match_unsplit(monkeypatch):
 
 def test_stages_without_cp_support_are_rejected_with_what_is_supported():
     from nova_rt.config import ParallelConfig
-    from nova_rt.parallel.megatron_backend import _reject_context_parallel
+    from nova_rt.parallel.megatron_trainer import _reject_context_parallel
 
     _reject_context_parallel(ParallelConfig(backend="megatron"), "forward")  # CP=1: nothing to reject
     with pytest.raises(NotImplementedError, match="forward .*SFT .*logprobs"):

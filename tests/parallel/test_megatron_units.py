@@ -260,7 +260,7 @@ def test_core_attention_uses_nova_kernel_when_importable():
 ])
 def test_bad_parallel_config_is_rejected_before_any_process_group(fields, match):
     from nova_rt.config import ParallelConfig
-    from nova_rt.parallel.megatron_backend import _check_parallel
+    from nova_rt.parallel.megatron_trainer import _check_parallel
 
     arch = dataclasses.replace(_arch(4, 2, vocab=301), layers=8)
     pcfg = ParallelConfig(**{"backend": "megatron", **fields})

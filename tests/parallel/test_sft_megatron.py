@@ -144,7 +144,7 @@ def _same_run(run, ref, exact: bool) -> None:
     for k in a:
         if exact:
             assert torch.equal(a[k], b[k]), (k, (a[k] - b[k]).abs().max().item())
-        else:  # as tests/parallel/test_megatron_backend.py: Adam can move a ~0-gradient coordinate by rounding
+        else:  # as tests/parallel/test_megatron_trainer.py: Adam can move a ~0-gradient coordinate by rounding
             assert (a[k] - b[k]).abs().max() < 1e-4 and (a[k] - b[k]).norm() <= 1e-5 * b[k].norm() + 1e-6, k
 
 

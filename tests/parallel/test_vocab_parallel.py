@@ -1,7 +1,7 @@
 """nova_rt.parallel.vocab_parallel on 2 gloo ranks against a single-process float64 reference over the full vocab.
 
 Cases (one torchrun launch for all): V=37 split unevenly (19 + 18 columns) and split evenly with a padding column
-(38 = 19 + 19, the last masked as MegatronBackend masks padded vocab); k from 1 up to V, including k = V/TP, k close
+(38 = 19 + 19, the last masked as MegatronTrainer masks padded vocab); k from 1 up to V, including k = V/TP, k close
 to it and k > V/TP (a rank's whole shard is a candidate); logits with many exact ties (3 distinct values) where the
 lowest ids must win; float64 and float32. Checked: top-k ids (exact; ties by lowest id, the same rule as the HF
 path's reference_topk), top-k log-probs, log-probs at given ids (duplicates, ids on both shards), and the gradient

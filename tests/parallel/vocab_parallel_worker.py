@@ -4,7 +4,7 @@ column shard of each case's logits and saves what it got.
     torchrun --nproc_per_node=2 tests/parallel/vocab_parallel_worker.py CASES.pt OUT_DIR
 
 CASES.pt: a list of {"logits": (T, V) float64 (the full matrix, same on every rank), "bounds": [0, b1, ..., V] shard
-column ranges per rank, "vocab": real ids (columns past it are padding, masked here as MegatronBackend does), "k",
+column ranges per rank, "vocab": real ids (columns past it are padding, masked here as MegatronTrainer does), "k",
 "dtype": "float32" | "float64", "ids": (T, K) ids to evaluate, "grad": (T, K) upstream gradient}.
 OUT_DIR/rank_<r>.pt: per case {"topk_ids", "topk_lp", "lp_at", "dlogits" (this rank's columns)}.
 """

@@ -59,10 +59,10 @@ def main() -> None:
 
     from nova_rt.config import ParallelConfig
     from nova_rt.models.tiny import byte_tokenizer
-    from nova_rt.parallel.megatron_backend import MegatronBackend
+    from nova_rt.parallel.megatron_trainer import MegatronTrainer
     from nova_rt.rollout.engine import RolloutConfig, Sampling, build_rollout_engine
 
-    be = MegatronBackend(str(model_dir), ParallelConfig(backend="megatron", tensor_parallel=2), dtype=torch.float32,
+    be = MegatronTrainer(str(model_dir), ParallelConfig(backend="megatron", tensor_parallel=2), dtype=torch.float32,
                          lr=1e-2, seed=1)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     version = [0]

@@ -143,7 +143,7 @@ def test_unknown_backend_exits_2_for_every_stage(tmp_path, capsys, stage):
 
 def test_backend_choices_are_the_backend_modules():
     """parallel.backend's Literal is read from nova_rt/backends/<name>.py (a new backend is its file alone); each
-    choice resolves to a registered PolicyBackend class of that name."""
+    choice resolves to a registered Policy class of that name."""
     import typing
     from pathlib import Path
 

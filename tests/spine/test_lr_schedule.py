@@ -43,7 +43,7 @@ IDS = [f"{k}-w{w}-min{m}" for k, w, m in CASES]
 
 
 class _Backend:
-    """What the megatron loops drive of MegatronBackend: set_lr, and a finite step that applies the update."""
+    """What the megatron loops drive of MegatronTrainer: set_lr, and a finite step that applies the update."""
 
     update_skipped = False
 

@@ -66,7 +66,7 @@ class GRPORun:
             raise ValueError(f"grpo.sampling.prompts_per_step={grpo.sampling.prompts_per_step} must divide by "
                              f"world_size={world}, and train.max_steps={cfg.train.max_steps} by ppo_epochs x "
                              f"minibatches={grpo.steps_per_rollout}")
-        # the trained policy (a PolicyBackend, nova_rt.backends) and the HF model rollouts generate with
+        # the trained policy (a Policy, nova_rt.backends) and the HF model rollouts generate with
         self.trainer, self.tok = get_backend(cfg.parallel.backend).build(cfg, self.info, self.run_dir, head="policy")
         self.hf = self.trainer.hf_model
         self.step_options = {"temperature": grpo.sampling.temperature, "entropy": True, "at_ref_topk": True}

@@ -1,4 +1,4 @@
-"""MegatronBackend: train an HF Llama/Qwen2 checkpoint with megatron-core TP / PP (1F1B, interleaved) / SP / CP / DP.
+"""MegatronTrainer: train an HF Llama/Qwen2 checkpoint with megatron-core TP / PP (1F1B, interleaved) / SP / CP / DP.
 
 One process per GPU under torchrun. `train_step(micro_batches[, loss_fn])` runs one optimizer step over this DP rank's
 micro-batches (dicts of nova_rt.parallel.packed, or a typed PackedBatch for GRPO / DPO); without loss_fn the loss is
@@ -8,7 +8,7 @@ head="score"). `forward` runs forward only (references, old log-probs), `logprob
 `save_hf`, `state_dict` and `hf_state_dict` write or gather the weights. A step whose global loss or grad norm is
 non-finite applies no update on any rank (`update_skipped`). Parallel sizes come from ParallelConfig; data
 parallelism is world / (TP * PP * CP). The whole API, the loss normalisation and the context-parallel rules:
-docs/parallelism.md, "The MegatronBackend API". On CPU (gloo) megatron-core needs the test-only shims of
+docs/parallelism.md, "The MegatronTrainer API". On CPU (gloo) megatron-core needs the test-only shims of
 tests/parallel/megatron_cpu_shims.py; fp32 only.
 """
 
@@ -51,7 +51,7 @@ def _init_distributed(pcfg) -> None:
 def _check_parallel(arch, pcfg) -> None:
     tp, pp, vpp = pcfg.tensor_parallel, pcfg.pipeline_parallel, pcfg.virtual_pipeline_parallel or 1
     if pcfg.backend != "megatron":
-        raise ValueError(f"parallel.backend={pcfg.backend!r}; MegatronBackend needs 'megatron'")
+        raise ValueError(f"parallel.backend={pcfg.backend!r}; MegatronTrainer needs 'megatron'")
     if arch.kv_heads % tp or arch.heads % tp:
         raise ValueError(f"parallel.tensor_parallel={tp} must divide num_attention_heads={arch.heads} and "
                          f"num_key_value_heads={arch.kv_heads}")
@@ -80,7 +80,7 @@ def _reject_context_parallel(pcfg, what: str) -> None:
                                   "outputs of DPO, GRPO and RM are not gathered over CP ranks)")
 
 
-class MegatronBackend:
+class MegatronTrainer:
     """HF checkpoint in, megatron-core model chunks + DDP + optimizer, HF checkpoint out. See the module docstring."""
 
     def __init__(self, model_dir, parallel_cfg, *, dtype: torch.dtype = torch.float32, lr: float = 1e-5,
@@ -255,7 +255,7 @@ class MegatronBackend:
         from megatron.core import parallel_state as ps
 
         if self.optimizer is None:
-            raise RuntimeError("train_step on a frozen MegatronBackend (trainable=False)")
+            raise RuntimeError("train_step on a frozen MegatronTrainer (trainable=False)")
         if loss_fn is None and self.head != "lm":
             raise ValueError(f"train_step without loss_fn is the next-token loss; this backend has head={self.head!r}")
         if loss_fn is not None:

@@ -1,4 +1,4 @@
-"""MegatronBackend under torchrun: TP / PP / SP / VPP / DP give the same losses, gradient norms and updated weights
+"""MegatronTrainer under torchrun: TP / PP / SP / VPP / DP give the same losses, gradient norms and updated weights
 as an independent reference, and HF -> megatron -> HF is bit-exact.
 
 The reference is plain transformers + torch.optim.AdamW run on every document *separately* (unpacked), with the
