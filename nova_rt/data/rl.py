@@ -33,38 +33,38 @@ _EVAL_SEED_OFFSET = 7919
 # ----------------------------------------------------------------------------------------------- loading
 def row_to_prompt(row: Row, system_prompt: str = "") -> dict:
     """Validate one prompt row and return a prompt record."""
-    d = row.data
-    if isinstance(d, Exception):
-        raise d
-    if not isinstance(d, dict):
-        raise DataError(f"{row.where()}: expected an object, got {type(d).__name__}")
-    if "messages" in d:
-        msgs = d["messages"]
+    data = row.data
+    if isinstance(data, Exception):
+        raise data
+    if not isinstance(data, dict):
+        raise DataError(f"{row.where()}: expected an object, got {type(data).__name__}")
+    if "messages" in data:
+        msgs = data["messages"]
         if not isinstance(msgs, list) or not msgs or not all(
-                isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in ("system", "user",
-                                                                                              "assistant", "tool")
-                for m in msgs):
+                isinstance(message, dict) and isinstance(message.get("content"), str)
+                and message.get("role") in ("system", "user", "assistant", "tool")
+                for message in msgs):
             raise DataError(f"{row.where('messages')}: must be a non-empty list of {{role, content}} objects")
         if msgs[-1]["role"] == "assistant":
             raise DataError(f"{row.where('messages')}: the last message is the assistant's; an RL prompt ends "
                             "before the reply (use 'prefill' to start the reply)")
-        msgs = [{"role": m["role"], "content": m["content"]} for m in msgs]
-    elif isinstance(d.get("prompt"), str):
-        msgs = [{"role": "user", "content": d["prompt"]}]
+        msgs = [{"role": message["role"], "content": message["content"]} for message in msgs]
+    elif isinstance(data.get("prompt"), str):
+        msgs = [{"role": "user", "content": data["prompt"]}]
     else:
         raise DataError(f"{row.where('prompt')}: missing; give 'prompt' (string) or 'messages' (list)")
-    system = d.get("system", system_prompt)
+    system = data.get("system", system_prompt)
     if not isinstance(system, str):
         raise DataError(f"{row.where('system')}: must be a string")
     if system and msgs[0]["role"] != "system":
         msgs.insert(0, {"role": "system", "content": system})
-    answer = d.get("answer")
+    answer = data.get("answer")
     if answer is not None and not isinstance(answer, (str, int, float)):
         raise DataError(f"{row.where('answer')}: must be a string or a number, got {type(answer).__name__}")
-    prefill = d.get("prefill", "")
+    prefill = data.get("prefill", "")
     if not isinstance(prefill, str):
         raise DataError(f"{row.where('prefill')}: must be a string")
-    category = d.get("category", Path(row.source).stem)
+    category = data.get("category", Path(row.source).stem)
     if not isinstance(category, str) or not category:
         raise DataError(f"{row.where('category')}: must be a non-empty string")
     return {"id": f"{Path(row.source).name}:{row.index}", "category": category, "messages": msgs,
@@ -76,8 +76,8 @@ def load_prompt_files(files: list[str], system_prompt: str = "", on_error: str =
     """Prompt records of every row; with a tokenizer, a prompt its chat template cannot render is a bad row here
     (named by file and row, skipped with on_error: skip) rather than an error mid-training."""
     out, skipped = [], 0
-    for f in files:
-        for row in read_rows(f):
+    for path in files:
+        for row in read_rows(path):
             try:
                 record = row_to_prompt(row, system_prompt)
                 if tokenizer is not None:
@@ -109,14 +109,14 @@ def gym_prompts(spec: dict, split: str, system_prompt: str = "") -> list[dict]:
     if size <= 0:
         return []
     try:
-        ds = reasoning_gym.create_dataset(name, seed=seed, size=size, **spec.get("config", {}))
+        dataset = reasoning_gym.create_dataset(name, seed=seed, size=size, **spec.get("config", {}))
     except (TypeError, ValueError) as exc:
         raise UserError(f"gym task '{name}': {exc}") from None
     category, template, prefill = spec.get("category", name), spec.get("template", "{question}"), spec.get(
         "prefill", "")
     out = []
     for i in range(size):
-        entry = ds[i]
+        entry = dataset[i]
         msgs = [{"role": "user", "content": template.format(**entry)}]
         if system_prompt:
             msgs.insert(0, {"role": "system", "content": system_prompt})
@@ -128,8 +128,8 @@ def gym_prompts(spec: dict, split: str, system_prompt: str = "") -> list[dict]:
 
 def group_by_category(records: list[dict]) -> dict[str, list[dict]]:
     pools: dict[str, list[dict]] = {}
-    for r in records:
-        pools.setdefault(r["category"], []).append(r)
+    for record in records:
+        pools.setdefault(record["category"], []).append(record)
     return dict(sorted(pools.items()))
 
 
@@ -163,21 +163,24 @@ class PromptEncoder:
             from nova_rt.pas.augment import PromptAugmenter
 
             self.augmenter = PromptAugmenter(self.pas_model)
-        users = [max(i for i, m in enumerate(r["messages"]) if m["role"] == "user") for r in records]
-        texts = self.augmenter.augment([r["messages"][u]["content"] for r, u in zip(records, users)])
-        return [{**r, "messages": [({**m, "content": t} if i == u else m) for i, m in enumerate(r["messages"])]}
-                for r, u, t in zip(records, users, texts)]
+        users = [max(i for i, message in enumerate(record["messages"]) if message["role"] == "user")
+                 for record in records]
+        texts = self.augmenter.augment([record["messages"][user_index]["content"]
+                                        for record, user_index in zip(records, users)])
+        return [{**record, "messages": [({**message, "content": text} if i == user_index else message)
+                                        for i, message in enumerate(record["messages"])]}
+                for record, user_index, text in zip(records, users, texts)]
 
     def __call__(self, records: list[dict]) -> list[list[int]]:
-        todo = [r for r in records if r["id"] not in self.cache]
+        todo = [record for record in records if record["id"] not in self.cache]
         if todo and self.pas_model:
             todo = self._augment(todo)
-        for r in todo:
-            ids = encode_prompt(self.tok, r["messages"], f"prompt {r['id']}")
-            if r["prefill"]:
-                ids = ids + self.tok(r["prefill"], add_special_tokens=False)["input_ids"]
-            self.cache[r["id"]] = ids
-        return [self.cache[r["id"]] for r in records]
+        for record in todo:
+            ids = encode_prompt(self.tok, record["messages"], f"prompt {record['id']}")
+            if record["prefill"]:
+                ids = ids + self.tok(record["prefill"], add_special_tokens=False)["input_ids"]
+            self.cache[record["id"]] = ids
+        return [self.cache[record["id"]] for record in records]
 
 
 # ----------------------------------------------------------------------------------------------- sampling
@@ -187,29 +190,30 @@ class CategorySampler:
     (generator, permutations, cursors, weights) restores an identical stream after a resume."""
 
     def __init__(self, pools: dict[str, list[dict]], weights: dict[str, float] | None = None, seed: int = 0):
-        self.pools = {c: p for c, p in pools.items() if p}
+        self.pools = {category: pool for category, pool in pools.items() if pool}
         if not self.pools:
             raise UserError("no RL prompts: give grpo.data.prompt_files or grpo.data.gym_tasks")
         self.categories = sorted(self.pools)
         self.rng = np.random.default_rng([seed, 0x5EED])
-        self.perms = {c: self.rng.permutation(len(self.pools[c])) for c in self.categories}
-        self.cursors = {c: 0 for c in self.categories}
+        self.perms = {category: self.rng.permutation(len(self.pools[category])) for category in self.categories}
+        self.cursors = {category: 0 for category in self.categories}
         self.weights = normalise_weights(weights or {}, self.categories)
 
     def draw(self, n: int) -> list[dict]:
-        p = np.array([self.weights[c] for c in self.categories])
+        probabilities = np.array([self.weights[category] for category in self.categories])
         out = []
-        for k in self.rng.choice(len(self.categories), size=n, p=p / p.sum()):
-            c = self.categories[int(k)]
-            if self.cursors[c] >= len(self.perms[c]):
-                self.perms[c] = self.rng.permutation(len(self.pools[c]))
-                self.cursors[c] = 0
-            out.append(self.pools[c][int(self.perms[c][self.cursors[c]])])
-            self.cursors[c] += 1
+        for index in self.rng.choice(len(self.categories), size=n, p=probabilities / probabilities.sum()):
+            category = self.categories[int(index)]
+            if self.cursors[category] >= len(self.perms[category]):
+                self.perms[category] = self.rng.permutation(len(self.pools[category]))
+                self.cursors[category] = 0
+            out.append(self.pools[category][int(self.perms[category][self.cursors[category]])])
+            self.cursors[category] += 1
         return out
 
     def state_dict(self) -> dict:
-        return {"rng": self.rng.bit_generator.state, "perms": {c: p.tolist() for c, p in self.perms.items()},
+        return {"rng": self.rng.bit_generator.state,
+                "perms": {category: perm.tolist() for category, perm in self.perms.items()},
                 "cursors": dict(self.cursors), "weights": dict(self.weights)}
 
     def load_state_dict(self, state: dict) -> None:
@@ -217,7 +221,7 @@ class CategorySampler:
             raise UserError(f"sampler state has categories {sorted(state['perms'])}, the data has "
                             f"{self.categories}: the prompt data changed since the checkpoint")
         self.rng.bit_generator.state = state["rng"]
-        self.perms = {c: np.asarray(p, dtype=np.int64) for c, p in state["perms"].items()}
+        self.perms = {category: np.asarray(perm, dtype=np.int64) for category, perm in state["perms"].items()}
         self.cursors = dict(state["cursors"])
         self.weights = dict(state["weights"])
 
@@ -227,11 +231,11 @@ def normalise_weights(weights: dict[str, float], categories: list[str]) -> dict[
     unknown = set(weights) - set(categories)
     if unknown:
         raise UserError(f"category weights name unknown categories {sorted(unknown)} (known: {categories})")
-    w = {c: float(weights.get(c, 1.0)) for c in categories}
-    if any(v < 0 for v in w.values()) or sum(w.values()) <= 0:
-        raise UserError(f"category weights must be >= 0 with a positive sum, got {w}")
-    total = sum(w.values())
-    return {c: v / total for c, v in w.items()}
+    filled = {category: float(weights.get(category, 1.0)) for category in categories}
+    if any(v < 0 for v in filled.values()) or sum(filled.values()) <= 0:
+        raise UserError(f"category weights must be >= 0 with a positive sum, got {filled}")
+    total = sum(filled.values())
+    return {category: v / total for category, v in filled.items()}
 
 
 def reweight(current: dict[str, float], base: dict[str, float], accuracy: dict[str, float], *,
@@ -239,20 +243,21 @@ def reweight(current: dict[str, float], base: dict[str, float], accuracy: dict[s
     """One re-weighting update (the rule in the module docstring). Categories without an accuracy keep theirs."""
     if max_ratio < 1 or not 0 < rate <= 1:
         raise UserError(f"need max_ratio >= 1 and 0 < rate <= 1, got {max_ratio}, {rate}")
-    cats = [c for c in base if c in accuracy]
+    cats = [category for category in base if category in accuracy]
     if not cats:
         return dict(current)
-    bsum = sum(base[c] for c in cats)
-    a_bar = sum(base[c] * accuracy[c] for c in cats) / bsum if bsum > 0 else 0.0
-    target = {c: base[c] * float(np.clip((1 - accuracy[c] + 0.05) / (1 - a_bar + 0.05), 1 / max_ratio, max_ratio))
-              for c in cats}
+    bsum = sum(base[category] for category in cats)
+    a_bar = sum(base[category] * accuracy[category] for category in cats) / bsum if bsum > 0 else 0.0
+    target = {category: base[category] * float(np.clip((1 - accuracy[category] + 0.05) / (1 - a_bar + 0.05),
+                                                       1 / max_ratio, max_ratio))
+              for category in cats}
     tsum = sum(target.values())
-    share = sum(current[c] for c in cats)  # categories without an eval keep their share
+    share = sum(current[category] for category in cats)  # categories without an eval keep their share
     out = dict(current)
-    for c in cats:
-        out[c] = (1 - rate) * current[c] + rate * share * target[c] / tsum
+    for category in cats:
+        out[category] = (1 - rate) * current[category] + rate * share * target[category] / tsum
     total = sum(out.values())
-    return {c: v / total for c, v in out.items()}
+    return {category: v / total for category, v in out.items()}
 
 
 def evaluate_categories(eval_pools: dict[str, list[dict]], generate_greedy: Callable[[list[dict]], list[str]],
@@ -272,9 +277,9 @@ def evaluate_categories(eval_pools: dict[str, list[dict]], generate_greedy: Call
         samples, rewards, correct = pool[rank::world], [], []
         for i in range(0, len(samples), batch):
             chunk = samples[i:i + batch]
-            r, c = score(generate_greedy(chunk), chunk)
-            rewards += r
-            correct += c if c is not None else r
+            chunk_rewards, chunk_correct = score(generate_greedy(chunk), chunk)
+            rewards += chunk_rewards
+            correct += chunk_correct if chunk_correct is not None else chunk_rewards
         sums += [float(sum(correct)), float(sum(rewards)), float(len(samples))]
         full = [0.0] * len(pool)
         full[rank::world] = [float(x) for x in correct]
@@ -283,11 +288,11 @@ def evaluate_categories(eval_pools: dict[str, list[dict]], generate_greedy: Call
         n_totals = len(sums)
         both = reduce_sum(sums + items)
         sums, items = both[:n_totals], both[n_totals:]
-    out, lo = {}, 0
+    out, offset = {}, 0
     for i, cat in enumerate(cats):
         n_pool = len(eval_pools[cat])
         if sums[3 * i + 2] > 0:
             out[cat] = {"accuracy": sums[3 * i] / sums[3 * i + 2], "reward": sums[3 * i + 1] / sums[3 * i + 2],
-                        "n": int(sums[3 * i + 2]), "correct": list(items[lo:lo + n_pool])}
-        lo += n_pool
+                        "n": int(sums[3 * i + 2]), "correct": list(items[offset:offset + n_pool])}
+        offset += n_pool
     return out
