@@ -52,7 +52,7 @@ def _cfg(max_steps: int, **checkpoint):
 
 
 def _run(tmp_path: Path, losses: list[float], max_steps: int, **checkpoint) -> tuple[_Backend, list[dict]]:
-    from nova_rt.backends.megatron import run_megatron_steps
+    from tests.megatron_steps import run_megatron_steps
 
     backend, tel = _Backend(losses), Telemetry(tmp_path, enabled=True, tensorboard=False, progress_bar=False)
     try:

@@ -244,7 +244,7 @@ class MegatronPolicy:
         self.cfg, self.trainer, self.run_dir, self.info = cfg, trainer, Path(run_dir), info
         self.temperature = temperature
         self.step = start
-        """Optimizer steps taken (`start`: a bare backend's resumed checkpoint step, run_megatron_steps)."""
+        """Optimizer steps taken (`start`: the resumed checkpoint step when the caller resumed the trainer itself)."""
         self.guard = megatron_guard(cfg, self.run_dir, start)
         self.at_targets = at_targets
         """A policy head (GRPO): objectives and forward functions see the outputs at the target tokens only."""
@@ -389,16 +389,3 @@ class MegatronPolicy:
 
     def export_hf_weights(self) -> dict[str, torch.Tensor]:
         return self.trainer.hf_state_dict()
-
-
-def run_megatron_steps(cfg: Config, backend, telemetry, run_dir: Path, start: int,
-                       micro_batches_for: Callable[[int], list[dict]], loss_fn: Callable | None = None,
-                       extra_metrics: Callable[[int, dict], dict] | None = None) -> None:
-    """base.run_steps over a bare MegatronTrainer resumed at step `start`; with checkpoint.save_final, a run that
-    ended on a non-finite step is a NonFiniteError here (no final model from it)."""
-    from nova_rt.backends.base import run_steps
-
-    policy = MegatronPolicy(cfg, backend, run_dir, start=start)
-    run_steps(cfg, policy, telemetry, micro_batches_for, loss_fn, extra_metrics)
-    if cfg.checkpoint.save_final:
-        policy.guard.refuse_model(cfg.train.max_steps)

@@ -86,7 +86,7 @@ def test_hf_trainer_applies_the_schedule(tmp_path, case):
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_megatron_step_loop_applies_the_schedule(tmp_path, case):
-    from nova_rt.backends.megatron import run_megatron_steps
+    from tests.megatron_steps import run_megatron_steps
 
     tel = Telemetry(tmp_path, enabled=True, tensorboard=False, progress_bar=False)
     try:
