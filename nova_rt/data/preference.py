@@ -57,14 +57,14 @@ def _check_messages(msgs, row: Row, field: str, roles=ROLES) -> list[dict]:
     if not isinstance(msgs, list) or not msgs:
         raise DataError(f"{row.where(field)}: must be a non-empty list of messages")
     out = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict):
+    for i, message in enumerate(msgs):
+        if not isinstance(message, dict):
             raise DataError(f"{row.where(f'{field}[{i}]')}: must be an object with role and content")
-        if m.get("role") not in roles:
-            raise DataError(f"{row.where(f'{field}[{i}].role')}: must be one of {roles}, got {m.get('role')!r}")
-        if not isinstance(m.get("content"), str):
+        if message.get("role") not in roles:
+            raise DataError(f"{row.where(f'{field}[{i}].role')}: must be one of {roles}, got {message.get('role')!r}")
+        if not isinstance(message.get("content"), str):
             raise DataError(f"{row.where(f'{field}[{i}].content')}: must be a string")
-        out.append({"role": m["role"], "content": m["content"]})
+        out.append({"role": message["role"], "content": message["content"]})
     return out
 
 
@@ -82,7 +82,7 @@ def _prompt_messages(data: dict, row: Row, system_prompt: str) -> list[dict]:
             msgs.insert(0, {"role": "system", "content": data["system"]})
     else:
         msgs = _check_messages(data["messages"], row, "messages")
-        if not any(m["role"] == "user" for m in msgs):
+        if not any(message["role"] == "user" for message in msgs):
             raise DataError(f"{row.where('messages')}: needs at least one user message")
     if system_prompt and msgs[0]["role"] != "system":
         msgs.insert(0, {"role": "system", "content": system_prompt})
@@ -103,26 +103,26 @@ def _completion(data: dict, row: Row, key: str, partial: bool):
         msgs = _check_messages(value, row, key, roles=("assistant", "tool"))
         if msgs[0]["role"] != "assistant":
             raise DataError(f"{row.where(f'{key}[0].role')}: the completion must start with an assistant message")
-        for i, m in enumerate(msgs):
-            if m["role"] == "assistant" and not m["content"].strip():
+        for i, message in enumerate(msgs):
+            if message["role"] == "assistant" and not message["content"].strip():
                 raise DataError(f"{row.where(f'{key}[{i}].content')}: empty assistant message")
         return msgs
     raise DataError(f"{row.where(key)}: must be a string or a list of assistant messages, got {type(value).__name__}")
 
 
 def _scores(data: dict, row: Row) -> tuple[float | None, float | None]:
-    present = [k for k in ("chosen_score", "rejected_score") if data.get(k) is not None]
+    present = [key for key in ("chosen_score", "rejected_score") if data.get(key) is not None]
     if not present:
         return None, None
     if len(present) == 1:
         other = "rejected_score" if present[0] == "chosen_score" else "chosen_score"
         raise DataError(f"{row.where(other)}: missing while '{present[0]}' is given (give both or neither)")
     out = []
-    for k in ("chosen_score", "rejected_score"):
-        v = data[k]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise DataError(f"{row.where(k)}: must be a finite number, got {v!r}")
-        out.append(float(v))
+    for key in ("chosen_score", "rejected_score"):
+        value = data[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise DataError(f"{row.where(key)}: must be a finite number, got {value!r}")
+        out.append(float(value))
     return out[0], out[1]
 
 
@@ -135,9 +135,10 @@ def parse_preference_row(row: Row, system_prompt: str = "") -> dict:
         raise DataError(f"{row.where()}: expected an object, got {type(data).__name__}")
     msgs = _prompt_messages(data, row, system_prompt)
     partial = msgs[-1]["role"] == "assistant"
-    cs, rs = _scores(data, row)
+    chosen_score, rejected_score = _scores(data, row)
     return {"prompt_messages": msgs, "partial": partial, "chosen": _completion(data, row, "chosen", partial),
-            "rejected": _completion(data, row, "rejected", partial), "chosen_score": cs, "rejected_score": rs}
+            "rejected": _completion(data, row, "rejected", partial), "chosen_score": chosen_score,
+            "rejected_score": rejected_score}
 
 
 # ----------------------------------------------------------------------------------------------- tokenization
@@ -152,14 +153,14 @@ def encode_completion(tokenizer, prompt_messages: list[dict], partial: bool, com
         extra = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else completion
         full = prompt_messages + extra
     text, spans = assistant_spans(tokenizer, full, where)
-    n_prompt_turns = sum(m["role"] == "assistant" for m in prompt_messages) - int(partial)
+    n_prompt_turns = sum(message["role"] == "assistant" for message in prompt_messages) - int(partial)
     spans = spans[n_prompt_turns:]
     if prefix:
-        a, b = spans[0]
-        if text[a:a + len(prefix)] != prefix:
+        start, end = spans[0]
+        if text[start:start + len(prefix)] != prefix:
             raise DataError(f"{where}: the chat template changes the partial assistant text; cannot locate the "
                             "continuation")
-        spans[0] = (a + len(prefix), b)
+        spans[0] = (start + len(prefix), end)
     return tokenize_spans(tokenizer, text, spans, where)
 
 
@@ -176,35 +177,36 @@ def load_preference_pairs(files: list[str], tokenizer, *, max_seq_len: int, over
         for row in read_rows(Path(path)):
             counts["rows"] += 1
             try:
-                p = parse_preference_row(row, system_prompt)
-                if p["chosen"] == p["rejected"]:
+                parsed = parse_preference_row(row, system_prompt)
+                if parsed["chosen"] == parsed["rejected"]:
                     counts["dropped_identical"] += 1
                     first_identical = first_identical or row.where()
                     continue
-                sides = [encode_completion(tokenizer, p["prompt_messages"], p["partial"], p[k], row.where(k))
-                         for k in ("chosen", "rejected")]
+                sides = [encode_completion(tokenizer, parsed["prompt_messages"], parsed["partial"], parsed[side],
+                                           row.where(side))
+                         for side in ("chosen", "rejected")]
             except DataError as exc:
                 if on_error == "error":
                     raise
                 counts["skipped_bad_rows"] += 1
                 log.warning("skipping bad row: %s", exc)
                 continue
-            if any(len(s) > max_seq_len for s in sides):
+            if any(len(sample) > max_seq_len for sample in sides):
                 if overlong == "drop":
                     counts["dropped_overlong"] += 1
                     continue
                 counts["truncated"] += 1
-                sides = [s.truncated(max_seq_len) if len(s) > max_seq_len else s for s in sides]
-            if any(s.n_supervised == 0 for s in sides):
+                sides = [sample.truncated(max_seq_len) if len(sample) > max_seq_len else sample for sample in sides]
+            if any(sample.n_supervised == 0 for sample in sides):
                 counts["dropped_no_target"] += 1
                 continue
-            pairs.append(PreferencePair(sides[0], sides[1], p["chosen_score"], p["rejected_score"]))
-            counts["scored"] += p["chosen_score"] is not None
+            pairs.append(PreferencePair(sides[0], sides[1], parsed["chosen_score"], parsed["rejected_score"]))
+            counts["scored"] += parsed["chosen_score"] is not None
     if first_identical:
         log.warning("dropped %d preference pair(s) whose chosen equals rejected (no preference to learn; first: %s)",
                     counts["dropped_identical"], first_identical)
     counts["pairs"] = len(pairs)
-    counts["tokens"] = sum(len(p) for p in pairs)
+    counts["tokens"] = sum(len(pair) for pair in pairs)
     if not pairs:
         raise DataError(f"no usable preference pairs in {files} (counts: {dict(counts)})")
     return pairs, counts
@@ -212,40 +214,40 @@ def load_preference_pairs(files: list[str], tokenizer, *, max_seq_len: int, over
 
 def pairs_digest(pairs: list[PreferencePair]) -> str:
     """sha256 of every pair's token ids and targets (keys caches of per-pair reference log-probs)."""
-    h = hashlib.sha256()
-    for p in pairs:
-        for s in (p.chosen, p.rejected):
-            h.update(np.int64(len(s)).tobytes())
-            h.update(s.input_ids.astype(np.int64).tobytes())
-            h.update(s.targets.astype(np.int64).tobytes())
-    return h.hexdigest()
+    digest = hashlib.sha256()
+    for pair in pairs:
+        for sample in (pair.chosen, pair.rejected):
+            digest.update(np.int64(len(sample)).tobytes())
+            digest.update(sample.input_ids.astype(np.int64).tobytes())
+            digest.update(sample.targets.astype(np.int64).tobytes())
+    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------- packing
 def pack_pairs(pairs: list[PreferencePair], max_tokens: int, enabled: bool = True) -> tuple[list[PairRow], float]:
     """Pack pairs (both sides together) best-fit-decreasing; returns rows and token utilization."""
-    lens = [len(p) for p in pairs]
+    lens = [len(pair) for pair in pairs]
     if enabled:
         too_long = [i for i, n in enumerate(lens) if n > max_tokens]
         if too_long:
             i = too_long[0]
             raise UserError(f"pair {i} ({pairs[i].chosen.source}) has {lens[i]} tokens (chosen + rejected), more "
                             f"than packing.max_tokens={max_tokens}; set packing.max_tokens >= 2 * data.max_seq_len")
-        bins = [sorted(b) for b in best_fit_decreasing(lens, max_tokens)]
+        bins = [sorted(group) for group in best_fit_decreasing(lens, max_tokens)]
         slots = len(bins) * max_tokens
     else:
         bins = [[i] for i in range(len(pairs))]
         slots = len(bins) * max(lens)
-    rows = [PairRow(make_row([s for i in b for s in (pairs[i].chosen, pairs[i].rejected)]),
-                    np.asarray(b, dtype=np.int64)) for b in bins]
+    rows = [PairRow(make_row([sample for i in group for sample in (pairs[i].chosen, pairs[i].rejected)]),
+                    np.asarray(group, dtype=np.int64)) for group in bins]
     return rows, sum(lens) / slots
 
 
 def collate_pairs(rows: list[PairRow], pairs: list[PreferencePair], pair_weight: float) -> dict:
     """One flat micro-batch (see packing.collate) plus pair_ids (P,), scores (P, 2) (NaN where absent),
     has_score (P,) and pair_weight = 1 / (pairs in the global batch)."""
-    batch = collate([r.row for r in rows])
-    ids = np.concatenate([r.pair_ids for r in rows])
+    batch = collate([pair_row.row for pair_row in rows])
+    ids = np.concatenate([pair_row.pair_ids for pair_row in rows])
     scores = np.full((len(ids), 2), np.nan, dtype=np.float32)
     for j, i in enumerate(ids):
         if pairs[i].chosen_score is not None:
@@ -261,7 +263,7 @@ def step_micro_batches(rows: list[PairRow], pairs: list[PreferencePair], global_
                        rank: int, world_size: int) -> list[dict]:
     """This rank's micro-batches of one global batch (row indices `global_rows`), weighted by 1 / global pairs."""
     chosen = [rows[i] for i in global_rows]
-    weight = 1.0 / sum(len(r.pair_ids) for r in chosen)
+    weight = 1.0 / sum(len(pair_row.pair_ids) for pair_row in chosen)
     per_rank = len(chosen) // world_size
     mine = chosen[rank * per_rank:(rank + 1) * per_rank]
     return [collate_pairs(mine[i:i + micro_batch], pairs, weight) for i in range(0, per_rank, micro_batch)]
@@ -270,6 +272,6 @@ def step_micro_batches(rows: list[PairRow], pairs: list[PreferencePair], global_
 def eval_micro_batches(rows: list[PairRow], pairs: list[PreferencePair], micro_batch: int, rank: int,
                        world_size: int) -> list[dict]:
     """Every row once, rows dealt round-robin to ranks; weights 1 / (all pairs), so summed stats are means."""
-    weight = 1.0 / sum(len(r.pair_ids) for r in rows)
+    weight = 1.0 / sum(len(pair_row.pair_ids) for pair_row in rows)
     mine = rows[rank::world_size]
     return [collate_pairs(mine[i:i + micro_batch], pairs, weight) for i in range(0, len(mine), micro_batch)]
