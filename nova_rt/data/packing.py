@@ -30,20 +30,20 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     bins: list[list[int]] = []
     free: list[tuple[int, int]] = []  # sorted (remaining capacity, bin id)
     for i in order:
-        n = lengths[i]
-        if n > capacity:
-            raise UserError(f"sample {i} has {n} tokens, more than packing.max_tokens={capacity}")
-        j = bisect.bisect_left(free, (n, -1))
+        length = lengths[i]
+        if length > capacity:
+            raise UserError(f"sample {i} has {length} tokens, more than packing.max_tokens={capacity}")
+        j = bisect.bisect_left(free, (length, -1))
         if j < len(free):
-            rem, b = free.pop(j)
-            bins[b].append(i)
-            rem -= n
+            remaining, bin_id = free.pop(j)
+            bins[bin_id].append(i)
+            remaining -= length
         else:
-            b = len(bins)
+            bin_id = len(bins)
             bins.append([i])
-            rem = capacity - n
-        if rem > 0:
-            bisect.insort(free, (rem, b))
+            remaining = capacity - length
+        if remaining > 0:
+            bisect.insort(free, (remaining, bin_id))
     return bins
 
 
@@ -60,14 +60,14 @@ class PackedRow:
 
 
 def make_row(samples: list[Sample]) -> PackedRow:
-    lens = [len(s) for s in samples]
-    cu = np.zeros(len(samples) + 1, dtype=np.int32)
-    cu[1:] = np.cumsum(lens)
+    lens = [len(sample) for sample in samples]
+    cu_seqlens = np.zeros(len(samples) + 1, dtype=np.int32)
+    cu_seqlens[1:] = np.cumsum(lens)
     return PackedRow(
-        input_ids=np.concatenate([s.input_ids for s in samples]),
-        targets=np.concatenate([s.targets for s in samples]),
-        position_ids=np.concatenate([np.arange(n, dtype=np.int64) for n in lens]),
-        cu_seqlens=cu,
+        input_ids=np.concatenate([sample.input_ids for sample in samples]),
+        targets=np.concatenate([sample.targets for sample in samples]),
+        position_ids=np.concatenate([np.arange(length, dtype=np.int64) for length in lens]),
+        cu_seqlens=cu_seqlens,
     )
 
 
@@ -76,13 +76,13 @@ def pack_samples(samples: list[Sample], max_tokens: int, enabled: bool = True) -
     if not samples:
         return [], 0.0
     if not enabled:
-        rows = [make_row([s]) for s in samples]
-        slots = len(rows) * max(len(s) for s in samples)  # what a padded batch would spend
+        rows = [make_row([sample]) for sample in samples]
+        slots = len(rows) * max(len(sample) for sample in samples)  # what a padded batch would spend
     else:
-        bins = best_fit_decreasing([len(s) for s in samples], max_tokens)
-        rows = [make_row([samples[i] for i in sorted(b)]) for b in bins]
+        bins = best_fit_decreasing([len(sample) for sample in samples], max_tokens)
+        rows = [make_row([samples[i] for i in sorted(group)]) for group in bins]
         slots = len(rows) * max_tokens
-    return rows, sum(len(s) for s in samples) / slots
+    return rows, sum(len(sample) for sample in samples) / slots
 
 
 def epoch_permutation(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
@@ -109,10 +109,10 @@ class BatchSchedule:
         self._perm_cache: dict[int, np.ndarray] = {}
 
     def global_rows(self, step: int) -> np.ndarray:
-        epoch, k = divmod(step, self.steps_per_epoch)
+        epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
         if epoch not in self._perm_cache:
             self._perm_cache = {epoch: epoch_permutation(self.num_rows, self.seed, epoch, self.shuffle)}
-        return self._perm_cache[epoch][k * self.global_batch:(k + 1) * self.global_batch]
+        return self._perm_cache[epoch][step_in_epoch * self.global_batch:(step_in_epoch + 1) * self.global_batch]
 
     def rank_micro_batches(self, step: int, rank: int) -> list[np.ndarray]:
         rows = self.global_rows(step)
@@ -124,35 +124,35 @@ class BatchSchedule:
 def loss_weights(rows: list[PackedRow], reduction: str) -> list[np.ndarray]:
     """Per-token loss weights for the rows of one global batch (see module docstring)."""
     if reduction == "token":
-        total = sum(int((r.targets != IGNORE).sum()) for r in rows)
-        return [(r.targets != IGNORE) / max(total, 1) for r in rows]
+        total = sum(int((row.targets != IGNORE).sum()) for row in rows)
+        return [(row.targets != IGNORE) / max(total, 1) for row in rows]
     if reduction == "sequence":
         per_row, n_seq = [], 0
-        for r in rows:
-            w = np.zeros(len(r.targets))
-            for a, b in zip(r.cu_seqlens[:-1], r.cu_seqlens[1:]):
-                m = r.targets[a:b] != IGNORE
-                if m.any():
-                    w[a:b] = m / m.sum()
+        for row in rows:
+            row_weights = np.zeros(len(row.targets))
+            for start, end in zip(row.cu_seqlens[:-1], row.cu_seqlens[1:]):
+                mask = row.targets[start:end] != IGNORE
+                if mask.any():
+                    row_weights[start:end] = mask / mask.sum()
                     n_seq += 1
-            per_row.append(w)
-        return [w / max(n_seq, 1) for w in per_row]
+            per_row.append(row_weights)
+        return [row_weights / max(n_seq, 1) for row_weights in per_row]
     raise UserError(f"train.loss_reduction must be 'token' or 'sequence', got {reduction!r}")
 
 
 def collate(rows: list[PackedRow], weights: list[np.ndarray] | None = None) -> dict[str, torch.Tensor]:
     """Join rows into one flat (1, T) micro-batch with concatenated cu_seqlens (padding-free)."""
-    cu, off = [0], 0
-    for r in rows:
-        cu.extend((r.cu_seqlens[1:] + off).tolist())
-        off += r.num_tokens
-    cu_t = torch.tensor(cu, dtype=torch.int32)
+    cu_seqlens, offset = [0], 0
+    for row in rows:
+        cu_seqlens.extend((row.cu_seqlens[1:] + offset).tolist())
+        offset += row.num_tokens
+    cu_seqlens_tensor = torch.tensor(cu_seqlens, dtype=torch.int32)
     batch = {
-        "input_ids": torch.from_numpy(np.concatenate([r.input_ids for r in rows])).unsqueeze(0),
-        "targets": torch.from_numpy(np.concatenate([r.targets for r in rows])),
-        "position_ids": torch.from_numpy(np.concatenate([r.position_ids for r in rows])).unsqueeze(0),
-        "cu_seqlens": cu_t,
-        "max_seqlen": int((cu_t[1:] - cu_t[:-1]).max()),
+        "input_ids": torch.from_numpy(np.concatenate([row.input_ids for row in rows])).unsqueeze(0),
+        "targets": torch.from_numpy(np.concatenate([row.targets for row in rows])),
+        "position_ids": torch.from_numpy(np.concatenate([row.position_ids for row in rows])).unsqueeze(0),
+        "cu_seqlens": cu_seqlens_tensor,
+        "max_seqlen": int((cu_seqlens_tensor[1:] - cu_seqlens_tensor[:-1]).max()),
     }
     if weights is not None:
         batch["weights"] = torch.from_numpy(np.concatenate(weights)).to(torch.float32)
