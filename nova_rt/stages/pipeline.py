@@ -70,15 +70,16 @@ class PipelineConfig:
     def validate(self) -> None:
         if self.pas_augment_max_new_tokens < 1:
             raise ValueError(f"pipeline.pas_augment_max_new_tokens must be >= 1, got {self.pas_augment_max_new_tokens}")
-        order = [STAGES.index(s) for s in self.stages]  # each item is a StageName (checked by the loader)
+        order = [STAGES.index(stage) for stage in self.stages]  # each item is a StageName (checked by the loader)
         if order != sorted(order) or len(set(order)) != len(order):
             raise ValueError(f"pipeline.stages must follow the order {list(STAGES)} without repeats")
-        for i, s in enumerate(self.sft_slices):
-            if (not isinstance(s, dict) or not isinstance(s.get("name"), str)
-                    or not isinstance(s.get("train_files"), list) or not isinstance(s.get("eval_files", []), list)
-                    or set(s) - {"name", "train_files", "eval_files"}):
+        for i, sft_slice in enumerate(self.sft_slices):
+            if (not isinstance(sft_slice, dict) or not isinstance(sft_slice.get("name"), str)
+                    or not isinstance(sft_slice.get("train_files"), list)
+                    or not isinstance(sft_slice.get("eval_files", []), list)
+                    or set(sft_slice) - {"name", "train_files", "eval_files"}):
                 raise ValueError(f"pipeline.sft_slices[{i}] must be {{name: str, train_files: [paths], "
-                                 f"eval_files: [paths] (optional)}}, got {s!r}")
+                                 f"eval_files: [paths] (optional)}}, got {sft_slice!r}")
         for stage, ovr in self.stage_overrides.items():
             if stage not in STAGES or not isinstance(ovr, dict):
                 raise ValueError(f"stage_overrides.{stage}: must name a stage and map dotted keys to values")
@@ -89,8 +90,8 @@ def _done_path(stage_dir: Path) -> Path:
 
 
 def _read_done(stage_dir: Path) -> dict | None:
-    p = _done_path(stage_dir)
-    return json.loads(p.read_text()) if p.exists() else None
+    path = _done_path(stage_dir)
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def _mark_done(info: DistInfo, stage_dir: Path, outputs: dict) -> None:
@@ -152,36 +153,38 @@ class Pipeline:
         return self.artifacts
 
     # ----------------------------------------------------------------------------------------------- stages
-    def _pas(self, d: Path) -> dict:
-        _run_sub("pas", _sub_config(self.cfg, "pas", d, {}))
-        return {"pas_model": str(d / "pas_model" / "final")}
+    def _pas(self, stage_dir: Path) -> dict:
+        _run_sub("pas", _sub_config(self.cfg, "pas", stage_dir, {}))
+        return {"pas_model": str(stage_dir / "pas_model" / "final")}
 
     def _slices(self) -> list[dict]:
-        p = self.cfg.pipeline
-        slices = p.sft_slices or [{"name": "all", "train_files": list(self.cfg.data.train_files),
+        pipeline = self.cfg.pipeline
+        slices = pipeline.sft_slices or [{"name": "all", "train_files": list(self.cfg.data.train_files),
                                    "eval_files": list(self.cfg.data.eval_files)}]
-        return [{"name": s["name"], "train_files": [resolve_path(self.cfg, f) for f in s["train_files"]],
-                 "eval_files": [resolve_path(self.cfg, f) for f in s.get("eval_files", [])]} for s in slices]
+        return [{"name": sft_slice["name"],
+                 "train_files": [resolve_path(self.cfg, path) for path in sft_slice["train_files"]],
+                 "eval_files": [resolve_path(self.cfg, path) for path in sft_slice.get("eval_files", [])]}
+                for sft_slice in slices]
 
-    def _sft(self, d: Path) -> dict:
+    def _sft(self, stage_dir: Path) -> dict:
         models = {}
         slices = self._slices()
         # the merge stage scores the base and every slice model on every slice's eval rows (heldout.json): the SFT
         # runs then skip their own eval of the same models (two evals each)
         scored_after_merge = "merge" in self.cfg.pipeline.stages and len(slices) >= 2
-        for s in slices:
-            files = s["train_files"]
+        for sft_slice in slices:
+            files = sft_slice["train_files"]
             if "pas" in self.artifacts and self.cfg.pipeline.pas_augment_sft:
-                files = self._augmented(files, d / "data" / f"{s['name']}.jsonl")
-            slice_dir = d / s["name"]
+                files = self._augmented(files, stage_dir / "data" / f"{sft_slice['name']}.jsonl")
+            slice_dir = stage_dir / sft_slice["name"]
             done = _read_done(slice_dir)
             if done is None:
                 _run_sub("sft", _sub_config(self.cfg, "sft", slice_dir, {
-                    "data.train_files": files, "data.eval_files": [] if scored_after_merge else s["eval_files"],
+                    "data.train_files": files, "data.eval_files": [] if scored_after_merge else sft_slice["eval_files"],
                     "model.path": self.base}))
                 done = {"model": str(slice_dir / "final")}
                 _mark_done(self.info, slice_dir, done)
-            models[s["name"]] = done["model"]
+            models[sft_slice["name"]] = done["model"]
         return {"models": models}
 
     def _augmented(self, files: list[str], out: Path) -> list[str]:
@@ -192,31 +195,32 @@ class Pipeline:
         barrier()
         return [str(out)]
 
-    def _merge(self, d: Path) -> dict:
+    def _merge(self, stage_dir: Path) -> dict:
         models = list(self.artifacts.get("sft", {}).get("models", {}).values())
         if len(models) < 2:
             log.info("pipeline: %d SFT model(s), nothing to merge", len(models))
             return {"merged": models[0] if models else self.base}
-        p = self.cfg.pipeline
-        spec = merge_spec(p.merge_method, p.merge_parameters, self.base, models)
-        out = d / "merged"
+        pipeline = self.cfg.pipeline
+        spec = merge_spec(pipeline.merge_method, pipeline.merge_parameters, self.base, models)
+        out = stage_dir / "merged"
         if self.info.is_main:
-            sub = _sub_config(self.cfg, "merge", d, {"merge.inline": spec, "merge.spec": "", "merge.out": str(out),
-                                                      "merge.force": True})
+            sub = _sub_config(self.cfg, "merge", stage_dir, {"merge.inline": spec, "merge.spec": "",
+                                                              "merge.out": str(out), "merge.force": True})
             _run_sub("merge", sub)
         barrier()
         done = {"merged": str(out)}
-        eval_sets = {s["name"]: s["eval_files"] for s in self._slices() if s["eval_files"]}
+        eval_sets = {sft_slice["name"]: sft_slice["eval_files"] for sft_slice in self._slices()
+                     if sft_slice["eval_files"]}
         if eval_sets:
-            done["heldout"] = str(d / "heldout.json")
+            done["heldout"] = str(stage_dir / "heldout.json")
             if self.info.is_main:  # the merged model against its inputs, on every slice's held-out documents
                 named = {"base": self.base, **{f"sft/{k}": v for k, v in self.artifacts["sft"]["models"].items()},
                          "merged": str(out)}
-                sub = _sub_config(self.cfg, "sft", d, {"model.tokenizer": self.base})
+                sub = _sub_config(self.cfg, "sft", stage_dir, {"model.tokenizer": self.base})
                 table = heldout_nll(sub, named, eval_sets, self.info.device)
-                tmp = d / "heldout.json.tmp"
+                tmp = stage_dir / "heldout.json.tmp"
                 tmp.write_text(json.dumps({"models": named, "eval_sets": eval_sets, "nll": table}))
-                os.replace(tmp, d / "heldout.json")
+                os.replace(tmp, stage_dir / "heldout.json")
             barrier()
         return done
 
@@ -224,11 +228,11 @@ class Pipeline:
         return self.artifacts.get("merge", {}).get("merged") or next(
             iter(self.artifacts.get("sft", {}).get("models", {}).values()), self.base)
 
-    def _rm(self, d: Path) -> dict:
-        _run_sub("rm", _sub_config(self.cfg, "rm", d, {"model.path": self._policy_init()}))
-        return {"rm": str(d / "final")}
+    def _rm(self, stage_dir: Path) -> dict:
+        _run_sub("rm", _sub_config(self.cfg, "rm", stage_dir, {"model.path": self._policy_init()}))
+        return {"rm": str(stage_dir / "final")}
 
-    def _grpo(self, d: Path) -> dict:
+    def _grpo(self, stage_dir: Path) -> dict:
         extra: dict = {"model.path": self._policy_init()}
         if "rm" in self.artifacts and self.cfg.pipeline.rm_reward_weight > 0:
             extra["grpo.rewards"] = list(self.cfg.grpo.rewards) + [
@@ -236,8 +240,8 @@ class Pipeline:
                  "weight": self.cfg.pipeline.rm_reward_weight}]
         if "pas" in self.artifacts and self.cfg.pipeline.pas_augment_rl:
             extra["grpo.data.pas_model"] = self.artifacts["pas"]["pas_model"]
-        _run_sub("grpo", _sub_config(self.cfg, "grpo", d, extra))
-        return {"final": str(d / "final")}
+        _run_sub("grpo", _sub_config(self.cfg, "grpo", stage_dir, extra))
+        return {"final": str(stage_dir / "final")}
 
 
 def merge_spec(method: str, parameters: dict, base: str, models: list[str]) -> dict:
@@ -249,7 +253,7 @@ def merge_spec(method: str, parameters: dict, base: str, models: list[str]) -> d
     if method == "ties":
         per_model.setdefault("density", 0.5)
     spec = {"merge_method": method, "dtype": "float32",
-            "models": [{"model": m, "parameters": dict(per_model)} for m in models]}
+            "models": [{"model": model, "parameters": dict(per_model)} for model in models]}
     if method != "linear":  # linear averages the slice models themselves
         spec["base_model"] = base
     rest = {k: v for k, v in parameters.items() if k not in per_model}
@@ -268,13 +272,13 @@ def heldout_nll(cfg: Config, models: dict[str, str], eval_sets: dict[str, list[s
     out: dict[str, dict] = {}
     rows = None
     for name, path in models.items():
-        hf, tok = load_policy(cfg, path)
+        hf_model, tok = load_policy(cfg, path)
         if rows is None:
             rows = {k: build_sft_rows(cfg, tok, files, max_rows=cfg.data.eval_max_rows)[0]
                     for k, files in eval_sets.items()}
-        module = CausalLMLogprobs(hf).to(device)
-        out[name] = {k: document_nll(module, r, device).tolist() for k, r in rows.items()}
-        del module, hf
+        module = CausalLMLogprobs(hf_model).to(device)
+        out[name] = {k: document_nll(module, eval_rows, device).tolist() for k, eval_rows in rows.items()}
+        del module, hf_model
         gc.collect()
     return out
 
@@ -284,13 +288,13 @@ def augment_sft_files(files: list[str], out: Path, pas_model: str, max_new_token
     from nova_rt.data.io import read_rows, write_jsonl
     from nova_rt.pas.augment import PromptAugmenter
 
-    rows = [r.data for f in files for r in read_rows(f)]
+    rows = [record.data for path in files for record in read_rows(path)]
     slots = []  # (row index, message index or None for prompt/response rows)
     prompts = []
     for i, row in enumerate(rows):
         if isinstance(row, dict) and isinstance(row.get("messages"), list):
-            j = next((k for k, m in enumerate(row["messages"]) if isinstance(m, dict) and m.get("role") == "user"),
-                     None)
+            j = next((index for index, message in enumerate(row["messages"])
+                      if isinstance(message, dict) and message.get("role") == "user"), None)
             if j is not None:
                 slots.append((i, j))
                 prompts.append(row["messages"][j]["content"])
@@ -302,7 +306,7 @@ def augment_sft_files(files: list[str], out: Path, pas_model: str, max_new_token
         if j is None:
             rows[i] = {**rows[i], "prompt": text}
         else:
-            msgs = [dict(m) for m in rows[i]["messages"]]
+            msgs = [dict(message) for message in rows[i]["messages"]]
             msgs[j]["content"] = text
             rows[i] = {**rows[i], "messages": msgs}
     out.parent.mkdir(parents=True, exist_ok=True)
