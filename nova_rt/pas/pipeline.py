@@ -35,14 +35,14 @@ log = logging.getLogger(__name__)
 def _quality(rows: list[dict], pas, out_dir: Path, client_fn) -> dict[str, float]:
     """id -> quality score; judge scores are cached in quality.jsonl per row so a rerun resumes."""
     if pas.curate.quality_scorer == "heuristic":
-        return {r["id"]: heuristic_quality(r["prompt"]) for r in rows}
+        return {row["id"]: heuristic_quality(row["prompt"]) for row in rows}
     path = out_dir / "quality.jsonl"
     scores = {row["id"]: row["quality"] for row in read_jsonl(path)} if path.exists() else {}
-    todo = [r for r in rows if r["id"] not in scores]
+    todo = [row for row in rows if row["id"] not in scores]
     if todo:
         judge = JudgeScorer(client_fn())
         with JsonlAppender(path) as out:
-            for i, score, source in judge.stream([r["prompt"] for r in todo]):
+            for i, score, source in judge.stream([row["prompt"] for row in todo]):
                 scores[todo[i]["id"]] = score
                 out.write({"id": todo[i]["id"], "quality": score, "source": source})
     return scores
@@ -51,17 +51,17 @@ def _quality(rows: list[dict], pas, out_dir: Path, client_fn) -> dict[str, float
 def _categorize(rows: list[dict], pas, embedder, seeds: dict[str, list[GoldenExample]]) -> list[str]:
     mode = pas.curate.categorizer
     if mode == "given":
-        missing = [r["id"] for r in rows if "category" not in r]
+        missing = [row["id"] for row in rows if "category" not in row]
         if missing:
             raise ValueError(f"pas.curate.categorizer=given but {len(missing)} rows have no 'category' "
                              f"(first: {missing[0]})")
-        return [r["category"] for r in rows]
+        return [row["category"] for row in rows]
     if mode == "keyword":
-        return KeywordCategorizer(pas.curate.keywords)([r["prompt"] for r in rows])
-    anchors = {c: [ex.prompt for ex in exs] for c, exs in seeds.items()}
-    for c, extra in pas.curate.anchors.items():
-        anchors.setdefault(c, []).extend(extra)
-    return EmbeddingCategorizer(embedder, anchors)([r["prompt"] for r in rows])
+        return KeywordCategorizer(pas.curate.keywords)([row["prompt"] for row in rows])
+    anchors = {category: [example.prompt for example in examples] for category, examples in seeds.items()}
+    for category, extra in pas.curate.anchors.items():
+        anchors.setdefault(category, []).extend(extra)
+    return EmbeddingCategorizer(embedder, anchors)([row["prompt"] for row in rows])
 
 
 def curate_step(pas, input_files: list[str], out_dir: Path, embedder, seeds, client_fn) -> tuple[list[dict], dict]:
@@ -69,47 +69,48 @@ def curate_step(pas, input_files: list[str], out_dir: Path, embedder, seeds, cli
     path = out_dir / "curated.jsonl"
     if path.exists():
         rows = list(read_jsonl(path))
-        return rows, {"reused": True, "kept": len(rows), "per_category": dict(Counter(r["category"] for r in rows))}
+        return rows, {"reused": True, "kept": len(rows), "per_category": dict(Counter(row["category"] for row in rows))}
     raw, skipped = load_prompts(input_files)
-    d = pas.dedup
-    res = find_duplicates([r["prompt"] for r in raw], jaccard=d.jaccard, cosine=d.cosine, embedder=embedder,
-                          num_perm=d.num_perm, shingle=d.shingle)
-    dropped = [{"id": raw[i]["id"], "reason": f"duplicate:{kind}", "of": raw[j]["id"], "similarity": round(s, 4)}
-               for i, (j, kind, s) in sorted(res.dup_of.items())]
+    dedup = pas.dedup
+    res = find_duplicates([row["prompt"] for row in raw], jaccard=dedup.jaccard, cosine=dedup.cosine, embedder=embedder,
+                          num_perm=dedup.num_perm, shingle=dedup.shingle)
+    dropped = [{"id": raw[i]["id"], "reason": f"duplicate:{kind}", "of": raw[j]["id"],
+                "similarity": round(similarity, 4)}
+               for i, (j, kind, similarity) in sorted(res.dup_of.items())]
     rows = [raw[i] for i in res.keep]
     scores = _quality(rows, pas, out_dir, client_fn)
     good = []
-    for r in rows:
-        q = scores[r["id"]]
-        if q >= pas.curate.min_quality:
-            good.append({**r, "quality": q})
+    for row in rows:
+        quality = scores[row["id"]]
+        if quality >= pas.curate.min_quality:
+            good.append({**row, "quality": quality})
         else:
-            dropped.append({"id": r["id"], "reason": "low_quality", "quality": q})
-    for r, cat in zip(good, _categorize(good, pas, embedder, seeds)):
-        r["given_category"], r["category"] = r.get("category"), cat
+            dropped.append({"id": row["id"], "reason": "low_quality", "quality": quality})
+    for row, cat in zip(good, _categorize(good, pas, embedder, seeds)):
+        row["given_category"], row["category"] = row.get("category"), cat
     selected = select_with_quotas(good, pas.curate.quotas, pas.curate.default_quota)
-    chosen = {r["id"] for r in selected}
-    dropped += [{"id": r["id"], "reason": "over_quota", "category": r["category"]} for r in good
-                if r["id"] not in chosen]
-    curated = [{"id": r["id"], "prompt": r["prompt"], "category": r["category"], "quality": r["quality"]}
-               for r in selected]
+    chosen = {row["id"] for row in selected}
+    dropped += [{"id": row["id"], "reason": "over_quota", "category": row["category"]} for row in good
+                if row["id"] not in chosen]
+    curated = [{"id": row["id"], "prompt": row["prompt"], "category": row["category"], "quality": row["quality"]}
+               for row in selected]
     write_jsonl_atomic(out_dir / "dropped.jsonl", dropped)
     write_jsonl_atomic(path, curated)  # last: its presence means curation finished
     stats = {"loaded": len(raw), **{f"skipped_{k}": v for k, v in skipped.items()},
-             "duplicates": res.counts(), "low_quality": sum(x["reason"] == "low_quality" for x in dropped),
+             "duplicates": res.counts(), "low_quality": sum(entry["reason"] == "low_quality" for entry in dropped),
              "over_quota": len(good) - len(selected), "kept": len(curated),
-             "per_category": dict(sorted(Counter(r["category"] for r in curated).items()))}
+             "per_category": dict(sorted(Counter(row["category"] for row in curated).items()))}
     return curated, stats
 
 
 def pairs_step(critiqued: list[dict], out_dir: Path) -> dict:
     """Kept complements -> SFT rows in the PAS template; rewritten whole each run (cheap and deterministic)."""
-    rows = [{"id": r["id"], "category": r["category"],
-             "messages": [{"role": "user", "content": format_pas_input(r["prompt"])},
-                          {"role": "assistant", "content": r["complement"]}]}
-            for r in critiqued if r["status"] == "kept"]
+    rows = [{"id": row["id"], "category": row["category"],
+             "messages": [{"role": "user", "content": format_pas_input(row["prompt"])},
+                          {"role": "assistant", "content": row["complement"]}]}
+            for row in critiqued if row["status"] == "kept"]
     write_jsonl_atomic(out_dir / "sft_pairs.jsonl", rows)
-    return {"pairs": len(rows), "per_category": dict(sorted(Counter(r["category"] for r in rows).items()))}
+    return {"pairs": len(rows), "per_category": dict(sorted(Counter(row["category"] for row in rows).items()))}
 
 
 def train_step(cfg, pairs_path: Path, model_dir: Path, overrides: dict) -> dict:
