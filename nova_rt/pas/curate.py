@@ -40,7 +40,8 @@ def _prompt_of(row: dict, where: str) -> str | None:
             return row[key]
     msgs = row.get("messages") or row.get("conversation") or row.get("conversations")
     if isinstance(msgs, list):
-        users = [m.get("content") for m in msgs if isinstance(m, dict) and m.get("role") in ("user", "human")]
+        users = [message.get("content") for message in msgs
+                 if isinstance(message, dict) and message.get("role") in ("user", "human")]
         if len(users) != 1:
             return None
         if isinstance(users[0], str):
@@ -52,10 +53,10 @@ def _iter_file(path: Path) -> Iterable[tuple[str, dict]]:
     if path.is_dir():
         from datasets import load_from_disk
 
-        ds = load_from_disk(str(path))
-        if hasattr(ds, "keys"):  # a DatasetDict: use its "train" split, or its only split
-            ds = ds["train"] if "train" in ds else ds[next(iter(ds.keys()))]
-        for i, row in enumerate(ds):
+        dataset = load_from_disk(str(path))
+        if hasattr(dataset, "keys"):  # a DatasetDict: use its "train" split, or its only split
+            dataset = dataset["train"] if "train" in dataset else dataset[next(iter(dataset.keys()))]
+        for i, row in enumerate(dataset):
             yield f"{path}[{i}]", dict(row)
     elif path.suffix == ".json":
         rows = json.loads(path.read_text(encoding="utf-8"))
@@ -76,8 +77,8 @@ def load_prompts(paths: Sequence[str | Path]) -> tuple[list[dict], Counter]:
     Rows without an `id` get `p-<sha1 of the normalised text>`, which is stable across reruns; two rows with the
     same explicit id but different text are an error."""
     rows, skipped, seen = [], Counter(), {}
-    for p in paths:
-        for where, row in _iter_file(Path(p)):
+    for path in paths:
+        for where, row in _iter_file(Path(path)):
             if not isinstance(row, dict):
                 raise ValueError(f"{where}: expected a JSON object")
             text = _prompt_of(row, where)
@@ -102,13 +103,13 @@ def load_prompts(paths: Sequence[str | Path]) -> tuple[list[dict], Counter]:
 # ----------------------------------------------------------------------------------------------- quality
 def heuristic_quality(text: str) -> float:
     """Cheap prompt quality in [0, 1]; see the module docstring for the formula."""
-    ws = words(text)
-    if not ws:
+    tokens = words(text)
+    if not tokens:
         return 0.0
-    length = min(len(ws), 6) / 6
-    distinct = len(set(ws)) / len(ws)
+    length = min(len(tokens), 6) / 6
+    distinct = len(set(tokens)) / len(tokens)
     script = dominant_script(text)
-    meaningful = script not in (None, "LATIN") or any(w in _FUNCTION_WORDS for w in ws)
+    meaningful = script not in (None, "LATIN") or any(word in _FUNCTION_WORDS for word in tokens)
     return round(0.4 * length + 0.3 * distinct + 0.3 * float(meaningful), 4)
 
 
@@ -123,14 +124,14 @@ class JudgeScorer:
         self.client, self.max_new_tokens = client, max_new_tokens
 
     def parse(self, reply: str) -> float | None:
-        m = self._NUM.search(reply)
-        return None if m is None else (float(m.group(1)) - 1.0) / 9.0
+        match = self._NUM.search(reply)
+        return None if match is None else (float(match.group(1)) - 1.0) / 9.0
 
     def stream(self, texts: Sequence[str]):
         """Yield (index, score, source) as the client finishes each prompt."""
         from nova_rt.pas.template import judge_messages
 
-        convs = [judge_messages(t) for t in texts]
+        convs = [judge_messages(text) for text in texts]
         for i, reply in self.client.stream(convs, max_new_tokens=self.max_new_tokens, temperature=0.0):
             score = None if isinstance(reply, BaseException) else self.parse(reply)
             if score is None:
@@ -146,15 +147,17 @@ class KeywordCategorizer:
     def __init__(self, keywords: dict[str, list[str]], fallback: str = "other"):
         if not keywords:
             raise ValueError("pas.curate.keywords: the keyword categorizer needs {category: [keywords]}")
-        self.patterns = {c: [re.compile(rf"\b{re.escape(k.lower())}\b") for k in ks] for c, ks in keywords.items()}
+        self.patterns = {category: [re.compile(rf"\b{re.escape(keyword.lower())}\b") for keyword in listed]
+                         for category, listed in keywords.items()}
         self.fallback = fallback
 
     def __call__(self, texts: Sequence[str]) -> list[str]:
         out = []
-        for t in texts:
-            low = t.lower()
-            hits = {c: sum(bool(p.search(low)) for p in ps) for c, ps in self.patterns.items()}
-            best = max(hits, key=lambda c: hits[c])
+        for text in texts:
+            low = text.lower()
+            hits = {category: sum(bool(pattern.search(low)) for pattern in patterns)
+                    for category, patterns in self.patterns.items()}
+            best = max(hits, key=lambda category: hits[category])
             out.append(best if hits[best] > 0 else self.fallback)
         return out
 
@@ -169,8 +172,8 @@ class EmbeddingCategorizer:
             raise ValueError("pas: the embedding categorizer needs anchor prompts per category (seeds_file)")
         self.embedder, self.top_k = embedder, top_k
         self.names = sorted(anchors)
-        texts = [t for c in self.names for t in anchors[c]]
-        self.owner = np.array([i for i, c in enumerate(self.names) for _ in anchors[c]])
+        texts = [text for category in self.names for text in anchors[category]]
+        self.owner = np.array([i for i, category in enumerate(self.names) for _ in anchors[category]])
         self.anchors_AD = embedder.encode(texts)
 
     def __call__(self, texts: Sequence[str]) -> list[str]:
@@ -178,9 +181,9 @@ class EmbeddingCategorizer:
             return []
         sims_NA = self.embedder.encode(list(texts)) @ self.anchors_AD.T
         scores_NC = np.full((len(texts), len(self.names)), -np.inf)
-        for c in range(len(self.names)):
-            s = np.sort(sims_NA[:, self.owner == c], axis=1)[:, ::-1][:, : self.top_k]
-            scores_NC[:, c] = s.mean(axis=1)
+        for category_index in range(len(self.names)):
+            top_sims = np.sort(sims_NA[:, self.owner == category_index], axis=1)[:, ::-1][:, : self.top_k]
+            scores_NC[:, category_index] = top_sims.mean(axis=1)
         return [self.names[j] for j in scores_NC.argmax(axis=1)]
 
 
@@ -190,8 +193,8 @@ def select_with_quotas(rows: Sequence[dict], quotas: dict[str, int], default_quo
 
     quotas: category -> max rows; categories not listed get `default_quota` (-1: no limit, 0: drop them)."""
     by_cat: dict[str, list[int]] = defaultdict(list)
-    for i, r in enumerate(rows):
-        by_cat[r["category"]].append(i)
+    for i, row in enumerate(rows):
+        by_cat[row["category"]].append(i)
     keep: set[int] = set()
     for cat, idx in by_cat.items():
         quota = quotas.get(cat, default_quota)
