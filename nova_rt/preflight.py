@@ -36,19 +36,19 @@ def check_safetensors(path: Path) -> None:
         head = f.read(8)
         if len(head) < 8:
             raise UserError(f"{path}: not a safetensors file ({size} bytes; truncated?)")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8:
-            raise UserError(f"{path}: not a safetensors file (header length {n} exceeds the {size}-byte file; "
-                            "truncated or not safetensors)")
+        (header_length,) = struct.unpack("<Q", head)
+        if header_length > size - 8:
+            raise UserError(f"{path}: not a safetensors file (header length {header_length} exceeds the {size}-byte "
+                            "file; truncated or not safetensors)")
         try:
-            header = json.loads(f.read(n))
+            header = json.loads(f.read(header_length))
         except (ValueError, UnicodeDecodeError):
             raise UserError(f"{path}: not a safetensors file (unreadable header)") from None
     if not isinstance(header, dict):
         raise UserError(f"{path}: not a safetensors file (unreadable header)")
     ends = [v["data_offsets"][1] for k, v in header.items()
             if k != "__metadata__" and isinstance(v, dict) and len(v.get("data_offsets", ())) == 2]
-    need = 8 + n + max(ends, default=0)
+    need = 8 + header_length + max(ends, default=0)
     if need != size:
         raise UserError(f"{path}: the header describes {need} bytes but the file has {size} "
                         f"({'truncated' if size < need else 'trailing data'}); copy the file again")
@@ -58,30 +58,30 @@ def check_model_dir(path: str, key: str = "model.path") -> None:
     """A local HF model directory: config.json present, weights present and complete."""
     if not path or ":" in path.split("/")[0]:
         return
-    d = Path(path)
-    if not d.exists():
+    directory = Path(path)
+    if not directory.exists():
         raise UserError(f"{key}: {path}: no such directory (give a local HF model directory, builtin:NAME or "
                         "tiny:llama|qwen2)")
-    if not d.is_dir():
+    if not directory.is_dir():
         raise UserError(f"{key}: {path}: not a directory (give the HF model directory, not a file in it)")
-    if not (d / "config.json").is_file():
+    if not (directory / "config.json").is_file():
         raise UserError(f"{key}: {path}: no config.json, so not an HF model directory (it must hold config.json "
                         "and the *.safetensors weights, as save_pretrained writes them)")
-    shards = sorted(d.glob("*.safetensors"))
-    if not shards and not any(d.glob("pytorch_model*.bin")):
+    shards = sorted(directory.glob("*.safetensors"))
+    if not shards and not any(directory.glob("pytorch_model*.bin")):
         raise UserError(f"{key}: {path}: no *.safetensors (or pytorch_model*.bin) weights")
-    for f in shards:
+    for shard in shards:
         try:
-            check_safetensors(f)
+            check_safetensors(shard)
         except UserError as exc:
             raise UserError(f"{key}: {exc}") from None
-    index = d / "model.safetensors.index.json"
+    index = directory / "model.safetensors.index.json"
     if index.is_file():
         try:
             names = set(json.loads(index.read_text())["weight_map"].values())
         except (ValueError, KeyError, TypeError, AttributeError):
             raise UserError(f"{index}: unreadable index (no weight_map)") from None
-        missing = sorted(n for n in names if not (d / n).is_file())
+        missing = sorted(name for name in names if not (directory / name).is_file())
         if missing:
             raise UserError(f"{index}: lists {missing[0]}, which is not in {path}")
 
@@ -95,14 +95,14 @@ def check_model_spec(path: str, tiny: dict, attn_impl: str) -> None:
 
         if path.split(":", 1)[1] not in BUILTIN_MODELS:
             raise UserError(f"model.path: unknown builtin model {path!r} (known: "
-                            f"{', '.join('builtin:' + n for n in BUILTIN_MODELS)})")
+                            f"{', '.join('builtin:' + name for name in BUILTIN_MODELS)})")
     elif path.startswith("tiny:"):
         from nova_rt.models.tiny import tiny_config
 
         try:
             tiny_config(path.split(":", 1)[1], **tiny)
         except Exception as exc:  # noqa: BLE001 - TypeError / ValueError / transformers' validation errors
-            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
             raise UserError(f"model.path {path!r} with model.tiny {tiny}: {' '.join(lines[:2])}") from None
     if attn_impl == "flash_attention_2":
         import torch
@@ -134,16 +134,16 @@ def _check_inputs(cfg: Config) -> None:
         raise UserError(f"model.tokenizer: {tok}: no such directory")
     files = {}
     if cfg.run.stage in _DATA_STAGES:
-        files = {f"data.{k}": getattr(cfg.data, k) for k in ("train_files", "eval_files")}
+        files = {f"data.{name}": getattr(cfg.data, name) for name in ("train_files", "eval_files")}
     elif cfg.run.stage == "grpo":
-        g = cfg.grpo
-        files = {"grpo.data.prompt_files": g.data.prompt_files, "grpo.data.eval_files": g.data.eval_files,
-                 "grpo.ptx.files": g.ptx.files}
+        grpo = cfg.grpo
+        files = {"grpo.data.prompt_files": grpo.data.prompt_files, "grpo.data.eval_files": grpo.data.eval_files,
+                 "grpo.ptx.files": grpo.ptx.files}
     for key, paths in files.items():
-        for i, f in enumerate(paths):
-            p = resolve_path(cfg, f)
-            if not Path(p).exists():
-                raise UserError(f"{key}[{i}]: {p}: no such file or directory")
+        for i, path in enumerate(paths):
+            resolved = resolve_path(cfg, path)
+            if not Path(resolved).exists():
+                raise UserError(f"{key}[{i}]: {resolved}: no such file or directory")
     check_run_dir_disjoint(cfg)
 
 
@@ -153,21 +153,22 @@ def stage_inputs(cfg: Config, stage: str) -> dict[str, str]:
     if stage in (*_DATA_STAGES, "pipeline"):
         keys.update({"data.train_files": cfg.data.train_files, "data.eval_files": cfg.data.eval_files})
     if stage == "grpo":
-        g = cfg.grpo
-        keys.update({"grpo.data.prompt_files": g.data.prompt_files, "grpo.data.eval_files": g.data.eval_files,
-                     "grpo.ptx.files": g.ptx.files, "grpo.ref_model": g.ref_model, "grpo.data.pas_model":
-                     g.data.pas_model})
-        keys.update({f"grpo.rewards[{i}].path": r["path"] for i, r in enumerate(g.rewards)
-                     if isinstance(r, dict) and isinstance(r.get("path"), str)})
+        grpo = cfg.grpo
+        keys.update({"grpo.data.prompt_files": grpo.data.prompt_files, "grpo.data.eval_files": grpo.data.eval_files,
+                     "grpo.ptx.files": grpo.ptx.files, "grpo.ref_model": grpo.ref_model, "grpo.data.pas_model":
+                     grpo.data.pas_model})
+        keys.update({f"grpo.rewards[{i}].path": reward["path"] for i, reward in enumerate(grpo.rewards)
+                     if isinstance(reward, dict) and isinstance(reward.get("path"), str)})
     if stage == "pas":
         keys.update({"pas.input_files": cfg.pas.input_files, "pas.seeds_file": cfg.pas.seeds_file,
                      "pas.generator.model": cfg.pas.generator.model if cfg.pas.generator.client == "hf" else ""})
     if stage == "pipeline":
-        for i, s in enumerate(cfg.pipeline.sft_slices):
-            keys.update({f"pipeline.sft_slices[{i}].{k}": s.get(k, []) for k in ("train_files", "eval_files")})
+        for i, sft_slice in enumerate(cfg.pipeline.sft_slices):
+            keys.update({f"pipeline.sft_slices[{i}].{field_name}": sft_slice.get(field_name, [])
+                         for field_name in ("train_files", "eval_files")})
     out = {"the config file": cfg.source} if Path(cfg.source).is_file() else {}
     for key, value in keys.items():
-        items = {key: value} if isinstance(value, str) else {f"{key}[{i}]": v for i, v in enumerate(value)}
+        items = {key: value} if isinstance(value, str) else {f"{key}[{i}]": entry for i, entry in enumerate(value)}
         out.update({k: resolve_path(cfg, v) for k, v in items.items() if v})
     if stage == "pipeline":  # what each of its stages reads: the same keys, with pipeline.stage_overrides applied
         for sub_stage in cfg.pipeline.stages:
