@@ -84,54 +84,55 @@ def _plan_one(name: str, readers: list[ModelReader], cfg: MergeConfig) -> Planne
     if name in _TIED and _ties(readers[0]) and name not in readers[0].tensors:
         log.warning("dropping %s: the output config ties it to the merged input embedding", name)
         return None
-    sources = [_source_name(r, name) for r in readers]
-    missing = [r.label for r, s in zip(readers, sources) if s is None]
+    sources = [_source_name(reader, name) for reader in readers]
+    missing = [reader.label for reader, source in zip(readers, sources) if source is None]
     if missing:
-        have = [r.label for r, s in zip(readers, sources) if s is not None]
+        have = [reader.label for reader, source in zip(readers, sources) if source is not None]
         raise ValueError(f"tensor {name!r} is missing in {', '.join(missing)} (present in {', '.join(have)})")
-    infos = [r.tensors[s] for r, s in zip(readers, sources)]
+    infos = [reader.tensors[source] for reader, source in zip(readers, sources)]
     first = infos[0]
-    for r, info in zip(readers, infos):
+    for reader, info in zip(readers, infos):
         if info.shape != first.shape:
             raise ValueError(f"tensor {name!r}: shape {list(first.shape)} in {readers[0].label} but "
-                             f"{list(info.shape)} in {r.label}")
+                             f"{list(info.shape)} in {reader.label}")
         if info.dtype != first.dtype and cfg.dtype is None:
             raise ValueError(f"tensor {name!r}: dtype {first.dtype} in {readers[0].label} but {info.dtype} in "
-                             f"{r.label} (set `dtype:` in the config to cast all inputs to one dtype)")
+                             f"{reader.label} (set `dtype:` in the config to cast all inputs to one dtype)")
     mergeable = first.dtype.is_floating_point
     dtype = (cfg.out_dtype or cfg.dtype or first.dtype) if mergeable else first.dtype
-    return PlannedTensor(OutTensor(name, dtype, first.shape), tuple(sources), mergeable, sum(i.nbytes for i in infos))
+    return PlannedTensor(OutTensor(name, dtype, first.shape), tuple(sources), mergeable,
+                         sum(info.nbytes for info in infos))
 
 
 def plan_merge(readers: list[ModelReader], cfg: MergeConfig) -> list[PlannedTensor]:
     """Output tensors in the first reader's file order (sequential reads), then names only other models have."""
-    order = sorted(readers[0].tensors.values(), key=lambda i: (str(i.file), i.offset))
-    names = [i.name for i in order]
+    order = sorted(readers[0].tensors.values(), key=lambda info: (str(info.file), info.offset))
+    names = [info.name for info in order]
     known = set(names)
-    for r in readers[1:]:
-        names += [n for n in r.tensors if n not in known and not known.add(n)]
-    plan = [p for p in (_plan_one(n, readers, cfg) for n in names) if p is not None]
+    for reader in readers[1:]:
+        names += [name for name in reader.tensors if name not in known and not known.add(name)]
+    plan = [planned for planned in (_plan_one(name, readers, cfg) for name in names) if planned is not None]
     if not plan:
         raise ValueError("the input models contain no tensors")
     return plan
 
 
-def _merge_tensor(p: PlannedTensor, inputs: list[torch.Tensor], cfg: MergeConfig, opts: dict[str, Any],
+def _merge_tensor(planned: PlannedTensor, inputs: list[torch.Tensor], cfg: MergeConfig, opts: dict[str, Any],
                   out: torch.Tensor | None = None) -> torch.Tensor:
     """The merged tensor: written into `out` (its slot in the output file) when given and the math runs on CPU."""
-    if not p.mergeable:
+    if not planned.mergeable:
         return inputs[0]
     device = opts["device"]
-    xs = [x.to(device, non_blocking=True) for x in inputs]
+    device_inputs = [tensor.to(device, non_blocking=True) for tensor in inputs]
     # mergekit casts inputs to `dtype` before merging. Widening bf16/fp16 to fp32 is exact and every op already
     # computes in fp32, so that cast is skipped (it would only double the memory of each tensor).
-    widening = cfg.dtype == torch.float32 and xs[0].dtype in (torch.bfloat16, torch.float16)
+    widening = cfg.dtype == torch.float32 and device_inputs[0].dtype in (torch.bfloat16, torch.float16)
     if cfg.dtype is not None and not widening:
-        xs = [x.to(cfg.dtype) for x in xs]
-    glob, per_model = cfg.resolve(p.out.name)
-    base, others = (xs[0], xs[1:]) if cfg.base is not None else (None, xs)
-    merge = TensorMerge(name=p.out.name, base=base, tensors=others, model_params=per_model, params=glob,
-                        out_dtype=p.out.dtype, impl=opts["impl"], seed=opts["seed"],
+        device_inputs = [tensor.to(cfg.dtype) for tensor in device_inputs]
+    glob, per_model = cfg.resolve(planned.out.name)
+    base, others = (device_inputs[0], device_inputs[1:]) if cfg.base is not None else (None, device_inputs)
+    merge = TensorMerge(name=planned.out.name, base=base, tensors=others, model_params=per_model, params=glob,
+                        out_dtype=planned.out.dtype, impl=opts["impl"], seed=opts["seed"],
                         out=out if device.type == "cpu" else None)
     return cfg.method(merge)
 
@@ -141,32 +142,32 @@ def _stream(plan: list[PlannedTensor], readers: list[ModelReader], writer: Shard
     """Merge tensor by tensor. Faulting in tensor k+1's inputs overlaps the merge of tensor k only while the bytes
     in flight stay under 1.5 x the largest (inputs + output) of one tensor, so the peak stays near
     (models + 1) x the largest tensor: big tensors (embeddings) run alone, the many small ones overlap."""
-    budget = 1.5 * max(p.in_nbytes + p.out.nbytes for p in plan)
-    bar = tqdm(total=sum(p.out.nbytes for p in plan), unit="B", unit_scale=True, desc=f"merge ({cfg.method.name})",
-               disable=not opts["progress"])
+    budget = 1.5 * max(planned.in_nbytes + planned.out.nbytes for planned in plan)
+    bar = tqdm(total=sum(planned.out.nbytes for planned in plan), unit="B", unit_scale=True,
+               desc=f"merge ({cfg.method.name})", disable=not opts["progress"])
 
-    def prefetch(p: PlannedTensor) -> None:
-        for r, s in zip(readers, p.sources):
-            r.prefetch(s)
+    def prefetch(planned: PlannedTensor) -> None:
+        for reader, source in zip(readers, planned.sources):
+            reader.prefetch(source)
 
     with ThreadPoolExecutor(1, thread_name_prefix="merge-prefetch") as pool:
         pending: Future | None = None
-        for k, p in enumerate(plan):
+        for index, planned in enumerate(plan):
             if pending is not None:
                 pending.result()
                 pending = None
-            live = p.in_nbytes + p.out.nbytes
-            if k + 1 < len(plan) and live + plan[k + 1].in_nbytes <= budget:
-                pending = pool.submit(prefetch, plan[k + 1])
-            inputs = [r.view(s) for r, s in zip(readers, p.sources)]
-            out = _merge_tensor(p, inputs, cfg, opts, writer.slot(p.out.name))
-            writer.write(p.out.name, out)
+            live = planned.in_nbytes + planned.out.nbytes
+            if index + 1 < len(plan) and live + plan[index + 1].in_nbytes <= budget:
+                pending = pool.submit(prefetch, plan[index + 1])
+            inputs = [reader.view(source) for reader, source in zip(readers, planned.sources)]
+            out = _merge_tensor(planned, inputs, cfg, opts, writer.slot(planned.out.name))
+            writer.write(planned.out.name, out)
             del inputs, out  # views of the input maps and of the output arena (unmapped at the end)
-            for r, s in zip(readers, p.sources):
-                r.release(s)
-            if p.in_nbytes >= _TRIM_MIN_BYTES:  # casts, the torch reference and CUDA copies allocate per tensor
+            for reader, source in zip(readers, planned.sources):
+                reader.release(source)
+            if planned.in_nbytes >= _TRIM_MIN_BYTES:  # casts, the torch reference and CUDA copies allocate per tensor
                 _TRIM()
-            bar.update(p.out.nbytes)
+            bar.update(planned.out.nbytes)
         if pending is not None:
             pending.result()
     bar.close()
@@ -187,9 +188,9 @@ def _copy_side_files(cfg: MergeConfig, ref: ModelReader, tmp: Path) -> None:
             shutil.copy2(ref.path / fname, tmp / fname)
     tok_dir = cfg.tokenizer_source or ref.path
     for pattern in _TOKENIZER_GLOBS:
-        for f in tok_dir.glob(pattern):
-            if f.is_file():
-                shutil.copy2(f, tmp / f.name)
+        for path in tok_dir.glob(pattern):
+            if path.is_file():
+                shutil.copy2(path, tmp / path.name)
     if cfg.source_text:
         (tmp / "nova_rt_merge.yaml").write_text(cfg.source_text)
 
@@ -210,7 +211,7 @@ def _publish(tmp: Path, out_dir: Path, force: bool) -> None:
 def merge_inputs(cfg: MergeConfig, config: str | Path | dict | MergeConfig) -> dict[str, Path]:
     """What a merge reads, by the config field that names it: every model, the tokenizer source, the YAML file."""
     inputs = {"base_model": cfg.base.path} if cfg.base is not None else {}
-    inputs.update({f"models[{i}]": e.path for i, e in enumerate(cfg.models)})
+    inputs.update({f"models[{i}]": entry.path for i, entry in enumerate(cfg.models)})
     if cfg.tokenizer_source is not None:
         inputs["tokenizer_source"] = cfg.tokenizer_source
     if isinstance(config, (str, Path)):
@@ -234,12 +235,12 @@ def run_merge(config: str | Path | dict | MergeConfig, out_dir: str | Path, *, d
     out_dir = Path(out_dir).resolve()
     if out_dir.exists() and not force:
         raise FileExistsError(f"output directory {out_dir} exists; pass --force (force=True) to replace it")
-    readers = [ModelReader(e.path, e.label) for e in entries]
+    readers = [ModelReader(entry.path, entry.label) for entry in entries]
     plan = plan_merge(readers, cfg)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
-    writer = ShardedWriter(tmp, [p.out for p in plan], parse_size(max_shard_size))
+    writer = ShardedWriter(tmp, [planned.out for planned in plan], parse_size(max_shard_size))
     opts = {"device": torch.device(device), "impl": impl, "seed": seed, "progress": progress}
     try:
         _stream(plan, readers, writer, cfg, opts)
@@ -251,6 +252,6 @@ def run_merge(config: str | Path | dict | MergeConfig, out_dir: str | Path, *, d
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
-        for r in readers:
-            r.close()
+        for reader in readers:
+            reader.close()
     return out_dir
