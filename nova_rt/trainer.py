@@ -41,18 +41,18 @@ log = logging.getLogger(__name__)
 def build_optimizer(params: list[nn.Parameter] | list[tuple[str, nn.Parameter]], cfg: Config, device: torch.device):
     """AdamW, fused where torch has the fused kernel (CUDA and CPU: on a 135M model the CPU fused step is ~7x faster
     than foreach, and it is what HF Trainer / TRL use by default); no weight decay on biases and norm weights."""
-    o = cfg.optim
-    named = [p if isinstance(p, tuple) else ("", p) for p in params]
-    decay = [p for _, p in named if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for _, p in named if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    kwargs = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps)
-    fused = o.fused == "true" or (o.fused == "auto" and device.type in ("cuda", "cpu"))
+    optim_cfg = cfg.optim
+    named = [param if isinstance(param, tuple) else ("", param) for param in params]
+    decay = [param for _, param in named if param.requires_grad and param.ndim >= 2]
+    no_decay = [param for _, param in named if param.requires_grad and param.ndim < 2]
+    groups = [{"params": decay, "weight_decay": optim_cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kwargs = dict(lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps)
+    fused = optim_cfg.fused == "true" or (optim_cfg.fused == "auto" and device.type in ("cuda", "cpu"))
     if fused:
         kwargs["fused"] = True
     else:
         kwargs["foreach"] = True
-    return torch.optim.AdamW([g for g in groups if g["params"]], **kwargs)
+    return torch.optim.AdamW([group for group in groups if group["params"]], **kwargs)
 
 
 def wrap_data_parallel(module: nn.Module, cfg: Config, info: DistInfo) -> nn.Module:
@@ -145,10 +145,10 @@ class Trainer:
 
         self.cfg, self.info = cfg, info
         self.run_dir = Path(run_dir)
-        m, t = cfg.model, cfg.train
-        self.param_dtype = trained_dtype(m.dtype, m.master_weights)
+        model_cfg, train_cfg = cfg.model, cfg.train
+        self.param_dtype = trained_dtype(model_cfg.dtype, model_cfg.master_weights)
         """Trained parameters and AdamW states: fp32 master weights unless model.master_weights=model_dtype."""
-        self.autocast_dtype = compute_dtype(m.dtype, t.precision, info.device.type)
+        self.autocast_dtype = compute_dtype(model_cfg.dtype, train_cfg.precision, info.device.type)
         """Compute dtype (None: the parameters' own); table: nova_rt.config.check_precision."""
         self.raw = module.to(info.device)
         with torch.no_grad():  # a module loaded in model.dtype (or a fresh head) becomes fp32 master weights
@@ -158,15 +158,16 @@ class Trainer:
         self.model = wrap_data_parallel(self.raw, cfg, info)
         self.fsdp = info.distributed and cfg.parallel.data_parallel == "fsdp2"
         self.optimizer = build_optimizer(params or list(self.model.named_parameters()), cfg, info.device)
-        o, t = cfg.optim, cfg.train
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(o, t.max_steps))
+        optim_cfg, train_cfg = cfg.optim, cfg.train
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(optim_cfg, train_cfg.max_steps))
         self.ckpt = CheckpointManager(self.run_dir, info, cfg.checkpoint.keep_last)
         self.step = 0
         self._provenance: dict | None = None
         self.scaler = torch.amp.GradScaler(info.device.type) if self.autocast_dtype == torch.float16 else None
         """fp16 compute: torch AMP's dynamic loss scaling; its overflow steps are skipped, not counted as a streak."""
-        self.guard = NonFiniteGuard(t.max_nonfinite_steps, info.is_main, self.ckpt.latest) if self.scaler is None \
-            else LossScaledGuard(t.max_nonfinite_steps, info.is_main, self.ckpt.latest, self.scaler)
+        max_nonfinite = train_cfg.max_nonfinite_steps
+        self.guard = NonFiniteGuard(max_nonfinite, info.is_main, self.ckpt.latest) if self.scaler is None \
+            else LossScaledGuard(max_nonfinite, info.is_main, self.ckpt.latest, self.scaler)
 
     # ------------------------------------------------------------------------------------------- one step
     def autocast(self):
@@ -195,15 +196,16 @@ class Trainer:
         self.model.train()
         totals: dict[str, float] = {}
         n = len(micro_batches)
-        for i, mb in enumerate(micro_batches):
+        for i, micro_batch in enumerate(micro_batches):
             # a typed micro-batch (nova_rt.data.micro_batch.PackedBatch: GRPO, DPO) moves itself; SFT / RM: dicts
-            mb = {k: v.to(self.info.device) if isinstance(v, torch.Tensor) else v for k, v in mb.items()} \
-                if isinstance(mb, dict) else mb.to(self.info.device)
+            micro_batch = {k: v.to(self.info.device) if isinstance(v, torch.Tensor) else v
+                           for k, v in micro_batch.items()} \
+                if isinstance(micro_batch, dict) else micro_batch.to(self.info.device)
             sync = contextlib.nullcontext() if (i == n - 1 or not hasattr(self.model, "no_sync")) \
                 else self.model.no_sync()
             with sync:
                 with nvtx_range("forward"), self.autocast():
-                    loss, stats = loss_fn(self.model, mb)
+                    loss, stats = loss_fn(self.model, micro_batch)
                 with nvtx_range("backward"):
                     self._scaled(loss * self.info.world_size).backward()
             totals["loss"] = totals.get("loss", 0.0) + loss.detach().float().item()
@@ -230,13 +232,13 @@ class Trainer:
         """Every parameter of this rank is finite (all ranks agree when distributed)."""
         bad = torch.zeros((), dtype=torch.float64, device=self.info.device)
         with torch.no_grad():
-            for p in self.model.parameters():
-                t = p.to_local() if hasattr(p, "to_local") else p
-                bad += (~torch.isfinite(t)).sum()
+            for param in self.model.parameters():
+                local = param.to_local() if hasattr(param, "to_local") else param
+                bad += (~torch.isfinite(local)).sum()
         return all_reduce_sum(bad).item() == 0
 
     def _clip(self) -> float:
-        params = [p for p in self.model.parameters() if p.grad is not None]
+        params = [param for param in self.model.parameters() if param.grad is not None]
         clip = self.cfg.optim.grad_clip
         if not params:
             return 0.0
@@ -249,9 +251,9 @@ class Trainer:
         if not self.info.distributed:
             return totals
         keys = sorted(totals)
-        t = torch.tensor([totals[k] for k in keys], dtype=torch.float64, device=self.info.device)
-        all_reduce_sum(t)
-        return dict(zip(keys, t.tolist()))
+        values = torch.tensor([totals[k] for k in keys], dtype=torch.float64, device=self.info.device)
+        all_reduce_sum(values)
+        return dict(zip(keys, values.tolist()))
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def model_state(self) -> dict | None:
@@ -263,17 +265,18 @@ class Trainer:
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-            sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            return sd if self.info.is_main else None
+            state_dict = get_model_state_dict(self.model,
+                                              options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            return state_dict if self.info.is_main else None
         return {k: v.detach().cpu() for k, v in self.raw.state_dict().items()}
 
     def optim_state(self) -> dict | None:
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-            sd = get_optimizer_state_dict(self.model, self.optimizer,
-                                          options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            return sd if self.info.is_main else None
+            state_dict = get_optimizer_state_dict(self.model, self.optimizer,
+                                                  options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            return state_dict if self.info.is_main else None
         return self.optimizer.state_dict()
 
     def save_checkpoint(self, extra: dict | None = None) -> Path | None:
@@ -350,12 +353,13 @@ def check_same_shapes(path: Path, own: dict, saved: dict | None) -> None:
         raise CheckpointError(f"{path}: no model.pt (was it written by another stage?)")
     missing = sorted(set(own) - set(saved))
     unexpected = sorted(set(saved) - set(own))
-    shapes = [k for k in own if k in saved and tuple(own[k].shape) != tuple(saved[k].shape)]
+    shapes = [name for name in own if name in saved and tuple(own[name].shape) != tuple(saved[name].shape)]
     if not (missing or unexpected or shapes):
         return
     if shapes:
-        k = shapes[0]
-        what = f"{k} is {tuple(saved[k].shape)} there, {tuple(own[k].shape)} in this model ({len(shapes)} differ)"
+        name = shapes[0]
+        what = (f"{name} is {tuple(saved[name].shape)} there, {tuple(own[name].shape)} in this model "
+                f"({len(shapes)} differ)")
     else:
         what = f"tensor {(missing or unexpected)[0]!r} is {'missing from' if missing else 'only in'} the checkpoint"
     raise CheckpointError(f"{path}: written by a model of another shape or architecture: {what}. Resume with the "
