@@ -36,12 +36,12 @@ _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: 
 def weight_buckets(named: Iterator[tuple[str, torch.Tensor]], bucket_mb: int) -> Iterator[list]:
     """Consecutive (name, tensor) lists of about bucket_mb MB each (a tensor larger than that is a bucket alone)."""
     limit, bucket, size = bucket_mb * 2**20, [], 0
-    for name, t in named:
-        nbytes = t.numel() * t.element_size()
+    for name, tensor in named:
+        nbytes = tensor.numel() * tensor.element_size()
         if bucket and size + nbytes > limit:
             yield bucket
             bucket, size = [], 0
-        bucket.append((name, t))
+        bucket.append((name, tensor))
         size += nbytes
     if bucket:
         yield bucket
@@ -50,7 +50,7 @@ def weight_buckets(named: Iterator[tuple[str, torch.Tensor]], bucket_mb: int) ->
 class VLLMEngine:
     def __init__(self, cfg: RolloutConfig, model, tokenizer, sampling: Sampling, *,
                  policy_version: Callable[[], int], dtype: torch.dtype | None = None):
-        self.cfg, self.model, self.tok, self.s = cfg, model, tokenizer, sampling
+        self.cfg, self.model, self.tok, self.sampling = cfg, model, tokenizer, sampling
         self.dtype = dtype or next(model.parameters()).dtype
         """The engine's dtype (model.dtype): fp32 master weights are cast to it on every sync."""
         self.policy_version = policy_version
@@ -83,17 +83,17 @@ class VLLMEngine:
         if getattr(self.model, "generation_config", None) is not None:
             self.model.generation_config.save_pretrained(self._dir.name)
         max_len = cfg.max_model_len or min(4096, getattr(hf_cfg, "max_position_embeddings", 4096))
-        kw = dict(model=self._dir.name, dtype=dtype, load_format="dummy", skip_tokenizer_init=True,
+        kwargs = dict(model=self._dir.name, dtype=dtype, load_format="dummy", skip_tokenizer_init=True,
                   enforce_eager=not self.cuda, seed=self.seed, max_model_len=max_len, enable_prefix_caching=True,
                   logprobs_mode="processed_logprobs", tensor_parallel_size=cfg.tensor_parallel)
         if self.cuda:
-            kw.update(gpu_memory_utilization=cfg.gpu_memory_utilization, enable_sleep_mode=cfg.sleep)
+            kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization, enable_sleep_mode=cfg.sleep)
         if torch.distributed.is_available() and torch.distributed.is_initialized() \
                 and torch.distributed.get_world_size() > 1:
-            kw["distributed_executor_backend"] = "external_launcher"
+            kwargs["distributed_executor_backend"] = "external_launcher"
         try:
             with _quiet("vllm.renderers.base"):  # a chat-template warm-up that needs the tokenizer we skip
-                return LLM(**kw)
+                return LLM(**kwargs)
         except Exception as exc:  # vLLM raises many kinds; the user needs the model and the first line
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             raise UserError(f"grpo.rollout.engine: vLLM cannot load this model "
@@ -116,14 +116,14 @@ class VLLMEngine:
         t0 = time.perf_counter()
         if self.cuda and self.cfg.sleep:
             self.llm.wake_up(tags=["weights"])
-        vm = self.vllm_model()
+        module = self.vllm_model()
         state = self.model.state_dict()
         with _quiet("vllm.model_executor.model_loader.reload.layerwise"):  # "RotaryEmbedding: Failed to load"
-            initialize_layerwise_reload(vm)  # (it has no weights: its kernel tensors are put back as they were)
+            initialize_layerwise_reload(module)  # (it has no weights: its kernel tensors are put back as they were)
             named = ((k, v.detach().to(self.dtype)) for k, v in state.items())  # fp32 masters: in model.dtype
             for bucket in weight_buckets(named, self.cfg.sync_bucket_mb):
-                vm.load_weights(iter(bucket))
-            finalize_layerwise_reload(vm, self._model_config())
+                module.load_weights(iter(bucket))
+            finalize_layerwise_reload(module, self._model_config())
         if self.cuda and self.cfg.sleep:
             self.llm.wake_up(tags=["kv_cache"])
         self.llm.reset_prefix_cache()
@@ -134,8 +134,8 @@ class VLLMEngine:
 
     def _ensure_synced(self) -> None:
         if self.synced_version != self.policy_version():
-            dt = self.sync_weights()
-            self.metrics["rollout_sync_s"] = self.metrics.get("rollout_sync_s", 0.0) + dt
+            seconds = self.sync_weights()
+            self.metrics["rollout_sync_s"] = self.metrics.get("rollout_sync_s", 0.0) + seconds
 
     @torch.no_grad()
     def engine_state_dict(self) -> dict[str, torch.Tensor]:
@@ -146,12 +146,12 @@ class VLLMEngine:
         Fused q/k/v and gate/up tensors are split back; a padded vocabulary is cut to the model's."""
         cfg, out = self.model.config, {}
         for mname, mod in self.vllm_model().named_modules():
-            for pname, p in mod.named_parameters(recurse=False):
-                t = p.detach()
-                if t.numel() == 0 and hasattr(mod, "cpu_linear"):
-                    k = getattr(mod, "input_size_per_partition", None) or mod.input_size
-                    t = mod.cpu_linear(torch.eye(k, dtype=t.dtype), t, None).t().contiguous()
-                out.update(_split_fused(f"{mname}.{pname}", t, cfg))
+            for pname, param in mod.named_parameters(recurse=False):
+                tensor = param.detach()
+                if tensor.numel() == 0 and hasattr(mod, "cpu_linear"):
+                    in_features = getattr(mod, "input_size_per_partition", None) or mod.input_size
+                    tensor = mod.cpu_linear(torch.eye(in_features, dtype=tensor.dtype), tensor, None).t().contiguous()
+                out.update(_split_fused(f"{mname}.{pname}", tensor, cfg))
         return out
 
     # ------------------------------------------------------------------------------------------- sampling
@@ -162,21 +162,21 @@ class VLLMEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        s, reqs, params = self.s, [], []
-        for u, p in enumerate(prompts):
+        sampling, reqs, params = self.sampling, [], []
+        for prompt_index, prompt in enumerate(prompts):
             for j in range(1 if greedy else G):
-                reqs.append(TokensPrompt(prompt_token_ids=list(p)))
+                reqs.append(TokensPrompt(prompt_token_ids=list(prompt)))
                 params.append(SamplingParams(
-                    max_tokens=s.max_new_tokens, temperature=0.0 if greedy else s.temperature,
-                    top_p=1.0 if greedy else s.top_p, top_k=0 if greedy else s.top_k,
-                    seed=None if greedy else self._seed(self.calls, u * G + j), logprobs=0, detokenize=False,
+                    max_tokens=sampling.max_new_tokens, temperature=0.0 if greedy else sampling.temperature,
+                    top_p=1.0 if greedy else sampling.top_p, top_k=0 if greedy else sampling.top_k,
+                    seed=None if greedy else self._seed(self.calls, prompt_index * G + j), logprobs=0, detokenize=False,
                     stop_token_ids=self.eos, ignore_eos=False))
         return reqs, params
 
     def _cut(self, toks: list[int], lps: list[float]) -> tuple[list[int], list[float], bool]:
         eos = set(self.eos)
-        for j, t in enumerate(toks):
-            if t in eos:
+        for j, token in enumerate(toks):
+            if token in eos:
                 return toks[:j + 1], lps[:j + 1], True
         return toks, lps, False
 
@@ -184,12 +184,13 @@ class VLLMEngine:
         reqs, params = self._requests(prompts, G, greedy)
         outs = self.llm.generate(reqs, params, use_tqdm=False)
         toks, lps, fin = [], [], []
-        for o in outs:
-            c = o.outputs[0]
-            lp = [next(iter(d.values())).logprob if d else float("nan") for d in (c.logprobs or [])]
-            t, lp, f = self._cut(list(c.token_ids), lp)
+        for output in outs:
+            completion = output.outputs[0]
+            logprobs = [next(iter(top.values())).logprob if top else float("nan")
+                        for top in (completion.logprobs or [])]
+            tokens, logprobs, finished = self._cut(list(completion.token_ids), logprobs)
             for _ in range(G if greedy else 1):
-                toks.append(t), lps.append(lp), fin.append(f)
+                toks.append(tokens), lps.append(logprobs), fin.append(finished)
         return toks, lps, fin
 
     @torch.no_grad()
@@ -199,35 +200,36 @@ class VLLMEngine:
         t0, G = time.perf_counter(), group_size
         self._ensure_synced()
         mine = len(prompts)
-        prompts_all, lo = _gather_prompts(prompts, self.tp_group, self.tp_rank, self.tp_size)
+        prompts_all, offset = _gather_prompts(prompts, self.tp_group, self.tp_rank, self.tp_size)
         toks, lps, fin = self._run(prompts_all, G, greedy)
-        toks, lps, fin = (x[lo * G:(lo + mine) * G] for x in (toks, lps, fin))
+        toks, lps, fin = (values[offset * G:(offset + mine) * G] for values in (toks, lps, fin))
         if not greedy:
             self.calls += 1
         if self.cuda and self.cfg.sleep:
             self.llm.sleep(level=2)
             self.synced_version = None  # level 2 dropped the weights: the next rollout syncs again
-        ro = Rollout(prompt_ids=[p for p in prompts for _ in range(G)], response_ids=toks,
+        rollout = Rollout(prompt_ids=[prompt for prompt in prompts for _ in range(G)], response_ids=toks,
                      texts=self.tok.batch_decode(toks, skip_special_tokens=True), finished=fin, logprobs=lps,
                      time_s=time.perf_counter() - t0)
         if not greedy and self.cfg.logprob_check:
-            self._check(ro)
-        return ro
+            self._check(rollout)
+        return rollout
 
-    def _check(self, ro: Rollout) -> None:
+    def _check(self, rollout: Rollout) -> None:
         """rollout_logprob_abs_diff(_max) over logprob_check responses spread evenly over the rollout (-1: all)."""
-        t0, n, k = time.perf_counter(), len(ro.response_ids), self.cfg.logprob_check
-        idx = list(range(n)) if k < 0 or k >= n else [round(i * n / k) for i in range(k)]
-        pol = policy_token_logprobs(self.model, [ro.prompt_ids[i] for i in idx], [ro.response_ids[i] for i in idx],
-                                    temperature=self.s.temperature, batch_size=self.s.batch_size or 16,
+        t0, n, n_check = time.perf_counter(), len(rollout.response_ids), self.cfg.logprob_check
+        idx = list(range(n)) if n_check < 0 or n_check >= n else [round(i * n / n_check) for i in range(n_check)]
+        pol = policy_token_logprobs(self.model, [rollout.prompt_ids[i] for i in idx],
+                                    [rollout.response_ids[i] for i in idx],
+                                    temperature=self.sampling.temperature, batch_size=self.sampling.batch_size or 16,
                                     pad_id=self.pad_id)
-        self.metrics.update(logprob_gap([ro.logprobs[i] for i in idx], pol),
+        self.metrics.update(logprob_gap([rollout.logprobs[i] for i in idx], pol),
                             rollout_logprob_check_s=time.perf_counter() - t0)
 
     # ------------------------------------------------------------------------------------------- state
     def pop_metrics(self) -> dict:
-        m, self.metrics = self.metrics, {}
-        return m
+        metrics, self.metrics = self.metrics, {}
+        return metrics
 
     def close(self) -> None:
         """Shut the engine down while torch.distributed is still up (vLLM's own exit hook would tear down process
@@ -270,13 +272,13 @@ class VLLMEngine:
 @contextlib.contextmanager
 def _quiet(name: str):
     """Raise the logger `name` to ERROR for the block (vLLM warnings that do not apply to this use)."""
-    lg = logging.getLogger(name)
+    logger = logging.getLogger(name)
     drop = lambda record: record.levelno >= logging.ERROR  # noqa: E731 (a filter: vLLM may reset levels meanwhile)
-    lg.addFilter(drop)
+    logger.addFilter(drop)
     try:
         yield
     finally:
-        lg.removeFilter(drop)
+        logger.removeFilter(drop)
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
@@ -290,19 +292,19 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return sorted(eos)
 
 
-def _split_fused(name: str, t: torch.Tensor, cfg) -> dict[str, torch.Tensor]:
+def _split_fused(name: str, tensor: torch.Tensor, cfg) -> dict[str, torch.Tensor]:
     """vLLM's fused qkv_proj / gate_up_proj tensors as the HF q/k/v and gate/up ones; a padded vocab cut to size."""
     if ".qkv_proj." in name:
-        hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
-        parts = t.split([q, kv, kv])
-        return {name.replace("qkv_proj", n): x for n, x in zip(("q_proj", "k_proj", "v_proj"), parts)}
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        q_rows, kv_rows = cfg.num_attention_heads * head_dim, cfg.num_key_value_heads * head_dim
+        parts = tensor.split([q_rows, kv_rows, kv_rows])
+        return {name.replace("qkv_proj", proj): part for proj, part in zip(("q_proj", "k_proj", "v_proj"), parts)}
     if ".gate_up_proj." in name:
-        g, u = t.chunk(2)
-        return {name.replace("gate_up_proj", "gate_proj"): g, name.replace("gate_up_proj", "up_proj"): u}
+        gate, up = tensor.chunk(2)
+        return {name.replace("gate_up_proj", "gate_proj"): gate, name.replace("gate_up_proj", "up_proj"): up}
     if name.endswith(("embed_tokens.weight", "lm_head.weight")):
-        t = t[:cfg.vocab_size]
-    return {name: t}
+        tensor = tensor[:cfg.vocab_size]
+    return {name: tensor}
 
 
 def _tp_group(tp: int):
@@ -324,4 +326,4 @@ def _gather_prompts(prompts, group, rank: int, size: int) -> tuple[list[list[int
         return prompts, 0
     every: list = [None] * size
     torch.distributed.all_gather_object(every, prompts, group=group)
-    return [p for part in every for p in part], sum(len(part) for part in every[:rank])
+    return [prompt for part in every for prompt in part], sum(len(part) for part in every[:rank])
