@@ -50,12 +50,12 @@ class GPUStats:
     def read(self) -> dict:
         if self.handle is None:
             return {}
-        nv = self._nvml
+        nvml = self._nvml
         out = {}
         with contextlib.suppress(Exception):
-            out["gpu_mem_gb"] = nv.nvmlDeviceGetMemoryInfo(self.handle).used / 1e9
-            out["gpu_power_w"] = nv.nvmlDeviceGetPowerUsage(self.handle) / 1e3
-            out["gpu_util"] = nv.nvmlDeviceGetUtilizationRates(self.handle).gpu
+            out["gpu_mem_gb"] = nvml.nvmlDeviceGetMemoryInfo(self.handle).used / 1e9
+            out["gpu_power_w"] = nvml.nvmlDeviceGetPowerUsage(self.handle) / 1e3
+            out["gpu_util"] = nvml.nvmlDeviceGetUtilizationRates(self.handle).gpu
         if torch.cuda.is_available():
             out["torch_max_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
         return out
@@ -73,7 +73,7 @@ class Telemetry:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
         self.gpu = GPUStats(local_rank) if enabled and torch.cuda.is_available() else None
-        self.tb = None
+        self.tensorboard = None
         self.bar = None
         if not enabled:
             return
@@ -83,7 +83,7 @@ class Telemetry:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=start_step + 1)
+                self.tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=start_step + 1)
             except Exception as exc:  # noqa: BLE001 - tensorboard missing or broken: metrics.jsonl still works
                 log.warning("TensorBoard disabled: %s", exc)
         if progress_bar:
@@ -109,18 +109,18 @@ class Telemetry:
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
-        rec = {"step": step, **{k: _py(v) for k, v in metrics.items()}}
+        record = {"step": step, **{k: _py(v) for k, v in metrics.items()}}
         if self.gpu is not None:
-            rec.update(self.gpu.read())
+            record.update(self.gpu.read())
         with open(self.path, "a") as f:
-            f.write(strict_json(rec) + "\n")
-        if self.tb is not None:
-            for k, v in rec.items():
+            f.write(strict_json(record) + "\n")
+        if self.tensorboard is not None:
+            for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
-                    self.tb.add_scalar(f"train/{k}", v, step)
+                    self.tensorboard.add_scalar(f"train/{k}", v, step)
         if self.bar is not None:
             self.bar.update(1)
-            show = {k: rec[k] for k in ("loss", "reward_mean", "lr", "tokens_per_s") if k in rec}
+            show = {k: record[k] for k in ("loss", "reward_mean", "lr", "tokens_per_s") if k in record}
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in show.items()})
 
     def close(self, plot: bool = True, keys: tuple[str, ...] = ("loss",)) -> None:
@@ -128,8 +128,8 @@ class Telemetry:
             return
         if self.bar is not None:
             self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         if plot:
             plot_metrics(self.path, self.run_dir / "loss.png", keys)
 
@@ -142,10 +142,10 @@ def strict_json(rec: dict) -> str:
     return json.dumps(rec, allow_nan=False)
 
 
-def _py(v):
-    if isinstance(v, torch.Tensor):
-        return v.item()
-    return v
+def _py(value):
+    if isinstance(value, torch.Tensor):
+        return value.item()
+    return value
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -157,7 +157,7 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 def plot_metrics(metrics_path: str | Path, out_png: str | Path, keys: tuple[str, ...] = ("loss",)) -> Path | None:
     rows = read_metrics(metrics_path)
-    keys = tuple(k for k in keys if any(k in r for r in rows))
+    keys = tuple(key for key in keys if any(key in row for row in rows))
     if not rows or not keys:
         return None
     import matplotlib
@@ -167,8 +167,9 @@ def plot_metrics(metrics_path: str | Path, out_png: str | Path, keys: tuple[str,
 
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)
     for ax, key in zip(axes[0], keys):
-        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]  # null: non-finite
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 60 else None)
+        points = [(row["step"], row[key]) for row in rows if isinstance(row.get(key), (int, float))]  # null: non-finite
+        ax.plot([point[0] for point in points], [point[1] for point in points],
+                marker="." if len(points) < 60 else None)
         ax.set_xlabel("step")
         ax.set_title(key)
         ax.grid(alpha=0.3)
