@@ -137,23 +137,6 @@ class VLLMEngine:
             seconds = self.sync_weights()
             self.metrics["rollout_sync_s"] = self.metrics.get("rollout_sync_s", 0.0) + seconds
 
-    @torch.no_grad()
-    def engine_state_dict(self) -> dict[str, torch.Tensor]:
-        """The engine's weights under the HF names (tensor_parallel 1), for checking a sync.
-
-        A CPU linear whose weight vLLM repacked (the parameter is empty) is read back through its own kernel as
-        cpu_linear(I_K) = W^T: each output element is one weight times 1.0 plus zeros, exact in fp32 and bf16.
-        Fused q/k/v and gate/up tensors are split back; a padded vocabulary is cut to the model's."""
-        cfg, out = self.model.config, {}
-        for mname, mod in self.vllm_model().named_modules():
-            for pname, param in mod.named_parameters(recurse=False):
-                tensor = param.detach()
-                if tensor.numel() == 0 and hasattr(mod, "cpu_linear"):
-                    in_features = getattr(mod, "input_size_per_partition", None) or mod.input_size
-                    tensor = mod.cpu_linear(torch.eye(in_features, dtype=tensor.dtype), tensor, None).t().contiguous()
-                out.update(_split_fused(f"{mname}.{pname}", tensor, cfg))
-        return out
-
     # ------------------------------------------------------------------------------------------- sampling
     def _seed(self, call: int, i: int) -> int:
         return int(np.random.SeedSequence([self.seed, call, i]).generate_state(1)[0] & 0x7FFFFFFF)
@@ -290,21 +273,6 @@ def _eos_ids(model, tokenizer) -> list[int]:
     if not eos:
         raise ValueError("the tokenizer has no eos_token_id")
     return sorted(eos)
-
-
-def _split_fused(name: str, tensor: torch.Tensor, cfg) -> dict[str, torch.Tensor]:
-    """vLLM's fused qkv_proj / gate_up_proj tensors as the HF q/k/v and gate/up ones; a padded vocab cut to size."""
-    if ".qkv_proj." in name:
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        q_rows, kv_rows = cfg.num_attention_heads * head_dim, cfg.num_key_value_heads * head_dim
-        parts = tensor.split([q_rows, kv_rows, kv_rows])
-        return {name.replace("qkv_proj", proj): part for proj, part in zip(("q_proj", "k_proj", "v_proj"), parts)}
-    if ".gate_up_proj." in name:
-        gate, up = tensor.chunk(2)
-        return {name.replace("gate_up_proj", "gate_proj"): gate, name.replace("gate_up_proj", "up_proj"): up}
-    if name.endswith(("embed_tokens.weight", "lm_head.weight")):
-        tensor = tensor[:cfg.vocab_size]
-    return {name: tensor}
 
 
 def _tp_group(tp: int):

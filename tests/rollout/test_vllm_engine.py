@@ -23,6 +23,7 @@ require_vllm()
 from nova_rt.models.tiny import build_tiny_model, byte_tokenizer  # noqa: E402
 from nova_rt.rollout.engine import RolloutConfig, Sampling, build_rollout_engine, policy_token_logprobs  # noqa: E402
 from nova_rt.rollout.vllm_engine import weight_buckets  # noqa: E402
+from tests.rollout.engine_weights import engine_state_dict  # noqa: E402
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 TINY = dict(hidden=128, heads=2, kv_heads=1, layers=2, intermediate=256)  # head_dim 64: vLLM's CPU attention
@@ -70,7 +71,7 @@ def _attach(eng, pol: Policy) -> None:
 
 
 def _diff(eng, model) -> list[str]:
-    got, want = eng.engine_state_dict(), model.state_dict()
+    got, want = engine_state_dict(eng), model.state_dict()
     assert set(want) <= set(got), f"engine lacks {sorted(set(want) - set(got))[:5]}"
     return [k for k, v in want.items() if not torch.equal(got[k], v.detach())]
 

@@ -24,6 +24,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.parallel import megatron_cpu_shims  # noqa: E402
+from tests.rollout.engine_weights import engine_state_dict  # noqa: E402
 
 megatron_cpu_shims.apply()
 
@@ -43,7 +44,7 @@ def _rows(gen: torch.Generator, vocab: int, n: int = 2) -> list[dict]:
 
 
 def _differ(engine, want: dict) -> list[str]:
-    got = engine.engine_state_dict()
+    got = engine_state_dict(engine)
     missing = sorted(set(want) - set(got))
     if missing:
         raise RuntimeError(f"engine lacks {missing[:5]}")
