@@ -87,13 +87,13 @@ def dare_stream(seed: int, tensor_id: int, model: int) -> int:
     return _splitmix64_int(_splitmix64_int(_splitmix64_int(seed & _MASK64) ^ (tensor_id & _MASK64)) ^ model)
 
 
-def _signed(c: int) -> int:
-    return c - (1 << 64) if c >= 1 << 63 else c
+def _signed(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
 
 
-def _shr(z: torch.Tensor, s: int) -> torch.Tensor:
+def _shr(z: torch.Tensor, shift: int) -> torch.Tensor:
     """Logical right shift of int64 bit patterns (torch's >> is arithmetic)."""
-    return (z >> s) & ((1 << (64 - s)) - 1)
+    return (z >> shift) & ((1 << (64 - shift)) - 1)
 
 
 def _splitmix64_tensor(z: torch.Tensor) -> torch.Tensor:
@@ -152,39 +152,39 @@ def l1_rescaled(delta: torch.Tensor, kept: torch.Tensor, eps: float = 1e-7) -> t
     return kept * (before / after)
 
 
-def _sparsify_extra(delta: torch.Tensor, i: int, p: GtaParams) -> torch.Tensor:
-    density = p.densities[i]
+def _sparsify_extra(delta: torch.Tensor, i: int, params: GtaParams) -> torch.Tensor:
+    density = params.densities[i]
     if density >= 1:
         return delta
-    if p.sparsify == SPARSIFY_OUTLIERS:
-        mask = outliers_mask_ref(delta, density, p.gammas[i])
+    if params.sparsify == SPARSIFY_OUTLIERS:
+        mask = outliers_mask_ref(delta, density, params.gammas[i])
     elif density <= 0:
         return torch.zeros_like(delta)
     else:
-        probs = della_keep_prob(delta, density, p.epsilons[i])
-        mask = dare_uniform24(delta.shape, p.seed, p.tensor_id, i, delta.device) < probs * 16777216.0
+        probs = della_keep_prob(delta, density, params.epsilons[i])
+        mask = dare_uniform24(delta.shape, params.seed, params.tensor_id, i, delta.device) < probs * 16777216.0
     kept = torch.where(mask, delta, torch.zeros_like(delta))
-    return l1_rescaled(delta, kept) if p.rescale else kept
+    return l1_rescaled(delta, kept) if params.rescale else kept
 
 
-def _sparsify(delta: torch.Tensor, i: int, p: GtaParams) -> torch.Tensor:
-    density = p.densities[i]
-    if p.sparsify in (SPARSIFY_OUTLIERS, SPARSIFY_DELLA):
-        return _sparsify_extra(delta, i, p)
-    if p.sparsify == SPARSIFY_MAGNITUDE:
+def _sparsify(delta: torch.Tensor, i: int, params: GtaParams) -> torch.Tensor:
+    density = params.densities[i]
+    if params.sparsify in (SPARSIFY_OUTLIERS, SPARSIFY_DELLA):
+        return _sparsify_extra(delta, i, params)
+    if params.sparsify == SPARSIFY_MAGNITUDE:
         return torch.where(magnitude_mask_ref(delta, density), delta, torch.zeros_like(delta))
-    if p.sparsify == SPARSIFY_RANDOM:
-        mask = dare_mask_ref(delta.shape, density, p.seed, p.tensor_id, i, delta.device)
-        scale = 1.0 / density if (p.rescale and 0 < density < 1) else 1.0
+    if params.sparsify == SPARSIFY_RANDOM:
+        mask = dare_mask_ref(delta.shape, density, params.seed, params.tensor_id, i, delta.device)
+        scale = 1.0 / density if (params.rescale and 0 < density < 1) else 1.0
         return torch.where(mask, delta * torch.tensor(scale, dtype=torch.float32).to(delta.dtype), 0)
     return delta
 
 
 def gta_ref(base: torch.Tensor, xs: list[torch.Tensor], p: GtaParams, out_dtype: torch.dtype) -> torch.Tensor:
     acc = compute_dtype(base.dtype)
-    b = base.to(acc)
+    base_acc = base.to(acc)
     weights = torch.tensor(p.weights, dtype=acc, device=base.device).reshape(-1, *([1] * base.dim()))
-    deltas = torch.stack([_sparsify(x.to(acc) - b, i, p) for i, x in enumerate(xs)]) * weights
+    deltas = torch.stack([_sparsify(x.to(acc) - base_acc, i, p) for i, x in enumerate(xs)]) * weights
     if p.consensus:
         majority = torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0).to(acc)
         agree = deltas.sign() == majority
@@ -197,22 +197,22 @@ def gta_ref(base: torch.Tensor, xs: list[torch.Tensor], p: GtaParams, out_dtype:
         div = torch.tensor(1.0 if abs(wsum) < 1e-8 else wsum, dtype=acc)
     if p.normalize:
         mix = mix / div
-    return (b + mix * torch.tensor(p.lam, dtype=acc)).to(out_dtype)
+    return (base_acc + mix * torch.tensor(p.lam, dtype=acc)).to(out_dtype)
 
 
 def slerp_ref(a: torch.Tensor, b: torch.Tensor, t: float, out_dtype: torch.dtype, dot_threshold: float = 0.9995,
               eps: float = 1e-8) -> torch.Tensor:
     acc = compute_dtype(a.dtype)
     x, y = a.to(acc).reshape(-1), b.to(acc).reshape(-1)
-    na, nb = torch.linalg.vector_norm(x).item(), torch.linalg.vector_norm(y).item()
-    na, nb = (na if na > eps else 1.0), (nb if nb > eps else 1.0)
-    dot = min(1.0, max(-1.0, torch.dot(x / na, y / nb).item()))
+    norm_a, norm_b = torch.linalg.vector_norm(x).item(), torch.linalg.vector_norm(y).item()
+    norm_a, norm_b = (norm_a if norm_a > eps else 1.0), (norm_b if norm_b > eps else 1.0)
+    dot = min(1.0, max(-1.0, torch.dot(x / norm_a, y / norm_b).item()))
     if abs(dot) > dot_threshold:
-        ca, cb = 1.0 - t, t
+        coef_a, coef_b = 1.0 - t, t
     else:
         theta = math.acos(dot)
-        ca, cb = math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
-    return (ca * x + cb * y).reshape(a.shape).to(out_dtype)
+        coef_a, coef_b = math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+    return (coef_a * x + coef_b * y).reshape(a.shape).to(out_dtype)
 
 
 def model_stock_rows(shape: torch.Size, filter_wise: bool) -> int:
@@ -226,9 +226,9 @@ def model_stock_ref(base: torch.Tensor, xs: list[torch.Tensor], row_len: int, ou
         raise ValueError(f"model_stock needs at least 2 models besides the base, got {len(xs)}")
     acc = compute_dtype(base.dtype)
     cols = row_len if row_len > 0 else max(base.numel(), 1)
-    b = base.to(acc).reshape(-1, cols)
-    ws = [x.to(acc).reshape(-1, cols) for x in xs]
-    offsets = [w - b for w in ws]
+    base_rows = base.to(acc).reshape(-1, cols)
+    model_rows = [x.to(acc).reshape(-1, cols) for x in xs]
+    offsets = [w - base_rows for w in model_rows]
     cosines = []
     for i in range(len(offsets)):
         for j in range(i + 1, len(offsets)):
@@ -236,9 +236,9 @@ def model_stock_ref(base: torch.Tensor, xs: list[torch.Tensor], row_len: int, ou
             dots = (offsets[i] * offsets[j]).sum(dim=-1)
             cosines.append((dots / norms.clamp(min=1e-6)).clamp(-1, 1))
     cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
-    n = len(ws)
+    n = len(model_rows)
     den = 1 + (n - 1) * cos
     singular = den.abs() < 1e-6
     t = torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, torch.ones_like(den), den))
-    mean = torch.stack(ws).sum(dim=0) / n
-    return (t * mean + (1 - t) * b).reshape(base.shape).to(out_dtype)
+    mean = torch.stack(model_rows).sum(dim=0) / n
+    return (t * mean + (1 - t) * base_rows).reshape(base.shape).to(out_dtype)
