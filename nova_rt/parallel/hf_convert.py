@@ -57,11 +57,11 @@ def hf_names(chunk, name: str, tied: bool) -> tuple[str, tuple[str, ...]]:
         return "vocab", ("model.embed_tokens.weight" if tied else "lm_head.weight",)
     if name == "decoder.final_layernorm.weight":
         return "replicated", ("model.norm.weight",)
-    m = _LAYER_RE.match(name)
-    if m and m.group(2) in _LAYER_MAP:
-        layer = chunk.decoder.layers[int(m.group(1))].layer_number - 1  # global 0-based layer index
-        kind, suffixes = _LAYER_MAP[m.group(2)]
-        return kind, tuple(f"model.layers.{layer}.{s}" for s in suffixes)
+    layer_match = _LAYER_RE.match(name)
+    if layer_match and layer_match.group(2) in _LAYER_MAP:
+        layer = chunk.decoder.layers[int(layer_match.group(1))].layer_number - 1  # global 0-based layer index
+        kind, suffixes = _LAYER_MAP[layer_match.group(2)]
+        return kind, tuple(f"model.layers.{layer}.{suffix}" for suffix in suffixes)
     raise KeyError(f"megatron parameter {name!r} has no HF counterpart in nova_rt.parallel.hf_convert")
 
 
@@ -97,8 +97,8 @@ class SafetensorsReader:
         return list(self._slice(name).get_shape())
 
     def rows(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        sl = self._slice(name)
-        return sl[start:stop] if sl.get_shape() else sl[:]
+        tensor_slice = self._slice(name)
+        return tensor_slice[start:stop] if tensor_slice.get_shape() else tensor_slice[:]
 
     def cols(self, name: str, start: int, stop: int) -> torch.Tensor:
         return self._slice(name)[:, start:stop]
@@ -107,13 +107,15 @@ class SafetensorsReader:
 # ----------------------------------------------------------------------------------------------- load
 def _load_qkv(reader, names, arch, tp, rank):
     groups = arch.kv_heads // tp
-    q_per_group, h = arch.heads // arch.kv_heads, arch.head_dim
-    g0 = rank * groups
-    q = reader.rows(names[0], g0 * q_per_group * h, (g0 + groups) * q_per_group * h)
-    k = reader.rows(names[1], g0 * h, (g0 + groups) * h)
-    v = reader.rows(names[2], g0 * h, (g0 + groups) * h)
-    tail = q.shape[1:]
-    parts = [q.reshape(groups, q_per_group * h, *tail), k.reshape(groups, h, *tail), v.reshape(groups, h, *tail)]
+    q_per_group, head_dim = arch.heads // arch.kv_heads, arch.head_dim
+    first_group = rank * groups
+    query = reader.rows(names[0], first_group * q_per_group * head_dim,
+                        (first_group + groups) * q_per_group * head_dim)
+    key = reader.rows(names[1], first_group * head_dim, (first_group + groups) * head_dim)
+    value = reader.rows(names[2], first_group * head_dim, (first_group + groups) * head_dim)
+    tail = query.shape[1:]
+    parts = [query.reshape(groups, q_per_group * head_dim, *tail), key.reshape(groups, head_dim, *tail),
+             value.reshape(groups, head_dim, *tail)]
     return torch.cat(parts, dim=1).reshape(-1, *tail)
 
 
@@ -135,11 +137,11 @@ def load_shard(reader, kind, names, arch, param_shape, tp, rank) -> torch.Tensor
         out = _load_vocab(reader, names[0], arch, param_shape[0], rank)
         return out if out is not None else torch.zeros(param_shape)
     if kind == "row":
-        n = param_shape[1]
-        return reader.cols(names[0], rank * n, (rank + 1) * n)
+        per_rank = param_shape[1]
+        return reader.cols(names[0], rank * per_rank, (rank + 1) * per_rank)
     if kind == "fc1":
-        n = param_shape[0] // 2
-        return torch.cat([reader.rows(nm, rank * n, (rank + 1) * n) for nm in names], dim=0)
+        per_rank = param_shape[0] // 2
+        return torch.cat([reader.rows(hf_name, rank * per_rank, (rank + 1) * per_rank) for hf_name in names], dim=0)
     if kind == "qkv":
         return _load_qkv(reader, names, arch, tp, rank)
     raise ValueError(f"unknown layout kind {kind!r}")
@@ -192,11 +194,11 @@ def local_pieces(chunks: list, arch) -> list[tuple[str, tuple[str, ...], int, to
 
 
 def _split_qkv(piece, arch, tp):
-    groups, q_per_group, h = arch.kv_heads // tp, arch.heads // arch.kv_heads, arch.head_dim
+    groups, q_per_group, head_dim = arch.kv_heads // tp, arch.heads // arch.kv_heads, arch.head_dim
     tail = piece.shape[1:]
-    grouped = piece.reshape(groups, (q_per_group + 2) * h, *tail)
-    q, k, v = grouped.split([q_per_group * h, h, h], dim=1)
-    return [x.reshape(-1, *tail) for x in (q, k, v)]
+    grouped = piece.reshape(groups, (q_per_group + 2) * head_dim, *tail)
+    query, key, value = grouped.split([q_per_group * head_dim, head_dim, head_dim], dim=1)
+    return [part.reshape(-1, *tail) for part in (query, key, value)]
 
 
 def assemble(pieces: list, arch, tp: int) -> dict[str, torch.Tensor]:
@@ -211,19 +213,19 @@ def assemble(pieces: list, arch, tp: int) -> dict[str, torch.Tensor]:
             continue
         if sorted(ranks) != list(range(tp)):
             raise RuntimeError(f"pieces of {names} came from TP ranks {sorted(ranks)}, expected 0..{tp - 1}")
-        ordered = [ranks[r] for r in range(tp)]
+        ordered = [ranks[tp_rank] for tp_rank in range(tp)]
         if kind == "vocab":
             out[names[0]] = torch.cat(ordered, dim=0)[: arch.vocab]
         elif kind == "row":
             out[names[0]] = torch.cat(ordered, dim=1)
         elif kind == "fc1":
-            halves = [p.chunk(2, dim=0) for p in ordered]
-            for i, nm in enumerate(names):
-                out[nm] = torch.cat([h[i] for h in halves], dim=0)
+            halves = [piece.chunk(2, dim=0) for piece in ordered]
+            for i, hf_name in enumerate(names):
+                out[hf_name] = torch.cat([half[i] for half in halves], dim=0)
         elif kind == "qkv":
-            split = [_split_qkv(p, arch, tp) for p in ordered]
-            for i, nm in enumerate(names):
-                out[nm] = torch.cat([s[i] for s in split], dim=0)
+            split = [_split_qkv(piece, arch, tp) for piece in ordered]
+            for i, hf_name in enumerate(names):
+                out[hf_name] = torch.cat([parts[i] for parts in split], dim=0)
     return {k: v.contiguous().clone() for k, v in out.items()}
 
 
@@ -233,9 +235,9 @@ def write_hf_dir(tensors: dict[str, torch.Tensor], src_dir, out_dir, max_shard_b
 
     src, out = Path(src_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and f.name not in INDEX_FILES:
-            shutil.copy2(f, out / f.name)
+    for path in src.iterdir():
+        if path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES) and path.name not in INDEX_FILES:
+            shutil.copy2(path, out / path.name)
     shards, current, size = [], {}, 0
     for name in sorted(tensors):
         nbytes = tensors[name].numel() * tensors[name].element_size()
@@ -252,7 +254,7 @@ def write_hf_dir(tensors: dict[str, torch.Tensor], src_dir, out_dir, max_shard_b
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, out / fname, metadata={"format": "pt"})
         weight_map.update({k: fname for k in shard})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    total = sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
     (out / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     return out
@@ -270,6 +272,6 @@ def save_chunks_as_hf(chunks: list, arch, src_dir, out_dir) -> Path | None:
     dist.gather_object(mine, gathered, dst=0)
     if dist.get_rank() != 0:
         return None
-    pieces = [p for rank_pieces in gathered for p in rank_pieces]
+    pieces = [piece for rank_pieces in gathered for piece in rank_pieces]
     tensors = assemble(pieces, arch, ps.get_tensor_model_parallel_world_size())
     return write_hf_dir(tensors, src_dir, out_dir)
