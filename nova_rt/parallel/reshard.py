@@ -32,8 +32,8 @@ class _DictReader:
         self.tensors = tensors
 
     def rows(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        t = self.tensors[name]
-        return t[start:stop] if t.dim() else t
+        tensor = self.tensors[name]
+        return tensor[start:stop] if tensor.dim() else tensor
 
     def cols(self, name: str, start: int, stop: int) -> torch.Tensor:
         return self.tensors[name][:, start:stop]
@@ -47,11 +47,12 @@ def _optimizers(backend) -> list:
 
 
 def _chunks(backend) -> list:
-    return [getattr(c, "module", c) for c in backend.model]
+    return [getattr(chunk, "module", chunk) for chunk in backend.model]
 
 
 def _param_ids(backend) -> dict[int, tuple[int, str]]:
-    return {id(p): (i, n) for i, c in enumerate(_chunks(backend)) for n, p in c.named_parameters()}
+    return {id(param): (i, name) for i, chunk in enumerate(_chunks(backend))
+            for name, param in chunk.named_parameters()}
 
 
 def _dp_zero_offsets(opt, ids: dict) -> list[tuple[int, int, str, int, int]]:
@@ -64,8 +65,9 @@ def _dp_zero_offsets(opt, ids: dict) -> list[tuple[int, int, str, int, int]]:
         before = [0]
         for bucket in buf.buckets:
             before.append(before[-1] + bucket.numel_unpadded)
-        for p, (start, end, b) in buf.param_index_map.items():
-            out.append((gbuf, *ids[id(p)], before[b] + start - buf.buckets[b].offset, end - start))
+        for param, (start, end, bucket_index) in buf.param_index_map.items():
+            offset = before[bucket_index] + start - buf.buckets[bucket_index].offset
+            out.append((gbuf, *ids[id(param)], offset, end - start))
     return out
 
 
@@ -83,10 +85,11 @@ def describe(backend) -> dict:
         if _is_dp_zero(opt):
             optimizers.append({"dp_zero": _dp_zero_offsets(opt, ids)})
         else:  # torch's state_dict numbers parameters in param-group order
-            optimizers.append({"torch": [ids[id(p)] for g in opt.optimizer.param_groups for p in g["params"]]})
+            optimizers.append({"torch": [ids[id(param)] for group in opt.optimizer.param_groups
+                                         for param in group["params"]]})
     return {"tp_rank": ps.get_tensor_model_parallel_rank(), "dp_rank": ps.get_data_parallel_rank(),
-            "params": [{n: hf_convert.hf_names(c, n, backend.arch.tied) for n, _ in c.named_parameters()}
-                       for c in _chunks(backend)],
+            "params": [{name: hf_convert.hf_names(chunk, name, backend.arch.tied)
+                        for name, _ in chunk.named_parameters()} for chunk in _chunks(backend)],
             "optimizers": optimizers}
 
 
@@ -104,14 +107,15 @@ def _moments(desc: dict, saved, shapes: dict) -> tuple[dict, float | None]:
         step = None
         for index, key in enumerate(desc["torch"]):
             if index in saved["state"]:
-                st = saved["state"][index]
-                out[key] = {m: st[m] for m in MOMENTS}
-                step = float(st["step"])
+                param_state = saved["state"][index]
+                out[key] = {moment: param_state[moment] for moment in MOMENTS}
+                step = float(param_state["step"])
         return out, step
     world = saved["param_state"]
     for gbuf, chunk, name, start, numel in desc["dp_zero"]:
         (tensors,) = world[gbuf].values()  # one (param dtype, grad dtype) per buffer
-        out[(chunk, name)] = {m: tensors[m][start:start + numel].view(shapes[(chunk, name)]) for m in MOMENTS}
+        out[(chunk, name)] = {moment: tensors[moment][start:start + numel].view(shapes[(chunk, name)])
+                              for moment in MOMENTS}
     return out, float(saved["common"]["optimizer"]["param_groups"][0]["step"])
 
 
@@ -119,25 +123,27 @@ def _full_tensors(files: list[dict], arch, old_tp: int) -> tuple[dict, float]:
     """{"weight" | moment: {HF name: full tensor}} and the Adam step from the old DP-rank-0 files."""
     pieces = {k: [] for k in ("weight", *MOMENTS)}
     step = None
-    for f in files:
-        d = f["reshard"]
-        layout = {(c, n): kh for c, names in enumerate(d["params"]) for n, kh in names.items()}
-        shapes = {(c, n): f["model"][c][n].shape for c, n in layout}
+    for rank_file in files:
+        rank_description = rank_file["reshard"]
+        layout = {(chunk, name): kind_names for chunk, names in enumerate(rank_description["params"])
+                  for name, kind_names in names.items()}
+        shapes = {(chunk, name): rank_file["model"][chunk][name].shape for chunk, name in layout}
         moments = {}
-        for desc, saved in zip(d["optimizers"], _optimizer_list(f["optimizer"]), strict=True):
-            found, s = _moments(desc, saved, shapes)
+        for desc, saved in zip(rank_description["optimizers"], _optimizer_list(rank_file["optimizer"]), strict=True):
+            found, found_step = _moments(desc, saved, shapes)
             moments.update(found)
-            step = s if s is not None else step
-        for (c, n), (kind, names) in layout.items():
-            if n == "output_layer.weight" and names == ("model.embed_tokens.weight",):
+            step = found_step if found_step is not None else step
+        for (chunk, name), (kind, names) in layout.items():
+            if name == "output_layer.weight" and names == ("model.embed_tokens.weight",):
                 continue  # the last stage's copy of a tied embedding
-            if f["model"][c][n].dtype != torch.float32:
-                raise NotImplementedError(f"{n} was saved in {f['model'][c][n].dtype}: resharding needs fp32 "
-                                          "parameters (the optimizer's fp32 master weights are not carried)")
-            pieces["weight"].append((kind, names, d["tp_rank"], f["model"][c][n]))
-            zeros = torch.zeros_like(f["model"][c][n])  # a parameter Adam never stepped
-            for m in MOMENTS:
-                pieces[m].append((kind, names, d["tp_rank"], moments.get((c, n), {}).get(m, zeros)))
+            if rank_file["model"][chunk][name].dtype != torch.float32:
+                raise NotImplementedError(f"{name} was saved in {rank_file['model'][chunk][name].dtype}: resharding "
+                                          "needs fp32 parameters (the optimizer's fp32 master weights are not carried)")
+            pieces["weight"].append((kind, names, rank_description["tp_rank"], rank_file["model"][chunk][name]))
+            zeros = torch.zeros_like(rank_file["model"][chunk][name])  # a parameter Adam never stepped
+            for moment in MOMENTS:
+                saved_moment = moments.get((chunk, name), {}).get(moment, zeros)
+                pieces[moment].append((kind, names, rank_description["tp_rank"], saved_moment))
     if step is None:
         raise RuntimeError("the checkpoint holds no Adam step (saved before the first optimizer step?)")
     return {k: hf_convert.assemble(v, arch, old_tp) for k, v in pieces.items()}, step
@@ -150,13 +156,13 @@ def _new_optimizer_state(backend, shard, step: float):
     for opt in _optimizers(backend):
         groups = opt.optimizer.param_groups
         if not _is_dp_zero(opt):
-            params = [ids[id(p)] for g in groups for p in g["params"]]
-            state = {i: {"step": torch.tensor(step), **{m: shard(m, key) for m in MOMENTS}}
+            params = [ids[id(param)] for group in groups for param in group["params"]]
+            state = {i: {"step": torch.tensor(step), **{moment: shard(moment, key) for moment in MOMENTS}}
                      for i, key in enumerate(params)}
             states.append({"state": state, "param_groups": opt.optimizer.state_dict()["param_groups"]})
             continue
-        common = {"optimizer": {"param_groups": [{**{k: v for k, v in g.items() if k != "params"}, "step": step}
-                                                 for g in groups]}}
+        common = {"optimizer": {"param_groups": [{**{k: v for k, v in group.items() if k != "params"}, "step": step}
+                                                 for group in groups]}}
         world = None
         if opt.data_parallel_group.rank() == 0:  # dp-zero state lives on DP rank 0 and is scattered from there
             world = {gbuf: {dtype: {**{k: torch.zeros(buf.numel_unpadded) for k in ("param", *MOMENTS)},
@@ -165,8 +171,9 @@ def _new_optimizer_state(backend, shard, step: float):
                      for gbuf, buf in enumerate(opt.buffers)}
             for gbuf, chunk, name, start, numel in _dp_zero_offsets(opt, ids):
                 (tensors,) = world[gbuf].values()
-                for k in ("param", *MOMENTS):
-                    tensors[k][start:start + numel] = shard("weight" if k == "param" else k, (chunk, name)).view(-1)
+                for field in ("param", *MOMENTS):
+                    source = "weight" if field == "param" else field
+                    tensors[field][start:start + numel] = shard(source, (chunk, name)).view(-1)
         states.append({"common": common, "param_state": world})
     if backend.pcfg.distributed_optimizer:
         return {"distributed": states}
@@ -185,31 +192,31 @@ def load_resharded(backend, path: Path, meta: dict) -> tuple[int, None]:
     if backend.dtype != torch.float32:
         raise NotImplementedError(f"{path}: resuming in another parallel layout needs fp32 parameters (with "
                                   f"{backend.dtype} the fp32 master weights would have to be carried)")
-    files = [safe_load(f, mmap=True, numpy_arrays=True) for f in sorted(path.glob("rank_*.pt"))]
-    if len(files) != meta["world_size"] or any("reshard" not in f for f in files):
+    files = [safe_load(file_path, mmap=True, numpy_arrays=True) for file_path in sorted(path.glob("rank_*.pt"))]
+    if len(files) != meta["world_size"] or any("reshard" not in rank_file for rank_file in files):
         raise RuntimeError(f"{path} cannot be resumed in another layout (it lacks rank files or their layout "
                            f"description; written before resharding existed?); resume with {meta}")
-    if any(f["extra"] is not None for f in files):
+    if any(rank_file["extra"] is not None for rank_file in files):
         raise NotImplementedError(f"{path} holds per-rank stage state (e.g. GRPO's sampler), which cannot be moved "
                                   "to another layout; resume with the layout it was written with")
     log.info("%s was written with %s: resharding it into this run's layout", path, meta)
-    full, step = _full_tensors([f for f in files if f["reshard"]["dp_rank"] == 0], backend.arch,
+    full, step = _full_tensors([rank_file for rank_file in files if rank_file["reshard"]["dp_rank"] == 0], backend.arch,
                                meta["tensor_parallel"])
-    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    tp_size, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     chunks = _chunks(backend)
-    params = {(i, n): p for i, c in enumerate(chunks) for n, p in c.named_parameters()}
+    params = {(i, name): param for i, chunk in enumerate(chunks) for name, param in chunk.named_parameters()}
 
     def shard(kind_of_tensor: str, key: tuple[int, str]) -> torch.Tensor:
         chunk, name = key
         kind, names = hf_convert.hf_names(chunks[chunk], name, backend.arch.tied)
         return hf_convert.load_shard(_DictReader(full[kind_of_tensor]), kind, names, backend.arch,
-                                     tuple(params[key].shape), tp, tp_rank).to(torch.float32)
+                                     tuple(params[key].shape), tp_size, tp_rank).to(torch.float32)
 
     model = []
-    for i, c in enumerate(chunks):
-        sd = c.state_dict()
-        sd.update({n: shard("weight", (i, n)) for n, _ in c.named_parameters()})
-        model.append(sd)
+    for i, chunk in enumerate(chunks):
+        state_dict = chunk.state_dict()
+        state_dict.update({name: shard("weight", (i, name)) for name, _ in chunk.named_parameters()})
+        model.append(state_dict)
     state = {"model": model, "optimizer": _new_optimizer_state(backend, shard, step),
              "rng": {**rng_state(), "megatron": tensor_parallel.get_cuda_rng_tracker().get_states()}}
     backend.load_state_dict(state)
