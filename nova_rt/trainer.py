@@ -29,6 +29,7 @@ from torch import nn
 from nova_rt import provenance
 from nova_rt.checkpoint import CheckpointManager
 from nova_rt.config import Config
+from nova_rt.data.micro_batch import to_device
 from nova_rt.disk import disk_writes, state_nbytes
 from nova_rt.distributed import DistInfo, all_reduce_sum, broadcast_object
 from nova_rt.errors import CheckpointError, NonFiniteError
@@ -158,8 +159,7 @@ class Trainer:
         self.model = wrap_data_parallel(self.raw, cfg, info)
         self.fsdp = info.distributed and cfg.parallel.data_parallel == "fsdp2"
         self.optimizer = build_optimizer(params or list(self.model.named_parameters()), cfg, info.device)
-        optim_cfg, train_cfg = cfg.optim, cfg.train
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(optim_cfg, train_cfg.max_steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(cfg.optim, train_cfg.max_steps))
         self.ckpt = CheckpointManager(self.run_dir, info, cfg.checkpoint.keep_last)
         self.step = 0
         self._provenance: dict | None = None
@@ -197,10 +197,7 @@ class Trainer:
         totals: dict[str, float] = {}
         n = len(micro_batches)
         for i, micro_batch in enumerate(micro_batches):
-            # a typed micro-batch (nova_rt.data.micro_batch.PackedBatch: GRPO, DPO) moves itself; SFT / RM: dicts
-            micro_batch = {k: v.to(self.info.device) if isinstance(v, torch.Tensor) else v
-                           for k, v in micro_batch.items()} \
-                if isinstance(micro_batch, dict) else micro_batch.to(self.info.device)
+            micro_batch = to_device(micro_batch, self.info.device)  # a PackedBatch (GRPO, DPO) or a dict
             sync = contextlib.nullcontext() if (i == n - 1 or not hasattr(self.model, "no_sync")) \
                 else self.model.no_sync()
             with sync:

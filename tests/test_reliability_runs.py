@@ -58,7 +58,8 @@ def test_second_run_in_a_running_runs_dir_exits_2_naming_its_pid_and_a_killed_ru
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
-        while not ((run / "checkpoints").is_dir() and any(_checkpoints(run))) and proc.poll() is None:
+        # a complete checkpoint (its manifest is written last), not only the first one's step_N.tmp
+        while not any((run / "checkpoints").glob("step_????????/manifest.json")) and proc.poll() is None:
             assert time.time() < deadline, "the first run wrote no checkpoint"
             time.sleep(0.2)
         assert proc.poll() is None
