@@ -150,19 +150,21 @@ def _grpo_specs() -> list[LaunchSpec]:
 
     specs, f32, bf16 = [], torch.float32, torch.bfloat16
     pow2 = lambda lo, hi: [1 << e for e in range(lo.bit_length() - 1, hi.bit_length())]  # noqa: E731
-    base = dict(R_B=f32, ADV_B=f32, W_B=f32, STATS=f32, PART_4P=f32, LOSS=f32, G=8, bessel=7.0, inv_tokens=1e-6,
-                T=_T_ODD * 32 + 2, P=513, n_search=13, eps_low=0.2, eps_high=0.28, beta=0.04, CU=torch.int32)
+    base = dict(R_B=f32, GIVEN_B=f32, ADV_B=f32, W_B=f32, STATS=f32, PART_4P=f32, LOSS=f32, G=8, bessel=7.0,
+                inv_tokens=1e-6, T=_T_ODD * 32 + 2, P=513, n_search=13, eps_low=0.2, eps_high=0.28, beta=0.04,
+                CU=torch.int32)
     default_agg, default_norm = "token-mean", "std"
     adv = [(torch.int32, bb, default_agg, default_norm) for bb in pow2(*gl._BLOCK_B_RANGE)]
     bb_max = gl._BLOCK_B_RANGE[1]
     adv += [(torch.int32, bb_max, a, n) for a in gl._AGG_MODES for n in gl._ADV_NORMS if (a, n) != (default_agg,
                                                                                                     default_norm)]
     adv += [(torch.int64, bb_max, default_agg, default_norm)]
+    adv += [(torch.int32, bb_max, a, "given") for a in gl._AGG_MODES]  # precomputed advantages
     for cu, bb, agg, norm in adv:
         specs.append(LaunchSpec(
             "grpo_loss", "_grpo_adv_kernel", f"{'cu64' if cu == torch.int64 else 'cu32'} BLOCK_B={bb} {agg} adv={norm}",
             {**base, "CU": cu, "B": bb * 3 // 4 + 1}, dict(AGG=gl._AGG_MODES[agg], NORM_STD=norm == "std",
-                                                         BLOCK_B=bb),
+                                                         HAS_GIVEN=norm == "given", BLOCK_B=bb),
             spill_allowance=gl._SPILL_ALLOWANCE.get(("adv", bb), 0), key=("adv", bb)))
     bt_max = gl._CUDA_BLOCK_T
     # (dtype, cu dtype, BLOCK_T, has_ref, kl, token_adv, write_grad, is_weights)

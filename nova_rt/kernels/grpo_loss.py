@@ -1,7 +1,7 @@
 """Fused GRPO policy loss over flat response tokens: advantages, ratio, clipped surrogate, KL, aggregation and
 d logprobs in one pass over the log-probs, deterministic (fixed-order reduce, no atomics), no (T,) index tensor.
 
-    A_i  = (R_i - mean_g R) / (std_g R + 1e-4)   (adv_norm="none": R_i - mean_g R);   a_t = A_i + token_adv[t]
+    A_i  = (R_i - mean_g R) / (std_g R + 1e-4)   (adv_norm="none": R_i - mean_g R; or given);   a_t = A_i + tadv_t
     r_t  = exp(clamp(lp_t - old_t, -20, 20)),    pg_t = -min(r_t a_t, clip(r_t, 1 - eps_low, 1 + eps_high) a_t)
     loss = sum_t w_t (c_t pg_t + beta kl_t)      kl_t: k1 | k2 | k3;  c_t: is_weights (TIS), a constant
     w_t  = 1 / T | 1 / (n_nonempty L_i) | 1 / (B max_i L_i)   (token-mean | seq-mean-token-mean | ...-sum-norm)
@@ -49,8 +49,8 @@ def _group_adv(R_B, i, m, G, bessel, NORM_STD: tl.constexpr):
 
 
 @triton.jit
-def _grpo_adv_kernel(R_B, CU, ADV_B, W_B, STATS, B, G, bessel, inv_tokens,
-                     AGG: tl.constexpr, NORM_STD: tl.constexpr, BLOCK_B: tl.constexpr):
+def _grpo_adv_kernel(R_B, GIVEN_B, CU, ADV_B, W_B, STATS, B, G, bessel, inv_tokens,
+                     AGG: tl.constexpr, NORM_STD: tl.constexpr, HAS_GIVEN: tl.constexpr, BLOCK_B: tl.constexpr):
     offs = tl.arange(0, BLOCK_B)
     n_ne = tl.zeros([BLOCK_B], tl.int32)
     lmax = tl.zeros([BLOCK_B], tl.int32)
@@ -67,7 +67,10 @@ def _grpo_adv_kernel(R_B, CU, ADV_B, W_B, STATS, B, G, bessel, inv_tokens,
     for start in range(0, B, BLOCK_B):
         i = start + offs
         m = i < B
-        adv = _group_adv(R_B, i, m, G, bessel, NORM_STD)
+        if HAS_GIVEN:  # precomputed advantages, taken as they are
+            adv = tl.load(GIVEN_B + i, mask=m, other=0.0).to(tl.float32)
+        else:
+            adv = _group_adv(R_B, i, m, G, bessel, NORM_STD)
         if AGG == 0:
             w = tl.zeros([BLOCK_B], tl.float32) + inv_tokens
         elif AGG == 1:
@@ -214,7 +217,8 @@ _SPILL_ALLOWANCE = {("adv", 1024): 8, ("fwd", "fp16"): 8}
 def grpo_loss_fwd(logprobs_T, old_logprobs_T, ref_logprobs_T, rewards_B, cu_seqlens, token_adv_T, group_size: int,
                   eps_low: float, eps_high: float, beta: float, kl: str, agg: str, adv_norm: str,
                   write_grad: bool = True, block_t: int | None = None, block_b: int | None = None,
-                  block_p: int = _BLOCK_P, is_weights_T: torch.Tensor | None = None):
+                  block_p: int = _BLOCK_P, is_weights_T: torch.Tensor | None = None,
+                  advantages_B: torch.Tensor | None = None):
     """Launch the three forward kernels; no autograd. Returns (loss 0-d fp32, dlp (T,) or (0,), stats (5,) fp32).
 
     dlp is d loss / d logprobs in the logprobs dtype (empty when write_grad is False); stats follow STAT_NAMES.
@@ -233,8 +237,10 @@ def grpo_loss_fwd(logprobs_T, old_logprobs_T, ref_logprobs_T, rewards_B, cu_seql
     dlp_T = torch.empty(T if write_grad else 0, device=dev, dtype=logprobs_T.dtype)
     part_4P = torch.empty(4 * max(n_blocks, 1), device=dev, dtype=torch.float32)
     inv_tokens = 1.0 / max(T, 1)
-    _grpo_adv_kernel[(1,)](rewards_B, cu_seqlens, adv_B, w_B, stats, B, group_size, float(max(group_size - 1, 1)),
-                           inv_tokens, AGG=_AGG_MODES[agg], NORM_STD=adv_norm == "std", BLOCK_B=block_b)
+    has_given = advantages_B is not None
+    _grpo_adv_kernel[(1,)](rewards_B, advantages_B if has_given else rewards_B, cu_seqlens, adv_B, w_B, stats, B,
+                           group_size, float(max(group_size - 1, 1)), inv_tokens, AGG=_AGG_MODES[agg],
+                           NORM_STD=adv_norm == "std", HAS_GIVEN=has_given, BLOCK_B=block_b)
     if n_blocks > 0:
         has_ref, has_tadv, has_isw = ref_logprobs_T is not None, token_adv_T is not None, is_weights_T is not None
         _grpo_loss_fwd_kernel[(n_blocks,)](
@@ -252,14 +258,16 @@ def grpo_loss_fwd(logprobs_T, old_logprobs_T, ref_logprobs_T, rewards_B, cu_seql
 def _grpo_loss_op(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor | None,
                   rewards: torch.Tensor, cu_seqlens: torch.Tensor, token_adv: torch.Tensor | None, group_size: int,
                   eps_low: float, eps_high: float, beta: float, kl: str, agg: str, adv_norm: str,
-                  write_grad: bool, is_weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  write_grad: bool, is_weights: torch.Tensor | None,
+                  advantages: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return grpo_loss_fwd(logprobs, old_logprobs, ref_logprobs, rewards, cu_seqlens, token_adv, group_size,
-                         eps_low, eps_high, beta, kl, agg, adv_norm, write_grad, is_weights_T=is_weights)
+                         eps_low, eps_high, beta, kl, agg, adv_norm, write_grad, is_weights_T=is_weights,
+                         advantages_B=advantages)
 
 
 @_grpo_loss_op.register_fake
 def _(logprobs, old_logprobs, ref_logprobs, rewards, cu_seqlens, token_adv, group_size, eps_low, eps_high, beta,
-      kl, agg, adv_norm, write_grad, is_weights):
+      kl, agg, adv_norm, write_grad, is_weights, advantages=None):
     T = logprobs.shape[0] if write_grad else 0
     return (logprobs.new_empty((), dtype=torch.float32), logprobs.new_empty(T),
             logprobs.new_empty(5, dtype=torch.float32))
@@ -274,7 +282,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, _grad_dlp, _grad_stats):
     (dlp_T,) = ctx.saved_tensors
     # One elementwise pass (2E bytes/token); a 0-d fp32 factor keeps dlp's dtype.
-    return (dlp_T * grad_loss,) + (None,) * 14
+    return (dlp_T * grad_loss,) + (None,) * 15
 
 
 _grpo_loss_op.register_autograd(_backward, setup_context=_setup_context)
@@ -312,14 +320,15 @@ def _agg_weights_torch(len_B: torch.Tensor, T: int, agg: str) -> torch.Tensor:
 
 def grpo_loss_torch(logprobs, old_logprobs, ref_logprobs, rewards, cu_seqlens, group_size, *, eps_low=0.2,
                     eps_high=0.2, beta=0.0, kl="k3", agg="token-mean", adv_norm="std", token_adv=None,
-                    is_weights=None):
+                    is_weights=None, advantages=None):
     """Eager PyTorch path (the CPU path): same math as the module docstring, fp32 compute, autograd for d logprobs."""
     _check_inputs(logprobs, old_logprobs, ref_logprobs, rewards, cu_seqlens, group_size, beta, kl, agg, adv_norm,
-                  token_adv, is_weights)
+                  token_adv, is_weights, advantages)
     T, dev = logprobs.shape[0], logprobs.device
     cu = cu_seqlens.long()
     seq_T = torch.searchsorted(cu[1:], torch.arange(T, device=dev), right=True)
-    adv_B = _group_advantage_torch(rewards, group_size, adv_norm)
+    adv_B = advantages.detach().float() if advantages is not None else _group_advantage_torch(rewards, group_size,
+                                                                                                adv_norm)
     a_T = adv_B[seq_T] + (token_adv.float() if token_adv is not None else 0.0)
     lp_T = logprobs.float()
     log_ratio = (lp_T - old_logprobs.float()).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
@@ -347,7 +356,7 @@ def grpo_loss_torch(logprobs, old_logprobs, ref_logprobs, rewards, cu_seqlens, g
 
 # ----------------------------------------------------------------------------------------------- public op
 def _check_inputs(logprobs, old_logprobs, ref_logprobs, rewards, cu_seqlens, group_size, beta, kl, agg, adv_norm,
-                  token_adv, is_weights=None) -> None:
+                  token_adv, is_weights=None, advantages=None) -> None:
     if kl not in _KL_MODES:
         raise ValueError(f"kl must be one of {sorted(_KL_MODES)}, got {kl!r}")
     if agg not in _AGG_MODES:
@@ -373,7 +382,11 @@ def _check_inputs(logprobs, old_logprobs, ref_logprobs, rewards, cu_seqlens, gro
     if cu_seqlens.dtype not in (torch.int32, torch.int64) or tuple(cu_seqlens.shape) != (B + 1,):
         raise ValueError(f"cu_seqlens must be int32/int64 of shape ({B + 1},) = B + 1, "
                          f"got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
-    for name, x in (("rewards", rewards), ("cu_seqlens", cu_seqlens)):
+    if advantages is not None and tuple(advantages.shape) != (B,):
+        raise ValueError(f"advantages must have shape ({B},) like rewards, got {tuple(advantages.shape)}")
+    for name, x in (("rewards", rewards), ("cu_seqlens", cu_seqlens), ("advantages", advantages)):
+        if x is None:
+            continue
         if x.device != logprobs.device:
             raise ValueError(f"{name} is on {x.device}, logprobs on {logprobs.device}")
     # Value checks need a host sync (and a graph break under torch.compile): CPU tensors in eager mode only.
@@ -387,21 +400,23 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: 
               rewards: torch.Tensor, cu_seqlens: torch.Tensor, group_size: int, *, eps_low: float = 0.2,
               eps_high: float = 0.2, beta: float = 0.0, kl: str = "k3", agg: str = "token-mean",
               adv_norm: str = "std", token_adv: torch.Tensor | None = None,
-              is_weights: torch.Tensor | None = None, impl: str = "auto") -> tuple[torch.Tensor, dict]:
+              is_weights: torch.Tensor | None = None, advantages: torch.Tensor | None = None,
+              impl: str = "auto") -> tuple[torch.Tensor, dict]:
     """GRPO clipped-surrogate loss (+ beta KL) over flat response tokens; see the module docstring for the math.
 
     logprobs, old_logprobs, ref_logprobs (or None when beta = 0), token_adv (optional, fp32, no grad): (T,) fp32,
     bf16 or fp16; rewards: (B,) fp32; cu_seqlens: (B+1,) int32/int64 from 0 to T (repeated entries = empty
     responses); B = prompts x group_size with a prompt's responses adjacent. is_weights (optional, (T,) fp32, no
     grad): per-token factor on the clipped surrogate (not on the KL term), e.g. tis_weights(old, rollout, cap).
+    advantages (optional, (B,) fp32, no grad): A_i taken as given (rewards and adv_norm then do not enter A).
     Returns (loss 0-d fp32 with grad to logprobs only, {name: detached 0-d fp32} for STAT_NAMES).
     """
     _check_inputs(logprobs, old_logprobs, ref_logprobs, rewards, cu_seqlens, group_size, beta, kl, agg, adv_norm,
-                  token_adv, is_weights)
+                  token_adv, is_weights, advantages)
     if resolve_impl(impl, logprobs, old_logprobs, ref_logprobs, rewards, cu_seqlens) == "torch":
         return grpo_loss_torch(logprobs, old_logprobs, ref_logprobs, rewards, cu_seqlens, group_size,
                                eps_low=eps_low, eps_high=eps_high, beta=beta, kl=kl, agg=agg, adv_norm=adv_norm,
-                               token_adv=token_adv, is_weights=is_weights)
+                               token_adv=token_adv, is_weights=is_weights, advantages=advantages)
     if logprobs.shape[0] >= 2**31:
         raise ValueError(f"logprobs has {logprobs.shape[0]} tokens; the Triton path indexes with int32")
     contig = lambda x: x.detach().contiguous() if x is not None else None
@@ -409,7 +424,7 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: 
     loss, _dlp, stats = _grpo_loss_op(logprobs.contiguous(), contig(old_logprobs), contig(ref_logprobs),
                                       contig(rewards), contig(cu_seqlens), contig(token_adv), group_size,
                                       float(eps_low), float(eps_high), float(beta), kl, agg, adv_norm, write_grad,
-                                      contig(is_weights))
+                                      contig(is_weights), contig(advantages))
     stats = stats.detach()
     return loss, {name: stats[k] for k, name in enumerate(STAT_NAMES)}
 

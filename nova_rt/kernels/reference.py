@@ -93,10 +93,12 @@ def grpo_advantages_ref(rewards: list[float], G: int, adv_norm: str) -> list[flo
 
 def grpo_loss_ref(lp_T: torch.Tensor, old_T: torch.Tensor, ref_T: torch.Tensor | None, rewards_B: torch.Tensor,
                   cu: torch.Tensor, G: int, tadv_T: torch.Tensor | None = None, *, eps_low: float, eps_high: float,
-                  beta: float, kl: str, agg: str, adv_norm: str, is_T: torch.Tensor | None = None) -> dict:
+                  beta: float, kl: str, agg: str, adv_norm: str, is_T: torch.Tensor | None = None,
+                  advantages_B: torch.Tensor | None = None) -> dict:
     """grpo_loss in float64, one response at a time (a Python loop over responses; autograd for the gradient).
 
     is_T: per-token importance weights (TIS) multiplying the clipped surrogate only (not the KL), as constants.
+    advantages_B: given per-response advantages, used as A_i instead of the group advantages of rewards_B.
 
     Returns loss, grad (T,) w.r.t. lp_T, the loss scale sum_t w_t |l_t| (for a tolerance), stats, clip count, T."""
     lp = lp_T.detach().double().requires_grad_()
@@ -106,7 +108,8 @@ def grpo_loss_ref(lp_T: torch.Tensor, old_T: torch.Tensor, ref_T: torch.Tensor |
     isw = is_T.detach().double() if is_T is not None else None
     cu = cu.tolist()
     B, T = len(cu) - 1, cu[-1]
-    adv = grpo_advantages_ref(rewards_B.double().tolist(), G, adv_norm)
+    adv = advantages_B.double().tolist() if advantages_B is not None else \
+        grpo_advantages_ref(rewards_B.double().tolist(), G, adv_norm)
     lens = [cu[i + 1] - cu[i] for i in range(B)]
     n_nonempty, longest = sum(n > 0 for n in lens), max(lens)
     loss, scale, n_clip, kl_sum, ratio_sum = lp.sum() * 0.0, 0.0, 0, 0.0, 0.0
