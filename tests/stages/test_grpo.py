@@ -115,10 +115,11 @@ def _oracle_response_terms(g, groups, pol, ref, old_pol):
     return out
 
 
-def oracle_loss(g: GRPOConfig, groups, pol, ref, old_pol) -> torch.Tensor:
+def oracle_loss(g: GRPOConfig, groups, pol, ref, old_pol, advantages=None) -> torch.Tensor:
     """The GRPO objective written out: group advantage + KL return-to-go (reward placement) or + beta KL (loss
     placement), clipped ratio against the old policy, global aggregation weights; with grpo.rollout.tis_cap > 0
-    each token's clipped surrogate (not the KL) times the constant min(exp(old - rollout log-prob), cap)."""
+    each token's clipped surrogate (not the KL) times the constant min(exp(old - rollout log-prob), cap).
+    advantages[g][i]: given per-response advantages instead of the group's (grpo.loss.advantage other than group)."""
     terms = _oracle_response_terms(g, groups, pol, ref, old_pol)
     lens = [len(r) for grp in groups for r in grp.responses]
     T, B, n_ne, lmax = sum(lens), len(lens), sum(x > 0 for x in lens), max(lens)
@@ -131,6 +132,8 @@ def oracle_loss(g: GRPOConfig, groups, pol, ref, old_pol) -> torch.Tensor:
         A = dev / (std + 1e-4) if g.loss.adv_norm == "std" else dev
         if bool((R == R[0]).all()):
             A = torch.zeros_like(R)
+        if advantages is not None:
+            A = torch.tensor(advantages[groups.index(grp)], dtype=torch.float64)
         for a in A:
             lp, old, kl, kl_old = terms[i]
             n = lp.shape[0]

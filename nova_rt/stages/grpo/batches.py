@@ -35,6 +35,8 @@ class RolloutGroup:
     rewards: list[float]
     rollout_logprobs: list[list[float]] = field(default_factory=list)
     """The engine's sampling log-prob of every response token (for grpo.rollout.tis_cap)."""
+    advantages: list[float] | None = None
+    """Per-response advantages from grpo.loss.advantage (None: `group`, which grpo_loss computes from rewards)."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,8 @@ class RolloutBatch(PackedResponses):
 
     rewards: torch.Tensor
     """(B,) fp32 sequence rewards, G per group in group order."""
+    advantages: torch.Tensor | None = None
+    """(B,) fp32 advantages of grpo.loss.advantage other than `group` (global estimators need every rank)."""
     agg_scale: float
     """Factor turning grpo_loss's within-call aggregation into the global one (agg_scale_and_weights)."""
     token_weights: torch.Tensor

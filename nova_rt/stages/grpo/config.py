@@ -17,6 +17,7 @@ from nova_rt.config import register_section
 from nova_rt.config_values import check_range
 from nova_rt.losses.kl import KLEstimator
 from nova_rt.rollout.base import RolloutConfig, check_generation
+from nova_rt.stages.grpo.advantages import AdvantageEstimator
 
 
 @dataclass(kw_only=True)
@@ -77,7 +78,11 @@ class GRPOLossConfig:
     agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
     """token-mean, seq-mean-token-mean or seq-mean-token-sum-norm."""
     adv_norm: Literal["std", "none"] = "std"
-    """std (GRPO) or none (Dr.GRPO)."""
+    """std (GRPO) or none (Dr.GRPO); used by advantage: group only."""
+    advantage: AdvantageEstimator = "group"
+    """Advantage estimator: group (GRPO: group mean, std per adv_norm), rloo (leave-one-out mean), reinforce_pp
+    (REINFORCE++: rewards whitened over the step's tokens on all DP ranks) or reinforce_pp_baseline (group mean
+    subtracted, then whitened); formulas: nova_rt.stages.grpo.advantages."""
     sum_norm_len: int = 0
     """L of seq-mean-token-sum-norm's per-token weight 1 / (B L): 0 = the rollout batch's longest response; Dr.GRPO,
     TRL's loss_type="dr_grpo" and verl use a constant, the generation budget (set it to max_new_tokens)."""

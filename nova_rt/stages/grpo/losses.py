@@ -35,7 +35,8 @@ def rl_loss_from_outputs(outputs: dict, mb: RolloutBatch, grpo: GRPOConfig):
         logprobs, old, mb.ref_logprobs if sampled_in_loss else None, mb.rewards, mb.response_cu_seqlens,
         grpo.sampling.group_size, eps_low=loss_cfg.eps_low, eps_high=loss_cfg.eps_high,
         beta=loss_cfg.beta if sampled_in_loss else 0.0, kl=loss_cfg.kl if sampled_in_loss else "k3",
-        agg=loss_cfg.agg, adv_norm=loss_cfg.adv_norm, token_adv=token_adv, is_weights=is_weights)
+        agg=loss_cfg.agg, adv_norm=loss_cfg.adv_norm, token_adv=token_adv, is_weights=is_weights,
+        advantages=mb.advantages)
     loss = loss * mb.agg_scale
     if loss_cfg.beta > 0 and loss_cfg.kl_placement == "loss" and topk:
         loss = loss + loss_cfg.beta * (kl_T * mb.token_weights).sum()

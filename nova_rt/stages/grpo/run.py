@@ -29,6 +29,7 @@ from nova_rt.data.rl import (
 from nova_rt.losses.kl import sampled_kl, topk_kl
 from nova_rt.stages import register_stage
 from nova_rt.stages.common import data_files, setup
+from nova_rt.stages.grpo.advantages import estimate_advantages, zero_advantage_counts
 from nova_rt.stages.grpo.batches import (
     PTXBatch,
     RolloutBatch,
@@ -73,6 +74,7 @@ class GRPORun:
         """The output options of every train_step (PTX rows override temperature and entropy)."""
         policy = self.trainer  # the data-parallel view (on megatron: its DP group)
         self.dp_rank, self.dp_size, self.dp_sum = policy.dp_rank, policy.dp_size, policy.dp_sum
+        self.zero_advantage_steps = 0  # steps of this invocation where every advantage was 0 (with_advantages)
         self.dp_group = policy.dp_group
         self.ref = policy.reference(grpo.ref_model or None) if grpo.needs_ref else None
         self.shared_prefix = (grpo.shared_prefix and policy.supports_shared_prefix
@@ -201,8 +203,11 @@ class GRPORun:
                 rollout_logprobs = torch.tensor([x for group in part for logprobs in group.rollout_logprobs
                                                  for x in logprobs], dtype=torch.float32)
             rewards = torch.tensor([x for group in part for x in group.rewards], dtype=torch.float32)
-            batches.append(self.precompute(RolloutBatch(**vars(packed), rewards=rewards, agg_scale=scale,
-                                                        token_weights=token_weights,
+            advantages = None
+            if part and all(group.advantages is not None for group in part):
+                advantages = torch.tensor([x for group in part for x in group.advantages], dtype=torch.float32)
+            batches.append(self.precompute(RolloutBatch(**vars(packed), rewards=rewards, advantages=advantages,
+                                                        agg_scale=scale, token_weights=token_weights,
                                                         rollout_logprobs=rollout_logprobs)))
         return batches
 
@@ -227,9 +232,29 @@ class GRPORun:
                          ref_topk_logprobs=ref_topk_logprobs)]
 
     # ------------------------------------------------------------------------------------------- training
+    def with_advantages(self, groups: list[RolloutGroup], rollout_step: int) -> tuple[list[RolloutGroup], dict]:
+        """The groups with grpo.loss.advantage's advantages (global over the data-parallel ranks; `group` is left
+        to grpo_loss), and zero_adv_frac: the share of responses, all ranks, whose advantage is exactly 0. A step
+        where every advantage is 0 trains only the KL / PTX terms: it is logged and counted."""
+        loss = self.grpo.loss
+        advantages = estimate_advantages([group.rewards for group in groups],
+                                         [[len(response) for response in group.responses] for group in groups],
+                                         loss.advantage, loss.adv_norm, self.dp_sum)
+        zero, total = zero_advantage_counts(advantages, self.dp_sum)
+        if total > 0 and zero == total:
+            self.zero_advantage_steps += 1
+            if self.info.is_main:
+                log.warning("rollout step %d: every advantage is 0 (grpo.loss.advantage=%s: all rewards equal within "
+                            "each group or over the step), so it trains only the KL / PTX terms; %d such step(s) so "
+                            "far in this run", rollout_step, loss.advantage, self.zero_advantage_steps)
+        if loss.advantage != "group":
+            groups = [replace(group, advantages=values) for group, values in zip(groups, advantages)]
+        return groups, {"zero_adv_frac": zero / max(total, 1.0)}
+
     def train_on(self, groups: list[RolloutGroup], rollout_step: int) -> dict:
         """ppo_epochs x minibatches optimizer steps on one rollout batch; metrics averaged over them."""
         grpo = self.grpo
+        groups, advantage_metrics = self.with_advantages(groups, rollout_step)
         parts = [[groups[i] for i in indices] for indices in np.array_split(np.arange(len(groups)), grpo.minibatches)]
         batch_parts = [self.micro_batches(part) for part in parts]
         ptx = self.ptx_micro_batches(rollout_step) if self.ptx is not None else []
@@ -249,6 +274,7 @@ class GRPORun:
             out["tis_weight_mean"] = sums["tis_w_sum"] / tokens
         if "ptx_kl_sum" in sums:
             out["ptx_kl"] = sums["ptx_kl_sum"] / max(sums["ptx_tokens"], 1.0)
+        out.update(advantage_metrics)
         if "nonfinite_skipped" in step_stats:  # a running total (kept across resumes), not a per-step value
             out["nonfinite_skipped"] = step_stats["nonfinite_skipped"]
         return out
