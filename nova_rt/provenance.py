@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 MATH_KEYS = ("run.seed", "model.dtype", "model.master_weights", "data.max_seq_len", "data.overlong",
              "data.system_prompt", "data.shuffle", "packing.enabled", "packing.max_tokens", "train.global_batch",
-             "train.micro_batch", "train.loss_reduction", "train.precision")
+             "train.micro_batch", "train.loss_reduction", "train.precision", "lora.rank", "lora.alpha", "lora.dropout",
+             "lora.target_modules")
 """Core config values that change what a step computes (with every optim.* but optim.fused)."""
 STAGE_SECTIONS = ("dpo", "rm", "grpo")
 """Stages with a config section of their own: all of it counts, but for NOT_MATH and the file lists."""

@@ -154,8 +154,14 @@ class Trainer:
         self.raw = module.to(info.device)
         with torch.no_grad():  # a module loaded in model.dtype (or a fresh head) becomes fp32 master weights
             for param in self.raw.parameters():
-                if param.is_floating_point() and param.dtype != self.param_dtype:
+                if param.requires_grad and param.is_floating_point() and param.dtype != self.param_dtype:
                     param.data = param.data.to(self.param_dtype)
+        self.trained = None
+        """Names of the trained tensors when some parameters are frozen (a LoRA base, nova_rt.models.lora): only
+        they are checkpointed and resumed; None: every tensor of the state dict."""
+        if any(not param.requires_grad for param in self.raw.parameters()):
+            self.trained = {name for name, param in self.raw.named_parameters(remove_duplicate=False)
+                            if param.requires_grad}
         self.model = wrap_data_parallel(self.raw, cfg, info)
         self.fsdp = info.distributed and cfg.parallel.data_parallel == "fsdp2"
         self.optimizer = build_optimizer(params or list(self.model.named_parameters()), cfg, info.device)
@@ -253,9 +259,13 @@ class Trainer:
         return dict(zip(keys, values.tolist()))
 
     # ------------------------------------------------------------------------------------------- checkpoints
+    def _trained_only(self, state: dict) -> dict:
+        return state if self.trained is None else {k: v for k, v in state.items() if k in self.trained}
+
     def model_state(self) -> dict | None:
-        """The full model state (rank 0 under FSDP2; collective). A NonFiniteError while the last step was skipped
-        as non-finite or a parameter is non-finite: neither a checkpoint nor the final model is written from it."""
+        """The model state, only its trained tensors when some are frozen (rank 0 under FSDP2; collective). A
+        NonFiniteError while the last step was skipped as non-finite or a parameter is non-finite: neither a
+        checkpoint nor the final model is written from it."""
         self.guard.refuse_model(self.step)
         if not self.params_finite():
             raise self.guard.nonfinite_parameter(self.step)
@@ -264,8 +274,8 @@ class Trainer:
 
             state_dict = get_model_state_dict(self.model,
                                               options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            return state_dict if self.info.is_main else None
-        return {k: v.detach().cpu() for k, v in self.raw.state_dict().items()}
+            return self._trained_only(state_dict) if self.info.is_main else None
+        return {k: v.detach().cpu() for k, v in self._trained_only(self.raw.state_dict()).items()}
 
     def optim_state(self) -> dict | None:
         if self.fsdp:
@@ -308,7 +318,7 @@ class Trainer:
             path, model_sd, optim_sd, state = found
             # every rank loaded the full model.pt; under FSDP2 the module's DTensors carry the global shapes
             provenance.verify(path, state.get("provenance"), here, self.cfg.checkpoint.resume, self.info.is_main,
-                              lambda: check_same_shapes(path, self.raw.state_dict(), model_sd))
+                              lambda: check_same_shapes(path, self._trained_only(self.raw.state_dict()), model_sd))
         if self.info.is_main and provenance.has_checkpoints(self.run_dir):
             provenance.write_config(self.cfg, self.run_dir)
         if found is None:
@@ -317,9 +327,10 @@ class Trainer:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
             set_state_dict(self.model, self.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
-                           options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+                           options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
+                                                    strict=self.trained is None))
         else:
-            self.raw.load_state_dict(model_sd)
+            self.raw.load_state_dict(model_sd, strict=self.trained is None)  # names checked by check_same_shapes
             self.optimizer.load_state_dict(optim_sd)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["trainer_step"]

@@ -38,20 +38,29 @@ def save_final_policy(cfg: Config, info: DistInfo, trainer, hf_model, tokenizer,
                       extra: dict | None = None) -> str | None:
     """Write the trained model (the trainer module's `lm.` submodule) as an HF directory in run_dir/final, after a
     checkpoint of the last step (with `extra` state) unless the run resumed from one: a final write that fails (a full
-    disk: DiskFullError) loses no training, the rerun only writes the model.
+    disk: DiskFullError) loses no training, the rerun only writes the model. With lora.rank > 0 final/ is a PEFT
+    adapter directory, and lora.merge_final adds run_dir/final_merged (nova_rt.models.lora).
     Collective: every rank gathers (FSDP2), rank 0 writes; returns the path on rank 0, else None."""
     from nova_rt.disk import resume_hint
+    from nova_rt.models.loading import to_dtype
     from nova_rt.trainer import save_hf_atomic
 
     final = None
     if cfg.checkpoint.save_final:
         trainer.checkpoint_last_step(extra)
         state = trainer.model_state()
-        if info.is_main:
+        then = lambda: resume_hint(trainer.ckpt.complete(), trainer.step)  # noqa: E731
+        if info.is_main and cfg.lora.rank > 0:  # a PEFT adapter directory (+ the merged model with merge_final)
+            from nova_rt.models.lora import peft_state, save_adapter_directory, save_merged_directory
+
+            final = save_adapter_directory(hf_model, tokenizer, run_dir / "final", peft_state(state), then)
+            if cfg.lora.merge_final:
+                merged = save_merged_directory(hf_model, tokenizer, run_dir / "final_merged", to_dtype(cfg.model.dtype),
+                                               then)
+                set_config_dtype(merged, cfg.model.dtype)
+        elif info.is_main:
             final = save_hf_atomic(hf_model, tokenizer, run_dir / "final",
-                                   state_dict=final_state(state, cfg.model.dtype),
-                                   then=lambda: resume_hint(trainer.ckpt.complete(), trainer.step))
-        if final:
+                                   state_dict=final_state(state, cfg.model.dtype), then=then)
             set_config_dtype(final, cfg.model.dtype)
     barrier()
     return str(final) if final else None
@@ -131,14 +140,17 @@ class HFPolicy:
     """A Policy (nova_rt.backends.base) over an HF model: `module` is what the Trainer wraps, `outputs(model,
     mb, **options)` runs it on a micro-batch, `save_model` is the HF model whose weights save_final writes (the
     module's `lm.` submodule; for a policy it is also the model rollouts generate with, trained in place).
-    trainable=False: no Trainer, forward only (reference() also freezes the weights it loads)."""
+    trainable=False: no Trainer, forward only (reference() also freezes the weights it loads). With lora.rank > 0 the
+    HF model is a peft model (nova_rt.models.lora) whose adapters alone train; adapters_off: the forward runs the base
+    model (the reference of a LoRA policy: the same module with its adapters disabled, no second copy)."""
 
     name = "hf"
     sft_loss_reductions = ("token", "sequence")
     sft_heldout_eval = True
 
     def __init__(self, cfg: Config, info: DistInfo, module: torch.nn.Module, *, outputs: Callable,
-                 run_dir: Path | None = None, save_model=None, trainable: bool = True, autocast: bool = False):
+                 run_dir: Path | None = None, save_model=None, trainable: bool = True, autocast: bool = False,
+                 adapters_off: bool = False):
         from nova_rt.trainer import Trainer
 
         self.cfg, self.info, self.outputs, self.save_model = cfg, info, outputs, save_model
@@ -148,10 +160,17 @@ class HFPolicy:
         self.module = self.trainer.raw if self.trainer is not None else module.to(info.device)
         self.hf_model = save_model
         self._autocast_forward = autocast
+        self.adapters_off = adapters_off
 
     @classmethod
     def build(cls, cfg: Config, info: DistInfo, run_dir: Path, head: Head = "lm"):
-        hf_model, tok = load_policy(cfg, trainable=True)
+        lora = cfg.lora if cfg.lora.rank > 0 else None
+        hf_model, tok = load_policy(cfg, trainable=lora is None)  # LoRA: the frozen base stays in model.dtype
+        if lora is not None:
+            from nova_rt.models.lora import add_adapters
+
+            if head != "score":
+                hf_model = add_adapters(hf_model, lora, source=cfg.source, seed=cfg.run.seed)
         if head == "policy":  # GRPO: log-probs at the response tokens only; hf_model also generates the rollouts
             return cls(cfg, info, PolicyLogprobs(hf_model), outputs=policy_outputs, run_dir=run_dir,
                        save_model=hf_model), tok
@@ -159,6 +178,8 @@ class HFPolicy:
             from nova_rt.models.reward import RewardModel
 
             module = RewardModel.from_causal_lm(hf_model, tok.pad_token_id, seed=cfg.run.seed)
+            if lora is not None:  # the score head trains in full next to the adapters
+                module.lm = add_adapters(module.lm, lora, source=cfg.source, seed=cfg.run.seed, score_head=True)
             return cls(cfg, info, module, outputs=score_outputs, run_dir=run_dir, save_model=module.lm), tok
         return cls(cfg, info, CausalLMLogprobs(hf_model), outputs=lm_outputs, run_dir=run_dir,
                    save_model=hf_model), tok
@@ -215,7 +236,7 @@ class HFPolicy:
         try:
             use = self._autocast_forward if autocast is None else autocast
             ctx = self.autocast() if use else contextlib.nullcontext()
-            with ctx:
+            with ctx, self._adapters():
                 out = []
                 for mb in micro_batches:
                     mb = to_device(mb, self.device)
@@ -224,7 +245,18 @@ class HFPolicy:
             self.module.train(was_training)
         return out
 
+    def _adapters(self):
+        """The context of a forward: the adapters disabled for a LoRA policy's reference."""
+        if not self.adapters_off:
+            return contextlib.nullcontext()
+        from nova_rt.models.lora import adapters_disabled
+
+        return adapters_disabled(self.module.lm)
+
     def reference(self, path: str | None, online: bool = False) -> HFPolicy:
+        if path is None and self.cfg.lora.rank > 0:  # the base model: this module with its adapters disabled
+            return HFPolicy(self.cfg, self.info, self.module, outputs=self.outputs, trainable=False, autocast=online,
+                            adapters_off=True)
         ref_hf, _ = load_policy(self.cfg, path=path)  # path None: cfg.model, the policy's initial weights
         module = type(self.module)(ref_hf).to(self.device).eval()  # CausalLMLogprobs or PolicyLogprobs
         module.requires_grad_(False)
@@ -251,5 +283,9 @@ class HFPolicy:
         return save_final_policy(self.cfg, self.info, self.trainer, self.save_model, tokenizer, self.run_dir, extra)
 
     def export_hf_weights(self) -> dict[str, torch.Tensor]:
+        if self.cfg.lora.rank > 0:  # the base with the adapters merged in
+            from nova_rt.models.lora import merged_state
+
+            return merged_state(self.save_model)
         state = self.trainer.model_state() if self.trainer is not None else self.module.state_dict()
         return {k[len("lm."):]: v.detach().cpu() for k, v in (state or {}).items() if k.startswith("lm.")}
