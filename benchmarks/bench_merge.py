@@ -20,6 +20,9 @@ an ulp; TIES may also keep a different element among equal magnitudes at the thr
 is unspecified).
 
     python benchmarks/bench_merge.py --size small [--methods linear,ties] [--reps 1] [--skip-mergekit]
+
+--scale 7b|3b|1.5b|0.5b|tiny instead runs benchmarks/merge_scale.py: Qwen2.5-shaped sharded checkpoints, each run
+from a cold page cache, with peak RSS of the process tree, bytes read/written and a plain-copy I/O bound.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks import merge_scale  # noqa: E402
 from benchmarks.common import report  # noqa: E402
 
 SIZES = {
@@ -237,7 +241,8 @@ def bench_method(method: str, dirs: list[Path], work: Path, args) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=list(SIZES), default="small")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=None, help=f"default: {','.join(METHODS)} (--scale: linear,ties,dare_ties,"
+                    "slerp)")
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--cache-dir", default=os.environ.get("NOVA_RT_BENCH_CACHE", "/tmp/nova_rt_bench_merge"))
     ap.add_argument("--skip-mergekit", action="store_true")
@@ -245,7 +250,13 @@ def main() -> None:
                     help="the YAML's `dtype` (mergekit computes in it; nova_rt always accumulates in fp32); output "
                          "is bfloat16 either way")
     ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/...)")
+    merge_scale.add_arguments(ap)
     args = ap.parse_args()
+    if args.scale is not None:
+        args.methods = args.methods or ",".join(merge_scale.METHODS)
+        merge_scale.run(args)
+        return
+    args.methods = args.methods or ",".join(METHODS)
     cache = Path(args.cache_dir)
     dirs = build_models(args.size, cache)
     work = cache / f"work_{args.size}"
