@@ -19,10 +19,11 @@ from nova_rt.output_paths import check_output_disjoint
 
 _DATA_STAGES = ("sft", "rm", "dpo")
 # What each stage writes, replaces or deletes directly under run.dir (glob patterns of the top-level entries): the
-# trainers' final/ (replaced), checkpoints/ (pruned), logs, evals, the run lock and DPO's reference cache; the PAS
-# stage's pas/ and pas_model/ (its SFT run); the pipeline's stage directories (checkpoints pruned by rglob), report.
-_TRAIN_WRITES = ("final", ".final.*", "checkpoints", "tensorboard", "metrics.jsonl", "config.json", "loss.png",
-                 "*.tmp", ".lock", "ref_logps_*.pt", "eval_initial.json", "eval_final.json")
+# trainers' final/ (replaced; final_merged/ too with lora.merge_final), checkpoints/ (pruned), logs, evals, the run
+# lock and DPO's reference cache; the PAS stage's pas/ and pas_model/ (its SFT run); the pipeline's stage directories
+# (checkpoints pruned by rglob), report.
+_TRAIN_WRITES = ("final", ".final.*", "final_merged", ".final_merged.*", "checkpoints", "tensorboard", "metrics.jsonl",
+                 "config.json", "loss.png", "*.tmp", ".lock", "ref_logps_*.pt", "eval_initial.json", "eval_final.json")
 RUN_DIR_WRITES = {"sft": _TRAIN_WRITES, "rm": _TRAIN_WRITES, "dpo": _TRAIN_WRITES, "grpo": _TRAIN_WRITES,
                   "pas": ("pas", "pas_model", ".lock"),
                   "pipeline": ("config.json", "*.tmp", ".lock", "base_model", "pas", "sft", "merge", "rm", "grpo",

@@ -207,3 +207,15 @@ def test_target_modules_that_match_nothing_exit_2_listing_the_linear_layers(tmp_
     assert err.splitlines()[0] == (
         f"nova_rt: config error: {config}: lora.target_modules: 'qkv_proj' is no linear layer of this model's decoder "
         "layers; they have: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj")
+
+
+def test_train_refuses_a_model_path_in_its_own_final_merged(tmp_path, capsys):
+    """final_merged/ is replaced by the run (lora.merge_final), so it cannot be the model the run starts from."""
+    from nova_rt.models.tiny import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "run" / "final_merged", hidden=64, layers=2, heads=4, kv_heads=2,
+                            intermediate=128)
+    config = tiny_config(tmp_path, lora=LORA, model={"path": str(model)})
+    code, err = run_cli(capsys, "--config", str(config))
+    assert code == 2, err[-2000:]
+    assert f"model.path {model} is inside run.dir {tmp_path / 'run'}, whose final_merged this command replaces" in err
