@@ -219,3 +219,40 @@ def test_train_refuses_a_model_path_in_its_own_final_merged(tmp_path, capsys):
     code, err = run_cli(capsys, "--config", str(config))
     assert code == 2, err[-2000:]
     assert f"model.path {model} is inside run.dir {tmp_path / 'run'}, whose final_merged this command replaces" in err
+
+
+def test_lora_where_it_cannot_run_yet_exits_2_naming_both_keys(tmp_path, capsys):
+    from types import SimpleNamespace as Section
+
+    from nova_rt.config_checks import check_lora
+    from nova_rt.errors import ConfigError
+
+    # (grpo.rollout.engine=vllm is refused before this check where vllm is not installed, as in .venv)
+    cfg = Section(source="cfg.yaml", run=Section(stage="grpo"), lora=Section(rank=4),
+                  parallel=Section(backend="hf", data_parallel="ddp"), grpo=Section(rollout=Section(engine="vllm")))
+    with pytest.raises(ConfigError) as refused:
+        check_lora(cfg)
+    assert str(refused.value) == (
+        "cfg.yaml: lora.rank: 4 is not supported with grpo.rollout.engine=vllm yet (the engine would sample from the "
+        "base weights); use grpo.rollout.engine=hf or lora.rank: 0")
+    config = tiny_config(tmp_path, lora=LORA, run={"stage": "pas"})
+    code, err = run_cli(capsys, "--config", str(config))
+    assert code == 2 and "lora.rank: 4 applies to run.stage sft, rm, dpo, grpo, not run.stage=pas" in err, err
+
+
+def test_resuming_with_another_lora_setting_exits_2(tmp_path, capsys):
+    """A checkpoint of a full fine-tuning run is not resumed as LoRA (nor one of another alpha): provenance."""
+    code, err = run_cli(capsys, "--config", str(tiny_config(tmp_path, train={"max_steps": 1})))
+    assert code == 0, err[-2000:]
+    config = tiny_config(tmp_path, lora=LORA, train={"max_steps": 2})
+    code, err = run_cli(capsys, "--config", str(config))
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000001"
+    assert code == 2 and err.splitlines()[0].startswith(
+        f"nova_rt: checkpoint error: {checkpoint}: written by a model of another shape or architecture: tensor "
+        "'lm.base_model.model.model.layers.0.mlp.down_proj.lora_A.default.weight' is missing from the checkpoint"), err
+    other = {"dir": str(tmp_path / "lora_run")}
+    code, err = run_cli(capsys, "--config", str(tiny_config(tmp_path, lora=LORA, train={"max_steps": 1}, run=other)))
+    assert code == 0, err[-2000:]
+    config = tiny_config(tmp_path, lora={**LORA, "alpha": 16.0}, train={"max_steps": 2}, run=other)
+    code, err = run_cli(capsys, "--config", str(config))
+    assert code == 2 and "cannot be resumed by this run: lora.alpha: 8.0 there, 16.0 here" in err, err
