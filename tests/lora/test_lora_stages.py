@@ -84,6 +84,32 @@ def test_rm_trains_the_adapters_and_the_score_head(tmp_path, capsys):
     initial = sequence_classifier_from_causal(causal, tok.pad_token_id, seed=cfg.run.seed).score.weight
     assert torch.equal(merged["score.weight"], adapter["base_model.model.score.weight"])
     assert not torch.equal(merged["score.weight"], initial)
+    _assert_peft_scores_as_trained(cfg, run, tmp_path / "base")
+
+
+def _assert_peft_scores_as_trained(cfg, run: Path, base_dir: Path) -> None:
+    """The trained reward model (resumed from its last checkpoint, packed forward) scores a sequence as peft's
+    loaded final/ and transformers' final_merged/ do."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from nova_rt.backends.hf import HFPolicy
+    from nova_rt.distributed import DistInfo
+    from nova_rt.models.tiny import save_tiny_model
+
+    policy, tok = HFPolicy.build(cfg, DistInfo(), run, head="score")
+    assert policy.resume() is not None
+    ids = torch.tensor([tok("question: 2 + 3 = ?\nanswer: 5")["input_ids"]])
+    mb = {"input_ids": ids, "position_ids": torch.arange(ids.shape[1])[None], "max_seqlen": ids.shape[1],
+          "cu_seqlens": torch.tensor([0, ids.shape[1]], dtype=torch.int32)}
+    ours = policy.forward([mb], lambda out, _: out["scores"])[0]
+    save_tiny_model(base_dir, seed=cfg.run.seed, **cfg.model.tiny)
+    base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=1)
+    loaded = PeftModel.from_pretrained(base, run / "final").eval()
+    merged = AutoModelForSequenceClassification.from_pretrained(run / "final_merged").eval()
+    with torch.no_grad():
+        for model in (loaded, merged):
+            torch.testing.assert_close(model(input_ids=ids).logits[0], ours, rtol=0, atol=1e-5)
 
 
 def test_sft_with_activation_checkpointing_and_a_bf16_base(tmp_path, capsys):
