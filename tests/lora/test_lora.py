@@ -183,6 +183,27 @@ def test_merge_final_equals_peft_merge_and_unload(trained):
     base = _base(cfg).state_dict()
     changed = {k for k in base if not torch.equal(merged[k], base[k])}
     assert changed == {k for k in base if k.endswith("_proj.weight")}  # adapted layers only; norms, embeddings equal
+    exported = _policy(trained)[1].export_hf_weights()  # what a rollout engine would be given: the merged weights
+    assert set(exported) == set(merged) and all(torch.equal(exported[k], merged[k]) for k in merged)
+
+
+def test_merge_final_of_a_model_with_tied_embeddings(tmp_path, capsys):
+    from peft import PeftModel
+
+    from nova_rt.config import load_config
+
+    tiny = {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 128, "tie": True}
+    config = tiny_config(tmp_path, lora=LORA, optim=HIGH_LR, model={"tiny": tiny})
+    code, err = run_cli(capsys, "--config", str(config))
+    assert code == 0, err[-3000:]
+    cfg = load_config(config)
+    expected = PeftModel.from_pretrained(_base(cfg), tmp_path / "run" / "final").merge_and_unload()
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final_merged")
+    assert merged.config.tie_word_embeddings
+    for k, v in expected.state_dict().items():
+        torch.testing.assert_close(merged.state_dict()[k], v, rtol=0, atol=1e-6, msg=k)
 
 
 @pytest.mark.parametrize("sections, message", [
