@@ -1,0 +1,49 @@
+"""benchmarks/bench_algorithms.py on the tiny configs (--tiny): the GRPO part runs a non-default estimator, reads
+back every run's curve (step 0, the eval steps, the end, against training seconds) and the paired gain; the DPO part
+scores every final model with the shared held-out measures, whose values are checked against a direct recount."""
+
+import json
+import statistics
+
+from benchmarks import bench_algorithms
+
+
+def test_grpo_part_writes_curves_and_summary(tmp_path):
+    out = tmp_path / "grpo.json"
+    bench_algorithms.main(["--part", "grpo", "--tiny", "--seeds", "0", "--modes", "ppo_clip", "--advantages",
+                           "rloo", "--max-steps", "4", "--eval-every", "2", "--threads", "1", "--out", str(out)])
+    result = json.loads(out.read_text())
+    (run,) = result["runs"]
+    assert (run["mode"], run["advantage"], run["seed"]) == ("ppo_clip", "rloo", 0)
+    steps = [point[0] for point in run["curve"]]
+    assert steps == [0, 2, 4], run["curve"]
+    seconds = [point[1] for point in run["curve"]]
+    assert seconds[0] == 0.0 and seconds == sorted(seconds) and seconds[-1] == run["train_s"] > 0
+    assert run["curve"][0][2] == run["initial"] and run["curve"][-1][2] == run["final"]
+    assert abs(run["gain"] - (run["final"] - run["initial"])) < 1e-12
+    (row,) = result["summary"]
+    assert row["seeds"] == 1 and row["final"] == run["final"]
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_dpo_part_scores_final_models(tmp_path, monkeypatch):
+    seen = {}
+    score = bench_algorithms._pair_scores
+
+    def recording(model_dir, pairs):
+        seen[model_dir] = score(model_dir, pairs)
+        return seen[model_dir]
+
+    monkeypatch.setattr(bench_algorithms, "_pair_scores", recording)
+    out = tmp_path / "dpo.json"
+    bench_algorithms.main(["--part", "dpo", "--tiny", "--seeds", "0", "--losses", "simpo", "--max-steps", "2",
+                           "--threads", "1", "--out", str(out)])
+    (run,) = json.loads(out.read_text())["runs"]
+    initial, final = (scores for directory, scores in seen.items() if not directory.endswith("final")), \
+        next(scores for directory, scores in seen.items() if directory.endswith("final"))
+    initial = next(initial)
+    assert len(final) == 40  # data/preference/arith_pairs_eval.jsonl
+    assert run["mean_logp_accuracy"] == statistics.fmean(float(c / nc > r / nr) for c, r, nc, nr in final)
+    implicit = [float((c - c0) - (r - r0) > 0) for (c, r, _, _), (c0, r0, _, _) in zip(final, initial)]
+    assert run["implicit_reward_accuracy"] == statistics.fmean(implicit)
+    assert run["own_eval_accuracy_last"] is not None
