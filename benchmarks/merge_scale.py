@@ -8,10 +8,11 @@ DARE-TIES (base + 3) and SLERP (base + 1). Every run (each tool, and a plain str
 to an output of the merged size, written through the page cache and with O_DIRECT: the I/O bound) starts with the
 inputs evicted from the page cache (POSIX_FADV_DONTNEED on our own files: no root, no global drop_caches; the
 resident fraction is measured with mincore and recorded) and runs in a child under a launcher that samples the
-process tree's summed RSS every 0.1 s (also ru_maxrss, exact for the largest single process) and reports the
-tree's /proc/<pid>/io: read_bytes/write_bytes (storage I/O) and rchar/wchar (read/write syscalls: mmap reads are
-not in rchar). A tool whose tree passes --rss-cap-gb or --timeout is killed and recorded as such. Outputs are
-fsynced and evicted after each run (untimed), compared tensor by tensor (bench_merge.compare), then removed.
+process tree's summed RSS and its anonymous part (without file-backed mapped pages, which nova_rt's input maps are)
+every 0.1 s (also ru_maxrss, exact for the largest single process) and reports the tree's /proc/<pid>/io:
+read_bytes/write_bytes (storage I/O) and rchar/wchar (read/write syscalls: mmap reads are not in rchar). A tool past
+--rss-cap-gb (anonymous) or --timeout is killed and recorded as such. Outputs are fsynced and evicted after each run
+(untimed), compared tensor by tensor (bench_merge.compare's numbers, in row blocks), then removed.
 """
 
 from __future__ import annotations
@@ -204,10 +205,12 @@ def cached_fraction(paths: list[Path]) -> float:
     return resident / total if total else 0.0
 
 
-# Runs one command as a child and reports it: wall time; the tree's summed RSS sampled every 0.1 s (children found
-# through /proc/<pid>/task/<tid>/children); ru_maxrss of the largest process; the tree's I/O from the launcher's own
-# /proc/self/io before and after wait4 (the kernel adds a reaped child's counters, and its reaped children's, to
-# the parent's). Kills the tree past rss_cap bytes or timeout seconds. argv: rss_cap timeout cmd...
+# Runs one command as a child and reports it: wall time; CPU seconds (user, sys) of the tree; the tree's summed RSS
+# sampled every 0.1 s (children found through /proc/<pid>/task/<tid>/children); ru_maxrss of the largest process;
+# the tree's I/O from the launcher's own /proc/self/io before and after wait4 (the kernel adds a reaped child's
+# counters, and its reaped children's, to the parent's). Kills the tree past rss_cap bytes of anonymous RSS (mapped
+# file pages are reclaimable page cache: they cannot run the machine out of memory) or timeout seconds.
+# argv: rss_cap timeout cmd...
 _LAUNCHER = r"""import json, os, signal, sys, time
 cap, timeout, cmd = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3:]
 page = os.sysconf("SC_PAGE_SIZE")
@@ -226,31 +229,34 @@ def tree(pid):
         except OSError:
             pass
     return out
-def rss(pids):
-    total = 0
+def rss(pids):  # (resident, resident anonymous: statm's resident - shared, i.e. without file-backed pages)
+    total = anon = 0
     for p in pids:
         try:
             with open(f"/proc/{p}/statm") as f:
-                total += int(f.read().split()[1]) * page
+                fields = f.read().split()
+            total += int(fields[1]) * page
+            anon += (int(fields[1]) - int(fields[2])) * page
         except OSError:
             pass
-    return total
+    return total, anon
 before = io()
 start = time.perf_counter()
 pid = os.fork()
 if pid == 0:
     os.setpgid(0, 0)
     os.execvp(cmd[0], cmd)
-peak, killed = 0, None
+peak = anon_peak = 0
+killed = None
 while True:
     done, status, usage = os.wait4(pid, os.WNOHANG)
     if done:
         break
-    now = rss(tree(pid))
-    peak = max(peak, now)
+    now, anon = rss(tree(pid))
+    peak, anon_peak = max(peak, now), max(anon_peak, anon)
     elapsed = time.perf_counter() - start
-    if killed is None and (now > cap or elapsed > timeout):
-        killed = f"tree RSS {now / 2**30:.1f} GiB > cap" if now > cap else f"timeout after {elapsed:.0f} s"
+    if killed is None and (anon > cap or elapsed > timeout):
+        killed = f"tree anonymous RSS {anon / 2**30:.1f} GiB > cap" if anon > cap else f"timeout after {elapsed:.0f} s"
         try:
             os.killpg(pid, signal.SIGKILL)
         except OSError:
@@ -260,6 +266,7 @@ wall = time.perf_counter() - start
 after = io()
 print(json.dumps({"rc": os.waitstatus_to_exitcode(status), "wall_s": wall, "killed": killed,
                   "tree_rss_peak": max(peak, usage.ru_maxrss * 1024), "maxrss": usage.ru_maxrss * 1024,
+                  "tree_anon_peak": anon_peak, "user_s": usage.ru_utime, "sys_s": usage.ru_stime,
                   **{k: after[k] - before[k] for k in ("read_bytes", "write_bytes", "rchar", "wchar")}}))
 """
 
@@ -380,8 +387,8 @@ def bench_method(method: str, root: Path, work: Path, args, model_bytes: int) ->
     }
     if not args.skip_mergekit:
         commands["mergekit"] = [args.mergekit, str(cfg), str(outs["mergekit"]), "--lazy-unpickle", "--quiet",
-                                "--no-copy-tokenizer", "--no-write-model-card", "--out-shard-size", "2500M",
-                                "--random-seed", str(args.seed)]
+                                "--no-copy-tokenizer", "--no-write-model-card", "--out-shard-size",
+                                args.mergekit_shard_size, "--random-seed", str(args.seed)]
     rows = []
     for tool, cmd in commands.items():
         out = outs[tool]
@@ -391,7 +398,7 @@ def bench_method(method: str, root: Path, work: Path, args, model_bytes: int) ->
         stats = measure(cmd, cap, timeout)
         row = {"method": method, "tool": tool, "models_read": len(dirs), "in_bytes": in_bytes,
                "cached_frac_before": round(cached, 4), **stats, "out_bytes": _settle(out),
-               "peak_rss_mb": stats["tree_rss_peak"] / 2**20}
+               "peak_rss_mb": stats["tree_rss_peak"] / 2**20, "peak_anon_mb": stats["tree_anon_peak"] / 2**20}
         row["gb_per_s"] = (in_bytes + row["out_bytes"]) / stats["wall_s"] / 1e9
         rows.append(row)
         print(json.dumps({k: row[k] for k in ("method", "tool", "wall_s", "peak_rss_mb", "read_bytes",
@@ -418,9 +425,9 @@ def required_bytes(scale: str, shard_bytes: int) -> tuple[int, int]:
     return model, 7 * model + 2 * 10**9
 
 
-COLUMNS = ["method", "tool", "wall_s", "x_io_bound", "peak_rss_mb", "read_bytes", "write_bytes", "rchar", "wchar",
-           "cached_frac_before", "load1_start", "load1_end", "speedup_vs_mergekit", "rss_vs_mergekit",
-           "max_abs_diff", "frac_gt_1ulp", "error"]
+COLUMNS = ["method", "tool", "wall_s", "x_io_bound", "user_s", "sys_s", "peak_rss_mb", "peak_anon_mb", "read_bytes",
+           "write_bytes", "rchar", "wchar", "cached_frac_before", "load1_start", "load1_end", "speedup_vs_mergekit",
+           "rss_vs_mergekit", "max_abs_diff", "frac_gt_1ulp", "error"]
 
 
 def save(rows: list[dict], meta: dict, json_path: Path) -> None:
@@ -516,7 +523,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--keep", action="store_true", help="--scale: keep the generated models")
     parser.add_argument("--seed", type=int, default=0, help="--scale: weights seed (and DARE's)")
     parser.add_argument("--shard-gb", type=float, default=5.0, help="--scale: input shard size (GB)")
-    parser.add_argument("--rss-cap-gb", type=float, default=12.0, help="--scale: kill a tool past this tree RSS")
+    parser.add_argument("--rss-cap-gb", type=float, default=12.0,
+                        help="--scale: kill a tool past this anonymous RSS of its process tree (GiB)")
+    parser.add_argument("--mergekit-shard-size", default="1B",
+                        help="--scale: mergekit's --out-shard-size (it buffers a whole output shard in memory: with "
+                             "2500M its 3B linear merge passed 12 GiB of RSS)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="--scale: kill a tool after this many s")
     parser.add_argument("--nova-python", default=sys.executable, help="--scale: python that runs nova_rt")
     parser.add_argument("--mergekit", default=str(REPO / ".venv-bench" / "bin" / "mergekit-yaml"))

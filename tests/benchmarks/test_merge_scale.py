@@ -82,14 +82,26 @@ def test_measure_counts_the_process_tree(tmp_path):
     assert stats["rc"] == 0 and "error" not in stats
     assert stats["maxrss"] >= 200 << 20  # the largest single process
     assert stats["tree_rss_peak"] >= 340 << 20  # child (200 MiB) + grandchild (150 MiB) alive together
+    assert stats["tree_anon_peak"] >= 340 << 20  # bytearrays: anonymous memory
     assert stats["wchar"] >= 8 << 20 and stats["write_bytes"] >= 8 << 20
-    assert stats["wall_s"] >= 1.0
+    assert stats["wall_s"] >= 1.0 and 0 < stats["user_s"] + stats["sys_s"]
+
+
+def test_measure_separates_mapped_file_pages_from_anonymous_memory(tmp_path):
+    path = tmp_path / "blob"
+    path.write_bytes(b"\x01" * (64 << 20))
+    child = ("import mmap, sys, time\nf = open(sys.argv[1], 'rb')\n"
+             "m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)\n"
+             "sum(m[i] for i in range(0, len(m), 4096))\ntime.sleep(0.5)")
+    stats = merge_scale.measure([sys.executable, "-c", child, str(path)])
+    assert stats["tree_rss_peak"] - stats["tree_anon_peak"] >= 60 << 20
+    assert stats["tree_anon_peak"] < 60 << 20
 
 
 def test_measure_kills_a_tree_past_the_rss_cap(tmp_path):
     stats = merge_scale.measure([sys.executable, "-c", "import time; b = bytearray(400 << 20); time.sleep(30)"],
                                 rss_cap=200 << 20)
-    assert stats["error"].startswith("killed: tree RSS") and stats["wall_s"] < 20
+    assert stats["error"].startswith("killed: tree anonymous RSS") and stats["wall_s"] < 20
 
 
 def _fs_type(path: Path) -> str:
@@ -115,7 +127,8 @@ def test_evict_drops_our_files_from_the_page_cache(tmp_path):
 def _args(tmp_path, **overrides) -> Namespace:
     args = dict(scale="tiny", methods="linear,slerp", work_dir=str(tmp_path / "work"), keep=False, seed=0,
                 shard_gb=4e-5, rss_cap_gb=8.0, timeout=300.0, nova_python=sys.executable, mergekit="",
-                skip_mergekit=True, dtype="float32", machine="test", out=str(tmp_path / "res.json"))
+                skip_mergekit=True, mergekit_shard_size="1B", dtype="float32", machine="test",
+                out=str(tmp_path / "res.json"))
     return Namespace(**{**args, **overrides})
 
 
