@@ -122,6 +122,37 @@ torch::Tensor model_stock(const torch::Tensor& base, const std::vector<torch::Te
   return result;
 }
 
+void check_cpu(const char* op, const torch::Tensor& x) {
+  TORCH_CHECK(x.is_cpu(), op, ": CPU tensors only (the PyTorch reference runs CUDA tensors)");
+}
+
+torch::Tensor nearswap(const torch::Tensor& base, const torch::Tensor& x, double t, at::ScalarType out_dtype,
+                       const c10::optional<torch::Tensor>& out) {
+  check_inputs("nearswap", {base, x}, out_dtype);
+  check_cpu("nearswap", base);
+  auto result = output_for("nearswap", base, out_dtype, out);
+  nearswap_cpu(base, x, t, result);
+  return result;
+}
+
+torch::Tensor ram(const torch::Tensor& base, const std::vector<torch::Tensor>& xs, double eps,
+                  const std::vector<double>& scales, at::ScalarType out_dtype, const c10::optional<torch::Tensor>& out) {
+  check_inputs("ram", with_base(base, xs), out_dtype);
+  check_cpu("ram", base);
+  TORCH_CHECK(!xs.empty(), "ram: needs at least one model besides the base");
+  TORCH_CHECK(scales.empty() || scales.size() == xs.size(), "ram: ", xs.size(), " models but ", scales.size(),
+              " scales");
+  auto result = output_for("ram", base, out_dtype, out);
+  ram_cpu(base, xs, eps, scales, result);
+  return result;
+}
+
+std::vector<int64_t> ram_counts(const torch::Tensor& base, const std::vector<torch::Tensor>& xs, double eps) {
+  check_inputs("ram_counts", with_base(base, xs), base.scalar_type());
+  check_cpu("ram_counts", base);
+  return ram_counts_cpu(base, xs, eps);
+}
+
 // (thresholds, cutoffs) of the magnitude sparsifier by either selection, for tests against a stable-sort reference.
 std::pair<std::vector<double>, std::vector<int64_t>> magnitude_params(const torch::Tensor& base,
                                                                       const std::vector<torch::Tensor>& xs,
@@ -168,5 +199,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "row_len"_a, "out_dtype"_a, out);
   m.def("magnitude_params", &nova_rt::magnitude_params, "TIES top-k thresholds and tie cutoffs", nogil, "base"_a,
         "xs"_a, "densities"_a, "method"_a = "sampled");
+  m.def("nearswap", &nova_rt::nearswap, "nearswap of one model towards the base (CPU)", nogil, "base"_a, "x"_a,
+        "t"_a, "out_dtype"_a, out);
+  m.def("ram", &nova_rt::ram, "RAM / RAM+ (scales: RAM+'s per-model unique factors; empty: RAM) (CPU)", nogil,
+        "base"_a, "xs"_a, "eps"_a, "scales"_a, "out_dtype"_a, out);
+  m.def("ram_counts", &nova_rt::ram_counts, "per model [shared, unique] counted elements, flattened (CPU)", nogil,
+        "base"_a, "xs"_a, "eps"_a);
   m.def("has_cuda", &nova_rt::has_cuda, "whether CUDA kernels were compiled in");
 }

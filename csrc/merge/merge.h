@@ -92,6 +92,12 @@ void model_stock_cpu(const torch::Tensor& base, const std::vector<torch::Tensor>
 // selects from a sampled bracket, else radix select. thr -1 keeps all, +inf none.
 std::vector<SparsifyParam> magnitude_params_cpu(const torch::Tensor& base, const std::vector<torch::Tensor>& xs,
                                                 const std::vector<double>& densities, bool sampled = true);
+// nearswap and RAM / RAM+ (extra_cpu.cpp; math there). scales: RAM+'s per-model factor of unique elements, empty for
+// RAM. ram_counts_cpu: per model, its counted elements that other models count too (shared) and alone (unique).
+void nearswap_cpu(const torch::Tensor& base, const torch::Tensor& x, double t, torch::Tensor& out);
+void ram_cpu(const torch::Tensor& base, const std::vector<torch::Tensor>& xs, double eps,
+             const std::vector<double>& scales, torch::Tensor& out);
+std::vector<int64_t> ram_counts_cpu(const torch::Tensor& base, const std::vector<torch::Tensor>& xs, double eps);
 
 #ifdef NOVA_RT_WITH_CUDA
 // ---- CUDA (merge_cuda.cu) ----

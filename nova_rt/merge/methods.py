@@ -21,6 +21,7 @@ from functools import lru_cache
 
 import torch
 
+import nova_rt.merge.methods_agents  # noqa: F401 - registers arcee_fusion, ram, ramplus_tl
 from nova_rt.errors import MergeConfigError
 from nova_rt.merge import ops
 from nova_rt.merge.methods_extra import torch_only  # importing it registers nearswap, nuslerp, multislerp, ...

@@ -1,7 +1,8 @@
-"""Merge methods that run only in PyTorch (reference_extra.py): nearswap, nuslerp, multislerp, sce, karcher.
+"""Merge methods nearswap, nuslerp, multislerp, sce, karcher (math: reference_extra.py).
 
-Names, parameters and defaults are mergekit 0.1.5's; `--impl ext` is an error for them (no C++ kernel), `auto` and
-`torch` run the same code. methods.py imports this module, so importing it registers the methods. nuslerp and
+Names, parameters and defaults are mergekit 0.1.5's. nearswap runs nova_rt._C's CPU kernel when it can (ops_extra.py);
+the others only PyTorch: `--impl ext` is an error for them, `auto` and `torch` run the same code. methods.py imports
+this module, so importing it registers the methods. nuslerp and
 multislerp take an optional base_model (task vectors are interpolated when it is given); karcher takes none (list
 every model under `models`).
 """
@@ -11,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from nova_rt.errors import MergeConfigError
-from nova_rt.merge.reference_extra import karcher_ref, multislerp_ref, nearswap_ref, nuslerp_ref, sce_ref
+from nova_rt.merge import ops_extra
+from nova_rt.merge.reference_extra import karcher_ref, multislerp_ref, nuslerp_ref, sce_ref
 from nova_rt.merge.registry import REQUIRED, ParamSpec, TensorMerge, register_merge
 
 _INT8_MASK = ParamSpec(bool, False, choices=(False,), why="int8_mask only changes mergekit's mask dtype; use false")
@@ -32,8 +34,7 @@ def _into(m: TensorMerge, result: torch.Tensor) -> torch.Tensor:
                 reference_url="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
                 description="the model where it lies within t of the base, moving linearly to the base beyond")
 def nearswap(m: TensorMerge) -> torch.Tensor:
-    torch_only(m, "nearswap")
-    return _into(m, nearswap_ref(m.base, m.tensors[0], m.params["t"], m.out_dtype))
+    return ops_extra.nearswap(m.base, m.tensors[0], m.params["t"], out_dtype=m.out_dtype, impl=m.impl, out=m.out)
 
 
 @register_merge("nuslerp", needs_base=True, optional_base=True, min_models=2, max_models=2,

@@ -23,8 +23,9 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def make_finetune(base_dir: Path, out_dir: Path, seed: int, shared_seed: int, scale: float = 0.02,
-                  dtype: torch.dtype | None = None) -> Path:
-    """Copy of base_dir whose floating tensors get a shared and an own random task vector (single shard)."""
+                  dtype: torch.dtype | None = None, density: float = 1.0) -> Path:
+    """Copy of base_dir whose floating tensors get a shared and an own random task vector (single shard); with
+    density < 1 the task vector is kept only on a random `density` share of the elements (as RL updates are)."""
     out_dir.mkdir(parents=True)
     for f in base_dir.iterdir():
         if not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
@@ -34,6 +35,9 @@ def make_finetune(base_dir: Path, out_dir: Path, seed: int, shared_seed: int, sc
     for name, t in sorted(load_weights(base_dir).items()):
         shared = torch.randn(t.shape, generator=g_shared)
         own = torch.randn(t.shape, generator=g_own)
+        if density < 1:
+            own = own * (torch.rand(t.shape, generator=g_own) < density)
+            shared = shared * (torch.rand(t.shape, generator=g_own) < density)
         weights[name] = (t.float() + scale * (shared + own)).to(dtype or t.dtype)
     save_file(weights, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     return out_dir
@@ -56,3 +60,13 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 def write_yaml(path: Path, cfg: dict) -> Path:
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
+
+
+@pytest.fixture(scope="session")
+def sparse_agents(tiny_models) -> dict[str, Path]:
+    """agent1..agent3: the tiny base with task vectors on a random 40% of each tensor's elements (overlapping at
+    random), the shape of RL fine-tunes that RAM merges."""
+    root = tiny_models["root"]
+    return {f"agent{i}": make_finetune(tiny_models["base"], root / f"agent{i}", tiny_models["seed"] + 10 + i,
+                                       tiny_models["seed"] + 20, density=0.4) for i in range(1, 4)}
+

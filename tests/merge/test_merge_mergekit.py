@@ -1,8 +1,9 @@
 """`nova-rt merge` against mergekit itself (the installed mergekit, run in-process on the same YAML): linear,
-task_arithmetic, ties, model_stock, breadcrumbs(_ties), nearswap, nuslerp, multislerp, sce and karcher agree tensor
-by tensor up to fp32 rounding. DARE is excluded (mergekit draws masks from torch's global RNG and rescales by L1
-norm) and so is SLERP's per-tensor chunking (same math, covered by the hand-computed tests); DELLA is compared per
-tensor with mergekit's torch.bernoulli replaced by our draws."""
+task_arithmetic, ties, model_stock, breadcrumbs(_ties), nearswap, nuslerp, multislerp, sce, karcher, arcee_fusion
+(tensors under mergekit's 1M-element sampling size), ram and ramplus_tl agree tensor by tensor up to fp32 rounding.
+DARE is excluded (mergekit draws masks from torch's global RNG and rescales by L1 norm) and so is SLERP's per-tensor
+chunking (same math, covered by the hand-computed tests); DELLA is compared per tensor with mergekit's
+torch.bernoulli replaced by our draws."""
 
 from __future__ import annotations
 
@@ -59,6 +60,14 @@ CONFIGS = {
             "models": [{"model": "ft1"}, {"model": "ft2"}, {"model": "ft3"}]},
     "karcher": {"merge_method": "karcher", "dtype": "float32",
                 "models": [{"model": "ft1"}, {"model": "ft2"}, {"model": "ft3"}]},
+    "arcee_fusion": {"merge_method": "arcee_fusion", "base_model": "base", "dtype": "float32",
+                     "models": [{"model": "base"}, {"model": "ft1"}]},
+    # RL-style agents (conftest.sparse_agents): task vectors on 40% of the elements, overlapping at random
+    "ram": {"merge_method": "ram", "base_model": "base", "dtype": "float32",
+            "models": [{"model": "agent1"}, {"model": "agent2"}, {"model": "agent3"}]},
+    "ramplus_tl": {"merge_method": "ramplus_tl", "base_model": "base", "dtype": "float32",
+                   "parameters": {"r": 0.4, "alpha": 0.3, "epsilon": 1e-4},
+                   "models": [{"model": "agent1"}, {"model": "agent2"}, {"model": "agent3"}]},
 }
 
 
@@ -79,7 +88,7 @@ def _mergekit(cfg_path, out_dir):
 
 
 @pytest.mark.parametrize("method", list(CONFIGS))
-def test_matches_mergekit(tiny_models, tmp_path, method, monkeypatch):
+def test_matches_mergekit(tiny_models, sparse_agents, tmp_path, method, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg_path = write_yaml(tiny_models["root"] / f"mk_{method}.yaml", CONFIGS[method])
     ours = load_weights(run_merge(cfg_path, tmp_path / "nova", progress=False))

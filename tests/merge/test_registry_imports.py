@@ -25,6 +25,6 @@ def test_package_and_config_lookups_see_the_builtin_methods():
                "from nova_rt.errors import UserError\n"
                "print(available_merges(), get_merge('ties').name, config_get('slerp').name,"
                " MergeConfigError is M and issubclass(M, UserError))")
-    assert out == ("['breadcrumbs', 'breadcrumbs_ties', 'dare_linear', 'dare_ties', 'della', 'della_linear', "
-                   "'karcher', 'linear', 'model_stock', 'multislerp', 'nearswap', 'nuslerp', 'sce', 'slerp', "
-                   "'task_arithmetic', 'ties'] ties slerp True")
+    assert out == ("['arcee_fusion', 'breadcrumbs', 'breadcrumbs_ties', 'dare_linear', 'dare_ties', 'della', "
+                   "'della_linear', 'karcher', 'linear', 'model_stock', 'multislerp', 'nearswap', 'nuslerp', "
+                   "'ram', 'ramplus_tl', 'sce', 'slerp', 'task_arithmetic', 'ties'] ties slerp True")
