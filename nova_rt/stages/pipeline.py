@@ -33,7 +33,8 @@ from nova_rt.stages.common import setup
 
 log = logging.getLogger("nova_rt.pipeline")
 StageName = Literal["pas", "sft", "merge", "rm", "grpo"]  # in pipeline order
-MergeMethod = Literal["model_stock", "linear", "task_arithmetic", "ties"]
+MergeMethod = Literal["model_stock", "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
+                      "breadcrumbs_ties", "della", "della_linear", "sce", "multislerp", "karcher", "ram", "ramplus_tl"]
 STAGES: tuple[str, ...] = typing.get_args(StageName)
 MERGE_METHODS: tuple[str, ...] = typing.get_args(MergeMethod)
 
@@ -47,10 +48,12 @@ class PipelineConfig:
     """Domain slices: [{name, train_files, eval_files (optional: held-out rows of the slice)}]; one SFT run each,
     then merged. Empty: one slice of data.train_files (and data.eval_files)."""
     merge_method: MergeMethod = "model_stock"
-    """How the SFT slices are merged: model_stock (the report's best), linear, task_arithmetic or ties."""
+    """How the SFT slices are merged: model_stock (the report's best), linear, task_arithmetic, ties, or another
+    merge method that takes any number of models (`nova-rt merge --help` lists their parameters)."""
     merge_parameters: dict = field(default_factory=dict)
-    """mergekit parameters: `weight` and `density` go to every slice model (weight defaults to 1/N, an average;
-    task_arithmetic usually wants 1.0, the sum of the task vectors), the rest are global (e.g. lambda, normalize)."""
+    """mergekit parameters: the method's per-model ones (`weight`, `density`, ...) go to every slice model (weight
+    defaults to 1/N, an average; task_arithmetic usually wants 1.0, the sum of the task vectors), the rest are global
+    (e.g. lambda, normalize)."""
     pas_augment_sft: bool = True
     """With the pas stage: append PAS complements to the first user turn of the SFT rows."""
     pas_augment_max_new_tokens: int = 64
@@ -245,16 +248,20 @@ class Pipeline:
 
 
 def merge_spec(method: str, parameters: dict, base: str, models: list[str]) -> dict:
-    """The mergekit-style mapping that merges the slice models: `weight` and `density` in `parameters` go to every
-    model (weight defaults to 1/N), the other keys are global; every method but linear moves the base."""
-    per_model = {k: v for k, v in parameters.items() if k in ("weight", "density")}
-    if method != "model_stock":
+    """The mergekit-style mapping that merges the slice models: the method's per-model parameters in `parameters`
+    (weight, density, ...) go to every model (weight defaults to 1/N), the other keys are global; the base is given
+    to every method that takes one."""
+    from nova_rt.merge import get_merge
+
+    registered = get_merge(method)
+    per_model = {k: v for k, v in parameters.items() if k in registered.model_params}
+    if "weight" in registered.model_params:
         per_model.setdefault("weight", 1.0 / len(models))
     if method == "ties":
         per_model.setdefault("density", 0.5)
     spec = {"merge_method": method, "dtype": "float32",
             "models": [{"model": model, "parameters": dict(per_model)} for model in models]}
-    if method != "linear":  # linear averages the slice models themselves
+    if registered.needs_base:  # linear and karcher average the slice models themselves
         spec["base_model"] = base
     rest = {k: v for k, v in parameters.items() if k not in per_model}
     if rest:

@@ -65,3 +65,24 @@ def test_spec_shape():
     assert [m["parameters"] for m in spec["models"]] == [{"density": 0.3, "weight": 0.5}] * 2
     assert "base_model" not in merge_spec("linear", {}, "/b", ["/x", "/y"])
     assert merge_spec("model_stock", {}, "/b", ["/x", "/y"])["models"][0]["parameters"] == {}
+
+
+def test_any_n_model_method_merges_the_slices(models, tmp_path):
+    """ram takes no per-model weight and karcher no base: the spec gives each only what it accepts."""
+    from nova_rt.stages.pipeline import MERGE_METHODS
+
+    assert {"ram", "ramplus_tl", "karcher", "della", "sce", "multislerp"} <= set(MERGE_METHODS)
+    base, slices, theta0, thetas = models
+    spec = merge_spec("ram", {"epsilon": 1e-3}, base, slices)
+    assert spec["parameters"] == {"epsilon": 1e-3} and spec["models"][0]["parameters"] == {}
+    merged = load_file(str(run_merge(spec, tmp_path / "ram") / "model.safetensors"))
+    n = len(slices)
+    for name, t0 in theta0.items():
+        taus = torch.stack([t[name] - t0 for t in thetas])
+        counted = taus.abs() > 1e-3
+        count = counted.sum(dim=0)
+        want = t0 + torch.where(counted, taus, 0.0).sum(dim=0) / count.clamp(min=1)
+        torch.testing.assert_close(merged[name].double(), want, rtol=0, atol=1e-5, msg=name)
+    karcher = merge_spec("karcher", {"max_iter": 3}, base, slices)
+    assert "base_model" not in karcher and karcher["parameters"] == {"max_iter": 3} and n == 3
+    assert run_merge(karcher, tmp_path / "karcher").is_dir()
