@@ -3,6 +3,7 @@
     nova-rt train CONFIG [--set k=v ...]      any stage (run.stage), same as python -m nova_rt.train
     nova-rt merge CONFIG.yaml OUT_DIR [...]   mergekit-style YAML merge (streaming)
     nova-rt augment --model DIR "prompt" ...  PAS: append complementary prompts
+    nova-rt plan --config X.yaml --gpus N     parallel layout, memory per GPU and step time (docs/plan.md)
 
 Exit status 2 for a user error (one or two lines on stderr naming the file / row / field or key; NOVA_RT_DEBUG=1
 shows the traceback); a traceback means a bug.
@@ -46,6 +47,10 @@ def _dispatch(cmd: str, rest: list[str]) -> int:
         from nova_rt.pas.cli import main as augment_main
 
         return augment_main(rest)
+    if cmd == "plan":
+        from nova_rt.plan.cli import main as plan_main
+
+        return plan_main(rest)
     print(f"nova-rt: unknown command {cmd!r}\n{__doc__}", file=sys.stderr)
     return 2
 

@@ -1,9 +1,10 @@
 """GPUs the planner knows: memory, the bf16 rate it assumes achievable, HBM and interconnect bandwidths.
 
-Every number is a stated assumption (docs/plan.md lists the sources): datasheet memory and peaks (SXM parts), an
-achievable dense bf16 GEMM rate of ~75% of peak (what large cuBLAS GEMMs reach on H100 in public measurements; the
-planner never claims more), NVLink as the bus bandwidth NCCL's all-reduce reaches inside one node, and one 400 Gb/s
-InfiniBand NIC per GPU (50 GB/s line rate, 40 GB/s assumed achieved) between nodes.
+Every number is a stated assumption (docs/plan.md gives the sources): datasheet memory, peaks and HBM bandwidth (SXM
+parts); GEMMs at the Maximum Achievable Matmul FLOPS measured with mamf-finder (stas00/ml-engineering: H100 SXM 794.5,
+A100 SXM 271.2 TFLOP/s bf16; H200 taken as H100); causal flash attention forward + backward at 40% (H100) / 60% (A100)
+of peak (FlashAttention-2's published rates at head dim 128); NVLink as NCCL's all-reduce bus bandwidth inside a node;
+one 400 Gb/s NIC per GPU between nodes (50 GB/s line rate, 40 GB/s assumed achieved; A100: 200 Gb/s).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ class Gpu:
     """Dense bf16 FLOP/s, datasheet (MFU is measured against this)."""
     achievable_bf16: float
     """Dense bf16 FLOP/s the planner assumes GEMMs reach."""
+    attention_bf16: float
+    """FLOP/s of causal flash attention, forward + backward (its model FLOPs over its time)."""
     hbm: float
     """HBM bytes/s (memory-bound element-wise work)."""
     nvlink: float
@@ -33,9 +36,9 @@ class Gpu:
 
 
 GPUS = {
-    "h100-80gb": Gpu("h100-80gb", int(79.6 * GIB), 989e12, 0.75 * 989e12, 3.35e12, 360e9, 40e9),
-    "h200-141gb": Gpu("h200-141gb", int(139.8 * GIB), 989e12, 0.75 * 989e12, 4.8e12, 360e9, 40e9),
-    "a100-80gb": Gpu("a100-80gb", int(79.2 * GIB), 312e12, 0.75 * 312e12, 2.04e12, 230e9, 20e9),
+    "h100-80gb": Gpu("h100-80gb", int(79.6 * GIB), 989e12, 794.5e12, 0.40 * 989e12, 3.35e12, 360e9, 40e9),
+    "h200-141gb": Gpu("h200-141gb", int(139.8 * GIB), 989e12, 794.5e12, 0.40 * 989e12, 4.8e12, 360e9, 40e9),
+    "a100-80gb": Gpu("a100-80gb", int(79.2 * GIB), 312e12, 271.2e12, 0.60 * 312e12, 2.04e12, 230e9, 20e9),
 }
 
 ALLOCATOR_RESERVE_BYTES = 2 * GIB

@@ -125,38 +125,43 @@ def hf_activation_bytes(shape: ModelShape, doc_lengths: list[int], targets: int,
 
     per token: the input ids; the embedding output and each layer's two residuals (param dtype); per RMSNorm its
     fp32 rsqrt and normalised input and its output (once, or once per projection reading it under autocast, which
-    casts the input again for each); q and k after RoPE and v; attention's fp32 log-sum-exp and output (and the
-    contiguous copy the CPU path makes); gate, up, silu(gate) and their product; cos and sin. Under autocast over
+    casts the input again for each; with 16-bit weights its fp32 upcast input instead of the residual); q and k
+    after RoPE and v; attention's fp32 log-sum-exp and output (and the contiguous copy the CPU path makes); gate,
+    up, silu(gate) and their product (GPT MLP: fc1 and activation outputs); cos and sin. Under autocast over
     fp32 weights also the bf16 copy of every layer's weight matrices. The final norm and the fused log-prob op:
     the selected hidden rows, targets and log-sum-exp. attention="torch" (CPU) adds each multi-document window's
-    fp32 (w, w) mask. checkpoint_every=k keeps only each group's input (nova_rt.models.checkpointing)."""
+    (w, w) mask. checkpoint_every=k keeps only each group's input (nova_rt.models.checkpointing)."""
     tokens = sum(doc_lengths)
     d, q, kv, f, heads = shape.hidden, shape.q_width, shape.kv_width, shape.ffn, shape.heads
-    residual = param_bytes
     mixed = compute_bytes < param_bytes
-    final = 4 + 4 * d + 1  # rsqrt, normalised input, keep mask (per token)
+    pure16 = param_bytes == 2  # 16-bit weights: each norm saves its fp32 upcast input instead of the residual
     head_out = targets * (param_bytes * d + 8 + 4)  # selected hidden rows, targets, lse
-    base = tokens * (8 + residual * d + final) + head_out
-    if checkpoint_every:
+    if checkpoint_every:  # the group inputs (the first is the embedding output) and the final norm
         groups = math.ceil(shape.layers / checkpoint_every)
-        return base + tokens * groups * residual * d
-    norm_out = (3 if mixed else 1) * compute_bytes * d, (2 if mixed else 1) * compute_bytes * d
-    if not mixed and compute_bytes == 2:  # pure 16-bit: the norm upcasts its input (a fp32 copy is saved)
-        norm_out = (2 * d + 4 * d, 2 * d + 4 * d)
+        return tokens * (8 + (groups + 1) * param_bytes * d + 4 + 4 * d + 1) + head_out
+    residual = 0 if pure16 else param_bytes * d
+
+    def norm(readers: int) -> int:  # rsqrt, normalised input, output (per reader under autocast's casts)
+        if pure16:
+            return 4 * d + 4 + 2 * d + 2 * d
+        return 4 + 4 * d + (readers * compute_bytes * d if mixed else param_bytes * d)
+
     attention_out = (2 if attention == "torch" else 1) * compute_bytes * q
-    per_token = (2 * (4 + 4 * d) + sum(norm_out) + compute_bytes * (q + 2 * kv) + 4 * heads + attention_out
-                 + 2 * residual * d + 4 * compute_bytes * f)
-    rope = 2 * shape.head_dim * (4 if param_bytes == 4 else compute_bytes)
-    total = base + tokens * (shape.layers * per_token + rope)
+    per_layer = (norm(3) + norm(2) + compute_bytes * (q + 2 * kv) + 4 * heads + attention_out + 2 * residual
+                 + (4 if shape.gated else 2) * compute_bytes * f)
+    final = (4 * d + 4 + 2 * d) if pure16 else (4 + 4 * d)
+    rope = 2 * shape.head_dim * param_bytes
+    total = tokens * (8 + residual + shape.layers * per_layer + rope + final + 1) + head_out
     if mixed:  # autocast's cached bf16 copies of the weight matrices, saved by every matmul
-        total += compute_bytes * shape.layers * (d * (q + 2 * kv) + q * d + 3 * d * f)
+        total += compute_bytes * shape.layers * (d * (q + 2 * kv) + q * d + shape.mlp_matrices * d * f)
     if attention == "torch":
-        total += shape.layers * _window_masks(doc_lengths, window)
+        total += shape.layers * _window_masks(doc_lengths, window, compute_bytes)
     return total
 
 
-def _window_masks(doc_lengths: list[int], window: int) -> int:
-    """Bytes of the fp32 masks nova_rt.kernels.packed_attention_torch builds per window of several documents."""
+def _window_masks(doc_lengths: list[int], window: int, element_bytes: int) -> int:
+    """Bytes of the (w, w) masks (compute dtype) nova_rt.kernels.packed_attention_torch builds per window of several
+    documents."""
     cu = [0]
     for n in doc_lengths:
         cu.append(cu[-1] + n)
@@ -166,7 +171,7 @@ def _window_masks(doc_lengths: list[int], window: int) -> int:
         while j < docs and cu[j + 1] - cu[i] <= window:
             j += 1
         if j - i > 1:
-            total += 4 * (cu[j] - cu[i]) ** 2
+            total += element_bytes * (cu[j] - cu[i]) ** 2
         i = j
     return total
 
@@ -181,6 +186,7 @@ def megatron_activation_bytes(shape: ModelShape, tokens: int, layers: int, tp: i
     split = tp if sequence_parallel else 1
     if checkpoint:
         return layers * tokens * compute_bytes * d // split
-    per_token = (compute_bytes * (4 * d / split + ((q + 2 * kv) + (q + kv) + q + 3 * f) / tp)
+    mlp = (3 if shape.gated else 2) * f  # fc1 output (2F gated) and the activation's output (F)
+    per_token = (compute_bytes * (4 * d / split + ((q + 2 * kv) + (q + kv) + q + mlp) / tp)
                  + 8 / split + 4 * shape.heads / tp)
     return int(layers * tokens * per_token)

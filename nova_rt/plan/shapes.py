@@ -29,6 +29,11 @@ class ModelShape:
     head_dim: int
     qkv_bias: bool
     tied: bool
+    gated: bool = True  # SwiGLU (gate, up, down); False: a GPT-style 2-matrix MLP (published comparisons only)
+
+    @property
+    def mlp_matrices(self) -> int:
+        return 3 if self.gated else 2
 
     @property
     def q_width(self) -> int:
@@ -41,7 +46,7 @@ class ModelShape:
     def layer_params(self) -> int:
         d, q, kv, f = self.hidden, self.q_width, self.kv_width, self.ffn
         bias = (q + 2 * kv) if self.qkv_bias else 0
-        return d * (q + 2 * kv) + bias + q * d + 3 * d * f + 2 * d
+        return d * (q + 2 * kv) + bias + q * d + self.mlp_matrices * d * f + 2 * d
 
     def total_params(self, head: str = "lm") -> int:
         """Parameters of the HF model (head "score": a (1, D) score head instead of the LM head)."""
@@ -95,7 +100,7 @@ def hf_param_numels(shape: ModelShape, head: str = "lm") -> list[int]:
     """Element counts of the HF model's parameter tensors, in registration order (model.parameters())."""
     d, q, kv, f = shape.hidden, shape.q_width, shape.kv_width, shape.ffn
     layer = [q * d] + ([q] if shape.qkv_bias else []) + [kv * d] + ([kv] if shape.qkv_bias else [])
-    layer += [kv * d] + ([kv] if shape.qkv_bias else []) + [d * q, f * d, f * d, d * f, d, d]
+    layer += [kv * d] + ([kv] if shape.qkv_bias else []) + [d * q] + [f * d] * (shape.mlp_matrices - 1) + [d * f, d, d]
     out = [shape.vocab * d] + layer * shape.layers + [d]
     if head == "score":
         out.append(d)
@@ -109,7 +114,8 @@ def hf_param_shapes(shape: ModelShape, head: str = "lm") -> list[tuple[int, int]
     d, q, kv, f = shape.hidden, shape.q_width, shape.kv_width, shape.ffn
     bias = shape.qkv_bias
     layer = [(q, d)] + ([(q, 1)] if bias else []) + [(kv, d)] + ([(kv, 1)] if bias else [])
-    layer += [(kv, d)] + ([(kv, 1)] if bias else []) + [(d, q), (f, d), (f, d), (d, f), (d, 1), (d, 1)]
+    layer += [(kv, d)] + ([(kv, 1)] if bias else []) + [(d, q)] + [(f, d)] * (shape.mlp_matrices - 1)
+    layer += [(d, f), (d, 1), (d, 1)]
     out = [(shape.vocab, d)] + layer * shape.layers + [(d, 1)]
     if head == "score":
         out.append((1, d))
@@ -144,7 +150,7 @@ def megatron_chunk_params(shape: ModelShape, tp: int, pp: int, vpp: int, stage: 
     if first:
         out.append(MegatronParam(vocab_rows * d, shared_embedding=tied and pp > 1, is_embedding=True))
     layer = [d, d * q // tp, (q + 2 * kv) // tp * d] + ([(q + 2 * kv) // tp] if shape.qkv_bias else [])
-    layer += [d, 2 * f // tp * d, d * f // tp]
+    layer += [d, (shape.mlp_matrices - 1) * f // tp * d, d * f // tp]
     per_chunk = shape.layers // (pp * vpp)
     out += [MegatronParam(n) for n in layer * per_chunk]
     if last:
