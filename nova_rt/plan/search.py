@@ -121,8 +121,9 @@ def evaluate(shape: ModelShape, work: Workload, gpu: Gpu, gpus: int, per_node: i
         stages = sorted({0, lay.pp - 1})
         best: dict[str, int] | None = None
         for stage in stages:
-            static = memory.megatron_static(shape, lay.tp, lay.pp, lay.vpp, lay.dp, lay.dist_opt, work.model_bytes,
-                                            stage, head=work.head)
+            # megatron DDP reduces, and its distributed optimizer shards, over DP x CP
+            static = memory.megatron_static(shape, lay.tp, lay.pp, lay.vpp, lay.dp * lay.cp, lay.dist_opt,
+                                            work.model_bytes, stage, head=work.head)
             layers = shape.layers // lay.pp
             in_flight = min(lay.pp - stage, micro_batches)
             if lay.vpp > 1 and stage == 0:

@@ -72,7 +72,9 @@ def _megatron(sc: dict, model_dir: str, out: Path) -> None:
     result = {"params": counter.count(params),
               "grads": counter.count(getattr(p, "main_grad", None) for p in params),
               "optimizer": counter.count(_optimizer_tensors(be.optimizer)),
-              "stage": ps.get_pipeline_model_parallel_rank(), "dp_rank": be.dp_rank, "dp_size": be.dp_size}
+              "stage": ps.get_pipeline_model_parallel_rank(), "dp_rank": be.dp_rank, "dp_size": be.dp_size,
+              "dpcp_rank": ps.get_data_parallel_rank(with_context_parallel=True),
+              "dpcp_size": ps.get_data_parallel_world_size(with_context_parallel=True)}
     (out / f"{sc['name']}.rank{dist.get_rank()}.json").write_text(json.dumps(result))
     del be
     gc.collect()

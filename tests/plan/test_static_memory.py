@@ -35,6 +35,7 @@ MEGATRON = {
     "dp4_distopt": {"distributed_optimizer": True},
     "pp4_vpp2": {"pipeline_parallel": 4, "virtual_pipeline_parallel": 2},
     "dp4": {},
+    "cp2_dp2_distopt": {"context_parallel": 2, "distributed_optimizer": True},  # shards over DP x CP = 4
 }
 HF = {
     "ddp_fp32": {"data_parallel": "ddp", "dtype": "float32", "master_weights": "fp32"},
@@ -78,8 +79,10 @@ def test_megatron_static_bytes_exact(measured, name):
     tp, pp = parallel.get("tensor_parallel", 1), parallel.get("pipeline_parallel", 1)
     vpp = parallel.get("virtual_pipeline_parallel", 0)
     for rank, got in enumerate(_ranks(tmp, f"{arch}_{name}")):
-        want = megatron_static(shape, tp, pp, vpp, got["dp_size"], parallel.get("distributed_optimizer", False), 4,
-                               got["stage"], got["dp_rank"])
+        assert got["dpcp_size"] == got["dp_size"] * parallel.get("context_parallel", 1)
+        # megatron DDP reduces gradients, and its distributed optimizer shards them, over the DP x CP group
+        want = megatron_static(shape, tp, pp, vpp, got["dpcp_size"], parallel.get("distributed_optimizer", False), 4,
+                               got["stage"], got["dpcp_rank"])
         predicted = {"params": want.params, "grads": want.grads, "optimizer": want.optimizer}
         assert predicted == {k: got[k] for k in predicted}, f"{name} rank {rank} (stage {got['stage']}, dp rank " \
                                                             f"{got['dp_rank']}): predicted {predicted}, measured {got}"
