@@ -4,7 +4,7 @@
                  [--backend any|hf|megatron] [--tp N] [--pp N] [--cp N] [--top 5] [--set k=v ...]
 
 Prints the best layouts that fit (memory broken down, predicted step time, MFU, tokens/s/GPU); --write puts the
-best one into the config's `parallel` section (and train.micro_batch / train.activation_checkpointing), through a
+best one into the config's `parallel` section (and train.micro_batch, train.activation_checkpointing), through a
 temporary file and a rename. Nothing fits: exit 2 naming the smallest memory found and what would make it fit.
 The model behind the numbers and its assumptions: docs/plan.md.
 """
@@ -113,7 +113,9 @@ def write_layout(config_path: Path, plan: Plan) -> None:
         parallel.update(tensor_parallel=lay.tp, pipeline_parallel=lay.pp, virtual_pipeline_parallel=lay.vpp,
                         sequence_parallel=lay.tp > 1, context_parallel=lay.cp, distributed_optimizer=lay.dist_opt)
     train = raw.setdefault("train", {})
-    train.update(micro_batch=lay.micro_batch, activation_checkpointing=1 if lay.checkpoint else 0)
+    train.update(micro_batch=lay.micro_batch)
+    if lay.backend == "hf":
+        train.update(activation_checkpointing=1 if lay.checkpoint else 0)
     tmp = config_path.with_name(f".{config_path.name}.tmp-{os.getpid()}")
     tmp.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
     os.replace(tmp, config_path)

@@ -1,7 +1,8 @@
 """What a run needs (Workload, read from a nova_rt Config), the layouts that could run it, and the memory and time
 of each (Plan). `search` enumerates megatron layouts (TP within a node dividing the head counts and the MLP, PP
-dividing the layers, VPP, CP for SFT, the distributed optimizer) and HF ones (DDP, FSDP2), micro-batches and
-activation checkpointing, and returns every layout with its prediction, the fitting ones fastest first.
+dividing the layers, VPP, CP for SFT, the distributed optimizer; no recompute, which that backend lacks) and HF
+ones (DDP, FSDP2, with or without activation checkpointing), micro-batches, and returns every layout with its
+prediction, the fitting ones fastest first.
 """
 
 from __future__ import annotations
@@ -95,9 +96,10 @@ def megatron_layouts(shape: ModelShape, work: Workload, gpus: int, per_node: int
                     for mb in micro_batches:
                         if (work.global_rows // dp) % mb:
                             continue
-                        for checkpoint in (False, True):
-                            for dist_opt in ((False, True) if dp > 1 else (False,)):
-                                yield Layout("megatron", tp, pp, vpp, cp, dp, mb, checkpoint, dist_opt)
+                        # nova_rt's megatron backend has no activation recompute (train.activation_checkpointing
+                        # applies to the HF backend): its layouts are planned without (published runs set it)
+                        for dist_opt in ((False, True) if dp > 1 else (False,)):
+                            yield Layout("megatron", tp, pp, vpp, cp, dp, mb, False, dist_opt)
 
 
 def hf_layouts(work: Workload, gpus: int, micro_batches: list[int]):
