@@ -138,7 +138,9 @@ def della_keep_prob(delta: torch.Tensor, density: float, epsilon: float) -> torc
     row along dim 1 (1-D tensors: one row; stable order on ties; a row of one element: density)."""
     rows = delta.reshape(1, -1) if delta.dim() < 2 else delta
     length = rows.shape[1]
-    ranks = torch.sort(rows.abs(), dim=1, stable=True).indices.argsort(dim=1).to(torch.float64)
+    order = torch.sort(rows.abs(), dim=1, stable=True).indices
+    positions = torch.arange(length, device=delta.device).reshape(1, length, *([1] * (rows.dim() - 2)))
+    ranks = torch.empty_like(order).scatter_(1, order, positions.expand_as(order)).to(torch.float64)  # inverse perm
     spread = ranks / (length - 1) if length > 1 else torch.full_like(ranks, 0.5)
     return ((density - epsilon) + spread * (2 * epsilon)).reshape(delta.shape)
 

@@ -88,6 +88,25 @@ def multislerp_ref(base: torch.Tensor | None, xs: list[torch.Tensor], weights: l
     return result.reshape(xs[0].shape).to(out_dtype)
 
 
+def top_count_mask(values: torch.Tensor, count: int) -> torch.Tensor:
+    """Mask of the `count` largest of 1-D `values`, equal values taken in index order (a stable descending sort's
+    first `count`), by selection (O(n)) instead of a sort."""
+    numel = values.numel()
+    if count <= 0 or numel == 0:
+        return torch.zeros(numel, dtype=torch.bool, device=values.device)
+    if count >= numel:
+        return torch.ones(numel, dtype=torch.bool, device=values.device)
+    if torch.isnan(values).any():  # no order statistic to select by: the sort's order
+        keep = torch.zeros(numel, dtype=torch.bool, device=values.device)
+        keep[torch.sort(values, descending=True, stable=True).indices[:count]] = True
+        return keep
+    threshold = torch.kthvalue(values, numel - count + 1).values  # the count-th largest
+    keep = values > threshold
+    ties = torch.nonzero(values == threshold).reshape(-1)
+    keep[ties[:count - int(keep.sum())]] = True
+    return keep
+
+
 def sce_ref(base: torch.Tensor, xs: list[torch.Tensor], select_topk: float, out_dtype: torch.dtype) -> torch.Tensor:
     acc = compute_dtype(base.dtype)
     b = base.to(acc)
@@ -97,7 +116,7 @@ def sce_ref(base: torch.Tensor, xs: list[torch.Tensor], select_topk: float, out_
         if select_topk > 0:
             var = tvs.var(dim=0, unbiased=False).reshape(-1)
             count = int(int(torch.count_nonzero(var)) * select_topk)
-            keep[torch.sort(var, descending=True, stable=True).indices[:count]] = True
+            keep = top_count_mask(var, count)
         tvs = tvs * keep.reshape(b.shape).to(acc)
     majority = torch.where(tvs.sum(dim=0) >= 0, 1.0, -1.0).to(acc)
     agree = (tvs.sign() == majority).to(acc)

@@ -287,3 +287,16 @@ def test_help_lists_the_new_methods_and_their_parameters(capsys):
     for line in ("  arcee_fusion: ", "  ram: ", "      global: epsilon=1e-05", "  ramplus_tl: ",
                  "      global: r=0.1, alpha=0.2, epsilon=1e-05"):
         assert line in shown, line
+
+
+@pytest.mark.parametrize("count", [0, 1, 17, 250, 499, 500, 600])
+def test_sce_top_count_selection_equals_a_stable_sort(count):
+    """sce's top-variance mask selects instead of sorting: the same elements as a stable descending sort, equal
+    values in index order (heavy ties here), NaN included."""
+    from nova_rt.merge.reference_extra import top_count_mask
+
+    values = torch.randint(0, 9, (500,), generator=torch.Generator().manual_seed(count)).double() / 4
+    for case in (values, torch.where(values == 1.0, float("nan"), values)):
+        want = torch.zeros(500, dtype=torch.bool)
+        want[torch.sort(case, descending=True, stable=True).indices[:count]] = True
+        assert torch.equal(top_count_mask(case, count), want), count
