@@ -209,6 +209,8 @@ def main(argv=None) -> None:
         args.max_steps = 4 if args.tiny else 24
     seeds = [int(s) for s in args.seeds.split(",")]
     work = Path(tempfile.mkdtemp(prefix="bench_algorithms_"))
+    name = f"bench_algorithms_{args.part}{'_tiny' if args.tiny else ''}.json"
+    out = Path(args.out) if args.out else RESULTS_DIR / name
     runs = []
     if args.part == "grpo":
         for seed in seeds:  # seeds outermost: a load change hits every setting of a seed alike
@@ -216,8 +218,7 @@ def main(argv=None) -> None:
                 for advantage in args.advantages.split(","):
                     runs.append(grpo_run(args, mode, advantage, seed, work))
                     print(json.dumps({k: v for k, v in runs[-1].items() if k != "curve"}), flush=True)
-        summary = summarise(runs, ("mode", "advantage"), ("final", "gain", "step_s", "zero_adv_frac"))
-        columns = ["mode", "advantage", "seeds", "final", "final_se", "gain", "gain_se", "step_s", "zero_adv_frac"]
+                    write(out, args, runs)  # after every run: an interrupted sweep keeps what it measured
     else:
         pairs = [json.loads(line) for line in (ROOT / "data" / "preference" / "arith_pairs_eval.jsonl")
                  .read_text().splitlines()]
@@ -227,21 +228,32 @@ def main(argv=None) -> None:
             for loss_type in args.losses.split(","):
                 runs.append(dpo_run(args, loss_type, seed, work, initial_dir, initial_scores, pairs))
                 print(json.dumps(runs[-1]), flush=True)
-        summary = summarise(runs, ("loss_type",), ("mean_logp_accuracy", "implicit_reward_accuracy",
-                                                   "own_eval_accuracy_last", "train_s"))
-        columns = ["loss_type", "seeds", "mean_logp_accuracy", "mean_logp_accuracy_se", "implicit_reward_accuracy",
-                   "implicit_reward_accuracy_se", "own_eval_accuracy_last", "train_s"]
-    print(markdown_table(summary, columns))
-    name = f"bench_algorithms_{args.part}{'_tiny' if args.tiny else ''}.json"
-    out = Path(args.out) if args.out else RESULTS_DIR / name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"benchmark": "bench_algorithms", "part": args.part, "args": vars(args),
-                               "env": environment(), "summary": summary, "runs": runs}, indent=2))
-    os.replace(tmp, out)
+                write(out, args, runs)
+    print(markdown_table(*_summary(args.part, runs)))
     if args.part == "grpo":
         plot(runs, out.with_suffix(".png"))
     print(f"wrote {out}")
+
+
+def _summary(part: str, runs: list[dict]) -> tuple[list[dict], list[str]]:
+    if part == "grpo":
+        return (summarise(runs, ("mode", "advantage"), ("final", "gain", "step_s", "zero_adv_frac")),
+                ["mode", "advantage", "seeds", "final", "final_se", "gain", "gain_se", "step_s", "zero_adv_frac"])
+    return (summarise(runs, ("loss_type",), ("mean_logp_accuracy", "implicit_reward_accuracy",
+                                             "own_eval_accuracy_last", "train_s")),
+            ["loss_type", "seeds", "mean_logp_accuracy", "mean_logp_accuracy_se", "implicit_reward_accuracy",
+             "implicit_reward_accuracy_se", "own_eval_accuracy_last", "train_s"])
+
+
+def write(out: Path, args, runs: list[dict]) -> None:
+    """The JSON of every run so far, its summary and the markdown table (temp file, then rename)."""
+    summary, columns = _summary(args.part, runs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"benchmark": "bench_algorithms", "part": args.part, "args": vars(args),
+                               "env": environment(), "summary": summary, "table": markdown_table(summary, columns),
+                               "runs": runs}, indent=2))
+    os.replace(tmp, out)
 
 
 def _initial_model_dir(args, work: Path) -> str:
