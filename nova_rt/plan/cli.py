@@ -63,7 +63,7 @@ def render(plans: list[Plan], shape: ModelShape, work: Workload, gpu, gpus: int)
         mem, t = plan.memory, plan.timing
         lines.append(f"{plan.layout.describe():44s} {gib(mem['total']):>6s} "
                      + " ".join(f"{gib(mem.get(c, 0)):>6s}" for c in COLUMNS)
-                     + f" {t.step_s:7.2f} {100 * t.mfu:4.1f}% {t.tokens_per_s_per_gpu:9.0f}")
+                     + f" {t.step_s:7.3g} {100 * t.mfu:4.1f}% {t.tokens_per_s_per_gpu:9.0f}")
     lines.append(f"assumed: {gpu.achievable_bf16 / 1e12:.0f} TFLOP/s achievable bf16 ({gpu.peak_bf16 / 1e12:.0f} peak, "
                  f"MFU against peak), NVLink {gpu.nvlink / 1e9:.0f} GB/s, network {gpu.network / 1e9:.0f} GB/s per "
                  f"GPU, {gib(ALLOCATOR_RESERVE_BYTES)} GiB allocator reserve; docs/plan.md")
