@@ -127,10 +127,26 @@ def outliers_mask_ref(delta: torch.Tensor, density: float, gamma: float) -> torc
         return torch.ones_like(delta, dtype=torch.bool)
     keep = max(0, int(density * numel))
     skip = max(0, numel - keep - int(gamma * numel))
-    mask = torch.zeros(numel, dtype=torch.bool, device=delta.device)
-    order = torch.sort(delta.abs().reshape(-1), stable=True).indices
-    mask[order[skip:skip + keep]] = True
-    return mask.reshape(delta.shape)
+    return rank_range_mask(delta.abs().reshape(-1), skip, skip + keep).reshape(delta.shape)
+
+
+def rank_range_mask(values: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Mask of the 1-D `values` at positions [start, stop) of a stable ascending sort (equal values in index order),
+    by selecting the two boundary values (O(n)) instead of sorting."""
+    mask = torch.zeros(values.numel(), dtype=torch.bool, device=values.device)
+    start, stop = max(start, 0), min(stop, values.numel())
+    if stop <= start:
+        return mask
+    if torch.isnan(values).any():  # no order statistic to select by: the sort's order
+        mask[torch.sort(values, stable=True).indices[start:stop]] = True
+        return mask
+    low, high = torch.kthvalue(values, start + 1).values, torch.kthvalue(values, stop).values
+    mask = (values > low) & (values < high)
+    for boundary in ((low,) if bool(low == high) else (low, high)):
+        ties = torch.nonzero(values == boundary).reshape(-1)  # ascending positions first, first + 1, ...
+        first = int((values < boundary).sum())
+        mask[ties[max(start - first, 0):max(stop - first, 0)]] = True
+    return mask
 
 
 def della_keep_prob(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:

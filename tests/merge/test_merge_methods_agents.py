@@ -300,3 +300,17 @@ def test_sce_top_count_selection_equals_a_stable_sort(count):
         want = torch.zeros(500, dtype=torch.bool)
         want[torch.sort(case, descending=True, stable=True).indices[:count]] = True
         assert torch.equal(top_count_mask(case, count), want), count
+
+
+@pytest.mark.parametrize("start, stop", [(0, 0), (0, 1), (0, 500), (3, 17), (120, 380), (250, 251), (499, 500),
+                                         (400, 700), (-5, 30)])
+def test_breadcrumbs_rank_range_selection_equals_a_stable_sort(start, stop):
+    """Breadcrumbs' band selects instead of sorting: the elements at ascending stable-sort positions [start, stop),
+    equal values in index order (heavy ties here), NaN included."""
+    from nova_rt.merge.reference import rank_range_mask
+
+    values = torch.randint(0, 9, (500,), generator=torch.Generator().manual_seed(stop)).double() / 4
+    for case in (values, torch.where(values == 1.0, float("nan"), values), torch.full((500,), 0.5)):
+        want = torch.zeros(500, dtype=torch.bool)
+        want[torch.sort(case, stable=True).indices[max(start, 0):stop]] = True
+        assert torch.equal(rank_range_mask(case, start, stop), want), (start, stop)
