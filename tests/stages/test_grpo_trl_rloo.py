@@ -79,7 +79,8 @@ def test_rloo_gradient_equals_trl_formula(n_micro):
     advantages = trl_rloo_advantages(batch["rewards_B"], group_size)
     ours = estimate_advantages(batch["rewards_B"].view(-1, group_size).tolist(),
                                [[1] * group_size] * 4, "rloo", "std", lambda values: values)
-    assert_close_verbose(torch.tensor(sum(ours, []), dtype=torch.float64), advantages, rtol=1e-12, atol=1e-12, name=f"seed {seed}")
+    assert_close_verbose(torch.tensor(sum(ours, []), dtype=torch.float64), advantages, rtol=1e-12, atol=1e-12,
+                         name=f"seed {seed}")
     batch_size = advantages.numel()
     want = (-advantages[:, None] / batch_size * batch["mask_BL"]).float()  # d(-mean_i ratio_i A_i)/d lp at ratio 1
     got = nova_rloo_grad(batch, n_micro)
