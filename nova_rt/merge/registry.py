@@ -124,6 +124,8 @@ def describe_methods() -> str:
         m = _REGISTRY[name]
         base = "optional base_model" if m.optional_base else "base_model" if m.needs_base else "no base_model"
         lines.append(f"  {name}: {m.description} [{base}]")
+        if not m.global_params and not m.model_params:
+            lines.append("      no parameters")
         for scope, params in (("global", m.global_params), ("per model", m.model_params)):
             shown = [k if spec.default is REQUIRED else f"{k}={str(spec.default).lower()}"
                      for k, spec in params.items()]

@@ -269,6 +269,8 @@ def test_nova_rt_merge_cli_streams_each_method(tiny_models, sparse_agents, tmp_p
      r"unknown parameter 'density' for merge_method ramplus_tl \(supported: alpha, epsilon, r\)"),
     ({"merge_method": "ramplus_tl", "parameters": {"r": "big"}}, "parameter 'r' must be a number"),
     ({"merge_method": "ram", "parameters": {"epsilon": -1.0}}, "epsilon = -1.0 must be >= 0"),
+    ({"merge_method": "ram_plus"},
+     r"unknown merge_method 'ram_plus'; supported: arcee_fusion, breadcrumbs, .*, ram, ramplus_tl, sce, slerp"),
 ])
 def test_cli_config_errors_exit_2_naming_the_choices(tiny_models, tmp_path, capsys, snippet, message):
     cfg = {"base_model": "base", "models": [{"model": "ft1"}], **snippet}
@@ -284,7 +286,8 @@ def test_help_lists_the_new_methods_and_their_parameters(capsys):
     with pytest.raises(SystemExit):
         cli_main(["--help"])
     shown = capsys.readouterr().out
-    for line in ("  arcee_fusion: ", "  ram: ", "      global: epsilon=1e-05", "  ramplus_tl: ",
+    for line in ("  arcee_fusion: ", "[base_model]\n      no parameters\n", "  ram: ", "      global: epsilon=1e-05",
+                 "  ramplus_tl: ",
                  "      global: r=0.1, alpha=0.2, epsilon=1e-05"):
         assert line in shown, line
 
