@@ -10,12 +10,16 @@ reference of DPO and GRPO; final/ is a PEFT adapter directory and merged_state g
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 from torch import nn
 
 from nova_rt.errors import ConfigError
+
+log = logging.getLogger("nova_rt.lora")
 
 ADAPTER = "default"
 """peft's adapter name: the one adapter a run trains."""
@@ -38,13 +42,18 @@ def add_adapters(model: nn.Module, lora, *, source: str, seed: int, score_head: 
     if unknown:
         raise ConfigError(f"{source}: lora.target_modules: {unknown[0]!r} is no linear layer of this model's decoder "
                           f"layers; they have: {', '.join(names)}")
+    targets = list(lora.target_modules) or names
     config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
-                        target_modules=list(lora.target_modules) or names,
+                        target_modules=targets,
                         task_type="SEQ_CLS" if score_head else "CAUSAL_LM",
                         modules_to_save=["score"] if score_head else None)
     with torch.random.fork_rng(devices=[]):  # A's draw: the same on every rank and for every resume
         torch.manual_seed(seed)
-        return get_peft_model(model, config)
+        peft_model = get_peft_model(model, config)
+    trained, total = peft_model.get_nb_trainable_parameters()
+    log.info("lora: rank %d on %s: %d trainable parameters (%.2f%% of %d)", lora.rank, ", ".join(targets), trained,
+             100 * trained / total, total)
+    return peft_model
 
 
 def adapters_disabled(peft_model: nn.Module):
@@ -58,7 +67,7 @@ def peft_state(state: dict, prefix: str = "lm.") -> dict:
     return {name[len(prefix):]: tensor for name, tensor in state.items() if name.startswith(prefix)}
 
 
-def save_adapter_directory(peft_model: nn.Module, tokenizer, out_dir, state: dict, then) -> object:
+def save_adapter_directory(peft_model: nn.Module, tokenizer, out_dir, state: dict, then) -> Path:
     """Write run.dir/final as a PEFT adapter directory (adapter_config.json, adapter_model.safetensors with the
     adapters and any score head, in the trained dtype as peft saves them, plus the tokenizer), to a temporary sibling
     renamed into place (nova_rt.trainer.save_hf_atomic). Returns its path."""
@@ -94,7 +103,7 @@ def merged_state(peft_model: nn.Module, dtype: torch.dtype | None = None) -> dic
     return out
 
 
-def save_merged_directory(peft_model: nn.Module, tokenizer, out_dir, dtype: torch.dtype, then) -> object:
+def save_merged_directory(peft_model: nn.Module, tokenizer, out_dir, dtype: torch.dtype, then) -> Path:
     """Write the merged full model (merged_state in `dtype`) as an HF directory, to a temporary sibling renamed into
     place. Returns its path."""
     from nova_rt.trainer import save_hf_atomic
