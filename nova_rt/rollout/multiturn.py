@@ -18,6 +18,8 @@ import math
 import time
 from dataclasses import dataclass, field
 
+import torch
+
 from nova_rt.envs import EnvConfig, EnvError
 from nova_rt.envs.tools import call_with_timeout, hung_threads, make_tools, parse_tool_calls, run_tool_calls
 from nova_rt.rollout.base import policy_token_logprobs
@@ -238,12 +240,16 @@ def rollout_metrics(trajectories: list[Trajectory]) -> dict:
             "env_error_frac": sum(t.excluded for t in trajectories) / max(count, 1), "env_hung_threads": hung_threads()}
 
 
-def check_env_errors(rollout: MultiTurnRollout, cfg: EnvConfig) -> None:
-    """EnvError (exit 2) naming the environment when more than grpo.env.max_error_frac of the episodes failed."""
+def check_env_errors(rollout: MultiTurnRollout, cfg: EnvConfig, dp_sum=None) -> None:
+    """EnvError (exit 2) naming the environment when more than grpo.env.max_error_frac of the step's episodes failed.
+    dp_sum: the backend's in-place float64 all-reduce, so that every data-parallel rank counts all and stops alike."""
     failed = [t for t in rollout.trajectories if t.excluded]
-    if rollout.trajectories and len(failed) / len(rollout.trajectories) > cfg.max_error_frac:
-        raise EnvError(f"{len(failed)} of {len(rollout.trajectories)} episodes of this step failed (more than "
-                       f"grpo.env.max_error_frac={cfg.max_error_frac:g}); the first: {failed[0].error}")
+    counts = torch.tensor([float(len(failed)), float(len(rollout.trajectories))], dtype=torch.float64)
+    failures, episodes = (dp_sum(counts) if dp_sum is not None else counts).tolist()
+    if episodes and failures / episodes > cfg.max_error_frac:
+        first = failed[0].error if failed else f"environment '{cfg.label}' failed on other data-parallel ranks"
+        raise EnvError(f"{failures:.0f} of {episodes:.0f} episodes of this step failed (more than "
+                       f"grpo.env.max_error_frac={cfg.max_error_frac:g}); the first: {first}")
 
 
 def trajectory_logprobs(model, trajectories: list[Trajectory], *, temperature: float = 1.0) -> list[list[float]]:

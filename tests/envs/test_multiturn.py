@@ -8,6 +8,7 @@ import re
 import threading
 
 import pytest
+import torch
 
 from nova_rt.envs import EnvConfig, EnvError, build_env_factory
 from nova_rt.errors import ConfigError
@@ -238,3 +239,17 @@ def test_engine_turn_length_must_match(tool_tokenizer):
     with pytest.raises(ValueError, match="max_new_tokens_per_turn is 16"):
         MultiTurnDriver(ScriptedEngine(tool_tokenizer, str, max_new_tokens=8), tool_tokenizer,
                         build_env_factory(cfg), cfg)
+
+
+def test_env_error_frac_counts_every_data_parallel_rank(tool_tokenizer):
+    cfg = EnvConfig(type="user", path="x.py:FaultyEnv", max_error_frac=0.5, max_new_tokens_per_turn=8)
+    out = MultiTurnDriver(ScriptedEngine(tool_tokenizer, lambda p: "hi", 8), tool_tokenizer, FaultyEnv, cfg).run(
+        [{"fail": "none"}, {"fail": "none"}])
+    check_env_errors(out, cfg)  # no failure here
+
+    def other_rank_failed_all_four(counts):  # this rank: 0 of 2; another: 4 of 4
+        return counts + torch.tensor([4.0, 4.0], dtype=torch.float64)
+
+    with pytest.raises(EnvError, match="^4 of 6 episodes .* the first: environment 'x.py:FaultyEnv' failed on other "
+                                       "data-parallel ranks$"):
+        check_env_errors(out, cfg, other_rank_failed_all_four)
