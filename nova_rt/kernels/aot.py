@@ -142,8 +142,9 @@ def _fused_logprobs_specs() -> list[LaunchSpec]:
 
 def _grpo_specs() -> list[LaunchSpec]:
     """Each BLOCK_B / BLOCK_T the launcher can pick (at the default variant), each constexpr variant (aggregation,
-    advantage norm, KL mode or no reference, token advantages, TIS weights, no gradient) at the CUDA block size, per
-    logprobs dtype, and int64 cu_seqlens (grpo_loss takes int32 or int64) at the default variant."""
+    advantage norm or given advantages, KL mode or no reference, token advantages, TIS weights, no gradient, each
+    per-token loss mode) at the CUDA block size, per logprobs dtype, and int64 cu_seqlens (grpo_loss takes int32 or
+    int64) at the default variant."""
     import torch
 
     from nova_rt.kernels import grpo_loss as gl
@@ -167,25 +168,30 @@ def _grpo_specs() -> list[LaunchSpec]:
                                                          HAS_GIVEN=norm == "given", BLOCK_B=bb),
             spill_allowance=gl._SPILL_ALLOWANCE.get(("adv", bb), 0), key=("adv", bb)))
     bt_max = gl._CUDA_BLOCK_T
-    # (dtype, cu dtype, BLOCK_T, has_ref, kl, token_adv, write_grad, is_weights)
-    fwd = [(bf16, torch.int32, bt, True, "k3", False, True, False) for bt in pow2(16, bt_max)]
+    # (dtype, cu dtype, BLOCK_T, has_ref, kl, token_adv, write_grad, is_weights, loss mode)
+    fwd = [(bf16, torch.int32, bt, True, "k3", False, True, False, "ppo_clip") for bt in pow2(16, bt_max)]
     for dt in (bf16, torch.float16, f32):
-        fwd += [(dt, torch.int32, bt_max, True, kl, False, True, False) for kl in gl._KL_MODES
+        fwd += [(dt, torch.int32, bt_max, True, kl, False, True, False, "ppo_clip") for kl in gl._KL_MODES
                 if (dt, kl) != (bf16, "k3")]
-        fwd += [(dt, torch.int32, bt_max, False, "k3", False, True, False),  # no reference: KL code dead (k3)
-                (dt, torch.int32, bt_max, True, "k3", True, True, False),
-                (dt, torch.int32, bt_max, True, "k3", False, False, False),
-                (dt, torch.int64, bt_max, True, "k3", False, True, False),
-                (dt, torch.int32, bt_max, True, "k3", True, True, True)]  # every stream loaded: TIS + token_adv
-    for dt, cu, bt, has_ref, kl, tadv, grad, isw in fwd:
+        fwd += [(dt, torch.int32, bt_max, False, "k3", False, True, False, "ppo_clip"),  # no reference: no KL code
+                (dt, torch.int32, bt_max, True, "k3", True, True, False, "ppo_clip"),
+                (dt, torch.int32, bt_max, True, "k3", False, False, False, "ppo_clip"),
+                (dt, torch.int64, bt_max, True, "k3", False, True, False, "ppo_clip"),
+                (dt, torch.int32, bt_max, True, "k3", True, True, True, "ppo_clip")]  # all streams: TIS + token_adv
+        # the other per-token modes (the sequence-level ones have no kernel), with every stream loaded
+        fwd += [(dt, torch.int32, bt_max, True, "k3", True, True, True, mode) for mode in gl._LOSS_MODES
+                if mode != "ppo_clip" and mode not in gl.SEQUENCE_MODES]
+    for dt, cu, bt, has_ref, kl, tadv, grad, isw, mode in fwd:
         label = (f"{_dtype_name(dt)} {'cu64' if cu == torch.int64 else 'cu32'} BLOCK_T={bt} w{gl._FWD_WARPS} "
                  f"{'kl=' + kl if has_ref else 'no-ref'}{' token_adv' if tadv else ''}{' tis' if isw else ''}"
-                 f"{'' if grad else ' no-grad'}")
+                 f"{'' if grad else ' no-grad'}{'' if mode == 'ppo_clip' else ' ' + mode}")
         vals = {**base, "CU": cu, "B": 4093, "LP_T": dt, "OLD_T": dt, "REF_T": dt, "DLP_T": dt,
-                "TADV_T": f32 if tadv else dt, "ISW_T": f32 if isw else dt}
+                "TADV_T": f32 if tadv else dt, "ISW_T": f32 if isw else dt, "SEQ_B": f32, "tau_pos": 1.0,
+                "tau_neg": 1.05}
         specs.append(LaunchSpec("grpo_loss", "_grpo_loss_fwd_kernel", label, vals,
-                                dict(HAS_REF=has_ref, HAS_TADV=tadv, HAS_ISW=isw, KL=gl._KL_MODES[kl], WRITE_GRAD=grad,
-                                     BLOCK_T=bt, num_warps=gl._FWD_WARPS),
+                                dict(HAS_REF=has_ref, HAS_TADV=tadv, HAS_ISW=isw, KL=gl._KL_MODES[kl],
+                                     LOSS_MODE=gl._LOSS_MODES[mode], WRITE_GRAD=grad, BLOCK_T=bt,
+                                     num_warps=gl._FWD_WARPS),
                                 spill_allowance=gl._SPILL_ALLOWANCE.get(("fwd", _dtype_name(dt)), 0),
                                 key=("fwd", _dtype_name(dt))))
     specs.append(LaunchSpec("grpo_loss", "_grpo_reduce_kernel", f"BLOCK_P={gl._BLOCK_P}", base,

@@ -5,11 +5,12 @@ d logprobs in one pass over the log-probs, deterministic (fixed-order reduce, no
     r_t  = exp(clamp(lp_t - old_t, -20, 20)),    pg_t = -min(r_t a_t, clip(r_t, 1 - eps_low, 1 + eps_high) a_t)
     loss = sum_t w_t (c_t pg_t + beta kl_t)      kl_t: k1 | k2 | k3;  c_t: is_weights (TIS), a constant
     w_t  = 1 / T | 1 / (n_nonempty L_i) | 1 / (B max_i L_i)   (token-mean | seq-mean-token-mean | ...-sum-norm)
+pg_t above is mode="ppo_clip"; cispo, sapo and gspo_token replace it in the same kernel (LOSS_MODE), gspo and gmpo
+run in PyTorch: grpo_loss_torch.py has the table, docs/algorithms.md the papers and the peers' conventions.
 
 Triton: an advantage kernel (one program), a loss kernel per block of tokens (each finds its response by binary
 search over cu_seqlens and writes d logprobs in the same pass), a reduce kernel; backward scales the saved d logprobs.
-Clamps, equal rewards, TIS, stats and memory traffic: docs/kernels.md#grpo_loss; the oracle: reference.py.
-
+Clamps, equal rewards, TIS, stats, traffic: docs/kernels.md#grpo_loss; the oracle: reference.py.
 Legend: T response tokens (flat), B responses, G group size (adjacent responses), P token blocks (partials).
 """
 
@@ -17,15 +18,20 @@ import torch
 import triton
 import triton.language as tl
 
+from nova_rt.kernels import grpo_loss_torch as _torch_path
 from nova_rt.kernels import resolve_impl
+from nova_rt.kernels.grpo_loss_torch import (
+    SEQUENCE_MODES,
+    STAT_NAMES,
+    check_inputs,
+    grpo_loss_torch,
+    seq_mean_log_ratio,
+)
 
-_KL_MODES = {"k1": 1, "k2": 2, "k3": 3}
-_AGG_MODES = {"token-mean": 0, "seq-mean-token-mean": 1, "seq-mean-token-sum-norm": 2}
-_ADV_NORMS = ("std", "none")
-_LOG_RATIO_CLAMP = 20.0
-_K3_MAX = 10.0
-_STD_EPS = 1e-4
-STAT_NAMES = ("clip_frac", "kl_mean", "adv_mean", "adv_std", "ratio_mean")
+__all__ = ["STAT_NAMES", "grpo_loss", "grpo_loss_fwd", "grpo_loss_torch", "tis_weights"]
+# The constexpr tables (names -> kernel codes), shared with the torch path and nova_rt/kernels/aot.py.
+_KL_MODES, _AGG_MODES, _LOSS_MODES = _torch_path.KL_MODES, _torch_path.AGG_MODES, _torch_path.LOSS_MODES
+_ADV_NORMS = _torch_path.ADV_NORMS
 
 
 # ----------------------------------------------------------------------------------------------- Triton kernels
@@ -120,10 +126,38 @@ def _kl_estimator(lp, ref, KL: tl.constexpr):
 
 
 @triton.jit
-def _grpo_loss_fwd_kernel(LP_T, OLD_T, REF_T, TADV_T, ISW_T, CU, ADV_B, W_B, DLP_T, PART_4P,
-                          T, B, P, n_search, eps_low, eps_high, beta,
+def _surrogate(lp, x, a, eps_low, eps_high, tau_pos, tau_neg, LOSS_MODE: tl.constexpr):
+    """Per-token policy term of the mode (grpo_loss_torch's table), d term / d lp, clipped flag and ratio; x is the
+    log-ratio (gspo_token: the response's mean). Clamped log-ratios (|x| > 20) get no gradient, except in cispo,
+    whose ratio is a constant factor."""
+    ratio = tl.exp(tl.minimum(tl.maximum(x, -20.0), 20.0))
+    outside = (x < -20.0) | (x > 20.0)
+    if LOSS_MODE == 1:  # cispo: -sg[clip(r)] a lp
+        kept = tl.minimum(tl.maximum(ratio, 1.0 - eps_low), 1.0 + eps_high)
+        loss = -kept * a * lp
+        dloss = -kept * a
+        clipped = kept != ratio
+    elif LOSS_MODE == 2:  # sapo: -a (4 / tau) sigmoid(tau (r - 1)); d/d lp = -4 a g (1 - g) r
+        tau = tl.where(a > 0, tau_pos, tau_neg)
+        gate = 1.0 / (1.0 + tl.exp(tau * (1.0 - ratio)))
+        neg_a4 = -4.0 * a * gate
+        loss = neg_a4 / tau
+        dloss = tl.where(outside, 0.0, neg_a4 * (1.0 - gate) * ratio)
+        clipped = ratio != ratio  # no hard clip: all False
+    else:  # ppo_clip, gspo_token: d(-a r)/d lp = -a r = pg1 unless the clipped term is the max
+        pg1 = -a * ratio
+        pg2 = -a * tl.minimum(tl.maximum(ratio, 1.0 - eps_low), 1.0 + eps_high)
+        clipped = pg2 > pg1
+        loss = tl.maximum(pg1, pg2)
+        dloss = tl.where(clipped | outside, 0.0, pg1)
+    return loss, dloss, clipped, ratio
+
+
+@triton.jit
+def _grpo_loss_fwd_kernel(LP_T, OLD_T, REF_T, TADV_T, ISW_T, SEQ_B, CU, ADV_B, W_B, DLP_T, PART_4P,
+                          T, B, P, n_search, eps_low, eps_high, beta, tau_pos, tau_neg,
                           HAS_REF: tl.constexpr, HAS_TADV: tl.constexpr, HAS_ISW: tl.constexpr, KL: tl.constexpr,
-                          WRITE_GRAD: tl.constexpr, BLOCK_T: tl.constexpr):
+                          LOSS_MODE: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_T: tl.constexpr):
     pid = tl.program_id(0)
     t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     m = t < T
@@ -132,13 +166,13 @@ def _grpo_loss_fwd_kernel(LP_T, OLD_T, REF_T, TADV_T, ISW_T, CU, ADV_B, W_B, DLP
     # `t < T` mask with T % 16 != 0 would stop 16-B vector loads.
     if full:
         lp = tl.load(LP_T + t).to(tl.float32)
-        old = tl.load(OLD_T + t).to(tl.float32)
+        old = tl.load(OLD_T + t).to(tl.float32) if LOSS_MODE != 3 else lp
         ref = tl.load(REF_T + t).to(tl.float32) if HAS_REF else lp
         tadv = tl.load(TADV_T + t).to(tl.float32) if HAS_TADV else tl.zeros_like(lp)
         isw = tl.load(ISW_T + t).to(tl.float32) if HAS_ISW else tl.zeros_like(lp) + 1.0
     else:
         lp = tl.load(LP_T + t, mask=m, other=0.0).to(tl.float32)
-        old = tl.load(OLD_T + t, mask=m, other=0.0).to(tl.float32)
+        old = tl.load(OLD_T + t, mask=m, other=0.0).to(tl.float32) if LOSS_MODE != 3 else lp
         ref = tl.load(REF_T + t, mask=m, other=0.0).to(tl.float32) if HAS_REF else lp
         tadv = tl.load(TADV_T + t, mask=m, other=0.0).to(tl.float32) if HAS_TADV else tl.zeros_like(lp)
         isw = tl.load(ISW_T + t, mask=m, other=0.0).to(tl.float32) if HAS_ISW else tl.zeros_like(lp) + 1.0
@@ -152,15 +186,14 @@ def _grpo_loss_fwd_kernel(LP_T, OLD_T, REF_T, TADV_T, ISW_T, CU, ADV_B, W_B, DLP
     seq = _search_seq(CU, t, tl.zeros_like(t) + s0, tl.zeros_like(t) + s1 + 1, n_local)
     a = tl.load(ADV_B + seq, mask=m, other=0.0) + tadv
     w = tl.load(W_B + seq, mask=m, other=0.0)
-    x = lp - old
-    ratio = tl.exp(tl.minimum(tl.maximum(x, -20.0), 20.0))
-    pg1 = -a * ratio
-    pg2 = -a * tl.minimum(tl.maximum(ratio, 1.0 - eps_low), 1.0 + eps_high)
-    clipped = pg2 > pg1
-    # c * max(pg1, pg2): the TIS weight scales the surrogate (not the KL below) and has no gradient.
-    loss = isw * tl.maximum(pg1, pg2)
-    # d(-a r)/d lp = -a r = pg1, unless the clipped term is the max or the log-ratio clamp is active.
-    dloss = isw * tl.where(clipped | (x < -20.0) | (x > 20.0), 0.0, pg1)
+    if LOSS_MODE == 3:  # gspo_token: the response's mean log-ratio, computed by the launcher
+        x = tl.load(SEQ_B + seq, mask=m, other=0.0)
+    else:
+        x = lp - old
+    term, dterm, clipped, ratio = _surrogate(lp, x, a, eps_low, eps_high, tau_pos, tau_neg, LOSS_MODE)
+    # The TIS weight scales the policy term (not the KL below) and has no gradient.
+    loss = isw * term
+    dloss = isw * dterm
     kl = tl.zeros_like(lp)
     if HAS_REF:
         kl, dkl = _kl_estimator(lp, ref, KL)
@@ -218,7 +251,8 @@ def grpo_loss_fwd(logprobs_T, old_logprobs_T, ref_logprobs_T, rewards_B, cu_seql
                   eps_low: float, eps_high: float, beta: float, kl: str, agg: str, adv_norm: str,
                   write_grad: bool = True, block_t: int | None = None, block_b: int | None = None,
                   block_p: int = _BLOCK_P, is_weights_T: torch.Tensor | None = None,
-                  advantages_B: torch.Tensor | None = None):
+                  advantages_B: torch.Tensor | None = None, mode: str = "ppo_clip",
+                  sapo_tau: tuple[float, float] = (1.0, 1.05)):
     """Launch the three forward kernels; no autograd. Returns (loss 0-d fp32, dlp (T,) or (0,), stats (5,) fp32).
 
     dlp is d loss / d logprobs in the logprobs dtype (empty when write_grad is False); stats follow STAT_NAMES.
@@ -243,12 +277,16 @@ def grpo_loss_fwd(logprobs_T, old_logprobs_T, ref_logprobs_T, rewards_B, cu_seql
                            NORM_STD=adv_norm == "std", HAS_GIVEN=has_given, BLOCK_B=block_b)
     if n_blocks > 0:
         has_ref, has_tadv, has_isw = ref_logprobs_T is not None, token_adv_T is not None, is_weights_T is not None
+        # gspo_token's per-response mean log-ratio (float64 prefix sums in torch); unused by the other modes.
+        seq_B = seq_mean_log_ratio(logprobs_T, old_logprobs_T, cu_seqlens).float() if mode == "gspo_token" \
+            else adv_B
         _grpo_loss_fwd_kernel[(n_blocks,)](
             logprobs_T, old_logprobs_T, ref_logprobs_T if has_ref else logprobs_T,
-            token_adv_T if has_tadv else logprobs_T, is_weights_T if has_isw else logprobs_T, cu_seqlens, adv_B,
-            w_B, dlp_T if write_grad else logprobs_T, part_4P, T, B, n_blocks, (B - 1).bit_length(), eps_low,
-            eps_high, beta, HAS_REF=has_ref, HAS_TADV=has_tadv, HAS_ISW=has_isw, KL=_KL_MODES[kl],
-            WRITE_GRAD=write_grad, BLOCK_T=block_t, num_warps=_FWD_WARPS)
+            token_adv_T if has_tadv else logprobs_T, is_weights_T if has_isw else logprobs_T, seq_B, cu_seqlens,
+            adv_B, w_B, dlp_T if write_grad else logprobs_T, part_4P, T, B, n_blocks, (B - 1).bit_length(),
+            eps_low, eps_high, beta, float(sapo_tau[0]), float(sapo_tau[1]), HAS_REF=has_ref, HAS_TADV=has_tadv,
+            HAS_ISW=has_isw, KL=_KL_MODES[kl], LOSS_MODE=_LOSS_MODES[mode], WRITE_GRAD=write_grad,
+            BLOCK_T=block_t, num_warps=_FWD_WARPS)
     _grpo_reduce_kernel[(1,)](part_4P, loss, stats, n_blocks, inv_tokens, BLOCK_P=block_p)
     return loss, dlp_T, stats
 
@@ -259,15 +297,16 @@ def _grpo_loss_op(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logpro
                   rewards: torch.Tensor, cu_seqlens: torch.Tensor, token_adv: torch.Tensor | None, group_size: int,
                   eps_low: float, eps_high: float, beta: float, kl: str, agg: str, adv_norm: str,
                   write_grad: bool, is_weights: torch.Tensor | None,
-                  advantages: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  advantages: torch.Tensor | None = None, mode: str = "ppo_clip", tau_pos: float = 1.0,
+                  tau_neg: float = 1.05) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return grpo_loss_fwd(logprobs, old_logprobs, ref_logprobs, rewards, cu_seqlens, token_adv, group_size,
                          eps_low, eps_high, beta, kl, agg, adv_norm, write_grad, is_weights_T=is_weights,
-                         advantages_B=advantages)
+                         advantages_B=advantages, mode=mode, sapo_tau=(tau_pos, tau_neg))
 
 
 @_grpo_loss_op.register_fake
 def _(logprobs, old_logprobs, ref_logprobs, rewards, cu_seqlens, token_adv, group_size, eps_low, eps_high, beta,
-      kl, agg, adv_norm, write_grad, is_weights, advantages=None):
+      kl, agg, adv_norm, write_grad, is_weights, advantages=None, mode="ppo_clip", tau_pos=1.0, tau_neg=1.05):
     T = logprobs.shape[0] if write_grad else 0
     return (logprobs.new_empty((), dtype=torch.float32), logprobs.new_empty(T),
             logprobs.new_empty(5, dtype=torch.float32))
@@ -282,141 +321,38 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, _grad_dlp, _grad_stats):
     (dlp_T,) = ctx.saved_tensors
     # One elementwise pass (2E bytes/token); a 0-d fp32 factor keeps dlp's dtype.
-    return (dlp_T * grad_loss,) + (None,) * 15
+    return (dlp_T * grad_loss,) + (None,) * 18
 
 
 _grpo_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-# ----------------------------------------------------------------------------------------------- torch path
-def _group_advantage_torch(rewards_B: torch.Tensor, group_size: int, adv_norm: str) -> torch.Tensor:
-    r_BG = rewards_B.float().view(-1, group_size)
-    d_BG = r_BG - r_BG[:, :1]  # against the first reward: equal rewards give exactly zero deviation
-    dev_BG = d_BG - d_BG.mean(dim=1, keepdim=True)
-    if adv_norm == "std":
-        std = (dev_BG.square().sum(dim=1, keepdim=True) / max(group_size - 1, 1)).sqrt()
-        dev_BG = dev_BG / (std + _STD_EPS)
-    return dev_BG.reshape(-1)
-
-
-def _kl_torch(lp_T: torch.Tensor, ref_T: torch.Tensor, kl: str) -> torch.Tensor:
-    if kl == "k1":
-        return lp_T - ref_T
-    if kl == "k2":
-        return 0.5 * (lp_T - ref_T).square()
-    d = (ref_T - lp_T).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
-    return (d.exp() - d - 1.0).clamp(max=_K3_MAX)
-
-
-def _agg_weights_torch(len_B: torch.Tensor, T: int, agg: str) -> torch.Tensor:
-    B = len_B.numel()
-    if agg == "token-mean":
-        return torch.full((B,), 1.0 / max(T, 1), device=len_B.device)
-    if agg == "seq-mean-token-mean":
-        n_nonempty = (len_B > 0).sum().clamp(min=1)
-        return torch.where(len_B > 0, 1.0 / (n_nonempty * len_B.clamp(min=1)), 0.0).float()
-    return (1.0 / (B * len_B.max().clamp(min=1))).float().expand(B)
-
-
-def grpo_loss_torch(logprobs, old_logprobs, ref_logprobs, rewards, cu_seqlens, group_size, *, eps_low=0.2,
-                    eps_high=0.2, beta=0.0, kl="k3", agg="token-mean", adv_norm="std", token_adv=None,
-                    is_weights=None, advantages=None):
-    """Eager PyTorch path (the CPU path): same math as the module docstring, fp32 compute, autograd for d logprobs."""
-    _check_inputs(logprobs, old_logprobs, ref_logprobs, rewards, cu_seqlens, group_size, beta, kl, agg, adv_norm,
-                  token_adv, is_weights, advantages)
-    T, dev = logprobs.shape[0], logprobs.device
-    cu = cu_seqlens.long()
-    seq_T = torch.searchsorted(cu[1:], torch.arange(T, device=dev), right=True)
-    adv_B = advantages.detach().float() if advantages is not None else _group_advantage_torch(rewards, group_size,
-                                                                                                adv_norm)
-    a_T = adv_B[seq_T] + (token_adv.float() if token_adv is not None else 0.0)
-    lp_T = logprobs.float()
-    log_ratio = (lp_T - old_logprobs.float()).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
-    ratio_T = log_ratio.exp()
-    pg1_T = -a_T * ratio_T
-    pg2_T = -a_T * ratio_T.clamp(1.0 - eps_low, 1.0 + eps_high)
-    loss_T = torch.maximum(pg1_T, pg2_T)
-    if is_weights is not None:  # TIS: scales the surrogate only, as a constant
-        loss_T = loss_T * is_weights.detach().float()
-    kl_T = _kl_torch(lp_T, ref_logprobs.float(), kl) if ref_logprobs is not None else torch.zeros_like(lp_T)
-    if ref_logprobs is not None and beta != 0.0:
-        loss_T = loss_T + beta * kl_T
-    w_B = _agg_weights_torch(cu[1:] - cu[:-1], T, agg)
-    loss = (loss_T * w_B[seq_T]).sum()
-    inv_tokens = 1.0 / max(T, 1)
-    stats = {
-        "clip_frac": (pg2_T > pg1_T).float().sum().detach() * inv_tokens,
-        "kl_mean": kl_T.sum().detach() * inv_tokens,
-        "adv_mean": adv_B.mean().detach(),
-        "adv_std": adv_B.std(correction=0).detach(),
-        "ratio_mean": ratio_T.sum().detach() * inv_tokens,
-    }
-    return loss, stats
-
-
 # ----------------------------------------------------------------------------------------------- public op
-def _check_inputs(logprobs, old_logprobs, ref_logprobs, rewards, cu_seqlens, group_size, beta, kl, agg, adv_norm,
-                  token_adv, is_weights=None, advantages=None) -> None:
-    if kl not in _KL_MODES:
-        raise ValueError(f"kl must be one of {sorted(_KL_MODES)}, got {kl!r}")
-    if agg not in _AGG_MODES:
-        raise ValueError(f"agg must be one of {sorted(_AGG_MODES)}, got {agg!r}")
-    if adv_norm not in _ADV_NORMS:
-        raise ValueError(f"adv_norm must be one of {_ADV_NORMS}, got {adv_norm!r}")
-    if logprobs.dim() != 1:
-        raise ValueError(f"logprobs must be flat (T,), got shape {tuple(logprobs.shape)}")
-    T = logprobs.shape[0]
-    for name, x in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs), ("token_adv", token_adv),
-                    ("is_weights", is_weights)):
-        if x is not None and tuple(x.shape) != (T,):
-            raise ValueError(f"{name} must have shape ({T},) like logprobs, got {tuple(x.shape)}")
-        if x is not None and x.device != logprobs.device:
-            raise ValueError(f"{name} is on {x.device}, logprobs on {logprobs.device}")
-    if ref_logprobs is None and beta != 0.0:
-        raise ValueError(f"ref_logprobs is None but beta={beta}: the KL term needs reference log-probs")
-    if rewards.dim() != 1 or rewards.numel() == 0:
-        raise ValueError(f"rewards must be a non-empty (B,) tensor, got shape {tuple(rewards.shape)}")
-    B = rewards.numel()
-    if not isinstance(group_size, int) or group_size < 1 or B % group_size != 0:
-        raise ValueError(f"B={B} responses (rewards) must be a multiple of group_size={group_size} (a positive int)")
-    if cu_seqlens.dtype not in (torch.int32, torch.int64) or tuple(cu_seqlens.shape) != (B + 1,):
-        raise ValueError(f"cu_seqlens must be int32/int64 of shape ({B + 1},) = B + 1, "
-                         f"got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
-    if advantages is not None and tuple(advantages.shape) != (B,):
-        raise ValueError(f"advantages must have shape ({B},) like rewards, got {tuple(advantages.shape)}")
-    for name, x in (("rewards", rewards), ("cu_seqlens", cu_seqlens), ("advantages", advantages)):
-        if x is None:
-            continue
-        if x.device != logprobs.device:
-            raise ValueError(f"{name} is on {x.device}, logprobs on {logprobs.device}")
-    # Value checks need a host sync (and a graph break under torch.compile): CPU tensors in eager mode only.
-    if not cu_seqlens.is_cuda and not torch.compiler.is_compiling():
-        cu = cu_seqlens.long()
-        if cu[0].item() != 0 or cu[-1].item() != T or bool((cu[1:] < cu[:-1]).any()):
-            raise ValueError(f"cu_seqlens must be non-decreasing from 0 to T={T}, got {cu.tolist()[:8]}...")
-
-
 def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor | None,
               rewards: torch.Tensor, cu_seqlens: torch.Tensor, group_size: int, *, eps_low: float = 0.2,
               eps_high: float = 0.2, beta: float = 0.0, kl: str = "k3", agg: str = "token-mean",
               adv_norm: str = "std", token_adv: torch.Tensor | None = None,
               is_weights: torch.Tensor | None = None, advantages: torch.Tensor | None = None,
+              mode: str = "ppo_clip", sapo_tau: tuple[float, float] = (1.0, 1.05),
               impl: str = "auto") -> tuple[torch.Tensor, dict]:
-    """GRPO clipped-surrogate loss (+ beta KL) over flat response tokens; see the module docstring for the math.
+    """GRPO policy loss (+ beta KL) over flat response tokens; see the module docstring for the math.
 
     logprobs, old_logprobs, ref_logprobs (or None when beta = 0), token_adv (optional, fp32, no grad): (T,) fp32,
     bf16 or fp16; rewards: (B,) fp32; cu_seqlens: (B+1,) int32/int64 from 0 to T (repeated entries = empty
     responses); B = prompts x group_size with a prompt's responses adjacent. is_weights (optional, (T,) fp32, no
     grad): per-token factor on the clipped surrogate (not on the KL term), e.g. tis_weights(old, rollout, cap).
     advantages (optional, (B,) fp32, no grad): A_i taken as given (rewards and adv_norm then do not enter A).
-    Returns (loss 0-d fp32 with grad to logprobs only, {name: detached 0-d fp32} for STAT_NAMES).
+    mode: the policy term (grpo_loss_torch's table; gspo and gmpo always take the torch path); sapo_tau: SAPO's
+    (tau_pos, tau_neg). Returns (loss 0-d fp32 with grad to logprobs only, {name: detached 0-d fp32} for STAT_NAMES).
     """
-    _check_inputs(logprobs, old_logprobs, ref_logprobs, rewards, cu_seqlens, group_size, beta, kl, agg, adv_norm,
-                  token_adv, is_weights, advantages)
-    if resolve_impl(impl, logprobs, old_logprobs, ref_logprobs, rewards, cu_seqlens) == "torch":
+    check_inputs(logprobs, old_logprobs, ref_logprobs, rewards, cu_seqlens, group_size, beta, kl, agg, adv_norm,
+                 token_adv, is_weights, advantages, mode, sapo_tau)
+    impl = resolve_impl(impl, logprobs, old_logprobs, ref_logprobs, rewards, cu_seqlens)
+    if impl == "torch" or mode in SEQUENCE_MODES:
         return grpo_loss_torch(logprobs, old_logprobs, ref_logprobs, rewards, cu_seqlens, group_size,
                                eps_low=eps_low, eps_high=eps_high, beta=beta, kl=kl, agg=agg, adv_norm=adv_norm,
-                               token_adv=token_adv, is_weights=is_weights, advantages=advantages)
+                               token_adv=token_adv, is_weights=is_weights, advantages=advantages, mode=mode,
+                               sapo_tau=sapo_tau)
     if logprobs.shape[0] >= 2**31:
         raise ValueError(f"logprobs has {logprobs.shape[0]} tokens; the Triton path indexes with int32")
     contig = lambda x: x.detach().contiguous() if x is not None else None
@@ -424,7 +360,8 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: 
     loss, _dlp, stats = _grpo_loss_op(logprobs.contiguous(), contig(old_logprobs), contig(ref_logprobs),
                                       contig(rewards), contig(cu_seqlens), contig(token_adv), group_size,
                                       float(eps_low), float(eps_high), float(beta), kl, agg, adv_norm, write_grad,
-                                      contig(is_weights), contig(advantages))
+                                      contig(is_weights), contig(advantages), mode, float(sapo_tau[0]),
+                                      float(sapo_tau[1]))
     stats = stats.detach()
     return loss, {name: stats[k] for k, name in enumerate(STAT_NAMES)}
 

@@ -91,14 +91,45 @@ def grpo_advantages_ref(rewards: list[float], G: int, adv_norm: str) -> list[flo
     return adv
 
 
+def policy_term_ref(mode: str, lp: torch.Tensor, old: torch.Tensor, a: torch.Tensor, eps_low: float, eps_high: float,
+                    sapo_tau: tuple[float, float]) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """One response's policy term per token (gmpo: the response's term on each token), written from the papers in
+    ratio space; returns (term (L,), clipped token count, the ratio the stats report per token)."""
+    r = torch.exp(torch.clamp(lp - old, -20.0, 20.0))
+    if mode in ("ppo_clip", "gspo", "gspo_token"):
+        log_s = (lp - old).sum() / len(lp)  # s_i = (pi(y_i) / pi_old(y_i)) ^ (1 / |y_i|)
+        if mode == "gspo":
+            r = torch.exp(torch.clamp(log_s, -20.0, 20.0)).expand(len(lp))
+        elif mode == "gspo_token":  # s_i,t = sg[s_i] pi_t / sg[pi_t] (clamped: no gradient)
+            r = torch.exp(torch.clamp(log_s.detach() + lp - lp.detach(), -20.0, 20.0))
+        unclipped, clipped = r * a, torch.clamp(r, 1 - eps_low, 1 + eps_high) * a
+        return -torch.minimum(unclipped, clipped), int((clipped < unclipped).sum()), r
+    if mode == "cispo":
+        kept = torch.clamp(r, 1 - eps_low, 1 + eps_high).detach()
+        return -kept * a * lp, int((kept != r).sum()), r
+    if mode == "sapo":
+        tau = torch.where(a > 0, sapo_tau[0], sapo_tau[1])
+        return -a * torch.sigmoid(tau * (r - 1)) * 4 / tau, 0, r
+    assert mode == "gmpo", mode
+    # per token: min(r A, clip(r, e^-eps_low, e^eps_high) A) / A, i.e. clipped on the side that A's sign selects
+    bounded = torch.clamp(r, math.exp(-eps_low), math.exp(eps_high))
+    kept = torch.where(a > 0, torch.minimum(r, bounded), torch.where(a < 0, torch.maximum(r, bounded), 1.0))
+    n_clip = int(((a != 0) & (kept != r)).sum())
+    geo = torch.exp(torch.log(kept).mean())  # prod_t kept_t ^ (1 / |y_i|)
+    a_mean = a.mean() if a.dim() else a
+    return (-a_mean * geo).expand(len(lp)), n_clip, torch.exp(torch.log(r).mean()).expand(len(lp))
+
+
 def grpo_loss_ref(lp_T: torch.Tensor, old_T: torch.Tensor, ref_T: torch.Tensor | None, rewards_B: torch.Tensor,
                   cu: torch.Tensor, G: int, tadv_T: torch.Tensor | None = None, *, eps_low: float, eps_high: float,
                   beta: float, kl: str, agg: str, adv_norm: str, is_T: torch.Tensor | None = None,
-                  advantages_B: torch.Tensor | None = None) -> dict:
+                  advantages_B: torch.Tensor | None = None, mode: str = "ppo_clip",
+                  sapo_tau: tuple[float, float] = (1.0, 1.05)) -> dict:
     """grpo_loss in float64, one response at a time (a Python loop over responses; autograd for the gradient).
 
     is_T: per-token importance weights (TIS) multiplying the clipped surrogate only (not the KL), as constants.
     advantages_B: given per-response advantages, used as A_i instead of the group advantages of rewards_B.
+    mode, sapo_tau: the policy term (policy_term_ref); gmpo's TIS factor is the weights' geometric mean per response.
 
     Returns loss, grad (T,) w.r.t. lp_T, the loss scale sum_t w_t |l_t| (for a tolerance), stats, clip count, T."""
     lp = lp_T.detach().double().requires_grad_()
@@ -117,13 +148,11 @@ def grpo_loss_ref(lp_T: torch.Tensor, old_T: torch.Tensor, ref_T: torch.Tensor |
         s, e = cu[i], cu[i + 1]
         if e == s:
             continue
-        a = adv[i] + (tadv[s:e] if tadv is not None else 0.0)
-        ratio = torch.exp(torch.clamp(lp[s:e] - old[s:e], -20.0, 20.0))
-        unclipped, clipped = ratio * a, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * a
-        tok = -torch.minimum(unclipped, clipped)
+        a = adv[i] + (tadv[s:e] if tadv is not None else torch.zeros(e - s, dtype=torch.float64))
+        tok, n, ratio = policy_term_ref(mode, lp[s:e], old[s:e], a, eps_low, eps_high, sapo_tau)
         if isw is not None:
-            tok = tok * isw[s:e]
-        n_clip += int((clipped < unclipped).sum())
+            tok = tok * (torch.exp(torch.log(isw[s:e] + 1e-10).mean()) if mode == "gmpo" else isw[s:e])
+        n_clip += n
         ratio_sum += ratio.sum().item()
         if ref is not None:
             k = kl_estimator_ref(lp[s:e], ref[s:e], kl)

@@ -71,10 +71,19 @@ class GRPODataConfig:
 
 @dataclass(kw_only=True)
 class GRPOLossConfig:
+    mode: Literal["ppo_clip", "gspo", "gspo_token", "cispo", "sapo", "gmpo"] = "ppo_clip"
+    """Policy term: ppo_clip (PPO/GRPO/DAPO clipped surrogate), gspo (sequence-level ratio, arXiv 2507.18071),
+    gspo_token (GSPO-token: same value, per-token gradient), cispo (stop-gradient IS weight clipped to [1 - eps_low,
+    1 + eps_high] times log pi, eps_low 1 = no lower bound; arXiv 2506.13585), sapo (soft gate, sapo_tau; arXiv
+    2511.20347) or gmpo (geometric mean of token ratios, log-ratios clipped to [-eps_low, eps_high]; arXiv
+    2507.20673; seq-mean-token-mean only). Formulas and the peers' settings: docs/algorithms.md."""
     eps_low: float = 0.2
     """Lower clip: the ratio pi / pi_old is clipped to [1 - eps_low, 1 + eps_high] in the surrogate."""
     eps_high: float = 0.2
     """Upper clip; > eps_low is DAPO's clip-higher (e.g. 0.28)."""
+    sapo_tau: list[float] = field(default_factory=lambda: [1.0, 1.05])
+    """mode sapo: gate temperatures [tau_pos, tau_neg] for tokens with positive / non-positive advantage (TRL's
+    sapo_temperature_pos / _neg)."""
     agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
     """token-mean, seq-mean-token-mean or seq-mean-token-sum-norm."""
     adv_norm: Literal["std", "none"] = "std"
@@ -96,6 +105,12 @@ class GRPOLossConfig:
     """Reference top-k ids per token for the topk KL (capped at the vocabulary size)."""
 
     def validate(self) -> None:
+        if self.mode == "gmpo" and self.agg != "seq-mean-token-mean":
+            raise ValueError(f"grpo.loss.mode=gmpo is defined for grpo.loss.agg=seq-mean-token-mean only (one "
+                             f"geometric mean per response), got grpo.loss.agg={self.agg}")
+        if len(self.sapo_tau) != 2 or not all(tau > 0 for tau in self.sapo_tau):
+            raise ValueError(f"grpo.loss.sapo_tau must be two temperatures [tau_pos, tau_neg] > 0, got "
+                             f"{self.sapo_tau!r}")
         if self.sum_norm_len < 0:
             raise ValueError(f"grpo.loss.sum_norm_len must be >= 0, got {self.sum_norm_len}")
         if self.beta < 0:

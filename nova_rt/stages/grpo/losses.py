@@ -36,7 +36,7 @@ def rl_loss_from_outputs(outputs: dict, mb: RolloutBatch, grpo: GRPOConfig):
         grpo.sampling.group_size, eps_low=loss_cfg.eps_low, eps_high=loss_cfg.eps_high,
         beta=loss_cfg.beta if sampled_in_loss else 0.0, kl=loss_cfg.kl if sampled_in_loss else "k3",
         agg=loss_cfg.agg, adv_norm=loss_cfg.adv_norm, token_adv=token_adv, is_weights=is_weights,
-        advantages=mb.advantages)
+        advantages=mb.advantages, mode=loss_cfg.mode, sapo_tau=tuple(loss_cfg.sapo_tau))
     loss = loss * mb.agg_scale
     if loss_cfg.beta > 0 and loss_cfg.kl_placement == "loss" and topk:
         loss = loss + loss_cfg.beta * (kl_T * mb.token_weights).sum()
