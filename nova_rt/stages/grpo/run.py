@@ -254,7 +254,6 @@ class GRPORun:
     def train_on(self, groups: list[RolloutGroup], rollout_step: int) -> dict:
         """ppo_epochs x minibatches optimizer steps on one rollout batch; metrics averaged over them."""
         grpo = self.grpo
-        groups, advantage_metrics = self.with_advantages(groups, rollout_step)
         parts = [[groups[i] for i in indices] for indices in np.array_split(np.arange(len(groups)), grpo.minibatches)]
         batch_parts = [self.micro_batches(part) for part in parts]
         ptx = self.ptx_micro_batches(rollout_step) if self.ptx is not None else []
@@ -274,7 +273,6 @@ class GRPORun:
             out["tis_weight_mean"] = sums["tis_w_sum"] / tokens
         if "ptx_kl_sum" in sums:
             out["ptx_kl"] = sums["ptx_kl_sum"] / max(sums["ptx_tokens"], 1.0)
-        out.update(advantage_metrics)
         if "nonfinite_skipped" in step_stats:  # a running total (kept across resumes), not a per-step value
             out["nonfinite_skipped"] = step_stats["nonfinite_skipped"]
         return out
@@ -340,7 +338,8 @@ class GRPORun:
             groups, rollout_metrics = self.collect()
             rollout_metrics.update(self.generator.pop_metrics())  # vllm: rollout_sync_s, rollout_logprob_abs_diff
             t2 = time.perf_counter()
-            metrics.update(rollout_metrics, **self.train_on(groups, rollout_step))
+            groups, advantage_metrics = self.with_advantages(groups, rollout_step)
+            metrics.update(rollout_metrics, **advantage_metrics, **self.train_on(groups, rollout_step))
             metrics.update(rollout_time_s=t2 - t1, train_time_s=time.perf_counter() - t2,
                            step_time_s=time.perf_counter() - t0, rollout_step=rollout_step)
             telemetry.log(policy.step, metrics)
