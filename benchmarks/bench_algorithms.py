@@ -42,6 +42,12 @@ from benchmarks.common import RESULTS_DIR, environment, markdown_table  # noqa: 
 
 MODES = ("ppo_clip", "gspo", "gspo_token", "cispo", "sapo", "gmpo")
 ADVANTAGES = ("group", "rloo", "reinforce_pp_baseline")
+MODE_SETTINGS = {  # each mode with the clip its paper / TRL recommend (docs/algorithms.md); the rest: the quickstart's
+    "ppo_clip": {}, "sapo": {},
+    "gspo": {"grpo.loss.eps_low": 3e-4, "grpo.loss.eps_high": 4e-4},
+    "gspo_token": {"grpo.loss.eps_low": 3e-4, "grpo.loss.eps_high": 4e-4},
+    "cispo": {"grpo.loss.eps_low": 1.0, "grpo.loss.eps_high": 4.0},  # TRL's epsilon_high = 5 (ScaleRL), no lower cap
+    "gmpo": {"grpo.loss.eps_low": 0.4, "grpo.loss.eps_high": 0.4, "grpo.loss.agg": "seq-mean-token-mean"}}
 DPO_LOSSES = {  # loss_type -> its settings (TRL's defaults where TRL has the loss: SimPO beta 2, gamma = 0.5 beta)
     "sigmoid": {"dpo.beta": 0.1}, "ipo": {"dpo.beta": 0.1},
     "simpo": {"dpo.beta": 2.0, "dpo.simpo_gamma": 1.0}, "orpo": {"dpo.beta": 0.1}}
@@ -78,6 +84,7 @@ def grpo_run(args, mode: str, advantage: str, seed: int, work: Path) -> dict:
             "grpo.eval.every": args.eval_every, "checkpoint.save_final": False}
     if mode != "ppo_clip":
         sets["grpo.loss.mode"] = mode
+    sets.update(MODE_SETTINGS[mode])
     for item in args.set:
         key, _, value = item.partition("=")
         sets[key] = value
