@@ -37,14 +37,23 @@ The shims, one by one (all verified against megatron-core 0.16.1, which pyprojec
    the rest of it (fp32, DDP overlap off) runs on gloo as is: grad reduce-scatter, param all-gather, and the
    dp-zero gather/scatter of its state over megatron's own gloo DP group; the one CUDA allocation left, in its
    load_state_dict, is covered by shim 1. The wrapper
-   gives each fp32 parameter passed to that one call an instance attribute `type` answering
-   "torch.cuda.FloatTensor", and deletes it before returning (torch.Tensor itself is untouched).
+   gives each parameter passed to that one call an instance attribute `type` answering its CUDA name
+   ("torch.cuda.FloatTensor", "torch.cuda.BFloat16Tensor", ...), and deletes it before returning (torch.Tensor
+   itself is untouched).
 
-Not shimmed (documented limitations on CPU): bf16/fp16 mixed-precision optimizers, with or without the distributed
-optimizer (Float16OptimizerWithFloat16Params and the fp16 branch of shim 5's method check `param.type()` for CUDA
-types, and the fp32 main-param copies would need testing of their own). CPU tests therefore run fp32: the plain
-DDP + Adam path, and DDP + DistributedOptimizer. Context parallelism needs no shim: it runs in nova_rt's own core
-attention (nova_rt/parallel/context_parallel.py), not Transformer Engine's.
+6. `Float16OptimizerWithFloat16Params.__init__` (megatron's bf16/fp16 optimizer without the distributed optimizer)
+   sorts parameters by `param.type()` the same way and raises the same TypeError for CPU tensors; the wrapper gives
+   each parameter of the wrapped torch optimizer the same temporary `type` attribute for that one call. Shims 5 and
+   6 answer the CUDA name for fp32, bf16 and fp16 CPU tensors (`_cuda_type_name`), so both 16-bit paths build: fp32
+   main params cloned from the bf16 ones, main grads copied from megatron's fp32 grad buffers, the update copied
+   back (the rest of MixedPrecisionOptimizer is device-agnostic; its found-inf / scale tensors are covered by
+   shim 1, and without Apex/TE megatron's multi-tensor copy is its torch fallback). Nothing in the training math is
+   replaced: a type string is all these two shims change.
+
+None of the shims changes what autograd saves for backward (tests/plan/test_megatron_activations.py counts it):
+shims 1-2 redirect device arguments and RNG state, 3 runs after backward, 4-6 run while the model and optimizer are
+built. Context parallelism needs no shim: it runs in nova_rt's own core attention
+(nova_rt/parallel/context_parallel.py), not Transformer Engine's.
 """
 
 from __future__ import annotations
@@ -212,11 +221,34 @@ def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decouple
             g.mul_(clip_coeff)
 
 
+_CUDA_TYPE_NAMES = {"torch.FloatTensor": "torch.cuda.FloatTensor", "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
+                    "torch.HalfTensor": "torch.cuda.HalfTensor"}
+
+
 def _cuda_type_name(param):
-    """param.type() as megatron expects it on CUDA: only fp32 CPU tensors are claimed (the bf16/fp16 paths of the
-    distributed optimizer also need the mixed-precision machinery, which is not shimmed or tested)."""
+    """param.type() as megatron expects it on CUDA, for fp32, bf16 and fp16 CPU tensors."""
     name = torch.Tensor.type(param)
-    return "torch.cuda.FloatTensor" if name == "torch.FloatTensor" else name
+    return _CUDA_TYPE_NAMES.get(name, name)
+
+
+def _wrap_float16_optimizer_init(orig):
+    """Float16OptimizerWithFloat16Params.__init__(optimizer, ...) checks `param.type()` of every parameter of the torch
+    optimizer it wraps: for that one call each answers with its CUDA name (an instance attribute, removed after)."""
+
+    @functools.wraps(orig)
+    def wrapper(self, optimizer, *args, **kwargs):
+        groups = optimizer.param_groups if optimizer is not None else []
+        params = [p for group in groups for p in group["params"] if "type" not in vars(p)]
+        for p in params:
+            p.type = functools.partial(_cuda_type_name, p)
+        try:
+            return orig(self, optimizer, *args, **kwargs)
+        finally:
+            for p in params:
+                del p.type
+
+    wrapper._nova_rt_shim = True
+    return wrapper
 
 
 def _wrap_build_main_param_groups(orig):
@@ -280,6 +312,13 @@ def apply() -> None:
     _require(opt, "clip_grad_by_total_norm_fp32")
     opt.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
     _APPLIED["optimizer.clip"] = opt
+    f16 = _require(opt, "Float16OptimizerWithFloat16Params")
+    if list(inspect.signature(f16.__init__).parameters)[:2] != ["self", "optimizer"]:
+        raise ShimError("megatron-core changed: Float16OptimizerWithFloat16Params.__init__ no longer takes "
+                        f"(self, optimizer, ...); the CPU shims were written for megatron-core {MEGATRON_VERSION}")
+    if not getattr(f16.__init__, "_nova_rt_shim", False):
+        f16.__init__ = _wrap_float16_optimizer_init(f16.__init__)
+    _APPLIED["optimizer.float16_param_types"] = f16
     lm = importlib.import_module("megatron.core.models.common.language_module.language_module")
     cls = _require(lm, "LanguageModule")
     orig = _require(cls, "setup_embeddings_and_output_layer")
@@ -313,6 +352,8 @@ def check() -> list[str]:
     opt = importlib.import_module("megatron.core.optimizer.optimizer")
     if opt.clip_grad_by_total_norm_fp32 is not _clip_grad_by_total_norm_fp32:
         problems.append("optimizer.clip_grad_by_total_norm_fp32")
+    if not getattr(opt.Float16OptimizerWithFloat16Params.__init__, "_nova_rt_shim", False):
+        problems.append("Float16OptimizerWithFloat16Params.__init__")
     lm = importlib.import_module("megatron.core.models.common.language_module.language_module")
     if not getattr(lm.LanguageModule.setup_embeddings_and_output_layer, "_nova_rt_shim", False):
         problems.append("LanguageModule.setup_embeddings_and_output_layer")

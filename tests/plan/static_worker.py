@@ -4,7 +4,7 @@ storage once): parameters, gradients, optimizer states (and fp32 main parameters
 
     torchrun --nproc_per_node=4 tests/plan/static_worker.py SPEC.json
 
-SPEC.json: {"out": dir, "model": HF dir, "scenarios": [{"name", "backend": "megatron", "parallel": {...}} |
+SPEC.json: {"out": dir, "model": HF dir, "scenarios": [{"name", "backend": "megatron", "parallel": {...}, "dtype"} |
             {"name", "backend": "hf", "data_parallel": "ddp"|"fsdp2", "dtype": .., "master_weights": ..}]}
 Output: <out>/<name>.rank<R>.json {"params", "grads", "optimizer", "stage", "dp_rank", "dp_size"}.
 On CPU the megatron shims (tests/parallel/megatron_cpu_shims.py) are applied first, as in tests/parallel.
@@ -62,7 +62,7 @@ def _megatron(sc: dict, model_dir: str, out: Path) -> None:
     from nova_rt.parallel.megatron_trainer import MegatronTrainer
 
     pcfg = ParallelConfig(backend="megatron", **sc["parallel"])
-    be = MegatronTrainer(model_dir, pcfg, dtype=torch.float32, lr=1e-3, seed=0)
+    be = MegatronTrainer(model_dir, pcfg, dtype=getattr(torch, sc.get("dtype", "float32")), lr=1e-3, seed=0)
     ids = torch.arange(16) % 250 + 3
     row = {"input_ids": ids, "labels": ids.clone(), "position_ids": torch.arange(16),
            "cu_seqlens": torch.tensor([0, 16], dtype=torch.int32)}

@@ -5,7 +5,8 @@ HF backend (DDP and FSDP2, fp32 and pure bf16 master weights), on CPU over gloo 
 What is counted (tests/plan/static_worker.py): after one optimizer step, every distinct storage of the model's
 parameters, of their gradients (megatron: its fp32 main_grad buffers) and of the optimizer's parameters and states
 (fp32 main copies, Adam moments, torch AdamW's step counters), each storage once. megatron runs through the test-only
-CPU shims of tests/parallel (fp32 only there: its bf16 path, Float16OptimizerWithFloat16Params, is not checked).
+CPU shims of tests/parallel, in fp32 and in bf16 (Float16OptimizerWithFloat16Params and the distributed optimizer's
+bf16 path build on CPU with shims 5 and 6, which only answer a CUDA type name).
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ MEGATRON = {
     "dp4": {},
     "cp2_dp2_distopt": {"context_parallel": 2, "distributed_optimizer": True},  # shards over DP x CP = 4
 }
+MEGATRON_BF16 = {  # model.dtype bfloat16: Float16OptimizerWithFloat16Params / the distributed optimizer's bf16 path
+    "tp2_pp2_bf16": {"tensor_parallel": 2, "pipeline_parallel": 2},
+    "tp2_dp2_distopt_bf16": {"tensor_parallel": 2, "distributed_optimizer": True},
+}
 HF = {
     "ddp_fp32": {"data_parallel": "ddp", "dtype": "float32", "master_weights": "fp32"},
     "fsdp2_fp32": {"data_parallel": "fsdp2", "dtype": "float32", "master_weights": "fp32"},
@@ -52,6 +57,8 @@ def measured(tmp_path_factory) -> tuple[Path, dict]:
             for arch, kw in MODELS.items()}
     scenarios = [{"name": f"qwen2_{name}", "backend": "megatron", "parallel": parallel}
                  for name, parallel in MEGATRON.items()]
+    scenarios += [{"name": f"qwen2_{name}", "backend": "megatron", "parallel": parallel, "dtype": "bfloat16"}
+                  for name, parallel in MEGATRON_BF16.items()]
     scenarios += [{"name": "llama_tp2_pp2_distopt", "backend": "megatron", "model": str(dirs["llama"]),
                    "parallel": {"tensor_parallel": 2, "pipeline_parallel": 2, "distributed_optimizer": True}}]
     scenarios += [{"name": f"{arch}_{name}", "backend": "hf", "model": str(dirs[arch]), **sc}
@@ -70,19 +77,21 @@ def _ranks(tmp: Path, name: str) -> list[dict]:
     return [json.loads((tmp / f"{name}.rank{r}.json").read_text()) for r in range(4)]
 
 
-@pytest.mark.parametrize("name", [*MEGATRON, "tp2_pp2_distopt"])
+@pytest.mark.parametrize("name", [*MEGATRON, *MEGATRON_BF16, "tp2_pp2_distopt"])
 def test_megatron_static_bytes_exact(measured, name):
     tmp, dirs = measured
     arch = "llama" if name == "tp2_pp2_distopt" else "qwen2"
     shape = load_shape(str(dirs[arch]))
-    parallel = MEGATRON.get(name, {"tensor_parallel": 2, "pipeline_parallel": 2, "distributed_optimizer": True})
+    parallel = {**MEGATRON, **MEGATRON_BF16}.get(name, {"tensor_parallel": 2, "pipeline_parallel": 2,
+                                                          "distributed_optimizer": True})
+    param_bytes = 2 if name in MEGATRON_BF16 else 4
     tp, pp = parallel.get("tensor_parallel", 1), parallel.get("pipeline_parallel", 1)
     vpp = parallel.get("virtual_pipeline_parallel", 0)
     for rank, got in enumerate(_ranks(tmp, f"{arch}_{name}")):
         assert got["dpcp_size"] == got["dp_size"] * parallel.get("context_parallel", 1)
         # megatron DDP reduces gradients, and its distributed optimizer shards them, over the DP x CP group
-        want = megatron_static(shape, tp, pp, vpp, got["dpcp_size"], parallel.get("distributed_optimizer", False), 4,
-                               got["stage"], got["dpcp_rank"])
+        want = megatron_static(shape, tp, pp, vpp, got["dpcp_size"], parallel.get("distributed_optimizer", False),
+                               param_bytes, got["stage"], got["dpcp_rank"])
         predicted = {"params": want.params, "grads": want.grads, "optimizer": want.optimizer}
         assert predicted == {k: got[k] for k in predicted}, f"{name} rank {rank} (stage {got['stage']}, dp rank " \
                                                             f"{got['dp_rank']}): predicted {predicted}, measured {got}"
