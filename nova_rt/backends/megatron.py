@@ -5,12 +5,13 @@ What differs from the HF backend, by design of megatron-core: the per-token outp
 stage (vocab-parallel cross entropy at the given temperature; for a score head the final-norm hidden state of each
 sequence's last token times the head), micro-batches are dealt over data-parallel ranks (every TP/PP rank of a
 replica gets the same ones), SFT's loss is the global token mean only (`calculate_per_token_loss`) over one packed row
-per micro-batch, and precision follows `model.dtype` (bf16 needs CUDA). Checkpoints hold each rank's shards,
-optimizer and RNG states (nova_rt.parallel.checkpoint) and a rerun resumes from the newest complete one exactly; the
-final model is an HF directory in run.dir/final (for a score head with the `*ForSequenceClassification` config the
-HF stage writes). Non-finite policy: a step with a NaN/inf loss or grad norm applies no update (the backend skips it),
-is counted (`nonfinite_skipped`) and warned; train.max_nonfinite_steps in a row stop the run with a NonFiniteError;
-no checkpoint is written while the last step was non-finite, and no final model either.
+per micro-batch, precision follows `model.dtype`, and train.activation_checkpointing k is megatron's full recompute of
+k-layer groups inside each model chunk. Checkpoints hold each rank's shards, optimizer and RNG states
+(nova_rt.parallel.checkpoint) and a rerun resumes from the newest complete one exactly; the final model is an HF
+directory in run.dir/final (for a score head with the `*ForSequenceClassification` config the HF stage writes).
+Non-finite policy: a step with a NaN/inf loss or grad norm applies no update (the backend skips it), is counted
+(`nonfinite_skipped`) and warned; train.max_nonfinite_steps in a row stop the run with a NonFiniteError; no
+checkpoint is written while the last step was non-finite, and no final model either.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def megatron_trainer(cfg: Config, path: str | None = None, *, trainable: bool = 
     o = cfg.optim
     return MegatronTrainer(resolve_model_path(resolve_path(cfg, path or cfg.model.path)), cfg.parallel,
                            dtype=to_dtype(cfg.model.dtype), lr=o.lr, weight_decay=o.weight_decay, grad_clip=o.grad_clip,
-                           seed=cfg.run.seed, betas=tuple(o.betas), eps=o.eps, trainable=trainable, **kwargs)
+                           seed=cfg.run.seed, betas=tuple(o.betas), eps=o.eps, trainable=trainable,
+                           recompute_layers=cfg.train.activation_checkpointing if trainable else 0, **kwargs)
 
 
 def megatron_tokenizer(cfg: Config):

@@ -264,11 +264,18 @@ def _block_spec(spec, config, vp_stage, use_te: bool):
                                       layer_norm=RMSNorm)
 
 
-def transformer_config(arch: HFArch, pcfg, *, dtype: torch.dtype, cpu: bool, init: bool = False):
-    """megatron TransformerConfig for `arch` under ParallelConfig `pcfg` (fusions off on CPU: they need CUDA)."""
+def transformer_config(arch: HFArch, pcfg, *, dtype: torch.dtype, cpu: bool, init: bool = False,
+                       recompute_layers: int = 0):
+    """megatron TransformerConfig for `arch` under ParallelConfig `pcfg` (fusions off on CPU: they need CUDA).
+    recompute_layers=k > 0: full activation recompute of groups of k consecutive layers of each model chunk, only
+    each group's input kept (megatron's "uniform" method; k divides the chunk's layers)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     vpp = pcfg.virtual_pipeline_parallel or None
+    recompute = {}
+    if recompute_layers:
+        recompute = {"recompute_granularity": "full", "recompute_method": "uniform",
+                     "recompute_num_layers": recompute_layers}
     return TransformerConfig(
         num_layers=arch.layers, hidden_size=arch.hidden, ffn_hidden_size=arch.ffn,
         num_attention_heads=arch.heads, num_query_groups=arch.kv_heads, kv_channels=arch.head_dim,
@@ -281,7 +288,7 @@ def transformer_config(arch: HFArch, pcfg, *, dtype: torch.dtype, cpu: bool, ini
         context_parallel_size=pcfg.context_parallel, calculate_per_token_loss=True,
         bias_activation_fusion=not cpu, bias_dropout_fusion=not cpu, masked_softmax_fusion=False,
         persist_layer_norm=False, gradient_accumulation_fusion=False, apply_rope_fusion=False,
-        cross_entropy_loss_fusion=False,
+        cross_entropy_loss_fusion=False, **recompute,
     )
 
 

@@ -8,8 +8,8 @@ head="score"). `forward` runs forward only (references, old log-probs), `logprob
 `save_hf`, `state_dict` and `hf_state_dict` write or gather the weights. A step whose global loss or grad norm is
 non-finite applies no update on any rank (`update_skipped`). Parallel sizes come from ParallelConfig; data
 parallelism is world / (TP * PP * CP). The whole API, the loss normalisation and the context-parallel rules:
-docs/parallelism.md, "The MegatronTrainer API". On CPU (gloo) megatron-core needs the test-only shims of
-tests/parallel/megatron_cpu_shims.py; fp32 only.
+docs/parallelism.md, "The MegatronTrainer API"; `recompute_layers` k: megatron's full activation recompute of groups
+of k layers. On CPU (gloo) megatron-core needs the test-only shims of tests/parallel/megatron_cpu_shims.py.
 """
 
 from __future__ import annotations
@@ -70,6 +70,22 @@ def _check_parallel(arch, pcfg) -> None:
         raise ValueError(f"parallel.context_parallel={pcfg.context_parallel} must be >= 1")
 
 
+def recompute_group(arch, pcfg, every: int) -> int:
+    """train.activation_checkpointing=k on this backend: groups of k consecutive layers of each model chunk
+    recomputed in backward (k >= the chunk's layers: the whole chunk is one group); 0 off. ConfigError when k does
+    not divide the chunk's layers (megatron's uniform recompute has no ragged last group, unlike the HF backend's)."""
+    from nova_rt.errors import ConfigError
+
+    chunk = arch.layers // (pcfg.pipeline_parallel * (pcfg.virtual_pipeline_parallel or 1))
+    if every <= 0:
+        return 0
+    if every < chunk and chunk % every:
+        raise ConfigError(f"train.activation_checkpointing={every} does not divide the {chunk} layers of a model chunk "
+                          f"on parallel.backend=megatron (num_hidden_layers={arch.layers} / pipeline_parallel x "
+                          f"virtual_pipeline_parallel); use a divisor of {chunk}")
+    return min(every, chunk)
+
+
 CP_SUPPORTED = "supported with context_parallel > 1: SFT (train_step without loss_fn) and logprobs"
 
 
@@ -87,7 +103,8 @@ class MegatronTrainer:
                  weight_decay: float = 0.0, grad_clip: float = 1.0, seed: int = 0,
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, vocab_multiple: int = 1,
                  use_te: bool | None = None, load_weights: bool = True, trainable: bool = True,
-                 head: Literal["lm", "score"] = "lm", score_init: torch.Tensor | None = None, save_config=None):
+                 head: Literal["lm", "score"] = "lm", score_init: torch.Tensor | None = None, save_config=None,
+                 recompute_layers: int = 0):
         from megatron.core import tensor_parallel
         from transformers import AutoConfig
 
@@ -101,7 +118,8 @@ class MegatronTrainer:
         _init_distributed(parallel_cfg)
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
         self.config = transformer_config(self.arch, parallel_cfg, dtype=dtype, cpu=not self.cuda,
-                                         init=not load_weights)
+                                         init=not load_weights,
+                                         recompute_layers=recompute_group(self.arch, parallel_cfg, recompute_layers))
         self.head = head
         self.save_config = save_config  # an HF config save_hf writes instead of the source's config.json (RM)
         chunks = build_model_chunks(self.arch, self.config, vocab_multiple=vocab_multiple, use_te=use_te, head=head)

@@ -113,9 +113,7 @@ def write_layout(config_path: Path, plan: Plan) -> None:
         parallel.update(tensor_parallel=lay.tp, pipeline_parallel=lay.pp, virtual_pipeline_parallel=lay.vpp,
                         sequence_parallel=lay.tp > 1, context_parallel=lay.cp, distributed_optimizer=lay.dist_opt)
     train = raw.setdefault("train", {})
-    train.update(micro_batch=lay.micro_batch)
-    if lay.backend == "hf":
-        train.update(activation_checkpointing=1 if lay.checkpoint else 0)
+    train.update(micro_batch=lay.micro_batch, activation_checkpointing=1 if lay.checkpoint else 0)
     tmp = config_path.with_name(f".{config_path.name}.tmp-{os.getpid()}")
     tmp.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
     os.replace(tmp, config_path)

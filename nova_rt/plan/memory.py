@@ -8,7 +8,7 @@ rank keeps Adam's two moments (and fp32 main params for 16-bit weights) of its 1
 keeps one 4-byte `step` per parameter tensor. HF backend (nova_rt.trainer): DDP holds everything in the trained dtype
 (fp32 unless model.master_weights=model_dtype) plus gradient buckets of the same size; FSDP2 shards dim 0 of every
 tensor into ceil(rows / DP)-row pieces (parameters and gradients padded, Adam states not).
-Activations: see hf_activation_bytes / megatron_activation_bytes.
+Activations: see hf_activation_bytes / megatron_stage_bytes.
 """
 
 from __future__ import annotations
@@ -176,17 +176,73 @@ def _window_masks(doc_lengths: list[int], window: int, element_bytes: int) -> in
     return total
 
 
-def megatron_activation_bytes(shape: ModelShape, tokens: int, layers: int, tp: int, sequence_parallel: bool,
-                              checkpoint: bool, compute_bytes: int = 2) -> int:
-    """Bytes saved for backward by `layers` megatron layers (Transformer Engine, flash attention) over `tokens` of
-    one micro-batch on one rank (already divided by CP), the per-layer inventory of Korthikanti et al. 2022 for GQA
-    and SwiGLU: norm inputs and outputs (split over TP under SP), qkv, q/k after RoPE, attention output, fp32 lse,
-    fc1 (2F) and swiglu (F) outputs (split over TP), fp32 rstd. Full recompute keeps each layer's input only."""
-    d, q, kv, f = shape.hidden, shape.q_width, shape.kv_width, shape.ffn
+def megatron_layer_bytes(shape: ModelShape, tokens: int, tp: int, sequence_parallel: bool, compute_bytes: int = 2,
+                         kernels: str = "te", doc_lengths: list[int] | None = None, window: int = 128) -> int:
+    """Bytes one megatron decoder layer saves for backward over `tokens` tokens of one micro-batch on one TP rank
+    (already divided by CP). kernels="te" (GPU: Transformer Engine, flash attention, fused SwiGLU; Korthikanti et al.
+    2022's inventory for GQA: norm inputs and outputs, qkv, q/k after RoPE, attention output, fc1 and SwiGLU outputs,
+    fp32 rstd and log-sum-exp; not checked here). kernels="local" (nova_rt's local spec as it runs on CPU, checked
+    byte for byte by tests/plan/test_megatron_activations.py): per norm its fp32 input (the residual itself in fp32),
+    rsqrt, normalised input and output; the qkv output (v is a view of it), RoPE's cos and sin for q and for k (not
+    split over TP), q and k after RoPE, fp32 log-sum-exp, the attention output and its contiguous copy; fc1's output,
+    silu(gate), up + offset and their product (unfused SwiGLU); each multi-document window's (w, w) mask. Under
+    sequence parallelism the norms (and the linear layers' saved inputs) hold tokens / TP."""
+    d, q, kv, f, heads, c = shape.hidden, shape.q_width, shape.kv_width, shape.ffn, shape.heads, compute_bytes
     split = tp if sequence_parallel else 1
-    if checkpoint:
-        return layers * tokens * compute_bytes * d // split
-    mlp = (3 if shape.gated else 2) * f  # fc1 output (2F gated) and the activation's output (F)
-    per_token = (compute_bytes * (4 * d / split + ((q + 2 * kv) + (q + kv) + q + mlp) / tp)
-                 + 8 / split + 4 * shape.heads / tp)
-    return int(layers * tokens * per_token)
+    if kernels == "te":
+        mlp = (3 if shape.gated else 2) * f  # fc1 output (2F gated) and the activation's output (F)
+        per_token = c * (4 * d / split + ((q + 2 * kv) + (q + kv) + q + mlp) / tp) + 8 / split + 4 * heads / tp
+        return round(tokens * per_token)
+    norms = 2 * (4 * d + 4 + 2 * c * d) / split
+    split_parts = c * (q + 2 * kv) + c * (q + kv) + 4 * heads + 2 * c * q + 5 * c * f
+    per_token = norms + split_parts / tp + 4 * shape.head_dim * c
+    masks = _window_masks(doc_lengths, window, c) if doc_lengths else 0
+    return round(tokens * per_token) + masks
+
+
+def megatron_stage_bytes(shape: ModelShape, tokens: int, layers: int, tp: int, sequence_parallel: bool, *,
+                         in_flight: float = 1, checkpoint_every: int = 0, chunks: int = 1, first: bool = True,
+                         last: bool = True, head: str = "lm", compute_bytes: int = 2, kernels: str = "te",
+                         doc_lengths: list[int] | None = None, transient_logits: bool = True,
+                         tp_rank: int | None = None) -> dict[str, int]:
+    """Peak bytes held for backward on one pipeline stage of `layers` layers (`chunks` model chunks) with `in_flight`
+    micro-batches of `tokens` tokens forwarded and not yet backwarded (1F1B), as {"activations", "logits"} at the
+    peak. Per micro-batch: the input ids on the first stage (and under TP the vocab-range mask), every layer's
+    bytes, or with recompute of groups of k layers (megatron's uniform method) each group's input (and once RoPE's
+    fp32 frequencies). The last stage adds the final norm and the vocab-parallel cross entropy (fp32 softmax of the
+    vocab / TP logits, its target and mask, the loss mask; the TP rank holding padded vocab columns also their mask:
+    tp_rank None is the busiest, the last) at the end of the forward; with recompute the backward adds one group's
+    layers while their inputs are still held. transient_logits: also the 16-bit logits the cross entropy copies to
+    fp32 (alive during its forward, not saved)."""
+    c = compute_bytes
+    split = tp if sequence_parallel else 1
+    layer = megatron_layer_bytes(shape, tokens, tp, sequence_parallel, c, kernels, doc_lengths)
+    per_micro = (8 + (1 if tp > 1 else 0)) * tokens if first else 0
+    extra = extra_once = 0
+    if checkpoint_every:
+        group = min(checkpoint_every, layers // chunks)
+        hidden = c * shape.hidden * tokens // split
+        per_micro += chunks * math.ceil(layers // chunks / group) * hidden
+        # RoPE's fp32 frequencies, saved by every checkpoint; megatron caches them per document length, so micro-
+        # batches in flight share one tensor
+        extra_once = 4 * shape.head_dim * max(doc_lengths or [tokens])
+        # backward: one group recomputed while its input is held; the layers save that same tensor when it is fp32
+        # (local: the norm's fp32 input) or always (te: the norm keeps its input)
+        extra = group * layer - (hidden if kernels == "te" or c == 4 else 0)
+    else:
+        per_micro += layers * layer
+    final = 0
+    logits = 0
+    if last:
+        final = round(tokens * ((4 * shape.hidden + 4 + 2 * c * shape.hidden) if kernels == "local" else
+                                (2 * c * shape.hidden + 4)) / split)
+        if head == "lm":
+            vocab = math.ceil(shape.vocab / tp)  # padded to a multiple of TP, split
+            final += 13 * tokens  # cross entropy's target mask and target, the loss mask
+            rank = tp - 1 if tp_rank is None else tp_rank
+            final += vocab if (rank + 1) * vocab > shape.vocab else 0  # the padded columns' mask
+            logits = (4 + (c if transient_logits and c < 4 else 0)) * tokens * vocab
+    base = round(in_flight * per_micro) + extra_once
+    if base + extra > base + final + logits:  # the recomputing backward is the peak: the head's bytes are freed
+        return {"activations": base + extra, "logits": 0}
+    return {"activations": base + final, "logits": logits}

@@ -1,7 +1,7 @@
 """What a run needs (Workload, read from a nova_rt Config), the layouts that could run it, and the memory and time
 of each (Plan). `search` enumerates megatron layouts (TP within a node dividing the head counts and the MLP, PP
-dividing the layers, VPP, CP for SFT, the distributed optimizer; no recompute, which that backend lacks) and HF
-ones (DDP, FSDP2, with or without activation checkpointing), micro-batches, and returns every layout with its
+dividing the layers, VPP, CP for SFT, the distributed optimizer) and HF ones (DDP, FSDP2), micro-batches, each
+with and without recompute of every layer (train.activation_checkpointing 1), and returns every layout with its
 prediction, the fitting ones fastest first.
 """
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from nova_rt.plan import memory
 from nova_rt.plan.hardware import ALLOCATOR_RESERVE_BYTES, Gpu
-from nova_rt.plan.shapes import ModelShape, padded_vocab
+from nova_rt.plan.shapes import ModelShape
 from nova_rt.plan.timing import Timing, step_time
 
 BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
@@ -96,10 +96,9 @@ def megatron_layouts(shape: ModelShape, work: Workload, gpus: int, per_node: int
                     for mb in micro_batches:
                         if (work.global_rows // dp) % mb:
                             continue
-                        # nova_rt's megatron backend has no activation recompute (train.activation_checkpointing
-                        # applies to the HF backend): its layouts are planned without (published runs set it)
                         for dist_opt in ((False, True) if dp > 1 else (False,)):
-                            yield Layout("megatron", tp, pp, vpp, cp, dp, mb, False, dist_opt)
+                            for checkpoint in (False, True):  # train.activation_checkpointing 0 or 1
+                                yield Layout("megatron", tp, pp, vpp, cp, dp, mb, checkpoint, dist_opt)
 
 
 def hf_layouts(work: Workload, gpus: int, micro_batches: list[int]):
@@ -130,16 +129,12 @@ def evaluate(shape: ModelShape, work: Workload, gpu: Gpu, gpus: int, per_node: i
             in_flight = min(lay.pp - stage, micro_batches)
             if lay.vpp > 1 and stage == 0:
                 in_flight = in_flight * (1 + (lay.pp - 1) / (lay.pp * lay.vpp))
-            saved = memory.megatron_activation_bytes(shape, micro_tokens // lay.cp, layers, lay.tp, lay.tp > 1,
-                                                     lay.checkpoint, compute_bytes)
-            one_layer = memory.megatron_activation_bytes(shape, micro_tokens // lay.cp, 1, lay.tp, lay.tp > 1, False,
-                                                         compute_bytes)
-            logits = 0
-            if stage == lay.pp - 1 and work.head == "lm":  # bf16 logits and their fp32 copy in the cross entropy
-                logits = 6 * (micro_tokens // lay.cp) * padded_vocab(shape.vocab, lay.tp) // lay.tp
+            saved = memory.megatron_stage_bytes(shape, micro_tokens // lay.cp, layers, lay.tp, lay.tp > 1,
+                                                in_flight=in_flight, checkpoint_every=1 if lay.checkpoint else 0,
+                                                chunks=max(lay.vpp, 1), first=stage == 0, last=stage == lay.pp - 1,
+                                                head=work.head, compute_bytes=compute_bytes)
             parts = {"params": static.params, "grads": static.grads, "optimizer": static.optimizer,
-                     "activations": int(saved * in_flight + (one_layer if lay.checkpoint else 0)),
-                     "logits": logits, "comm": 0}
+                     "activations": saved["activations"], "logits": saved["logits"], "comm": 0}
             if work.reference:
                 ref = memory.megatron_static(shape, lay.tp, lay.pp, lay.vpp, 1, False, work.model_bytes, stage)
                 parts["reference"] = ref.params
@@ -147,7 +142,9 @@ def evaluate(shape: ModelShape, work: Workload, gpu: Gpu, gpus: int, per_node: i
                 best = parts
         mem = best or {}
         dp_bytes = mem["grads"] + (mem["params"] if lay.dist_opt else mem["grads"])
-        saved_per_token = memory.megatron_activation_bytes(shape, 1, 1, lay.tp, lay.tp > 1, False, compute_bytes)
+        local_tokens = max(micro_tokens // lay.cp, 1)
+        saved_per_token = memory.megatron_layer_bytes(shape, local_tokens, lay.tp, lay.tp > 1,
+                                                      compute_bytes) / local_tokens
     else:
         static = memory.hf_static(shape, lay.dp, lay.data_parallel, work.master_bytes, head=work.head)
         docs = [work.doc_length] * max(1, micro_tokens // work.doc_length)

@@ -92,7 +92,7 @@ def test_nothing_fits_names_smallest_memory_and_the_way_out(tmp_path, capsys):
     before = path.read_text()
     code, _, err = plan(capsys, "--config", str(path), "--gpus", "8", "--write")
     assert code == 2
-    assert "nothing fits 8 x h100-80gb" in err and "GiB per GPU" in err and "--gpus 32" in err and "LoRA" in err
+    assert "nothing fits 8 x h100-80gb" in err and "GiB per GPU" in err and "--gpus 16" in err and "LoRA" in err
     assert len(err.strip().splitlines()) <= 2 and "Traceback" not in err
     assert path.read_text() == before  # --write touched nothing
 
