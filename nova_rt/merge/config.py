@@ -6,6 +6,7 @@ out_dtype, tokenizer_source (a model path or "base"). A parameter value is a sca
 filter) wins. Everything else (slices, modules, tokenizer, chat_template, gradients, "union" tokenizers, unknown
 keys or parameters) is an error naming the field. Model paths are local HF directories; relative paths resolve
 against the YAML file's directory. Per-model parameters may also be set globally (as defaults for every model).
+A model may be a PEFT LoRA adapter directory (nova_rt.merge.adapter), `ADAPTER` or mergekit's `BASE+ADAPTER`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import yaml
 
 import nova_rt.merge.methods  # noqa: F401 - registers the built-in methods that get_merge looks up
 from nova_rt.errors import MergeConfigError
+from nova_rt.merge.adapter import is_adapter_dir, read_adapter_config, resolve_adapter_base
 from nova_rt.merge.registry import REQUIRED, MergeMethod, ParamSpec, get_merge
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "float16": torch.float16,
@@ -38,6 +40,8 @@ class ModelEntry:
     """The path as written in the YAML, for messages."""
     parameters: dict[str, Any] = field(default_factory=dict)
     """Per-model parameter settings (validated, unresolved)."""
+    adapter_base: Path | None = None
+    """For a PEFT LoRA adapter directory (`path`): the full model it applies to; None for a full model."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -125,8 +129,8 @@ def _check_params(params: Any, allowed: dict[str, ParamSpec], method: MergeMetho
 
 def _model_path(value: Any, root: Path, where: str) -> tuple[Path, str]:
     if isinstance(value, dict):
-        raise MergeConfigError(f"{where}: model must be a local directory path string (LoRA / hub references are "
-                               "not supported)")
+        raise MergeConfigError(f"{where}: model must be a local directory path string (hub references are not "
+                               "supported; a LoRA adapter is its directory or BASE+ADAPTER)")
     if not isinstance(value, str) or not value:
         raise MergeConfigError(f"{where}: model must be a local directory path, got {value!r}")
     path = (root / value).resolve() if not Path(value).is_absolute() else Path(value).resolve()
@@ -134,6 +138,43 @@ def _model_path(value: Any, root: Path, where: str) -> tuple[Path, str]:
         raise MergeConfigError(f"{where}: model {value!r} resolves to {path}, which is not a directory "
                                "(nova-rt merge reads local HF directories only)")
     return path, value
+
+
+def _model_ref(value: Any, root: Path, where: str) -> ModelEntry:
+    """A model field: a full model or adapter directory, or mergekit's `BASE+ADAPTER` (split at the `+` where both
+    sides are directories, unless the whole value is one)."""
+    if isinstance(value, str) and "+" in value and not _resolve_dir(value, root).is_dir():
+        for index in [i for i, char in enumerate(value) if char == "+"]:
+            base, adapter = value[:index], value[index + 1:]
+            if base and adapter and _resolve_dir(base, root).is_dir() and _resolve_dir(adapter, root).is_dir():
+                base_path = _model_path(base, root, where)[0]
+                if is_adapter_dir(base_path):
+                    raise MergeConfigError(f"{where}: {value!r}: the base {base!r} is a PEFT adapter directory; "
+                                           "BASE+ADAPTER needs a full model before the `+`")
+                path = _model_path(adapter, root, where)[0]
+                if not is_adapter_dir(path):
+                    raise MergeConfigError(f"{where}: {value!r}: {adapter!r} is no PEFT adapter directory (no "
+                                           "adapter_config.json / adapter_model.safetensors)")
+                read_adapter_config(path, where)
+                return ModelEntry(path=path, label=value, adapter_base=base_path)
+    path, label = _model_path(value, root, where)
+    return ModelEntry(path=path, label=label)
+
+
+def _resolve_dir(value: str, root: Path) -> Path:
+    return Path(value) if Path(value).is_absolute() else root / value
+
+
+def _resolve_adapters(base: ModelEntry | None, models: list[ModelEntry], root: Path, where: dict[int, str]) -> None:
+    """Fill in adapter_base for adapter models whose YAML names no base (nova_rt.merge.adapter.resolve_adapter_base):
+    the base_model's first (its own base when it is an adapter), then each model's against the base's full model."""
+    if base is not None and base.adapter_base is None and is_adapter_dir(base.path):
+        base.adapter_base = resolve_adapter_base(base.path, base.label, "base_model", root, None, "")
+    full, full_label = (None, "") if base is None else \
+        (base.adapter_base, str(base.adapter_base)) if base.adapter_base is not None else (base.path, base.label)
+    for entry in models:
+        if entry.adapter_base is None and is_adapter_dir(entry.path):
+            entry.adapter_base = resolve_adapter_base(entry.path, entry.label, where[id(entry)], root, full, full_label)
 
 
 def _dtype(raw: dict, key: str) -> torch.dtype | None:
@@ -168,11 +209,10 @@ def _split_base(method: MergeMethod, raw: dict, entries: list[ModelEntry], root:
         return None, entries
     if raw.get("base_model") is None:
         raise MergeConfigError(f"base_model: required by merge_method {method.name}")
-    base_path, base_label = _model_path(raw["base_model"], root, "base_model")
-    base = ModelEntry(path=base_path, label=base_label)
+    base = _model_ref(raw["base_model"], root, "base_model")
     others = []
     for entry in entries:
-        if entry.path == base_path:
+        if entry.path == base.path and entry.adapter_base == base.adapter_base:
             if entry.parameters:
                 raise MergeConfigError(f"models: parameters on the base model {entry.label} have no effect with "
                                        f"{method.name}; remove them")
@@ -195,15 +235,18 @@ def parse_config(raw: Any, root: Path, source_text: str = "") -> MergeConfig:
         for key in item:
             if key not in ("model", "parameters"):
                 raise MergeConfigError(f"{where}: unknown field {key!r} (supported: model, parameters)")
-        path, label = _model_path(item["model"], root, where)
-        params = _check_params(item.get("parameters"), method.model_params, method, f"{where} ({label})", True)
-        entries.append(ModelEntry(path=path, label=label, parameters=params))
+        entry = _model_ref(item["model"], root, where)
+        entry.parameters = _check_params(item.get("parameters"), method.model_params, method,
+                                         f"{where} ({entry.label})", True)
+        entries.append(entry)
     seen = {}
     for e in entries:
-        if e.path in seen:
-            raise MergeConfigError(f"models: {e.label} and {seen[e.path]} are the same directory {e.path}")
-        seen[e.path] = e.label
+        if (e.path, e.adapter_base) in seen:
+            raise MergeConfigError(f"models: {e.label} and {seen[e.path, e.adapter_base]} are the same directory "
+                                   f"{e.path}")
+        seen[e.path, e.adapter_base] = e.label
     base, models = _split_base(method, raw, entries, root)
+    _resolve_adapters(base, models, root, {id(entry): f"models[{i}]" for i, entry in enumerate(entries)})
     n = len(models)
     if n < method.min_models or (method.max_models is not None and n > method.max_models):
         want = f"exactly {method.min_models}" if method.min_models == method.max_models else \

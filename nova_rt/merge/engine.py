@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from nova_rt.merge.adapter import open_reader
 from nova_rt.merge.config import MergeConfig, load_config
 from nova_rt.merge.registry import TensorMerge
 from nova_rt.merge.st_io import ModelReader, OutTensor, parse_size
@@ -212,6 +213,10 @@ def merge_inputs(cfg: MergeConfig, config: str | Path | dict | MergeConfig) -> d
     """What a merge reads, by the config field that names it: every model, the tokenizer source, the YAML file."""
     inputs = {"base_model": cfg.base.path} if cfg.base is not None else {}
     inputs.update({f"models[{i}]": entry.path for i, entry in enumerate(cfg.models)})
+    named = ([("base_model", cfg.base)] if cfg.base is not None else []) + [
+        (f"models[{i}]", entry) for i, entry in enumerate(cfg.models)]
+    inputs.update({f"{key} (the adapter's base)": entry.adapter_base for key, entry in named
+                   if entry.adapter_base is not None})  # PEFT LoRA adapters (nova_rt.merge.adapter)
     if cfg.tokenizer_source is not None:
         inputs["tokenizer_source"] = cfg.tokenizer_source
     if isinstance(config, (str, Path)):
@@ -235,7 +240,7 @@ def run_merge(config: str | Path | dict | MergeConfig, out_dir: str | Path, *, d
     out_dir = Path(out_dir).resolve()
     if out_dir.exists() and not force:
         raise FileExistsError(f"output directory {out_dir} exists; pass --force (force=True) to replace it")
-    readers = [ModelReader(entry.path, entry.label) for entry in entries]
+    readers = [open_reader(entry) for entry in entries]  # a PEFT LoRA adapter reads as its base + B A
     plan = plan_merge(readers, cfg)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
