@@ -31,7 +31,7 @@ def check_run(cfg) -> None:
         check_lora(cfg)
 
 
-_LORA_STAGES = ("sft", "rm", "dpo", "grpo")
+_LORA_STAGES = ("sft", "rm", "dpo", "grpo", "pipeline")  # a pipeline's SFT / RM / GRPO stages (its PAS model: full)
 
 
 def check_lora(cfg) -> None:
@@ -47,6 +47,7 @@ def check_lora(cfg) -> None:
     if parallel.data_parallel != "ddp":
         raise ConfigError(f"{where} is not supported with parallel.data_parallel={parallel.data_parallel} yet; use "
                           "parallel.data_parallel=ddp or lora.rank: 0")
-    if stage == "grpo" and cfg.grpo.rollout.engine != "hf":
+    runs_grpo = stage == "grpo" or (stage == "pipeline" and "grpo" in cfg.pipeline.stages)
+    if runs_grpo and cfg.grpo.rollout.engine != "hf":
         raise ConfigError(f"{where} is not supported with grpo.rollout.engine={cfg.grpo.rollout.engine} yet (the "
                           "engine would sample from the base weights); use grpo.rollout.engine=hf or lora.rank: 0")

@@ -156,8 +156,8 @@ class Pipeline:
         return self.artifacts
 
     # ----------------------------------------------------------------------------------------------- stages
-    def _pas(self, stage_dir: Path) -> dict:
-        _run_sub("pas", _sub_config(self.cfg, "pas", stage_dir, {}))
+    def _pas(self, stage_dir: Path) -> dict:  # the PAS model trains in full: PromptAugmenter loads a full model
+        _run_sub("pas", _sub_config(self.cfg, "pas", stage_dir, {"lora.rank": 0} if self.cfg.lora.rank > 0 else {}))
         return {"pas_model": str(stage_dir / "pas_model" / "final")}
 
     def _slices(self) -> list[dict]:
@@ -200,11 +200,17 @@ class Pipeline:
 
     def _merge(self, stage_dir: Path) -> dict:
         models = list(self.artifacts.get("sft", {}).get("models", {}).values())
-        if len(models) < 2:
+        from nova_rt.merge.adapter import is_adapter_dir
+
+        pipeline = self.cfg.pipeline
+        lora_model = len(models) == 1 and is_adapter_dir(Path(models[0]))
+        if len(models) < 2 and not lora_model:
             log.info("pipeline: %d SFT model(s), nothing to merge", len(models))
             return {"merged": models[0] if models else self.base}
-        pipeline = self.cfg.pipeline
-        spec = merge_spec(pipeline.merge_method, pipeline.merge_parameters, self.base, models)
+        # LoRA slices (lora.rank > 0): final/ adapter directories, merged straight from base + B A (one alone: the
+        # adapter merged into the base, what the later stages load)
+        spec = merge_spec("linear", {"weight": 1.0}, self.base, models) if lora_model else merge_spec(
+            pipeline.merge_method, pipeline.merge_parameters, self.base, models)
         out = stage_dir / "merged"
         if self.info.is_main:
             sub = _sub_config(self.cfg, "merge", stage_dir, {"merge.inline": spec, "merge.spec": "",
@@ -232,8 +238,10 @@ class Pipeline:
             iter(self.artifacts.get("sft", {}).get("models", {}).values()), self.base)
 
     def _rm(self, stage_dir: Path) -> dict:
-        _run_sub("rm", _sub_config(self.cfg, "rm", stage_dir, {"model.path": self._policy_init()}))
-        return {"rm": str(stage_dir / "final")}
+        lora = self.cfg.lora.rank > 0  # GRPO's reward_model source loads a full model: the RM's final_merged/
+        _run_sub("rm", _sub_config(self.cfg, "rm", stage_dir, {"model.path": self._policy_init(),
+                                                                **({"lora.merge_final": True} if lora else {})}))
+        return {"rm": str(stage_dir / ("final_merged" if lora else "final"))}
 
     def _grpo(self, stage_dir: Path) -> dict:
         extra: dict = {"model.path": self._policy_init()}
@@ -272,6 +280,7 @@ def merge_spec(method: str, parameters: dict, base: str, models: list[str]) -> d
 def heldout_nll(cfg: Config, models: dict[str, str], eval_sets: dict[str, list[str]], device) -> dict:
     """{model name: {eval set: [[summed NLL, supervised tokens] per document]}}, one model in memory at a time; every
     model sees the same documents in the same order (tokenized once, with cfg's tokenizer and packing)."""
+    from nova_rt.merge.adapter import is_adapter_dir
     from nova_rt.models.causal import CausalLMLogprobs
     from nova_rt.stages.common import load_policy
     from nova_rt.stages.sft import build_sft_rows, document_nll
@@ -279,7 +288,7 @@ def heldout_nll(cfg: Config, models: dict[str, str], eval_sets: dict[str, list[s
     out: dict[str, dict] = {}
     rows = None
     for name, path in models.items():
-        hf_model, tok = load_policy(cfg, path)
+        hf_model, tok = load_policy(cfg, path) if not is_adapter_dir(Path(path)) else _load_adapter(cfg, path)
         if rows is None:
             rows = {k: build_sft_rows(cfg, tok, files, max_rows=cfg.data.eval_max_rows)[0]
                     for k, files in eval_sets.items()}
@@ -288,6 +297,28 @@ def heldout_nll(cfg: Config, models: dict[str, str], eval_sets: dict[str, list[s
         del module, hf_model
         gc.collect()
     return out
+
+
+def _load_adapter(cfg: Config, path: str):
+    """(hf_model, tokenizer) of a PEFT LoRA adapter directory: its base (adapter_config.json's
+    base_model_name_or_path) with the adapters merged in, as the merge engine reads it (nova_rt.merge.adapter)."""
+    import torch
+
+    from nova_rt.merge.adapter import AdapterReader, resolve_adapter_base
+    from nova_rt.stages.common import load_policy
+
+    base = resolve_adapter_base(Path(path), path, path, Path.cwd(), None, "")
+    hf_model, tok = load_policy(cfg, str(base))
+    reader = AdapterReader(Path(path), base)
+    try:
+        with torch.no_grad():
+            params = dict(hf_model.named_parameters())
+            for name in reader.tensors:
+                if name in params:
+                    params[name].copy_(reader.view(name))
+    finally:
+        reader.close()
+    return hf_model, tok
 
 
 def augment_sft_files(files: list[str], out: Path, pas_model: str, max_new_tokens: int = 64) -> None:

@@ -258,7 +258,7 @@ def test_lora_where_it_cannot_run_yet_exits_2_naming_both_keys(tmp_path, capsys)
         "base weights); use grpo.rollout.engine=hf or lora.rank: 0")
     config = tiny_config(tmp_path, lora=LORA, run={"stage": "pas"})
     code, err = run_cli(capsys, "--config", str(config))
-    assert code == 2 and "lora.rank: 4 applies to run.stage sft, rm, dpo, grpo, not run.stage=pas" in err, err
+    assert code == 2 and "lora.rank: 4 applies to run.stage sft, rm, dpo, grpo, pipeline, not run.stage=pas" in err, err
 
 
 def test_resuming_with_another_lora_setting_exits_2(tmp_path, capsys):
