@@ -53,3 +53,22 @@ def test_lora_pipeline_merges_the_slice_adapters(tmp_path):
     assert (run / "rm" / "final" / "adapter_config.json").exists()
     assert (run / "grpo" / "final" / "adapter_config.json").exists()
     assert "## Did the pipeline make the model better? (held-out)" in (run / "report.md").read_text()
+
+
+def test_a_single_lora_slice_is_merged_into_the_base(tmp_path):
+    """One SFT slice with LoRA: the merge stage still writes a full model (the adapter merged into the base), which
+    the RM and GRPO stages load as model.path."""
+    run = tmp_path / "one"
+    result = subprocess.run(
+        [sys.executable, "-m", "nova_rt.train", "--config", str(ROOT / "configs" / "tiny_pipeline_lora.yaml"),
+         "--set", f"run.dir={run}", "--set", "pipeline.stages=[sft, merge]", "--set",
+         "pipeline.sft_slices=[{name: math, train_files: [../data/sft/slice_math.jsonl]}]",
+         "--set", "train.num_threads=1"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    merged = Path(json.loads((run / "merge" / "STAGE_DONE.json").read_text())["merged"])
+    assert merged == run / "merge" / "merged" and (merged / "config.json").exists()
+    tensors = load_file(run / "sft" / "math" / "final" / "adapter_model.safetensors")
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    expected = load_weights(run / "base_model")["model.layers.0.self_attn.q_proj.weight"] + (
+        tensors[f"{prefix}.lora_B.weight"] @ tensors[f"{prefix}.lora_A.weight"]) * 2
+    assert torch.allclose(load_weights(merged)["model.layers.0.self_attn.q_proj.weight"], expected, rtol=0, atol=1e-6)
