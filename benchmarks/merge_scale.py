@@ -8,11 +8,11 @@ DARE-TIES (base + 3) and SLERP (base + 1). Every run (each tool, and a plain str
 to an output of the merged size, written through the page cache and with O_DIRECT: the I/O bound) starts with the
 inputs evicted from the page cache (POSIX_FADV_DONTNEED on our own files: no root, no global drop_caches; the
 resident fraction is measured with mincore and recorded) and runs in a child under a launcher that samples the
-process tree's summed RSS and its anonymous part (without file-backed mapped pages, which nova_rt's input maps are)
-every 0.1 s (also ru_maxrss, exact for the largest single process) and reports the tree's /proc/<pid>/io:
-read_bytes/write_bytes (storage I/O) and rchar/wchar (read/write syscalls: mmap reads are not in rchar). A tool past
---rss-cap-gb (anonymous) or --timeout is killed and recorded as such. Outputs are fsynced and evicted after each run
-(untimed), compared tensor by tensor (bench_merge.compare's numbers, in row blocks), then removed.
+tree's summed RSS, RssAnon and RssAnon + RssShmem (nova_rt's input maps are file pages, its output arena shmem)
+every 0.1 s (and ru_maxrss, exact for the largest process), its CPU seconds and its /proc/<pid>/io: read_bytes/
+write_bytes (storage I/O) and rchar/wchar (syscalls: mmap reads are not in rchar). A tool past --rss-cap-gb (anon +
+shmem) or --timeout is killed and recorded as such. Outputs are fsynced and evicted after each run (untimed),
+compared tensor by tensor (bench_merge.compare's numbers, in row blocks), then removed.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import hashlib
 import json
 import mmap
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -57,8 +58,9 @@ def qwen_config(scale: str):
                        rms_norm_eps=1e-6, rope_theta=1e6, use_sliding_window=False, dtype="bfloat16")
 
 
-def qwen_shapes(scale: str) -> dict[str, tuple[int, ...]]:
-    """Tensor names and shapes in HF's state_dict order (lm_head left out when tied, as save_pretrained does)."""
+def qwen_shapes(scale: str, tensors: str | None = None) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes in HF's state_dict order (lm_head left out when tied, as save_pretrained does); only
+    the names matching the regex `tensors` when given (e.g. a scale's largest tensors, which set the peak RSS)."""
     from transformers import AutoModelForCausalLM
 
     config = qwen_config(scale)
@@ -67,6 +69,10 @@ def qwen_shapes(scale: str) -> dict[str, tuple[int, ...]]:
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     if config.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)
+    if tensors is not None:
+        shapes = {name: shape for name, shape in shapes.items() if re.search(tensors, name)}
+        if not shapes:
+            raise SystemExit(f"--tensors {tensors!r} matches no tensor of Qwen2.5-{scale}")
     return shapes
 
 
@@ -107,9 +113,12 @@ def _header(names: list[str], shapes: dict[str, tuple[int, ...]]) -> bytes:
     return len(raw).to_bytes(8, "little") + raw
 
 
-def write_models(scale: str, root: Path, seed: int = 0, shard_bytes: int = 5 * 10**9) -> list[Path]:
+def write_models(scale: str, root: Path, seed: int = 0, shard_bytes: int = 5 * 10**9,
+                 tensors: str | None = None) -> list[Path]:
     """base, ft1, ft2, ft3 under root (regenerated unless a complete set with the same scale/seed/shards is there)."""
     stamp = {"scale": scale, "seed": seed, "shard_bytes": shard_bytes, "roles": list(ROLES)}
+    if tensors is not None:
+        stamp["tensors"] = tensors
     dirs = [root / role for role in ROLES]
     stamp_file = root / "generated.json"
     if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
@@ -117,7 +126,7 @@ def write_models(scale: str, root: Path, seed: int = 0, shard_bytes: int = 5 * 1
     shutil.rmtree(root, ignore_errors=True)
     tmp = root.parent / f".{root.name}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    shapes = qwen_shapes(scale)
+    shapes = qwen_shapes(scale, tensors)
     shards = shard_plan(shapes, shard_bytes)
     files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for role in ROLES:
@@ -208,8 +217,8 @@ def cached_fraction(paths: list[Path]) -> float:
 # Runs one command as a child and reports it: wall time; CPU seconds (user, sys) of the tree; the tree's summed RSS
 # sampled every 0.1 s (children found through /proc/<pid>/task/<tid>/children); ru_maxrss of the largest process;
 # the tree's I/O from the launcher's own /proc/self/io before and after wait4 (the kernel adds a reaped child's
-# counters, and its reaped children's, to the parent's). Kills the tree past rss_cap bytes of anonymous RSS (mapped
-# file pages are reclaimable page cache: they cannot run the machine out of memory) or timeout seconds.
+# counters, and its reaped children's, to the parent's). Kills the tree past rss_cap bytes of RssAnon + RssShmem
+# (mapped file pages are reclaimable page cache: they cannot run the machine out of memory) or timeout seconds.
 # argv: rss_cap timeout cmd...
 _LAUNCHER = r"""import json, os, signal, sys, time
 cap, timeout, cmd = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3:]
@@ -229,34 +238,37 @@ def tree(pid):
         except OSError:
             pass
     return out
-def rss(pids):  # (resident, resident anonymous: statm's resident - shared, i.e. without file-backed pages)
-    total = anon = 0
+def rss(pids):  # (resident, RssAnon, RssAnon + RssShmem) of the tree: what is left when file pages are not counted
+    total = anon = shmem = 0
     for p in pids:
         try:
-            with open(f"/proc/{p}/statm") as f:
-                fields = f.read().split()
-            total += int(fields[1]) * page
-            anon += (int(fields[1]) - int(fields[2])) * page
-        except OSError:
+            with open(f"/proc/{p}/status") as f:
+                fields = {k: v for k, _, v in (line.partition(":") for line in f)}
+            anon += int(fields["RssAnon"].split()[0]) << 10
+            shmem += int(fields["RssShmem"].split()[0]) << 10
+            total += (int(fields["RssFile"].split()[0]) << 10) + (int(fields["RssAnon"].split()[0]) << 10) + (
+                int(fields["RssShmem"].split()[0]) << 10)
+        except (OSError, KeyError):
             pass
-    return total, anon
+    return total, anon, anon + shmem
 before = io()
 start = time.perf_counter()
 pid = os.fork()
 if pid == 0:
     os.setpgid(0, 0)
     os.execvp(cmd[0], cmd)
-peak = anon_peak = 0
+peak = anon_peak = unfiled_peak = 0
 killed = None
 while True:
     done, status, usage = os.wait4(pid, os.WNOHANG)
     if done:
         break
-    now, anon = rss(tree(pid))
-    peak, anon_peak = max(peak, now), max(anon_peak, anon)
+    now, anon, unfiled = rss(tree(pid))
+    peak, anon_peak, unfiled_peak = max(peak, now), max(anon_peak, anon), max(unfiled_peak, unfiled)
     elapsed = time.perf_counter() - start
-    if killed is None and (anon > cap or elapsed > timeout):
-        killed = f"tree anonymous RSS {anon / 2**30:.1f} GiB > cap" if anon > cap else f"timeout after {elapsed:.0f} s"
+    if killed is None and (unfiled > cap or elapsed > timeout):
+        killed = (f"tree anonymous + shmem RSS {unfiled / 2**30:.1f} GiB > cap" if unfiled > cap else
+                  f"timeout after {elapsed:.0f} s")
         try:
             os.killpg(pid, signal.SIGKILL)
         except OSError:
@@ -266,7 +278,8 @@ wall = time.perf_counter() - start
 after = io()
 print(json.dumps({"rc": os.waitstatus_to_exitcode(status), "wall_s": wall, "killed": killed,
                   "tree_rss_peak": max(peak, usage.ru_maxrss * 1024), "maxrss": usage.ru_maxrss * 1024,
-                  "tree_anon_peak": anon_peak, "user_s": usage.ru_utime, "sys_s": usage.ru_stime,
+                  "tree_anon_peak": anon_peak, "tree_anon_shmem_peak": unfiled_peak, "user_s": usage.ru_utime,
+                  "sys_s": usage.ru_stime,
                   **{k: after[k] - before[k] for k in ("read_bytes", "write_bytes", "rchar", "wchar")}}))
 """
 
@@ -398,7 +411,8 @@ def bench_method(method: str, root: Path, work: Path, args, model_bytes: int) ->
         stats = measure(cmd, cap, timeout)
         row = {"method": method, "tool": tool, "models_read": len(dirs), "in_bytes": in_bytes,
                "cached_frac_before": round(cached, 4), **stats, "out_bytes": _settle(out),
-               "peak_rss_mb": stats["tree_rss_peak"] / 2**20, "peak_anon_mb": stats["tree_anon_peak"] / 2**20}
+               "peak_rss_mb": stats["tree_rss_peak"] / 2**20, "peak_anon_mb": stats["tree_anon_peak"] / 2**20,
+               "peak_anon_shmem_mb": stats["tree_anon_shmem_peak"] / 2**20}
         row["gb_per_s"] = (in_bytes + row["out_bytes"]) / stats["wall_s"] / 1e9
         rows.append(row)
         print(json.dumps({k: row[k] for k in ("method", "tool", "wall_s", "peak_rss_mb", "read_bytes",
@@ -419,15 +433,15 @@ def bench_method(method: str, root: Path, work: Path, args, model_bytes: int) ->
     return rows
 
 
-def required_bytes(scale: str, shard_bytes: int) -> tuple[int, int]:
+def required_bytes(scale: str, tensors: str | None = None) -> tuple[int, int]:
     """(bytes of one model, free bytes the run needs: 4 inputs + 2 merged outputs + 1 copy + 2 GB slack)."""
-    model = sum(2 * _numel(shape) for shape in qwen_shapes(scale).values())
+    model = sum(2 * _numel(shape) for shape in qwen_shapes(scale, tensors).values())
     return model, 7 * model + 2 * 10**9
 
 
-COLUMNS = ["method", "tool", "wall_s", "x_io_bound", "user_s", "sys_s", "peak_rss_mb", "peak_anon_mb", "read_bytes",
-           "write_bytes", "rchar", "wchar", "cached_frac_before", "load1_start", "load1_end", "speedup_vs_mergekit",
-           "rss_vs_mergekit", "max_abs_diff", "frac_gt_1ulp", "error"]
+COLUMNS = ["method", "tool", "wall_s", "x_io_bound", "user_s", "sys_s", "peak_rss_mb", "peak_anon_mb",
+           "peak_anon_shmem_mb", "read_bytes", "write_bytes", "rchar", "wchar", "cached_frac_before", "load1_start",
+           "load1_end", "speedup_vs_mergekit", "rss_vs_mergekit", "max_abs_diff", "frac_gt_1ulp", "error"]
 
 
 def save(rows: list[dict], meta: dict, json_path: Path) -> None:
@@ -441,6 +455,8 @@ def save(rows: list[dict], meta: dict, json_path: Path) -> None:
 
 
 def plot(rows: list[dict], meta: dict, png_path: Path) -> None:
+    """Wall time (tools and the plain-copy bound) and peak RSS (total, anonymous part darker) per method; a run
+    killed at the RSS cap or timeout is hatched and labelled (its bar is the time / memory until then)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -448,28 +464,37 @@ def plot(rows: list[dict], meta: dict, png_path: Path) -> None:
 
     methods = list(dict.fromkeys(row["method"] for row in rows))
     series = ["I/O bound (plain copy)", "nova_rt", "mergekit"]
-    fig, (ax_wall, ax_rss) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax_wall, ax_rss) = plt.subplots(1, 2, figsize=(11, 4.6))
+    kind = "anon + shmem" if all("peak_anon_shmem_mb" in row for row in rows) else "anonymous"
     for position, method in enumerate(methods):
         by_tool = {row["tool"]: row for row in rows if row["method"] == method}
         copies = [by_tool[t]["wall_s"] for t in ("copy buffered", "copy O_DIRECT") if t in by_tool]
-        walls = [min(copies) if copies else 0.0] + [by_tool[t]["wall_s"] if t in by_tool else 0.0
-                                                     for t in series[1:]]
-        rss = [by_tool[t]["peak_rss_mb"] / 1024 if t in by_tool else 0.0 for t in series[1:]]
-        for offset, (label, value) in enumerate(zip(series, walls)):
-            row = by_tool.get(label)
-            hatch = "//" if row is not None and "error" in row else None
-            ax_wall.bar(position + (offset - 1) * 0.27, value, 0.27, color=f"C{offset}", hatch=hatch,
+        for offset, label in enumerate(series):
+            row = by_tool.get(label, {})
+            value = min(copies) if offset == 0 and copies else row.get("wall_s", 0.0)
+            x = position + (offset - 1) * 0.27
+            ax_wall.bar(x, value, 0.27, color=f"C{offset}", hatch="//" if "error" in row else None,
                         label=label if position == 0 else None)
-        for offset, (label, value) in enumerate(zip(series[1:], rss)):
-            ax_rss.bar(position + (offset - 0.5) * 0.35, value, 0.35, color=f"C{offset + 1}",
-                       label=label if position == 0 else None)
+            if "error" in row:
+                ax_wall.annotate("killed", (x, value), ha="center", va="bottom", fontsize=7)
+        for offset, label in enumerate(series[1:]):
+            row = by_tool.get(label, {})
+            x = position + (offset - 0.5) * 0.35
+            total = row.get("peak_rss_mb", 0.0) / 1024
+            anon = row.get("peak_anon_shmem_mb", row.get("peak_anon_mb", 0.0)) / 1024
+            ax_rss.bar(x, total, 0.35, color=f"C{offset + 1}", alpha=0.55, hatch="//" if "error" in row else None,
+                       label=f"{label} (total)" if position == 0 else None)
+            ax_rss.bar(x, anon, 0.35, color=f"C{offset + 1}", label=f"{label} ({kind})" if position == 0 else None)
+            if "error" in row:
+                ax_rss.annotate("killed", (x, total), ha="center", va="bottom", fontsize=7)
     for ax, ylabel in ((ax_wall, "wall time (s)"), (ax_rss, "peak RSS of the process tree (GiB)")):
         ax.set_xticks(range(len(methods)), methods)
         ax.set_ylabel(ylabel)
-        ax.legend(fontsize=8)
+        ax.set_ylim(top=ax.get_ylim()[1] * 1.3)  # room for the legend
+        ax.legend(fontsize=7, ncols=2)
     ax_rss.axhline(4.0, color="grey", linestyle="--", linewidth=1)
-    fig.suptitle(f"merge of Qwen2.5-{meta['scale']}-shaped bf16 models, cold page cache, {meta['machine']} "
-                 "(hatched: killed at the RSS cap / timeout, bar = time until then)", fontsize=9)
+    fig.suptitle(f"merge of Qwen2.5-{meta['scale']}-shaped bf16 models from a cold page cache\n{meta['machine']}; "
+                 f"hatched: killed at the {kind} RSS cap or timeout (bar = until then)", fontsize=9)
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
@@ -480,10 +505,10 @@ def run(args) -> Path:
     import datetime
 
     shard_bytes = int(args.shard_gb * 10**9)
-    model_bytes, need = required_bytes(args.scale, shard_bytes)
+    model_bytes, need = required_bytes(args.scale, args.tensors)
     work_dir = Path(args.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    root = work_dir / f"qwen2.5-{args.scale}"
+    root = work_dir / f"qwen2.5-{args.scale}{'-subset' if args.tensors else ''}"
     have = shutil.disk_usage(work_dir).free + (sum(p.stat().st_size for p in root.rglob("*.safetensors"))
                                                 if root.exists() else 0)
     if have < need:
@@ -496,10 +521,10 @@ def run(args) -> Path:
     meta = {"scale": args.scale, "model_bytes": model_bytes, "disk_free_before": shutil.disk_usage(work_dir).free,
             "disk_needed": need, "seed": args.seed, "dtype": args.dtype, "omp_num_threads":
             os.environ.get("OMP_NUM_THREADS"), "machine": args.machine, "rss_cap_gb": args.rss_cap_gb,
-            "timeout_s": args.timeout}
+            "timeout_s": args.timeout, "mergekit_shard_size": args.mergekit_shard_size, "tensors": args.tensors}
     t0 = time.perf_counter()
     try:
-        write_models(args.scale, root, args.seed, shard_bytes)
+        write_models(args.scale, root, args.seed, shard_bytes, args.tensors)
         meta["generate_s"] = time.perf_counter() - t0
         print(f"models ready in {meta['generate_s']:.0f} s under {root}", flush=True)
         work = work_dir / f"work_{args.scale}"
@@ -521,10 +546,13 @@ def add_arguments(parser) -> None:
                         help="Qwen2.5-shaped sharded models, cold cache, with an I/O bound (merge_scale.py)")
     parser.add_argument("--work-dir", default="/work/bench_merge_scale", help="--scale: where models are written")
     parser.add_argument("--keep", action="store_true", help="--scale: keep the generated models")
+    parser.add_argument("--tensors", default=None,
+                        help="--scale: only the tensors whose names match this regex, e.g. 'embed|lm_head|model.norm' "
+                             "(the largest tensors set the peak RSS: a 7B peak check in ~9 GB of disk)")
     parser.add_argument("--seed", type=int, default=0, help="--scale: weights seed (and DARE's)")
     parser.add_argument("--shard-gb", type=float, default=5.0, help="--scale: input shard size (GB)")
     parser.add_argument("--rss-cap-gb", type=float, default=12.0,
-                        help="--scale: kill a tool past this anonymous RSS of its process tree (GiB)")
+                        help="--scale: kill a tool past this anonymous + shmem RSS of its process tree (GiB)")
     parser.add_argument("--mergekit-shard-size", default="1B",
                         help="--scale: mergekit's --out-shard-size (it buffers a whole output shard in memory: with "
                              "2500M its 3B linear merge passed 12 GiB of RSS)")

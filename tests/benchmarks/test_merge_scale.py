@@ -83,6 +83,7 @@ def test_measure_counts_the_process_tree(tmp_path):
     assert stats["maxrss"] >= 200 << 20  # the largest single process
     assert stats["tree_rss_peak"] >= 340 << 20  # child (200 MiB) + grandchild (150 MiB) alive together
     assert stats["tree_anon_peak"] >= 340 << 20  # bytearrays: anonymous memory
+    assert stats["tree_anon_shmem_peak"] >= stats["tree_anon_peak"]
     assert stats["wchar"] >= 8 << 20 and stats["write_bytes"] >= 8 << 20
     assert stats["wall_s"] >= 1.0 and 0 < stats["user_s"] + stats["sys_s"]
 
@@ -94,14 +95,22 @@ def test_measure_separates_mapped_file_pages_from_anonymous_memory(tmp_path):
              "m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)\n"
              "sum(m[i] for i in range(0, len(m), 4096))\ntime.sleep(0.5)")
     stats = merge_scale.measure([sys.executable, "-c", child, str(path)])
-    assert stats["tree_rss_peak"] - stats["tree_anon_peak"] >= 60 << 20
-    assert stats["tree_anon_peak"] < 60 << 20
+    assert stats["tree_rss_peak"] - stats["tree_anon_shmem_peak"] >= 60 << 20
+    assert stats["tree_anon_shmem_peak"] < 60 << 20
+
+
+def test_measure_counts_shared_anonymous_memory_as_unreclaimable():
+    """mmap(-1) is MAP_SHARED | MAP_ANONYMOUS (shmem, like nova_rt's output arena): not RssAnon, not a file page."""
+    child = ("import mmap, time\nm = mmap.mmap(-1, 96 << 20)\nblock = b'\\x01' * (1 << 20)\n"
+             "for _ in range(96):\n    m.write(block)\ntime.sleep(0.5)")
+    stats = merge_scale.measure([sys.executable, "-c", child])
+    assert stats["tree_anon_shmem_peak"] - stats["tree_anon_peak"] >= 90 << 20
 
 
 def test_measure_kills_a_tree_past_the_rss_cap(tmp_path):
     stats = merge_scale.measure([sys.executable, "-c", "import time; b = bytearray(400 << 20); time.sleep(30)"],
                                 rss_cap=200 << 20)
-    assert stats["error"].startswith("killed: tree anonymous RSS") and stats["wall_s"] < 20
+    assert stats["error"].startswith("killed: tree anonymous + shmem RSS") and stats["wall_s"] < 20
 
 
 def _fs_type(path: Path) -> str:
@@ -127,7 +136,7 @@ def test_evict_drops_our_files_from_the_page_cache(tmp_path):
 def _args(tmp_path, **overrides) -> Namespace:
     args = dict(scale="tiny", methods="linear,slerp", work_dir=str(tmp_path / "work"), keep=False, seed=0,
                 shard_gb=4e-5, rss_cap_gb=8.0, timeout=300.0, nova_python=sys.executable, mergekit="",
-                skip_mergekit=True, mergekit_shard_size="1B", dtype="float32", machine="test",
+                skip_mergekit=True, mergekit_shard_size="1B", tensors=None, dtype="float32", machine="test",
                 out=str(tmp_path / "res.json"))
     return Namespace(**{**args, **overrides})
 
@@ -147,6 +156,16 @@ def test_tiny_scale_run_writes_rows_plot_and_cleans_up(tmp_path):
     assert json_path.with_suffix(".png").stat().st_size > 10_000
     assert not (tmp_path / "work" / "qwen2.5-tiny").exists()  # generated models removed without --keep
     assert not (tmp_path / "work" / "work_tiny").exists()
+
+
+def test_tensors_regex_keeps_only_the_matching_tensors(tmp_path):
+    shapes = merge_scale.qwen_shapes("7b", "embed|lm_head")
+    assert shapes == {"model.embed_tokens.weight": (152064, 3584), "lm_head.weight": (152064, 3584)}
+    assert merge_scale.required_bytes("7b", "embed|lm_head")[0] == 2 * 2 * 152064 * 3584
+    dirs = merge_scale.write_models("tiny", tmp_path / "m", shard_bytes=10**6, tensors="norm")
+    assert all(name.endswith("norm.weight") for name in _load(dirs[0]))
+    with pytest.raises(SystemExit, match="matches no tensor"):
+        merge_scale.qwen_shapes("tiny", "no_such_tensor")
 
 
 def test_disk_check_refuses_a_scale_that_does_not_fit(tmp_path, monkeypatch):
