@@ -28,7 +28,8 @@ class _HelpWithMethods(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _HelpWithMethods(prog="nova-rt merge", description=__doc__.splitlines()[0],
                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config", help="mergekit-style YAML (merge_method, base_model, models, parameters, dtype, ...)")
+    p.add_argument("config", help="mergekit-style YAML (merge_method, base_model, models, parameters, dtype, ...); a "
+                                  "model may be a PEFT LoRA adapter directory or BASE+ADAPTER (docs/lora.md)")
     p.add_argument("out_dir", help="output HF directory (created atomically)")
     p.add_argument("--device", default="cpu", help="where the merge math runs: cpu or cuda[:i] (default: cpu)")
     p.add_argument("--force", action="store_true",
