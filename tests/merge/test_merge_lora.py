@@ -32,7 +32,7 @@ def make_adapter(base: Path, adapter_dir: Path, merged_dir: Path | None, seed: i
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype="auto")
     peft_model = get_peft_model(model, LoraConfig(**lora))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -174,3 +174,17 @@ def test_incomplete_adapter_directory(experts, tmp_path, capsys, missing):
     (adapter / missing).unlink()
     err = _merge_error(capsys, tmp_path, _ta(experts["base"], adapter))
     assert f"models[0]: {adapter / missing} is missing" in err
+
+
+def test_bfloat16_base_rounds_as_peft_merge(tmp_path):
+    """A bf16 base with fp32 adapters (peft's default autocast): W + delta rounds once to bf16, as merge_and_unload."""
+    base = save_tiny_model(tmp_path / "base", "llama", seed=3, dtype=torch.bfloat16)
+    for name, seed in (("b1", 1), ("b2", 2)):
+        make_adapter(base, tmp_path / name, tmp_path / f"full_{name}", seed, r=4, lora_alpha=8, target_modules=LINEAR)
+    spec = {"merge_method": "task_arithmetic", "base_model": str(base),
+            "models": [{"model": str(tmp_path / name), "parameters": {"weight": 0.5}} for name in ("b1", "b2")]}
+    on_adapters = run_merge(spec, tmp_path / "from_lora", progress=False)
+    spec["models"] = [{"model": str(tmp_path / f"full_{name}"), "parameters": {"weight": 0.5}} for name in ("b1", "b2")]
+    on_full = run_merge(spec, tmp_path / "from_full", progress=False)
+    assert load_weights(on_adapters)["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
+    _assert_same(on_adapters, on_full, tol=0)
