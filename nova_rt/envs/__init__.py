@@ -90,6 +90,9 @@ class EnvConfig:
     """The run stops (exit 2) when more than this share of a step's episodes failed in the environment."""
     params: dict = field(default_factory=dict)
     """Keyword arguments of the environment's constructor (after the data row)."""
+    add_rewards: bool = False
+    """Also score each episode's final reply with grpo.rewards and add that to the episode's reward (false: the
+    environment's turn rewards alone, so a verifier is not counted twice)."""
 
     @property
     def enabled(self) -> bool:

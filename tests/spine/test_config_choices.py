@@ -55,9 +55,13 @@ FREE_TEXT = {
     "merge.spec", "merge.out", "merge.device", "merge.max_shard_size",  # device: cpu | cuda | cuda:N (validate)
     "pas.seeds_file", "pas.dedup.embedder",  # embedder: auto | minilm | hashed[:DIM] | a directory
     "pas.generator.model", "pas.generator.base_url", "pas.generator.api_key_env",
+    "grpo.env.name", "grpo.env.path",  # path: package.module:Class | file.py:Class (validate)
 }
 # choice fields still declared as str, checked by their section's validate() instead; each with the reason
-NOT_YET_LITERAL: dict[str, str] = {}  # none left (pipeline.merge_method was the last)
+NOT_YET_LITERAL: dict[str, str] = {
+    "grpo.env.type": "a registry name: the built-ins, user, and any environment registered with "
+                     "nova_rt.envs.register_env; EnvConfig.validate lists the known ones",
+}
 
 
 def test_introspection_finds_the_sections_and_choices():

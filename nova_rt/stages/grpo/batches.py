@@ -37,6 +37,15 @@ class RolloutGroup:
     """The engine's sampling log-prob of every response token (for grpo.rollout.tis_cap)."""
     advantages: list[float] | None = None
     """Per-response advantages from grpo.loss.advantage (None: `group`, which grpo_loss computes from rewards)."""
+    response_masks: list[list[bool]] | None = None
+    """Multi-turn episodes (grpo.env): per response token, whether the model sampled it (True: a target carrying
+    loss) or it is context (environment / tool messages and their template tokens). None: every token sampled."""
+
+    def target_lengths(self) -> list[int]:
+        """Tokens per response that carry loss (the sampled ones)."""
+        if self.response_masks is None:
+            return [len(response) for response in self.responses]
+        return [sum(mask) for mask in self.response_masks]
 
 
 @dataclass(frozen=True)
@@ -116,22 +125,31 @@ class PTXBatch(PackedBatch):
     """(N, K) the reference's log-probs at its top-k ids `ref_topk_ids`."""
 
 
-def pack_responses(prompts: list[list[int]], responses: list[list[int]],
-                   shared_prefix: bool = False) -> PackedResponses:
-    """One flat micro-batch of prompt+response sequences; targets only on response tokens.
+def pack_responses(prompts: list[list[int]], responses: list[list[int]], shared_prefix: bool = False,
+                   response_masks: list[list[bool]] | None = None) -> PackedResponses:
+    """One flat micro-batch of prompt+response sequences; targets only on response tokens (and, with
+    `response_masks`, only on the tokens whose mask is True: the rest are context, as env messages of an episode).
 
     shared_prefix: adjacent responses to the same prompt form a group laid out as [prompt[:-1]] then, per non-empty
     response r, [prompt[-1]] + r[:-1] at positions len(prompt)-1 ...; each response segment attends to the prompt
     part and causally to itself (SharedPrefixLayout), so every target token sees exactly the context it has in its
     own prompt+response sequence. The last prompt token is repeated per response because its hidden state predicts
     each response's first token. cu_seqlens then marks the groups."""
-    response_cu = torch.tensor(np.concatenate([[0], np.cumsum([len(r) for r in responses])]), dtype=torch.int64)
+    if response_masks is None:
+        target_ids = responses
+    else:
+        if [len(mask) for mask in response_masks] != [len(response) for response in responses]:
+            raise ValueError("pack_responses: a response mask's length differs from its response's")
+        target_ids = [[token if keep else IGNORE for token, keep in zip(response, mask)]
+                      for response, mask in zip(responses, response_masks)]
+    target_counts = [sum(token != IGNORE for token in targets) for targets in target_ids]
+    response_cu = torch.tensor(np.concatenate([[0], np.cumsum(target_counts)]), dtype=torch.int64)
     if not shared_prefix:
         samples = []
-        for prompt, response in zip(prompts, responses):
+        for prompt, response, response_targets in zip(prompts, responses, target_ids):
             ids = np.asarray((prompt + response)[:-1] if response else prompt, dtype=np.int64)  # last: no input
-            targets = np.asarray([IGNORE] * (len(prompt) - 1) + response if response else [IGNORE] * len(prompt),
-                                 dtype=np.int64)
+            targets = np.asarray([IGNORE] * (len(prompt) - 1) + response_targets if response
+                                 else [IGNORE] * len(prompt), dtype=np.int64)
             samples.append(Sample(ids, targets))
         return PackedResponses.from_collated(collate([make_row(samples)]), response_cu_seqlens=response_cu)
     ids, targets, positions, groups = [], [], [], []
@@ -145,9 +163,9 @@ def pack_responses(prompts: list[list[int]], responses: list[list[int]],
         prefix = len(prompt) - 1
         ids.append(prompt[:-1]), targets.append([IGNORE] * prefix), positions.append(list(range(prefix)))
         segments = []
-        for response in responses[start:end]:
+        for response, response_targets in zip(responses[start:end], target_ids[start:end]):
             if response:
-                ids.append([prompt[-1]] + response[:-1]), targets.append(response)
+                ids.append([prompt[-1]] + response[:-1]), targets.append(response_targets)
                 positions.append(list(range(prefix, prefix + len(response))))
                 segments.append(len(response))
         groups.append((prefix, segments))

@@ -1,4 +1,4 @@
-"""The `grpo` config section: a few top-level keys and five sub-sections of at most 12 fields each.
+"""The `grpo` config section: a few top-level keys and seven sub-sections of at most 12 fields each.
 
   grpo.sampling  how rollouts are drawn: G, prompts per step, decoding, dynamic sampling
   grpo.data      where prompts come from: files, reasoning-gym tasks, eval sets, category weights, PAS model
@@ -6,6 +6,7 @@
   grpo.ptx       the PTX penalty on SFT data
   grpo.eval      per-category greedy eval and the prompt re-weighting it drives
   grpo.rollout   the rollout engine (nova_rt.rollout.base.RolloutConfig)
+  grpo.env       multi-turn episodes in an environment (nova_rt.envs.EnvConfig)
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Literal
 
 from nova_rt.config import register_section
 from nova_rt.config_values import check_range
+from nova_rt.envs import EnvConfig
 from nova_rt.losses.kl import KLEstimator
 from nova_rt.rollout.base import RolloutConfig, check_generation
 from nova_rt.stages.grpo.advantages import AdvantageEstimator
@@ -164,6 +166,8 @@ class GRPOConfig:
     """Per-category greedy eval and the prompt re-weighting it drives."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     """Rollout engine (hf decode loop | vllm) and its settings: nova_rt.rollout.base.RolloutConfig."""
+    env: EnvConfig = field(default_factory=EnvConfig)
+    """Multi-turn episodes in an environment (nova_rt.envs; docs/multiturn.md); type empty: single-turn rollouts."""
     rewards: list[dict] = field(default_factory=lambda: [{"type": "math"}])
     """Reward sources and weights (nova_rt.rewards): math, format, reasoning_gym, reward_model, user."""
     ref_model: str = ""
@@ -204,6 +208,17 @@ class GRPOConfig:
             raise ValueError(f"grpo.eval.every={self.eval.every} needs eval prompts: give grpo.data.eval_files (or a "
                              "grpo.data.gym_tasks entry with eval_size > 0), or set grpo.eval.every: 0")
         check_range("grpo.eval.batch", self.eval.batch, ge=1)
+        self.env.validate()
+        if self.env.enabled:
+            if r.engine == "vllm":
+                raise ValueError(f"grpo.env.type={self.env.type} runs its episodes on grpo.rollout.engine=hf only "
+                                 "for now (vllm is not wired for multi-turn yet)")
+            if self.data.pas_model:
+                raise ValueError(f"grpo.env.type={self.env.type} with grpo.data.pas_model: an environment's reset() "
+                                 "opens the conversation, PAS would not see it; drop one of them")
+            if any(isinstance(task, dict) and task.get("prefill") for task in self.data.gym_tasks):
+                raise ValueError(f"grpo.env.type={self.env.type}: grpo.data.gym_tasks entries must not set prefill "
+                                 "(the environment opens the conversation)")
 
     @property
     def steps_per_rollout(self) -> int:

@@ -39,6 +39,13 @@ from nova_rt.stages.grpo.batches import (
     agg_totals,
     pack_responses,
 )
+from nova_rt.stages.grpo.episodes import (
+    build_driver,
+    episode_metrics,
+    greedy_episodes,
+    new_sums,
+    sample_episode_groups,
+)
 from nova_rt.stages.grpo.losses import make_objective
 from nova_rt.telemetry import Telemetry
 
@@ -50,6 +57,8 @@ class GRPORun:
 
     shared_prefix = False
     """Whether micro_batches use the shared-prefix layout (set in __init__ from grpo.shared_prefix and the model)."""
+    multiturn = None
+    """The episode driver (nova_rt.rollout.multiturn.MultiTurnDriver) when grpo.env is set, else None."""
     dp_group = None
     """Process group of the data-parallel ranks for token totals (None: all ranks; the megatron backend's DP group)."""
 
@@ -82,7 +91,8 @@ class GRPORun:
         sampling = grpo.sampling
         self.generator = build_rollout_engine(
             grpo.rollout, self.hf, self.tok,
-            Sampling(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+            Sampling(max_new_tokens=grpo.env.max_new_tokens_per_turn if grpo.env.enabled else sampling.max_new_tokens,
+                     temperature=sampling.temperature, top_p=sampling.top_p,
                      top_k=sampling.top_k, seed=cfg.run.seed * 1000 + self.info.rank,
                      batch_size=sampling.rollout_batch),
             policy_version=lambda: self.trainer.step, backend=cfg.parallel.backend, dtype=to_dtype(cfg.model.dtype))
@@ -91,6 +101,7 @@ class GRPORun:
         self.ptx = self._load_ptx() if grpo.ptx.coef > 0 else None
         self.prompt_ids = PromptEncoder(self.tok, grpo.data.pas_model)
         self.loss_fn = make_objective(grpo)
+        self.multiturn = build_driver(self) if grpo.env.enabled else None
 
     def _load_prompts(self) -> None:
         data, cfg = self.grpo.data, self.cfg
@@ -125,28 +136,38 @@ class GRPORun:
         self.trainer.sync_generation_model()
         return self.trainer.once_per_replica(self._collect)
 
+    def _sample_groups(self, mine: list[dict], group_size: int) -> tuple[list[RolloutGroup], list[bool],
+                                                                       RolloutStats]:
+        """Single-turn: G sampled replies per drawn prompt, scored; (groups, all-rewards-equal per group, stats)."""
+        rollout = self.generator.generate(self.prompt_ids(mine), group_size)
+        total, _, correct = self.score(rollout.texts, [sample for sample in mine for _ in range(group_size)])
+        lengths = [len(response) for response in rollout.response_ids]
+        groups, same_flags = [], []
+        for index in range(len(mine)):
+            span = slice(index * group_size, (index + 1) * group_size)
+            groups.append(RolloutGroup(rollout.prompt_ids[index * group_size], rollout.response_ids[span],
+                                       total[span], rollout.logprobs[span]))
+            same_flags.append(max(total[span]) - min(total[span]) <= 1e-9)
+        stats = RolloutStats(
+            samples=len(total), reward_sum=sum(total), reward_square_sum=sum(x * x for x in total),
+            correct_sum=sum(correct) if correct is not None else 0.0, response_tokens=sum(lengths),
+            truncated=len(lengths) - sum(rollout.finished), equal_reward_groups=float(sum(same_flags)))
+        return groups, same_flags, stats
+
     def _collect(self) -> tuple[list[RolloutGroup], dict]:
         grpo, rank, world = self.grpo, self.dp_rank, self.dp_size
         sampling = grpo.sampling
         per_rank, group_size = sampling.prompts_per_step // world, sampling.group_size
-        kept, dropped, stats = [], [], RolloutStats()
+        kept, dropped, stats, episode_sums = [], [], RolloutStats(), new_sums()
         for _ in range(1 + (sampling.dynamic_max_rounds if sampling.dynamic_sampling else 0)):
             mine = self.sampler.draw(sampling.prompts_per_step)[rank * per_rank:(rank + 1) * per_rank]
-            rollout = self.generator.generate(self.prompt_ids(mine), group_size)
-            total, _, correct = self.score(rollout.texts, [sample for sample in mine for _ in range(group_size)])
-            lengths = [len(response) for response in rollout.response_ids]
-            equal_groups = 0.0
-            for index in range(len(mine)):
-                span = slice(index * group_size, (index + 1) * group_size)
-                group = RolloutGroup(rollout.prompt_ids[index * group_size], rollout.response_ids[span], total[span],
-                                     rollout.logprobs[span])
-                same = max(group.rewards) - min(group.rewards) <= 1e-9
-                equal_groups += float(same)
+            if self.multiturn is not None:
+                groups, same_flags, round_stats = sample_episode_groups(self, mine, group_size, episode_sums)
+            else:
+                groups, same_flags, round_stats = self._sample_groups(mine, group_size)
+            for group, same in zip(groups, same_flags):
                 (dropped if sampling.dynamic_sampling and same else kept).append(group)
-            stats = stats + RolloutStats(
-                samples=len(total), reward_sum=sum(total), reward_square_sum=sum(x * x for x in total),
-                correct_sum=sum(correct) if correct is not None else 0.0, response_tokens=sum(lengths),
-                truncated=len(lengths) - sum(rollout.finished), equal_reward_groups=equal_groups)
+            stats = stats + round_stats
             kept = kept[:per_rank]
             if not sampling.dynamic_sampling:
                 break
@@ -156,7 +177,11 @@ class GRPORun:
         if len(kept) < grpo.minibatches:  # every rank must take part in every optimizer step
             kept += dropped[:grpo.minibatches - len(kept)]
         groups_trained = self.dp_sum(torch.tensor([float(len(kept))], dtype=torch.float64)).item()
-        return kept, stats.dp_summed(self.dp_sum).metrics(group_size, groups_trained, self.reward.verifiable)
+        metrics = stats.dp_summed(self.dp_sum).metrics(group_size, groups_trained,
+                                                       self.reward.verifiable or self.multiturn is not None)
+        if self.multiturn is not None:
+            metrics.update(episode_metrics(self, episode_sums))
+        return kept, metrics
 
     # ------------------------------------------------------------------------------------------- micro-batches
     def _ref_topk(self, mb: PackedBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,7 +212,7 @@ class GRPORun:
 
     def micro_batches(self, groups: list[RolloutGroup]) -> list[RolloutBatch]:
         grpo = self.grpo
-        totals = agg_totals([len(response) for group in groups for response in group.responses], self.dp_group)
+        totals = agg_totals([length for group in groups for length in group.target_lengths()], self.dp_group)
         if grpo.loss.agg == "seq-mean-token-sum-norm" and grpo.loss.sum_norm_len > 0:
             totals = replace(totals, longest=float(grpo.loss.sum_norm_len))  # a constant L, not the longest response
         step = grpo.micro_prompts or max(len(groups), 1)
@@ -195,9 +220,14 @@ class GRPORun:
         for start in range(0, len(groups), step):
             part = groups[start:start + step]
             responses = [response for group in part for response in group.responses]
+            masks = None
+            if any(group.response_masks is not None for group in part):  # multi-turn: sampled tokens are targets
+                masks = [mask for group in part for mask in (group.response_masks or
+                                                             [[True] * len(r) for r in group.responses])]
             packed = pack_responses([group.prompt for group in part for _ in group.responses], responses,
-                                    shared_prefix=self.shared_prefix)
-            scale, token_weights = agg_scale_and_weights(grpo.loss.agg, [len(r) for r in responses], totals)
+                                    shared_prefix=self.shared_prefix, response_masks=masks)
+            scale, token_weights = agg_scale_and_weights(
+                grpo.loss.agg, [length for group in part for length in group.target_lengths()], totals)
             rollout_logprobs = None
             if grpo.rollout.tis_cap > 0:  # the engine's sampling log-probs, flat in the order of the response tokens
                 rollout_logprobs = torch.tensor([x for group in part for logprobs in group.rollout_logprobs
@@ -238,7 +268,7 @@ class GRPORun:
         where every advantage is 0 trains only the KL / PTX terms: it is logged and counted."""
         loss = self.grpo.loss
         advantages = estimate_advantages([group.rewards for group in groups],
-                                         [[len(response) for response in group.responses] for group in groups],
+                                         [group.target_lengths() for group in groups],
                                          loss.advantage, loss.adv_norm, self.dp_sum)
         zero, total = zero_advantage_counts(advantages, self.dp_sum)
         if total > 0 and zero == total:
@@ -288,9 +318,11 @@ class GRPORun:
             total, _, correct = self.score(texts, samples)
             return total, correct
 
+        generate = lambda chunk: self.generator.generate(self.prompt_ids(chunk), 1, greedy=True).texts  # noqa: E731
+        if self.multiturn is not None:  # held-out success: greedy episodes played to the end
+            generate, score = greedy_episodes(self)
         return evaluate_categories(
-            self.eval_pools, lambda chunk: self.generator.generate(self.prompt_ids(chunk), 1, greedy=True).texts,
-            score, self.grpo.eval.batch, self.dp_rank, self.dp_size,
+            self.eval_pools, generate, score, self.grpo.eval.batch, self.dp_rank, self.dp_size,
             lambda values: self.dp_sum(torch.tensor(values, dtype=torch.float64)).tolist())
 
     def eval_metrics(self, reweight_after: bool) -> dict:
