@@ -41,7 +41,16 @@ def check_lora(cfg) -> None:
     if stage not in _LORA_STAGES:
         raise ConfigError(f"{where} applies to run.stage {', '.join(_LORA_STAGES)}, not run.stage={stage} (remove the "
                           "lora section)")
-    if parallel.backend != "hf":
+    if parallel.backend == "megatron" and stage != "sft":  # nova_rt.parallel.megatron_lora: SFT only so far
+        raise ConfigError(f"{where} is not supported with parallel.backend=megatron and run.stage={stage} yet (SFT "
+                          "is); use parallel.backend=hf or lora.rank: 0")
+    if parallel.backend == "megatron" and cfg.lora.dropout > 0:
+        raise ConfigError(f"{cfg.source}: lora.dropout: {cfg.lora.dropout} is not supported with "
+                          "parallel.backend=megatron yet; use lora.dropout: 0 or parallel.backend=hf")
+    if parallel.backend == "megatron" and cfg.lora.merge_final:
+        raise ConfigError(f"{cfg.source}: lora.merge_final: true is not supported with parallel.backend=megatron yet "
+                          "(final/ is the adapter; merge it with nova-rt merge); use lora.merge_final: false")
+    if parallel.backend not in ("hf", "megatron"):
         raise ConfigError(f"{where} is not supported with parallel.backend={parallel.backend} yet; use "
                           "parallel.backend=hf or lora.rank: 0")
     if parallel.data_parallel != "ddp":

@@ -50,7 +50,8 @@ def megatron_trainer(cfg: Config, path: str | None = None, *, trainable: bool = 
     return MegatronTrainer(resolve_model_path(resolve_path(cfg, path or cfg.model.path)), cfg.parallel,
                            dtype=to_dtype(cfg.model.dtype), lr=o.lr, weight_decay=o.weight_decay, grad_clip=o.grad_clip,
                            seed=cfg.run.seed, betas=tuple(o.betas), eps=o.eps, trainable=trainable,
-                           recompute_layers=cfg.train.activation_checkpointing if trainable else 0, **kwargs)
+                           recompute_layers=cfg.train.activation_checkpointing if trainable else 0,
+                           lora=cfg.lora if trainable else None, source=cfg.source, **kwargs)
 
 
 def megatron_tokenizer(cfg: Config):

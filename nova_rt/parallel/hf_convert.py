@@ -57,6 +57,8 @@ def hf_names(chunk, name: str, tied: bool) -> tuple[str, tuple[str, ...]]:
         return "vocab", ("model.embed_tokens.weight" if tied else "lm_head.weight",)
     if name == "decoder.final_layernorm.weight":
         return "replicated", ("model.norm.weight",)
+    if ".lora." in name:  # a LoRA adapter (nova_rt.parallel.megatron_lora): no tensor of the HF model
+        return "lora", (name,)
     layer_match = _LAYER_RE.match(name)
     if layer_match and layer_match.group(2) in _LAYER_MAP:
         layer = chunk.decoder.layers[int(layer_match.group(1))].layer_number - 1  # global 0-based layer index

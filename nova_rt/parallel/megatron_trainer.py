@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from nova_rt.data.micro_batch import PackedBatch
-from nova_rt.parallel import hf_convert, packed
+from nova_rt.parallel import hf_convert, megatron_lora, packed
 from nova_rt.parallel.megatron_model import build_model_chunks, hf_arch, transformer_config
 from nova_rt.parallel.megatron_outputs import next_token_logprobs, sft_loss, stage_forward, stage_loss, stage_outputs
 
@@ -104,7 +104,7 @@ class MegatronTrainer:
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, vocab_multiple: int = 1,
                  use_te: bool | None = None, load_weights: bool = True, trainable: bool = True,
                  head: Literal["lm", "score"] = "lm", score_init: torch.Tensor | None = None, save_config=None,
-                 recompute_layers: int = 0):
+                 recompute_layers: int = 0, lora=None, source: str = "config"):
         from megatron.core import tensor_parallel
         from transformers import AutoConfig
 
@@ -126,6 +126,11 @@ class MegatronTrainer:
         chunks = [c.to(self.device) for c in chunks]
         if load_weights:
             self._load(chunks, score_init)
+        self.lora = lora if lora is not None and lora.rank > 0 else None
+        """The `lora` section when adapters train (nova_rt.parallel.megatron_lora): the base is frozen."""
+        if self.lora is not None:
+            megatron_lora.add_adapters(chunks, self.arch, lora, seed=seed, source=source,
+                                       sequence_parallel=parallel_cfg.sequence_parallel)
         self._divide_by_tokens = True
         self.update_skipped = False
         """The last train_step applied no update: its global loss or grad norm was NaN/inf (the same on every rank)."""
@@ -387,7 +392,8 @@ class MegatronTrainer:
 
         from nova_rt.checkpoint import rng_state
 
-        return {"model": [getattr(c, "module", c).state_dict() for c in self.model],
+        return {"model": [megatron_lora.trainable_state(c) if self.lora else getattr(c, "module", c).state_dict()
+                          for c in self.model],
                 "optimizer": self._optimizer_state(),
                 "rng": {**rng_state(), "megatron": tensor_parallel.get_cuda_rng_tracker().get_states()}}
 
@@ -438,7 +444,10 @@ class MegatronTrainer:
             raise ValueError(f"checkpoint was written with parallel.distributed_optimizer={sharded}; this run has "
                              f"{self.pcfg.distributed_optimizer} (resume with the same setting)")
         for chunk, sd in zip(self.model, state["model"]):
-            getattr(chunk, "module", chunk).load_state_dict(sd)
+            if self.lora is not None:  # adapters only; the frozen base is the one loaded from model_dir
+                megatron_lora.load_trainable_state(chunk, sd)
+            else:
+                getattr(chunk, "module", chunk).load_state_dict(sd)
         if self.optimizer is not None and self.pcfg.distributed_optimizer:
             self._load_distributed_optimizer(state["optimizer"]["distributed"])
         elif self.optimizer is not None:
@@ -459,7 +468,13 @@ class MegatronTrainer:
         return hf_convert.assemble(pieces, self.arch, ps.get_tensor_model_parallel_world_size())
 
     def save_hf(self, out_dir) -> None:
-        """Collective: write the current weights as an HF directory (global rank 0 writes)."""
+        """Collective: write the current weights as an HF directory (global rank 0 writes); with LoRA the PEFT
+        adapter directory of the HF backend."""
+        if self.lora is not None:
+            megatron_lora.save_adapter_directory(self.model, self.lora, megatron_lora.targets_of(self.lora, ""),
+                                                 self.model_dir, out_dir)
+            dist.barrier()
+            return
         written = hf_convert.save_chunks_as_hf(self.model, self.arch, self.model_dir, out_dir)
         if written is not None and self.save_config is not None:
             self.save_config.save_pretrained(written)

@@ -180,6 +180,10 @@ def _new_optimizer_state(backend, shard, step: float):
     return states[0] if len(states) == 1 else states
 
 
+_LAYOUT_KEYS = ("world_size", "tensor_parallel", "pipeline_parallel", "virtual_pipeline_parallel",
+                "distributed_optimizer")
+
+
 @torch.no_grad()
 def load_resharded(backend, path: Path, meta: dict) -> tuple[int, None]:
     """Load checkpoint `path`, written with layout `meta` (its meta.json), into `backend`'s different layout;
@@ -189,6 +193,12 @@ def load_resharded(backend, path: Path, meta: dict) -> tuple[int, None]:
 
     from nova_rt.checkpoint import rng_state, safe_load
 
+    if getattr(backend, "lora", None) is not None:
+        from nova_rt.errors import CheckpointError
+
+        layout = ", ".join(f"{key}={meta.get(key)}" for key in _LAYOUT_KEYS)
+        raise CheckpointError(f"{path}: a LoRA checkpoint resumes only in the parallel layout that wrote it "
+                              f"({layout}); resume with those settings")
     if backend.dtype != torch.float32:
         raise NotImplementedError(f"{path}: resuming in another parallel layout needs fp32 parameters (with "
                                   f"{backend.dtype} the fp32 master weights would have to be carried)")
