@@ -97,6 +97,10 @@ def _build_section(cls: type, values: dict, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(values) - names)
+    removed = getattr(cls, "removed_key", None)  # a key the section dropped, with what to write instead
+    for key in unknown if removed is not None else ():
+        if (msg := removed(key, values[key])) is not None:
+            raise ConfigError(f"{where.rsplit(': ', 1)[0]}: {msg}")
     if unknown:
         raise ConfigError(f"{where}: unknown key '{where.split(': ')[-1]}.{unknown[0]}' "
                           f"(valid keys: {', '.join(sorted(names))})")

@@ -36,7 +36,7 @@ MATH_KEYS = ("run.seed", "model.dtype", "model.master_weights", "data.max_seq_le
 STAGE_SECTIONS = ("dpo", "rm", "grpo")
 """Stages with a config section of their own: all of it counts, but for NOT_MATH and the file lists."""
 NOT_MATH = ("dpo.reference_logprobs", "grpo.eval.every", "grpo.eval.batch", "grpo.micro_prompts", "grpo.rollout.")
-"""Stage keys (or prefixes, ending in '.') that change how, not what, is computed; grpo.rollout.tis_cap counts."""
+"""Stage keys (or prefixes, ending in '.') that change how, not what, is computed; grpo.rollout.correction* count."""
 WHOLE_FILE_LIMIT = 512 << 20
 _digests: dict[tuple[str, int, int], str] = {}
 """(path, size, mtime_ns) -> sha256: a file is hashed once per process."""
@@ -56,8 +56,8 @@ def math_config(cfg: Config) -> dict[str, Any]:
 
 
 def _not_math(key: str) -> bool:
-    return key != "grpo.rollout.tis_cap" and any(key == n or (n.endswith(".") and key.startswith(n))
-                                                 for n in NOT_MATH)
+    return not key.startswith("grpo.rollout.correction") and any(
+        key == n or (n.endswith(".") and key.startswith(n)) for n in NOT_MATH)
 
 
 def _flatten(prefix: str, section) -> dict[str, Any]:

@@ -3,14 +3,14 @@ d logprobs in one pass over the log-probs, deterministic (fixed-order reduce, no
 
     A_i  = (R_i - mean_g R) / (std_g R + 1e-4)   (adv_norm="none": R_i - mean_g R; or given);   a_t = A_i + tadv_t
     r_t  = exp(clamp(lp_t - old_t, -20, 20)),    pg_t = -min(r_t a_t, clip(r_t, 1 - eps_low, 1 + eps_high) a_t)
-    loss = sum_t w_t (c_t pg_t + beta kl_t)      kl_t: k1 | k2 | k3;  c_t: is_weights (TIS), a constant
+    loss = sum_t w_t (c_t pg_t + beta kl_t)      kl_t: k1 | k2 | k3;  c_t: is_weights (rollout correction), constant
     w_t  = 1 / T | 1 / (n_nonempty L_i) | 1 / (B max_i L_i)   (token-mean | seq-mean-token-mean | ...-sum-norm)
 pg_t above is mode="ppo_clip"; cispo, sapo and gspo_token replace it in the same kernel (LOSS_MODE), gspo and gmpo
 run in PyTorch: grpo_loss_torch.py has the table, docs/algorithms.md the papers and the peers' conventions.
 
 Triton: an advantage kernel (one program), a loss kernel per block of tokens (each finds its response by binary
 search over cu_seqlens and writes d logprobs in the same pass), a reduce kernel; backward scales the saved d logprobs.
-Clamps, equal rewards, TIS, stats, traffic: docs/kernels.md#grpo_loss; the oracle: reference.py.
+Clamps, equal rewards, IS weights, stats, traffic: docs/kernels.md#grpo_loss; the oracle: reference.py.
 Legend: T response tokens (flat), B responses, G group size (adjacent responses), P token blocks (partials).
 """
 
@@ -24,11 +24,12 @@ from nova_rt.kernels.grpo_loss_torch import (
     SEQUENCE_MODES,
     STAT_NAMES,
     check_inputs,
+    correction_weights,
     grpo_loss_torch,
     seq_mean_log_ratio,
 )
 
-__all__ = ["STAT_NAMES", "grpo_loss", "grpo_loss_fwd", "grpo_loss_torch", "tis_weights"]
+__all__ = ["STAT_NAMES", "correction_weights", "grpo_loss", "grpo_loss_fwd", "grpo_loss_torch"]
 # The constexpr tables (names -> kernel codes), shared with the torch path and nova_rt/kernels/aot.py.
 _KL_MODES, _AGG_MODES, _LOSS_MODES = _torch_path.KL_MODES, _torch_path.AGG_MODES, _torch_path.LOSS_MODES
 _ADV_NORMS = _torch_path.ADV_NORMS
@@ -191,7 +192,7 @@ def _grpo_loss_fwd_kernel(LP_T, OLD_T, REF_T, TADV_T, ISW_T, SEQ_B, CU, ADV_B, W
     else:
         x = lp - old
     term, dterm, clipped, ratio = _surrogate(lp, x, a, eps_low, eps_high, tau_pos, tau_neg, LOSS_MODE)
-    # The TIS weight scales the policy term (not the KL below) and has no gradient.
+    # The IS weight (rollout correction) scales the policy term (not the KL below) and has no gradient.
     loss = isw * term
     dloss = isw * dterm
     kl = tl.zeros_like(lp)
@@ -340,7 +341,7 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: 
     logprobs, old_logprobs, ref_logprobs (or None when beta = 0), token_adv (optional, fp32, no grad): (T,) fp32,
     bf16 or fp16; rewards: (B,) fp32; cu_seqlens: (B+1,) int32/int64 from 0 to T (repeated entries = empty
     responses); B = prompts x group_size with a prompt's responses adjacent. is_weights (optional, (T,) fp32, no
-    grad): per-token factor on the clipped surrogate (not on the KL term), e.g. tis_weights(old, rollout, cap).
+    grad): per-token factor on the clipped surrogate (not on the KL term), e.g. correction_weights(...)[0].
     advantages (optional, (B,) fp32, no grad): A_i taken as given (rewards and adv_norm then do not enter A).
     mode: the policy term (grpo_loss_torch's table; gspo and gmpo always take the torch path); sapo_tau: SAPO's
     (tau_pos, tau_neg). Returns (loss 0-d fp32 with grad to logprobs only, {name: detached 0-d fp32} for STAT_NAMES).
@@ -364,18 +365,3 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: 
                                       float(sapo_tau[1]))
     stats = stats.detach()
     return loss, {name: stats[k] for k, name in enumerate(STAT_NAMES)}
-
-
-def tis_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, cap: float) -> torch.Tensor:
-    """Truncated importance-sampling weights min(exp(old - rollout), cap) per response token, detached fp32.
-
-    old_logprobs: the trainer's old-policy log-probs; rollout_logprobs: the engine's sampling log-probs (same (T,)
-    order and temperature). TRL's token_truncate (clip_min None) and verl's token TIS; verl also clamps the log-ratio
-    to [-20, 20] first, which changes only weights below exp(-20) = 2e-9 (TRL does not clamp; exp overflow gives
-    inf, which the cap turns into cap). cap > 0."""
-    if not cap > 0:
-        raise ValueError(f"tis cap must be > 0, got {cap}")
-    if old_logprobs.shape != rollout_logprobs.shape:
-        raise ValueError(f"old_logprobs {tuple(old_logprobs.shape)} and rollout_logprobs "
-                         f"{tuple(rollout_logprobs.shape)} must have the same shape")
-    return torch.exp(old_logprobs.detach().float() - rollout_logprobs.detach().float()).clamp(max=cap)

@@ -9,8 +9,8 @@ input checks and mode tables. Per token, with x_t = clamp(lp_t - old_t, -20, 20)
     gmpo        l_i = -mean_t(a) exp(mean_t sgn(a) min(sgn(a) x, sgn(a) clamp(x, -eps_low, eps_high))),
                 one term per response, weighted by seq-mean-token-mean only                 (2507.20673)
 
-TIS weights scale l_t (gmpo: by their per-response geometric mean); the KL, weights and stats are grpo_loss's.
-Full definitions and the peers' conventions: docs/algorithms.md.
+IS weights (`correction_weights`: rollout correction) scale l_t (gmpo: by their per-response geometric mean); the KL,
+weights and stats are grpo_loss's. Full definitions and the peers' conventions: docs/algorithms.md.
 """
 
 import torch
@@ -25,6 +25,7 @@ LOG_RATIO_CLAMP = 20.0
 K3_MAX = 10.0
 STD_EPS = 1e-4
 STAT_NAMES = ("clip_frac", "kl_mean", "adv_mean", "adv_std", "ratio_mean")
+CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask", "icepop")
 
 
 def segment_sum(v_T: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
@@ -38,6 +39,37 @@ def seq_mean_log_ratio(logprobs, old_logprobs, cu_seqlens) -> torch.Tensor:
     """mean_{t in i}(lp_t - old_t) per response (B,) float64, 0 for an empty response (GSPO's log s_i, unclamped)."""
     cu = cu_seqlens.long()
     return segment_sum(logprobs.double() - old_logprobs.double(), cu) / (cu[1:] - cu[:-1]).clamp(min=1)
+
+
+def correction_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, cu_seqlens: torch.Tensor,
+                       mode: str, cap: float = 3.0, low: float = 0.5, high: float = 5.0):
+    """Rollout-correction weights per response token: (weights (T,) fp32, dropped (T,) bool), both detached.
+
+    ratio = exp(old - rollout) per token, or exp(sum over the response of (old - rollout)) on each of its tokens
+    (sequence_*); a NaN log-ratio (a token the engine could not score) counts as 0. truncate: min(ratio, cap);
+    mask: ratio, 0 where ratio > cap; icepop: ratio, 0 outside [low, high]. TRL's vllm_importance_sampling_mode
+    (clip_min None) and IcePop; `dropped` marks the zeroed tokens. No clamp on the log-ratio (TRL's neither):
+    an overflow to inf is truncated to cap or dropped."""
+    if mode not in CORRECTIONS[1:]:
+        raise ValueError(f"correction must be one of {list(CORRECTIONS[1:])}, got {mode!r}")
+    if old_logprobs.shape != rollout_logprobs.shape or old_logprobs.dim() != 1:
+        raise ValueError(f"old_logprobs {tuple(old_logprobs.shape)} and rollout_logprobs "
+                         f"{tuple(rollout_logprobs.shape)} must have the same flat (T,) shape")
+    if mode == "icepop" and not 0 <= low < high:
+        raise ValueError(f"icepop needs 0 <= low < high, got low={low}, high={high}")
+    if mode != "icepop" and not cap > 0:
+        raise ValueError(f"correction cap must be > 0, got {cap}")
+    log_ratio = torch.nan_to_num(old_logprobs.detach().float() - rollout_logprobs.detach().float(), nan=0.0)
+    if mode.startswith("sequence"):
+        cu = cu_seqlens.long()
+        seq_T = torch.searchsorted(cu[1:], torch.arange(log_ratio.shape[0], device=cu.device), right=True)
+        ratio = segment_sum(log_ratio, cu).exp().float()[seq_T]
+    else:
+        ratio = log_ratio.exp()
+    if mode.endswith("truncate"):
+        return ratio.clamp(max=cap), torch.zeros_like(ratio, dtype=torch.bool)
+    dropped = ratio > cap if mode != "icepop" else (ratio < low) | (ratio > high)
+    return torch.where(dropped, 0.0, ratio), dropped
 
 
 def _group_advantage_torch(rewards_B: torch.Tensor, group_size: int, adv_norm: str) -> torch.Tensor:
@@ -75,7 +107,7 @@ def _clipped_surrogate(a_T, ratio_T, eps_low, eps_high):
 
 
 def _token_surrogate(mode, a_T, lp_T, old_T, seq_T, cu, eps_low, eps_high, sapo_tau):
-    """(l_t before TIS, clipped_t, the ratio of the stats) for the per-token modes and gspo."""
+    """(l_t before the IS weight, clipped_t, the ratio of the stats) for the per-token modes and gspo."""
     clamp = LOG_RATIO_CLAMP
     if mode in ("gspo", "gspo_token"):
         log_s_B = seq_mean_log_ratio(lp_T, old_T, cu).float()
@@ -136,7 +168,7 @@ def grpo_loss_torch(logprobs, old_logprobs, ref_logprobs, rewards, cu_seqlens, g
     else:
         loss_T, clipped_T, ratio_T = _token_surrogate(mode, a_T, lp_T, old_logprobs, seq_T, cu, eps_low, eps_high,
                                                       sapo_tau)
-        if is_weights is not None:  # TIS: scales the surrogate only, as a constant
+        if is_weights is not None:  # rollout correction: scales the surrogate only, as a constant
             loss_T = loss_T * is_weights.detach().float()
         loss = lp_T.new_zeros(())
     kl_T = _kl_torch(lp_T, ref_logprobs.float(), kl) if ref_logprobs is not None else torch.zeros_like(lp_T)

@@ -6,6 +6,7 @@ tests and small shapes only.
     fused_linear_logprobs_ref   nova_rt.kernels.fused_linear_logprobs (also the naive eager baseline in any dtype)
     packed_attention_ref        nova_rt.kernels.packed_attention (forward and the three gradients)
     grpo_loss_ref               nova_rt.kernels.grpo_loss, with grpo_advantages_ref and kl_estimator_ref
+    correction_weights_ref      nova_rt.kernels.grpo_loss.correction_weights (rollout correction)
 
 Legend: T tokens, D model dim, V vocab, K top-k ids per token, N query heads, K kv heads (attention), H head dim,
 B responses, G group size.
@@ -127,9 +128,9 @@ def grpo_loss_ref(lp_T: torch.Tensor, old_T: torch.Tensor, ref_T: torch.Tensor |
                   sapo_tau: tuple[float, float] = (1.0, 1.05)) -> dict:
     """grpo_loss in float64, one response at a time (a Python loop over responses; autograd for the gradient).
 
-    is_T: per-token importance weights (TIS) multiplying the clipped surrogate only (not the KL), as constants.
+    is_T: per-token importance weights (rollout correction) on the clipped surrogate only (not the KL), constants.
     advantages_B: given per-response advantages, used as A_i instead of the group advantages of rewards_B.
-    mode, sapo_tau: the policy term (policy_term_ref); gmpo's TIS factor is the weights' geometric mean per response.
+    mode, sapo_tau: the policy term (policy_term_ref); gmpo's IS factor: the weights' geometric mean per response.
 
     Returns loss, grad (T,) w.r.t. lp_T, the loss scale sum_t w_t |l_t| (for a tolerance), stats, clip count, T."""
     lp = lp_T.detach().double().requires_grad_()
@@ -171,3 +172,26 @@ def grpo_loss_ref(lp_T: torch.Tensor, old_T: torch.Tensor, ref_T: torch.Tensor |
     stats = {"clip_frac": n_clip / max(T, 1), "kl_mean": kl_sum / max(T, 1), "adv_mean": adv_mean,
              "adv_std": math.sqrt(sum((x - adv_mean) ** 2 for x in adv) / B), "ratio_mean": ratio_sum / max(T, 1)}
     return {"loss": loss.item(), "grad": lp.grad, "scale": scale, "stats": stats, "n_clip": n_clip, "T": T}
+
+
+def correction_weights_ref(old_T: torch.Tensor, rollout_T: torch.Tensor, lengths: list[int], mode: str, *,
+                           cap: float = 3.0, low: float = 0.5, high: float = 5.0) -> tuple[list[float], list[bool]]:
+    """Rollout-correction weights in float64, one response at a time: (weight, dropped) per token. The ratio is
+    pi_old / pi_rollout of the token (token_*, icepop) or the product over its response (sequence_*); truncate caps
+    it at cap, mask zeroes it above cap, icepop zeroes it outside [low, high]; a NaN log-ratio counts as 0."""
+    weights, dropped, start = [], [], 0
+    for n in lengths:
+        diffs = [0.0 if math.isnan(d) else d for d in (old_T[start:start + n].double() -
+                                                     rollout_T[start:start + n].double()).tolist()]
+        start += n
+        seq_ratio = math.exp(min(sum(diffs), 700.0))
+        for d in diffs:
+            ratio = seq_ratio if mode.startswith("sequence") else math.exp(min(d, 700.0))
+            if mode.endswith("truncate"):
+                weights.append(min(ratio, cap))
+                dropped.append(False)
+                continue
+            drop = ratio > cap if mode != "icepop" else not low <= ratio <= high
+            weights.append(0.0 if drop else ratio)
+            dropped.append(drop)
+    return weights, dropped

@@ -39,18 +39,40 @@ class RolloutConfig:
     """Responses per sampled rollout (spread evenly over it) whose tokens a no-grad policy forward re-scores for
     rollout_logprob_abs_diff (mean/max); -1: all, 0: off. All 32 of a quickstart step cost 5-8 s of CPU forward
     (as much as the training step), 8 cost a quarter of that."""
-    tis_cap: float = 0.0
-    """Truncated importance sampling against the engine's sampling log-probs (0: off): each response token's
-    clipped policy-gradient term (not the KL term) is multiplied by the constant min(exp(log p_old - log p_rollout),
-    tis_cap), as TRL (vllm_importance_sampling_mode="token_truncate", clip_max) and verl (token TIS) do; corrects
-    for the engine sampling from a slightly different distribution than the trainer scores (bf16 kernels, a
-    stale sync). 2-3 is the usual cap (TRL's default clip_max: 3)."""
+    correction: Literal["none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask", "icepop"] = \
+        "none"
+    """Off-policy / engine-mismatch importance-sampling correction of each response token's clipped policy-gradient
+    term (not the KL term), from ratio = pi_old / pi_rollout (the trainer's old log-probs against the engine's
+    sampling log-probs): token_truncate min(ratio, cap) (TIS); token_mask ratio, or 0 where ratio > cap;
+    sequence_truncate / sequence_mask the same with the response's ratio (exp of its summed token log-ratios);
+    icepop ratio, or 0 outside [correction_low, correction_high]. Zeroed tokens stay in the aggregation's
+    denominators. As TRL's vllm_importance_sampling_mode (clip_min None) and IcePop (docs/algorithms.md)."""
+    correction_cap: float = 3.0
+    """C of the truncate and mask corrections (TRL's vllm_importance_sampling_clip_max, default 3)."""
+    correction_low: float = 0.5
+    """icepop: tokens whose ratio is below this get weight 0 (IcePop's alpha, 0.5)."""
+    correction_high: float = 5.0
+    """icepop: tokens whose ratio is above this get weight 0 (IcePop's beta, 5)."""
+
+    @staticmethod
+    def removed_key(name: str, value) -> str | None:
+        """The error for a key this section no longer has (the config loader asks), or None."""
+        if name != "tis_cap":
+            return None
+        write = "delete it (0 was off; correction: none is the default)" if value in (0, 0.0, "0") else \
+            f"write grpo.rollout.correction: token_truncate and grpo.rollout.correction_cap: {value}"
+        return f"grpo.rollout.tis_cap was replaced by grpo.rollout.correction: {write}"
 
     def validate(self) -> None:
         if self.tensor_parallel < 1 or self.sync_bucket_mb < 1 or self.kv_cache_gb < 1 or self.max_model_len < 0 \
-                or self.logprob_check < -1 or not self.tis_cap >= 0:
+                or self.logprob_check < -1:
             raise ValueError("grpo.rollout: tensor_parallel, sync_bucket_mb and kv_cache_gb must be >= 1, "
-                             "max_model_len >= 0, logprob_check >= -1, tis_cap >= 0 (0: off)")
+                             "max_model_len >= 0, logprob_check >= -1")
+        if not 0 < self.correction_cap < float("inf"):
+            raise ValueError(f"grpo.rollout.correction_cap: must be a finite number > 0, got {self.correction_cap!r}")
+        if not 0 <= self.correction_low < self.correction_high:
+            raise ValueError("grpo.rollout.correction_low / correction_high: icepop needs 0 <= correction_low < "
+                             f"correction_high, got {self.correction_low!r} and {self.correction_high!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError("grpo.rollout.gpu_memory_utilization must be in (0, 1]")
         if self.engine == "vllm" and importlib.util.find_spec("vllm") is None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from nova_rt.kernels.grpo_loss import STAT_NAMES, grpo_loss, grpo_loss_fwd, tis_weights
+from nova_rt.kernels.grpo_loss import STAT_NAMES, correction_weights, grpo_loss, grpo_loss_fwd
 from nova_rt.kernels.reference import grpo_advantages_ref, grpo_loss_ref
 from tests.helpers import assert_close_verbose, assert_no_worse_than_eager
 
@@ -380,8 +380,9 @@ def _trl_grpo_loss_fp64(lp_T, old_T, ref_T, sampling_T, rewards_B, cu, G, cap, e
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_tis_matches_trl_formula(impl):
-    """tis_weights + grpo_loss(is_weights=) against TRL's token_truncate formula written out independently above:
-    the weight multiplies the clipped surrogate, the k3 KL is added unweighted, the weight carries no gradient."""
+    """correction_weights(token_truncate) + grpo_loss(is_weights=) against TRL's token_truncate formula written out
+    independently above: the weight multiplies the clipped surrogate, the k3 KL is added unweighted, the weight
+    carries no gradient."""
     seed = _seed()
     gen = torch.Generator().manual_seed(seed)
     aggs = {"grpo": "seq-mean-token-mean", "dapo": "token-mean", "dr_grpo": "seq-mean-token-sum-norm"}
@@ -397,7 +398,7 @@ def test_tis_matches_trl_formula(impl):
         cap = 2.0
         want_loss, want_grad = _trl_grpo_loss_fp64(case.lp_T, case.old_T, case.ref_T, sampling_T, case.rewards_B,
                                                    case.cu, 4, cap, 0.2, 0.28, 0.15, loss_type)
-        w = tis_weights(case.old_T, sampling_T, cap)
+        w, _ = correction_weights(case.old_T, sampling_T, case.cu, "token_truncate", cap)
         assert not w.requires_grad and (w == cap).any() and (w < 1).any(), f"seed {seed}"
         loss, _, grad = _run(case, impl, isw_T=w, eps_low=0.2, eps_high=0.28, beta=0.15, kl="k3", agg=agg,
                              adv_norm="std")
@@ -406,17 +407,17 @@ def test_tis_matches_trl_formula(impl):
         assert_close_verbose(grad, want_grad.float(), rtol=1e-4, atol=1e-6 * want_grad.abs().max().item(), name=msg)
 
 
-def test_tis_weights():
+def test_token_truncate_weights():
     old = torch.tensor([0.0, -1.0, -50.0, -0.2, -3.0], requires_grad=True)
     rollout = torch.tensor([0.0, -1.5, -1.0, -100.0, -1.0])
-    w = tis_weights(old, rollout, 2.5)
+    w, dropped = correction_weights(old, rollout, torch.tensor([0, 2, 5]), "token_truncate", 2.5)
     want = torch.tensor([1.0, math.exp(0.5), math.exp(-49.0), 2.5, math.exp(-2.0)], dtype=torch.float32)
-    assert w.dtype == torch.float32 and not w.requires_grad
+    assert w.dtype == torch.float32 and not w.requires_grad and not dropped.any()
     assert torch.allclose(w, want, rtol=1e-6, atol=0), w  # exp(99.8) overflows to inf: the cap makes it 2.5
     with pytest.raises(ValueError, match="cap"):
-        tis_weights(old, rollout, 0.0)
+        correction_weights(old, rollout, torch.tensor([0, 5]), "token_truncate", 0.0)
     with pytest.raises(ValueError, match="shape"):
-        tis_weights(old, rollout[:-1], 2.0)
+        correction_weights(old, rollout[:-1], torch.tensor([0, 5]), "token_truncate", 2.0)
 
 
 @pytest.mark.gpu

@@ -71,14 +71,21 @@ def test_unsupported_combinations_name_the_key():
                              policy_version=lambda: 0)
 
 
-def test_tis_cap_validation():
-    assert RolloutConfig().tis_cap == 0.0  # off by default
-    RolloutConfig(tis_cap=2.0).validate()
-    for bad in (-0.5, float("nan")):
-        with pytest.raises(ValueError, match="tis_cap"):
-            RolloutConfig(tis_cap=bad).validate()
-    with pytest.raises(ConfigError, match="tis_cap"):
-        load_config(QUICKSTART, ["grpo.rollout.tis_cap=-1"])
+def test_correction_validation():
+    r = RolloutConfig()
+    assert (r.correction, r.correction_cap, r.correction_low, r.correction_high) == ("none", 3.0, 0.5, 5.0)
+    RolloutConfig(correction="sequence_mask", correction_cap=2.0).validate()
+    RolloutConfig(correction="icepop", correction_low=0.0, correction_high=float("inf")).validate()
+    for bad in (0.0, -0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="correction_cap"):
+            RolloutConfig(correction_cap=bad).validate()
+    for low, high in ((2.0, 2.0), (3.0, 2.0), (-0.1, 2.0), (float("nan"), 2.0)):
+        with pytest.raises(ValueError, match="correction_low"):
+            RolloutConfig(correction="icepop", correction_low=low, correction_high=high).validate()
+    with pytest.raises(ConfigError, match="grpo.rollout.correction"):
+        load_config(QUICKSTART, ["grpo.rollout.correction=truncate"])
+    with pytest.raises(ConfigError, match="grpo.rollout.correction: token_truncate and grpo.rollout.correction_cap: 2"):
+        load_config(QUICKSTART, ["grpo.rollout.tis_cap=2"])
 
 
 def test_weight_buckets_respect_the_size():

@@ -122,6 +122,6 @@ def test_every_section_the_loader_knows_is_documented_with_its_class():
         assert f"\n## `{name}`\n" in text
 
 
-@pytest.mark.parametrize("key", ["grpo.sampling.group_size", "grpo.rollout.tis_cap", "parallel.backend"])
+@pytest.mark.parametrize("key", ["grpo.sampling.group_size", "grpo.rollout.correction", "parallel.backend"])
 def test_nested_and_computed_keys_appear(key):
     assert f"| `{key}` |" in generator.generate()

@@ -26,6 +26,7 @@ import torch
 from nova_rt.backends.hf import HFPolicy, policy_outputs
 from nova_rt.data.chat import Sample
 from nova_rt.distributed import DistInfo
+from nova_rt.errors import ConfigError
 from nova_rt.models.loading import set_attention
 from nova_rt.models.tiny import build_tiny_model
 from nova_rt.rollout.base import RolloutConfig
@@ -115,10 +116,24 @@ def _oracle_response_terms(g, groups, pol, ref, old_pol):
     return out
 
 
+def _oracle_correction(r: RolloutConfig, old: torch.Tensor, rollout_lp: torch.Tensor) -> torch.Tensor:
+    """grpo.rollout.correction's weight per token of one response, written out: ratio pi_old / pi_rollout per token
+    (or the response's product on every token), truncated at the cap, zeroed above it (mask) or outside [low, high]
+    (icepop)."""
+    ratio = torch.exp(old - rollout_lp)
+    if r.correction.startswith("sequence"):
+        ratio = torch.exp((old - rollout_lp).sum()).expand(len(old))
+    if r.correction.endswith("truncate"):
+        return ratio.clamp(max=r.correction_cap)
+    keep = (ratio >= r.correction_low) & (ratio <= r.correction_high) if r.correction == "icepop" else \
+        ratio <= r.correction_cap
+    return torch.where(keep, ratio, 0.0)
+
+
 def oracle_loss(g: GRPOConfig, groups, pol, ref, old_pol, advantages=None) -> torch.Tensor:
     """The GRPO objective written out: group advantage + KL return-to-go (reward placement) or + beta KL (loss
-    placement), clipped ratio against the old policy, global aggregation weights; with grpo.rollout.tis_cap > 0
-    each token's clipped surrogate (not the KL) times the constant min(exp(old - rollout log-prob), cap).
+    placement), clipped ratio against the old policy, global aggregation weights; with grpo.rollout.correction
+    each token's clipped surrogate (not the KL) times the constant weight of _oracle_correction.
     advantages[g][i]: given per-response advantages instead of the group's (grpo.loss.advantage other than group)."""
     terms = _oracle_response_terms(g, groups, pol, ref, old_pol)
     lens = [len(r) for grp in groups for r in grp.responses]
@@ -144,9 +159,8 @@ def oracle_loss(g: GRPOConfig, groups, pol, ref, old_pol, advantages=None) -> to
                 adv = adv - g.loss.beta * torch.flip(torch.cumsum(torch.flip(kl_old, [0]), 0), [0])
             ratio = torch.exp(lp - old)
             pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - g.loss.eps_low, 1 + g.loss.eps_high))
-            if g.rollout.tis_cap > 0:
-                rollout_lp = torch.tensor(rollout_lps[i], dtype=torch.float64)
-                pg = pg * torch.exp(old - rollout_lp).clamp(max=g.rollout.tis_cap)
+            if g.rollout.correction != "none":
+                pg = pg * _oracle_correction(g.rollout, old, torch.tensor(rollout_lps[i], dtype=torch.float64))
             if g.loss.beta > 0 and g.loss.kl_placement == "loss":
                 pg = pg + g.loss.beta * kl
             loss = loss + w * pg.sum()
@@ -201,23 +215,34 @@ def test_stage_loss_equals_independent_formula(kl, placement, agg, adv_norm, bet
         assert_close_verbose(p.grad, p_ref.grad, rtol=1e-4, atol=1e-7, name=f"d {name} {msg}")
 
 
-@pytest.mark.parametrize("placement, ppo_epochs, shared", [("loss", 1, True), ("reward", 2, False)])
-def test_tis_weights_from_the_engine_logprobs_equal_independent_formula(placement, ppo_epochs, shared):
-    """grpo.rollout.tis_cap: the engine's sampling log-probs carried by each group reach the loss in response-token
-    order (shared-prefix layout or not, one or several micro-batches) and weight the clipped surrogate only."""
+CORRECTION_CASES = [  # (correction, cap, low, high, placement, ppo_epochs, shared-prefix layout)
+    ("token_truncate", 1.5, 0.5, 5.0, "loss", 1, True), ("sequence_mask", 2.0, 0.5, 5.0, "reward", 2, False),
+    ("icepop", 3.0, 0.8, 1.3, "loss", 2, True)]  # the other two modes: tests/kernels/test_rollout_correction.py
+
+
+@pytest.mark.parametrize("correction, cap, low, high, placement, ppo_epochs, shared", CORRECTION_CASES)
+def test_rollout_correction_from_the_engine_logprobs_equals_independent_formula(correction, cap, low, high,
+                                                                                  placement, ppo_epochs, shared):
+    """grpo.rollout.correction: the engine's sampling log-probs carried by each group reach the loss in
+    response-token order (shared-prefix layout or not, several micro-batches) and weight the clipped surrogate
+    only; the logged weight sum and zeroed-token count are the oracle's."""
     seed = _seed()
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    G, cap = 3, 2.0
+    G = 3
     g = GRPOConfig(sampling=SamplingConfig(group_size=G, temperature=0.7),
                    data=GRPODataConfig(gym_tasks=[{"name": "x"}]),
                    loss=GRPOLossConfig(kl="k3", kl_placement=placement, beta=0.2, eps_low=0.2, eps_high=0.28),
-                   rollout=RolloutConfig(tis_cap=cap), ppo_epochs=ppo_epochs, micro_prompts=2)
+                   rollout=RolloutConfig(correction=correction, correction_cap=cap, correction_low=low,
+                                         correction_high=high), ppo_epochs=ppo_epochs, micro_prompts=2)
     pol_hf, ref_hf, old_hf = _model(seed % 1000), _model(seed % 1000 + 1), _model(seed % 1000)
     policy, ref = PolicyLogprobs(pol_hf), PolicyLogprobs(ref_hf)
-    # engine log-probs: the old policy's +- noise, so weights fall below, near and above the cap
-    groups = [replace(grp, rollout_logprobs=[(-3 * torch.rand(len(r), generator=gen)).tolist() for r in grp.responses])
-              for grp in _groups(gen, 4, G)]
+    # engine log-probs: the old policy's +- noise, so weights fall below, near and above the bounds
+    groups = _groups(gen, 4, G)
+    old_terms = iter(_oracle_response_terms(g, groups, old_hf, ref_hf, old_hf))
+    groups = [replace(grp, rollout_logprobs=[(next(old_terms)[1] + 0.4 * torch.randn(len(r), generator=gen,
+                                                                                       dtype=torch.float64)).tolist()
+                                             for r in grp.responses]) for grp in groups]
     mbs = _fake_run(g, policy, ref, shared=shared).micro_batches(groups)
     if ppo_epochs > 1:
         with torch.no_grad():
@@ -227,20 +252,35 @@ def test_tis_weights_from_the_engine_logprobs_equal_independent_formula(placemen
     outs = [loss_fn(policy, mb) for mb in mbs]
     got = sum(o[0] for o in outs)
     got.backward()
-    w_sum = sum(float(o[1]["tis_w_sum"]) for o in outs)
     pol_ref_hf = _model(seed % 1000)
     pol_ref_hf.load_state_dict(pol_hf.state_dict())
     expect = oracle_loss(g, groups, pol_ref_hf, ref_hf, old_hf)
     expect.backward()
-    msg = f"seed {seed} placement {placement} ppo_epochs {ppo_epochs} shared {shared}"
+    msg = f"seed {seed} {correction} placement {placement} ppo_epochs {ppo_epochs} shared {shared}"
     assert_close_verbose(got.detach().reshape(1), expect.detach().reshape(1), rtol=2e-5, atol=1e-7, name=msg)
     for (name, p), p_ref in zip(pol_hf.named_parameters(), pol_ref_hf.parameters()):
         assert_close_verbose(p.grad, p_ref.grad, rtol=1e-4, atol=1e-7, name=f"d {name} {msg}")
-    # the logged weight sum is the oracle's: old log-probs of the rollout policy against the engine's
-    old_lp = [x for t in _oracle_response_terms(g, groups, old_hf, ref_hf, old_hf) for x in t[1].tolist()]
-    eng_lp = [x for grp in groups for lps in grp.rollout_logprobs for x in lps]
-    expect_w = sum(min(float(torch.tensor(o - e).exp()), cap) for o, e in zip(old_lp, eng_lp))
-    assert abs(w_sum - expect_w) <= 1e-4 * max(expect_w, 1.0), (w_sum, expect_w, msg)
+    # the logged sums are the oracle's: old log-probs of the rollout policy against the engine's
+    weights = torch.cat([_oracle_correction(g.rollout, t[1], torch.tensor(lps, dtype=torch.float64))
+                         for t, lps in zip(_oracle_response_terms(g, groups, old_hf, ref_hf, old_hf),
+                                           [lps for grp in groups for lps in grp.rollout_logprobs])])
+    w_sum, dropped = (sum(float(o[1][k]) for o in outs) for k in ("is_w_sum", "is_dropped"))
+    assert abs(w_sum - weights.sum().item()) <= 1e-4 * max(weights.sum().item(), 1.0), (w_sum, weights, msg)
+    assert dropped == (0 if correction.endswith("truncate") else int((weights == 0).sum())), (dropped, msg)
+    if correction != "token_truncate":  # the case is not trivially the identity
+        assert ((weights - 1).abs() > 1e-3).any() and (correction.endswith("truncate") or dropped > 0), msg
+
+
+def test_rollout_correction_without_engine_logprobs_is_a_config_error():
+    """A setup whose rollout carries no sampling log-probs cannot run a correction: exit 2 naming the key."""
+    gen = torch.Generator().manual_seed(0)
+    g = GRPOConfig(sampling=SamplingConfig(group_size=2), data=GRPODataConfig(gym_tasks=[{"name": "x"}]),
+                   rollout=RolloutConfig(correction="sequence_mask"))
+    pol, ref = PolicyLogprobs(_model(0)), PolicyLogprobs(_model(1))
+    with pytest.raises(ConfigError, match=r"grpo\.rollout\.correction=sequence_mask: .*no sampling log-probs"):
+        _fake_run(g, pol, ref).micro_batches(_groups(gen, 2, 2))
+    g.rollout.correction = "none"  # without a correction the same groups are fine
+    assert _fake_run(g, pol, ref).micro_batches(_groups(gen, 2, 2))
 
 
 def test_ptx_term_equals_independent_formula():

@@ -34,7 +34,7 @@ class RolloutGroup:
     responses: list[list[int]]
     rewards: list[float]
     rollout_logprobs: list[list[float]] = field(default_factory=list)
-    """The engine's sampling log-prob of every response token (for grpo.rollout.tis_cap)."""
+    """The engine's sampling log-prob of every response token (for grpo.rollout.correction)."""
     advantages: list[float] | None = None
     """Per-response advantages from grpo.loss.advantage (None: `group`, which grpo_loss computes from rewards)."""
     response_masks: list[list[bool]] | None = None
@@ -104,7 +104,7 @@ class RolloutBatch(PackedResponses):
     token_weights: torch.Tensor
     """(N,) the global aggregation's weight of each response token (for the top-k KL placed in the loss)."""
     rollout_logprobs: torch.Tensor | None = None
-    """(N,) the engine's sampling log-probs (grpo.rollout.tis_cap > 0)."""
+    """(N,) the engine's sampling log-probs (grpo.rollout.correction other than none)."""
     ref_logprobs: torch.Tensor | None = None
     """(N,) the reference's log-probs of the response tokens (sampled-token KL estimators)."""
     ref_topk_logprobs: torch.Tensor | None = None

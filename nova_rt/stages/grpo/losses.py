@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
-from nova_rt.kernels.grpo_loss import grpo_loss, tis_weights
+from nova_rt.errors import ConfigError
+from nova_rt.kernels.grpo_loss import correction_weights, grpo_loss
 from nova_rt.losses.kl import kl_penalty_token_adv, sampled_kl, topk_kl
-from nova_rt.stages.grpo.batches import PTXBatch, RolloutBatch
+from nova_rt.stages.grpo.batches import PTXBatch, RolloutBatch, RolloutGroup
 from nova_rt.stages.grpo.config import GRPOConfig
+
+
+def behaviour_logprobs(groups: list[RolloutGroup], correction: str) -> list[float]:
+    """The engine's sampling log-probs of the groups' target tokens, flat in response-token order; a ConfigError
+    naming grpo.rollout.correction when a response has none (the correction needs them)."""
+    flat: list[float] = []
+    for group in groups:
+        lengths = group.target_lengths()
+        given = group.rollout_logprobs or [[] for _ in lengths]
+        if [len(logprobs) for logprobs in given] != lengths:
+            raise ConfigError(f"grpo.rollout.correction={correction}: the rollout engine gave no sampling log-probs "
+                              f"for some response tokens ({sum(map(len, given))} for {sum(lengths)} tokens); "
+                              "the correction needs them: set grpo.rollout.correction: none")
+        flat += [x for logprobs in given for x in logprobs]
+    return flat
 
 
 def rl_loss_from_outputs(outputs: dict, mb: RolloutBatch, grpo: GRPOConfig):
@@ -26,11 +42,14 @@ def rl_loss_from_outputs(outputs: dict, mb: RolloutBatch, grpo: GRPOConfig):
     if in_reward:  # KL_t of the rollout policy: precomputed when the batch serves several steps
         token_adv = kl_penalty_token_adv(mb.old_kl if mb.old_kl is not None else kl_T.detach(),
                                          mb.response_cu_seqlens, loss_cfg.beta)
-    # TIS (grpo.rollout.tis_cap): min(exp(log p_old - log p_rollout), cap) on the surrogate. log p_old is the
-    # rollout-time policy: the precomputed old_logprobs when the batch serves several steps, else this forward's
-    # (detached).
-    is_weights = tis_weights(old, mb.rollout_logprobs, grpo.rollout.tis_cap) \
-        if mb.rollout_logprobs is not None else None
+    # grpo.rollout.correction: IS weights from pi_old / pi_rollout on the surrogate. log p_old is the rollout-time
+    # policy: the precomputed old_logprobs when the batch serves several steps, else this forward's (detached).
+    is_weights = dropped = None
+    rollout = grpo.rollout
+    if rollout.correction != "none" and mb.rollout_logprobs is not None:
+        is_weights, dropped = correction_weights(old, mb.rollout_logprobs.to(old.device), mb.response_cu_seqlens,
+                                                 rollout.correction, rollout.correction_cap, rollout.correction_low,
+                                                 rollout.correction_high)
     loss, loss_stats = grpo_loss(
         logprobs, old, mb.ref_logprobs if sampled_in_loss else None, mb.rewards, mb.response_cu_seqlens,
         grpo.sampling.group_size, eps_low=loss_cfg.eps_low, eps_high=loss_cfg.eps_high,
@@ -46,7 +65,8 @@ def rl_loss_from_outputs(outputs: dict, mb: RolloutBatch, grpo: GRPOConfig):
     if kl_T is not None:
         stats["kl_sum"] = kl_T.detach().sum()
     if is_weights is not None:
-        stats["tis_w_sum"] = is_weights.sum()
+        stats["is_w_sum"] = is_weights.sum()
+        stats["is_dropped"] = dropped.sum().float()
     return loss, stats
 
 

@@ -46,7 +46,7 @@ from nova_rt.stages.grpo.episodes import (
     new_sums,
     sample_episode_groups,
 )
-from nova_rt.stages.grpo.losses import make_objective
+from nova_rt.stages.grpo.losses import behaviour_logprobs, make_objective
 from nova_rt.telemetry import Telemetry
 
 log = logging.getLogger("nova_rt.grpo")
@@ -229,9 +229,9 @@ class GRPORun:
             scale, token_weights = agg_scale_and_weights(
                 grpo.loss.agg, [length for group in part for length in group.target_lengths()], totals)
             rollout_logprobs = None
-            if grpo.rollout.tis_cap > 0:  # the engine's sampling log-probs, flat in the order of the response tokens
-                rollout_logprobs = torch.tensor([x for group in part for logprobs in group.rollout_logprobs
-                                                 for x in logprobs], dtype=torch.float32)
+            if grpo.rollout.correction != "none":  # the engine's sampling log-probs, flat in response-token order
+                rollout_logprobs = torch.tensor(behaviour_logprobs(part, grpo.rollout.correction),
+                                                dtype=torch.float32)
             rewards = torch.tensor([x for group in part for x in group.rewards], dtype=torch.float32)
             advantages = None
             if part and all(group.advantages is not None for group in part):
@@ -299,8 +299,9 @@ class GRPORun:
                "entropy": sums["entropy_sum"] / tokens, "ratio_mean": sums["ratio_sum"] / tokens}
         if "kl_sum" in sums:
             out["kl"] = sums["kl_sum"] / tokens
-        if "tis_w_sum" in sums:  # grpo.rollout.tis_cap: mean TIS weight over response tokens
-            out["tis_weight_mean"] = sums["tis_w_sum"] / tokens
+        if "is_w_sum" in sums:  # grpo.rollout.correction: mean IS weight, share of zeroed tokens
+            out["is_weight_mean"] = sums["is_w_sum"] / tokens
+            out["is_masked_frac"] = sums["is_dropped"] / tokens
         if "ptx_kl_sum" in sums:
             out["ptx_kl"] = sums["ptx_kl_sum"] / max(sums["ptx_tokens"], 1.0)
         if "nonfinite_skipped" in step_stats:  # a running total (kept across resumes), not a per-step value
