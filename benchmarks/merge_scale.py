@@ -493,7 +493,9 @@ def plot(rows: list[dict], meta: dict, png_path: Path) -> None:
         ax.set_ylim(top=ax.get_ylim()[1] * 1.3)  # room for the legend
         ax.legend(fontsize=7, ncols=2)
     ax_rss.axhline(4.0, color="grey", linestyle="--", linewidth=1)
-    fig.suptitle(f"merge of Qwen2.5-{meta['scale']}-shaped bf16 models from a cold page cache\n{meta['machine']}; "
+    subset = f" (only the tensors matching {meta['tensors']!r})" if meta.get("tensors") else ""
+    fig.suptitle(f"merge of Qwen2.5-{meta['scale']}-shaped bf16 models{subset} from a cold page cache\n"
+                 f"{meta['machine']}; "
                  f"hatched: killed at the {kind} RSS cap or timeout (bar = until then)", fontsize=9)
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
