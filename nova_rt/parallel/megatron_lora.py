@@ -7,7 +7,8 @@ A replicated, B split on the output rows like the weight, and the part outputs i
 (qkv per query group). Row-parallel (proj, fc2): A split on the input columns, B replicated, A x all-reduced over TP
 (reduce-scattered under sequence parallelism) so the output equals the unsharded adapter's. The base is frozen, so
 megatron's DDP and optimizer see the adapters only. A is drawn as peft draws it for the same run.seed (an HF LoRA
-run and a megatron one start identical), B is zero. `enabled = False` on every adapter gives the base model.
+run and a megatron one start identical), B is zero. `enabled = False` on an adapter drops it (the switch a
+reference model would use; DPO / GRPO with LoRA are not on this backend yet).
 final/ is the PEFT adapter directory of the HF backend (save_adapter_directory: shards gathered, peft names).
 """
 
@@ -160,14 +161,6 @@ def add_adapters(chunks: list, arch, lora, *, seed: int, source: str, sequence_p
                 linear.register_forward_hook(_add_output)
                 count += sum(p.numel() for p in adapter.parameters())
     return count
-
-
-def set_enabled(chunks: list, enabled: bool) -> None:
-    """Switch every adapter of `chunks` on or off (off: the base model)."""
-    for chunk in chunks:
-        for module in chunk.modules():
-            if isinstance(module, ParallelLoraAdapter):
-                module.enabled = enabled
 
 
 def _unwrap(chunk):
