@@ -8,8 +8,7 @@ replica gets the same ones), SFT's loss is the global token mean only (`calculat
 per micro-batch, precision follows `model.dtype`, and train.activation_checkpointing k is megatron's full recompute of
 k-layer groups inside each model chunk. Checkpoints hold each rank's shards, optimizer and RNG states
 (nova_rt.parallel.checkpoint) and a rerun resumes from the newest complete one exactly; the final model is an HF
-directory in run.dir/final (for a score head with the `*ForSequenceClassification` config the HF stage writes;
-with lora.rank > 0 the PEFT adapter directory of nova_rt.parallel.megatron_lora).
+directory in run.dir/final (for a score head with the `*ForSequenceClassification` config the HF stage writes).
 Non-finite policy: a step with a NaN/inf loss or grad norm applies no update (the backend skips it), is counted
 (`nonfinite_skipped`) and warned; train.max_nonfinite_steps in a row stop the run with a NonFiniteError; no
 checkpoint is written while the last step was non-finite, and no final model either.
