@@ -47,6 +47,9 @@ def check_lora(cfg) -> None:
     if parallel.backend == "megatron" and cfg.lora.dropout > 0:
         raise ConfigError(f"{cfg.source}: lora.dropout: {cfg.lora.dropout} is not supported with "
                           "parallel.backend=megatron yet; use lora.dropout: 0 or parallel.backend=hf")
+    if parallel.backend == "megatron" and parallel.context_parallel > 1:  # untested there: refused, not guessed
+        raise ConfigError(f"{where} is not supported with parallel.context_parallel={parallel.context_parallel} yet; "
+                          "use parallel.context_parallel: 1 or lora.rank: 0")
     if parallel.backend == "megatron" and cfg.lora.merge_final:
         raise ConfigError(f"{cfg.source}: lora.merge_final: true is not supported with parallel.backend=megatron yet "
                           "(final/ is the adapter; merge it with nova-rt merge); use lora.merge_final: false")

@@ -216,6 +216,8 @@ def test_merge_final_of_a_model_with_tied_embeddings(tmp_path, capsys):
      "lora.dropout: 0.1 is not supported with parallel.backend=megatron yet; use lora.dropout: 0"),
     ({"lora": {"rank": 4, "merge_final": True}, "parallel": {"backend": "megatron"}},
      "lora.merge_final: true is not supported with parallel.backend=megatron yet"),
+    ({"lora": {"rank": 4}, "parallel": {"backend": "megatron", "context_parallel": 2}},
+     "lora.rank: 4 is not supported with parallel.context_parallel=2 yet; use parallel.context_parallel: 1"),
     ({"lora": {"rank": 4}, "parallel": {"data_parallel": "fsdp2"}},
      "lora.rank: 4 is not supported with parallel.data_parallel=fsdp2 yet"),
 ])
