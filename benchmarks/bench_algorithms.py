@@ -13,6 +13,11 @@ reference for sigmoid/ipo, length-normalised log-probs for simpo/orpo), so the s
 the same way: the share of held-out pairs whose chosen reply has the higher mean token log-prob under the trained
 policy, and under the DPO implicit reward against the initial model (log-ratio of chosen minus rejected > 0).
 
+On-policy with one optimizer step per rollout batch (the quickstart: ppo_epochs 1, minibatches 1) every ratio is 1,
+and ppo_clip, gspo, gspo_token, cispo and sapo then have the same gradient (docs/algorithms.md): they differ only
+off-policy. So the GRPO part runs with `--ppo-epochs 2` by default (each rollout batch serves two optimizer steps,
+the second off-policy; train.max_steps counts optimizer steps, so 24 steps are 12 rollouts).
+
 Every run is a subprocess `python -m nova_rt.train` of the interpreter running this script (.venv). Outputs:
 results/bench_algorithms_<part>.json (every run and curve), a PNG of accuracy vs training seconds, and the markdown
 table for README. `--tiny` runs the same code on configs/tiny_grpo.yaml / tiny_dpo.yaml (seconds; the CI test).
@@ -81,7 +86,7 @@ def grpo_run(args, mode: str, advantage: str, seed: int, work: Path) -> dict:
     config = ROOT / "configs" / ("tiny_grpo.yaml" if args.tiny else "quickstart_grpo.yaml")
     run_dir = work / f"grpo_{mode}_{advantage}_{seed}"
     sets = {"run.seed": seed, "grpo.loss.advantage": advantage, "train.max_steps": args.max_steps,
-            "grpo.eval.every": args.eval_every, "checkpoint.save_final": False}
+            "grpo.eval.every": args.eval_every, "checkpoint.save_final": False, "grpo.ppo_epochs": args.ppo_epochs}
     if mode != "ppo_clip":
         sets["grpo.loss.mode"] = mode
     sets.update(MODE_SETTINGS[mode])
@@ -92,9 +97,9 @@ def grpo_run(args, mode: str, advantage: str, seed: int, work: Path) -> dict:
     rows = _rows(run_dir)
     initial, final = _flat_correct(run_dir / "eval_initial.json"), _flat_correct(run_dir / "eval_final.json")
     curve, seconds = [(0, 0.0, statistics.fmean(initial))], 0.0
-    for row in rows:  # an eval row holds the accuracy before that row's update: the time of the steps before it
-        if "eval_accuracy" in row and row["step"] > 1:
-            curve.append((row["step"] - 1, seconds, row["eval_accuracy"]))
+    for row in rows:  # an eval row holds the accuracy before that row's updates: the time of the steps before it
+        if "eval_accuracy" in row and row["step"] > args.ppo_epochs:  # evaluated before this rollout's updates
+            curve.append((row["step"] - args.ppo_epochs, seconds, row["eval_accuracy"]))
         seconds += row["rollout_time_s"] + row["train_time_s"]
     curve.append((rows[-1]["step"], seconds, statistics.fmean(final)))
     gains = [b - a for a, b in zip(initial, final)]
@@ -205,7 +210,8 @@ def main(argv=None) -> None:
     p.add_argument("--losses", default=",".join(DPO_LOSSES))
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--max-steps", type=int, default=None, help="default: the config's (GRPO quickstart 24)")
-    p.add_argument("--eval-every", type=int, default=6)
+    p.add_argument("--eval-every", type=int, default=6, help="GRPO eval every N rollout steps")
+    p.add_argument("--ppo-epochs", type=int, default=2, help="GRPO optimizer steps per rollout batch (see above)")
     p.add_argument("--threads", type=int, default=0, help="train.num_threads (0: every core)")
     p.add_argument("--set", action="append", default=[], help="extra KEY=VALUE for every run")
     p.add_argument("--timeout", type=float, default=7200)

@@ -11,7 +11,8 @@ from benchmarks import bench_algorithms
 def test_grpo_part_writes_curves_and_summary(tmp_path):
     out = tmp_path / "grpo.json"
     bench_algorithms.main(["--part", "grpo", "--tiny", "--seeds", "0", "--modes", "ppo_clip", "--advantages",
-                           "rloo", "--max-steps", "4", "--eval-every", "2", "--threads", "1", "--out", str(out)])
+                           "rloo", "--max-steps", "4", "--eval-every", "1", "--ppo-epochs", "2", "--threads", "1",
+                           "--out", str(out)])
     result = json.loads(out.read_text())
     (run,) = result["runs"]
     assert (run["mode"], run["advantage"], run["seed"]) == ("ppo_clip", "rloo", 0)
