@@ -87,7 +87,7 @@ def test_estimators_equal_fp64_reference(estimator, group_size, seed):
 
 def test_group_matches_grpo_loss_torch_advantages():
     """`group` here is what grpo_loss computes inside (used for the zero-advantage count)."""
-    from nova_rt.kernels.grpo_loss import _group_advantage_torch
+    from nova_rt.kernels.grpo_loss_torch import _group_advantage_torch
 
     rng = random.Random(5)
     for group_size in (2, 3, 7):
