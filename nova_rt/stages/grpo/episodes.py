@@ -44,11 +44,12 @@ def _common_prefix(sequences: list[list[int]]) -> int:
     return length
 
 
-def episode_rewards(run, trajectories) -> list[float]:
-    """Each episode's reward: its turn rewards, plus grpo.rewards on its final reply with grpo.env.add_rewards."""
+def episode_rewards(run, trajectories, examples: list[dict]) -> list[float]:
+    """Each episode's reward: its turn rewards, plus grpo.rewards on its final reply with grpo.env.add_rewards
+    (`examples`: the rows the episodes played, indexed by Trajectory.example_index)."""
     rewards = [trajectory.reward for trajectory in trajectories]
     if run.grpo.env.add_rewards:
-        samples = [run.episode_examples[trajectory.example_index] for trajectory in trajectories]
+        samples = [examples[trajectory.example_index] for trajectory in trajectories]
         total, _, _ = run.score([trajectory.final_reply for trajectory in trajectories], samples)
         rewards = [reward + (extra if not trajectory.excluded else 0.0)
                    for reward, extra, trajectory in zip(rewards, total, trajectories)]
@@ -59,11 +60,10 @@ def sample_episode_groups(run, mine: list[dict], group_size: int, sums: dict) ->
                                                                                    list[bool], RolloutStats]:
     """This rank's groups of one draw (each with `same`: all rewards equal), and its RolloutStats; `sums` gathers
     the episode counts for `episode_metrics`. Every rank calls it (the failure count is all-reduced)."""
-    run.episode_examples = mine
     rollout = run.multiturn.run(mine, group_size)
     check_env_errors(rollout, run.grpo.env, run.dp_sum)
     trajectories = rollout.trajectories
-    rewards = episode_rewards(run, trajectories)
+    rewards = episode_rewards(run, trajectories, mine)
     groups, same_flags = [], []
     stats = RolloutStats()
     for index in range(len(mine)):
@@ -122,9 +122,8 @@ def greedy_episodes(run):
     stash = {}
 
     def generate(chunk: list[dict]) -> list[str]:
-        run.episode_examples = chunk
         rollout = run.multiturn.run(chunk, 1, greedy=True)
-        stash["rewards"] = episode_rewards(run, rollout.trajectories)
+        stash["rewards"] = episode_rewards(run, rollout.trajectories, chunk)
         return [trajectory.final_reply for trajectory in rollout.trajectories]
 
     def score(texts: list[str], samples: list[dict]):
