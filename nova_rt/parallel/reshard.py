@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from nova_rt.errors import CheckpointError
 from nova_rt.parallel import hf_convert
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -137,8 +138,9 @@ def _full_tensors(files: list[dict], arch, old_tp: int) -> tuple[dict, float]:
             if name == "output_layer.weight" and names == ("model.embed_tokens.weight",):
                 continue  # the last stage's copy of a tied embedding
             if rank_file["model"][chunk][name].dtype != torch.float32:
-                raise NotImplementedError(f"{name} was saved in {rank_file['model'][chunk][name].dtype}: resharding "
-                                          "needs fp32 parameters (the optimizer's fp32 master weights are not carried)")
+                raise CheckpointError(f"{name} was saved in {rank_file['model'][chunk][name].dtype}: resharding "
+                                      "needs fp32 parameters (the optimizer's fp32 master weights are not carried); "
+                                      "resume with the layout it was written with")
             pieces["weight"].append((kind, names, rank_description["tp_rank"], rank_file["model"][chunk][name]))
             zeros = torch.zeros_like(rank_file["model"][chunk][name])  # a parameter Adam never stepped
             for moment in MOMENTS:
@@ -194,21 +196,21 @@ def load_resharded(backend, path: Path, meta: dict) -> tuple[int, None]:
     from nova_rt.checkpoint import rng_state, safe_load
 
     if getattr(backend, "lora", None) is not None:
-        from nova_rt.errors import CheckpointError
 
         layout = ", ".join(f"{key}={meta.get(key)}" for key in _LAYOUT_KEYS)
         raise CheckpointError(f"{path}: a LoRA checkpoint resumes only in the parallel layout that wrote it "
                               f"({layout}); resume with those settings")
     if backend.dtype != torch.float32:
-        raise NotImplementedError(f"{path}: resuming in another parallel layout needs fp32 parameters (with "
-                                  f"{backend.dtype} the fp32 master weights would have to be carried)")
+        raise CheckpointError(f"{path}: resuming in another parallel layout needs fp32 parameters (with "
+                              f"{backend.dtype} the fp32 master weights would have to be carried); resume with "
+                              f"{meta}")
     files = [safe_load(file_path, mmap=True, numpy_arrays=True) for file_path in sorted(path.glob("rank_*.pt"))]
     if len(files) != meta["world_size"] or any("reshard" not in rank_file for rank_file in files):
-        raise RuntimeError(f"{path} cannot be resumed in another layout (it lacks rank files or their layout "
+        raise CheckpointError(f"{path} cannot be resumed in another layout (it lacks rank files or their layout "
                            f"description; written before resharding existed?); resume with {meta}")
     if any(rank_file["extra"] is not None for rank_file in files):
-        raise NotImplementedError(f"{path} holds per-rank stage state (e.g. GRPO's sampler), which cannot be moved "
-                                  "to another layout; resume with the layout it was written with")
+        raise CheckpointError(f"{path} holds per-rank stage state (e.g. GRPO's sampler), which cannot be moved "
+                              "to another layout; resume with the layout it was written with")
     log.info("%s was written with %s: resharding it into this run's layout", path, meta)
     full, step = _full_tensors([rank_file for rank_file in files if rank_file["reshard"]["dp_rank"] == 0], backend.arch,
                                meta["tensor_parallel"])
