@@ -217,7 +217,13 @@ def main(argv=None) -> None:
     p.add_argument("--timeout", type=float, default=7200)
     p.add_argument("--tiny", action="store_true", help="the tiny configs: checks the script in seconds")
     p.add_argument("--out", default=None)
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="no runs: combine these result files of one --part (e.g. sweeps split over processes) into "
+                        "--out, with the summary, table and PNG over all their runs")
     args = p.parse_args(argv)
+    if args.merge:
+        merge(args)
+        return
     if args.part == "grpo" and args.max_steps is None:
         args.max_steps = 4 if args.tiny else 24
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -250,8 +256,9 @@ def main(argv=None) -> None:
 
 def _summary(part: str, runs: list[dict]) -> tuple[list[dict], list[str]]:
     if part == "grpo":
-        return (summarise(runs, ("mode", "advantage"), ("final", "gain", "step_s", "zero_adv_frac")),
-                ["mode", "advantage", "seeds", "final", "final_se", "gain", "gain_se", "step_s", "zero_adv_frac"])
+        return (summarise(runs, ("mode", "advantage"), ("final", "gain", "train_s", "step_s", "zero_adv_frac")),
+                ["mode", "advantage", "seeds", "final", "final_se", "gain", "gain_se", "train_s", "step_s",
+                 "zero_adv_frac"])
     return (summarise(runs, ("loss_type",), ("mean_logp_accuracy", "implicit_reward_accuracy",
                                              "own_eval_accuracy_last", "train_s")),
             ["loss_type", "seeds", "mean_logp_accuracy", "mean_logp_accuracy_se", "implicit_reward_accuracy",
@@ -267,6 +274,37 @@ def write(out: Path, args, runs: list[dict]) -> None:
                                "env": environment(), "summary": summary, "table": markdown_table(summary, columns),
                                "runs": runs}, indent=2))
     os.replace(tmp, out)
+
+
+def merge(args) -> None:
+    """One result file from several of the same part: every run once (a run is keyed by its settings and seed; a
+    repeated key is an error, not silently dropped), the environments and arguments of each source kept."""
+    sources = [json.loads(Path(name).read_text()) for name in args.merge]
+    parts = {source["part"] for source in sources}
+    if parts != {args.part}:
+        raise SystemExit(f"--merge: the files hold parts {sorted(parts)}; pass --part to match one part")
+    keys = ("mode", "advantage", "seed") if args.part == "grpo" else ("loss_type", "seed")
+    runs, seen = [], {}
+    for name, source in zip(args.merge, sources):
+        for run in source["runs"]:
+            key = tuple(run[k] for k in keys)
+            if key in seen:
+                raise SystemExit(f"--merge: run {dict(zip(keys, key))} is in both {seen[key]} and {name}")
+            seen[key] = name
+            runs.append(run)
+    out = Path(args.out) if args.out else RESULTS_DIR / f"bench_algorithms_{args.part}.json"
+    summary, columns = _summary(args.part, runs)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"benchmark": "bench_algorithms", "part": args.part,
+                               "args": [source["args"] for source in sources],
+                               "env": [source["env"] for source in sources], "merged_from": list(args.merge),
+                               "summary": summary, "table": markdown_table(summary, columns), "runs": runs},
+                              indent=2))
+    os.replace(tmp, out)
+    print(markdown_table(summary, columns))
+    if args.part == "grpo":
+        plot(runs, out.with_suffix(".png"))
+    print(f"wrote {out}")
 
 
 def _initial_model_dir(args, work: Path) -> str:

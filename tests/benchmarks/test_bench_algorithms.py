@@ -48,3 +48,35 @@ def test_dpo_part_scores_final_models(tmp_path, monkeypatch):
     implicit = [float((c - c0) - (r - r0) > 0) for (c, r, _, _), (c0, r0, _, _) in zip(final, initial)]
     assert run["implicit_reward_accuracy"] == statistics.fmean(implicit)
     assert run["own_eval_accuracy_last"] is not None
+
+
+def _grpo_file(path, runs):
+    path.write_text(json.dumps({"part": "grpo", "args": {"seeds": "x"}, "env": {"git_sha": "abc"}, "runs": runs}))
+    return str(path)
+
+
+def _run(mode, advantage, seed, final):
+    return {"part": "grpo", "mode": mode, "advantage": advantage, "seed": seed, "final": final, "gain": final - 0.4,
+            "train_s": 2.0, "step_s": 1.0, "zero_adv_frac": 0.0, "curve": [[0, 0.0, 0.4], [4, 2.0, final]]}
+
+
+def test_merge_combines_split_sweeps(tmp_path):
+    """Sweeps split over processes merge into one summary over every run; a run in two files is refused."""
+    first = _grpo_file(tmp_path / "a.json", [_run("gspo", "group", 0, 0.6), _run("gspo", "group", 1, 0.5)])
+    second = _grpo_file(tmp_path / "b.json", [_run("gspo", "group", 2, 0.7), _run("cispo", "rloo", 0, 0.9)])
+    out = tmp_path / "merged.json"
+    bench_algorithms.main(["--part", "grpo", "--merge", first, second, "--out", str(out)])
+    merged = json.loads(out.read_text())
+    assert len(merged["runs"]) == 4 and merged["merged_from"] == [first, second]
+    rows = {(row["mode"], row["advantage"]): row for row in merged["summary"]}
+    assert rows["gspo", "group"]["seeds"] == 3 and abs(rows["gspo", "group"]["final"] - 0.6) < 1e-12
+    assert abs(rows["gspo", "group"]["final_se"] - statistics.stdev([0.6, 0.5, 0.7]) / 3 ** 0.5) < 1e-12
+    assert rows["cispo", "rloo"]["seeds"] == 1
+    assert merged["summary"][0]["mode"] == "cispo"  # sorted by final accuracy, best first
+    again = _grpo_file(tmp_path / "c.json", [_run("gspo", "group", 1, 0.55)])
+    try:
+        bench_algorithms.main(["--part", "grpo", "--merge", first, again, "--out", str(tmp_path / "x.json")])
+    except SystemExit as exc:
+        assert "in both" in str(exc)
+    else:
+        raise AssertionError("a run present in two files was merged")
