@@ -166,6 +166,7 @@ class VLLMEngine:
     def _run(self, prompts: list[list[int]], G: int, greedy: bool) -> tuple[list, list, list]:
         reqs, params = self._requests(prompts, G, greedy)
         outs = self.llm.generate(reqs, params, use_tqdm=False)
+        self._count_prefix_cache(outs)
         toks, lps, fin = [], [], []
         for output in outs:
             completion = output.outputs[0]
@@ -175,6 +176,18 @@ class VLLMEngine:
             for _ in range(G if greedy else 1):
                 toks.append(tokens), lps.append(logprobs), fin.append(finished)
         return toks, lps, fin
+
+    @property
+    def max_new_tokens(self) -> int:
+        """Most tokens one call samples per response (the multi-turn driver checks it against its per-turn limit)."""
+        return self.sampling.max_new_tokens
+
+    def _count_prefix_cache(self, outs) -> None:
+        """rollout_prompt_tokens and rollout_prefix_cached_tokens (the prompt tokens whose KV vLLM's prefix cache
+        already held: a group's shared prompt, or a multi-turn episode's earlier turns), summed since pop_metrics."""
+        for name, count in (("rollout_prompt_tokens", sum(len(out.prompt_token_ids or ()) for out in outs)),
+                            ("rollout_prefix_cached_tokens", sum(out.num_cached_tokens or 0 for out in outs))):
+            self.metrics[name] = self.metrics.get(name, 0) + count
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], group_size: int = 1, *, greedy: bool = False) -> Rollout:
