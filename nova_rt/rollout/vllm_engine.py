@@ -177,6 +177,10 @@ class VLLMEngine:
                 toks.append(tokens), lps.append(logprobs), fin.append(finished)
         return toks, lps, fin
 
+    check_each_call = True
+    """generate() re-scores grpo.rollout.logprob_check of its responses (the multi-turn stage turns it off and checks
+    whole episodes once they end: one forward instead of one per turn)."""
+
     @property
     def max_new_tokens(self) -> int:
         """Most tokens one call samples per response (the multi-turn driver checks it against its per-turn limit)."""
@@ -207,7 +211,7 @@ class VLLMEngine:
         rollout = Rollout(prompt_ids=[prompt for prompt in prompts for _ in range(G)], response_ids=toks,
                      texts=self.tok.batch_decode(toks, skip_special_tokens=True), finished=fin, logprobs=lps,
                      time_s=time.perf_counter() - t0)
-        if not greedy and self.cfg.logprob_check:
+        if not greedy and self.cfg.logprob_check and self.check_each_call:
             self._check(rollout)
         return rollout
 
