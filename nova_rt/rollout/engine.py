@@ -56,14 +56,16 @@ class HFEngine(RolloutGenerator):
 
 
 def build_rollout_engine(cfg: RolloutConfig, model, tokenizer, sampling: Sampling, *,
-                         policy_version: Callable[[], int], backend: str = "hf", dtype=None) -> RolloutEngine:
+                         policy_version: Callable[[], int], backend: str = "hf", dtype=None,
+                         work_dir=None) -> RolloutEngine:
     """The engine `cfg.engine` names, sampling from `model` (the trainer's HF policy; for the megatron backend, the
     HF copy it gathers its shards into before rollouts). policy_version() changes after every optimizer step.
 
     vllm with the megatron backend: one engine per rank (rollout TP 1) inside the torchrun worker whose gloo/NCCL
     world megatron set up (vLLM's external_launcher joins it); each syncs from that rank's gathered HF copy
     (tests/rollout/test_vllm_megatron.py: TP=2 on CPU, bit-equal after 2 steps). dtype: model.dtype, the dtype
-    rollouts compute in (the HF loop autocasts to it over fp32 master weights, vLLM runs in it); None: the model's."""
+    rollouts compute in (the HF loop autocasts to it over fp32 master weights, vLLM runs in it); None: the model's.
+    work_dir: where vLLM's per-step LoRA adapter directory goes (the run directory; None: a temporary directory)."""
     s = sampling
     if cfg.engine == "hf":
         return HFEngine(model, tokenizer, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
@@ -81,4 +83,4 @@ def build_rollout_engine(cfg: RolloutConfig, model, tokenizer, sampling: Samplin
                         "Rollout contract promises; use temperature 1 or no top-k/top-p")
     from nova_rt.rollout.vllm_engine import VLLMEngine
 
-    return VLLMEngine(cfg, model, tokenizer, sampling, policy_version=policy_version, dtype=dtype)
+    return VLLMEngine(cfg, model, tokenizer, sampling, policy_version=policy_version, dtype=dtype, work_dir=work_dir)

@@ -6,12 +6,11 @@ This file is the only one that imports vllm.
 
 The engine is built from the policy's config alone (load_format="dummy", token ids in, our tokenizer out): its
 weights always come from the trainer, synced in buckets inside vLLM's layerwise reload before the first rollout after
-each optimizer step, so a resumed run, a `tiny:` model or a merged model need no file vLLM can read. Each sample is
-one request with its own seed (run seed, rank, rollout call, sample index); EOS handling is the HF loop's.
-On CUDA (unrun so far) the engine sleeps between rollouts; with TP > 1 it runs under vLLM's external_launcher; with
-parallel.backend=megatron each rank holds one engine. Details: docs/rollout.md#the-vllm-engine.
-
-Legend: U prompts, G samples per prompt.
+each optimizer step, so a resumed run, a `tiny:` model or a merged model need no file vLLM can read (LoRA: the base
+once, then the adapter alone, as a LoRARequest). Each sample is one request with its own seed (run seed, rank,
+rollout call, sample index); EOS handling is the HF loop's. On CUDA (unrun so far) the engine sleeps between
+rollouts; with TP > 1 it runs under vLLM's external_launcher; with parallel.backend=megatron each rank holds one
+engine. Details: docs/rollout.md#the-vllm-engine. Legend: U prompts, G samples per prompt.
 """
 
 from __future__ import annotations
@@ -19,9 +18,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import tempfile
 import time
+import typing
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -49,7 +51,8 @@ def weight_buckets(named: Iterator[tuple[str, torch.Tensor]], bucket_mb: int) ->
 
 class VLLMEngine:
     def __init__(self, cfg: RolloutConfig, model, tokenizer, sampling: Sampling, *,
-                 policy_version: Callable[[], int], dtype: torch.dtype | None = None):
+                 policy_version: Callable[[], int], dtype: torch.dtype | None = None,
+                 work_dir: str | os.PathLike | None = None):
         self.cfg, self.model, self.tok, self.sampling = cfg, model, tokenizer, sampling
         self.dtype = dtype or next(model.parameters()).dtype
         """The engine's dtype (model.dtype): fp32 master weights are cast to it on every sync."""
@@ -62,6 +65,14 @@ class VLLMEngine:
         self.cuda = next(model.parameters()).device.type == "cuda"
         self.tp_group, self.tp_rank, self.tp_size = _tp_group(cfg.tensor_parallel)
         self.seed = sampling.seed - self.tp_rank  # the TP group's first rank's seed (seeds are run seed + rank)
+        self.lora = getattr(model, "peft_config", {}).get("default")
+        """The trained adapter's peft LoraConfig (a LoRA policy), else None: then every sync sends all weights."""
+        self.lora_request = None
+        """The LoRARequest of the adapter synced last (LoRA policies), passed with every generate."""
+        self.base_synced = False
+        self.last_sync_bytes = 0
+        """Bytes of tensors the last sync handed to vLLM (rollout_sync_mb sums them between pop_metrics)."""
+        self._work_dir = work_dir
         self.llm = self._start()
 
     # ------------------------------------------------------------------------------------------- start-up
@@ -88,6 +99,9 @@ class VLLMEngine:
                   logprobs_mode="processed_logprobs", tensor_parallel_size=cfg.tensor_parallel)
         if self.cuda:
             kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization, enable_sleep_mode=cfg.sleep)
+        if self.lora is not None:
+            kwargs.update(enable_lora=True, max_lora_rank=_max_lora_rank(self.lora.r), max_loras=1, max_cpu_loras=1)
+            self._adapters = tempfile.TemporaryDirectory(prefix=".vllm_adapter_", dir=self._work_dir or self._dir.name)
         if torch.distributed.is_available() and torch.distributed.is_initialized() \
                 and torch.distributed.get_world_size() > 1:
             kwargs["distributed_executor_backend"] = "external_launcher"
@@ -110,32 +124,67 @@ class VLLMEngine:
     # ------------------------------------------------------------------------------------------- weight sync
     @torch.no_grad()
     def sync_weights(self) -> float:
-        """Trainer weights -> engine, in buckets through load_weights; returns the seconds it took."""
-        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
-
+        """Trainer weights -> engine; returns the seconds it took (the bytes handed over: last_sync_bytes). All
+        weights in buckets through load_weights, or for a LoRA policy the base (first sync only), then the adapter."""
         t0 = time.perf_counter()
         if self.cuda and self.cfg.sleep:
             self.llm.wake_up(tags=["weights"])
-        module = self.vllm_model()
-        state = self.model.state_dict()
-        with _quiet("vllm.model_executor.model_loader.reload.layerwise"):  # "RotaryEmbedding: Failed to load"
-            initialize_layerwise_reload(module)  # (it has no weights: its kernel tensors are put back as they were)
-            named = ((k, v.detach().to(self.dtype)) for k, v in state.items())  # fp32 masters: in model.dtype
-            for bucket in weight_buckets(named, self.cfg.sync_bucket_mb):
-                module.load_weights(iter(bucket))
-            finalize_layerwise_reload(module, self._model_config())
+        nbytes = 0
+        if self.lora is None:
+            nbytes = self._load_weights(self.model.state_dict())
+        else:
+            from nova_rt.models.lora import base_state
+
+            if not self.base_synced:
+                nbytes = self._load_weights(base_state(self.model))
+                self.base_synced = True
+            nbytes += self._sync_adapter()
         if self.cuda and self.cfg.sleep:
             self.llm.wake_up(tags=["kv_cache"])
         self.llm.reset_prefix_cache()
         self.synced_version = self.policy_version()
         if self.cuda:
             torch.cuda.synchronize()
+        self.last_sync_bytes = nbytes
         return time.perf_counter() - t0
+
+    def _load_weights(self, state: dict) -> int:
+        """`state` (HF names) into the vLLM model in buckets inside its layerwise reload; returns the bytes."""
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
+
+        module, nbytes = self.vllm_model(), 0
+        with _quiet("vllm.model_executor.model_loader.reload.layerwise"):  # "RotaryEmbedding: Failed to load"
+            initialize_layerwise_reload(module)  # (it has no weights: its kernel tensors are put back as they were)
+            named = ((k, v.detach().to(self.dtype)) for k, v in state.items())  # fp32 masters: in model.dtype
+            for bucket in weight_buckets(named, self.cfg.sync_bucket_mb):
+                nbytes += sum(tensor.numel() * tensor.element_size() for _, tensor in bucket)
+                module.load_weights(iter(bucket))
+            finalize_layerwise_reload(module, self._model_config())
+        return nbytes
+
+    def _sync_adapter(self) -> int:
+        """The trainer's adapter (A and B in the engine's dtype) -> a new adapter directory -> a new LoRARequest,
+        loaded now; the previous one is removed from vLLM and disk. Returns the adapter's bytes."""
+        from vllm.lora.request import LoRARequest
+
+        from nova_rt.models.lora import save_engine_adapter
+
+        previous = self.lora_request
+        lora_id = previous.lora_int_id + 1 if previous is not None else 1
+        directory = Path(self._adapters.name) / f"policy_{lora_id}"
+        nbytes = save_engine_adapter(self.model, directory, self.dtype)
+        if previous is not None:
+            self.llm.llm_engine.remove_lora(previous.lora_int_id)
+            shutil.rmtree(previous.lora_path, ignore_errors=True)
+        self.lora_request = LoRARequest(f"nova_rt_policy_{lora_id}", lora_id, str(directory))
+        self.llm.llm_engine.add_lora(self.lora_request)  # loads it now: the sync's time includes it
+        return nbytes
 
     def _ensure_synced(self) -> None:
         if self.synced_version != self.policy_version():
             seconds = self.sync_weights()
             self.metrics["rollout_sync_s"] = self.metrics.get("rollout_sync_s", 0.0) + seconds
+            self.metrics["rollout_sync_mb"] = self.metrics.get("rollout_sync_mb", 0.0) + self.last_sync_bytes / 2**20
 
     # ------------------------------------------------------------------------------------------- sampling
     def _seed(self, call: int, i: int) -> int:
@@ -165,7 +214,7 @@ class VLLMEngine:
 
     def _run(self, prompts: list[list[int]], G: int, greedy: bool) -> tuple[list, list, list]:
         reqs, params = self._requests(prompts, G, greedy)
-        outs = self.llm.generate(reqs, params, use_tqdm=False)
+        outs = self.llm.generate(reqs, params, use_tqdm=False, lora_request=self.lora_request)
         self._count_prefix_cache(outs)
         toks, lps, fin = [], [], []
         for output in outs:
@@ -207,7 +256,7 @@ class VLLMEngine:
             self.calls += 1
         if self.cuda and self.cfg.sleep:
             self.llm.sleep(level=2)
-            self.synced_version = None  # level 2 dropped the weights: the next rollout syncs again
+            self.synced_version, self.base_synced = None, False  # level 2 dropped the weights: sync them again
         rollout = Rollout(prompt_ids=[prompt for prompt in prompts for _ in range(G)], response_ids=toks,
                      texts=self.tok.batch_decode(toks, skip_special_tokens=True), finished=fin, logprobs=lps,
                      time_s=time.perf_counter() - t0)
@@ -219,7 +268,8 @@ class VLLMEngine:
         """rollout_logprob_abs_diff(_max) over logprob_check responses spread evenly over the rollout (-1: all)."""
         t0, n, n_check = time.perf_counter(), len(rollout.response_ids), self.cfg.logprob_check
         idx = list(range(n)) if n_check < 0 or n_check >= n else [round(i * n / n_check) for i in range(n_check)]
-        pol = policy_token_logprobs(self.model, [rollout.prompt_ids[i] for i in idx],
+        scorer = self.model.get_base_model() if self.lora is not None else self.model  # peft: the adapted HF model
+        pol = policy_token_logprobs(scorer, [rollout.prompt_ids[i] for i in idx],
                                     [rollout.response_ids[i] for i in idx],
                                     temperature=self.sampling.temperature, batch_size=self.sampling.batch_size or 16,
                                     pad_id=self.pad_id)
@@ -258,6 +308,8 @@ class VLLMEngine:
         finally:
             vps.destroy_distributed_environment = real
             self.llm = None
+            if self.lora is not None:
+                self._adapters.cleanup()
 
     def state_dict(self) -> dict:
         return {"engine": "vllm", "calls": self.calls}
@@ -279,6 +331,17 @@ def _quiet(name: str):
         yield
     finally:
         logger.removeFilter(drop)
+
+
+def _max_lora_rank(rank: int) -> int:
+    """vLLM's max_lora_rank for an adapter of rank `rank`: the smallest value it allows that is >= rank."""
+    from vllm.config.lora import MaxLoRARanks
+
+    allowed = [value for value in typing.get_args(MaxLoRARanks) if value >= rank]
+    if not allowed:
+        raise UserError(f"lora.rank: {rank} is above the largest LoRA rank vLLM serves "
+                        f"({max(typing.get_args(MaxLoRARanks))}); use a smaller lora.rank or grpo.rollout.engine=hf")
+    return min(allowed)
 
 
 def _eos_ids(model, tokenizer) -> list[int]:

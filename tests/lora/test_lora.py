@@ -257,12 +257,19 @@ def test_lora_where_it_cannot_run_yet_exits_2_naming_both_keys(tmp_path, capsys)
 
     # (grpo.rollout.engine=vllm is refused before this check where vllm is not installed, as in .venv)
     cfg = Section(source="cfg.yaml", run=Section(stage="grpo"), lora=Section(rank=4),
-                  parallel=Section(backend="hf", data_parallel="ddp"), grpo=Section(rollout=Section(engine="vllm")))
+                  parallel=Section(backend="hf", data_parallel="ddp"),
+                  grpo=Section(rollout=Section(engine="vllm", tensor_parallel=2), env=Section(type="")))
     with pytest.raises(ConfigError) as refused:
         check_lora(cfg)
     assert str(refused.value) == (
-        "cfg.yaml: lora.rank: 4 is not supported with grpo.rollout.engine=vllm yet (the engine would sample from the "
-        "base weights); use grpo.rollout.engine=hf or lora.rank: 0")
+        "cfg.yaml: lora.rank: 4 is not supported with grpo.rollout.engine=vllm and grpo.rollout.tensor_parallel=2 "
+        "yet; use grpo.rollout.tensor_parallel: 1 or lora.rank: 0")
+    cfg.grpo.rollout.tensor_parallel = 1
+    check_lora(cfg)  # adapter-only sync to vLLM (tests/lora/test_lora_vllm.py)
+    cfg.grpo.env.type = "guess_number"
+    with pytest.raises(ConfigError, match="lora.rank: 4 is not supported with grpo.rollout.engine=vllm and "
+                                          "grpo.env.type=guess_number yet; use grpo.rollout.engine: hf or lora"):
+        check_lora(cfg)
     config = tiny_config(tmp_path, lora=LORA, run={"stage": "pas"})
     code, err = run_cli(capsys, "--config", str(config))
     assert code == 2 and "lora.rank: 4 applies to run.stage sft, rm, dpo, grpo, pipeline, not run.stage=pas" in err, err

@@ -95,7 +95,8 @@ class GRPORun:
                      temperature=sampling.temperature, top_p=sampling.top_p,
                      top_k=sampling.top_k, seed=cfg.run.seed * 1000 + self.info.rank,
                      batch_size=sampling.rollout_batch),
-            policy_version=lambda: self.trainer.step, backend=cfg.parallel.backend, dtype=to_dtype(cfg.model.dtype))
+            policy_version=lambda: self.trainer.step, backend=cfg.parallel.backend, dtype=to_dtype(cfg.model.dtype),
+            work_dir=self.run_dir)
         self.reward = build_reward(grpo.rewards, base_dir=cfg.config_dir)
         self._load_prompts()
         self.ptx = self._load_ptx() if grpo.ptx.coef > 0 else None
