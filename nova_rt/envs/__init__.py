@@ -93,6 +93,10 @@ class EnvConfig:
     add_rewards: bool = False
     """Also score each episode's final reply with grpo.rewards and add that to the episode's reward (false: the
     environment's turn rewards alone, so a verifier is not counted twice)."""
+    reuse_kv_cache: bool = True
+    """grpo.rollout.engine hf: each episode keeps its KV cache between turns and the next turn prefills only the
+    new tokens (nova_rt.rollout.turn_cache; equal to the full prefill up to float rounding); false: every turn
+    prefills the whole conversation. vllm reuses earlier turns through its prefix cache either way."""
 
     @property
     def enabled(self) -> bool:

@@ -9,7 +9,8 @@ tokens are marked in `sampled_mask` and carry log-probs. A reply with tool calls
 results; a reply without goes to env.step. An episode ends when the env says done, at grpo.env.max_turns, or at
 max_total_tokens (truncated). An env whose constructor / reset / step raises, hangs past step_timeout_s or returns
 something malformed ends its episode: `error` names it, reward 0, excluded from the loss (check_env_errors stops
-the run past max_error_frac). KV caches are not reused across turns: each turn prefills the whole trajectory.
+the run past max_error_frac). With the HF decode loop each episode's KV cache carries over to its next turn
+(grpo.env.reuse_kv_cache, nova_rt.rollout.turn_cache); vLLM's prefix cache does that for the vllm engine.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from nova_rt.envs import EnvConfig, EnvError
 from nova_rt.envs.tools import call_with_timeout, hung_threads, make_tools, parse_tool_calls, run_tool_calls
 from nova_rt.rollout.base import policy_token_logprobs
 from nova_rt.rollout.chat_turns import ChatRenderer
+from nova_rt.rollout.generate import RolloutGenerator
+from nova_rt.rollout.turn_cache import TurnCache
 
 
 @dataclass
@@ -108,6 +111,9 @@ class MultiTurnDriver:
                              f"max_new_tokens_per_turn is {cfg.max_new_tokens_per_turn}; build it with that")
         self.engine, self.tok, self.env_factory, self.cfg = engine, tokenizer, env_factory, cfg
         self.chat = ChatRenderer(tokenizer)
+        self.hf_engine = isinstance(engine, RolloutGenerator)
+        self.turn_cache = TurnCache(engine) if cfg.reuse_kv_cache and self.hf_engine else None
+        self.prompt_tokens = self.cached_tokens = 0
 
     # ------------------------------------------------------------------------------------------- env calls
     def _env_call(self, episode: _Episode, what: str, function, *args):
@@ -203,28 +209,51 @@ class MultiTurnDriver:
         trajectory.messages += messages
         trajectory.append(ids, sampled=False)
 
+    def _generate(self, prompts: list[list[int]], group_size: int, greedy: bool, keys: list[int]):
+        """The engine's generate, or the turn cache's (keys: the episodes of the responses); counts the prompt
+        tokens of every response and those the HF loop did not prefill (a group's copies, cached turns)."""
+        if self.turn_cache is not None:
+            before = (self.turn_cache.prompt_tokens, self.turn_cache.cached_tokens)
+            rollout = self.turn_cache.generate(prompts, keys, group_size, greedy=greedy)
+            self.prompt_tokens += self.turn_cache.prompt_tokens - before[0]
+            self.cached_tokens += self.turn_cache.cached_tokens - before[1]
+            return rollout
+        length = sum(len(prompt) for prompt in prompts)
+        self.prompt_tokens += group_size * length
+        self.cached_tokens += (group_size - 1) * length
+        return self.engine.generate(prompts, group_size, greedy=greedy)
+
     def run(self, examples: list[dict], group_size: int = 1, *, greedy: bool = False) -> MultiTurnRollout:
-        """group_size episodes per example (adjacent), played to the end; metrics as in `rollout_metrics`."""
+        """group_size episodes per example (adjacent), played to the end; metrics as in `rollout_metrics`, and with
+        the HF loop prompt_tokens / cached_tokens (the prompt tokens of every turn's responses, those not
+        prefilled)."""
         t0 = time.perf_counter()
+        self.prompt_tokens = self.cached_tokens = 0
         episodes = [self._start(example, index) for index, example in enumerate(examples) for _ in range(group_size)]
         first = True
         while True:
-            active = [episode for episode in episodes if not episode.done]
-            if not active:
+            keys = [index for index, episode in enumerate(episodes) if not episode.done]
+            if not keys:
                 break
-            prompts = [episode.trajectory.token_ids for episode in active]
-            if first and len(active) == len(episodes) and group_size > 1 and all(
+            prompts = [episodes[index].trajectory.token_ids for index in keys]
+            if first and len(keys) == len(episodes) and group_size > 1 and all(
                     prompts[i] == prompts[i - i % group_size] for i in range(len(prompts))):
                 # the opening turn of groups that share their prompt: the engine prefills each prompt once
-                rollout = self.engine.generate(prompts[::group_size], group_size, greedy=greedy)
+                rollout = self._generate(prompts[::group_size], group_size, greedy, keys)
             else:
-                rollout = self.engine.generate(prompts, 1, greedy=greedy)
+                rollout = self._generate(prompts, 1, greedy, keys)
             first = False
-            for episode, ids, logprobs, finished in zip(active, rollout.response_ids, rollout.logprobs,
-                                                        rollout.finished):
-                self._turn(episode, list(ids), list(logprobs), finished)
+            for index, ids, logprobs, finished in zip(keys, rollout.response_ids, rollout.logprobs, rollout.finished):
+                self._turn(episodes[index], list(ids), list(logprobs), finished)
+                if episodes[index].done and self.turn_cache is not None:
+                    self.turn_cache.drop(index)
+        if self.turn_cache is not None:
+            self.turn_cache.clear()
         trajectories = [episode.trajectory for episode in episodes]
-        return MultiTurnRollout(trajectories, rollout_metrics(trajectories), time.perf_counter() - t0)
+        metrics = rollout_metrics(trajectories)
+        if self.hf_engine:
+            metrics.update(prompt_tokens=self.prompt_tokens, cached_tokens=self.cached_tokens)
+        return MultiTurnRollout(trajectories, metrics, time.perf_counter() - t0)
 
 
 def rollout_metrics(trajectories: list[Trajectory]) -> dict:

@@ -1,6 +1,7 @@
 """A rollout engine that plays scripted replies (the multi-turn driver's tests): `policy(prompt_text) -> reply`,
 where a reply is text (encoded, then the EOS token appended: a finished turn) or a list of token ids (as given, no
-EOS: an unfinished turn unless it ends with one). Log-probs are -0.5 per token; every call is recorded."""
+EOS: an unfinished turn unless it ends with one). Log-probs are -0.5 per token; every call is recorded. GoOn: an
+environment whose episodes last a set number of turns whatever the replies (the engine tests' transcripts)."""
 
 from __future__ import annotations
 
@@ -25,3 +26,19 @@ class ScriptedEngine:
                        texts=self.tok.batch_decode(responses, skip_special_tokens=True),
                        finished=[bool(r) and r[-1] == eos for r in responses],
                        logprobs=[[-0.5] * len(r) for r in responses])
+
+
+class GoOn:
+    """Asks for another turn until the row's `turns` replies were given (reward 1 then); `filler` lengthens the
+    opening message (vLLM's prefix cache holds whole blocks of 128 tokens on CPU)."""
+
+    def __init__(self, example: dict, filler: int = 0):
+        self.turns, self.replies, self.filler = example["turns"], 0, filler
+
+    def reset(self) -> list[dict]:
+        return [{"role": "user", "content": f"Talk to me {self.turns} times." + " Please." * self.filler}]
+
+    def step(self, reply: str) -> tuple[list[dict], float, bool]:
+        self.replies += 1
+        done = self.replies >= self.turns
+        return ([] if done else [{"role": "user", "content": "Go on."}]), float(done), done

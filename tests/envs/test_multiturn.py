@@ -149,7 +149,8 @@ def test_engine_logprobs_equal_a_teacher_forced_forward(tool_tokenizer, tiny_mod
         return rollout
 
     engine.generate = recording
-    out = driver(tok, engine, "guess_number", max_turns=3).run([{"target": 7}, {"target": 60}], 2)
+    out = driver(tok, engine, "guess_number", max_turns=3, reuse_kv_cache=False).run([{"target": 7}, {"target": 60}],
+                                                                                     2)  # (reuse: test_turn_cache)
     assert [t.turns for t in out.trajectories] == [3, 3, 3, 3]  # a random byte model never guesses right
     assert group_sizes == [2, 1, 1]  # the opening turn prefills each row's prompt once for its 2 episodes
     for index, trajectory in enumerate(out.trajectories):

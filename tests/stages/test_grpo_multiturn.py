@@ -8,7 +8,8 @@
     shared-prefix layout and micro-batches.
   * The whole loop on a tiny model: guess_number (feedback turns) and calculator episodes train, evaluate greedy
     episodes and report the episode metrics; a killed run resumes to the same weights; a user environment that fails
-    some episodes is counted (env_error_frac) and one that fails too many stops the run with exit 2 naming it; config
+    some episodes is counted (env_error_frac) and one that fails too many stops the run with exit 2 naming it;
+    grpo.env.add_rewards adds grpo.rewards on the final reply to the turn rewards exactly once; config
     combinations that cannot run are exit 2 naming the keys.
 """
 
@@ -142,6 +143,23 @@ class Faulty:
 '''
 
 
+TWO_TURNS = '''
+class TwoTurns:
+    """Two turns whatever the reply; turn rewards 0.125 and 0.25."""
+    def __init__(self, example):
+        self.turn = 0
+    def reset(self):
+        return [{"role": "user", "content": "Say two things."}]
+    def step(self, reply):
+        self.turn += 1
+        return [{"role": "user", "content": "And?"}], 0.125 * self.turn, self.turn == 2
+
+def half(completions, samples):
+    assert len(completions) == len(samples) and all("id" in sample for sample in samples)
+    return [0.5] * len(completions)
+'''
+
+
 def _config(tmp_path: Path, env: dict, task: str = "guess", **grpo) -> Path:
     files = {"prompt_files": [str(ROOT / "data" / "multiturn" / f"{task}_train.jsonl")],
              "eval_files": [str(ROOT / "data" / "multiturn" / f"{task}_eval.jsonl")]}
@@ -196,6 +214,22 @@ def test_failing_environment_is_counted_then_stops_the_run(tmp_path, capsys):
     assert "grpo.env.max_error_frac=0.5" in line and "RuntimeError: the simulator crashed" in line, line
 
 
+def test_add_rewards_adds_the_reward_functions_once(tmp_path, capsys):
+    """Episode reward = its turn rewards (0.125 + 0.25) + grpo.rewards on the final reply (0.5) with add_rewards,
+    the turn rewards alone without: 0.875 / 0.375 (0.375 or 1.375 if the functions were left out or added twice)."""
+    (tmp_path / "two_turns.py").write_text(TWO_TURNS)
+    path = str(tmp_path / "two_turns.py")
+    for add, expect in ((True, 0.875), (False, 0.375)):
+        run_dir = tmp_path / str(add)
+        run_dir.mkdir()
+        config = _config(run_dir, {"type": "user", "path": path + ":TwoTurns", "add_rewards": add},
+                         eval={"every": 0}, rewards=[{"type": "user", "function": path + ":half"}])
+        code, err = run_cli(capsys, "--config", str(config), "--set", "train.max_steps=1")
+        assert code == 0, err[-3000:]
+        (row,) = _rows(run_dir)
+        assert row["turns_mean"] == 2.0 and row["reward_mean"] == expect and row["reward_std"] == 0.0, row
+
+
 def test_combinations_that_cannot_run_are_exit_2(tmp_path, capsys):
     from nova_rt.envs import EnvConfig
     from nova_rt.rollout.base import RolloutConfig
@@ -204,10 +238,13 @@ def test_combinations_that_cannot_run_are_exit_2(tmp_path, capsys):
                       "eval_files": []}}
     code, err = run_cli(capsys, "--config", str(_config(tmp_path, {"type": "guess_number"}, **extra)))
     assert code == 2 and "grpo.data.gym_tasks entries must not set prefill" in err, err[-2000:]
-    config = GRPOConfig(data=GRPODataConfig(gym_tasks=[{"name": "x"}]), rollout=RolloutConfig(engine="vllm"),
+    config = GRPOConfig(data=GRPODataConfig(gym_tasks=[{"name": "x"}]),
+                        rollout=RolloutConfig(engine="vllm", max_model_len=1024),
                         env=EnvConfig(type="guess_number"))  # the CLI names the missing vllm package first here
-    with pytest.raises(ValueError, match="grpo.env.type=guess_number runs its episodes on grpo.rollout.engine=hf"):
+    with pytest.raises(ValueError, match="grpo.env.max_total_tokens=2048 exceeds grpo.rollout.max_model_len=1024"):
         config.validate()
+    config.env.max_total_tokens = 1024
+    config.validate()
 
 
 def test_killed_multiturn_run_resumes_to_the_same_weights(tmp_path):

@@ -210,9 +210,10 @@ class GRPOConfig:
         check_range("grpo.eval.batch", self.eval.batch, ge=1)
         self.env.validate()
         if self.env.enabled:
-            if r.engine == "vllm":
-                raise ValueError(f"grpo.env.type={self.env.type} runs its episodes on grpo.rollout.engine=hf only "
-                                 "for now (vllm is not wired for multi-turn yet)")
+            if r.engine == "vllm" and r.max_model_len and self.env.max_total_tokens > r.max_model_len:
+                raise ValueError(f"grpo.env.max_total_tokens={self.env.max_total_tokens} exceeds "
+                                 f"grpo.rollout.max_model_len={r.max_model_len} (vLLM's longest sequence): lower "
+                                 "the first or raise the second")
             if self.data.pas_model:
                 raise ValueError(f"grpo.env.type={self.env.type} with grpo.data.pas_model: an environment's reset() "
                                  "opens the conversation, PAS would not see it; drop one of them")

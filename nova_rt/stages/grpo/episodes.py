@@ -7,18 +7,23 @@ entropy, aggregation lengths), environment and tool messages are context. A grou
 failed keeps its place in the batch as empty responses (no loss; its reward would be a made-up 0); past
 grpo.env.max_error_frac the run stops (exit 2). The reward of an episode is the sum of its turn rewards (plus
 grpo.rewards on the final reply with grpo.env.add_rewards); success (accuracy, eval) is an episode reward >= 1,
-which the built-in environments give a solved episode.
+which the built-in environments give a solved episode. With the vllm engine rollout_logprob_abs_diff compares the
+engine's log-probs with the policy's on whole episodes (grpo.rollout.logprob_check of them) once they end.
 """
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from nova_rt.errors import ConfigError
-from nova_rt.rollout.multiturn import MultiTurnDriver, check_env_errors
+from nova_rt.rollout.base import logprob_gap
+from nova_rt.rollout.multiturn import MultiTurnDriver, check_env_errors, trajectory_logprobs
 from nova_rt.stages.grpo.batches import RolloutGroup, RolloutStats
 
-_SUMS = ("episodes", "kept", "turns", "tool_calls", "tool_errors", "env_time_s", "truncated", "failed")
+_SUMS = ("episodes", "kept", "turns", "tool_calls", "tool_errors", "env_time_s", "truncated", "failed", "prompt_tokens",
+         "cached_tokens")
 
 
 def build_driver(run) -> MultiTurnDriver:
@@ -33,7 +38,25 @@ def build_driver(run) -> MultiTurnDriver:
             if prefilled is not None:
                 raise ConfigError(f"grpo.env.type={env.type}: prompt {prefilled['id']} (category {category}) has a "
                                   "prefill; with an environment its reset() opens the conversation: drop 'prefill'")
+    if hasattr(run.generator, "check_each_call"):  # vllm: episodes are checked whole (check_episode_logprobs)
+        run.generator.check_each_call = False
     return MultiTurnDriver(run.generator, run.tok, build_env_factory(env, base_dir=run.cfg.config_dir), env)
+
+
+def check_episode_logprobs(run, trajectories) -> None:
+    """vllm: rollout_logprob_abs_diff(_max) of the engine's sampling log-probs against a no-grad policy forward on
+    grpo.rollout.logprob_check episodes spread evenly over the step's (-1: all), into the engine's metrics."""
+    count = run.grpo.rollout.logprob_check
+    if run.multiturn.hf_engine or count == 0:
+        return
+    t0 = time.perf_counter()
+    scored = [trajectory for trajectory in trajectories if not trajectory.excluded and trajectory.logprobs]
+    if 0 < count < len(scored):
+        scored = [scored[round(i * len(scored) / count)] for i in range(count)]
+    if scored:
+        policy = trajectory_logprobs(run.hf, scored, temperature=run.grpo.sampling.temperature)
+        run.generator.metrics.update(logprob_gap([trajectory.logprobs for trajectory in scored], policy),
+                                     rollout_logprob_check_s=time.perf_counter() - t0)
 
 
 def _common_prefix(sequences: list[list[int]]) -> int:
@@ -63,6 +86,9 @@ def sample_episode_groups(run, mine: list[dict], group_size: int, sums: dict) ->
     rollout = run.multiturn.run(mine, group_size)
     check_env_errors(rollout, run.grpo.env, run.dp_sum)
     trajectories = rollout.trajectories
+    check_episode_logprobs(run, trajectories)
+    for name in ("prompt_tokens", "cached_tokens"):
+        sums[name] += float(rollout.metrics.get(name, 0))
     rewards = episode_rewards(run, trajectories, mine)
     groups, same_flags = [], []
     stats = RolloutStats()
@@ -106,10 +132,14 @@ def episode_metrics(run, sums: dict) -> dict:
     values = run.dp_sum(torch.tensor([float(sums[name]) for name in _SUMS], dtype=torch.float64)).tolist()
     total = dict(zip(_SUMS, values))
     kept = max(total["kept"], 1.0)
-    return {"turns_mean": total["turns"] / kept, "tool_calls_mean": total["tool_calls"] / kept,
-            "tool_error_frac": total["tool_errors"] / max(total["tool_calls"], 1.0), "env_time_s": total["env_time_s"],
-            "episode_truncated_frac": total["truncated"] / kept,
-            "env_error_frac": total["failed"] / max(total["episodes"], 1.0)}
+    metrics = {"turns_mean": total["turns"] / kept, "tool_calls_mean": total["tool_calls"] / kept,
+               "tool_error_frac": total["tool_errors"] / max(total["tool_calls"], 1.0),
+               "env_time_s": total["env_time_s"], "episode_truncated_frac": total["truncated"] / kept,
+               "env_error_frac": total["failed"] / max(total["episodes"], 1.0)}
+    if run.multiturn.hf_engine:  # (vllm's engine reports its own)
+        metrics.update(rollout_prompt_tokens=total["prompt_tokens"],
+                       rollout_prefix_cached_tokens=total["cached_tokens"])
+    return metrics
 
 
 def new_sums() -> dict:
