@@ -76,3 +76,24 @@ def test_reused_cache_fp32_matches_and_logprobs_equal_the_policy(tool_tokenizer)
     policy = trajectory_logprobs(model, sampled.trajectories)
     gap = max(abs(p - q) for t, row in zip(sampled.trajectories, policy) for p, q in zip(t.logprobs, row, strict=True))
     assert gap <= 1e-5, gap
+
+
+def test_rows_with_and_without_a_cache_share_a_batch(tool_tokenizer):
+    """One batch of an episode continuing from its cache, a fresh one, and one whose prompt does not extend its
+    cache (prefilled whole): the same tokens and log-probs as the engine's full prefill of every prompt."""
+    from nova_rt.rollout.turn_cache import TurnCache
+
+    model = _model(torch.float64, tool_tokenizer.eos_token_id, 0.5)
+    engine = HFEngine(model, tool_tokenizer, max_new_tokens=6, seed=0)
+    cache = TurnCache(engine)
+    first = cache.generate([[5, 6, 7, 8], [9, 10, 11]], keys=["a", "c"], greedy=True)
+    assert set(cache.entries) == {"a", "c"} and len(cache.entries["a"][0]) == 4 + len(first.response_ids[0]) - 1
+    prompts = [[5, 6, 7, 8] + first.response_ids[0] + [40, 41, 42], [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31],
+               [12, 10, 11] + first.response_ids[1] + [43]]
+    before = cache.cached_tokens
+    got = cache.generate(prompts, keys=["a", "b", "c"], greedy=True)
+    want = engine.generate(prompts, greedy=True)
+    assert cache.cached_tokens - before == 4 + len(first.response_ids[0]) - 1  # only "a" reused its cache
+    assert got.response_ids == want.response_ids and got.finished == want.finished
+    for a, b in zip(got.logprobs, want.logprobs, strict=True):
+        assert max(abs(x - y) for x, y in zip(a, b, strict=True)) <= 1e-12
