@@ -2,6 +2,8 @@
 // Python callers go through nova_rt/merge/ops.py, which picks this extension or the PyTorch reference.
 #include "merge.h"
 
+#include <omp.h>
+
 namespace nova_rt {
 namespace {
 
@@ -80,14 +82,19 @@ torch::Tensor weighted_sum(const std::vector<torch::Tensor>& xs, const std::vect
 torch::Tensor gta(const torch::Tensor& base, const std::vector<torch::Tensor>& xs, const std::vector<double>& weights,
                   const std::vector<double>& densities, int64_t sparsify, bool consensus, bool normalize,
                   double lambda, bool rescale, int64_t seed, int64_t tensor_id, at::ScalarType out_dtype,
-                  const c10::optional<torch::Tensor>& out) {
+                  const c10::optional<torch::Tensor>& out, int64_t offset, const std::vector<int64_t>& mag_thr,
+                  const std::vector<int64_t>& mag_cutoff) {
   check_inputs("gta", with_base(base, xs), out_dtype);
   TORCH_CHECK(!xs.empty(), "gta: needs at least one model besides the base");
   TORCH_CHECK(weights.size() == xs.size(), "gta: ", xs.size(), " models but ", weights.size(), " weights");
   TORCH_CHECK(densities.size() == xs.size(), "gta: ", xs.size(), " models but ", densities.size(), " densities");
   TORCH_CHECK(sparsify >= 0 && sparsify <= 2, "gta: sparsify must be 0 (none), 1 (magnitude) or 2 (random)");
+  TORCH_CHECK(offset >= 0, "gta: offset must be >= 0");
+  TORCH_CHECK(mag_thr.size() == mag_cutoff.size() && (mag_thr.empty() || mag_thr.size() == xs.size()),
+              "gta: mag_thr and mag_cutoff need one entry per model (or none)");
+  TORCH_CHECK(base.is_cpu() || (offset == 0 && mag_thr.empty()), "gta: offset / mag_thr are CPU-only");
   GtaArgs args{weights, densities, static_cast<Sparsify>(sparsify), consensus, normalize, lambda, rescale, seed,
-               tensor_id};
+               tensor_id, offset, mag_thr, mag_cutoff};
 #ifdef NOVA_RT_WITH_CUDA
   if (base.is_cuda()) return into("gta", gta_cuda(base, xs, args, out_dtype), out);
 #endif
@@ -96,14 +103,26 @@ torch::Tensor gta(const torch::Tensor& base, const std::vector<torch::Tensor>& x
   return result;
 }
 
+// partials: slerp_partials' [chunks, 3] fp64 sums of the whole tensor when a and b are one block of it.
 torch::Tensor slerp(const torch::Tensor& a, const torch::Tensor& b, double t, double dot_threshold, double eps,
-                    at::ScalarType out_dtype, const c10::optional<torch::Tensor>& out) {
+                    at::ScalarType out_dtype, const c10::optional<torch::Tensor>& out,
+                    const c10::optional<torch::Tensor>& partials) {
   check_inputs("slerp", {a, b}, out_dtype);
+  std::vector<double> sums;
+  if (partials.has_value()) {
+    const auto& part = *partials;
+    TORCH_CHECK(a.is_cpu() && part.is_cpu() && part.scalar_type() == at::kDouble && part.is_contiguous() &&
+                    part.dim() == 2 && part.size(1) == 3, "slerp: partials must be a contiguous CPU fp64 [chunks, 3]");
+    sums.assign(3, 0.0);
+    const double* p = part.data_ptr<double>();
+    for (int64_t c = 0; c < part.size(0); ++c)
+      for (int64_t j = 0; j < 3; ++j) sums[j] += p[c * 3 + j];  // chunk order, as slerp_cpu's own pass
+  }
 #ifdef NOVA_RT_WITH_CUDA
   if (a.is_cuda()) return into("slerp", slerp_cuda(a, b, t, dot_threshold, eps, out_dtype), out);
 #endif
   auto result = output_for("slerp", a, out_dtype, out);
-  slerp_cpu(a, b, t, dot_threshold, eps, result);
+  slerp_cpu(a, b, t, dot_threshold, eps, result, sums);
   return result;
 }
 
@@ -170,6 +189,52 @@ std::pair<std::vector<double>, std::vector<int64_t>> magnitude_params(const torc
   return out;
 }
 
+// ---- row-blocked merging (blocked_cpu.cpp; driven by nova_rt/merge/blocked.py) ----
+
+void magnitude_histogram(const torch::Tensor& base, const std::vector<torch::Tensor>& xs, int64_t shift,
+                         const std::vector<int64_t>& prefix, torch::Tensor hist) {
+  check_inputs("magnitude_histogram", with_base(base, xs), base.scalar_type());
+  check_cpu("magnitude_histogram", base);
+  TORCH_CHECK(prefix.size() == xs.size(), "magnitude_histogram: one prefix per model");
+  TORCH_CHECK(shift >= 0 && shift % 16 == 0 && shift < 64, "magnitude_histogram: shift must be 0, 16, 32 or 48");
+  TORCH_CHECK(hist.is_cpu() && hist.scalar_type() == at::kLong && hist.is_contiguous() &&
+                  hist.numel() == static_cast<int64_t>(xs.size()) * 65536,
+              "magnitude_histogram: hist must be a contiguous CPU int64 [models, 65536]");
+  magnitude_histogram_cpu(base, xs, shift, prefix, hist);
+}
+
+std::vector<int64_t> magnitude_equal_counts(const torch::Tensor& base, const std::vector<torch::Tensor>& xs,
+                                            const std::vector<int64_t>& thr) {
+  check_inputs("magnitude_equal_counts", with_base(base, xs), base.scalar_type());
+  check_cpu("magnitude_equal_counts", base);
+  TORCH_CHECK(thr.size() == xs.size(), "magnitude_equal_counts: one threshold per model");
+  return magnitude_equal_counts_cpu(base, xs, thr);
+}
+
+int64_t magnitude_nth_equal(const torch::Tensor& base, const torch::Tensor& x, int64_t thr, int64_t need) {
+  check_inputs("magnitude_nth_equal", {base, x}, base.scalar_type());
+  check_cpu("magnitude_nth_equal", base);
+  TORCH_CHECK(need >= 1, "magnitude_nth_equal: need must be >= 1");
+  return magnitude_nth_equal_cpu(base, x, thr, need);
+}
+
+int64_t slerp_partials(const torch::Tensor& a, const torch::Tensor& b, int64_t offset, int64_t n_total,
+                       const c10::optional<torch::Tensor>& part) {
+  if (!part.has_value()) return slerp_chunks(n_total);  // the number of chunks, to allocate part
+  check_inputs("slerp_partials", {a, b}, a.scalar_type());
+  check_cpu("slerp_partials", a);
+  TORCH_CHECK(offset >= 0 && offset % 1024 == 0 && offset + a.numel() <= n_total &&
+                  (offset + a.numel() == n_total || a.numel() % 1024 == 0),
+              "slerp_partials: a block must start at a multiple of 1024 elements and end at one or at the end");
+  TORCH_CHECK(part->is_cpu() && part->scalar_type() == at::kDouble && part->is_contiguous() &&
+                  part->numel() == slerp_chunks(n_total) * 3, "slerp_partials: part must be CPU fp64 [chunks, 3]");
+  auto p = *part;
+  slerp_partials_cpu(a, b, offset, n_total, p);
+  return slerp_chunks(n_total);
+}
+
+int64_t num_threads() { return omp_get_max_threads(); }
+
 bool has_cuda() {
 #ifdef NOVA_RT_WITH_CUDA
   return true;
@@ -192,9 +257,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "out_dtype"_a, out);
   m.def("gta", &nova_rt::gta, "generalized task arithmetic: task arithmetic, TIES, DARE", nogil, "base"_a, "xs"_a,
         "weights"_a, "densities"_a, "sparsify"_a, "consensus"_a, "normalize"_a, "lam"_a, "rescale"_a, "seed"_a,
-        "tensor_id"_a, "out_dtype"_a, out);
+        "tensor_id"_a, "out_dtype"_a, out, "offset"_a = 0, "mag_thr"_a = std::vector<int64_t>{},
+        "mag_cutoff"_a = std::vector<int64_t>{});
   m.def("slerp", &nova_rt::slerp, "spherical interpolation of two tensors", nogil, "a"_a, "b"_a, "t"_a,
-        "dot_threshold"_a, "eps"_a, "out_dtype"_a, out);
+        "dot_threshold"_a, "eps"_a, "out_dtype"_a, out, "partials"_a = pybind11::none());
   m.def("model_stock", &nova_rt::model_stock, "Model Stock (row_len 0: whole tensor)", nogil, "base"_a, "xs"_a,
         "row_len"_a, "out_dtype"_a, out);
   m.def("magnitude_params", &nova_rt::magnitude_params, "TIES top-k thresholds and tie cutoffs", nogil, "base"_a,
@@ -205,5 +271,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "base"_a, "xs"_a, "eps"_a, "scales"_a, "out_dtype"_a, out);
   m.def("ram_counts", &nova_rt::ram_counts, "per model [shared, unique] counted elements, flattened (CPU)", nogil,
         "base"_a, "xs"_a, "eps"_a);
+  m.def("magnitude_histogram", &nova_rt::magnitude_histogram, "add 16-bit digit histograms of |x_i - base| (CPU)",
+        nogil, "base"_a, "xs"_a, "shift"_a, "prefix"_a, "hist"_a);
+  m.def("magnitude_equal_counts", &nova_rt::magnitude_equal_counts, "per model, |x_i - base| bits equal to thr_i",
+        nogil, "base"_a, "xs"_a, "thr"_a);
+  m.def("magnitude_nth_equal", &nova_rt::magnitude_nth_equal, "1 + index of the need-th |x - base| equal to thr",
+        nogil, "base"_a, "x"_a, "thr"_a, "need"_a);
+  m.def("slerp_partials", &nova_rt::slerp_partials, "add one block's SLERP chunk sums into part (none: chunk count)",
+        nogil, "a"_a, "b"_a, "offset"_a, "n_total"_a, "part"_a = pybind11::none());
+  m.def("num_threads", &nova_rt::num_threads, "OpenMP threads the ops use (omp_get_max_threads)");
   m.def("has_cuda", &nova_rt::has_cuda, "whether CUDA kernels were compiled in");
 }

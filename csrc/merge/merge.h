@@ -76,6 +76,12 @@ struct GtaArgs {
   bool rescale;
   int64_t seed;
   int64_t tensor_id;
+  // Row-blocked merging (CPU; blocked_cpu.cpp): the inputs are elements [offset, offset + numel) of a larger tensor,
+  // so DARE draws and magnitude tie cutoffs use flat index offset + e; mag_thr / mag_cutoff (magnitude bits and tie
+  // cutoff per model, from the whole tensor's histograms) replace the top-k selection when not empty.
+  int64_t offset = 0;
+  std::vector<int64_t> mag_thr = {};
+  std::vector<int64_t> mag_cutoff = {};
 };
 
 // ---- CPU (merge_cpu.cpp) ----
@@ -84,8 +90,9 @@ struct GtaArgs {
 void weighted_sum_cpu(const std::vector<torch::Tensor>& xs, const std::vector<double>& weights, double scale,
                       torch::Tensor& out);
 void gta_cpu(const torch::Tensor& base, const std::vector<torch::Tensor>& xs, const GtaArgs& args, torch::Tensor& out);
+// sums: |a|^2, |b|^2, <a, b> of the whole tensor when a and b are one block of it (blocked merging), else empty.
 void slerp_cpu(const torch::Tensor& a, const torch::Tensor& b, double t, double dot_threshold, double eps,
-               torch::Tensor& out);
+               torch::Tensor& out, const std::vector<double>& sums = {});
 void model_stock_cpu(const torch::Tensor& base, const std::vector<torch::Tensor>& xs, int64_t row_len,
                      torch::Tensor& out);
 // Per-model (threshold, tie cutoff) of the magnitude sparsifier (top-k of |x_i - base|, topk_cpu.cpp); sampled
@@ -98,6 +105,22 @@ void nearswap_cpu(const torch::Tensor& base, const torch::Tensor& x, double t, t
 void ram_cpu(const torch::Tensor& base, const std::vector<torch::Tensor>& xs, double eps,
              const std::vector<double>& scales, torch::Tensor& out);
 std::vector<int64_t> ram_counts_cpu(const torch::Tensor& base, const std::vector<torch::Tensor>& xs, double eps);
+
+// Row-blocked merging (blocked_cpu.cpp): passes over one block [offset, offset + numel) of an n_total-element
+// tensor at a time. magnitude_histogram_cpu adds, per model, a 65536-bin histogram of magnitude-bit digit
+// (bits >> shift) & 0xffff over the elements whose higher bits (bits >> (shift + 16)) equal prefix[i] (-1: all) into
+// hist [models, 65536]. magnitude_equal_counts_cpu: per model, elements whose bits equal thr[i]. magnitude_nth_equal_cpu:
+// 1 + block index of the need-th such element of model `model` (numel when fewer). slerp_partials_cpu adds the
+// block's |a|^2, |b|^2, <a, b> into the same fixed chunks as slerp_cpu's whole-tensor pass (part [chunks, 3], fp64;
+// offset a multiple of 1024), so the chunk sums are bit-identical.
+void magnitude_histogram_cpu(const torch::Tensor& base, const std::vector<torch::Tensor>& xs, int64_t shift,
+                             const std::vector<int64_t>& prefix, torch::Tensor& hist);
+std::vector<int64_t> magnitude_equal_counts_cpu(const torch::Tensor& base, const std::vector<torch::Tensor>& xs,
+                                                const std::vector<int64_t>& thr);
+int64_t magnitude_nth_equal_cpu(const torch::Tensor& base, const torch::Tensor& x, int64_t thr, int64_t need);
+void slerp_partials_cpu(const torch::Tensor& a, const torch::Tensor& b, int64_t offset, int64_t n_total,
+                        torch::Tensor& part);
+int64_t slerp_chunks(int64_t n_total);
 
 #ifdef NOVA_RT_WITH_CUDA
 // ---- CUDA (merge_cuda.cu) ----

@@ -86,7 +86,7 @@ inline bool keep_elem(const GtaModel<acc_t>& p, acc_t d, int64_t e) {
 // Templated on the sparsifier and consensus so each variant's inner loop has no per-element mode branches.
 template <typename in_t, typename acc_t, typename out_t, Sparsify kMode, bool kConsensus>
 void gta_impl(const in_t* base, const std::vector<const in_t*>& xs, const std::vector<GtaModel<acc_t>>& models,
-              acc_t lambda, acc_t linear_div, bool normalize, out_t* out, int64_t n) {
+              acc_t lambda, acc_t linear_div, bool normalize, out_t* out, int64_t n, int64_t offset) {
   const int64_t n_models = static_cast<int64_t>(xs.size());
 #pragma omp parallel if (n > kParallelMin)
   {
@@ -102,7 +102,7 @@ void gta_impl(const in_t* base, const std::vector<const in_t*>& xs, const std::v
         const GtaModel<acc_t> p = models[i];
         for (int64_t e = 0; e < len; ++e) {
           const acc_t d = static_cast<acc_t>(x[e]) - b[e];
-          const acc_t v = cpu::select_or_zero(keep_elem<kMode>(p, d, s + e), p.w * (d * p.scale));
+          const acc_t v = cpu::select_or_zero(keep_elem<kMode>(p, d, offset + s + e), p.w * (d * p.scale));
           sum[e] += v;
           if constexpr (kConsensus) buf[i * kBlock + e] = v;
         }
@@ -141,7 +141,7 @@ void gta_dispatch(const in_t* base, const std::vector<const in_t*>& xs, const Gt
   const auto run = [&](auto mode, auto consensus) {
     gta_impl<in_t, acc_t, out_t, decltype(mode)::value, decltype(consensus)::value>(base, xs, models, lambda,
                                                                                     linear_div, args.normalize,
-                                                                                    out, n);
+                                                                                    out, n, args.offset);
   };
   using kNone = std::integral_constant<Sparsify, Sparsify::kNone>;
   using kMag = std::integral_constant<Sparsify, Sparsify::kMagnitude>;
@@ -276,7 +276,10 @@ void gta_cpu(const torch::Tensor& base, const std::vector<torch::Tensor>& xs, co
       models[i].w = static_cast<acc_t>(args.weights[i]);
       models[i].scale = acc_t(1);
     }
-    if (args.sparsify == Sparsify::kMagnitude) {
+    if (args.sparsify == Sparsify::kMagnitude && !args.mag_thr.empty()) {
+      using S = typename cpu::MagBits<acc_t>::S;  // the whole tensor's keep rules (blocked merging)
+      for (int64_t i = 0; i < n_models; ++i) models[i].mag = {static_cast<S>(args.mag_thr[i]), args.mag_cutoff[i]};
+    } else if (args.sparsify == Sparsify::kMagnitude) {
       const auto keep = cpu::magnitude_keep<in_t, acc_t>(base.data_ptr<in_t>(), ptrs, n, args.densities, true);
       for (int64_t i = 0; i < n_models; ++i) models[i].mag = keep[i];
     } else if (args.sparsify == Sparsify::kRandom) {
@@ -292,18 +295,50 @@ void gta_cpu(const torch::Tensor& base, const std::vector<torch::Tensor>& xs, co
 }
 
 void slerp_cpu(const torch::Tensor& a, const torch::Tensor& b, double t, double dot_threshold, double eps,
-               torch::Tensor& out) {
+               torch::Tensor& out, const std::vector<double>& sums_given) {
   const int64_t n = a.numel();
   NOVA_DISPATCH_IN_OUT(a.scalar_type(), out.scalar_type(), "slerp_cpu", [&] {
     const in_t* pa = a.data_ptr<in_t>();
     const in_t* pb = b.data_ptr<in_t>();
     // One pass for |a|^2, |b|^2 and <a, b>.
-    const auto sums = chunked_sums(0, n, 3, true, [&](int64_t s, int64_t len, double* acc) {
+    const auto sums = !sums_given.empty() ? sums_given : chunked_sums(0, n, 3, true, [&](int64_t s, int64_t len,
+                                                                                           double* acc) {
       slerp_block_sums<in_t, acc_t>(pa + s, pb + s, len, acc);
     });
     double ca = 1.0 - t, cb = t;
     slerp_coefficients(sums[0], sums[1], sums[2], t, dot_threshold, eps, &ca, &cb);
     axpby_impl<in_t, acc_t, out_t>(pa, pb, static_cast<acc_t>(ca), static_cast<acc_t>(cb), out.data_ptr<out_t>(), n);
+  });
+}
+
+int64_t slerp_chunks(int64_t n_total) { return std::min(n_blocks(n_total), kChunks); }
+
+namespace {
+
+// Adds the 1024-element blocks g0 <= g < g1 (block g at pa + g * kBlock - offset) into the fixed chunks of an
+// n_total-element tensor: chunk c owns the same blocks as in chunked_sums over the whole tensor and blocks arrive in
+// order, so each chunk's partial adds its blocks in the same order as the whole-tensor pass.
+template <typename in_t, typename acc_t>
+void slerp_partials_impl(const in_t* pa, const in_t* pb, int64_t offset, int64_t n, int64_t n_total, double* acc) {
+  const int64_t nb = n_blocks(n_total), nc = std::min(nb, kChunks);
+  const int64_t g0 = offset / kBlock, g1 = n_blocks(offset + n);
+#pragma omp parallel for schedule(dynamic, 1) if (n > kParallelMin)
+  for (int64_t c = 0; c < nc; ++c) {
+    const int64_t lo = std::max(nb * c / nc, g0), hi = std::min(nb * (c + 1) / nc, g1);
+    for (int64_t g = lo; g < hi; ++g) {
+      const int64_t s = g * kBlock - offset;
+      slerp_block_sums<in_t, acc_t>(pa + s, pb + s, std::min(kBlock, n - s), &acc[c * 3]);
+    }
+  }
+}
+
+}  // namespace
+
+void slerp_partials_cpu(const torch::Tensor& a, const torch::Tensor& b, int64_t offset, int64_t n_total,
+                        torch::Tensor& part) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "slerp_partials_cpu", [&] {
+    slerp_partials_impl<scalar_t, at::opmath_type<scalar_t>>(a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), offset,
+                                                             a.numel(), n_total, part.data_ptr<double>());
   });
 }
 

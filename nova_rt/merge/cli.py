@@ -39,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-seed", type=int, default=0, help="seed of the DARE drop masks (default: 0)")
     p.add_argument("--impl", choices=("auto", "ext", "torch"), default="auto",
                    help="merge kernels: the C++/CUDA extension, the PyTorch reference, or auto (default)")
+    p.add_argument("--block-mb", type=float, default=None, metavar="MIB",
+                   help="merge a tensor larger than this per model in row blocks of about this size, which bounds "
+                        "memory with the same output (default: 256; 0: every tensor whole; docs/merge.md)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads of the merge ops (default: OMP_NUM_THREADS, else every core)")
     return p
 
 
@@ -60,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             out = run_merge(args.config, args.out_dir, device=args.device, force=args.force,
                             max_shard_size=args.max_shard_size, progress=not args.no_progress, seed=args.random_seed,
-                            impl=args.impl)
+                            impl=args.impl, threads=args.threads,
+                            **({} if args.block_mb is None else {"block_mb": args.block_mb}))
         except (MergeConfigError, FileExistsError, FileNotFoundError, ValueError) as exc:
             print(f"nova-rt merge: error: {exc}", file=sys.stderr)
             return 2

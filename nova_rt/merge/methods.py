@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from collections.abc import Callable
 from functools import lru_cache
 
 import torch
@@ -71,6 +72,12 @@ def tensor_id(name: str) -> int:
                 reference_url="https://arxiv.org/abs/2203.05482",
                 description="weighted average of the models (sum when normalize is false)")
 def linear(m: TensorMerge) -> torch.Tensor:
+    weights, scale = linear_weights(m)
+    return ops.weighted_sum(m.tensors, weights, scale, out_dtype=m.out_dtype, impl=m.impl, out=m.out)
+
+
+def linear_weights(m: TensorMerge) -> tuple[list[float], float]:
+    """linear's (weights, scale) for one tensor (only its parameters are read: also used by the blocked path)."""
     weights = [p["weight"] for p in m.model_params]
     scale = 1.0
     if m.params["normalize"]:
@@ -79,7 +86,14 @@ def linear(m: TensorMerge) -> torch.Tensor:
             raise ValueError(f"linear merge of {m.name!r}: weights sum to 0, cannot normalize")
         check_normalizer("linear", tuple(weights), False)
         scale = 1.0 / total
-    return ops.weighted_sum(m.tensors, weights, scale, out_dtype=m.out_dtype, impl=m.impl, out=m.out)
+    return weights, scale
+
+
+# Methods whose C++ op merges a tensor in row blocks exactly (nova_rt.merge.blocked): name -> how. Every other
+# method merges each tensor whole (model_stock's statistics, breadcrumbs / della / nearswap / RAM and the other
+# PyTorch-only methods).
+BLOCKED_KINDS: dict[str, str] = {"linear": "linear", "slerp": "slerp"}
+GTA_PARAMS: dict[str, Callable[[TensorMerge], GtaParams]] = {}  # method -> GtaParams of a tensor's parameters
 
 
 def _check_extra_sparsify(name: str, m: TensorMerge) -> None:
@@ -111,10 +125,10 @@ def _gta_method(name: str, *, sparsify: int, consensus: bool, normalize: bool, r
         "rescale": ParamSpec(bool, rescale) if sparsify == SPARSIFY_RANDOM or torch_path else _NO_RESCALE,
     }
 
-    def merge(m: TensorMerge) -> torch.Tensor:
+    def gta_params(m: TensorMerge) -> GtaParams:
         if m.params["normalize"]:
             check_normalizer(name, tuple(p["weight"] for p in m.model_params), True)
-        params = GtaParams(
+        return GtaParams(
             weights=tuple(p["weight"] for p in m.model_params),
             densities=tuple(p.get("density", 1.0) for p in m.model_params),
             sparsify=sparsify, consensus=consensus, normalize=m.params["normalize"], lam=m.params["lambda"],
@@ -122,6 +136,9 @@ def _gta_method(name: str, *, sparsify: int, consensus: bool, normalize: bool, r
             gammas=tuple(p.get("gamma", 0.0) for p in m.model_params),
             epsilons=tuple(p.get("epsilon", 0.0) for p in m.model_params),
         )
+
+    def merge(m: TensorMerge) -> torch.Tensor:
+        params = gta_params(m)
         if torch_path:
             torch_only(m, name)
             _check_extra_sparsify(name, m)
@@ -130,6 +147,9 @@ def _gta_method(name: str, *, sparsify: int, consensus: bool, normalize: bool, r
         return ops.gta(m.base, m.tensors, params, out_dtype=m.out_dtype, impl=m.impl, out=m.out)
 
     merge.__name__ = merge.__qualname__ = name
+    if not torch_path:
+        BLOCKED_KINDS[name] = "gta"
+        GTA_PARAMS[name] = gta_params
     register_merge(name, needs_base=True, min_models=1, global_params=global_params, model_params=model_params,
                    reference_url=url, description=description)(merge)
 

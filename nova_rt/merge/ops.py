@@ -22,7 +22,7 @@ from nova_rt.merge.reference import (
 
 IMPLS = ("auto", "ext", "torch")
 _MAX_CUDA_INPUTS = 33  # base + kMaxModels (csrc/merge/merge.h)
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def _contiguous(xs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -47,7 +47,7 @@ def _extension_for(impl: str, tensors: list[torch.Tensor]):
         if impl == "ext":
             raise
         return None
-    supported = all(t.dtype in _FLOAT_DTYPES for t in tensors)
+    supported = all(t.dtype in FLOAT_DTYPES for t in tensors)
     if tensors[0].is_cuda:
         supported = supported and ext.has_cuda() and len(tensors) <= _MAX_CUDA_INPUTS
     if not supported and impl == "ext":
@@ -56,6 +56,17 @@ def _extension_for(impl: str, tensors: list[torch.Tensor]):
             f"(CUDA support compiled in: {ext.has_cuda()})"
         )
     return ext if supported else None
+
+
+def extension_usable(impl: str) -> bool:
+    """Whether impl may run on the extension and it loads (row-blocked merging needs it)."""
+    if impl == "torch":
+        return False
+    try:
+        load_extension()
+    except ExtensionUnavailable:
+        return False
+    return True
 
 
 def weighted_sum(xs: list[torch.Tensor], weights: list[float], scale: float = 1.0, *,
@@ -70,27 +81,35 @@ def weighted_sum(xs: list[torch.Tensor], weights: list[float], scale: float = 1.
 
 
 def gta(base: torch.Tensor, xs: list[torch.Tensor], params: GtaParams, *, out_dtype: torch.dtype | None = None,
-        impl: str = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
-    """Generalized task arithmetic (task arithmetic, TIES, DARE): see reference.gta_ref."""
+        impl: str = "auto", out: torch.Tensor | None = None, offset: int = 0,
+        keep: tuple[list[int], list[int]] | None = None) -> torch.Tensor:
+    """Generalized task arithmetic (task arithmetic, TIES, DARE): see reference.gta_ref.
+
+    Row-blocked merging (blocked.py, extension only): the inputs are flat elements [offset, offset + numel) of a
+    larger tensor, and keep = (magnitude bits, tie cutoff) per model of that whole tensor's TIES top-k."""
     out_dtype = out_dtype or base.dtype
-    ext = _extension_for(impl, [base, *xs])
+    ext = _extension_for("ext" if offset or keep else impl, [base, *xs])
     if ext is None:
         return _into(gta_ref(base, xs, params, out_dtype), out)
     p = params
+    thr, cutoff = keep if keep is not None else ([], [])
     return ext.gta(base.contiguous(), _contiguous(xs), [float(w) for w in p.weights], [float(d) for d in p.densities],
                    int(p.sparsify), bool(p.consensus), bool(p.normalize), float(p.lam), bool(p.rescale), int(p.seed),
-                   int(p.tensor_id), out_dtype, out=out)
+                   int(p.tensor_id), out_dtype, out=out, offset=int(offset), mag_thr=list(thr),
+                   mag_cutoff=list(cutoff))
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float, *, out_dtype: torch.dtype | None = None,
           dot_threshold: float = 0.9995, eps: float = 1e-8, impl: str = "auto",
-          out: torch.Tensor | None = None) -> torch.Tensor:
-    """Spherical interpolation from a (t = 0) to b (t = 1); lerp when the tensors are nearly colinear."""
+          out: torch.Tensor | None = None, partials: torch.Tensor | None = None) -> torch.Tensor:
+    """Spherical interpolation from a (t = 0) to b (t = 1); lerp when the tensors are nearly colinear.
+    partials (row-blocked merging, extension only): the whole tensor's chunk sums (blocked.py), a and b one block."""
     out_dtype = out_dtype or a.dtype
-    ext = _extension_for(impl, [a, b])
+    ext = _extension_for("ext" if partials is not None else impl, [a, b])
     if ext is None:
         return _into(slerp_ref(a, b, t, out_dtype, dot_threshold, eps), out)
-    return ext.slerp(a.contiguous(), b.contiguous(), float(t), float(dot_threshold), float(eps), out_dtype, out=out)
+    return ext.slerp(a.contiguous(), b.contiguous(), float(t), float(dot_threshold), float(eps), out_dtype, out=out,
+                     partials=partials)
 
 
 def model_stock(base: torch.Tensor, xs: list[torch.Tensor], row_len: int = 0, *,

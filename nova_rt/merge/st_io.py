@@ -169,32 +169,51 @@ class ModelReader:
         t = self._maps[info.file.name].tensor(info.offset, info.nbytes, info.dtype, info.shape)
         return t if t is not None else self.read(name)
 
-    def prefetch(self, name: str) -> None:
-        """Fault the tensor's pages in now (reads them from disk if they are not cached); GIL released."""
+    def _span(self, name: str, start: int, stop: int | None) -> tuple[TensorInfo, int, int]:
+        """(info, absolute file offset, bytes) of flat elements [start, stop) of `name` (stop None: the end)."""
         info = self.tensors[name]
-        _prefetch_pages(self._maps[info.file.name].addr + info.offset, info.nbytes)
+        esize = _element_size(info.dtype)
+        end = info.nbytes if stop is None else stop * esize
+        return info, info.offset + start * esize, end - start * esize
 
-    def release(self, name: str) -> None:
-        """Drop the tensor's pages from this process's RSS (the page cache keeps them)."""
-        info = self.tensors[name]
-        _advise(self._maps[info.file.name].addr + info.offset, info.nbytes, _MADV_DONTNEED)
+    def view_range(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Flat elements [start, stop) of `name` (row-blocked merging): a view of the mapping, or a pread copy."""
+        info, offset, nbytes = self._span(name, start, stop)
+        t = self._maps[info.file.name].tensor(offset, nbytes, info.dtype, (stop - start,))
+        return t if t is not None else self._pread(info, offset, nbytes).view(info.dtype)
+
+    def prefetch(self, name: str, start: int = 0, stop: int | None = None) -> None:
+        """Fault the tensor's pages (of flat elements [start, stop)) in now (reads them from disk if they are not
+        cached); GIL released."""
+        info, offset, nbytes = self._span(name, start, stop)
+        _prefetch_pages(self._maps[info.file.name].addr + offset, nbytes)
+
+    def release(self, name: str, start: int = 0, stop: int | None = None) -> None:
+        """Drop the tensor's pages (of flat elements [start, stop)) from this process's RSS (the page cache keeps
+        them)."""
+        info, offset, nbytes = self._span(name, start, stop)
+        _advise(self._maps[info.file.name].addr + offset, nbytes, _MADV_DONTNEED)
 
     def read(self, name: str) -> torch.Tensor:
         """The tensor `name` as a fresh CPU tensor (bytes pread straight into its storage)."""
         info = self.tensors[name]
-        buf = torch.empty(info.nbytes, dtype=torch.uint8)
-        view = memoryview(buf.numpy()) if info.nbytes else memoryview(b"")
+        return self._pread(info, info.offset, info.nbytes).view(info.dtype).reshape(info.shape)
+
+    @staticmethod
+    def _pread(info: TensorInfo, offset: int, nbytes: int) -> torch.Tensor:
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        view = memoryview(buf.numpy()) if nbytes else memoryview(b"")
         fd = os.open(info.file, os.O_RDONLY)
         try:
             done = 0
-            while done < info.nbytes:
-                got = os.preadv(fd, [view[done:]], info.offset + done)
+            while done < nbytes:
+                got = os.preadv(fd, [view[done:]], offset + done)
                 if got <= 0:
-                    raise OSError(f"{info.file}: unexpected end of file reading tensor {name!r}")
+                    raise OSError(f"{info.file}: unexpected end of file reading tensor {info.name!r}")
                 done += got
         finally:
             os.close(fd)
-        return buf.view(info.dtype).reshape(info.shape)
+        return buf
 
     def close(self) -> None:
         for m in self._maps.values():

@@ -147,7 +147,7 @@ def _pwrite_all(fd: int, data: memoryview, offset: int, path: Path) -> None:
 class ShardedWriter:
     """Writes planned tensors, in plan order, into model.safetensors or model-0000i-of-0000n shards plus index."""
 
-    def __init__(self, out_dir: Path, plan: list[OutTensor], max_shard_bytes: int):
+    def __init__(self, out_dir: Path, plan: list[OutTensor], max_shard_bytes: int, largest: int | None = None):
         if max_shard_bytes <= 0:
             raise ValueError(f"max shard size must be positive, got {max_shard_bytes}")
         self.out_dir = Path(out_dir)
@@ -165,8 +165,9 @@ class ShardedWriter:
         self._order = [(si, t) for si, shard in enumerate(shards) for t in shard]
         self._pos = 0
         # Room for the largest tensor plus up to 32 MiB of smaller ones between drains, plus two blocks for the
-        # partial block carried over a wrap and the padded end of a shard.
-        largest = max((t.nbytes for t in plan), default=0)
+        # partial block carried over a wrap and the padded end of a shard. `largest`: the most bytes committed at
+        # once (row-blocked merging commits a large tensor in parts: part_slot / commit_part).
+        largest = max((t.nbytes for t in plan), default=0) if largest is None else largest
         headers = max(len(self._header(shard)) for shard in shards)
         self._capacity = _round_up(max(largest, headers) + min(max(largest, 1 << 20), 32 << 20) + _BLOCK, _BLOCK)
         self._arena = _Arena(self._capacity + _BLOCK)
@@ -174,6 +175,7 @@ class ShardedWriter:
         self._file: _ShardFile | None = None
         self._shard = -1
         self._slot: int | None = None  # arena offset reserved for the next tensor
+        self._part_done = 0  # bytes of the next tensor committed by commit_part
 
     @staticmethod
     def _header(shard: list[OutTensor]) -> bytes:
@@ -196,15 +198,44 @@ class ShardedWriter:
         self._file.commit(len(head))
         self._shard = si
 
-    def _next(self, name: str) -> OutTensor:
+    def _next(self, name: str, nbytes: int | None = None) -> OutTensor:
+        """The next planned tensor, checked to be `name`; reserves its slot (or, when nbytes is given, the arena
+        room of its next part)."""
         si, planned = self._order[self._pos]
         if name != planned.name:
             raise RuntimeError(f"writer expected {planned} next, got {name!r}")
         if si != self._shard:
             self._open_shard(si)
         if self._slot is None:
-            self._slot = self._file.reserve(planned.nbytes)
+            if nbytes is not None and self._part_done + nbytes > planned.nbytes:
+                raise RuntimeError(f"writer: parts of {name!r} exceed its {planned.nbytes} bytes")
+            self._slot = self._file.reserve(planned.nbytes if nbytes is None else nbytes)
         return planned
+
+    def part_slot(self, name: str, numel: int) -> torch.Tensor | None:
+        """Where the next `numel` elements of tensor `name` go (flat; None when misaligned, as `slot`)."""
+        esize = torch.empty((), dtype=self._order[self._pos][1].dtype).element_size()
+        t = self._next(name, numel * esize)
+        if numel == 0 or (self._file.size % esize):
+            return None
+        return self._arena.u8[self._slot: self._slot + numel * esize].view(t.dtype)
+
+    def commit_part(self, name: str, tensor: torch.Tensor) -> None:
+        """Commit the next part of tensor `name` (copied in unless it is the part_slot); the tensor is complete
+        once its parts add up to its size."""
+        esize = torch.empty((), dtype=self._order[self._pos][1].dtype).element_size()
+        planned = self._next(name, tensor.numel() * esize)
+        if tensor.dtype != planned.dtype:
+            raise RuntimeError(f"writer expected {planned} next, got a {tensor.dtype} part of {name!r}")
+        at, nbytes = self._slot, tensor.numel() * esize
+        if nbytes and tensor.data_ptr() != self._arena.addr + at:
+            self._arena.u8[at: at + nbytes].copy_(tensor.contiguous().reshape(-1).view(torch.uint8))
+        self._file.commit(nbytes)
+        self._slot = None
+        self._part_done += nbytes
+        if self._part_done == planned.nbytes:
+            self._part_done = 0
+            self._pos += 1
 
     def slot(self, name: str) -> torch.Tensor | None:
         """Where the next planned tensor `name` goes, as a tensor to write into (None when its file offset is not a
@@ -217,6 +248,8 @@ class ShardedWriter:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Commit the next planned tensor (copied into its slot unless it is the slot)."""
+        if self._part_done:
+            raise RuntimeError(f"writer: {name!r} was started in parts; commit the rest with commit_part")
         planned = self._next(name)
         if tuple(tensor.shape) != planned.shape or tensor.dtype != planned.dtype:
             raise RuntimeError(f"writer expected {planned} next, got {name!r} {tuple(tensor.shape)} {tensor.dtype}")
