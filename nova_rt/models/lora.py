@@ -126,11 +126,15 @@ def save_engine_adapter(peft_model: nn.Module, directory: Path, dtype: torch.dty
     """Write the current adapter as a PEFT adapter directory for a rollout engine (adapter_config.json and
     adapter_model.safetensors: peft's tensor names, A and B only, in `dtype`) to a temporary sibling renamed to
     `directory`. Returns the tensors' bytes."""
-    from peft import get_peft_model_state_dict
+    from peft.tuners.lora import LoraLayer
     from safetensors.torch import save_file
 
-    state = {name: tensor.detach().to("cpu", dtype).contiguous() for name, tensor in
-             get_peft_model_state_dict(peft_model, adapter_name=ADAPTER, save_embedding_layers=False).items()}
+    state = {}  # get_peft_model_state_dict's names; its key filter took ~5 s a call on SmolLM2-135M (profiled)
+    for name, module in peft_model.named_modules():
+        if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
+            for part in ("lora_A", "lora_B"):
+                weight = getattr(module, part)[ADAPTER].weight
+                state[f"{name}.{part}.weight"] = weight.detach().to("cpu", dtype).contiguous()
     partial = directory.with_name(f".{directory.name}.partial")
     partial.mkdir(parents=True)
     peft_model.peft_config[ADAPTER].save_pretrained(str(partial))
