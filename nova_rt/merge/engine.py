@@ -4,11 +4,10 @@ Flow: validate the config; index every input's safetensors headers; plan the out
 check that all inputs agree; then for each output tensor take zero-copy views of it in every (memory-mapped) input,
 merge it on `device` straight into its slot in the output staging arena, which is written to the shard with O_DIRECT
 in the background (st_io.py, st_writer.py). Another thread faults in tensor k+1's input pages while tensor k is
-merged, within a byte budget that keeps the peak near (models + 1) x the largest tensor, never the model size;
-a tensor larger than `block_mb` per input is merged in row blocks instead (blocked.py), so that peak is bounded.
-Everything is written into a hidden temporary directory beside OUT_DIR, which is renamed into place only once
-complete (an error or interruption leaves no partial output). OUT_DIR may hold no input and lie in none (checked
-first, nova_rt.output_paths), so --force never deletes or writes into an input.
+merged, within a byte budget that keeps the peak near (models + 1) x the largest tensor, never the model size
+(a tensor larger than `block_mb` per input is merged in row blocks instead: blocked.py). All goes into a hidden
+temporary directory beside OUT_DIR, renamed into place only once complete (an error or interruption leaves no
+partial output). OUT_DIR may hold no input and lie in none (nova_rt.output_paths): --force never touches an input.
 
 Tied embeddings: the output config is the base's (else the first model's). If it ties word embeddings and that
 model has no `lm_head.weight`, lm_head is not written (the loader ties it to the merged embedding). Otherwise a
