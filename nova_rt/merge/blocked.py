@@ -51,13 +51,15 @@ class BlockReader:
         """(start, stop, one flat block per input); the caller must be done with the block before the next."""
         ranges = [(start, min(start + self.step, self.numel)) for start in range(0, self.numel, self.step)]
         pending: Future | None = None
+        ahead = None  # the range being prefetched
         try:
             for index, (start, stop) in enumerate(ranges):
                 if pending is not None:
                     pending.result()
                     pending = None
-                if index + 1 < len(ranges):
-                    pending = self.pool.submit(self._prefetch, *ranges[index + 1])
+                ahead = ranges[index + 1] if index + 1 < len(ranges) else None
+                if ahead is not None:
+                    pending = self.pool.submit(self._prefetch, *ahead)
                 try:
                     views = [reader.view_range(source, start, stop) for reader, source in zip(self.readers,
                                                                                                self.sources)]
@@ -69,8 +71,10 @@ class BlockReader:
                     for reader, source in zip(self.readers, self.sources):
                         reader.release(source, start, stop)
         finally:
-            if pending is not None:
+            if pending is not None:  # the pass stopped early (or failed): drop the block prefetched for it too
                 pending.result()
+                for reader, source in zip(self.readers, self.sources):
+                    reader.release(source, *ahead)
 
 
 def _magnitude_k(density: float, numel: int) -> int:
