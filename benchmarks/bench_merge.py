@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -203,7 +204,7 @@ def bench_method(method: str, dirs: list[Path], work: Path, args) -> list[dict]:
     cfg = write_yaml(method, dirs, work / f"{method}.yaml", args.dtype)
     in_bytes = sum((d / "model.safetensors").stat().st_size for d in dirs)  # every config reads all three
     tools = {"nova_rt": ([sys.executable, "-m", "nova_rt.merge.cli", str(cfg), str(work / f"nova_{method}"),
-                          "--no-progress"], work / f"nova_{method}")}
+                          "--no-progress", *args.nova_args], work / f"nova_{method}")}
     if not args.skip_mergekit:
         tools["mergekit"] = ([str(MERGEKIT), str(cfg), str(work / f"mk_{method}"), "--quiet", "--no-copy-tokenizer",
                               "--no-write-model-card"], work / f"mk_{method}")
@@ -250,6 +251,8 @@ def main() -> None:
                     help="the YAML's `dtype` (mergekit computes in it; nova_rt always accumulates in fp32); output "
                          "is bfloat16 either way")
     ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/...)")
+    ap.add_argument("--nova-args", type=shlex.split, default=[],
+                    help="extra `nova-rt merge` flags, e.g. '--block-mb 0' (every tensor whole) or '--threads 2'")
     merge_scale.add_arguments(ap)
     args = ap.parse_args()
     if args.scale is not None:

@@ -396,7 +396,7 @@ def bench_method(method: str, root: Path, work: Path, args, model_bytes: int) ->
         "copy O_DIRECT": [sys.executable, "-c", _COPY, json.dumps(list(map(str, inputs))), str(model_bytes),
                           str(outs["copy O_DIRECT"]), "direct"],
         "nova_rt": [args.nova_python, "-m", "nova_rt.merge.cli", str(cfg), str(outs["nova_rt"]), "--no-progress",
-                    "--max-shard-size", "5GB", "--random-seed", str(args.seed)],
+                    "--max-shard-size", "5GB", "--random-seed", str(args.seed), *getattr(args, "nova_args", [])],
     }
     if not args.skip_mergekit:
         commands["mergekit"] = [args.mergekit, str(cfg), str(outs["mergekit"]), "--lazy-unpickle", "--quiet",
@@ -523,7 +523,8 @@ def run(args) -> Path:
     meta = {"scale": args.scale, "model_bytes": model_bytes, "disk_free_before": shutil.disk_usage(work_dir).free,
             "disk_needed": need, "seed": args.seed, "dtype": args.dtype, "omp_num_threads":
             os.environ.get("OMP_NUM_THREADS"), "machine": args.machine, "rss_cap_gb": args.rss_cap_gb,
-            "timeout_s": args.timeout, "mergekit_shard_size": args.mergekit_shard_size, "tensors": args.tensors}
+            "timeout_s": args.timeout, "mergekit_shard_size": args.mergekit_shard_size, "tensors": args.tensors,
+            "nova_args": getattr(args, "nova_args", [])}
     t0 = time.perf_counter()
     try:
         write_models(args.scale, root, args.seed, shard_bytes, args.tensors)
