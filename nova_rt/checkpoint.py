@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from nova_rt.disk import disk_writes, resume_hint, state_nbytes
-from nova_rt.distributed import DistInfo, barrier, broadcast_object
+from nova_rt.distributed import DistInfo, barrier, broadcast_object, scoped_group
 from nova_rt.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -262,6 +262,6 @@ def _gather_flags(reason: str | None) -> list[int]:
 
     if not (dist.is_available() and dist.is_initialized()):
         return [0] if reason else []
-    out: list = [None] * dist.get_world_size()
-    dist.all_gather_object(out, reason is not None)
+    out: list = [None] * dist.get_world_size(group=scoped_group())
+    dist.all_gather_object(out, reason is not None, group=scoped_group())
     return [r for r, bad in enumerate(out) if bad]

@@ -31,7 +31,7 @@ from nova_rt.checkpoint import CheckpointManager
 from nova_rt.config import Config
 from nova_rt.data.micro_batch import to_device
 from nova_rt.disk import disk_writes, state_nbytes
-from nova_rt.distributed import DistInfo, all_reduce_sum, broadcast_object
+from nova_rt.distributed import DistInfo, all_reduce_sum, broadcast_object, scoped_group
 from nova_rt.errors import CheckpointError, NonFiniteError
 from nova_rt.lr_schedule import lr_schedule
 from nova_rt.telemetry import nvtx_range
@@ -62,7 +62,8 @@ def wrap_data_parallel(module: nn.Module, cfg: Config, info: DistInfo) -> nn.Mod
     if cfg.parallel.data_parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        return DDP(module, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+        return DDP(module, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
+                   process_group=scoped_group())
     if cfg.parallel.data_parallel == "fsdp2":
         from torch.distributed.fsdp import fully_shard
 

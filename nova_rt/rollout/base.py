@@ -19,6 +19,28 @@ from nova_rt.models.loading import set_attention
 
 
 @dataclass(kw_only=True)
+class AsyncRolloutConfig:
+    """grpo.async_rollout: asynchronous GRPO's dedicated rollout ranks (nova_rt.stages.grpo.async_, docs/async.md)."""
+
+    ranks: int = 0
+    """The last `ranks` ranks of the torchrun world only sample (hf engine, hf backend) and the others only train,
+    weights sent to them after every rollout step; 0: every rank samples, then trains (the colocated loop)."""
+    max_staleness: int = 0
+    """With ranks > 0: the batch trained at rollout step b is sampled with the weights of step b - max_staleness (of
+    the resume step, if later); 0: strictly on-policy (rollouts wait for every update)."""
+
+    def validate(self) -> None:
+        if self.ranks < 0:
+            raise ValueError(f"grpo.async_rollout.ranks: must be >= 0, got {self.ranks} (0: none)")
+        if self.max_staleness < 0:
+            raise ValueError(f"grpo.async_rollout.max_staleness: must be >= 0, got {self.max_staleness} "
+                             "(0: on-policy)")
+        if self.max_staleness > 0 and self.ranks == 0:
+            raise ValueError(f"grpo.async_rollout.max_staleness={self.max_staleness} needs "
+                             "grpo.async_rollout.ranks > 0 (the colocated loop samples with the current weights)")
+
+
+@dataclass(kw_only=True)
 class RolloutConfig:
     engine: Literal["hf", "vllm"] = "hf"
     """hf: nova_rt's decode loop on the training model (no extra dependency); vllm: a colocated vLLM `LLM` in each
@@ -30,7 +52,8 @@ class RolloutConfig:
     sleep: bool = True
     """CUDA: free vLLM's weights and KV cache while training (sleep level 2) and wake them for rollouts."""
     sync_bucket_mb: int = 256
-    """Weight sync hands tensors to the vLLM model's load_weights in buckets of about this many MB."""
+    """Weight sync hands tensors to the vLLM model's load_weights (with grpo.async_rollout: to the rollout ranks) in
+    buckets of about this many MB."""
     kv_cache_gb: int = 1
     """CPU only: GiB of KV cache (vLLM's VLLM_CPU_KVCACHE_SPACE)."""
     max_model_len: int = 0

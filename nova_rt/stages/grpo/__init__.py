@@ -12,6 +12,7 @@ make_objective), run (GRPORun and the stage); every name is re-exported here. Th
 (parallel.backend); on megatron, rollouts run on an HF copy synced before each rollout.
 """
 
+from nova_rt.stages.grpo.async_ import run  # registers the grpo stage
 from nova_rt.stages.grpo.batches import (
     AggregationTotals,
     PackedResponses,
@@ -38,7 +39,7 @@ from nova_rt.stages.grpo.losses import (
     ptx_loss_from_outputs,
     rl_loss_from_outputs,
 )
-from nova_rt.stages.grpo.run import GRPORun, log, run
+from nova_rt.stages.grpo.run import GRPORun, log
 
 __all__ = ["AggregationTotals", "GRPOConfig", "GRPODataConfig", "GRPOEvalConfig", "GRPOLossConfig",
            "GRPORun", "PTXBatch", "PTXConfig", "PackedResponses", "PolicyLogprobs", "RolloutBatch", "RolloutGroup",

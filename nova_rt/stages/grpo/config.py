@@ -18,7 +18,7 @@ from nova_rt.config import register_section
 from nova_rt.config_values import check_range
 from nova_rt.envs import EnvConfig
 from nova_rt.losses.kl import KLEstimator
-from nova_rt.rollout.base import RolloutConfig, check_generation
+from nova_rt.rollout.base import AsyncRolloutConfig, RolloutConfig, check_generation
 from nova_rt.stages.grpo.advantages import AdvantageEstimator
 
 
@@ -166,6 +166,8 @@ class GRPOConfig:
     """Per-category greedy eval and the prompt re-weighting it drives."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     """Rollout engine (hf decode loop | vllm) and its settings: nova_rt.rollout.base.RolloutConfig."""
+    async_rollout: AsyncRolloutConfig = field(default_factory=AsyncRolloutConfig)
+    """Dedicated rollout ranks that sample ahead of training by a bounded staleness (docs/async.md)."""
     env: EnvConfig = field(default_factory=EnvConfig)
     """Multi-turn episodes in an environment (nova_rt.envs; docs/multiturn.md); type empty: single-turn rollouts."""
     rewards: list[dict] = field(default_factory=lambda: [{"type": "math"}])

@@ -27,7 +27,6 @@ from nova_rt.data.rl import (
     reweight,
 )
 from nova_rt.losses.kl import sampled_kl, topk_kl
-from nova_rt.stages import register_stage
 from nova_rt.stages.common import data_files, setup
 from nova_rt.stages.grpo.advantages import estimate_advantages, zero_advantage_counts
 from nova_rt.stages.grpo.batches import (
@@ -351,12 +350,15 @@ class GRPORun:
         return {"grpo": {"sampler": self.sampler.state_dict(), "rollout": self.generator.state_dict(),
                          "category_weights": dict(self.sampler.weights)}}
 
-    def run(self) -> dict:
-        cfg, grpo, policy = self.cfg, self.grpo, self.trainer
-        extra = policy.resume()
+    def restore(self, extra: dict | None) -> None:
+        """The sampler and rollout-engine states of a resumed checkpoint's extra state (None: a fresh run)."""
         if extra and "grpo" in extra:
             self.sampler.load_state_dict(extra["grpo"]["sampler"])
             self.generator.load_state_dict(extra["grpo"]["rollout"])
+
+    def run(self) -> dict:
+        cfg, grpo, policy = self.cfg, self.grpo, self.trainer
+        self.restore(policy.resume())
         steps_per_rollout = grpo.steps_per_rollout
         telemetry = Telemetry(self.run_dir, enabled=self.info.is_main, tensorboard=cfg.logging.tensorboard,
                               progress_bar=cfg.logging.progress_bar,
@@ -409,6 +411,6 @@ def _topk(outputs: dict, mb: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
     return outputs["topk_ids"], outputs["topk_logprobs"]
 
 
-@register_stage("grpo")
 def run(cfg: Config) -> dict:
+    """The colocated loop (nova_rt.stages.grpo.async_ registers the grpo stage: this, or the asynchronous one)."""
     return GRPORun(cfg).run()
