@@ -16,6 +16,7 @@ checkpoint is written while the last step was non-finite, and no final model eit
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -243,8 +244,10 @@ class MegatronPolicy:
         return self.cfg.parallel.context_parallel == 1
 
     def __init__(self, cfg: Config, trainer, run_dir, temperature: float = 1.0, *, info: DistInfo | None = None,
-                 hf_model=None, at_targets: bool = False, start: int = 0):
+                 hf_model=None, at_targets: bool = False, start: int = 0, adapters_off: bool = False):
         self.cfg, self.trainer, self.run_dir, self.info = cfg, trainer, Path(run_dir), info
+        self.adapters_off = adapters_off
+        """Forward with the LoRA adapters disabled: the base model, a LoRA policy's reference on its own shards."""
         self.temperature = temperature
         self.step = start
         """Optimizer steps taken (`start`: the resumed checkpoint step when the caller resumed the trainer itself)."""
@@ -334,10 +337,16 @@ class MegatronPolicy:
     def forward(self, micro_batches: list, fn, **options) -> list:
         mbs, opts = [_megatron_mb(mb) for mb in micro_batches], self._options(options)
         run = _on_targets(fn) if self.at_targets else fn
-        return [r for i in range(0, len(mbs), _FORWARD_CHUNK)
-                for r in self.trainer.forward(mbs[i:i + _FORWARD_CHUNK], lambda out, mb: _cpu(run(out, mb)), **opts)]
+        from nova_rt.parallel.megatron_lora import adapters_disabled
+
+        with adapters_disabled(self.trainer.model) if self.adapters_off else contextlib.nullcontext():
+            return [r for i in range(0, len(mbs), _FORWARD_CHUNK) for r in
+                    self.trainer.forward(mbs[i:i + _FORWARD_CHUNK], lambda out, mb: _cpu(run(out, mb)), **opts)]
 
     def reference(self, path: str | None, online: bool = False) -> MegatronPolicy:
+        if path is None and self.cfg.lora.rank > 0:  # the base model: the policy's shards with the adapters disabled
+            return MegatronPolicy(self.cfg, self.trainer, self.run_dir, self.temperature, info=self.info,
+                                  at_targets=self.at_targets, adapters_off=True)
         return MegatronPolicy(self.cfg, megatron_trainer(self.cfg, path, trainable=False), self.run_dir,
                               self.temperature, info=self.info, at_targets=self.at_targets)
 

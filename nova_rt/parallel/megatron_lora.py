@@ -7,13 +7,14 @@ A replicated, B split on the output rows like the weight, and the part outputs i
 (qkv per query group). Row-parallel (proj, fc2): A split on the input columns, B replicated, A x all-reduced over TP
 (reduce-scattered under sequence parallelism) so the output equals the unsharded adapter's. The base is frozen, so
 megatron's DDP and optimizer see the adapters only. A is drawn as peft draws it for the same run.seed (an HF LoRA
-run and a megatron one start identical), B is zero. `enabled = False` on an adapter drops it (the switch a
-reference model would use; DPO / GRPO with LoRA are not on this backend yet).
+run and a megatron one start identical), B is zero. adapters_disabled switches them off (`enabled = False`): the
+base model, DPO's reference on the policy's own shards (peft's disable_adapter on the HF backend).
 final/ is the PEFT adapter directory of the HF backend (save_adapter_directory: shards gathered, peft names).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -165,6 +166,20 @@ def add_adapters(chunks: list, arch, lora, *, seed: int, source: str, sequence_p
 
 def _unwrap(chunk):
     return getattr(chunk, "module", chunk)
+
+
+@contextlib.contextmanager
+def adapters_disabled(chunks: list):
+    """Context in which `chunks` (this rank's GPTModels, DDP-wrapped or not) compute as their frozen base."""
+    adapters = [module for chunk in chunks for module in _unwrap(chunk).modules()
+                if isinstance(module, ParallelLoraAdapter)]
+    for adapter in adapters:
+        adapter.enabled = False
+    try:
+        yield
+    finally:
+        for adapter in adapters:
+            adapter.enabled = True
 
 
 def local_pieces(chunks: list) -> list[tuple[str, str, int, torch.Tensor]]:

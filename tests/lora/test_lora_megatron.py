@@ -123,3 +123,44 @@ def test_megatron_lora_sft_matches_hf_lora_and_resumes_exactly(tmp_path):
     resumed = read_weights(runs["cut"] / "final")
     for key, tensor in adapters["tp2"].items():
         assert torch.equal(resumed[key], tensor), key
+
+
+def _dpo(run_dir, model_dir) -> list[str]:
+    return ["--config", str(ROOT / "configs" / "tiny_dpo.yaml"), "--set", f"run.dir={run_dir}",
+            "--set", f"model.path={model_dir}", "--set", "train.max_steps=3", "--set", "train.global_batch=2",
+            "--set", "train.micro_batch=1", "--set", "logging.tensorboard=false", "--set", "logging.plot=false",
+            "--set", "checkpoint.every=0", "--set", "optim.grad_clip=1.0", "--set", "train.num_threads=1",
+            "--set", "dpo.beta=0.5", "--set", "dpo.reference_logprobs=online", "--set", "data.eval_files=[]",
+            "--set", "train.eval_every=0", *LORA]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_megatron_lora_dpo_matches_hf_lora(tmp_path):
+    """DPO with an online reference under TP=2: the reference is the policy's own shards with the adapters disabled
+    (peft's disable_adapter on the HF backend), so losses, DPO statistics and final adapters equal the HF run's."""
+    from nova_rt.models.tiny import save_tiny_model
+
+    print("seed", SEED)
+    model_dir = save_tiny_model(tmp_path / "tiny", "llama", seed=SEED, hidden=64, layers=2, heads=4, kv_heads=2,
+                                intermediate=128)
+    subprocess.run([sys.executable, "-m", "nova_rt.train", *_dpo(tmp_path / "hf", model_dir)], check=True,
+                   cwd=ROOT, env=clean_env(), capture_output=True, timeout=600)
+    _torchrun([*_dpo(tmp_path / "tp2", model_dir), "--set", "parallel.tensor_parallel=2"])
+    reference, metrics = read_metrics(tmp_path / "hf"), read_metrics(tmp_path / "tp2")
+    assert [m["step"] for m in reference] == [m["step"] for m in metrics] == [1, 2, 3]
+    # the margin is beta x a difference of sequence log-prob sums: its float noise scales with those sums
+    floor = 2e-7 * 0.5 * (abs(reference[0]["logps_chosen"]) + abs(reference[0]["logps_rejected"]))
+    for want, got in zip(reference, metrics):
+        for key in ("loss", "reward_chosen", "reward_rejected", "margin", "logps_chosen", "logps_rejected",
+                    "grad_norm", "lr"):
+            assert abs(want[key] - got[key]) <= 1e-4 * abs(want[key]) + floor, (want["step"], key, want, got)
+    # the reference stayed the base: at step 1 (B = 0) the policy is the base, later the rewards move off 0
+    assert reference[0]["reward_chosen"] == pytest.approx(0, abs=1e-6)
+    assert abs(reference[2]["margin"]) > 1e-3
+    adapters = {name: read_weights(tmp_path / name / "final") for name in ("hf", "tp2")}
+    assert adapters["tp2"].keys() == adapters["hf"].keys() and len(adapters["hf"]) == 2 * 2 * 7
+    for key, want in adapters["hf"].items():
+        rel = ((adapters["tp2"][key] - want).norm() / want.norm().clamp_min(1e-12)).item()
+        assert rel <= 1e-4, (key, rel)
+    assert adapters["hf"][next(k for k in adapters["hf"] if "lora_B" in k)].abs().max() > 0
