@@ -1,4 +1,4 @@
-"""The `grpo` config section: a few top-level keys and seven sub-sections of at most 12 fields each.
+"""The `grpo` config section: a few top-level keys and eight sub-sections of at most 12 fields each.
 
   grpo.sampling  how rollouts are drawn: G, prompts per step, decoding, dynamic sampling
   grpo.data      where prompts come from: files, reasoning-gym tasks, eval sets, category weights, PAS model
@@ -7,6 +7,7 @@
   grpo.eval      per-category greedy eval and the prompt re-weighting it drives
   grpo.rollout   the rollout engine (nova_rt.rollout.base.RolloutConfig)
   grpo.env       multi-turn episodes in an environment (nova_rt.envs.EnvConfig)
+  grpo.async_rollout  dedicated rollout ranks and their staleness (nova_rt.rollout.base.AsyncRolloutConfig)
 """
 
 from __future__ import annotations
