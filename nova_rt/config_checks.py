@@ -41,9 +41,9 @@ def check_lora(cfg) -> None:
     if stage not in _LORA_STAGES:
         raise ConfigError(f"{where} applies to run.stage {', '.join(_LORA_STAGES)}, not run.stage={stage} (remove the "
                           "lora section)")
-    if parallel.backend == "megatron" and stage not in ("sft", "dpo"):  # nova_rt.parallel.megatron_lora
-        raise ConfigError(f"{where} is not supported with parallel.backend=megatron and run.stage={stage} yet (SFT "
-                          "and DPO are); use parallel.backend=hf or lora.rank: 0")
+    if parallel.backend == "megatron" and stage not in ("sft", "dpo", "rm"):  # nova_rt.parallel.megatron_lora
+        raise ConfigError(f"{where} is not supported with parallel.backend=megatron and run.stage={stage} yet (SFT, "
+                          "DPO and RM are); use parallel.backend=hf or lora.rank: 0")
     if parallel.backend == "megatron" and cfg.lora.dropout > 0:
         raise ConfigError(f"{cfg.source}: lora.dropout: {cfg.lora.dropout} is not supported with "
                           "parallel.backend=megatron yet; use lora.dropout: 0 or parallel.backend=hf")

@@ -9,7 +9,8 @@ A replicated, B split on the output rows like the weight, and the part outputs i
 megatron's DDP and optimizer see the adapters only. A is drawn as peft draws it for the same run.seed (an HF LoRA
 run and a megatron one start identical), B is zero. adapters_disabled switches them off (`enabled = False`): the
 base model, DPO's reference on the policy's own shards (peft's disable_adapter on the HF backend).
-final/ is the PEFT adapter directory of the HF backend (save_adapter_directory: shards gathered, peft names).
+final/ is the PEFT adapter directory of the HF backend (save_adapter_directory: shards gathered, peft names); a
+reward model's score head (megatron_model.ScoreHead, replicated) trains in full next to them (peft's modules_to_save).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ _MEGATRON = {"self_attention.linear_qkv": ("column", ("q_proj", "k_proj", "v_pro
              "mlp.linear_fc1": ("column", ("gate_proj", "up_proj")),
              "mlp.linear_fc2": ("row", ("down_proj",))}
 """megatron linear (inside a TransformerLayer) -> (kind, the HF linears it fuses, in its output layout order)."""
+SCORE_KEY = "base_model.model.score.weight"
+"""peft's saved name of a reward model's score head (modules_to_save)."""
 
 
 def hf_shape(arch, name: str) -> tuple[int, int]:
@@ -145,6 +148,10 @@ def add_adapters(chunks: list, arch, lora, *, seed: int, source: str, sequence_p
     count = 0
     for chunk in chunks:
         chunk.requires_grad_(False)
+        head = _score_head(chunk)
+        if head is not None:  # a reward model: the head trains in full, as peft's modules_to_save
+            head.requires_grad_(True)
+            count += head.weight.numel()
         for layer in chunk.decoder.layers:
             index = layer.layer_number - 1
             for path, (kind, names) in _MEGATRON.items():
@@ -168,6 +175,14 @@ def _unwrap(chunk):
     return getattr(chunk, "module", chunk)
 
 
+def _score_head(chunk):
+    """The chunk's score head (megatron_model.ScoreHead) when it holds one, else None."""
+    from nova_rt.parallel.megatron_model import ScoreHead
+
+    head = getattr(_unwrap(chunk), "output_layer", None)
+    return head if isinstance(head, ScoreHead) else None
+
+
 @contextlib.contextmanager
 def adapters_disabled(chunks: list):
     """Context in which `chunks` (this rank's GPTModels, DDP-wrapped or not) compute as their frozen base."""
@@ -189,6 +204,9 @@ def local_pieces(chunks: list) -> list[tuple[str, str, int, torch.Tensor]]:
     tp_rank = ps.get_tensor_model_parallel_rank()
     out = []
     for chunk in chunks:
+        head = _score_head(chunk)
+        if head is not None:
+            out.append((SCORE_KEY, "full", tp_rank, head.weight.detach().to("cpu", copy=True)))
         for layer in _unwrap(chunk).decoder.layers:
             for path, (kind, names) in _MEGATRON.items():
                 adapter = getattr(layer.get_submodule(path), "lora", None)
@@ -233,8 +251,10 @@ def save_adapter_directory(chunks: list, lora, targets: tuple[str, ...], base_mo
     if tensors is None:
         return
     out_dir = Path(out_dir)
+    score = SCORE_KEY in tensors
     config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
-                        target_modules=list(targets), task_type="CAUSAL_LM", base_model_name_or_path=base_model)
+                        target_modules=list(targets), task_type="SEQ_CLS" if score else "CAUSAL_LM",
+                        modules_to_save=["score"] if score else None, base_model_name_or_path=base_model)
     config.save_pretrained(out_dir)
     save_file({key: tensors[key].contiguous() for key in sorted(tensors)}, out_dir / "adapter_model.safetensors",
               metadata={"format": "pt"})

@@ -210,7 +210,7 @@ def test_merge_final_of_a_model_with_tied_embeddings(tmp_path, capsys):
     ({"lora": {"rank": -1}}, "lora.rank: must be a finite number >= 0, got -1"),
     ({"lora": {"rank": 4, "dropout": 1.0}}, "lora.dropout: must be below 1"),
     ({"lora": {"rank": 4}, "parallel": {"backend": "megatron"}, "run": {"stage": "grpo"}},
-     "lora.rank: 4 is not supported with parallel.backend=megatron and run.stage=grpo yet (SFT and DPO are); use "
+     "lora.rank: 4 is not supported with parallel.backend=megatron and run.stage=grpo yet (SFT, DPO and RM are); use "
      "parallel.backend=hf or lora.rank: 0"),
     ({"lora": {"rank": 4, "dropout": 0.1}, "parallel": {"backend": "megatron"}},
      "lora.dropout: 0.1 is not supported with parallel.backend=megatron yet; use lora.dropout: 0"),

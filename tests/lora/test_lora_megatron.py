@@ -164,3 +164,50 @@ def test_megatron_lora_dpo_matches_hf_lora(tmp_path):
         rel = ((adapters["tp2"][key] - want).norm() / want.norm().clamp_min(1e-12)).item()
         assert rel <= 1e-4, (key, rel)
     assert adapters["hf"][next(k for k in adapters["hf"] if "lora_B" in k)].abs().max() > 0
+
+
+def _rm(run_dir, model_dir) -> list[str]:
+    return ["--config", str(ROOT / "configs" / "tiny_rm.yaml"), "--set", f"run.dir={run_dir}",
+            "--set", f"model.path={model_dir}", "--set", "train.max_steps=3", "--set", "train.global_batch=2",
+            "--set", "train.micro_batch=1", "--set", "logging.tensorboard=false", "--set", "logging.plot=false",
+            "--set", "checkpoint.every=0", "--set", "optim.grad_clip=1.0", "--set", "train.num_threads=1",
+            "--set", "rm.alpha=0.1", "--set", "data.eval_files=[]", "--set", "train.eval_every=0", *LORA]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_megatron_lora_rm_matches_hf_lora(tmp_path):
+    """The reward model under TP=2: adapters plus the score head in full (peft's modules_to_save), so losses, grad
+    norms, final adapters and head equal the HF run's, and final/ is the HF backend's SEQ_CLS adapter directory."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from nova_rt.models.tiny import save_tiny_model
+
+    print("seed", SEED)
+    model_dir = save_tiny_model(tmp_path / "tiny", "llama", seed=SEED, hidden=64, layers=2, heads=4, kv_heads=2,
+                                intermediate=128)
+    subprocess.run([sys.executable, "-m", "nova_rt.train", *_rm(tmp_path / "hf", model_dir)], check=True,
+                   cwd=ROOT, env=clean_env(), capture_output=True, timeout=600)
+    _torchrun([*_rm(tmp_path / "tp2", model_dir), "--set", "parallel.tensor_parallel=2"])
+    reference, metrics = read_metrics(tmp_path / "hf"), read_metrics(tmp_path / "tp2")
+    assert [m["step"] for m in reference] == [m["step"] for m in metrics] == [1, 2, 3]
+    for want, got in zip(reference, metrics):
+        for key in ("loss", "grad_norm", "lr"):
+            assert got[key] == pytest.approx(want[key], rel=1e-4), (want["step"], key, want, got)
+    adapters = {name: read_weights(tmp_path / name / "final") for name in ("hf", "tp2")}
+    assert adapters["tp2"].keys() == adapters["hf"].keys() and len(adapters["hf"]) == 2 * 2 * 7 + 1
+    for key, want in adapters["hf"].items():
+        rel = ((adapters["tp2"][key] - want).norm() / want.norm().clamp_min(1e-12)).item()
+        assert rel <= 1e-4, (key, rel)
+    configs = [json.loads((tmp_path / name / "final" / "adapter_config.json").read_text()) for name in ("hf", "tp2")]
+    for key in ("task_type", "r", "lora_alpha"):
+        assert configs[1][key] == configs[0][key], key
+    assert "score" in configs[0]["modules_to_save"] and "score" in configs[1]["modules_to_save"]
+    tokens = torch.randint(0, 200, (1, 24), generator=torch.Generator().manual_seed(0))
+    scores = {}
+    for name in ("hf", "tp2"):  # final/ loads with peft over the base and scores as the HF run's
+        base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, torch_dtype=torch.float32)
+        with torch.no_grad():
+            scores[name] = PeftModel.from_pretrained(base, tmp_path / name / "final").eval()(tokens).logits
+    torch.testing.assert_close(scores["tp2"], scores["hf"], rtol=0, atol=1e-4)
